@@ -1,0 +1,300 @@
+"""The one typed configuration of a run.
+
+Config flows one way: a YAML file (which may list ``base`` files it builds
+on), then ``section.key=value`` overrides from the command line, into one
+validated :class:`Config`. Defaults live only in the dataclasses below; the
+CLI and the trainer read them from here and nowhere else. The resolved config
+is saved with every run and sent to W&B.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pegasus_dist.errors import ConfigError
+
+Precision = Literal["no", "bf16", "fp16"]
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes: ``<output_dir>/<name>/``."""
+
+    output_dir: str = "runs"
+    name: str = "pretrain"
+    # "auto": continue from the newest checkpoint in the run directory if there
+    # is one; "never": refuse to reuse a run directory that has checkpoints;
+    # or a path to one checkpoint directory to resume from.
+    resume: str = "auto"
+
+
+@dataclass
+class DataConfig:
+    """Which shard set a phase trains on and how it is fed."""
+
+    shards: str = "shards"  # the folder that `pegasus-dist prepare` wrote
+    shard_set: str = "mix"  # a subfolder of `shards`: mix or horse_bird
+    batch_size: int = 128  # per process; the global batch is this times the world size
+    num_workers: int = 2  # loader processes per training process
+    seed: int = 0  # seeds the per-epoch shuffle, identical on every rank
+
+
+@dataclass
+class ModelConfig:
+    """The paper's convolutional VAE (Section 1.1)."""
+
+    image_size: int = 32  # must be divisible by 2 ** len(channels)
+    channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
+    fc_dims: list[int] = field(default_factory=lambda: [1024, 512, 256])
+    latent_dim: int = 128
+    leaky_slope: float = 0.2
+    # Batch norm over the global batch instead of each process's share; makes
+    # N processes with batch B compute exactly what 1 process with N*B does.
+    sync_batchnorm: bool = False
+
+
+@dataclass
+class LossConfig:
+    """Equation (1): summed pixel BCE plus beta times the closed-form KL (2)."""
+
+    beta: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    """Adam, with the learning rate following the global batch."""
+
+    lr: float = 1e-3  # the learning rate at a global batch of `base_batch_size`
+    base_batch_size: int = 128
+    # How lr follows the global batch G: linear uses lr * G / base_batch_size,
+    # sqrt uses lr * sqrt(G / base_batch_size), none keeps lr as given.
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0  # max gradient norm; 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    """How long and how a phase trains."""
+
+    phase: Literal["pretrain", "finetune"] = "pretrain"
+    epochs: int = 100
+    max_steps: int = 0  # stop after this many optimizer steps; 0 runs all epochs
+    mixed_precision: Precision = "no"
+    seed: int = 0  # model initialisation and reparameterisation noise
+    # A checkpoint directory, or a run directory (its newest checkpoint), whose
+    # model weights start this phase; the finetune phase starts from pretrain.
+    init_from: str = ""
+    log_every: int = 10  # steps between logged (rank-reduced) metrics
+    checkpoint_every: int = 0  # steps between checkpoints; 0: once per epoch
+    keep_checkpoints: int = 3
+    cpu: bool = False  # train on the CPU even where CUDA is available
+
+
+@dataclass
+class SamplerConfig:
+    """The paper's Section 1.4: slerp between 8 horses and 21 birds."""
+
+    shard_set: str = "horse_bird"  # where the labelled horses and birds come from
+    horse_keys: list[str] = field(default_factory=list)  # empty: a seeded random choice
+    bird_keys: list[str] = field(default_factory=list)
+    num_horses: int = 8
+    num_birds: int = 21
+    mu_start: float = 0.4
+    mu_end: float = 0.7
+    num_mu: int = 8
+    seed: int = 0
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases through Accelerate's tracker."""
+
+    # auto: online when WANDB_API_KEY is set, otherwise offline
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    project: str = "pegasus-dist"
+    entity: str = ""
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read ``path`` (and the ``base`` files it names), apply overrides, validate."""
+    raw: dict[str, Any] = _read_yaml_tree(Path(path)) if path else {}
+    for item in overrides or []:
+        _apply_override(raw, item)
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from nested plain values."""
+    cfg = _build(Config, raw, prefix="")
+    _validate(cfg)
+    return cfg
+
+
+def _read_yaml_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: `base` files include each other in a cycle")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing --config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, not {type(data).__name__}")
+    merged: dict[str, Any] = {}
+    bases = data.pop("base", [])
+    for base in [bases] if isinstance(bases, str) else bases:
+        _deep_merge(merged, _read_yaml_tree(path.parent / base, (*seen, path)))
+    _deep_merge(merged, data)
+    return merged
+
+
+def _deep_merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key or "." not in key:
+        raise ConfigError(
+            f"override {item!r} is not of the form section.key=value (e.g. train.epochs=5)"
+        )
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        value = text
+    *sections, leaf = key.split(".")
+    node = raw
+    for section in sections:
+        node = node.setdefault(section, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {section} is not a section")
+    node[leaf] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix}{near[0]}?" if near else f"; known: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {prefix}{key}{hint}")
+    values = {}
+    for name in names:
+        if name not in raw:
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, raw[name], f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(raw[name], hint, f"{prefix}{name}")
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"{key}: union types are not supported in the config")  # a code bug
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and value is None:
+        return ""
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{key} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def _validate(cfg: Config) -> None:
+    """Reject impossible values before any training starts."""
+    checks = [
+        (cfg.run.name != "" and "/" not in cfg.run.name, "run.name must be a plain folder name"),
+        (cfg.data.batch_size >= 1, "data.batch_size must be at least 1"),
+        (cfg.data.num_workers >= 0, "data.num_workers must be 0 or more"),
+        (cfg.data.shard_set != "", "data.shard_set must name a shard set such as mix"),
+        (len(cfg.model.channels) == 4, "model.channels must list 4 widths (the paper's 4 convs)"),
+        (len(cfg.model.fc_dims) == 3, "model.fc_dims must list 3 widths (4 FC layers per side)"),
+        (all(c >= 1 for c in cfg.model.channels + cfg.model.fc_dims),
+         "model.channels and model.fc_dims must be positive"),
+        (cfg.model.latent_dim >= 1, "model.latent_dim must be at least 1"),
+        (cfg.model.image_size >= 16 and cfg.model.image_size % 16 == 0,
+         "model.image_size must be a positive multiple of 16 (e.g. 32, 64, 96)"),
+        (cfg.loss.beta >= 0, "loss.beta must be 0 or more"),
+        (cfg.optim.lr > 0, "optim.lr must be positive"),
+        (cfg.optim.base_batch_size >= 1, "optim.base_batch_size must be at least 1"),
+        (len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas),
+         "optim.betas must be two numbers in [0, 1)"),
+        (cfg.optim.grad_clip >= 0, "optim.grad_clip must be 0 (off) or positive"),
+        (cfg.train.epochs >= 1, "train.epochs must be at least 1"),
+        (cfg.train.max_steps >= 0, "train.max_steps must be 0 (no limit) or positive"),
+        (cfg.train.log_every >= 1, "train.log_every must be at least 1"),
+        (cfg.train.checkpoint_every >= 0, "train.checkpoint_every must be 0 or positive"),
+        (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1"),
+        (cfg.sampler.num_horses >= 1 and cfg.sampler.num_birds >= 1,
+         "sampler.num_horses and sampler.num_birds must be at least 1"),
+        (cfg.sampler.num_mu >= 1, "sampler.num_mu must be at least 1"),
+        (0 <= cfg.sampler.mu_start <= cfg.sampler.mu_end <= 1,
+         "sampler.mu_start and sampler.mu_end must satisfy 0 <= mu_start <= mu_end <= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    for name, keys, count in (
+        ("horse_keys", cfg.sampler.horse_keys, cfg.sampler.num_horses),
+        ("bird_keys", cfg.sampler.bird_keys, cfg.sampler.num_birds),
+    ):
+        if keys and len(keys) != count:
+            raise ConfigError(
+                f"sampler.{name} lists {len(keys)} keys but the sampler uses {count}; "
+                f"list exactly {count} or leave it empty for a seeded random choice"
+            )
