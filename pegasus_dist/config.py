@@ -53,7 +53,7 @@ class ModelConfig:
 
     image_size: int = 32  # must be divisible by 2 ** len(channels)
     channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
-    fc_dims: list[int] = field(default_factory=lambda: [1024, 512, 256])
+    fc_dims: list[int] = field(default_factory=lambda: [512, 512, 256])
     latent_dim: int = 128
     leaky_slope: float = 0.2
     # Batch norm over the global batch instead of each process's share; makes
@@ -248,6 +248,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads 3e-4 (no dot) as a string; accept any float literal.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint is str and value is None:
         return ""
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):

@@ -1,0 +1,260 @@
+"""Atomic, safe checkpoints.
+
+A checkpoint is a folder ``<run>/checkpoints/step_<N>/`` holding:
+
+- ``model.safetensors``: the weights and batch-norm statistics (safetensors,
+  so loading never runs code);
+- ``optimizer.pt``: Adam's state and the fp16 loss scaler, read back with
+  ``torch.load(weights_only=True)``;
+- ``rng/rank_<R>.pt``: every random state of each rank (Python, NumPy, torch
+  CPU and CUDA), also ``weights_only``;
+- ``state.json``: phase, epoch, batches done in that epoch, step counters and
+  the W&B run id; ``config.yaml``: the resolved config of the run.
+
+It is written into ``.tmp-step_<N>/`` and renamed into place only once every
+rank has written its part, so a process killed mid-save leaves the previous
+checkpoints intact, and a folder named ``step_<N>`` is always complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+
+from pegasus_dist.errors import CheckpointError
+
+PREFIX = "step_"
+
+
+@dataclass
+class TrainState:
+    """Counters that say where a phase stands; saved in ``state.json``."""
+
+    phase: str
+    epoch: int = 0  # the epoch in progress
+    batches_done: int = 0  # batches of that epoch already trained
+    step: int = 0  # optimizer steps taken in this phase
+    skipped_steps: int = 0  # fp16 steps skipped by the loss scaler
+    wandb_run_id: str = ""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first (temporary folders are ignored)."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder itself, or the newest checkpoint of a run folder."""
+    path = Path(path)
+    if (path / "state.json").is_file():
+        return path
+    newest = latest_checkpoint(path / "checkpoints")
+    if newest is None:
+        raise CheckpointError(
+            f"{path} is neither a checkpoint (no state.json) nor a run folder with checkpoints; "
+            "pass a runs/<name> folder or one of its checkpoints/step_* folders"
+        )
+    return newest
+
+
+def save_rng_state(folder: Path, rank: int) -> None:
+    """Write this rank's random states; every rank calls this."""
+    state = {
+        "python": random.getstate(),
+        "numpy": _numpy_state_to_plain(np.random.get_state()),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    (folder / "rng").mkdir(parents=True, exist_ok=True)
+    torch.save(state, folder / "rng" / f"rank_{rank:05d}.pt")
+
+
+def load_rng_state(folder: Path, rank: int) -> None:
+    path = folder / "rng" / f"rank_{rank:05d}.pt"
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} is missing: the checkpoint was written by fewer processes; "
+            "resume with the same number of processes or start a new run"
+        )
+    state = _safe_load(path)
+    random.setstate(_to_tuple(state["python"]))
+    np.random.set_state(_numpy_state_from_plain(state["numpy"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_main_files(
+    folder: Path,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict,
+    state: TrainState,
+    config_yaml: str,
+) -> None:
+    """The main process's part of a checkpoint: weights, optimizer, counters, config."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()},
+              folder / "model.safetensors")
+    torch.save(optimizer_state, folder / "optimizer.pt")
+    (folder / "config.yaml").write_text(config_yaml)
+    (folder / "state.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Make a fully written temporary checkpoint visible under its final name."""
+    os.replace(tmp, final)  # atomic on one filesystem
+    _fsync_dir(final.parent)
+
+
+def prune(root: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints and stale temporary folders."""
+    removed = list_checkpoints(root)[:-keep]
+    removed += [p for p in root.iterdir() if p.name.startswith(".tmp-")] if root.is_dir() else []
+    for path in removed:
+        shutil.rmtree(path)
+    return removed
+
+
+def read_state(folder: Path) -> TrainState:
+    try:
+        return TrainState(**json.loads((folder / "state.json").read_text()))
+    except (OSError, ValueError, TypeError) as err:
+        raise CheckpointError(f"{folder}/state.json is unreadable ({err}); "
+                              "delete that checkpoint to resume from the one before") from None
+
+
+def load_model_weights(model: torch.nn.Module, folder: Path) -> None:
+    """Load ``model.safetensors`` into ``model``, naming any shape mismatch."""
+    path = folder / "model.safetensors"
+    try:
+        weights = load_file(path)
+    except Exception as err:  # OSError, or safetensors' own SafetensorError
+        raise CheckpointError(f"cannot read {path}: {err}") from None
+    expected = model.state_dict()
+    for name, tensor in weights.items():
+        if name in expected and expected[name].shape != tensor.shape:
+            raise CheckpointError(
+                f"{path}: {name} has shape {tuple(tensor.shape)} but the model expects "
+                f"{tuple(expected[name].shape)}; the checkpoint comes from a model of another "
+                "shape: use the model section of its config.yaml"
+            )
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    model.load_state_dict(weights)
+
+
+def load_optimizer_state(folder: Path) -> dict:
+    return _safe_load(folder / "optimizer.pt")
+
+
+def _safe_load(path: Path) -> dict:
+    """torch.load restricted to tensors and plain containers: a pickled object is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # weights_only raises UnpicklingError for forbidden globals
+        raise CheckpointError(
+            f"refusing to load {path}: {str(err).splitlines()[0]}; "
+            "only tensors and plain containers are accepted"
+        ) from None
+
+
+def _numpy_state_to_plain(state: tuple) -> tuple:
+    name, keys, pos, has_gauss, cached = state
+    return (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)
+
+
+def _numpy_state_from_plain(state: tuple | list) -> tuple:
+    name, keys, pos, has_gauss, cached = state
+    return (name, keys.numpy().astype(np.uint32), pos, has_gauss, cached)
+
+
+def _to_tuple(value: object) -> object:
+    return tuple(_to_tuple(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    config_yaml: str,
+    root: Path,
+    keep: int,
+) -> Path:
+    """Every rank calls this; returns the published ``step_<N>`` folder.
+
+    Barriers order the steps: the main process makes the temporary folder,
+    every rank writes its RNG state into it, then the main process writes the
+    rest, renames it into place and prunes old checkpoints.
+    """
+    final = root / checkpoint_name(state.step)
+    if final.exists():  # already saved at this step (e.g. epoch end == checkpoint_every)
+        return final
+    tmp = root / f".tmp-{final.name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    save_rng_state(tmp, accelerator.process_index)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else {}
+        write_main_files(
+            tmp,
+            accelerator.unwrap_model(model).state_dict(),
+            {"optimizer": optimizer.state_dict(), "scaler": scaler},
+            state,
+            config_yaml,
+        )
+        publish(tmp, final)
+        prune(root, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def restore_checkpoint(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    folder: Path,
+) -> TrainState:
+    """Load a checkpoint written by :func:`save_checkpoint` into a prepared model and optimizer."""
+    load_model_weights(accelerator.unwrap_model(model), folder)
+    saved = load_optimizer_state(folder)
+    optimizer.load_state_dict(saved["optimizer"])
+    if accelerator.scaler is not None and saved["scaler"]:
+        accelerator.scaler.load_state_dict(saved["scaler"])
+    load_rng_state(folder, accelerator.process_index)
+    return read_state(folder)

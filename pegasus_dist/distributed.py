@@ -1,0 +1,114 @@
+"""Process-group setup and what makes N processes compute what one process does.
+
+Distributed is the normal case here: one process is world size 1. Two pieces
+make a run with N processes of batch B follow the same arithmetic as one
+process with batch N*B:
+
+- the loader hands each rank its slice of every global batch (``data.loader``);
+- with ``model.sync_batchnorm`` the batch-norm statistics are taken over the
+  global batch. torch's ``SyncBatchNorm`` runs only on GPUs, so on the CPU
+  (gloo) we use :class:`GlobalBatchNorm2d`, which all-reduces the sums.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from accelerate import Accelerator
+from torch import nn
+
+from pegasus_dist.config import Config
+from pegasus_dist.errors import ConfigError
+
+log = logging.getLogger("pegasus_dist.distributed")
+
+
+def build_accelerator(cfg: Config, log_with: list[str] | None = None) -> Accelerator:
+    """One Accelerator for the run, on the CPU when there is no GPU or when asked.
+
+    ``cpu=True`` matters: without it, ``accelerate launch --multi_gpu`` on a
+    machine without CUDA starts N processes that each train alone (world size
+    1); with it they form one gloo process group.
+    """
+    use_cpu = cfg.train.cpu or not torch.cuda.is_available()
+    if use_cpu and cfg.train.mixed_precision == "fp16":
+        raise ConfigError(
+            "train.mixed_precision=fp16 needs a GPU (loss scaling is a CUDA feature); "
+            "use bf16 or no on the CPU"
+        )
+    accelerator = Accelerator(
+        cpu=use_cpu,
+        mixed_precision=cfg.train.mixed_precision,
+        log_with=log_with,
+        project_dir=str(cfg.run_dir),
+    )
+    backend = dist.get_backend() if dist.is_initialized() else "none"
+    log.info(
+        "process group: world_size=%d rank=%d local_rank=%d backend=%s device=%s "
+        "distributed_type=%s mixed_precision=%s",
+        accelerator.num_processes, accelerator.process_index, accelerator.local_process_index,
+        backend, accelerator.device, accelerator.distributed_type.value,
+        accelerator.mixed_precision,
+    )
+    return accelerator
+
+
+def scaled_lr(cfg: Config, global_batch: int) -> float:
+    """The learning rate for ``global_batch``, following ``optim.lr_scaling``."""
+    ratio = global_batch / cfg.optim.base_batch_size
+    factor = {"linear": ratio, "sqrt": ratio**0.5, "none": 1.0}[cfg.optim.lr_scaling]
+    return cfg.optim.lr * factor
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics cover the batches of all ranks.
+
+    Sums of x and x^2 and the element count are all-reduced (differentiably),
+    so the normalisation, its gradient and the running statistics equal those
+    of one process holding the whole global batch. Works with any backend.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        channels = x.shape[1]
+        xf = x.float()
+        count = torch.full((1,), xf.numel() / channels, device=x.device)
+        local = torch.cat([xf.sum((0, 2, 3)), xf.square().sum((0, 2, 3)), count])
+        stats = dist_fn.all_reduce(local)  # summed over ranks, with a gradient
+        total = stats[-1]
+        mean = stats[:channels] / total
+        var = (stats[channels : 2 * channels] / total - mean.square()).clamp_min(0)
+        self._update_running_stats(mean.detach(), var.detach(), total.detach())
+        y = (xf - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y.to(x.dtype)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> None:
+        if not self.track_running_stats:
+            return
+        self.num_batches_tracked += 1
+        m = self.momentum if self.momentum is not None else 1 / float(self.num_batches_tracked)
+        unbiased = var * n / (n - 1).clamp_min(1)
+        self.running_mean.mul_(1 - m).add_(mean, alpha=m)
+        self.running_var.mul_(1 - m).add_(unbiased, alpha=m)
+
+
+def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Swap every BatchNorm2d for a global-batch one: torch's on GPU, ours elsewhere."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if type(child) is nn.BatchNorm2d:
+            sync = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum,
+                                     child.affine, child.track_running_stats)
+            sync.load_state_dict(child.state_dict())
+            setattr(model, name, sync)
+        else:
+            convert_sync_batchnorm(child, device)
+    return model

@@ -1,0 +1,106 @@
+"""The paper's convolutional VAE (Section 1.1, Figure 1).
+
+Encoder: 4 stride-2 convolutions with batch norm and LeakyReLU, then 4 fully
+connected layers, the last giving the mean and log-variance of the latent.
+Decoder: 4 fully connected layers, then 4 stride-2 transposed convolutions to
+an image. The paper does not give kernel sizes or widths; we use 4x4 kernels
+(each halves or doubles the side exactly) and take widths from the config.
+
+The decoder returns logits; :meth:`VAE.decode` applies the sigmoid. Training
+uses the logits with ``binary_cross_entropy_with_logits``, which is the same
+loss as BCE on the sigmoid output but stays finite in bf16/fp16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pegasus_dist.config import ModelConfig
+
+
+@dataclass
+class VAEOutput:
+    logits: torch.Tensor  # (B, 3, H, W) pre-sigmoid reconstruction
+    mu: torch.Tensor  # (B, latent_dim)
+    logvar: torch.Tensor  # (B, latent_dim)
+
+
+def _conv_block(c_in: int, c_out: int, slope: float) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel_size=4, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.LeakyReLU(slope),
+    )
+
+
+def _deconv_block(c_in: int, c_out: int, slope: float) -> nn.Sequential:
+    return nn.Sequential(
+        nn.ConvTranspose2d(c_in, c_out, kernel_size=4, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.LeakyReLU(slope),
+    )
+
+
+def _mlp(widths: list[int], slope: float, last_activation: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (w_in, w_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        layers.append(nn.Linear(w_in, w_out))
+        if last_activation or i < len(widths) - 2:
+            layers.append(nn.LeakyReLU(slope))
+    return nn.Sequential(*layers)
+
+
+class VAE(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        c, fc, slope = cfg.channels, cfg.fc_dims, cfg.leaky_slope
+        self.latent_dim = cfg.latent_dim
+        self.image_size = cfg.image_size
+        self.bottom = cfg.image_size // 2 ** len(c)  # side length after the 4 convs
+        flat = c[-1] * self.bottom**2
+
+        self.encoder_conv = nn.Sequential(
+            *(_conv_block(w_in, w_out, slope) for w_in, w_out in zip([3, *c[:-1]], c, strict=True))
+        )
+        # 4 linear layers: flat -> fc[0] -> fc[1] -> fc[2] -> (mu, logvar)
+        self.encoder_fc = _mlp([flat, *fc, 2 * cfg.latent_dim], slope, last_activation=False)
+        # 4 linear layers: latent -> fc[2] -> fc[1] -> fc[0] -> flat
+        self.decoder_fc = _mlp([cfg.latent_dim, *fc[::-1], flat], slope, last_activation=True)
+        rc = c[::-1]
+        self.decoder_conv = nn.Sequential(
+            *(_deconv_block(a, b, slope) for a, b in zip(rc[:-1], rc[1:], strict=True)),
+            # the last transposed conv maps to RGB logits: no norm, no activation
+            nn.ConvTranspose2d(rc[-1], 3, kernel_size=4, stride=2, padding=1),
+        )
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images in [0, 1], (B, 3, H, W) -> (mu, logvar) of q(z|x)."""
+        h = self.encoder_fc(self.encoder_conv(x).flatten(1))
+        mu, logvar = h.chunk(2, dim=1)
+        return mu, logvar
+
+    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.decoder_fc(z).view(z.shape[0], -1, self.bottom, self.bottom)
+        return self.decoder_conv(h)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [0, 1] (the paper's sigmoid output)."""
+        return torch.sigmoid(self.decode_logits(z))
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> VAEOutput:
+        """Encode, sample z, decode. ``eps`` is the N(0, I) noise; drawn here when not given."""
+        mu, logvar = self.encode(x)
+        z = reparameterize(mu, logvar, torch.randn_like(mu) if eps is None else eps)
+        return VAEOutput(self.decode_logits(z), mu, logvar)
+
+
+def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """z = mu + sigma * eps, differentiable in mu and sigma (Kingma & Welling, 2014)."""
+    return mu + torch.exp(0.5 * logvar) * eps.to(mu.dtype)
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,59 @@
+"""Spherical linear interpolation, the paper's Equation (3).
+
+    slerp(q1, q2; mu) = sin((1 - mu) theta) / sin(theta) * q1 + sin(mu theta) / sin(theta) * q2
+
+with theta the angle between q1 and q2 (White, "Sampling Generative Networks",
+arXiv:1609.04468). The formula divides by sin(theta), which vanishes when the
+vectors are parallel or antiparallel, so those cases are handled explicitly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Below this |sin(theta)| the formula loses precision; use the limits instead.
+_EPS = 1e-6
+
+
+def slerp(q1: torch.Tensor, q2: torch.Tensor, mu: torch.Tensor | float) -> torch.Tensor:
+    """Interpolate rows of ``q1`` and ``q2`` (shape (..., D)) at ``mu`` in [0, 1].
+
+    ``mu`` broadcasts against the leading dimensions, so ``q1[:, None]``,
+    ``q2[:, None]`` and ``mu`` of shape (M, 1) give (N, M, D). mu = 0 gives q1
+    and mu = 1 gives q2 exactly. Parallel vectors fall back to linear
+    interpolation (the limit of the formula). Antiparallel vectors have no
+    unique great circle; we rotate through a direction orthogonal to q1, so
+    the path stays on the sphere (for equal norms) instead of passing through
+    zero as linear interpolation would.
+    """
+    mu = torch.as_tensor(mu, dtype=q1.dtype, device=q1.device)
+    n1 = q1.norm(dim=-1, keepdim=True)
+    n2 = q2.norm(dim=-1, keepdim=True)
+    u1 = q1 / n1.clamp_min(torch.finfo(q1.dtype).tiny)
+    u2 = q2 / n2.clamp_min(torch.finfo(q1.dtype).tiny)
+    cos = (u1 * u2).sum(dim=-1, keepdim=True).clamp(-1.0, 1.0)
+    antiparallel = cos < -1 + _EPS
+    # For antiparallel pairs, aim at a vector orthogonal to q1 (with q2's norm)
+    # and walk twice the angle: theta = pi is reached at mu = 1.
+    target = torch.where(antiparallel, _orthogonal_to(u1) * n2, q2)
+    cos_t = torch.where(antiparallel, torch.zeros_like(cos), cos)
+    theta = torch.arccos(cos_t)
+    sin = torch.sin(theta)
+    mu_eff = torch.where(antiparallel, 2 * mu, mu)
+    parallel = sin.abs() < _EPS
+    safe_sin = torch.where(parallel, torch.ones_like(sin), sin)
+    w1 = torch.where(parallel, 1 - mu_eff, torch.sin((1 - mu_eff) * theta) / safe_sin)
+    w2 = torch.where(parallel, mu_eff, torch.sin(mu_eff * theta) / safe_sin)
+    out = w1 * q1 + w2 * target
+    # Exact endpoints whatever the floating-point path above.
+    out = torch.where(mu == 0, q1.expand_as(out), out)
+    return torch.where(mu == 1, q2.expand_as(out), out)
+
+
+def _orthogonal_to(u: torch.Tensor) -> torch.Tensor:
+    """A unit vector orthogonal to each unit row of ``u`` (Gram-Schmidt on a basis vector)."""
+    # Use the basis vector least aligned with u, so the projection cannot vanish.
+    basis = torch.zeros_like(u)
+    basis.scatter_(-1, u.abs().argmin(dim=-1, keepdim=True), 1.0)
+    v = basis - (basis * u).sum(dim=-1, keepdim=True) * u
+    return v / v.norm(dim=-1, keepdim=True)

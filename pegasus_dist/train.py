@@ -1,0 +1,296 @@
+"""The training loop: one phase (pretrain or finetune) of the paper's VAE.
+
+    accelerate launch pegasus_dist/train.py --config configs/pretrain.yaml [section.key=value ...]
+    python pegasus_dist/train.py --config configs/smoke/pretrain.yaml
+    pegasus-dist train --config ...
+
+Every process runs this file; one process is world size 1. Each rank reads
+its slice of every global batch from the shards, Accelerate wraps the model
+in DDP and handles mixed precision, and only the main process writes the run
+directory, the W&B run, the sample grids and checkpoint pruning, with the
+other ranks waiting at barriers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from pegasus_dist.checkpoint import (
+    TrainState,
+    latest_checkpoint,
+    load_model_weights,
+    resolve_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+)
+from pegasus_dist.config import Config, load_config
+from pegasus_dist.console import exit_on_user_error, setup_logging
+from pegasus_dist.data.loader import ShardLoader
+from pegasus_dist.distributed import build_accelerator, convert_sync_batchnorm, scaled_lr
+from pegasus_dist.errors import CheckpointError, ConfigError
+from pegasus_dist.loss import vae_loss
+from pegasus_dist.model import VAE, num_parameters
+from pegasus_dist.sampler import run_sampler
+from pegasus_dist.tracking import MetricsLog, new_run_id, start_tracking, tracker_names
+
+log = logging.getLogger("pegasus_dist.train")
+
+
+@dataclass
+class Phase:
+    """Everything the loop needs, built once by :func:`setup`."""
+
+    cfg: Config
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: ShardLoader
+    state: TrainState
+    metrics: MetricsLog
+    lr: float
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.data.batch_size * self.accelerator.num_processes
+
+
+def train(cfg: Config) -> Path:
+    """Run one phase to its end and return the run directory."""
+    phase = setup(cfg)
+    run_epochs(phase)
+    finish(phase)
+    return cfg.run_dir
+
+
+def setup(cfg: Config) -> Phase:
+    accelerator = build_accelerator(cfg, tracker_names(cfg))
+    loader = ShardLoader(
+        Path(cfg.data.shards) / cfg.data.shard_set,
+        batch_size=cfg.data.batch_size,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.data.seed,
+        image_size=cfg.model.image_size,
+        pin_memory=accelerator.device.type == "cuda",
+    )
+    resume_from = _resume_checkpoint(cfg)
+    _prepare_run_dir(accelerator, cfg)
+
+    set_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = VAE(cfg.model)
+    if resume_from is None and cfg.train.init_from:
+        source = resolve_checkpoint(cfg.train.init_from)
+        load_model_weights(model, source)
+        log.info("initialised %s from %s", cfg.train.phase, source)
+    if cfg.model.sync_batchnorm and accelerator.num_processes > 1:
+        model = convert_sync_batchnorm(model, accelerator.device)
+    global_batch = cfg.data.batch_size * accelerator.num_processes
+    lr = scaled_lr(cfg, global_batch)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=lr, betas=tuple(cfg.optim.betas),
+        weight_decay=cfg.optim.weight_decay,
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    state = TrainState(phase=cfg.train.phase, wandb_run_id=new_run_id())
+    if resume_from is not None:
+        state = restore_checkpoint(accelerator, model, optimizer, resume_from)
+        _check_phase(state, cfg, resume_from)
+        log.info("resumed from %s: epoch %d, batch %d, step %d",
+                 resume_from, state.epoch, state.batches_done, state.step)
+    start_tracking(accelerator, cfg, state.wandb_run_id)
+    log.info(
+        "%s: %s parameters, %d samples in %s, world_size=%d, per-process batch %d, "
+        "global batch %d, lr %.3g (%s scaling from %.3g at batch %d), %d batches per epoch",
+        cfg.train.phase, f"{num_parameters(model):,}", loader.num_samples, loader.path,
+        accelerator.num_processes, cfg.data.batch_size, global_batch, lr,
+        cfg.optim.lr_scaling, cfg.optim.lr, cfg.optim.base_batch_size, len(loader),
+    )
+    return Phase(cfg, accelerator, model, optimizer, loader, state,
+                 MetricsLog(accelerator, cfg.run_dir), lr)
+
+
+def run_epochs(p: Phase) -> None:
+    cfg, accelerator, state = p.cfg, p.accelerator, p.state
+    p.model.train()
+    window = _Window(accelerator.device)
+    while state.epoch < cfg.train.epochs and not _reached_max_steps(p):
+        p.loader.set_epoch(state.epoch, start_batch=state.batches_done)
+        bar = tqdm(total=len(p.loader), initial=state.batches_done, unit="batch",
+                   desc=f"{cfg.train.phase} epoch {state.epoch + 1}/{cfg.train.epochs}",
+                   disable=not accelerator.is_main_process, dynamic_ncols=True)
+        for batch in p.loader:
+            terms, count = train_step(p, batch)
+            state.step += 1
+            state.batches_done += 1
+            bar.update()
+            window.add(terms, count)
+            if state.step % cfg.train.log_every == 0:
+                _log_window(p, window)
+            if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
+                _save(p)
+            if _reached_max_steps(p):
+                break
+        bar.close()
+        if state.batches_done == len(p.loader):
+            state.epoch += 1
+            state.batches_done = 0
+            if not cfg.train.checkpoint_every:
+                _save(p)
+    if window.steps:
+        _log_window(p, window)
+
+
+def train_step(p: Phase, batch) -> tuple[torch.Tensor, int]:
+    """One optimizer step on this rank's share of the global batch."""
+    x = batch.images.to(p.accelerator.device, non_blocking=True).float().div_(255)
+    eps = _batch_noise(p, batch, x.shape[0])
+    out = p.model(x, eps)  # Accelerate's prepare() already runs forward under autocast
+    terms = vae_loss(out.logits, x, out.mu, out.logvar, beta=p.cfg.loss.beta)
+    p.accelerator.backward(terms.total)
+    if p.cfg.optim.grad_clip:
+        p.accelerator.clip_grad_norm_(p.model.parameters(), p.cfg.optim.grad_clip)
+    p.optimizer.step()
+    p.optimizer.zero_grad(set_to_none=True)
+    if p.accelerator.optimizer_step_was_skipped:  # an fp16 overflow: the scaler lowered its scale
+        p.state.skipped_steps += 1
+    stacked = torch.stack([terms.total, terms.recon, terms.kl]).detach()
+    return stacked, x.shape[0]
+
+
+def _batch_noise(p: Phase, batch, size: int) -> torch.Tensor:
+    """The reparameterisation noise of this rank's rows of the global batch.
+
+    Drawn for the whole global batch from a generator seeded by the step, then
+    sliced at this rank's offset: the noise each image gets does not depend on
+    how many processes share the batch, so N processes of batch B train
+    exactly like one process of batch N*B, and a resumed run draws the same.
+    """
+    device = p.accelerator.device
+    generator = torch.Generator(device=device).manual_seed(
+        p.cfg.train.seed * 1_000_003 + p.state.step
+    )
+    noise = torch.randn(p.global_batch, p.cfg.model.latent_dim, generator=generator, device=device)
+    return noise[batch.offset : batch.offset + size]
+
+
+class _Window:
+    """Loss sums since the last log, kept on the device so steps never wait for the host."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(4, device=self.device)  # total, recon, kl (image-weighted), images
+        self.steps = 0
+        self.started = time.perf_counter()
+
+    def add(self, terms: torch.Tensor, count: int) -> None:
+        self.sums[:3] += terms * count
+        self.sums[3] += count
+        self.steps += 1
+
+
+def _log_window(p: Phase, window: _Window) -> None:
+    """Reduce the window's sums over all ranks (one host sync) and log per-image means."""
+    total, recon, kl, images = p.accelerator.reduce(window.sums, reduction="sum").tolist()
+    seconds = time.perf_counter() - window.started
+    row = {
+        f"{p.cfg.train.phase}/loss": total / images,
+        f"{p.cfg.train.phase}/recon_bce": recon / images,
+        f"{p.cfg.train.phase}/kl": kl / images,
+        f"{p.cfg.train.phase}/lr": p.optimizer.param_groups[0]["lr"],
+        f"{p.cfg.train.phase}/images_per_s": images / seconds,
+        f"{p.cfg.train.phase}/epoch": p.state.epoch + p.state.batches_done / len(p.loader),
+        f"{p.cfg.train.phase}/global_batch": p.global_batch,
+        f"{p.cfg.train.phase}/skipped_steps": p.state.skipped_steps,
+    }
+    p.metrics.log(row, step=p.state.step)
+    window.reset()
+
+
+def _save(p: Phase) -> Path:
+    return save_checkpoint(
+        p.accelerator, p.model, p.optimizer, p.state, p.cfg.to_yaml(),
+        root=p.cfg.run_dir / "checkpoints", keep=p.cfg.train.keep_checkpoints,
+    )
+
+
+def finish(p: Phase) -> None:
+    """Final checkpoint, then the sampler on the main process while the others wait."""
+    final = _save(p)
+    if p.accelerator.is_main_process:
+        model = p.accelerator.unwrap_model(p.model)
+        outputs = run_sampler(model, p.cfg.sampler, p.cfg.data.shards, p.cfg.run_dir / "samples")
+        p.metrics.log_images(outputs.grids, step=p.state.step, prefix=p.cfg.train.phase)
+        log.info("%s done at step %d: checkpoint %s, Pegasus grid %s",
+                 p.cfg.train.phase, p.state.step, final, outputs.paths["pegasus"])
+    p.accelerator.wait_for_everyone()
+    p.accelerator.end_training()
+
+
+def _reached_max_steps(p: Phase) -> bool:
+    return bool(p.cfg.train.max_steps) and p.state.step >= p.cfg.train.max_steps
+
+
+def _resume_checkpoint(cfg: Config) -> Path | None:
+    """The checkpoint to continue from, by ``run.resume``; read before anything is written."""
+    existing = latest_checkpoint(cfg.run_dir / "checkpoints")
+    if cfg.run.resume == "auto":
+        return existing
+    if cfg.run.resume == "never":
+        if existing is not None:
+            raise ConfigError(
+                f"run.resume=never but {cfg.run_dir} already has checkpoints; "
+                "choose another run.name or use run.resume=auto"
+            )
+        return None
+    return resolve_checkpoint(cfg.run.resume)
+
+
+def _check_phase(state: TrainState, cfg: Config, folder: Path) -> None:
+    if state.phase != cfg.train.phase:
+        raise CheckpointError(
+            f"{folder} is a {state.phase} checkpoint but this run is {cfg.train.phase}; "
+            f"to start {cfg.train.phase} from its weights use train.init_from={folder}"
+        )
+
+
+def _prepare_run_dir(accelerator: Accelerator, cfg: Config) -> None:
+    """The main process creates the run directory and saves the resolved config."""
+    if accelerator.is_main_process:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.run_dir / "config.yaml").write_text(cfg.to_yaml())
+    accelerator.wait_for_everyone()
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    parser = argparse.ArgumentParser(
+        prog="pegasus_dist/train.py",
+        description="Train one phase of the winged-horse VAE.",
+        epilog="Overrides: section.key=value, e.g. train.epochs=5 data.batch_size=64",
+    )
+    parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    args = parser.parse_args(argv)
+    return load_config(args.config, args.overrides)
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging()
+    exit_on_user_error(lambda: train(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
