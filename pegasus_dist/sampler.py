@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid, save_image
 
-from pegasus_dist.config import SamplerConfig
+from pegasus_dist.checkpoint import load_model_weights, resolve_checkpoint
+from pegasus_dist.config import SamplerConfig, load_config
 from pegasus_dist.data.manifest import load_manifest
 from pegasus_dist.data.shards import decode_image, iter_shard
 from pegasus_dist.errors import DataError
@@ -174,3 +175,16 @@ def run_sampler(
 
 def _to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return images.to(device).float().div_(255)
+
+
+def sample_checkpoint(
+    checkpoint: str | Path, overrides: list[str], out_dir: str | Path | None = None
+) -> dict[str, Path]:
+    """``pegasus-dist sample``: rebuild the model from a checkpoint's config and sample."""
+    folder = resolve_checkpoint(checkpoint)
+    cfg = load_config(folder / "config.yaml", overrides)
+    model = VAE(cfg.model)
+    load_model_weights(model, folder)
+    device = torch.device("cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu")
+    out = Path(out_dir) if out_dir else folder.parent.parent / "samples" / folder.name
+    return run_sampler(model.to(device), cfg.sampler, cfg.data.shards, out).paths

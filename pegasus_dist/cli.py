@@ -1,0 +1,110 @@
+"""The ``pegasus-dist`` command: one subcommand per job, each a thin call into the package."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pegasus_dist.console import exit_on_user_error, setup_logging
+
+app = typer.Typer(
+    help="Train the winged-horse VAE of the paper on WebDataset shards, on 1 to N processes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+OVERRIDES_HELP = "section.key=value config overrides, e.g. train.epochs=5"
+
+
+@app.command()
+def prepare(
+    source: Annotated[list[str], typer.Option(
+        "--source", "-s",
+        help="cifar10:PATH|download, stl10:PATH|download, folder:PATH (folder or .tar.gz), "
+             "synthetic:N[:SEED]; repeat for several",
+    )],
+    out: Annotated[Path, typer.Option(help="folder for the mix/, horse_bird/ and eval/ sets")] = Path(
+        "shards"
+    ),
+    image_size: Annotated[int, typer.Option(help="side of the square images written")] = 32,
+    shard_size: Annotated[int, typer.Option(help="samples per tar shard")] = 5000,
+    eval_fraction: Annotated[float, typer.Option(help="held-out share for eval/")] = 0.02,
+    seed: Annotated[int, typer.Option(help="seeds the shuffle and the held-out choice")] = 0,
+    verify_checksums: Annotated[bool, typer.Option(
+        help="check official archives against their published md5"
+    )] = True,
+) -> None:
+    """Write the WebDataset shard sets (mix, horse_bird, eval) with their manifests."""
+    from pegasus_dist.data.prepare import prepare as run_prepare
+
+    run_prepare(
+        source, out, image_size=image_size, shard_size=shard_size, eval_fraction=eval_fraction,
+        seed=seed, verify_checksums=verify_checksums, command=_command_line(),
+    )
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(
+    config: Annotated[Path, typer.Option(help="YAML config, e.g. configs/pretrain.yaml")],
+    overrides: Annotated[list[str] | None, typer.Argument(help=OVERRIDES_HELP)] = None,
+) -> None:
+    """Train one phase; the same as `accelerate launch pegasus_dist/train.py --config ...`."""
+    from pegasus_dist.config import load_config
+    from pegasus_dist.train import train as run_train
+
+    run_train(load_config(config, overrides or []))
+
+
+@app.command()
+def sample(
+    checkpoint: Annotated[Path, typer.Option(
+        help="a checkpoint folder (runs/NAME/checkpoints/step_N) or a run folder (its newest)"
+    )],
+    out: Annotated[Path | None, typer.Option(
+        help="where to write the grids [default: RUN/samples/step_N]"
+    )] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help=OVERRIDES_HELP)] = None,
+) -> None:
+    """Write the Pegasus, reconstruction and prior grids from any checkpoint."""
+    from pegasus_dist.sampler import sample_checkpoint
+
+    paths = sample_checkpoint(checkpoint, overrides or [], out)
+    typer.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
+@app.command()
+def demo(
+    images: Annotated[int, typer.Option(help="synthetic images to prepare")] = 3000,
+    pretrain_config: Annotated[Path, typer.Option()] = Path("configs/smoke/pretrain.yaml"),
+    finetune_config: Annotated[Path, typer.Option()] = Path("configs/smoke/finetune.yaml"),
+    overrides: Annotated[list[str] | None, typer.Argument(help=OVERRIDES_HELP)] = None,
+) -> None:
+    """The whole pipeline on synthetic data, offline on a CPU: prepare, pretrain, finetune, grid."""
+    from pegasus_dist.config import load_config
+    from pegasus_dist.data.prepare import prepare as run_prepare
+    from pegasus_dist.train import train as run_train
+
+    pretrain_cfg = load_config(pretrain_config, overrides or [])
+    finetune_cfg = load_config(
+        finetune_config, [*(overrides or []), f"train.init_from={pretrain_cfg.run_dir}"]
+    )
+    run_prepare([f"synthetic:{images}"], Path(pretrain_cfg.data.shards), image_size=
+                pretrain_cfg.model.image_size, shard_size=1000, eval_fraction=0.02, seed=0,
+                verify_checksums=True, command=_command_line())
+    run_train(pretrain_cfg)
+    run_dir = run_train(finetune_cfg)
+    typer.echo(f"Pegasus grid: {run_dir / 'samples' / 'pegasus.png'}")
+
+
+def _command_line() -> str:
+    return shlex.join(["pegasus-dist", *sys.argv[1:]])
+
+
+def main() -> None:
+    setup_logging()
+    exit_on_user_error(app)
