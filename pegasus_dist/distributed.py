@@ -16,7 +16,6 @@ import logging
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from accelerate import Accelerator
 from torch import nn
 
@@ -63,6 +62,22 @@ def scaled_lr(cfg: Config, global_batch: int) -> float:
     return cfg.optim.lr * factor
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the gradient of a sum is the summed gradient, sent back to every rank."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics cover the batches of all ranks.
 
@@ -78,7 +93,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         xf = x.float()
         count = torch.full((1,), xf.numel() / channels, device=x.device)
         local = torch.cat([xf.sum((0, 2, 3)), xf.square().sum((0, 2, 3)), count])
-        stats = dist_fn.all_reduce(local)  # summed over ranks, with a gradient
+        stats = _AllReduceSum.apply(local)
         total = stats[-1]
         mean = stats[:channels] / total
         var = (stats[channels : 2 * channels] / total - mean.square()).clamp_min(0)
