@@ -42,8 +42,9 @@ class TrainState:
     phase: str
     epoch: int = 0  # the epoch in progress
     batches_done: int = 0  # batches of that epoch already trained
-    step: int = 0  # optimizer steps taken in this phase
-    skipped_steps: int = 0  # fp16 steps skipped by the loss scaler
+    step: int = 0  # training steps (batches) taken in this phase, skipped ones included
+    scaler_skipped_steps: int = 0  # fp16 overflows: the loss scaler skipped the update
+    nonfinite_skipped_steps: int = 0  # NaN/Inf losses skipped (train.on_nonfinite=skip)
     wandb_run_id: str = ""
 
 

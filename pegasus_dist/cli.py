@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from pegasus_dist.config import PrepareConfig
 from pegasus_dist.console import exit_on_user_error, setup_logging
 
 app = typer.Typer(
@@ -18,6 +19,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+PREPARE = PrepareConfig()  # the one place prepare's defaults live
 OVERRIDES_HELP = "section.key=value config overrides, e.g. train.epochs=5"
 
 
@@ -28,24 +30,21 @@ def prepare(
         help="cifar10:PATH|download, stl10:PATH|download, folder:PATH (folder or .tar.gz), "
              "synthetic:N[:SEED]; repeat for several",
     )],
-    out: Annotated[Path, typer.Option(help="folder for the mix/, horse_bird/ and eval/ sets")] = Path(
-        "shards"
-    ),
-    image_size: Annotated[int, typer.Option(help="side of the square images written")] = 32,
-    shard_size: Annotated[int, typer.Option(help="samples per tar shard")] = 5000,
-    eval_fraction: Annotated[float, typer.Option(help="held-out share for eval/")] = 0.02,
-    seed: Annotated[int, typer.Option(help="seeds the shuffle and the held-out choice")] = 0,
+    out: Annotated[str, typer.Option(help="folder for mix/, horse_bird/, eval/")] = PREPARE.out,
+    image_size: Annotated[int, typer.Option(help="side of the images")] = PREPARE.image_size,
+    shard_size: Annotated[int, typer.Option(help="samples per tar")] = PREPARE.shard_size,
+    eval_fraction: Annotated[float, typer.Option(help="held-out share")] = PREPARE.eval_fraction,
+    seed: Annotated[int, typer.Option(help="shuffle and held-out seed")] = PREPARE.seed,
     verify_checksums: Annotated[bool, typer.Option(
         help="check official archives against their published md5"
-    )] = True,
+    )] = PREPARE.verify_checksums,
 ) -> None:
     """Write the WebDataset shard sets (mix, horse_bird, eval) with their manifests."""
     from pegasus_dist.data.prepare import prepare as run_prepare
 
-    run_prepare(
-        source, out, image_size=image_size, shard_size=shard_size, eval_fraction=eval_fraction,
-        seed=seed, verify_checksums=verify_checksums, command=_command_line(),
-    )
+    cfg = PrepareConfig(source, out, image_size, shard_size, eval_fraction, seed,
+                        verify_checksums)
+    run_prepare(cfg, command=_command_line())
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -93,9 +92,8 @@ def demo(
     finetune_cfg = load_config(
         finetune_config, [*(overrides or []), f"train.init_from={pretrain_cfg.run_dir}"]
     )
-    run_prepare([f"synthetic:{images}"], Path(pretrain_cfg.data.shards), image_size=
-                pretrain_cfg.model.image_size, shard_size=1000, eval_fraction=0.02, seed=0,
-                verify_checksums=True, command=_command_line())
+    run_prepare(PrepareConfig(sources=[f"synthetic:{images}"], out=pretrain_cfg.data.shards,
+                              image_size=pretrain_cfg.model.image_size), _command_line())
     run_train(pretrain_cfg)
     run_dir = run_train(finetune_cfg)
     typer.echo(f"Pegasus grid: {run_dir / 'samples' / 'pegasus.png'}")

@@ -97,6 +97,11 @@ class TrainConfig:
     log_every: int = 10  # steps between logged (rank-reduced) metrics
     checkpoint_every: int = 0  # steps between checkpoints; 0: once per epoch
     keep_checkpoints: int = 3
+    # A NaN/Inf loss on any rank: stop with a message naming the step and the
+    # last good checkpoint, or skip that step (counted and logged).
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    # Seconds a collective may wait for a missing rank before every rank fails.
+    collective_timeout_s: int = 600
     cpu: bool = False  # train on the CPU even where CUDA is available
 
 
@@ -146,6 +151,31 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return Path(self.run.output_dir) / self.run.name
+
+
+@dataclass
+class PrepareConfig:
+    """`pegasus-dist prepare`: which sources, and how the shard sets are written."""
+
+    sources: list[str] = field(default_factory=list)  # specs such as cifar10:PATH, synthetic:N
+    out: str = "shards"  # mix/, horse_bird/ and eval/ go here
+    image_size: int = 32  # side of the square images written
+    shard_size: int = 5000  # samples per tar file
+    eval_fraction: float = 0.02  # seeded held-out share of every source, never trained on
+    seed: int = 0  # seeds the cross-source shuffle and the held-out choice
+    verify_checksums: bool = True  # official archives must match their published md5
+
+    def validate(self) -> None:
+        checks = [
+            (bool(self.sources), "prepare needs at least one --source"),
+            (self.image_size >= 16 and self.image_size % 16 == 0,
+             "--image-size must be a positive multiple of 16 (e.g. 32, 64, 96)"),
+            (self.shard_size >= 1, "--shard-size must be at least 1"),
+            (0 <= self.eval_fraction < 1, "--eval-fraction must be in [0, 1)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -286,6 +316,7 @@ def _validate(cfg: Config) -> None:
         (cfg.train.log_every >= 1, "train.log_every must be at least 1"),
         (cfg.train.checkpoint_every >= 0, "train.checkpoint_every must be 0 or positive"),
         (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1"),
+        (cfg.train.collective_timeout_s >= 1, "train.collective_timeout_s must be positive"),
         (cfg.sampler.num_horses >= 1 and cfg.sampler.num_birds >= 1,
          "sampler.num_horses and sampler.num_birds must be at least 1"),
         (cfg.sampler.num_mu >= 1, "sampler.num_mu must be at least 1"),

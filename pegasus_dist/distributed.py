@@ -13,10 +13,12 @@ process with batch N*B:
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 from torch import nn
 
 from pegasus_dist.config import Config
@@ -43,6 +45,10 @@ def build_accelerator(cfg: Config, log_with: list[str] | None = None) -> Acceler
         mixed_precision=cfg.train.mixed_precision,
         log_with=log_with,
         project_dir=str(cfg.run_dir),
+        # A rank that dies must not leave the others waiting in a collective forever.
+        kwargs_handlers=[InitProcessGroupKwargs(
+            timeout=timedelta(seconds=cfg.train.collective_timeout_s)
+        )],
     )
     backend = dist.get_backend() if dist.is_initialized() else "none"
     log.info(

@@ -37,6 +37,7 @@ from pegasus_dist.console import exit_on_user_error, setup_logging
 from pegasus_dist.data.loader import ShardLoader
 from pegasus_dist.distributed import build_accelerator, convert_sync_batchnorm, scaled_lr
 from pegasus_dist.errors import CheckpointError, ConfigError
+from pegasus_dist.faults import REQUEUE_EXIT_CODE, Preempted, StopSignals, TrainingError, agree
 from pegasus_dist.loss import vae_loss
 from pegasus_dist.model import VAE, num_parameters
 from pegasus_dist.sampler import run_sampler
@@ -57,6 +58,7 @@ class Phase:
     state: TrainState
     metrics: MetricsLog
     lr: float
+    signals: StopSignals
 
     @property
     def global_batch(self) -> int:
@@ -64,10 +66,16 @@ class Phase:
 
 
 def train(cfg: Config) -> Path:
-    """Run one phase to its end and return the run directory."""
+    """Run one phase to its end and return the run directory.
+
+    Raises :class:`Preempted` after checkpointing when a stop signal arrived.
+    """
     phase = setup(cfg)
-    run_epochs(phase)
-    finish(phase)
+    try:
+        run_epochs(phase)
+        finish(phase)
+    finally:
+        phase.signals.restore()
     return cfg.run_dir
 
 
@@ -117,7 +125,7 @@ def setup(cfg: Config) -> Phase:
         cfg.optim.lr_scaling, cfg.optim.lr, cfg.optim.base_batch_size, len(loader),
     )
     return Phase(cfg, accelerator, model, optimizer, loader, state,
-                 MetricsLog(accelerator, cfg.run_dir), lr)
+                 MetricsLog(accelerator, cfg.run_dir), lr, StopSignals())
 
 
 def run_epochs(p: Phase) -> None:
@@ -130,7 +138,7 @@ def run_epochs(p: Phase) -> None:
                    desc=f"{cfg.train.phase} epoch {state.epoch + 1}/{cfg.train.epochs}",
                    disable=not accelerator.is_main_process, dynamic_ncols=True)
         for batch in p.loader:
-            terms, count = train_step(p, batch)
+            terms, count, stop = train_step(p, batch)
             state.step += 1
             state.batches_done += 1
             bar.update()
@@ -139,6 +147,8 @@ def run_epochs(p: Phase) -> None:
                 _log_window(p, window)
             if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
                 _save(p)
+            if stop:
+                _stop_for_requeue(p)
             if _reached_max_steps(p):
                 break
         bar.close()
@@ -151,21 +161,55 @@ def run_epochs(p: Phase) -> None:
         _log_window(p, window)
 
 
-def train_step(p: Phase, batch) -> tuple[torch.Tensor, int]:
-    """One optimizer step on this rank's share of the global batch."""
+def train_step(p: Phase, batch) -> tuple[torch.Tensor, int, bool]:
+    """One optimizer step on this rank's share of the global batch.
+
+    Returns the loss terms, the number of images and whether the ranks agreed
+    to stop (a preemption signal) after this step.
+    """
     x = batch.images.to(p.accelerator.device, non_blocking=True).float().div_(255)
     eps = _batch_noise(p, batch, x.shape[0])
     out = p.model(x, eps)  # Accelerate's prepare() already runs forward under autocast
     terms = vae_loss(out.logits, x, out.mu, out.logvar, beta=p.cfg.loss.beta)
     p.accelerator.backward(terms.total)
+    stop, bad_ranks = agree(p.accelerator, p.signals.received is not None, terms.total)
+    stacked = torch.stack([terms.total, terms.recon, terms.kl]).detach()
+    if bad_ranks:
+        _handle_nonfinite(p, bad_ranks)
+        return torch.zeros_like(stacked), 0, stop
     if p.cfg.optim.grad_clip:
         p.accelerator.clip_grad_norm_(p.model.parameters(), p.cfg.optim.grad_clip)
     p.optimizer.step()
     p.optimizer.zero_grad(set_to_none=True)
     if p.accelerator.optimizer_step_was_skipped:  # an fp16 overflow: the scaler lowered its scale
-        p.state.skipped_steps += 1
-    stacked = torch.stack([terms.total, terms.recon, terms.kl]).detach()
-    return stacked, x.shape[0]
+        p.state.scaler_skipped_steps += 1
+    return stacked, x.shape[0], stop
+
+
+def _handle_nonfinite(p: Phase, bad_ranks: list[int]) -> None:
+    """Skip the update (every rank alike) or stop, naming where and what to do."""
+    p.optimizer.zero_grad(set_to_none=True)
+    where = (f"step {p.state.step + 1} (epoch {p.state.epoch + 1}, batch "
+             f"{p.state.batches_done + 1}) on rank(s) {bad_ranks}")
+    if p.cfg.train.on_nonfinite == "skip":
+        p.state.nonfinite_skipped_steps += 1
+        log.warning("non-finite loss at %s: update skipped (%d so far)",
+                    where, p.state.nonfinite_skipped_steps)
+        return
+    last = latest_checkpoint(p.cfg.run_dir / "checkpoints")
+    raise TrainingError(
+        f"non-finite loss at {where}; last good checkpoint: {last or 'none yet'}; "
+        "lower optim.lr or set optim.grad_clip, or train.on_nonfinite=skip to skip such steps"
+    )
+
+
+def _stop_for_requeue(p: Phase) -> None:
+    """Checkpoint on every rank, then leave with the code the SLURM scripts requeue on."""
+    folder = _save(p)
+    log.warning("stopped by signal at step %d; checkpoint %s; exit %d to be requeued",
+                p.state.step, folder, REQUEUE_EXIT_CODE)
+    p.accelerator.end_training()
+    raise Preempted(folder)
 
 
 def _batch_noise(p: Phase, batch, size: int) -> torch.Tensor:
@@ -214,7 +258,8 @@ def _log_window(p: Phase, window: _Window) -> None:
         f"{p.cfg.train.phase}/images_per_s": images / seconds,
         f"{p.cfg.train.phase}/epoch": p.state.epoch + p.state.batches_done / len(p.loader),
         f"{p.cfg.train.phase}/global_batch": p.global_batch,
-        f"{p.cfg.train.phase}/skipped_steps": p.state.skipped_steps,
+        f"{p.cfg.train.phase}/scaler_skipped_steps": p.state.scaler_skipped_steps,
+        f"{p.cfg.train.phase}/nonfinite_skipped_steps": p.state.nonfinite_skipped_steps,
     }
     p.metrics.log(row, step=p.state.step)
     window.reset()
@@ -289,7 +334,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 def main(argv: list[str] | None = None) -> None:
     setup_logging()
-    exit_on_user_error(lambda: train(parse_args(argv)))
+    try:
+        exit_on_user_error(lambda: train(parse_args(argv)))
+    except Preempted:
+        raise SystemExit(REQUEUE_EXIT_CODE) from None
 
 
 if __name__ == "__main__":

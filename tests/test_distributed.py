@@ -1,19 +1,11 @@
 """Real multi-process runs (gloo on the CPU), each bounded by a timeout."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
+from processes import torchrun
 
 SCRIPTS = Path(__file__).parent / "scripts"
-
-
-def torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 180) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--standalone", str(script), *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_global_batchnorm_equals_one_process_on_the_whole_batch(tmp_path):

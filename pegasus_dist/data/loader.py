@@ -1,0 +1,177 @@
+"""The training data path: exact, seeded, distributed reading of a shard set.
+
+Each epoch is planned from the manifest alone, identically on every rank:
+
+1. the shards are put in a seeded order, and the samples inside each shard in a
+   seeded order (both change with the epoch), giving one global sequence S of
+   all N samples;
+2. S is cut into global batches of ``world_size * batch_size``; in global batch
+   g, rank r takes the r-th slice of ``batch_size`` samples. The last, shorter
+   global batch is split as evenly as possible, so every rank gets the same
+   number of batches and every sample is seen exactly once per epoch. (Only
+   when that last batch holds fewer samples than there are ranks do some ranks
+   take one sample from the start of S, so that no rank has an empty batch.)
+3. within a rank, loader worker w of K takes the rank's batches j with
+   j % K == w, which PyTorch's DataLoader hands out in the original order.
+
+Because rank r's slice of global batch g sits at offset r * batch_size, one
+process with batch 2B sees at each step exactly what two processes with
+batch B see together: the trainer's results do not depend on the world size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pegasus_dist.data.manifest import Manifest, load_manifest
+from pegasus_dist.data.shards import ShardSample, decode_image, iter_shard
+from pegasus_dist.errors import DataError
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # uint8 (b, 3, H, W)
+    keys: list[str]
+    labels: list[str | None]
+    offset: int  # where this rank's slice starts inside the global batch
+
+    def pin_memory(self) -> Batch:
+        """Called by the DataLoader (pin_memory=True) so copies to the GPU can be asynchronous."""
+        return Batch(self.images.pin_memory(), self.keys, self.labels, self.offset)
+
+
+@dataclass
+class BatchPlan:
+    positions: np.ndarray  # indices into the epoch's global sequence
+    offset: int
+
+
+def global_sequence(sizes: list[int], seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(shard index, index inside the shard) of every sample, in this epoch's order."""
+    shard_order = np.random.default_rng([seed, epoch]).permutation(len(sizes))
+    shards = [np.full(sizes[s], s) for s in shard_order]
+    inside = [np.random.default_rng([seed, epoch, int(s)]).permutation(sizes[s])
+              for s in shard_order]
+    return np.concatenate(shards), np.concatenate(inside)
+
+
+def rank_batches(num_samples: int, world_size: int, rank: int, batch_size: int) -> list[BatchPlan]:
+    """The positions in the global sequence of each batch of ``rank``, in order."""
+    step = world_size * batch_size
+    num_global = math.ceil(num_samples / step)
+    plans = [
+        BatchPlan(np.arange(g * step + rank * batch_size, g * step + (rank + 1) * batch_size),
+                  rank * batch_size)
+        for g in range(num_global - 1)
+    ]
+    start = (num_global - 1) * step
+    last = num_samples - start
+    if last >= world_size:  # split the short global batch evenly: sizes differ by at most 1
+        base, extra = divmod(last, world_size)
+        offset = rank * base + min(rank, extra)
+        size = base + (rank < extra)
+        plans.append(BatchPlan(np.arange(start + offset, start + offset + size), offset))
+    else:  # fewer samples than ranks: the ranks past them wrap to the start of the sequence
+        position = start + rank if rank < last else rank - last
+        plans.append(BatchPlan(np.array([position]), rank))
+    return plans
+
+
+class _ShardStream(IterableDataset):
+    """Yields this rank's batches of one epoch, split over the DataLoader's workers."""
+
+    def __init__(self, manifest: Manifest, batch_size: int, rank: int, world_size: int,
+                 seed: int) -> None:
+        self.manifest = manifest
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.epoch = 0
+        self.start_batch = 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        shard_of, inside = global_sequence(self.manifest.shard_sizes, self.seed, self.epoch)
+        plans = rank_batches(self.manifest.num_samples, self.world_size, self.rank,
+                             self.batch_size)[self.start_batch:]
+        cache = _ShardCache(self.manifest)
+        for plan in plans[worker::workers]:
+            samples = [cache.get(int(shard_of[p]), int(inside[p])) for p in plan.positions]
+            images = np.stack([image for _, image, _ in samples])
+            yield Batch(
+                images=torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+                keys=[key for key, _, _ in samples],
+                labels=[label for _, _, label in samples],
+                offset=plan.offset,
+            )
+
+
+class _ShardCache:
+    """The encoded samples of the shard being read (an epoch walks shard after shard).
+
+    Images are decoded only when asked for: each worker decodes just its own
+    batches, though it reads every shard its batches touch.
+    """
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+        self.index: int | None = None
+        self.samples: list[ShardSample] = []
+
+    def get(self, shard: int, position: int) -> tuple[str, np.ndarray, str | None]:
+        path = self.manifest.shard_paths[shard]
+        if shard != self.index:
+            self.samples = list(iter_shard(path))
+            expected = self.manifest.shard_sizes[shard]
+            if len(self.samples) != expected:
+                raise DataError(f"shard {path} holds {len(self.samples)} samples but its manifest "
+                                f"says {expected}; re-run `pegasus-dist prepare`")
+            self.index = shard
+        sample = self.samples[position]
+        image = decode_image(sample.png, self.manifest.image_size, where=f"{path}:{sample.key}")
+        return sample.key, image, sample.meta["label"]
+
+
+class ShardLoader:
+    """This rank's batches of a shard set, one epoch per ``set_epoch`` + iteration."""
+
+    def __init__(self, shard_set: str | Path, batch_size: int, rank: int, world_size: int,
+                 num_workers: int, seed: int, image_size: int, pin_memory: bool = False) -> None:
+        self.manifest = load_manifest(shard_set)
+        if self.manifest.image_size != image_size:
+            raise DataError(
+                f"{self.manifest.path} holds {self.manifest.image_size}px images but "
+                f"model.image_size is {image_size}; set model.image_size="
+                f"{self.manifest.image_size} or prepare shards with --image-size {image_size}"
+            )
+        self.path = self.manifest.path
+        self.num_samples = self.manifest.num_samples
+        self._dataset = _ShardStream(self.manifest, batch_size, rank, world_size, seed)
+        self._num_batches = len(rank_batches(self.num_samples, world_size, rank, batch_size))
+        self._loader = DataLoader(self._dataset, batch_size=None, num_workers=num_workers,
+                                  pin_memory=pin_memory, collate_fn=_keep_batch)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Plan ``epoch``; iteration then starts at its batch ``start_batch`` (for resuming)."""
+        self._dataset.epoch = epoch
+        self._dataset.start_batch = start_batch
+
+    def __len__(self) -> int:
+        """Batches per epoch, the same on every rank."""
+        return self._num_batches
+
+    def __iter__(self) -> Iterator[Batch]:
+        return iter(self._loader)
+
+
+def _keep_batch(batch: Batch) -> Batch:
+    return batch

@@ -1,0 +1,107 @@
+"""``manifest.json``: what a shard set holds and how it was made.
+
+One per shard set: image size, sample counts per source, label and split,
+every shard with its sample count and sha256, the seed, and the command and
+sources that made it. The loader plans epochs from the per-shard counts,
+so it never has to scan the tars to know the data layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pegasus_dist.errors import DataError
+
+FILENAME = "manifest.json"
+FORMAT = 1
+
+
+@dataclass
+class ShardEntry:
+    name: str
+    num_samples: int
+    sha256: str
+    bytes: int
+
+
+@dataclass
+class Manifest:
+    path: Path  # the shard set folder
+    name: str
+    image_size: int
+    num_samples: int
+    shards: list[ShardEntry]
+    counts: dict[str, dict[str, int]]
+    provenance: dict[str, Any]  # seed, eval_fraction, command, sources
+
+    @property
+    def shard_paths(self) -> list[Path]:
+        return [self.path / s.name for s in self.shards]
+
+    @property
+    def shard_sizes(self) -> list[int]:
+        return [s.num_samples for s in self.shards]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(
+    folder: Path,
+    name: str,
+    image_size: int,
+    shards: list[ShardEntry],
+    counts: dict[str, dict[str, int]],
+    provenance: dict[str, Any],
+) -> Path:
+    """Write ``folder/manifest.json``; sorted keys, so identical inputs give identical bytes."""
+    data = {
+        "format": FORMAT,
+        "name": name,
+        "image_size": image_size,
+        "num_samples": sum(s.num_samples for s in shards),
+        "counts": counts,
+        "shards": [vars(s) for s in shards],
+        **provenance,
+    }
+    path = folder / FILENAME
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def load_manifest(folder: str | Path) -> Manifest:
+    """Read and check a shard set's manifest; every problem names the file and the fix."""
+    folder = Path(folder)
+    path = folder / FILENAME
+    if not path.is_file():
+        raise DataError(f"no shard set at {folder} (missing {FILENAME}); run "
+                        f"`pegasus-dist prepare --out {folder.parent}` or fix data.shards/shard_set")
+    try:
+        data = json.loads(path.read_text())
+        shards = [ShardEntry(**entry) for entry in data["shards"]]
+        manifest = Manifest(
+            path=folder, name=data["name"], image_size=int(data["image_size"]),
+            num_samples=int(data["num_samples"]), shards=shards, counts=data["counts"],
+            provenance={k: data[k] for k in ("seed", "eval_fraction", "command", "sources")
+                        if k in data},
+        )
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{path} is not a valid manifest ({err}); re-run `pegasus-dist prepare`") \
+            from None
+    if manifest.num_samples == 0:
+        raise DataError(f"shard set {folder} is empty (0 samples); prepare it from sources that "
+                        "hold images of this set (horse_bird needs labelled horses and birds)")
+    for shard in manifest.shard_paths:
+        if not shard.is_file():
+            raise DataError(f"shard {shard} listed in {path} is missing; "
+                            "re-run `pegasus-dist prepare`")
+    return manifest

@@ -1,0 +1,43 @@
+"""Running real processes from tests: bounded in time, and nothing left behind on a hang."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def run_bounded(
+    cmd: list[str], timeout: float, env: dict[str, str] | None = None, cwd: Path = REPO
+) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own process group; on timeout kill the whole group and fail.
+
+    ``subprocess.run(timeout=...)`` kills only the direct child: the workers a
+    launcher started would keep running (and keep a port) after a hang.
+    """
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-4000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+def torchrun(script: Path | str, *args: str, nproc: int = 2, timeout: float = 180,
+             env: dict[str, str] | None = None) -> str:
+    """Launch ``script`` on ``nproc`` local gloo processes; return the output, assert success."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", str(script), *args]
+    done = run_bounded(cmd, timeout, env)
+    assert done.returncode == 0, done.stdout[-6000:]
+    return done.stdout
