@@ -62,8 +62,13 @@ def test_two_processes_of_batch_b_train_like_one_of_batch_2b(smoke_shards, tmp_p
     two = load_file(tmp_path / "two/pretrain/checkpoints/step_00000003/model.safetensors")
     one = load_file(tmp_path / "one/pretrain/checkpoints/step_00000003/model.safetensors")
     # Same data order, same noise, global-batch BN: equal up to float summation order.
-    for name, tensor in one.items():
-        assert torch.allclose(two[name], tensor, rtol=1e-4, atol=1e-5), name
+    # Stated tolerance: all but 1 in 10,000 values within 1e-5. Adam divides each
+    # gradient by its own magnitude, so a gradient that is ~0 turns float noise
+    # into a step of up to lr; those rare values stay within steps * lr.
+    lr, steps = 1e-3, 3
+    diffs = torch.cat([(two[k].float() - v.float()).abs().flatten() for k, v in one.items()])
+    assert (diffs > 1e-5).float().mean() < 1e-4
+    assert diffs.max() <= steps * lr
     # Logged losses are reduced over both ranks, so they match the 1-process run too.
     losses = [[json.loads(line)["pretrain/loss"] for line in
                (tmp_path / run / "pretrain/metrics.jsonl").read_text().splitlines()]
