@@ -224,7 +224,10 @@ def _batch_noise(p: Phase, batch, size: int) -> torch.Tensor:
     generator = torch.Generator(device=device).manual_seed(
         p.cfg.train.seed * 1_000_003 + p.state.step
     )
-    noise = torch.randn(p.global_batch, p.cfg.model.latent_dim, generator=generator, device=device)
+    # Twice the global batch covers a last batch of batch_size + 1 per rank, and
+    # the shape, like the global batch, does not depend on the world size.
+    rows = 2 * p.global_batch
+    noise = torch.randn(rows, p.cfg.model.latent_dim, generator=generator, device=device)
     return noise[batch.offset : batch.offset + size]
 
 

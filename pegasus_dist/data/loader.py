@@ -8,9 +8,9 @@ Each epoch is planned from the manifest alone, identically on every rank:
 2. S is cut into global batches of ``world_size * batch_size``; in global batch
    g, rank r takes the r-th slice of ``batch_size`` samples. The last, shorter
    global batch is split as evenly as possible, so every rank gets the same
-   number of batches and every sample is seen exactly once per epoch. (Only
-   when that last batch holds fewer samples than there are ranks do some ranks
-   take one sample from the start of S, so that no rank has an empty batch.)
+   number of batches and every sample is seen exactly once per epoch. (When
+   that remainder is smaller than the number of ranks, it is folded into the
+   global batch before it, so some ranks' last batch holds one extra sample.)
 3. within a rank, loader worker w of K takes the rank's batches j with
    j % K == w, which PyTorch's DataLoader hands out in the original order.
 
@@ -64,23 +64,26 @@ def global_sequence(sizes: list[int], seed: int, epoch: int) -> tuple[np.ndarray
 
 def rank_batches(num_samples: int, world_size: int, rank: int, batch_size: int) -> list[BatchPlan]:
     """The positions in the global sequence of each batch of ``rank``, in order."""
+    if num_samples < world_size:
+        raise DataError(f"the shard set holds {num_samples} samples, fewer than the {world_size} "
+                        "processes; prepare more data or launch fewer processes")
     step = world_size * batch_size
     num_global = math.ceil(num_samples / step)
+    last = num_samples - (num_global - 1) * step
+    if last < world_size:  # too few to give every rank one: fold into the batch before
+        num_global -= 1
+        last += step
     plans = [
         BatchPlan(np.arange(g * step + rank * batch_size, g * step + (rank + 1) * batch_size),
                   rank * batch_size)
         for g in range(num_global - 1)
     ]
+    # The last global batch, split evenly: the ranks' shares differ by at most one.
     start = (num_global - 1) * step
-    last = num_samples - start
-    if last >= world_size:  # split the short global batch evenly: sizes differ by at most 1
-        base, extra = divmod(last, world_size)
-        offset = rank * base + min(rank, extra)
-        size = base + (rank < extra)
-        plans.append(BatchPlan(np.arange(start + offset, start + offset + size), offset))
-    else:  # fewer samples than ranks: the ranks past them wrap to the start of the sequence
-        position = start + rank if rank < last else rank - last
-        plans.append(BatchPlan(np.array([position]), rank))
+    base, extra = divmod(last, world_size)
+    offset = rank * base + min(rank, extra)
+    size = base + (rank < extra)
+    plans.append(BatchPlan(np.arange(start + offset, start + offset + size), offset))
     return plans
 
 

@@ -11,6 +11,7 @@ never leaves a half-written set behind. Same inputs, same bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import shutil
@@ -37,7 +38,7 @@ def prepare(cfg: PrepareConfig, command: str = "") -> dict[str, Path]:
     """Write ``mix/``, ``horse_bird/`` and ``eval/`` under ``cfg.out``; return their folders."""
     cfg.validate()
     started = time.perf_counter()
-    sources = [_load(spec, cfg) for spec in cfg.sources]
+    sources = _unique_names([_load(spec, cfg) for spec in cfg.sources])
     images = np.concatenate([s.images for s in sources])
     metas = [
         {"key": f"{s.name}-{split}-{i:07d}", "source": s.name, "index": i, "label": label,
@@ -80,6 +81,17 @@ def _load(spec: str, cfg: PrepareConfig) -> SourceImages:
              ", ".join(f"{k}={v}" for k, v in sorted(Counter(source.splits).items())),
              time.perf_counter() - started)
     return source
+
+
+def _unique_names(sources: list[SourceImages]) -> list[SourceImages]:
+    """Keys start with the source name: two sources of one kind become name and name_2."""
+    seen: Counter[str] = Counter()
+    renamed = []
+    for source in sources:
+        seen[source.name] += 1
+        suffix = f"_{seen[source.name]}" if seen[source.name] > 1 else ""
+        renamed.append(dataclasses.replace(source, name=source.name + suffix))
+    return renamed
 
 
 def _encode_all(images: np.ndarray, order: np.ndarray) -> dict[int, bytes]:

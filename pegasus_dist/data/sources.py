@@ -123,6 +123,7 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
     ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how Python 3 writes bytes in protocol 2 (re-pickled copies)
     }
 
     def find_class(self, module: str, name: str) -> type:

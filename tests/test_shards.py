@@ -1,0 +1,113 @@
+"""prepare -> shards -> manifest: round trip, determinism, splits, and damaged shards."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from pegasus_dist.config import PrepareConfig
+from pegasus_dist.data.manifest import load_manifest, sha256_file
+from pegasus_dist.data.prepare import prepare
+from pegasus_dist.data.shards import decode_image, encode_png, iter_shard, write_shard
+from pegasus_dist.data.sources import synthetic
+from pegasus_dist.errors import DataError
+
+SOURCES = ["synthetic:150:1", "synthetic:90:2"]
+
+
+def make(out, **kw):
+    return prepare(PrepareConfig(sources=SOURCES, out=str(out), shard_size=40, **kw), "test")
+
+
+def read_set(folder):
+    return [s for p in load_manifest(folder).shard_paths for s in iter_shard(p)]
+
+
+def test_round_trip_pixels_keys_and_meta(tmp_path):
+    make(tmp_path)
+    originals = {"synthetic": synthetic(150, seed=1), "synthetic_2": synthetic(90, seed=2)}
+    samples = read_set(tmp_path / "mix") + read_set(tmp_path / "eval")
+    assert len(samples) == 240 == len({s.key for s in samples})
+    for s in samples:
+        source, i = originals[s.meta["source"]], s.meta["index"]
+        assert s.key == s.meta["key"] == f"{s.meta['source']}-{s.meta['split']}-{i:07d}"
+        assert np.array_equal(decode_image(s.png, 32, s.key), source.images[i])
+        assert (s.meta["label"], s.meta["split"]) == (source.labels[i], source.splits[i])
+
+
+def test_manifest_counts_and_checksums(tmp_path):
+    make(tmp_path)
+    m = load_manifest(tmp_path / "mix")
+    assert m.num_samples == sum(m.shard_sizes) == len(read_set(tmp_path / "mix"))
+    assert m.shard_sizes[:-1] == [40] * (len(m.shards) - 1)  # configurable shard size
+    for entry, path in zip(m.shards, m.shard_paths, strict=True):
+        assert entry.sha256 == sha256_file(path) and entry.bytes == path.stat().st_size
+    assert sum(m.counts["label"].values()) == m.num_samples
+    assert m.provenance["command"] == "test" and len(m.provenance["sources"]) == 2
+
+
+def test_prepare_is_deterministic(tmp_path):
+    make(tmp_path / "a")
+    make(tmp_path / "b")
+    for name in ("mix", "horse_bird", "eval"):
+        files = sorted(p.name for p in (tmp_path / "a" / name).iterdir())
+        for f in files:
+            assert (tmp_path / "a" / name / f).read_bytes() == (tmp_path / "b" / name / f).read_bytes()
+    make(tmp_path / "c", seed=1)
+    assert (tmp_path / "c/mix/shard-000000.tar").read_bytes() != (
+        tmp_path / "a/mix/shard-000000.tar").read_bytes()
+
+
+def test_splits_held_out_finetune_subset_and_shuffle(tmp_path):
+    make(tmp_path, eval_fraction=0.1)
+    mix, hb, ev = (read_set(tmp_path / n) for n in ("mix", "horse_bird", "eval"))
+    mix_keys, eval_keys = {s.key for s in mix}, {s.key for s in ev}
+    assert len(ev) == 24 and not mix_keys & eval_keys and len(mix_keys | eval_keys) == 240
+    assert [s.key for s in hb] == [s.key for s in mix if s.meta["label"] in ("horse", "bird")]
+    # Sources are interleaved, not written one after the other.
+    assert len({s.meta["source"] for s in mix[:20]}) == 2
+
+
+def test_plain_webdataset_reads_the_shards(tmp_path):
+    make(tmp_path)
+    urls = [str(p) for p in load_manifest(tmp_path / "mix").shard_paths]
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("rgb8"))
+    assert len(samples) == load_manifest(tmp_path / "mix").num_samples
+    assert samples[0]["png"].shape == (32, 32, 3) and "label" in samples[0]["json"]
+
+
+def test_damaged_shards_name_the_file(tmp_path):
+    make(tmp_path)
+    shard = load_manifest(tmp_path / "mix").shard_paths[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2 + 100])  # truncated mid-member
+    with pytest.raises(DataError, match=f"shard {shard}"):
+        list(iter_shard(shard))
+    shard.unlink()
+    with pytest.raises(DataError, match=f"{shard} listed in .* is missing"):
+        load_manifest(tmp_path / "mix")
+
+
+def test_wrong_size_png_and_missing_label(tmp_path):
+    png = encode_png(np.zeros((16, 16, 3), dtype=np.uint8))
+    with pytest.raises(DataError, match="k1: image is 16x16 but 32x32 was expected"):
+        decode_image(png, 32, "k1")
+    path = tmp_path / "bad.tar"
+    write_shard(path, [("k2", png, {"key": "k2"})])
+    with pytest.raises(DataError, match="k2.json has no label field"):
+        list(iter_shard(path))
+    with tarfile.open(path) as tar:
+        assert sorted(tar.getnames()) == ["k2.json", "k2.png"]
+        assert json.loads(tar.extractfile("k2.json").read()) == {"key": "k2"}
+
+
+def test_empty_or_missing_sets(tmp_path):
+    prepare(PrepareConfig(sources=["synthetic:1"], out=str(tmp_path), eval_fraction=0.5), "")
+    with pytest.raises(DataError, match="empty"):
+        load_manifest(tmp_path / "horse_bird")
+    with pytest.raises(DataError, match="no shard set at .*nothing.*pegasus-dist prepare"):
+        load_manifest(tmp_path / "nothing")

@@ -1,0 +1,198 @@
+"""Source readers on tiny fixtures written in the official formats, and on the real CIFAR-10 JPEGs."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pegasus_dist.data import sources
+from pegasus_dist.data.sources import (
+    canonical_class,
+    load_source,
+    read_cifar10,
+    read_image_folder,
+    read_stl10,
+    synthetic,
+)
+from pegasus_dist.errors import DataError
+
+REAL_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg.tar.gz"
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def cifar_image(i: int) -> np.ndarray:
+    """32x32x3 whose red channel is the column, green the row, blue the image number."""
+    image = np.zeros((32, 32, 3), dtype=np.uint8)
+    image[..., 0] = np.arange(32)[None, :]
+    image[..., 1] = np.arange(32)[:, None]
+    image[..., 2] = i
+    return image
+
+
+def write_cifar_archive(path: Path, per_batch: int = 2, batch_payload=None) -> None:
+    """cifar-10-python.tar.gz as published: pickled dicts, channel-planar rows."""
+    with tarfile.open(path, "w:gz") as tar:
+        number = 0
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            images = [cifar_image(number + k) for k in range(per_batch)]
+            labels = [(number + k) % 10 for k in range(per_batch)]
+            number += per_batch
+            data = np.stack([im.transpose(2, 0, 1).reshape(-1) for im in images])
+            batch = batch_payload or {b"data": data, b"labels": labels, b"batch_label": b"x"}
+            add_member(tar, f"cifar-10-batches-py/{name}", pickle.dumps(batch, protocol=2))
+        meta = {b"label_names": [c.encode() for c in sources.CIFAR_CLASSES]}
+        add_member(tar, "cifar-10-batches-py/batches.meta", pickle.dumps(meta, protocol=2))
+
+
+def stl_bytes(images: list[np.ndarray]) -> bytes:
+    """STL-10's *_X.bin: each image 3x96x96, column-major (so transposed per channel)."""
+    return b"".join(im.transpose(2, 1, 0).tobytes() for im in images)
+
+
+def stl_image(i: int) -> np.ndarray:
+    image = np.zeros((96, 96, 3), dtype=np.uint8)
+    image[..., 0] = np.arange(96)[None, :]  # red = column
+    image[..., 1] = np.arange(96)[:, None]  # green = row
+    image[..., 2] = i
+    return image
+
+
+def write_stl_archive(path: Path) -> None:
+    names = "airplane\nbird\ncar\ncat\ndeer\ndog\nhorse\nmonkey\nship\ntruck\n"
+    with tarfile.open(path, "w:gz") as tar:
+        add_member(tar, "stl10_binary/class_names.txt", names.encode())
+        add_member(tar, "stl10_binary/train_X.bin", stl_bytes([stl_image(0), stl_image(1)]))
+        add_member(tar, "stl10_binary/train_y.bin", bytes([7, 2]))  # horse, bird
+        add_member(tar, "stl10_binary/test_X.bin", stl_bytes([stl_image(2)]))
+        add_member(tar, "stl10_binary/test_y.bin", bytes([3]))  # car
+        add_member(tar, "stl10_binary/unlabeled_X.bin", stl_bytes([stl_image(3), stl_image(4)]))
+
+
+def test_vocabulary_joins_the_datasets():
+    assert canonical_class("automobile") == canonical_class("car") == "car"
+    assert canonical_class("Horses") == "horse" and canonical_class("birds") == "bird"
+    assert canonical_class("birds in flight") == "birds_in_flight"
+
+
+def test_cifar10_pixels_labels_splits_and_order(tmp_path):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    write_cifar_archive(archive)
+    src = read_cifar10(archive, verify_checksum=False)
+    assert src.images.shape == (12, 32, 32, 3) and src.images.dtype == np.uint8
+    assert src.splits == ["train"] * 10 + ["test"] * 2
+    for i in (0, 7, 11):
+        assert np.array_equal(src.images[i], cifar_image(i))
+    assert src.labels[:3] == ["airplane", "car", "bird"] and src.labels[7] == "horse"
+    assert read_cifar10(archive, 64, verify_checksum=False).images.shape == (12, 64, 64, 3)
+
+
+def test_cifar10_checksum_is_verified(tmp_path):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    write_cifar_archive(archive)
+    with pytest.raises(DataError, match="differs from the official .* --no-verify-checksums"):
+        read_cifar10(archive)
+
+
+def test_a_pickled_object_in_the_archive_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    archive = tmp_path / "evil.tar.gz"
+    write_cifar_archive(archive, batch_payload={b"data": Exploit()})
+    with pytest.raises(DataError, match="refused global (posix|os).system"):
+        read_cifar10(archive, verify_checksum=False)
+    assert not marker.exists()
+
+
+def test_stl10_column_major_labels_and_antialiased_resize(tmp_path):
+    archive = tmp_path / "stl10_binary.tar.gz"
+    write_stl_archive(archive)
+    native = read_stl10(archive, 96, verify_checksum=False)
+    assert native.images.shape == (5, 96, 96, 3)
+    assert np.array_equal(native.images[3], stl_image(3))
+    assert native.labels == ["horse", "bird", "car", None, None]
+    assert native.splits == ["train", "train", "test", "unlabeled", "unlabeled"]
+    small = read_stl10(archive, 32, verify_checksum=False)
+    # 96 -> 32 averages 3x3 blocks: the red ramp 0..95 becomes block means 1, 4, 7, ...
+    assert small.images.shape == (5, 32, 32, 3)
+    assert list(small.images[0, 0, :4, 0]) == [1, 4, 7, 10]
+
+
+def write_folder(root: Path, layout: dict[str, list[tuple[int, int]]]) -> None:
+    for folder, sizes in layout.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for n, (w, h) in enumerate(sizes):
+            Image.new("RGB", (w, h), (n * 40, 100, 200)).save(root / folder / f"{n:03d}.png")
+
+
+def test_image_folder_with_splits_from_a_directory_and_a_tarball(tmp_path):
+    root = tmp_path / "My Birds"
+    write_folder(root, {"train/horses": [(64, 48), (20, 90)], "train/bird": [(32, 32)],
+                        "test/bird": [(100, 100)]})
+    src = read_image_folder(root)
+    assert src.name == "folder_my_birds"
+    assert src.images.shape == (4, 32, 32, 3)
+    assert src.labels == ["bird", "horse", "horse", "bird"]
+    assert src.splits == ["train", "train", "train", "test"]
+    archive = tmp_path / "birds.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root, arcname="wrapped")
+    from_tar = read_image_folder(archive)
+    assert np.array_equal(from_tar.images, src.images) and from_tar.labels == src.labels
+
+
+def test_image_folder_without_splits_and_its_errors(tmp_path):
+    write_folder(tmp_path / "imgs", {"horse": [(40, 40)]})
+    assert read_image_folder(tmp_path / "imgs").splits == ["train"]
+    (tmp_path / "imgs" / "horse" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="broken.png.*remove or replace"):
+        read_image_folder(tmp_path / "imgs")
+    with pytest.raises(DataError, match="does not exist"):
+        read_image_folder(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no .png/.jpg images"):
+        read_image_folder(tmp_path / "empty")
+
+
+def test_synthetic_is_seeded_and_has_horses_and_birds():
+    a, b, c = synthetic(300, seed=1), synthetic(300, seed=1), synthetic(300, seed=2)
+    assert np.array_equal(a.images, b.images) and a.labels == b.labels
+    assert not np.array_equal(a.images, c.images)
+    assert a.labels.count("horse") > 45 and a.labels.count("bird") > 45
+    assert all((label is None) == (split == "unlabeled") for label, split in zip(a.labels, a.splits))
+
+
+def test_source_specs(tmp_path):
+    assert load_source("synthetic:10:3").origin == "synthetic(n=10, size=32, seed=3)"
+    with pytest.raises(DataError, match="unknown source 'imagenet:x'"):
+        load_source("imagenet:x")
+    with pytest.raises(DataError, match="cifar10 archive not found: .*nope.tar.gz"):
+        load_source(f"cifar10:{tmp_path}/nope.tar.gz")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_CIFAR.is_file(), reason=f"real CIFAR-10 JPEGs not at {REAL_CIFAR}")
+def test_the_real_cifar10_jpegs_through_the_image_folder_source():
+    digest = hashlib.sha256(REAL_CIFAR.read_bytes()).hexdigest()
+    assert digest.startswith("b4d6b534")
+    src = read_image_folder(REAL_CIFAR)
+    assert src.images.shape == (60000, 32, 32, 3)
+    assert src.splits.count("train") == 50000 and src.splits.count("test") == 10000
+    assert src.labels.count("horse") == 6000 and src.labels.count("bird") == 6000
+    assert src.labels.count("car") == 6000  # CIFAR's "automobile"
