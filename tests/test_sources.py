@@ -175,7 +175,8 @@ def test_synthetic_is_seeded_and_has_horses_and_birds():
     assert np.array_equal(a.images, b.images) and a.labels == b.labels
     assert not np.array_equal(a.images, c.images)
     assert a.labels.count("horse") > 45 and a.labels.count("bird") > 45
-    assert all((label is None) == (split == "unlabeled") for label, split in zip(a.labels, a.splits))
+    pairs = zip(a.labels, a.splits, strict=True)
+    assert all((label is None) == (split == "unlabeled") for label, split in pairs)
 
 
 def test_source_specs(tmp_path):
