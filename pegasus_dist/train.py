@@ -134,24 +134,23 @@ def run_epochs(p: Phase) -> None:
     window = _Window(accelerator.device)
     while state.epoch < cfg.train.epochs and not _reached_max_steps(p):
         p.loader.set_epoch(state.epoch, start_batch=state.batches_done)
-        bar = tqdm(total=len(p.loader), initial=state.batches_done, unit="batch",
-                   desc=f"{cfg.train.phase} epoch {state.epoch + 1}/{cfg.train.epochs}",
-                   disable=not accelerator.is_main_process, dynamic_ncols=True)
-        for batch in p.loader:
-            terms, count, stop = train_step(p, batch)
-            state.step += 1
-            state.batches_done += 1
-            bar.update()
-            window.add(terms, count)
-            if state.step % cfg.train.log_every == 0:
-                _log_window(p, window)
-            if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
-                _save(p)
-            if stop:
-                _stop_for_requeue(p)
-            if _reached_max_steps(p):
-                break
-        bar.close()
+        with tqdm(total=len(p.loader), initial=state.batches_done, unit="batch",
+                  desc=f"{cfg.train.phase} epoch {state.epoch + 1}/{cfg.train.epochs}",
+                  disable=not accelerator.is_main_process, dynamic_ncols=True) as bar:
+            for batch in p.loader:
+                terms, count, stop = train_step(p, batch)
+                state.step += 1
+                state.batches_done += 1
+                bar.update()
+                window.add(terms, count)
+                if state.step % cfg.train.log_every == 0:
+                    _log_window(p, window)
+                if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
+                    _save(p)
+                if stop:
+                    _stop_for_requeue(p)
+                if _reached_max_steps(p):
+                    break
         if state.batches_done == len(p.loader):
             state.epoch += 1
             state.batches_done = 0
@@ -254,17 +253,16 @@ def _log_window(p: Phase, window: _Window) -> None:
     total, recon, kl, images = p.accelerator.reduce(window.sums, reduction="sum").tolist()
     seconds = time.perf_counter() - window.started
     row = {
-        f"{p.cfg.train.phase}/loss": total / images,
-        f"{p.cfg.train.phase}/recon_bce": recon / images,
-        f"{p.cfg.train.phase}/kl": kl / images,
-        f"{p.cfg.train.phase}/lr": p.optimizer.param_groups[0]["lr"],
-        f"{p.cfg.train.phase}/images_per_s": images / seconds,
-        f"{p.cfg.train.phase}/epoch": p.state.epoch + p.state.batches_done / len(p.loader),
-        f"{p.cfg.train.phase}/global_batch": p.global_batch,
-        f"{p.cfg.train.phase}/scaler_skipped_steps": p.state.scaler_skipped_steps,
-        f"{p.cfg.train.phase}/nonfinite_skipped_steps": p.state.nonfinite_skipped_steps,
+        "lr": p.optimizer.param_groups[0]["lr"],
+        "images_per_s": images / seconds,
+        "epoch": p.state.epoch + p.state.batches_done / len(p.loader),
+        "global_batch": p.global_batch,
+        "scaler_skipped_steps": p.state.scaler_skipped_steps,
+        "nonfinite_skipped_steps": p.state.nonfinite_skipped_steps,
     }
-    p.metrics.log(row, step=p.state.step)
+    if images:  # a window of skipped steps only has no loss to report
+        row |= {"loss": total / images, "recon_bce": recon / images, "kl": kl / images}
+    p.metrics.log({f"{p.cfg.train.phase}/{k}": v for k, v in row.items()}, step=p.state.step)
     window.reset()
 
 

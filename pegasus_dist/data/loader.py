@@ -173,7 +173,11 @@ class ShardLoader:
         return self._num_batches
 
     def __iter__(self) -> Iterator[Batch]:
-        return iter(self._loader)
+        try:
+            yield from self._loader
+        except DataError as err:
+            # A worker's error arrives wrapped in its traceback; keep the one-line message.
+            raise DataError(str(err).rstrip().rsplit("DataError: ", 1)[-1]) from None
 
 
 def _keep_batch(batch: Batch) -> Batch:

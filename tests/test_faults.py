@@ -1,0 +1,181 @@
+"""Fault injection: each test says what was lost and what was kept."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from processes import BIN, REPO, run_bounded
+from safetensors.torch import load_file
+
+from pegasus_dist.checkpoint import latest_checkpoint, list_checkpoints
+from pegasus_dist.data.manifest import load_manifest
+
+pytestmark = pytest.mark.slow
+FAULT = Path(__file__).parent / "scripts" / "train_with_fault.py"
+SMOKE = str(REPO / "configs/smoke/pretrain.yaml")
+
+
+def overrides(shards: Path, runs: Path, steps: int, *extra: str) -> list[str]:
+    return [f"data.shards={shards}", f"run.output_dir={runs}", f"train.max_steps={steps}",
+            "wandb.mode=disabled", "data.batch_size=16", "train.log_every=1", *extra]
+
+
+def train_cmd(shards: Path, runs: Path, steps: int, *extra: str) -> list[str]:
+    return [str(BIN / "pegasus-dist"), "train", "--config", SMOKE,
+            *overrides(shards, runs, steps, *extra)]
+
+
+def losses(run: Path) -> dict[int, float]:
+    """Step -> logged loss; a resumed run's rows replace those of the killed one."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["pretrain/loss"] for row in rows}
+
+
+def start(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def wait_until(condition, timeout: float, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early:\n{proc.stdout.read()[-4000:]}")
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.1)
+
+
+def test_sigkill_mid_epoch_then_resume_gives_bit_equal_losses(smoke_shards, tmp_path):
+    # 470 samples / 16 = 30 batches an epoch: steps 1..24 stay inside epoch 1.
+    ref = run_bounded(train_cmd(smoke_shards, tmp_path / "ref", 24), timeout=300)
+    assert ref.returncode == 0, ref.stdout[-3000:]
+
+    cmd = train_cmd(smoke_shards, tmp_path / "cut", 24, "train.checkpoint_every=8")
+    proc = start(cmd)
+    run = tmp_path / "cut" / "pretrain"
+    wait_until(lambda: (run / "metrics.jsonl").exists()
+               and len(losses(run)) >= 13, timeout=120, proc=proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert latest_checkpoint(run / "checkpoints").name in ("step_00000008", "step_00000016")
+    resumed = run_bounded(cmd, timeout=300)  # run.resume=auto is the default
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert "resumed from" in resumed.stdout
+    assert losses(run) == losses(tmp_path / "ref" / "pretrain")  # to the bit, every step
+
+
+def test_sigkill_during_a_save_keeps_the_previous_checkpoint(smoke_shards, tmp_path):
+    cmd = [sys.executable, str(FAULT), "slow-save", "8", "0", "--config", SMOKE,
+           *overrides(smoke_shards, tmp_path, 10, "train.checkpoint_every=4")]
+    proc = start(cmd)
+    run = tmp_path / "pretrain"
+    wait_until(lambda: (run / "saving").exists(), timeout=120, proc=proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_00000004"]
+    assert (run / "checkpoints" / ".tmp-step_00000008").is_dir()  # the half-written save
+    load_file(run / "checkpoints" / "step_00000004" / "model.safetensors")  # still valid
+    done = run_bounded(train_cmd(smoke_shards, tmp_path, 10, "train.checkpoint_every=4"), 300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "resumed from" in done.stdout and "step 4" in done.stdout
+    assert not (run / "checkpoints" / ".tmp-step_00000008").exists()  # cleaned by pruning
+
+
+def launch2(script_args: list[str], timeout: float = 240) -> tuple[subprocess.CompletedProcess, float]:
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file",
+           str(REPO / "launch/cpu-2proc-gloo.yaml"), *script_args]
+    started = time.monotonic()
+    done = run_bounded(cmd, timeout)
+    return done, time.monotonic() - started
+
+
+def test_nan_on_one_rank_stops_every_rank_naming_step_and_checkpoint(smoke_shards, tmp_path):
+    done, _ = launch2([str(FAULT), "nan", "6", "1", "--config", SMOKE,
+                       *overrides(smoke_shards, tmp_path, 10, "train.checkpoint_every=4")])
+    assert done.returncode != 0
+    assert "error: non-finite loss at step 6 (epoch 1, batch 6) on rank(s) [1]" in done.stdout
+    assert f"last good checkpoint: {tmp_path}/pretrain/checkpoints/step_00000004" in done.stdout
+    assert latest_checkpoint(tmp_path / "pretrain" / "checkpoints").name == "step_00000004"
+
+
+def test_nan_skipped_and_counted_when_configured(smoke_shards, tmp_path):
+    done, _ = launch2([str(FAULT), "nan", "3", "0", "--config", SMOKE,
+                       *overrides(smoke_shards, tmp_path, 6, "train.on_nonfinite=skip")])
+    assert done.returncode == 0, done.stdout[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "pretrain/metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["pretrain/nonfinite_skipped_steps"] == 1
+    assert "pretrain/loss" not in rows[2]  # the skipped step logs no loss ...
+    assert all(row["pretrain/loss"] == row["pretrain/loss"] for row in rows if row["step"] != 3)
+    weights = load_file(tmp_path / "pretrain/checkpoints/step_00000006/model.safetensors")
+    assert all(bool(t.isfinite().all()) for t in weights.values())
+
+
+def test_a_rank_that_dies_brings_every_rank_down_quickly(smoke_shards, tmp_path):
+    done, seconds = launch2([str(FAULT), "kill-rank", "3", "1", "--config", SMOKE,
+                             *overrides(smoke_shards, tmp_path, 50, "train.collective_timeout_s=30")])
+    assert done.returncode != 0
+    assert seconds < 90, f"took {seconds:.0f}s"
+    assert not (tmp_path / "pretrain" / "samples").exists()  # nothing pretended to finish
+
+
+def test_a_corrupt_shard_stops_training_naming_the_file(smoke_shards, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(smoke_shards, shards)
+    bad = load_manifest(shards / "mix").shard_paths[2]
+    bad.write_bytes(bad.read_bytes()[:5000])  # truncated
+    for workers in ("0", "2"):
+        done = run_bounded(train_cmd(shards, tmp_path / workers, 200,
+                                     f"data.num_workers={workers}"), timeout=300)
+        assert done.returncode == 2, done.stdout[-3000:]
+        errors = [line for line in done.stdout.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and f"shard {bad}" in errors[0], done.stdout[-3000:]
+    bad.unlink()
+    done = run_bounded(train_cmd(shards, tmp_path / "missing", 5), timeout=120)
+    assert done.returncode == 2 and f"error: shard {bad} listed in" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("train.epochs=-1", "train.epochs must be at least 1"),
+        ("model.latent_dim=0", "model.latent_dim must be at least 1"),
+        ("data.shard_set=nowhere", "no shard set at"),
+        ("train.mixed_precision=fp16", "fp16 needs a GPU"),
+        ("train.init_from=/nonexistent", "neither a checkpoint"),
+    ],
+)
+def test_bad_configuration_exits_2_before_training(smoke_shards, tmp_path, extra, message):
+    done = run_bounded(train_cmd(smoke_shards, tmp_path, 5, extra), timeout=120)
+    assert done.returncode == 2
+    errors = [line for line in done.stdout.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], done.stdout[-2000:]
+    assert not (tmp_path / "pretrain" / "checkpoints").exists()
+
+
+def test_a_checkpoint_of_another_model_shape_exits_2(smoke_shards, tmp_path):
+    first = run_bounded(train_cmd(smoke_shards, tmp_path, 2), timeout=120)
+    assert first.returncode == 0, first.stdout[-2000:]
+    done = run_bounded(train_cmd(smoke_shards, tmp_path / "b", 2, "model.latent_dim=8",
+                                 f"train.init_from={tmp_path}/pretrain"), timeout=120)
+    assert done.returncode == 2
+    assert "has shape" in done.stdout and "another shape" in done.stdout
+
+
+def test_the_wandb_key_never_reaches_the_run_folder(smoke_shards, tmp_path):
+    secret = "pegasus-test-secret-0123456789abcdef0123"
+    cmd = train_cmd(smoke_shards, tmp_path, 2)
+    cmd[cmd.index("wandb.mode=disabled")] = "wandb.mode=offline"
+    done = run_bounded(cmd, timeout=180, env={"WANDB_API_KEY": secret})
+    assert done.returncode == 0, done.stdout[-2000:]
+    assert secret not in done.stdout
+    for path in (tmp_path / "pretrain").rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
