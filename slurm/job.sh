@@ -65,8 +65,16 @@ stop_requested=0
 forward_stop() {
     stop_requested=1
     echo "job $SLURM_JOB_ID: stop signal: asking the trainers to checkpoint and exit"
-    # Signal the trainers themselves: the launchers would die of SIGUSR1.
-    srun --overlap --ntasks-per-node=1 pkill -USR1 -f "pegasus_dist/train.py" || true
+    # On every node, signal this job's trainers (python [-u] .../pegasus_dist/train.py
+    # with our SLURM_JOB_ID), not the launchers, whose command lines also name the
+    # script and which would die of SIGUSR1, nor another job's trainers.
+    # shellcheck disable=SC2016
+    srun --overlap --ntasks-per-node=1 bash -c '
+        for pid in $(pgrep -f "python[0-9.]* (-u )?[^ ]*pegasus_dist/train\.py"); do
+            if tr "\0" "\n" < "/proc/$pid/environ" | grep -qx "SLURM_JOB_ID=$SLURM_JOB_ID"; then
+                kill -USR1 "$pid"
+            fi
+        done' || true
 }
 trap forward_stop USR1 TERM
 

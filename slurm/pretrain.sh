@@ -12,5 +12,6 @@
 #SBATCH --output=slurm/logs/%x-%j.out
 #SBATCH --signal=B:USR1@120
 #SBATCH --requeue
+#SBATCH --open-mode=append     # a requeued run adds to the same log
 set -euo pipefail
 exec bash "${PEGASUS_ROOT:-$SLURM_SUBMIT_DIR}/slurm/job.sh" pretrain

@@ -85,3 +85,39 @@ def test_two_tasks_rendezvous_as_two_machines(cluster, smoke_shards, tmp_path):
     assert "2 machine(s) x 1 process(es)" in text
     assert "world_size=2" in text and "backend=gloo" in text
     assert (tmp_path / "runs" / "pretrain" / "checkpoints" / "step_00000003").is_dir()
+
+
+def test_usr1_preemption_requeues_and_resumes_to_the_same_weights(cluster, smoke_shards, tmp_path):
+    """SIGUSR1 (what --signal=B:USR1@120 sends) -> checkpoint, requeue, resume, same result."""
+    args = "train.max_steps=120 wandb.mode=disabled data.batch_size=16 train.log_every=1"
+    jobs = {}
+    for name in ("plain", "preempted"):
+        env = {**job_env(tmp_path / name, smoke_shards), "PEGASUS_EXTRA_ARGS": args}
+        out = run_bounded(["sbatch", "--parsable", f"--output={tmp_path}/{name}-%j.out",
+                           "slurm/pretrain.sh"], timeout=60, env=env)
+        assert out.returncode == 0, out.stdout
+        jobs[name] = out.stdout.strip()
+    print(f"SLURM jobs: uninterrupted {jobs['plain']}, preempted {jobs['preempted']}")
+    job, run = jobs["preempted"], tmp_path / "preempted" / "runs" / "pretrain"
+    deadline = time.monotonic() + 120
+    while not ((run / "metrics.jsonl").exists() and
+               len((run / "metrics.jsonl").read_text().splitlines()) >= 20):
+        assert time.monotonic() < deadline, f"job {job} made no progress: {job_state(job)}"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    deadline = time.monotonic() + 120
+    # Requeued means pending again with one restart (it passes through other states).
+    while not (job_state(job)[0] == "PENDING" and "Restarts=1" in subprocess.run(
+            ["scontrol", "show", "job", job], capture_output=True, text=True).stdout):
+        assert time.monotonic() < deadline, f"job {job} was not requeued: {job_state(job)}"
+        time.sleep(0.5)
+    # SLURM holds a requeued job back for about two minutes; let it start now.
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    log = tmp_path / f"preempted-{job}.out"
+    wait_for(job, log)
+    wait_for(jobs["plain"], tmp_path / f"plain-{jobs['plain']}.out")
+    text = log.read_text()
+    assert "stopped for preemption" in text and "resumed from" in text
+    final = "checkpoints/step_00000120/model.safetensors"
+    reference = tmp_path / "plain" / "runs" / "pretrain" / final
+    assert (run / final).read_bytes() == reference.read_bytes()  # to the bit
