@@ -45,6 +45,7 @@ class TrainState:
     step: int = 0  # training steps (batches) taken in this phase, skipped ones included
     scaler_skipped_steps: int = 0  # fp16 overflows: the loss scaler skipped the update
     nonfinite_skipped_steps: int = 0  # NaN/Inf losses skipped (train.on_nonfinite=skip)
+    bad_samples_skipped: int = 0  # corrupt samples replaced (data.on_bad_sample=skip)
     wandb_run_id: str = ""
 
 

@@ -47,6 +47,28 @@ def prepare(
     run_prepare(cfg, command=_command_line())
 
 
+@app.command()
+def verify(
+    path: Annotated[Path, typer.Argument(help="a shard set, or the folder holding several")] = Path(
+        "shards"
+    ),
+) -> None:
+    """Check shards against their manifest: sha256, sample counts, every image decodes."""
+    from pegasus_dist.data.verify import find_shard_sets, verify_shard_set
+    from pegasus_dist.errors import DataError
+
+    failed = 0
+    for folder in find_shard_sets(path):
+        checked, problems = verify_shard_set(folder)
+        for problem in problems:
+            typer.echo(f"  problem: {problem}", err=True)
+        typer.echo(f"{folder}: {checked} samples, " + (f"{len(problems)} problem(s)" if problems
+                                                        else "ok"))
+        failed += bool(problems)
+    if failed:
+        raise DataError(f"{failed} shard set(s) failed verification; re-run `pegasus-dist prepare`")
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train(
     config: Annotated[Path, typer.Option(help="YAML config, e.g. configs/pretrain.yaml")],

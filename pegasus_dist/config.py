@@ -45,6 +45,9 @@ class DataConfig:
     batch_size: int = 128  # per process; the global batch is this times the world size
     num_workers: int = 2  # loader processes per training process
     seed: int = 0  # seeds the per-epoch shuffle, identical on every rank
+    # A corrupt shard or sample: stop naming the file, or skip it (its slot in
+    # the batch takes a copy of a good sample) and count it in the logs.
+    on_bad_sample: Literal["stop", "skip"] = "stop"
 
 
 @dataclass

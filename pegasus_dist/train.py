@@ -90,6 +90,7 @@ def setup(cfg: Config) -> Phase:
         seed=cfg.data.seed,
         image_size=cfg.model.image_size,
         pin_memory=accelerator.device.type == "cuda",
+        skip_bad_samples=cfg.data.on_bad_sample == "skip",
     )
     resume_from = _resume_checkpoint(cfg)
     _prepare_run_dir(accelerator, cfg)
@@ -142,7 +143,7 @@ def run_epochs(p: Phase) -> None:
                 state.step += 1
                 state.batches_done += 1
                 bar.update()
-                window.add(terms, count)
+                window.add(terms, count, batch.skipped)
                 if state.step % cfg.train.log_every == 0:
                     _log_window(p, window)
                 if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
@@ -238,19 +239,22 @@ class _Window:
         self.reset()
 
     def reset(self) -> None:
-        self.sums = torch.zeros(4, device=self.device)  # total, recon, kl (image-weighted), images
+        # total, recon, kl (image-weighted), images, bad samples skipped
+        self.sums = torch.zeros(5, device=self.device)
         self.steps = 0
         self.started = time.perf_counter()
 
-    def add(self, terms: torch.Tensor, count: int) -> None:
+    def add(self, terms: torch.Tensor, count: int, skipped: int) -> None:
         self.sums[:3] += terms * count
         self.sums[3] += count
+        self.sums[4] += skipped
         self.steps += 1
 
 
 def _log_window(p: Phase, window: _Window) -> None:
     """Reduce the window's sums over all ranks (one host sync) and log per-image means."""
-    total, recon, kl, images = p.accelerator.reduce(window.sums, reduction="sum").tolist()
+    total, recon, kl, images, skipped = p.accelerator.reduce(window.sums, reduction="sum").tolist()
+    p.state.bad_samples_skipped += int(skipped)
     seconds = time.perf_counter() - window.started
     row = {
         "lr": p.optimizer.param_groups[0]["lr"],
@@ -259,6 +263,7 @@ def _log_window(p: Phase, window: _Window) -> None:
         "global_batch": p.global_batch,
         "scaler_skipped_steps": p.state.scaler_skipped_steps,
         "nonfinite_skipped_steps": p.state.nonfinite_skipped_steps,
+        "bad_samples_skipped": p.state.bad_samples_skipped,
     }
     if images:  # a window of skipped steps only has no loss to report
         row |= {"loss": total / images, "recon_bce": recon / images, "kl": kl / images}

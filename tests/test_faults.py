@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -137,9 +138,27 @@ def test_a_corrupt_shard_stops_training_naming_the_file(smoke_shards, tmp_path):
         assert done.returncode == 2, done.stdout[-3000:]
         errors = [line for line in done.stdout.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and f"shard {bad}" in errors[0], done.stdout[-3000:]
+    # The documented option: skip bad samples, count them, finish the epoch.
+    run = tmp_path / "skip"
+    done = run_bounded(train_cmd(shards, run, 30, "data.on_bad_sample=skip",
+                                 "data.num_workers=2"), timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    lost = 50 - len(list_samples_before_truncation(bad))
+    rows = [json.loads(line) for line in (run / "pretrain/metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["pretrain/bad_samples_skipped"] == lost  # one full epoch: each sample once
     bad.unlink()
     done = run_bounded(train_cmd(shards, tmp_path / "missing", 5), timeout=120)
     assert done.returncode == 2 and f"error: shard {bad} listed in" in done.stdout
+
+
+def list_samples_before_truncation(path: Path) -> list[str]:
+    from pegasus_dist.data.shards import iter_shard
+    from pegasus_dist.errors import DataError
+
+    keys: list[str] = []
+    with contextlib.suppress(DataError):  # the truncation: keep what came before it
+        keys.extend(s.key for s in iter_shard(path))
+    return keys
 
 
 @pytest.mark.parametrize(

@@ -111,3 +111,29 @@ def test_empty_or_missing_sets(tmp_path):
         load_manifest(tmp_path / "horse_bird")
     with pytest.raises(DataError, match="no shard set at .*nothing.*pegasus-dist prepare"):
         load_manifest(tmp_path / "nothing")
+
+
+def test_verify_finds_each_kind_of_damage(tmp_path):
+    from pegasus_dist.data.manifest import write_manifest
+    from pegasus_dist.data.verify import find_shard_sets, verify_shard_set
+
+    make(tmp_path)
+    assert [p.name for p in find_shard_sets(tmp_path)] == ["eval", "horse_bird", "mix"]
+    assert verify_shard_set(tmp_path / "mix") == (load_manifest(tmp_path / "mix").num_samples, [])
+
+    # A PNG of the wrong size and a JSON without a label, in a shard whose manifest is updated.
+    m = load_manifest(tmp_path / "horse_bird")
+    small = encode_png(np.zeros((8, 8, 3), dtype=np.uint8))
+    write_shard(m.shard_paths[0], [("a", small, {"label": "horse"}), ("b", small, {})])
+    m.shards[0].sha256 = sha256_file(m.shard_paths[0])
+    m.shards[0].bytes = m.shard_paths[0].stat().st_size
+    write_manifest(m.path, m.name, m.image_size, m.shards, m.counts, m.provenance)
+    _, problems = verify_shard_set(tmp_path / "horse_bird")
+    assert any("a: image is 8x8 but 32x32" in p for p in problems)
+    assert any("b.json has no label field" in p for p in problems)
+
+    shard = load_manifest(tmp_path / "mix").shard_paths[1]
+    shard.write_bytes(shard.read_bytes()[:3000])  # truncated
+    _, problems = verify_shard_set(tmp_path / "mix")
+    assert any("sha256 differs" in p for p in problems)
+    assert any("unreadable" in p for p in problems)

@@ -21,6 +21,7 @@ batch B see together: the trainer's results do not depend on the world size.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from pegasus_dist.data.manifest import Manifest, load_manifest
 from pegasus_dist.data.shards import ShardSample, decode_image, iter_shard
 from pegasus_dist.errors import DataError
 
+log = logging.getLogger("pegasus_dist.loader")
+
 
 @dataclass
 class Batch:
@@ -41,10 +44,11 @@ class Batch:
     keys: list[str]
     labels: list[str | None]
     offset: int  # where this rank's slice starts inside the global batch
+    skipped: int = 0  # bad samples replaced (data.on_bad_sample=skip)
 
     def pin_memory(self) -> Batch:
         """Called by the DataLoader (pin_memory=True) so copies to the GPU can be asynchronous."""
-        return Batch(self.images.pin_memory(), self.keys, self.labels, self.offset)
+        return Batch(self.images.pin_memory(), self.keys, self.labels, self.offset, self.skipped)
 
 
 @dataclass
@@ -91,8 +95,9 @@ class _ShardStream(IterableDataset):
     """Yields this rank's batches of one epoch, split over the DataLoader's workers."""
 
     def __init__(self, manifest: Manifest, batch_size: int, rank: int, world_size: int,
-                 seed: int) -> None:
+                 seed: int, skip_bad: bool) -> None:
         self.manifest = manifest
+        self.skip_bad = skip_bad
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
@@ -106,15 +111,24 @@ class _ShardStream(IterableDataset):
         shard_of, inside = global_sequence(self.manifest.shard_sizes, self.seed, self.epoch)
         plans = rank_batches(self.manifest.num_samples, self.world_size, self.rank,
                              self.batch_size)[self.start_batch:]
-        cache = _ShardCache(self.manifest)
+        cache = _ShardCache(self.manifest, self.skip_bad)
+        spare: list[tuple[str, np.ndarray, str | None]] = []  # good samples of an earlier batch
         for plan in plans[worker::workers]:
-            samples = [cache.get(int(shard_of[p]), int(inside[p])) for p in plan.positions]
-            images = np.stack([image for _, image, _ in samples])
+            found = [cache.get(int(shard_of[p]), int(inside[p])) for p in plan.positions]
+            good = [sample for sample in found if sample is not None]
+            # Bad samples' slots take copies of good ones (of this batch, else of an
+            # earlier one, else the first readable sample): the batch keeps its size,
+            # so every rank still takes the same steps with the same shapes.
+            pool = good or spare or [cache.first_good()]
+            samples = [s if s is not None else pool[i % len(pool)] for i, s in enumerate(found)]
+            spare = good or spare
             yield Batch(
-                images=torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+                images=torch.from_numpy(np.stack([image for _, image, _ in samples]))
+                .permute(0, 3, 1, 2).contiguous(),
                 keys=[key for key, _, _ in samples],
                 labels=[label for _, _, label in samples],
                 offset=plan.offset,
+                skipped=len(found) - len(good),
             )
 
 
@@ -125,30 +139,63 @@ class _ShardCache:
     batches, though it reads every shard its batches touch.
     """
 
-    def __init__(self, manifest: Manifest) -> None:
+    def __init__(self, manifest: Manifest, skip_bad: bool) -> None:
         self.manifest = manifest
+        self.skip_bad = skip_bad
         self.index: int | None = None
         self.samples: list[ShardSample] = []
 
-    def get(self, shard: int, position: int) -> tuple[str, np.ndarray, str | None]:
+    def get(self, shard: int, position: int) -> tuple[str, np.ndarray, str | None] | None:
+        """The sample, or None for a bad one when skipping bad samples."""
         path = self.manifest.shard_paths[shard]
         if shard != self.index:
-            self.samples = list(iter_shard(path))
-            expected = self.manifest.shard_sizes[shard]
-            if len(self.samples) != expected:
-                raise DataError(f"shard {path} holds {len(self.samples)} samples but its manifest "
-                                f"says {expected}; re-run `pegasus-dist prepare`")
+            self.samples = self._read(path, self.manifest.shard_sizes[shard])
             self.index = shard
-        sample = self.samples[position]
-        image = decode_image(sample.png, self.manifest.image_size, where=f"{path}:{sample.key}")
+        if position >= len(self.samples):
+            if self.skip_bad:
+                return None  # lost to a damaged shard; _read has said so once
+            raise DataError(f"shard {path} holds {len(self.samples)} samples but its manifest "
+                            f"says {self.manifest.shard_sizes[shard]}; re-run `pegasus-dist prepare`")
+        try:
+            sample = self.samples[position]
+            image = decode_image(sample.png, self.manifest.image_size, where=f"{path}:{sample.key}")
+        except DataError as err:
+            if not self.skip_bad:
+                raise
+            log.warning("skipping a bad sample: %s", err)
+            return None
         return sample.key, image, sample.meta["label"]
+
+    def first_good(self) -> tuple[str, np.ndarray, str | None]:
+        """The first readable sample of the set, to stand in for a batch that is all bad."""
+        for shard, size in enumerate(self.manifest.shard_sizes):
+            for position in range(size):
+                sample = self.get(shard, position)
+                if sample is not None:
+                    return sample
+        raise DataError(f"no sample of {self.manifest.path} is readable; "
+                        "run `pegasus-dist verify` and re-run `pegasus-dist prepare`")
+
+    def _read(self, path: Path, expected: int) -> list[ShardSample]:
+        samples: list[ShardSample] = []
+        try:
+            samples.extend(iter_shard(path))
+        except DataError as err:
+            if not self.skip_bad:
+                raise
+            log.warning("%s; skipping its %d unread samples", err, expected - len(samples))
+        if len(samples) > expected:
+            raise DataError(f"shard {path} holds more samples than its manifest says ({expected}); "
+                            "re-run `pegasus-dist prepare`")
+        return samples
 
 
 class ShardLoader:
     """This rank's batches of a shard set, one epoch per ``set_epoch`` + iteration."""
 
     def __init__(self, shard_set: str | Path, batch_size: int, rank: int, world_size: int,
-                 num_workers: int, seed: int, image_size: int, pin_memory: bool = False) -> None:
+                 num_workers: int, seed: int, image_size: int, pin_memory: bool = False,
+                 skip_bad_samples: bool = False) -> None:
         self.manifest = load_manifest(shard_set)
         if self.manifest.image_size != image_size:
             raise DataError(
@@ -158,7 +205,8 @@ class ShardLoader:
             )
         self.path = self.manifest.path
         self.num_samples = self.manifest.num_samples
-        self._dataset = _ShardStream(self.manifest, batch_size, rank, world_size, seed)
+        self._dataset = _ShardStream(self.manifest, batch_size, rank, world_size, seed,
+                                     skip_bad_samples)
         self._num_batches = len(rank_batches(self.num_samples, world_size, rank, batch_size))
         self._loader = DataLoader(self._dataset, batch_size=None, num_workers=num_workers,
                                   pin_memory=pin_memory, collate_fn=_keep_batch)

@@ -1,0 +1,54 @@
+"""`pegasus-dist verify`: check shard sets against their manifests.
+
+For each shard: the sha256 and the sample count the manifest recorded, every
+image decodes at the manifest's size, every sample has its label field, and
+no key appears twice. Every problem found is reported, not just the first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pegasus_dist.data.manifest import FILENAME, load_manifest, sha256_file
+from pegasus_dist.data.shards import decode_image, iter_shard
+from pegasus_dist.errors import DataError, PegasusError
+
+
+def find_shard_sets(path: Path) -> list[Path]:
+    """``path`` itself if it is a shard set, else the shard sets directly inside it."""
+    if (path / FILENAME).is_file():
+        return [path]
+    found = sorted(p.parent for p in path.glob(f"*/{FILENAME}"))
+    if not found:
+        raise DataError(f"no shard set ({FILENAME}) at or directly under {path}; "
+                        "pass a folder written by `pegasus-dist prepare`")
+    return found
+
+
+def verify_shard_set(folder: Path) -> tuple[int, list[str]]:
+    """(samples checked, problems) for one shard set."""
+    try:
+        manifest = load_manifest(folder)
+    except PegasusError as err:
+        return 0, [str(err)]
+    problems, keys, checked = [], set(), 0
+    for entry, path in zip(manifest.shards, manifest.shard_paths, strict=True):
+        if sha256_file(path) != entry.sha256:
+            problems.append(f"{path}: sha256 differs from {folder / FILENAME}")
+        count = 0
+        try:
+            for sample in iter_shard(path):
+                count += 1
+                if sample.key in keys:
+                    problems.append(f"{path}: key {sample.key} appears twice")
+                keys.add(sample.key)
+                try:
+                    decode_image(sample.png, manifest.image_size, where=f"{path}:{sample.key}")
+                except DataError as err:
+                    problems.append(str(err))
+        except DataError as err:
+            problems.append(str(err))
+        if count != entry.num_samples:
+            problems.append(f"{path}: {count} samples, the manifest says {entry.num_samples}")
+        checked += count
+    return checked, problems
