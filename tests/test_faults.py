@@ -198,3 +198,24 @@ def test_the_wandb_key_never_reaches_the_run_folder(smoke_shards, tmp_path):
     for path in (tmp_path / "pretrain").rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+def test_resume_continues_the_same_wandb_run_and_the_same_phase(smoke_shards, tmp_path):
+    cmd = train_cmd(smoke_shards, tmp_path, 2)
+    cmd[cmd.index("wandb.mode=disabled")] = "wandb.mode=offline"
+    for steps in ("2", "4"):  # the second invocation resumes from the first one's checkpoint
+        cmd[cmd.index(next(a for a in cmd if a.startswith("train.max_steps=")))] = (
+            f"train.max_steps={steps}")
+        done = run_bounded(cmd, timeout=180, env={"WANDB_API_KEY": ""})
+        assert done.returncode == 0, done.stdout[-2000:]
+    runs = sorted((tmp_path / "pretrain" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({r.name.rsplit("-", 1)[-1] for r in runs}) == 1  # one run id
+    assert "resumed from" in done.stdout
+
+    # A finetune run never resumes from a pretrain checkpoint: it says how to start from one.
+    finetune = [str(BIN / "pegasus-dist"), "train", "--config", SMOKE,
+                *overrides(smoke_shards, tmp_path, 2, "train.phase=finetune")]
+    done = run_bounded(finetune, timeout=120)
+    assert done.returncode == 2
+    assert "is a pretrain checkpoint but this run is finetune" in done.stdout
+    assert "train.init_from=" in done.stdout
