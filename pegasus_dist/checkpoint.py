@@ -30,7 +30,9 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
+from pegasus_dist.config import Config, load_config
 from pegasus_dist.errors import CheckpointError
+from pegasus_dist.model import VAE
 
 PREFIX = "step_"
 
@@ -260,3 +262,13 @@ def restore_checkpoint(
         accelerator.scaler.load_state_dict(saved["scaler"])
     load_rng_state(folder, accelerator.process_index)
     return read_state(folder)
+
+
+def load_trained_model(checkpoint: str | Path, overrides: list[str]) -> tuple[Config, VAE, Path]:
+    """(config, model on its device, checkpoint folder) from a checkpoint or run folder."""
+    folder = resolve_checkpoint(checkpoint)
+    cfg = load_config(folder / "config.yaml", overrides)
+    model = VAE(cfg.model)
+    load_model_weights(model, folder)
+    device = torch.device("cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu")
+    return cfg, model.to(device), folder

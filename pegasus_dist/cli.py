@@ -89,13 +89,67 @@ def sample(
     out: Annotated[Path | None, typer.Option(
         help="where to write the grids [default: RUN/samples/step_N]"
     )] = None,
+    method: Annotated[str | None, typer.Option(
+        help="slerp (the paper's; default), lerp, analogy (the wing vector) or prior"
+    )] = None,
     overrides: Annotated[list[str] | None, typer.Argument(help=OVERRIDES_HELP)] = None,
 ) -> None:
-    """Write the Pegasus, reconstruction and prior grids from any checkpoint."""
+    """Write sample grids from any checkpoint (--method, or sampler.method)."""
     from pegasus_dist.sampler import sample_checkpoint
 
-    paths = sample_checkpoint(checkpoint, overrides or [], out)
+    extra = [f"sampler.method={method}"] if method else []
+    paths = sample_checkpoint(checkpoint, [*(overrides or []), *extra], out)
     typer.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
+@app.command("eval")
+def evaluate(
+    checkpoint: Annotated[Path, typer.Option(help="a checkpoint folder or a run folder (its newest)")],
+    out: Annotated[Path | None, typer.Option(help="JSON to write [default: RUN/eval/step_N.json]")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help=OVERRIDES_HELP)] = None,
+) -> None:
+    """Held-out negative ELBO (nats, bits/dim), its parts, PSNR and active latent units."""
+    import json
+
+    from pegasus_dist.checkpoint import load_trained_model
+    from pegasus_dist.evaluate import evaluate as run_eval
+    from pegasus_dist.evaluate import write_eval
+
+    cfg, model, folder = load_trained_model(checkpoint, overrides or [])
+    metrics = run_eval(model, Path(cfg.data.shards) / cfg.eval.shard_set, cfg.eval.batch_size,
+                       cfg.eval.seed)
+    path = write_eval(metrics, out or folder.parent.parent / "eval" / f"{folder.name}.json")
+    typer.echo(json.dumps(metrics, indent=2))
+    typer.echo(f"wrote {path}")
+
+
+@app.command("contact-sheet")
+def contact_sheet(
+    shard_set: Annotated[Path, typer.Option(help="labelled shard set")] = Path("shards/horse_bird"),
+    out: Annotated[Path, typer.Option(help="PNG to write (a .json of the keys beside it)")] = Path(
+        "contact-sheet.png"
+    ),
+    label: Annotated[list[str] | None, typer.Option(help="classes to show [horse, bird]")] = None,
+    per_label: Annotated[int, typer.Option(help="candidates per class")] = 32,
+    seed: Annotated[int, typer.Option(help="which candidates")] = 0,
+) -> None:
+    """Candidate horses and birds, captioned with their keys, to pick the sampler's by eye."""
+    from pegasus_dist.contact_sheet import contact_sheet as write_sheet
+
+    png, listing = write_sheet(shard_set, out, tuple(label or ("horse", "bird")), per_label,
+                               seed=seed)
+    typer.echo(f"wrote {png} and {listing}")
+
+
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="run folders, or a folder of runs")],
+    out: Annotated[Path, typer.Option(help="HTML page to write")] = Path("report.html"),
+) -> None:
+    """One HTML page with each phase's loss curves, held-out metrics and sample grids."""
+    from pegasus_dist.report import write_report
+
+    typer.echo(f"wrote {write_report(runs, out)}")
 
 
 @app.command()

@@ -121,6 +121,24 @@ class SamplerConfig:
     mu_end: float = 0.7
     num_mu: int = 8
     seed: int = 0
+    # `pegasus-dist sample --method`: slerp (the paper's, with reconstructions
+    # and prior samples), lerp, analogy (the "wing vector") or prior.
+    method: Literal["slerp", "lerp", "analogy", "prior"] = "slerp"
+    # The wing vector: mean latent of these keys (empty: of every bird) minus
+    # the mean latent of the other labelled classes, read from this shard set.
+    attribute_keys: list[str] = field(default_factory=list)
+    attribute_shard_set: str = "mix"
+    attribute_samples: int = 2000  # at most this many images per side of the mean
+    strength_max: float = 2.0  # the analogy grid adds 0 .. strength_max times the vector
+
+
+@dataclass
+class EvalConfig:
+    """The held-out evaluation run at the end of each phase (`pegasus-dist eval`)."""
+
+    shard_set: str = "eval"  # written by `prepare`; training never sees it
+    batch_size: int = 256
+    seed: int = 0  # the one sample of z per image of the ELBO estimate
 
 
 @dataclass
@@ -143,6 +161,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -323,6 +342,8 @@ def _validate(cfg: Config) -> None:
         (cfg.sampler.num_horses >= 1 and cfg.sampler.num_birds >= 1,
          "sampler.num_horses and sampler.num_birds must be at least 1"),
         (cfg.sampler.num_mu >= 1, "sampler.num_mu must be at least 1"),
+        (cfg.eval.batch_size >= 1, "eval.batch_size must be at least 1"),
+        (cfg.sampler.attribute_samples >= 1, "sampler.attribute_samples must be at least 1"),
         (0 <= cfg.sampler.mu_start <= cfg.sampler.mu_end <= 1,
          "sampler.mu_start and sampler.mu_end must satisfy 0 <= mu_start <= mu_end <= 1"),
     ]

@@ -4,6 +4,12 @@ Pick 8 horses and 21 birds, encode them, pair every horse with a randomly
 chosen bird, slerp between their latent means at 8 evenly spaced mu in
 [0.4, 0.7], decode: 64 images in an 8x8 grid, one row per horse. Beside it we
 write a grid of reconstructions and a grid of samples from the prior.
+
+`pegasus-dist sample --method` also offers plain linear interpolation, for
+comparison, and the "analogy" sampler the paper wanted but could not try
+(White, 2016): a wing vector, the mean latent of birds (or of chosen images
+such as birds in flight) minus the mean latent of the other classes, added
+to each horse's latent at growing strengths.
 """
 
 from __future__ import annotations
@@ -16,8 +22,8 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid, save_image
 
-from pegasus_dist.checkpoint import load_model_weights, resolve_checkpoint
-from pegasus_dist.config import SamplerConfig, load_config
+from pegasus_dist.checkpoint import load_trained_model
+from pegasus_dist.config import SamplerConfig
 from pegasus_dist.data.manifest import load_manifest
 from pegasus_dist.data.shards import decode_image, iter_shard
 from pegasus_dist.errors import DataError
@@ -100,16 +106,18 @@ def mu_values(cfg: SamplerConfig) -> torch.Tensor:
 
 @torch.no_grad()
 def pegasus_grid(
-    model: VAE, horses: LabelledImages, birds: LabelledImages, cfg: SamplerConfig
+    model: VAE, horses: LabelledImages, birds: LabelledImages, cfg: SamplerConfig,
+    method: str = "slerp",
 ) -> tuple[torch.Tensor, list[dict]]:
-    """(num_horses * num_mu) decoded slerps, row-major, and each row's horse and bird."""
+    """(num_horses * num_mu) decoded interpolations, row-major, and each row's horse and bird."""
     device = next(model.parameters()).device
     rng = np.random.default_rng(cfg.seed + 1)  # the pairing draw is independent of the pick
     partners = rng.integers(0, len(birds.keys), size=len(horses.keys))
     mu_h, _ = model.encode(_to_float(horses.images, device))
     mu_b, _ = model.encode(_to_float(birds.images, device))
     mus = mu_values(cfg).to(device)
-    z = slerp(mu_h[:, None, :], mu_b[partners][:, None, :], mus[None, :, None])
+    q1, q2, t = mu_h[:, None, :], mu_b[partners][:, None, :], mus[None, :, None]
+    z = slerp(q1, q2, t) if method == "slerp" else torch.lerp(q1, q2, t)
     images = model.decode(z.flatten(0, 1))
     rows = [
         {"row": i, "horse": horses.keys[i], "bird": birds.keys[j], "mu": mus.tolist()}
@@ -139,22 +147,59 @@ def prior_grid(model: VAE, count: int, seed: int) -> torch.Tensor:
     return model.decode(z).float().cpu()
 
 
+@torch.no_grad()
+def attribute_vector(model: VAE, cfg: SamplerConfig, shards_root: str | Path) -> torch.Tensor:
+    """The wing vector: mean latent of the chosen images (or birds) minus that of other classes."""
+    device = next(model.parameters()).device
+    manifest = load_manifest(Path(shards_root) / cfg.attribute_shard_set)
+    chosen = set(cfg.attribute_keys)
+    sides: dict[str, list[torch.Tensor]] = {"with": [], "without": []}
+    for path in manifest.shard_paths:
+        for sample in iter_shard(path):
+            label = sample.meta.get("label")
+            side = ("with" if (sample.key in chosen if chosen else label == "bird")
+                    else "without" if label not in (None, "bird") else None)
+            if side and len(sides[side]) < cfg.attribute_samples:
+                array = decode_image(sample.png, model.image_size, f"{path}:{sample.key}")
+                sides[side].append(torch.from_numpy(array).permute(2, 0, 1))
+    for side, what in (("with", "the sampler.attribute_keys images or birds"),
+                       ("without", "labelled images of other classes")):
+        if not sides[side]:
+            raise DataError(f"{manifest.path} holds no {what}; the analogy sampler needs both")
+    means = [torch.cat([model.encode(_to_float(torch.stack(chunk), device))[0] for chunk in
+                        _chunks(sides[side], 256)]).mean(dim=0) for side in ("with", "without")]
+    return means[0] - means[1]
+
+
+@torch.no_grad()
+def analogy_grid(
+    model: VAE, horses: LabelledImages, vector: torch.Tensor, cfg: SamplerConfig
+) -> tuple[torch.Tensor, list[dict]]:
+    """Each row: one horse's latent mean plus 0 .. strength_max times the vector."""
+    device = next(model.parameters()).device
+    mu_h, _ = model.encode(_to_float(horses.images, device))
+    strengths = torch.linspace(0, cfg.strength_max, cfg.num_mu, device=device)
+    z = mu_h[:, None, :] + strengths[None, :, None] * vector.to(device)
+    rows = [{"row": i, "horse": key, "strength": strengths.tolist()}
+            for i, key in enumerate(horses.keys)]
+    return model.decode(z.flatten(0, 1)).float().cpu(), rows
+
+
 def run_sampler(
-    model: VAE, cfg: SamplerConfig, shards_root: str | Path, out_dir: str | Path
+    model: VAE, cfg: SamplerConfig, shards_root: str | Path, out_dir: str | Path,
+    method: str = "slerp",
 ) -> SampleOutputs:
-    """Write pegasus.png (+ .json), reconstructions.png and prior.png into ``out_dir``."""
+    """Write the grids of ``method`` into ``out_dir``.
+
+    slerp (after each phase): pegasus.png (+ .json), reconstructions.png, prior.png;
+    lerp: lerp.png (+ .json); analogy: analogy.png (+ .json); prior: prior.png.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()  # batch norm uses its running statistics, as at inference
     try:
-        horses, birds = pick_horses_and_birds(cfg, shards_root, model.image_size)
-        pegasus, rows = pegasus_grid(model, horses, birds, cfg)
-        images = {
-            "pegasus": (pegasus, cfg.num_mu),
-            "reconstructions": (reconstruction_grid(model, horses, birds), len(horses.keys)),
-            "prior": (prior_grid(model, 64, cfg.seed), 8),
-        }
+        images, layout = _method_grids(model, cfg, shards_root, method)
     finally:
         model.train(was_training)
     paths, grids = {}, {}
@@ -162,15 +207,42 @@ def run_sampler(
         paths[name] = out_dir / f"{name}.png"
         grids[name] = make_grid(batch, nrow=per_row, padding=GRID_PADDING)
         save_image(batch, paths[name], nrow=per_row, padding=GRID_PADDING)
-    layout = {
-        "tile_size": model.image_size,
-        "padding": GRID_PADDING,
-        "columns": cfg.num_mu,
-        "rows": rows,
-        "shard_set": str(Path(shards_root) / cfg.shard_set),
-    }
-    (out_dir / "pegasus.json").write_text(json.dumps(layout, indent=2) + "\n")
+    if layout:
+        layout = {"method": method, "tile_size": model.image_size, "padding": GRID_PADDING,
+                  "columns": cfg.num_mu, **layout}
+        name = "pegasus" if method == "slerp" else method
+        (out_dir / f"{name}.json").write_text(json.dumps(layout, indent=2) + "\n")
     return SampleOutputs(paths=paths, grids=grids)
+
+
+def _method_grids(
+    model: VAE, cfg: SamplerConfig, shards_root: str | Path, method: str
+) -> tuple[dict[str, tuple[torch.Tensor, int]], dict]:
+    """{name: (images, per row)} and the JSON layout for one sampling method."""
+    if method == "prior":
+        return {"prior": (prior_grid(model, 64, cfg.seed), 8)}, {}
+    horses, birds = pick_horses_and_birds(cfg, shards_root, model.image_size)
+    shard_set = str(Path(shards_root) / cfg.shard_set)
+    if method == "analogy":
+        vector = attribute_vector(model, cfg, shards_root)
+        images, rows = analogy_grid(model, horses, vector, cfg)
+        source = cfg.attribute_keys or "birds"
+        return ({"analogy": (images, cfg.num_mu)},
+                {"rows": rows, "vector": {"from": source, "minus": "other labelled classes",
+                                          "norm": vector.norm().item()}, "shard_set": shard_set})
+    images, rows = pegasus_grid(model, horses, birds, cfg, method)
+    layout = {"rows": rows, "shard_set": shard_set}
+    if method == "lerp":
+        return {"lerp": (images, cfg.num_mu)}, layout
+    return {
+        "pegasus": (images, cfg.num_mu),
+        "reconstructions": (reconstruction_grid(model, horses, birds), len(horses.keys)),
+        "prior": (prior_grid(model, 64, cfg.seed), 8),
+    }, layout
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -181,10 +253,6 @@ def sample_checkpoint(
     checkpoint: str | Path, overrides: list[str], out_dir: str | Path | None = None
 ) -> dict[str, Path]:
     """``pegasus-dist sample``: rebuild the model from a checkpoint's config and sample."""
-    folder = resolve_checkpoint(checkpoint)
-    cfg = load_config(folder / "config.yaml", overrides)
-    model = VAE(cfg.model)
-    load_model_weights(model, folder)
-    device = torch.device("cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu")
+    cfg, model, folder = load_trained_model(checkpoint, overrides)
     out = Path(out_dir) if out_dir else folder.parent.parent / "samples" / folder.name
-    return run_sampler(model.to(device), cfg.sampler, cfg.data.shards, out).paths
+    return run_sampler(model, cfg.sampler, cfg.data.shards, out, cfg.sampler.method).paths

@@ -37,6 +37,7 @@ from pegasus_dist.console import exit_on_user_error, setup_logging
 from pegasus_dist.data.loader import ShardLoader
 from pegasus_dist.distributed import build_accelerator, convert_sync_batchnorm, scaled_lr
 from pegasus_dist.errors import CheckpointError, ConfigError
+from pegasus_dist.evaluate import evaluate, write_eval
 from pegasus_dist.faults import REQUEUE_EXIT_CODE, Preempted, StopSignals, TrainingError, agree
 from pegasus_dist.loss import vae_loss
 from pegasus_dist.model import VAE, num_parameters
@@ -285,10 +286,28 @@ def finish(p: Phase) -> None:
         model = p.accelerator.unwrap_model(p.model)
         outputs = run_sampler(model, p.cfg.sampler, p.cfg.data.shards, p.cfg.run_dir / "samples")
         p.metrics.log_images(outputs.grids, step=p.state.step, prefix=p.cfg.train.phase)
+        _evaluate(p, model, final)
         log.info("%s done at step %d: checkpoint %s, Pegasus grid %s",
                  p.cfg.train.phase, p.state.step, final, outputs.paths["pegasus"])
     p.accelerator.wait_for_everyone()
     p.accelerator.end_training()
+
+
+def _evaluate(p: Phase, model: torch.nn.Module, checkpoint: Path) -> None:
+    """Held-out metrics of the final model, logged and written to eval/<checkpoint>.json."""
+    held_out = Path(p.cfg.data.shards) / p.cfg.eval.shard_set
+    if not (held_out / "manifest.json").is_file():
+        log.warning("no held-out set at %s: skipping the evaluation", held_out)
+        return
+    metrics = evaluate(model, held_out, p.cfg.eval.batch_size, p.cfg.eval.seed)
+    path = write_eval(metrics, p.cfg.run_dir / "eval" / f"{checkpoint.name}.json")
+    p.metrics.log({f"{p.cfg.train.phase}/eval/{subset}/{name}": value
+                   for subset, values in metrics.items() for name, value in values.items()},
+                  step=p.state.step)
+    summary = metrics["all"]
+    log.info("held-out: %.1f nats/image (%.4f bits/dim), PSNR %.2f dB, %s/%s active units -> %s",
+             summary["neg_elbo_nats"], summary["bits_per_dim"], summary["psnr_db"],
+             summary["active_units"], summary["latent_dim"], path)
 
 
 def _reached_max_steps(p: Phase) -> bool:
