@@ -48,6 +48,10 @@ class DataConfig:
     # A corrupt shard or sample: stop naming the file, or skip it (its slot in
     # the batch takes a copy of a good sample) and count it in the logs.
     on_bad_sample: Literal["stop", "skip"] = "stop"
+    # stream decodes shards as it trains; memory decodes the set once into one
+    # uint8 tensor on the device; auto takes memory when it fits memory_limit_mb.
+    mode: Literal["auto", "stream", "memory"] = "auto"
+    memory_limit_mb: int = 2048
 
 
 @dataclass

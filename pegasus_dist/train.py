@@ -34,7 +34,7 @@ from pegasus_dist.checkpoint import (
 )
 from pegasus_dist.config import Config, load_config
 from pegasus_dist.console import exit_on_user_error, setup_logging
-from pegasus_dist.data.loader import ShardLoader
+from pegasus_dist.data.loader import MemoryLoader, ShardLoader, make_loader
 from pegasus_dist.distributed import build_accelerator, convert_sync_batchnorm, scaled_lr
 from pegasus_dist.errors import CheckpointError, ConfigError
 from pegasus_dist.evaluate import evaluate, write_eval
@@ -55,7 +55,7 @@ class Phase:
     accelerator: Accelerator
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    loader: ShardLoader
+    loader: ShardLoader | MemoryLoader
     state: TrainState
     metrics: MetricsLog
     lr: float
@@ -82,17 +82,8 @@ def train(cfg: Config) -> Path:
 
 def setup(cfg: Config) -> Phase:
     accelerator = build_accelerator(cfg, tracker_names(cfg))
-    loader = ShardLoader(
-        Path(cfg.data.shards) / cfg.data.shard_set,
-        batch_size=cfg.data.batch_size,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        num_workers=cfg.data.num_workers,
-        seed=cfg.data.seed,
-        image_size=cfg.model.image_size,
-        pin_memory=accelerator.device.type == "cuda",
-        skip_bad_samples=cfg.data.on_bad_sample == "skip",
-    )
+    loader = make_loader(cfg.data, cfg.model.image_size, accelerator.process_index,
+                         accelerator.num_processes, accelerator.device)
     resume_from = _resume_checkpoint(cfg)
     _prepare_run_dir(accelerator, cfg)
 

@@ -132,9 +132,9 @@ def test_a_corrupt_shard_stops_training_naming_the_file(smoke_shards, tmp_path):
     shutil.copytree(smoke_shards, shards)
     bad = load_manifest(shards / "mix").shard_paths[2]
     bad.write_bytes(bad.read_bytes()[:5000])  # truncated
-    for workers in ("0", "2"):
-        done = run_bounded(train_cmd(shards, tmp_path / workers, 200,
-                                     f"data.num_workers={workers}"), timeout=300)
+    for mode, workers in (("stream", "0"), ("stream", "2"), ("memory", "0")):
+        done = run_bounded(train_cmd(shards, tmp_path / f"{mode}{workers}", 200,
+                                     f"data.mode={mode}", f"data.num_workers={workers}"), 300)
         assert done.returncode == 2, done.stdout[-3000:]
         errors = [line for line in done.stdout.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and f"shard {bad}" in errors[0], done.stdout[-3000:]

@@ -66,3 +66,36 @@ def test_batches_are_uint8_images_and_resume_skips_done_batches(shard_set):
 def test_image_size_must_match_the_manifest(shard_set):
     with pytest.raises(DataError, match="32px images but model.image_size is 64"):
         ShardLoader(shard_set, 4, rank=0, world_size=1, num_workers=0, seed=0, image_size=64)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_memory_mode_yields_exactly_the_streamed_batches(shard_set, world):
+    import torch
+
+    from pegasus_dist.data.loader import MemoryLoader
+
+    for rank in range(world):
+        stream = ShardLoader(shard_set, 4, rank, world, num_workers=0, seed=5, image_size=32)
+        memory = MemoryLoader(shard_set, 4, rank, world, seed=5, image_size=32)
+        assert len(stream) == len(memory)
+        for epoch, start in ((0, 0), (3, 2)):
+            stream.set_epoch(epoch, start)
+            memory.set_epoch(epoch, start)
+            pairs = list(zip(stream, memory, strict=True))
+            assert pairs
+            for a, b in pairs:
+                assert a.keys == b.keys and a.labels == b.labels and a.offset == b.offset
+                assert torch.equal(a.images, b.images)
+
+
+def test_auto_mode_picks_memory_when_the_set_fits(shard_set):
+    import torch
+
+    from pegasus_dist.config import DataConfig
+    from pegasus_dist.data.loader import MemoryLoader, make_loader
+
+    cpu = torch.device("cpu")
+    cfg = DataConfig(shards=str(shard_set.parent), shard_set="mix", batch_size=4)
+    assert isinstance(make_loader(cfg, 32, 0, 1, cpu), MemoryLoader)
+    cfg.memory_limit_mb = 0
+    assert isinstance(make_loader(cfg, 32, 0, 1, cpu), ShardLoader)
