@@ -153,6 +153,20 @@ def report(
 
 
 @app.command()
+def bench(
+    images: Annotated[int, typer.Option(help="images to benchmark with")] = 10000,
+    steps: Annotated[int, typer.Option(help="timed training steps per precision")] = 8,
+    out: Annotated[Path, typer.Option(help="JSON to write")] = Path("bench/results/latest.json"),
+) -> None:
+    """Loader, trainer, prepare and process-count throughput, each against its baseline."""
+    from pegasus_dist.bench import format_table, run_bench
+
+    rows = run_bench(images, steps, out)
+    typer.echo(format_table(rows))
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
 def demo(
     images: Annotated[int, typer.Option(help="synthetic images to prepare")] = 3000,
     pretrain_config: Annotated[Path, typer.Option()] = Path("configs/smoke/pretrain.yaml"),

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pegasus_dist.data import sources
 from pegasus_dist.data.sources import (
     canonical_class,
     load_source,
@@ -21,6 +20,7 @@ from pegasus_dist.data.sources import (
     read_image_folder,
     read_stl10,
     synthetic,
+    write_cifar10_archive,
 )
 from pegasus_dist.errors import DataError
 
@@ -44,17 +44,12 @@ def cifar_image(i: int) -> np.ndarray:
 
 def write_cifar_archive(path: Path, per_batch: int = 2, batch_payload=None) -> None:
     """cifar-10-python.tar.gz as published: pickled dicts, channel-planar rows."""
-    with tarfile.open(path, "w:gz") as tar:
-        number = 0
-        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-            images = [cifar_image(number + k) for k in range(per_batch)]
-            labels = [(number + k) % 10 for k in range(per_batch)]
-            number += per_batch
-            data = np.stack([im.transpose(2, 0, 1).reshape(-1) for im in images])
-            batch = batch_payload or {b"data": data, b"labels": labels, b"batch_label": b"x"}
-            add_member(tar, f"cifar-10-batches-py/{name}", pickle.dumps(batch, protocol=2))
-        meta = {b"label_names": [c.encode() for c in sources.CIFAR_CLASSES]}
-        add_member(tar, "cifar-10-batches-py/batches.meta", pickle.dumps(meta, protocol=2))
+    images = np.stack([cifar_image(i) for i in range(6 * per_batch)])
+    write_cifar10_archive(images, [i % 10 for i in range(len(images))], path)
+    if batch_payload is not None:  # replace every batch by a hostile pickle
+        with tarfile.open(path, "w:gz") as tar:
+            for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+                add_member(tar, f"cifar-10-batches-py/{name}", pickle.dumps(batch_payload, protocol=2))
 
 
 def stl_bytes(images: list[np.ndarray]) -> bytes:

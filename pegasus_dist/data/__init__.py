@@ -4,5 +4,7 @@
 - ``shards``: WebDataset tar shards, written deterministically and read with checks.
 - ``manifest``: each shard set's ``manifest.json`` (counts, checksums, provenance).
 - ``prepare``: sources -> the ``mix``, ``horse_bird`` and ``eval`` shard sets.
-- ``loader``: the exact, seeded split of a shard set over ranks and workers.
+- ``loader``: the exact, seeded split of a shard set over ranks and workers, streamed
+  or held in memory on the device.
+- ``verify``: shard sets checked against their manifests.
 """

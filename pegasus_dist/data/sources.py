@@ -153,9 +153,39 @@ def read_cifar10(path: str | Path, image_size: int = 32, verify_checksum: bool =
                         splits, str(path.resolve()))
 
 
+def write_cifar10_archive(images: np.ndarray, labels: list[int], path: Path) -> Path:
+    """Write (N, 32, 32, 3) uint8 images in the official CIFAR-10 python layout.
+
+    Five train batches and a test batch of about N/6 each, pickled as
+    ``{b"data": N x 3072 channel-planar rows, b"labels": [...]}``, plus
+    ``batches.meta``: what ``read_cifar10`` and torchvision's ``CIFAR10`` read.
+    For fixtures and benchmarks; the md5 is of course not the official one.
+    """
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    bounds = np.linspace(0, len(images), len(names) + 1).astype(int)
+    with tarfile.open(path, "w:gz") as tar:
+        for name, start, stop in zip(names, bounds[:-1], bounds[1:], strict=True):
+            rows = images[start:stop].transpose(0, 3, 1, 2).reshape(stop - start, -1)
+            # str keys: what the official (Python 2) pickles load as with encoding="latin1"
+            batch = {"batch_label": name, "labels": list(labels[start:stop]),
+                     "data": np.ascontiguousarray(rows)}
+            _add_member(tar, f"cifar-10-batches-py/{name}", pickle.dumps(batch, protocol=2))
+        meta = {"label_names": list(CIFAR_CLASSES)}
+        _add_member(tar, "cifar-10-batches-py/batches.meta", pickle.dumps(meta, protocol=2))
+    return path
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
 def _unpickle(raw: bytes, where: str) -> dict:
+    """A batch dict with bytes keys, whether it was written by Python 2 (bytes) or 3 (str)."""
     try:
-        return _ArrayOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
+        batch = _ArrayOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
+        return {k.encode() if isinstance(k, str) else k: v for k, v in batch.items()}
     except (pickle.UnpicklingError, EOFError, ValueError) as err:
         raise DataError(f"{where}: refusing to load ({err}); "
                         "only the official CIFAR-10 batches are accepted") from None
