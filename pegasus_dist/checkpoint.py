@@ -237,7 +237,7 @@ def save_checkpoint(
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else {}
         write_main_files(
             tmp,
-            accelerator.unwrap_model(model).state_dict(),
+            accelerator.unwrap_model(model, keep_torch_compile=False).state_dict(),
             {"optimizer": optimizer.state_dict(), "scaler": scaler},
             state,
             config_yaml,
@@ -255,7 +255,7 @@ def restore_checkpoint(
     folder: Path,
 ) -> TrainState:
     """Load a checkpoint written by :func:`save_checkpoint` into a prepared model and optimizer."""
-    load_model_weights(accelerator.unwrap_model(model), folder)
+    load_model_weights(accelerator.unwrap_model(model, keep_torch_compile=False), folder)
     saved = load_optimizer_state(folder)
     optimizer.load_state_dict(saved["optimizer"])
     if accelerator.scaler is not None and saved["scaler"]:

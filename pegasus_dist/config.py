@@ -110,6 +110,8 @@ class TrainConfig:
     # Seconds a collective may wait for a missing rank before every rank fails.
     collective_timeout_s: int = 600
     cpu: bool = False  # train on the CPU even where CUDA is available
+    channels_last: bool = False  # NHWC activations: faster convolutions on tensor cores
+    compile: bool = False  # torch.compile the model (pays off on GPUs, after a warm-up)
 
 
 @dataclass

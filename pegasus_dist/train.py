@@ -95,12 +95,17 @@ def setup(cfg: Config) -> Phase:
         log.info("initialised %s from %s", cfg.train.phase, source)
     if cfg.model.sync_batchnorm and accelerator.num_processes > 1:
         model = convert_sync_batchnorm(model, accelerator.device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     global_batch = cfg.data.batch_size * accelerator.num_processes
     lr = scaled_lr(cfg, global_batch)
     optimizer = torch.optim.Adam(
         model.parameters(), lr=lr, betas=tuple(cfg.optim.betas),
         weight_decay=cfg.optim.weight_decay,
+        fused=accelerator.device.type == "cuda",  # one kernel for all parameters
     )
+    if cfg.train.compile:
+        model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     state = TrainState(phase=cfg.train.phase, wandb_run_id=new_run_id())
@@ -160,6 +165,8 @@ def train_step(p: Phase, batch) -> tuple[torch.Tensor, int, bool]:
     to stop (a preemption signal) after this step.
     """
     x = batch.images.to(p.accelerator.device, non_blocking=True).float().div_(255)
+    if p.cfg.train.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     eps = _batch_noise(p, batch, x.shape[0])
     out = p.model(x, eps)  # Accelerate's prepare() already runs forward under autocast
     terms = vae_loss(out.logits, x, out.mu, out.logvar, beta=p.cfg.loss.beta)
@@ -274,7 +281,7 @@ def finish(p: Phase) -> None:
     """Final checkpoint, then the sampler on the main process while the others wait."""
     final = _save(p)
     if p.accelerator.is_main_process:
-        model = p.accelerator.unwrap_model(p.model)
+        model = p.accelerator.unwrap_model(p.model, keep_torch_compile=False)
         outputs = run_sampler(model, p.cfg.sampler, p.cfg.data.shards, p.cfg.run_dir / "samples")
         p.metrics.log_images(outputs.grids, step=p.state.step, prefix=p.cfg.train.phase)
         _evaluate(p, model, final)
