@@ -76,6 +76,11 @@ def test_accelerate_launch_runs_the_script_with_wandb_offline(smoke_shards, tmp_
     assert done.returncode == 0, done.stdout[-6000:]
     offline = list((tmp_path / "pretrain" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(offline) == 1
+    record = offline[0].read_bytes()
+    assert b"pretrain/loss" in record and b"pretrain/images_per_s" in record  # per-step rows
+    assert b"sampler" in record and b"horse_bird" in record  # the resolved config
+    logged = {p.name.split("_")[0] for p in offline[0].parent.glob("files/media/images/pretrain/*")}
+    assert logged == {"pegasus", "reconstructions", "prior"}  # the grids, after the phase
 
 
 @pytest.mark.parametrize(
