@@ -99,3 +99,13 @@ def test_user_errors_are_one_line_with_exit_code_2(smoke_shards, tmp_path, args,
     errors = [line for line in done.stdout.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0]
     assert "Traceback" not in done.stdout
+
+
+def test_bf16_mixed_precision_trains_on_the_cpu(smoke_shards, tmp_path):
+    out = run_cli("train", "--config", str(REPO / "configs/smoke/pretrain.yaml"),
+                  *smoke_overrides(smoke_shards, tmp_path, steps=3), "train.mixed_precision=bf16",
+                  "train.log_every=1")
+    assert "mixed_precision=bf16" in out
+    rows = [json.loads(line) for line in (tmp_path / "pretrain/metrics.jsonl").read_text().splitlines()]
+    losses = [row["pretrain/loss"] for row in rows if "pretrain/loss" in row]
+    assert len(losses) == 3 and all(0 < loss < 1e5 for loss in losses)
