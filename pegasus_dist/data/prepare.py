@@ -32,6 +32,7 @@ log = logging.getLogger("pegasus_dist.prepare")
 FINETUNE_CLASSES = ("horse", "bird")
 # Below this many images a worker pool costs more than it saves.
 POOL_THRESHOLD = 2000
+POOL_CHUNK = 1000  # images per pool task
 
 
 def prepare(cfg: PrepareConfig, command: str = "") -> dict[str, Path]:
@@ -95,12 +96,29 @@ def _unique_names(sources: list[SourceImages]) -> list[SourceImages]:
 
 
 def _encode_all(images: np.ndarray, order: np.ndarray) -> dict[int, bytes]:
-    """PNG bytes of every image, encoded in parallel when there are many."""
+    """PNG bytes of every image, encoded in parallel when there are many.
+
+    The forked workers inherit the images through the pool's initializer, so a
+    task is a chunk of indices and its answer the PNG bytes: no image is pickled.
+    """
     if len(order) < POOL_THRESHOLD:
         return {int(i): encode_png(images[i]) for i in order}
-    with multiprocessing.get_context("fork").Pool() as pool:
-        encoded = pool.imap(encode_png, (images[i] for i in order), chunksize=512)
-        return {int(i): png for i, png in zip(order, encoded, strict=True)}
+    chunks = np.array_split(order, -(-len(order) // POOL_CHUNK))
+    with multiprocessing.get_context("fork").Pool(initializer=_share, initargs=(images,)) as pool:
+        encoded = [png for pngs in pool.imap(_encode_chunk, chunks) for png in pngs]
+    return {int(i): png for i, png in zip(order, encoded, strict=True)}
+
+
+_shared: np.ndarray | None = None  # in a pool worker: every image, inherited by fork
+
+
+def _share(images: np.ndarray) -> None:
+    global _shared
+    _shared = images
+
+
+def _encode_chunk(indices: np.ndarray) -> list[bytes]:
+    return [encode_png(_shared[i]) for i in indices]
 
 
 def _write_set(out: Path, name: str, indices: np.ndarray, metas: list[dict],
