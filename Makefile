@@ -21,7 +21,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -rsP  # -rsP: skip reasons, and what passing tests printed (SLURM job ids)
 
 clean:
 	rm -rf runs shards/smoke wandb

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,37 @@ def test_bf16_mixed_precision_trains_on_the_cpu(smoke_shards, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "pretrain/metrics.jsonl").read_text().splitlines()]
     losses = [row["pretrain/loss"] for row in rows if "pretrain/loss" in row]
     assert len(losses) == 3 and all(0 < loss < 1e5 for loss in losses)
+
+
+REAL_CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
+
+
+@pytest.mark.skipif(not REAL_CIFAR.is_file(), reason=f"real CIFAR-10 JPEGs not at {REAL_CIFAR}")
+def test_real_cifar10_jpegs_prepare_train_and_sample(tmp_path):
+    shards = tmp_path / "shards"
+    run_cli("prepare", "--source", f"folder:{REAL_CIFAR}", "--out", str(shards),
+            "--shard-size", "10000", timeout=600)
+    counts = load_manifest(shards / "horse_bird").counts["label"]
+    assert counts == {"bird": counts["bird"], "horse": counts["horse"]}
+    assert counts["bird"] + counts["horse"] + load_manifest(shards / "eval").counts["label"].get(
+        "horse", 0) + load_manifest(shards / "eval").counts["label"].get("bird", 0) == 12000
+    # `python pegasus_dist/train.py` as a plain script, then the finetune phase and the sampler
+    done = run_bounded([sys.executable, str(REPO / "pegasus_dist/train.py"), "--config",
+                        str(REPO / "configs/smoke/pretrain.yaml"),
+                        *smoke_overrides(shards, tmp_path / "runs", steps=3)], timeout=300)
+    assert done.returncode == 0, done.stdout[-4000:]
+    run_cli("train", "--config", str(REPO / "configs/smoke/finetune.yaml"),
+            *smoke_overrides(shards, tmp_path / "runs", steps=3),
+            f"train.init_from={tmp_path / 'runs' / 'pretrain'}")
+    assert_pegasus_grid(tmp_path / "runs" / "finetune" / "samples", shards)
+    rows = json.loads((tmp_path / "runs/finetune/samples/pegasus.json").read_text())["rows"]
+    assert all(row["horse"].startswith("folder_cifar10_jpg-") for row in rows)
+
+
+def test_prepare_errors_are_one_line_with_exit_code_2(tmp_path):
+    for source, message in ((f"cifar10:{tmp_path}/missing.tar.gz", "cifar10 archive not found"),
+                            ("imagenet:x", "unknown source 'imagenet:x'")):
+        done = run_bounded([str(BIN / "pegasus-dist"), "prepare", "--source", source,
+                            "--out", str(tmp_path / "out")], timeout=60)
+        assert done.returncode == 2
+        assert done.stdout.strip().splitlines()[-1].startswith(f"error: {message}")
