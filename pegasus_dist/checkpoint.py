@@ -130,13 +130,11 @@ def publish(tmp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
-def prune(root: Path, keep: int) -> list[Path]:
+def prune(root: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` checkpoints and stale temporary folders."""
-    removed = list_checkpoints(root)[:-keep]
-    removed += [p for p in root.iterdir() if p.name.startswith(".tmp-")] if root.is_dir() else []
-    for path in removed:
+    stale = list_checkpoints(root)[:-keep] + [p for p in root.iterdir() if p.name.startswith(".tmp-")]
+    for path in stale:
         shutil.rmtree(path)
-    return removed
 
 
 def read_state(folder: Path) -> TrainState:

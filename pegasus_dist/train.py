@@ -58,7 +58,6 @@ class Phase:
     loader: ShardLoader | MemoryLoader
     state: TrainState
     metrics: MetricsLog
-    lr: float
     signals: StopSignals
 
     @property
@@ -123,7 +122,7 @@ def setup(cfg: Config) -> Phase:
         cfg.optim.lr_scaling, cfg.optim.lr, cfg.optim.base_batch_size, len(loader),
     )
     return Phase(cfg, accelerator, model, optimizer, loader, state,
-                 MetricsLog(accelerator, cfg.run_dir), lr, StopSignals())
+                 MetricsLog(accelerator, cfg.run_dir), StopSignals())
 
 
 def run_epochs(p: Phase) -> None:
