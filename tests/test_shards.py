@@ -137,3 +137,19 @@ def test_verify_finds_each_kind_of_damage(tmp_path):
     _, problems = verify_shard_set(tmp_path / "mix")
     assert any("sha256 differs" in p for p in problems)
     assert any("unreadable" in p for p in problems)
+
+
+def test_the_parallel_path_is_deterministic_too(tmp_path):
+    from pegasus_dist.data.prepare import POOL_THRESHOLD
+
+    for run in ("a", "b"):
+        prepare(PrepareConfig(sources=[f"synthetic:{POOL_THRESHOLD + 100}"],
+                              out=str(tmp_path / run), shard_size=500), "")
+    for name in ("mix", "horse_bird", "eval"):
+        for path in sorted((tmp_path / "a" / name).iterdir()):
+            assert path.read_bytes() == (tmp_path / "b" / name / path.name).read_bytes(), path
+    assert load_manifest(tmp_path / "a" / "mix").num_samples == read_count(tmp_path / "a" / "mix")
+
+
+def read_count(folder):
+    return len(read_set(folder))

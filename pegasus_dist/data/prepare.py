@@ -17,6 +17,7 @@ import multiprocessing
 import shutil
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,6 @@ log = logging.getLogger("pegasus_dist.prepare")
 FINETUNE_CLASSES = ("horse", "bird")
 # Below this many images a worker pool costs more than it saves.
 POOL_THRESHOLD = 2000
-POOL_CHUNK = 1000  # images per pool task
 
 
 def prepare(cfg: PrepareConfig, command: str = "") -> dict[str, Path]:
@@ -55,7 +55,6 @@ def prepare(cfg: PrepareConfig, command: str = "") -> dict[str, Path]:
                                dtype=np.int64),
         "eval": held_out,
     }
-    pngs = _encode_all(images, order)
     provenance = {
         "seed": cfg.seed,
         "eval_fraction": cfg.eval_fraction,
@@ -64,8 +63,19 @@ def prepare(cfg: PrepareConfig, command: str = "") -> dict[str, Path]:
                     for spec, s in zip(cfg.sources, sources, strict=True)],
     }
     out = Path(cfg.out)
-    written = {name: _write_set(out, name, idx, metas, pngs, cfg, provenance)
-               for name, idx in sets.items()}
+    tasks = [ShardTask(out / f".tmp-{name}" / f"shard-{number:06d}.tar", idx[start:start + cfg.shard_size])
+             for name, idx in sets.items()
+             for number, start in enumerate(range(0, len(idx), cfg.shard_size))]
+    for name in sets:
+        shutil.rmtree(out / f".tmp-{name}", ignore_errors=True)
+        (out / f".tmp-{name}").mkdir(parents=True)
+    entries = _write_shards(images, metas, tasks)
+    written = {
+        name: _publish_set(out, name, idx, metas, [e for t, e in zip(tasks, entries, strict=True)
+                                                    if t.path.parent.name == f".tmp-{name}"],
+                           cfg, provenance)
+        for name, idx in sets.items()
+    }
     seconds = time.perf_counter() - started
     log.info("prepared %d images in %.1fs (%.0f images/s): %s", len(metas), seconds,
              len(metas) / seconds, ", ".join(f"{n}={len(i)}" for n, i in sets.items()))
@@ -95,43 +105,47 @@ def _unique_names(sources: list[SourceImages]) -> list[SourceImages]:
     return renamed
 
 
-def _encode_all(images: np.ndarray, order: np.ndarray) -> dict[int, bytes]:
-    """PNG bytes of every image, encoded in parallel when there are many.
+@dataclass
+class ShardTask:
+    path: Path  # the tar to write
+    indices: np.ndarray  # rows of the concatenated sources, in the order to write them
 
-    The forked workers inherit the images through the pool's initializer, so a
-    task is a chunk of indices and its answer the PNG bytes: no image is pickled.
+
+def _write_shards(images: np.ndarray, metas: list[dict], tasks: list[ShardTask]) -> list[ShardEntry]:
+    """Encode and write every shard, on all cores when there are many images.
+
+    Each task is a whole shard: PNG encoding, tar writing and hashing all run in
+    the forked workers, which inherit the images and metadata through the
+    pool's initializer, so no image is pickled and no PNG is held in memory.
     """
-    if len(order) < POOL_THRESHOLD:
-        return {int(i): encode_png(images[i]) for i in order}
-    chunks = np.array_split(order, -(-len(order) // POOL_CHUNK))
-    with multiprocessing.get_context("fork").Pool(initializer=_share, initargs=(images,)) as pool:
-        encoded = [png for pngs in pool.imap(_encode_chunk, chunks) for png in pngs]
-    return {int(i): png for i, png in zip(order, encoded, strict=True)}
+    _share(images, metas)
+    if len(images) < POOL_THRESHOLD:
+        return [_write_one(task) for task in tasks]
+    with multiprocessing.get_context("fork").Pool(initializer=_share,
+                                                  initargs=(images, metas)) as pool:
+        return pool.map(_write_one, tasks, chunksize=1)
 
 
-_shared: np.ndarray | None = None  # in a pool worker: every image, inherited by fork
+_shared: tuple[np.ndarray, list[dict]] | None = None  # images and metadata, inherited by fork
 
 
-def _share(images: np.ndarray) -> None:
+def _share(images: np.ndarray, metas: list[dict]) -> None:
     global _shared
-    _shared = images
+    _shared = (images, metas)
 
 
-def _encode_chunk(indices: np.ndarray) -> list[bytes]:
-    return [encode_png(_shared[i]) for i in indices]
+def _write_one(task: ShardTask) -> ShardEntry:
+    images, metas = _shared
+    write_shard(task.path, [(metas[i]["key"], encode_png(images[i]), metas[i])
+                            for i in task.indices])
+    return ShardEntry(task.path.name, len(task.indices), sha256_file(task.path),
+                      task.path.stat().st_size)
 
 
-def _write_set(out: Path, name: str, indices: np.ndarray, metas: list[dict],
-               pngs: dict[int, bytes], cfg: PrepareConfig, provenance: dict) -> Path:
+def _publish_set(out: Path, name: str, indices: np.ndarray, metas: list[dict],
+                 shards: list[ShardEntry], cfg: PrepareConfig, provenance: dict) -> Path:
+    """Write the set's manifest into its temporary folder and rename it into place."""
     final, tmp = out / name, out / f".tmp-{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    shards = []
-    for number, start in enumerate(range(0, len(indices), cfg.shard_size)):
-        chunk = indices[start : start + cfg.shard_size]
-        path = tmp / f"shard-{number:06d}.tar"
-        write_shard(path, [(metas[i]["key"], pngs[int(i)], metas[i]) for i in chunk])
-        shards.append(ShardEntry(path.name, len(chunk), sha256_file(path), path.stat().st_size))
     counts = {
         field: dict(sorted(Counter(str(metas[i][field] or "unlabeled") for i in indices).items()))
         for field in ("source", "label", "split")
