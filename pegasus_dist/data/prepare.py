@@ -46,15 +46,7 @@ def prepare(cfg: PrepareConfig, command: str = "") -> dict[str, Path]:
          "split": split}
         for s in sources for i, (label, split) in enumerate(zip(s.labels, s.splits, strict=True))
     ]
-    order = np.random.default_rng(cfg.seed).permutation(len(metas))
-    num_eval = max(1, round(len(metas) * cfg.eval_fraction)) if cfg.eval_fraction else 0
-    held_out, train = order[:num_eval], order[num_eval:]
-    sets = {
-        "mix": train,
-        "horse_bird": np.array([i for i in train if metas[i]["label"] in FINETUNE_CLASSES],
-                               dtype=np.int64),
-        "eval": held_out,
-    }
+    sets = _split(metas, cfg)
     provenance = {
         "seed": cfg.seed,
         "eval_fraction": cfg.eval_fraction,
@@ -63,23 +55,35 @@ def prepare(cfg: PrepareConfig, command: str = "") -> dict[str, Path]:
                     for spec, s in zip(cfg.sources, sources, strict=True)],
     }
     out = Path(cfg.out)
-    tasks = [ShardTask(out / f".tmp-{name}" / f"shard-{number:06d}.tar", idx[start:start + cfg.shard_size])
-             for name, idx in sets.items()
-             for number, start in enumerate(range(0, len(idx), cfg.shard_size))]
-    for name in sets:
-        shutil.rmtree(out / f".tmp-{name}", ignore_errors=True)
-        (out / f".tmp-{name}").mkdir(parents=True)
-    entries = _write_shards(images, metas, tasks)
+    tasks = {name: _shard_tasks(out / f".tmp-{name}", idx, cfg.shard_size)
+             for name, idx in sets.items()}
+    entries = iter(_write_shards(images, metas, [t for ts in tasks.values() for t in ts]))
     written = {
-        name: _publish_set(out, name, idx, metas, [e for t, e in zip(tasks, entries, strict=True)
-                                                    if t.path.parent.name == f".tmp-{name}"],
+        name: _publish_set(out, name, sets[name], metas, [next(entries) for _ in set_tasks],
                            cfg, provenance)
-        for name, idx in sets.items()
+        for name, set_tasks in tasks.items()
     }
     seconds = time.perf_counter() - started
     log.info("prepared %d images in %.1fs (%.0f images/s): %s", len(metas), seconds,
              len(metas) / seconds, ", ".join(f"{n}={len(i)}" for n, i in sets.items()))
     return written
+
+
+def _split(metas: list[dict], cfg: PrepareConfig) -> dict[str, np.ndarray]:
+    """Row indices of each set, in their shuffled (seeded, cross-source) writing order."""
+    order = np.random.default_rng(cfg.seed).permutation(len(metas))
+    num_eval = max(1, round(len(metas) * cfg.eval_fraction)) if cfg.eval_fraction else 0
+    held_out, train = order[:num_eval], order[num_eval:]
+    finetune = np.array([i for i in train if metas[i]["label"] in FINETUNE_CLASSES], dtype=np.int64)
+    return {"mix": train, "horse_bird": finetune, "eval": held_out}
+
+
+def _shard_tasks(folder: Path, indices: np.ndarray, shard_size: int) -> list[ShardTask]:
+    """An empty temporary folder for a set, and one task per shard of it."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return [ShardTask(folder / f"shard-{number:06d}.tar", indices[start : start + shard_size])
+            for number, start in enumerate(range(0, len(indices), shard_size))]
 
 
 def _load(spec: str, cfg: PrepareConfig) -> SourceImages:
