@@ -122,7 +122,8 @@ def _loader_rows(work: Path) -> list[Row]:
     memory = MemoryLoader(mix, batch, 0, 1, seed=0, image_size=32)
     rate = _epoch_rate(memory, epochs=20)  # an epoch takes milliseconds: time many
     rows.append(Row("loader: device-resident", rate, "images/s", baseline[2], 50.0,
-                    "on a CPU the per-batch Python (keys and labels of every batch) dominates"))
+                    "likely the Python of each batch (its key and label lists), not the copy; "
+                    "either way far more than a training step consumes"))
     rows += [Row(f"loader: torchvision CIFAR10 baseline, {w} worker(s)", baseline[w], "images/s")
              for w in (1, 2)]
     return rows
