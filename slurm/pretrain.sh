@@ -1,17 +1,35 @@
 #!/usr/bin/env bash
-# Phase 1 (pretrain on the mix) as a SLURM job. Submit from the repository root:
-#   mkdir -p slurm/logs && sbatch slurm/pretrain.sh
-#   sbatch --nodes=4 --gpus-per-node=8 -p PARTITION -A ACCOUNT slurm/pretrain.sh
-# Command-line sbatch options override the #SBATCH lines below; the
-# environment variables that choose config, shards and runs are documented in
-# slurm/job.sh. Logs: slurm/logs/<job name>-<job id>.out (the folder must exist).
+# Phase 1 (pretrain on the CIFAR-10 + STL-10 mix) as a SLURM job. Submit from
+# the repository root (both phases in order: slurm/submit-pipeline.sh):
+#   mkdir -p slurm/logs    # sbatch does not create the --output folder; without
+#                          # it the job fails at start and leaves no log
+#   sbatch slurm/pretrain.sh
+#   sbatch -p PARTITION -A ACCOUNT --nodes=4 --gpus-per-node=8 slurm/pretrain.sh
+#   sbatch --gpus-per-node=0 --cpus-per-task=1 slurm/pretrain.sh   # CPU-only cluster
+# Options on sbatch's command line override the #SBATCH lines below.
+#
+# Environment (all optional; full list and defaults in slurm/job.sh):
+#   PEGASUS_ROOT [$SLURM_SUBMIT_DIR]  PEGASUS_VENV [$PEGASUS_ROOT/.venv]
+#   PEGASUS_CONFIG [configs/pretrain.yaml]  PEGASUS_SHARDS, PEGASUS_RUNS,
+#   PEGASUS_RUN_NAME [the config's]  PEGASUS_EXTRA_ARGS [none]
+# Log: slurm/logs/pegasus-pretrain-<job id>.out (appended to across requeues).
+#
+# One task per node; it starts one training process per GPU of the node.
+# 16 CPUs per task: the data.num_workers=2 loader workers of each of 8 GPU
+# processes (one node). SIGUSR1 120 s before the time limit to the batch shell:
+# the trainers checkpoint and the job requeues itself (see slurm/job.sh).
 #SBATCH --job-name=pegasus-pretrain
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=16
 #SBATCH --time=24:00:00
 #SBATCH --output=slurm/logs/%x-%j.out
+#SBATCH --open-mode=append
 #SBATCH --signal=B:USR1@120
 #SBATCH --requeue
-#SBATCH --open-mode=append     # a requeued run adds to the same log
 set -euo pipefail
-exec bash "${PEGASUS_ROOT:-$SLURM_SUBMIT_DIR}/slurm/job.sh" pretrain
+# SLURM runs a copy of this file from its spool folder: find the checkout from
+# the submit directory (or PEGASUS_ROOT), not from $0. exec keeps this shell's
+# pid, which is the one --signal=B: targets.
+exec bash "${PEGASUS_ROOT:-${SLURM_SUBMIT_DIR:?submit with sbatch from the repository root}}/slurm/job.sh" pretrain
