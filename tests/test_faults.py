@@ -65,7 +65,8 @@ def test_sigkill_mid_epoch_then_resume_gives_bit_equal_losses(smoke_shards, tmp_
     assert ref.returncode == 0, ref.stdout[-3000:]
 
     cmd = train_cmd(smoke_shards, tmp_path / "cut", 24, "train.checkpoint_every=8")
-    proc = start(cmd)
+    # The killed run is slowed down (100 ms a step, same numbers) so the kill lands mid-run.
+    proc = start([sys.executable, str(FAULT), "slow", "100", "0", *cmd[2:]])
     run = tmp_path / "cut" / "pretrain"
     wait_until(lambda: (run / "metrics.jsonl").exists()
                and len(losses(run)) >= 13, timeout=120, proc=proc)
@@ -80,16 +81,18 @@ def test_sigkill_mid_epoch_then_resume_gives_bit_equal_losses(smoke_shards, tmp_
 
 def test_two_process_resume_matches_an_uninterrupted_run(smoke_shards, tmp_path):
     """2 gloo ranks killed mid-epoch and resumed: stated tolerance 1e-6 relative on every loss."""
-    def launch_cmd(runs: Path) -> list[str]:
+    def launch_cmd(runs: Path, *script: str) -> list[str]:
         return [str(BIN / "accelerate"), "launch", "--config_file",
-                str(REPO / "launch/cpu-2proc-gloo.yaml"), str(REPO / "pegasus_dist/train.py"),
+                str(REPO / "launch/cpu-2proc-gloo.yaml"),
+                *(script or [str(REPO / "pegasus_dist/train.py")]),
                 "--config", SMOKE, *overrides(smoke_shards, runs, 12, "train.checkpoint_every=4",
                                               "data.batch_size=8")]
 
     ref = run_bounded(launch_cmd(tmp_path / "ref"), timeout=300)
     assert ref.returncode == 0, ref.stdout[-3000:]
     run = tmp_path / "cut" / "pretrain"
-    proc = start(launch_cmd(tmp_path / "cut"))
+    # The killed run is slowed down (200 ms a step, same numbers) so the kill lands mid-run.
+    proc = start(launch_cmd(tmp_path / "cut", str(FAULT), "slow", "200", "0"))
     wait_until(lambda: (run / "metrics.jsonl").exists() and len(losses(run)) >= 6, 180, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -7,6 +7,8 @@ FAULT is one of
   kill-rank  rank RANK kills itself (SIGKILL) at step STEP
   slow-save  the checkpoint of step STEP stalls half-written (the test SIGKILLs it then);
              a file "saving" appears in the run folder when it does
+  slow       every step takes STEP milliseconds more (RANK is ignored), so that a test
+             can kill a run mid-epoch; the numbers it computes are unchanged
 """
 
 import os
@@ -56,6 +58,14 @@ elif fault == "slow-save":
         real_write(folder, model_state, optimizer_state, state, config_yaml)
 
     checkpoint.write_main_files = write_main_files
+elif fault == "slow":
+    real_step = train.train_step
+
+    def train_step(p, batch):
+        time.sleep(step / 1000)
+        return real_step(p, batch)
+
+    train.train_step = train_step
 else:
     sys.exit(f"unknown fault {fault}")
 
