@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from pegasus_dist.data.manifest import load_manifest
-from pegasus_dist.data.shards import decode_image, iter_shard
+from pegasus_dist.data.png import decode_image
+from pegasus_dist.data.shards import iter_shard
 from pegasus_dist.errors import DataError
 
 CAPTION = 14  # pixels of caption strip under each tile

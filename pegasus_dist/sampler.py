@@ -25,7 +25,8 @@ from torchvision.utils import make_grid, save_image
 from pegasus_dist.checkpoint import load_trained_model
 from pegasus_dist.config import SamplerConfig
 from pegasus_dist.data.manifest import load_manifest
-from pegasus_dist.data.shards import decode_image, iter_shard
+from pegasus_dist.data.png import decode_image
+from pegasus_dist.data.shards import iter_shard
 from pegasus_dist.errors import DataError
 from pegasus_dist.model import VAE
 from pegasus_dist.slerp import slerp

@@ -14,7 +14,8 @@ from processes import BIN, REPO, run_bounded
 from pegasus_dist.checkpoint import load_trained_model
 from pegasus_dist.contact_sheet import CAPTION, HEADER, contact_sheet
 from pegasus_dist.data.manifest import load_manifest
-from pegasus_dist.data.shards import decode_image, iter_shard
+from pegasus_dist.data.png import decode_image
+from pegasus_dist.data.shards import iter_shard
 from pegasus_dist.sampler import analogy_grid, attribute_vector, pegasus_grid, pick_horses_and_birds
 
 pytestmark = pytest.mark.slow

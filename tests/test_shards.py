@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 
@@ -11,8 +12,9 @@ import webdataset as wds
 
 from pegasus_dist.config import PrepareConfig
 from pegasus_dist.data.manifest import load_manifest, sha256_file
+from pegasus_dist.data.png import decode_image, encode_png
 from pegasus_dist.data.prepare import prepare
-from pegasus_dist.data.shards import decode_image, encode_png, iter_shard, write_shard
+from pegasus_dist.data.shards import iter_shard, write_shard
 from pegasus_dist.data.sources import synthetic
 from pegasus_dist.errors import DataError
 
@@ -98,8 +100,9 @@ def test_wrong_size_png_and_missing_label(tmp_path):
         decode_image(png, 32, "k1")
     path = tmp_path / "bad.tar"
     write_shard(path, [("k2", png, {"key": "k2"})])
-    with pytest.raises(DataError, match="k2.json has no label field"):
-        list(iter_shard(path))
+    (sample,) = iter_shard(path)  # metadata is parsed when first read
+    with pytest.raises(DataError, match=f"shard {path}: k2.json has no label field"):
+        sample.meta  # noqa: B018
     with tarfile.open(path) as tar:
         assert sorted(tar.getnames()) == ["k2.json", "k2.png"]
         assert json.loads(tar.extractfile("k2.json").read()) == {"key": "k2"}
@@ -153,3 +156,36 @@ def test_the_parallel_path_is_deterministic_too(tmp_path):
 
 def read_count(folder):
     return len(read_set(folder))
+
+
+def test_shards_from_other_tar_writers_read_the_same(tmp_path):
+    """Our ustar reader, and tarfile for PAX/GNU archives, give the same samples."""
+    make(tmp_path)
+    ours = load_manifest(tmp_path / "mix").shard_paths[0]
+    with tarfile.open(ours) as tar:  # the standard library agrees with our reader
+        assert [m.name for m in tar] == [n for s in iter_shard(ours) for n in (f"{s.key}.png",
+                                                                             f"{s.key}.json")]
+    expected = [(s.key, s.png, s.meta) for s in iter_shard(ours)]
+    for layout in ("pax", "gnu"):
+        other = tmp_path / f"{layout}.tar"
+        with open(other, "wb") as stream:  # a float mtime needs a PAX header per member
+            writer = wds.TarWriter(stream, mtime=1.5 if layout == "pax" else 0,
+                                   format=f"{layout.upper()}_FORMAT")
+            for key, png, meta in expected:
+                writer.write({"__key__": key, "png": png, "json": json.dumps(meta).encode()})
+            writer.close()
+        assert [(s.key, s.png, s.meta) for s in iter_shard(other)] == expected
+
+
+def test_our_tar_writer_writes_what_tarfile_writes(tmp_path):
+    png = encode_png(np.zeros((32, 32, 3), dtype=np.uint8))
+    samples = [("cifar10-train-0000001", png, {"label": "horse"}), ("k" * 95, b"", {"label": None})]
+    write_shard(tmp_path / "ours.tar", samples)
+    with tarfile.open(tmp_path / "stdlib.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, data, meta in samples:
+            for name, content in ((f"{key}.png", data), (f"{key}.json", json.dumps(meta).encode())):
+                info = tarfile.TarInfo(name)
+                info.size, info.mode, info.uname, info.gname = len(content), 0o444, "pegasus", "pegasus"
+                tar.addfile(info, io.BytesIO(content))
+    ours, stdlib = (tmp_path / "ours.tar").read_bytes(), (tmp_path / "stdlib.tar").read_bytes()
+    assert stdlib.startswith(ours) and not stdlib[len(ours):].strip(b"\0")  # tarfile pads more zeros

@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pegasus_dist.config import DataConfig
 from pegasus_dist.data.manifest import Manifest, load_manifest
-from pegasus_dist.data.shards import ShardSample, decode_image, iter_shard
+from pegasus_dist.data.png import decode_image, decode_plain_batch
+from pegasus_dist.data.shards import ShardSample, iter_shard
 from pegasus_dist.errors import DataError
 
 log = logging.getLogger("pegasus_dist.loader")
@@ -113,25 +114,47 @@ class _ShardStream(IterableDataset):
         plans = rank_batches(self.manifest.num_samples, self.world_size, self.rank,
                              self.batch_size)[self.start_batch:]
         cache = _ShardCache(self.manifest, self.skip_bad)
-        spare: list[tuple[str, np.ndarray, str | None]] = []  # good samples of an earlier batch
         for plan in plans[worker::workers]:
-            found = [cache.get(int(shard_of[p]), int(inside[p])) for p in plan.positions]
-            good = [sample for sample in found if sample is not None]
-            # Bad samples' slots take copies of good ones (of this batch, else of an
-            # earlier one, else the first readable sample): the batch keeps its size,
-            # so every rank still takes the same steps with the same shapes.
-            pool = good or spare or [cache.first_good()]
-            samples = [s if s is not None else pool[i % len(pool)] for i, s in enumerate(found)]
-            spare = good or spare
-            # NHWC -> NCHW in NumPy: torch's permute-copy starts threads a worker cannot spare.
-            images = np.ascontiguousarray(np.stack([im for _, im, _ in samples]).transpose(0, 3, 1, 2))
-            yield Batch(
-                images=torch.from_numpy(images),
-                keys=[key for key, _, _ in samples],
-                labels=[label for _, _, label in samples],
-                offset=plan.offset,
-                skipped=len(found) - len(good),
-            )
+            samples = [cache.sample(int(shard_of[p]), int(inside[p])) for p in plan.positions]
+            yield (self._plain_batch(samples, plan.offset)
+                   or self._checked_batch(samples, plan.offset, cache))
+
+    def _plain_batch(self, samples: list[ShardSample | None], offset: int) -> Batch | None:
+        """The batch decoded in one pass, when every sample is there, plain and labelled."""
+        if any(sample is None for sample in samples):
+            return None
+        pixels = decode_plain_batch([sample.png for sample in samples], self.manifest.image_size)
+        if pixels is None:
+            return None
+        try:
+            labels = [sample.meta["label"] for sample in samples]
+        except DataError:
+            return None
+        return Batch(_nchw(pixels), [sample.key for sample in samples], labels, offset)
+
+    def _checked_batch(self, samples: list[ShardSample | None], offset: int,
+                       cache: _ShardCache) -> Batch:
+        """Sample by sample: a bad one stops the run, or its slot takes a good sample's copy.
+
+        Copies come from this batch, else from the first readable sample of the
+        set: the batch keeps its size, so every rank still takes the same steps
+        with the same shapes.
+        """
+        found = [cache.decode(sample) for sample in samples]
+        good = [sample for sample in found if sample is not None]
+        pool = good or [cache.first_good()]
+        filled = [s if s is not None else pool[i % len(pool)] for i, s in enumerate(found)]
+        return Batch(_nchw(np.stack([image for _, image, _ in filled])),
+                     [key for key, _, _ in filled], [label for _, _, label in filled], offset,
+                     skipped=len(found) - len(good))
+
+
+def _nchw(pixels: np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) -> a new contiguous (B, 3, H, W) tensor.
+
+    The transpose is NumPy's: torch's permute-copy starts threads a loader worker cannot spare.
+    """
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
 
 
 class _ShardCache:
@@ -143,38 +166,44 @@ class _ShardCache:
 
     def __init__(self, manifest: Manifest, skip_bad: bool) -> None:
         self.manifest = manifest
+        self.paths, self.sizes = manifest.shard_paths, manifest.shard_sizes
+        self.image_size = manifest.image_size
         self.skip_bad = skip_bad
         self.index: int | None = None
         self.samples: list[ShardSample] = []
 
-    def get(self, shard: int, position: int) -> tuple[str, np.ndarray, str | None] | None:
-        """The sample, or None for a bad one when skipping bad samples."""
-        path = self.manifest.shard_paths[shard]
+    def sample(self, shard: int, position: int) -> ShardSample | None:
+        """The encoded sample, or None when it was lost to a damaged shard and bad ones are skipped."""
         if shard != self.index:
-            self.samples = self._read(path, self.manifest.shard_sizes[shard])
+            self.samples = self._read(self.paths[shard], self.sizes[shard])
             self.index = shard
-        if position >= len(self.samples):
-            if self.skip_bad:
-                return None  # lost to a damaged shard; _read has said so once
-            raise DataError(f"shard {path} holds {len(self.samples)} samples but its manifest "
-                            f"says {self.manifest.shard_sizes[shard]}; re-run `pegasus-dist prepare`")
+        if position < len(self.samples):
+            return self.samples[position]
+        if self.skip_bad:
+            return None  # _read has said so once
+        raise DataError(f"shard {self.paths[shard]} holds {len(self.samples)} samples but its "
+                        f"manifest says {self.sizes[shard]}; re-run `pegasus-dist prepare`")
+
+    def decode(self, sample: ShardSample | None) -> tuple[str, np.ndarray, str | None] | None:
+        """(key, image, label), or None for a bad sample when bad ones are skipped."""
+        if sample is None:
+            return None
         try:
-            sample = self.samples[position]
-            image = decode_image(sample.png, self.manifest.image_size, where=f"{path}:{sample.key}")
+            image = decode_image(sample.png, self.image_size, where=f"{sample.shard}:{sample.key}")
+            return sample.key, image, sample.meta["label"]
         except DataError as err:
             if not self.skip_bad:
                 raise
             log.warning("skipping a bad sample: %s", err)
             return None
-        return sample.key, image, sample.meta["label"]
 
     def first_good(self) -> tuple[str, np.ndarray, str | None]:
         """The first readable sample of the set, to stand in for a batch that is all bad."""
-        for shard, size in enumerate(self.manifest.shard_sizes):
+        for shard, size in enumerate(self.sizes):
             for position in range(size):
-                sample = self.get(shard, position)
-                if sample is not None:
-                    return sample
+                found = self.decode(self.sample(shard, position))
+                if found is not None:
+                    return found
         raise DataError(f"no sample of {self.manifest.path} is readable; "
                         "run `pegasus-dist verify` and re-run `pegasus-dist prepare`")
 
@@ -244,17 +273,19 @@ class MemoryLoader:
         self.path, self.num_samples = self.manifest.path, self.manifest.num_samples
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.device = torch.device(device)
-        self.keys: list[str] = []
-        self.labels: list[str | None] = []
         images = np.empty((self.num_samples, image_size, image_size, 3), dtype=np.uint8)
-        for path in self.manifest.shard_paths:
-            for sample in iter_shard(path):
-                images[len(self.keys)] = decode_image(sample.png, image_size, f"{path}:{sample.key}")
-                self.keys.append(sample.key)
-                self.labels.append(sample.meta["label"])
-        if len(self.keys) != self.num_samples:
-            raise DataError(f"{self.path} holds {len(self.keys)} samples but its manifest says "
-                            f"{self.num_samples}; re-run `pegasus-dist prepare`")
+        keys, labels = [], []
+        for path, size in zip(self.manifest.shard_paths, self.manifest.shard_sizes, strict=True):
+            samples = list(iter_shard(path))
+            if len(samples) != size:
+                raise DataError(f"shard {path} holds {len(samples)} samples but its manifest says "
+                                f"{size}; re-run `pegasus-dist prepare`")
+            for sample in samples:
+                images[len(keys)] = decode_image(sample.png, image_size, f"{path}:{sample.key}")
+                keys.append(sample.key)
+                labels.append(sample.meta["label"])
+        # Object arrays: a batch's names are then one fancy index away.
+        self.keys, self.labels = np.array(keys, dtype=object), np.array(labels, dtype=object)
         self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(self.device)
         self.shard_starts = np.concatenate([[0], np.cumsum(self.manifest.shard_sizes)[:-1]])
         self._plans = rank_batches(self.num_samples, world_size, rank, batch_size)
@@ -271,11 +302,13 @@ class MemoryLoader:
         order = self.shard_starts[shard_of] + inside  # sequence position -> row of the tensor
         on_device = torch.from_numpy(order).to(self.device)  # one copy per epoch
         for plan in self._plans[self.start_batch:]:
-            rows = order[plan.positions]
+            start, stop = int(plan.positions[0]), int(plan.positions[-1]) + 1
+            rows = order[start:stop]
             yield Batch(
-                images=self.images[on_device[plan.positions[0] : plan.positions[-1] + 1]],
-                keys=[self.keys[i] for i in rows],
-                labels=[self.labels[i] for i in rows],
+                # index_select copies row by row, several times faster than images[index]
+                images=torch.index_select(self.images, 0, on_device[start:stop]),
+                keys=self.keys[rows].tolist(),
+                labels=self.labels[rows].tolist(),
                 offset=plan.offset,
             )
 

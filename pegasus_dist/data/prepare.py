@@ -24,7 +24,8 @@ import numpy as np
 
 from pegasus_dist.config import PrepareConfig
 from pegasus_dist.data.manifest import ShardEntry, sha256_file, write_manifest
-from pegasus_dist.data.shards import encode_png, write_shard
+from pegasus_dist.data.png import encode_png
+from pegasus_dist.data.shards import write_shard
 from pegasus_dist.data.sources import SourceImages, load_source
 from pegasus_dist.errors import DataError
 

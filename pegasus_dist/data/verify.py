@@ -7,10 +7,12 @@ no key appears twice. Every problem found is reported, not just the first.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from pegasus_dist.data.manifest import FILENAME, load_manifest, sha256_file
-from pegasus_dist.data.shards import decode_image, iter_shard
+from pegasus_dist.data.png import decode_image
+from pegasus_dist.data.shards import iter_shard
 from pegasus_dist.errors import DataError, PegasusError
 
 
@@ -31,24 +33,42 @@ def verify_shard_set(folder: Path) -> tuple[int, list[str]]:
         manifest = load_manifest(folder)
     except PegasusError as err:
         return 0, [str(err)]
-    problems, keys, checked = [], set(), 0
+    problems: list[str] = []
+    keys: set[str] = set()
+    labels: Counter[str] = Counter()
+    checked = 0
     for entry, path in zip(manifest.shards, manifest.shard_paths, strict=True):
         if sha256_file(path) != entry.sha256:
             problems.append(f"{path}: sha256 differs from {folder / FILENAME}")
-        count = 0
-        try:
-            for sample in iter_shard(path):
-                count += 1
-                if sample.key in keys:
-                    problems.append(f"{path}: key {sample.key} appears twice")
-                keys.add(sample.key)
-                try:
-                    decode_image(sample.png, manifest.image_size, where=f"{path}:{sample.key}")
-                except DataError as err:
-                    problems.append(str(err))
-        except DataError as err:
-            problems.append(str(err))
+        count = _check_samples(path, manifest.image_size, keys, labels, problems)
         if count != entry.num_samples:
             problems.append(f"{path}: {count} samples, the manifest says {entry.num_samples}")
         checked += count
+    expected = manifest.counts.get("label", {})
+    if dict(sorted(labels.items())) != expected:
+        problems.append(f"{folder}: the samples' labels {dict(sorted(labels.items()))} differ "
+                        f"from the manifest's {expected}")
     return checked, problems
+
+
+def _check_samples(path: Path, image_size: int, keys: set[str], labels: Counter[str],
+                   problems: list[str]) -> int:
+    """Decode every sample of one shard, recording keys, labels and problems; the count read."""
+    count = 0
+    try:
+        for sample in iter_shard(path):
+            count += 1
+            if sample.key in keys:
+                problems.append(f"{path}: key {sample.key} appears twice")
+            keys.add(sample.key)
+            try:
+                decode_image(sample.png, image_size, where=f"{path}:{sample.key}")
+            except DataError as err:
+                problems.append(str(err))
+            try:
+                labels[str(sample.meta["label"] or "unlabeled")] += 1
+            except DataError as err:
+                problems.append(str(err))
+    except DataError as err:
+        problems.append(str(err))
+    return count
