@@ -101,11 +101,17 @@ class TrainConfig:
     # A checkpoint directory, or a run directory (its newest checkpoint), whose
     # model weights start this phase; the finetune phase starts from pretrain.
     init_from: str = ""
-    log_every: int = 10  # steps between logged (rank-reduced) metrics
+    # Steps between logged (rank-reduced) metrics. Also the sync points where
+    # the ranks check for NaN/Inf losses and stop signals: steps in between
+    # never wait for the device.
+    log_every: int = 10
     checkpoint_every: int = 0  # steps between checkpoints; 0: once per epoch
     keep_checkpoints: int = 3
-    # A NaN/Inf loss on any rank: stop with a message naming the step and the
-    # last good checkpoint, or skip that step (counted and logged).
+    # A NaN/Inf loss on any rank. stop: found at the next sync point (at the
+    # latest the next log or checkpoint step, before any checkpoint is written),
+    # the run ends naming the first bad step and the last good checkpoint.
+    # skip: that step's update is skipped on every rank (counted and logged);
+    # the price is one host sync per step, which slows GPU training.
     on_nonfinite: Literal["stop", "skip"] = "stop"
     # Seconds a collective may wait for a missing rank before every rank fails.
     collective_timeout_s: int = 600

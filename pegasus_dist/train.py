@@ -8,7 +8,9 @@ Every process runs this file; one process is world size 1. Each rank reads
 its slice of every global batch from the shards, Accelerate wraps the model
 in DDP and handles mixed precision, and only the main process writes the run
 directory, the W&B run, the sample grids and checkpoint pruning, with the
-other ranks waiting at barriers.
+other ranks waiting at barriers. A step never waits for the device: losses
+stay on it, and the ranks read them and agree on faults only at sync points
+(:func:`_sync_point`), every ``train.log_every`` steps and before checkpoints.
 """
 
 from __future__ import annotations
@@ -38,7 +40,16 @@ from pegasus_dist.data.loader import MemoryLoader, ShardLoader, make_loader
 from pegasus_dist.distributed import build_accelerator, convert_sync_batchnorm, scaled_lr
 from pegasus_dist.errors import CheckpointError, ConfigError
 from pegasus_dist.evaluate import evaluate, write_eval
-from pegasus_dist.faults import REQUEUE_EXIT_CODE, Preempted, StopSignals, TrainingError, agree
+from pegasus_dist.faults import (
+    REQUEUE_EXIT_CODE,
+    Agreement,
+    NonfiniteWatch,
+    Preempted,
+    StopSignals,
+    TrainingError,
+    agree,
+    nonfinite_ranks,
+)
 from pegasus_dist.loss import vae_loss
 from pegasus_dist.model import VAE, num_parameters
 from pegasus_dist.sampler import run_sampler
@@ -59,6 +70,7 @@ class Phase:
     state: TrainState
     metrics: MetricsLog
     signals: StopSignals
+    watch: NonfiniteWatch
 
     @property
     def global_batch(self) -> int:
@@ -122,10 +134,12 @@ def setup(cfg: Config) -> Phase:
         cfg.optim.lr_scaling, cfg.optim.lr, cfg.optim.base_batch_size, len(loader),
     )
     return Phase(cfg, accelerator, model, optimizer, loader, state,
-                 MetricsLog(accelerator, cfg.run_dir), StopSignals())
+                 MetricsLog(accelerator, cfg.run_dir), StopSignals(),
+                 NonfiniteWatch(accelerator.device))
 
 
 def run_epochs(p: Phase) -> None:
+    """Train to the end of the phase; the ranks wait for each other only at sync points."""
     cfg, accelerator, state = p.cfg, p.accelerator, p.state
     p.model.train()
     window = _Window(accelerator.device)
@@ -135,33 +149,33 @@ def run_epochs(p: Phase) -> None:
                   desc=f"{cfg.train.phase} epoch {state.epoch + 1}/{cfg.train.epochs}",
                   disable=not accelerator.is_main_process, dynamic_ncols=True) as bar:
             for batch in p.loader:
-                terms, count, stop = train_step(p, batch)
+                terms, count = train_step(p, batch)
                 state.step += 1
                 state.batches_done += 1
                 bar.update()
                 window.add(terms, count, batch.skipped)
-                if state.step % cfg.train.log_every == 0:
-                    _log_window(p, window)
-                if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
-                    _save(p)
-                if stop:
-                    _stop_for_requeue(p)
+                log_now = state.step % cfg.train.log_every == 0
+                save_now = bool(cfg.train.checkpoint_every) and (
+                    state.step % cfg.train.checkpoint_every == 0)
+                if log_now or save_now:
+                    _sync_point(p, window, log_metrics=log_now, checkpoint=save_now)
                 if _reached_max_steps(p):
                     break
         if state.batches_done == len(p.loader):
             state.epoch += 1
             state.batches_done = 0
-            if not cfg.train.checkpoint_every:
-                _save(p)
+            _sync_point(p, window, log_metrics=False,
+                        checkpoint=not cfg.train.checkpoint_every)
     if window.steps:
-        _log_window(p, window)
+        _sync_point(p, window, log_metrics=True, checkpoint=False)
 
 
-def train_step(p: Phase, batch) -> tuple[torch.Tensor, int, bool]:
+def train_step(p: Phase, batch) -> tuple[torch.Tensor, int]:
     """One optimizer step on this rank's share of the global batch.
 
-    Returns the loss terms, the number of images and whether the ranks agreed
-    to stop (a preemption signal) after this step.
+    Returns the loss terms and the number of images (0 for a skipped step).
+    Nothing here waits for the device, so the host queues the next step
+    while this one runs; only ``train.on_nonfinite=skip`` reads every loss.
     """
     x = batch.images.to(p.accelerator.device, non_blocking=True).float().div_(255)
     if p.cfg.train.channels_last:
@@ -170,35 +184,77 @@ def train_step(p: Phase, batch) -> tuple[torch.Tensor, int, bool]:
     out = p.model(x, eps)  # Accelerate's prepare() already runs forward under autocast
     terms = vae_loss(out.logits, x, out.mu, out.logvar, beta=p.cfg.loss.beta)
     p.accelerator.backward(terms.total)
-    stop, bad_ranks = agree(p.accelerator, p.signals.received is not None, terms.total)
     stacked = torch.stack([terms.total, terms.recon, terms.kl]).detach()
-    if bad_ranks:
-        _handle_nonfinite(p, bad_ranks)
-        return torch.zeros_like(stacked), 0, stop
+    if p.cfg.train.on_nonfinite == "skip":
+        # The opt-in price of skipping: one host sync per step, so that every
+        # rank skips the update at exactly the bad step.
+        bad_ranks = nonfinite_ranks(p.accelerator, terms.total)
+        if bad_ranks:
+            _skip_update(p, bad_ranks)
+            return torch.zeros_like(stacked), 0
+    else:
+        p.watch.record(p.state.step + 1, p.state.epoch + 1, p.state.batches_done + 1, terms.total)
     if p.cfg.optim.grad_clip:
         p.accelerator.clip_grad_norm_(p.model.parameters(), p.cfg.optim.grad_clip)
     p.optimizer.step()
     p.optimizer.zero_grad(set_to_none=True)
-    if p.accelerator.optimizer_step_was_skipped:  # an fp16 overflow: the scaler lowered its scale
+    # A host flag set by fp16's GradScaler (which syncs in its step anyway); False otherwise.
+    if p.accelerator.optimizer_step_was_skipped:
         p.state.scaler_skipped_steps += 1
-    return stacked, x.shape[0], stop
+    return stacked, x.shape[0]
 
 
-def _handle_nonfinite(p: Phase, bad_ranks: list[int]) -> None:
-    """Skip the update (every rank alike) or stop, naming where and what to do."""
+def _skip_update(p: Phase, bad_ranks: list[int]) -> None:
+    """train.on_nonfinite=skip: drop this step's gradients on every rank alike, and count it."""
     p.optimizer.zero_grad(set_to_none=True)
-    where = (f"step {p.state.step + 1} (epoch {p.state.epoch + 1}, batch "
-             f"{p.state.batches_done + 1}) on rank(s) {bad_ranks}")
-    if p.cfg.train.on_nonfinite == "skip":
-        p.state.nonfinite_skipped_steps += 1
-        log.warning("non-finite loss at %s: update skipped (%d so far)",
-                    where, p.state.nonfinite_skipped_steps)
-        return
+    p.state.nonfinite_skipped_steps += 1
+    where = _where(p.state.step + 1, p.state.epoch + 1, p.state.batches_done + 1, bad_ranks)
+    log.warning("non-finite loss at %s: update skipped (%d so far)",
+                where, p.state.nonfinite_skipped_steps)
+
+
+def _sync_point(p: Phase, window: _Window, log_metrics: bool, checkpoint: bool) -> None:
+    """Agree on faults, then log the window and checkpoint, or stop for a requeue.
+
+    Sync points come every train.log_every steps, at checkpoint steps, at
+    epoch ends and at the end of the run. Stop signals wait for the next one:
+    SLURM warns 120 s before the time limit, far longer than log_every steps.
+    """
+    stop = _agree(p)
+    if log_metrics:
+        _log_window(p, window)
+    if stop:
+        _stop_for_requeue(p)
+    elif checkpoint:
+        _save(p)
+
+
+def _agree(p: Phase) -> bool:
+    """Whether any rank asked to stop; raises if a loss was NaN/Inf since the last sync point.
+
+    Checking before every checkpoint keeps the last one good: weights updated
+    after a non-finite step are never saved.
+    """
+    agreement = agree(p.accelerator, p.signals.received is not None, p.watch)
+    if agreement.first_bad_step is not None:
+        raise _nonfinite_error(p, agreement)
+    p.watch.clear()
+    return agreement.stop
+
+
+def _nonfinite_error(p: Phase, agreement: Agreement) -> TrainingError:
+    step = agreement.first_bad_step
+    epoch, batch = p.watch.position(step)
     last = latest_checkpoint(p.cfg.run_dir / "checkpoints")
-    raise TrainingError(
-        f"non-finite loss at {where}; last good checkpoint: {last or 'none yet'}; "
+    return TrainingError(
+        f"non-finite loss at {_where(step, epoch, batch, agreement.bad_ranks)} "
+        f"(found at step {p.state.step}); last good checkpoint: {last or 'none yet'}; "
         "lower optim.lr or set optim.grad_clip, or train.on_nonfinite=skip to skip such steps"
     )
+
+
+def _where(step: int, epoch: int, batch: int, ranks: list[int]) -> str:
+    return f"step {step} (epoch {epoch}, batch {batch}) on rank(s) {ranks}"
 
 
 def _stop_for_requeue(p: Phase) -> None:
@@ -270,6 +326,7 @@ def _log_window(p: Phase, window: _Window) -> None:
 
 
 def _save(p: Phase) -> Path:
+    """Every rank checkpoints; call it right after :func:`_agree`, so that the weights are good."""
     return save_checkpoint(
         p.accelerator, p.model, p.optimizer, p.state, p.cfg.to_yaml(),
         root=p.cfg.run_dir / "checkpoints", keep=p.cfg.train.keep_checkpoints,
@@ -278,6 +335,7 @@ def _save(p: Phase) -> Path:
 
 def finish(p: Phase) -> None:
     """Final checkpoint, then the sampler on the main process while the others wait."""
+    _agree(p)  # the end of the run; a stop signal now changes nothing: the final checkpoint follows
     final = _save(p)
     if p.accelerator.is_main_process:
         model = p.accelerator.unwrap_model(p.model, keep_torch_compile=False)

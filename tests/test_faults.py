@@ -10,13 +10,16 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 from processes import BIN, REPO, run_bounded
 from safetensors.torch import load_file
 
+from pegasus_dist import train
 from pegasus_dist.checkpoint import latest_checkpoint, list_checkpoints
+from pegasus_dist.config import load_config
 from pegasus_dist.data.manifest import load_manifest
 
 pytestmark = pytest.mark.slow
@@ -136,6 +139,66 @@ def test_nan_on_one_rank_stops_every_rank_naming_step_and_checkpoint(smoke_shard
     assert "error: non-finite loss at step 6 (epoch 1, batch 6) on rank(s) [1]" in done.stdout
     assert f"last good checkpoint: {tmp_path}/pretrain/checkpoints/step_00000004" in done.stdout
     assert latest_checkpoint(tmp_path / "pretrain" / "checkpoints").name == "step_00000004"
+
+
+def test_nan_found_at_the_next_sync_point_is_never_checkpointed(smoke_shards, tmp_path):
+    # Sync points: steps 4 (checkpoint), 5 (log), 8 (checkpoint). The NaN of step 6
+    # is found at step 8, before its checkpoint is written.
+    done, _ = launch2([str(FAULT), "nan", "6", "1", "--config", SMOKE,
+                       *overrides(smoke_shards, tmp_path, 12, "train.log_every=5",
+                                  "train.checkpoint_every=4")])
+    assert done.returncode != 0
+    assert ("error: non-finite loss at step 6 (epoch 1, batch 6) on rank(s) [1] "
+            "(found at step 8)") in done.stdout, done.stdout[-3000:]
+    checkpoints = tmp_path / "pretrain" / "checkpoints"
+    assert f"last good checkpoint: {checkpoints}/step_00000004" in done.stdout
+    assert [c.name for c in list_checkpoints(checkpoints)] == ["step_00000004"]
+    assert not (checkpoints / ".tmp-step_00000008").exists()  # not even begun
+    assert [row["step"] for row in training_rows(tmp_path / "pretrain")] == [5]  # no NaN logged
+
+
+@pytest.mark.parametrize(("mode", "per_step_checks"), [("stop", 0), ("skip", 20)])
+def test_steps_wait_for_the_device_only_at_sync_points(smoke_shards, tmp_path, monkeypatch,
+                                                       mode, per_step_checks):
+    """20 steps, log_every=5: the ranks agree (gather + host read) 20/5 times and once at the end.
+
+    Only train.on_nonfinite=skip also reads every step's loss, as documented.
+    """
+    calls: Counter[str] = Counter()
+
+    def counted(name: str):
+        real = getattr(train, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(train, name, wrapper)
+
+    counted("agree")
+    counted("nonfinite_ranks")
+    train.train(load_config(SMOKE, overrides(smoke_shards, tmp_path, 20, "train.log_every=5",
+                                             f"train.on_nonfinite={mode}")))
+    assert calls["agree"] == 20 // 5 + 1  # no epoch ends or checkpoints within 20 steps
+    assert calls["nonfinite_ranks"] == per_step_checks
+
+
+def test_a_stop_signal_checkpoints_at_the_next_sync_point_and_exits_75(smoke_shards, tmp_path):
+    cmd = ["--config", SMOKE, *overrides(smoke_shards, tmp_path, 24, "train.log_every=5")]
+    # Slowed down (100 ms a step, same numbers) so that the signal lands mid-run.
+    proc = start([sys.executable, str(FAULT), "slow", "100", "0", *cmd])
+    run = tmp_path / "pretrain"
+    wait_until(lambda: (run / "metrics.jsonl").exists(), timeout=120, proc=proc)  # step 5 logged
+    proc.send_signal(signal.SIGUSR1)  # after step 5: the ranks agree on it at step 10 or later
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, out[-3000:]
+    stopped = latest_checkpoint(run / "checkpoints")
+    step = int(stopped.name.removeprefix("step_"))
+    assert step % 5 == 0 and 5 < step < 24, out[-3000:]
+    assert f"stopped by signal at step {step}" in out
+    resumed = run_bounded(train_cmd(smoke_shards, tmp_path, 24, "train.log_every=5"), 300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert f"resumed from {stopped}" in resumed.stdout
 
 
 def test_nan_skipped_and_counted_when_configured(smoke_shards, tmp_path):

@@ -8,7 +8,7 @@ FAULT is one of
   slow-save  the checkpoint of step STEP stalls half-written (the test SIGKILLs it then);
              a file "saving" appears in the run folder when it does
   slow       every step takes STEP milliseconds more (RANK is ignored), so that a test
-             can kill a run mid-epoch; the numbers it computes are unchanged
+             can kill or signal a run mid-epoch; the numbers it computes are unchanged
 """
 
 import os
