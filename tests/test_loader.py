@@ -99,3 +99,13 @@ def test_auto_mode_picks_memory_when_the_set_fits(shard_set):
     assert isinstance(make_loader(cfg, 32, 0, 1, cpu), MemoryLoader)
     cfg.memory_limit_mb = 0
     assert isinstance(make_loader(cfg, 32, 0, 1, cpu), ShardLoader)
+
+
+def test_loader_processes_follow_set_epoch_across_epochs_and_abandoned_ones(shard_set):
+    """Loader workers persist across epochs: each epoch, and a resumed one, is planned anew."""
+    inline = ShardLoader(shard_set, 4, rank=0, world_size=1, num_workers=0, seed=3, image_size=32)
+    workers = ShardLoader(shard_set, 4, rank=0, world_size=1, num_workers=2, seed=3, image_size=32)
+    workers.set_epoch(0)
+    next(iter(workers))  # abandoned after one batch, as train.max_steps does
+    assert keys_of(workers, 4, start=3) == keys_of(inline, 4, start=3)
+    assert keys_of(workers, 5) == keys_of(inline, 5) != keys_of(inline, 4)

@@ -172,7 +172,7 @@ def test_shards_from_other_tar_writers_read_the_same(tmp_path):
             writer = wds.TarWriter(stream, mtime=1.5 if layout == "pax" else 0,
                                    format=f"{layout.upper()}_FORMAT")
             for key, png, meta in expected:
-                writer.write({"__key__": key, "png": png, "json": json.dumps(meta).encode()})
+                writer.write({"__key__": key, "png": bytes(png), "json": json.dumps(meta).encode()})
             writer.close()
         assert [(s.key, s.png, s.meta) for s in iter_shard(other)] == expected
 

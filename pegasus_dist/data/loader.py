@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,15 +105,22 @@ class _ShardStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
-        self.epoch = 0
-        self.start_batch = 0
+        # The loader processes live across epochs (persistent workers: no fork and
+        # no start-up per epoch), so the epoch to plan is shared memory that
+        # set_epoch writes and every worker reads when its epoch starts.
+        self._epoch = multiprocessing.RawValue("q", 0)
+        self._start_batch = multiprocessing.RawValue("q", 0)
+
+    def set_epoch(self, epoch: int, start_batch: int) -> None:
+        self._epoch.value, self._start_batch.value = epoch, start_batch
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        shard_of, inside = global_sequence(self.manifest.shard_sizes, self.seed, self.epoch)
+        epoch, start_batch = self._epoch.value, self._start_batch.value
+        shard_of, inside = global_sequence(self.manifest.shard_sizes, self.seed, epoch)
         plans = rank_batches(self.manifest.num_samples, self.world_size, self.rank,
-                             self.batch_size)[self.start_batch:]
+                             self.batch_size)[start_batch:]
         cache = _ShardCache(self.manifest, self.skip_bad)
         for plan in plans[worker::workers]:
             samples = [cache.sample(int(shard_of[p]), int(inside[p])) for p in plan.positions]
@@ -234,12 +242,12 @@ class ShardLoader:
                                      skip_bad_samples)
         self._num_batches = len(rank_batches(self.num_samples, world_size, rank, batch_size))
         self._loader = DataLoader(self._dataset, batch_size=None, num_workers=num_workers,
-                                  pin_memory=pin_memory, collate_fn=_keep_batch)
+                                  pin_memory=pin_memory, collate_fn=_keep_batch,
+                                  persistent_workers=num_workers > 0)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Plan ``epoch``; iteration then starts at its batch ``start_batch`` (for resuming)."""
-        self._dataset.epoch = epoch
-        self._dataset.start_batch = start_batch
+        self._dataset.set_epoch(epoch, start_batch)
 
     def __len__(self) -> int:
         """Batches per epoch, the same on every rank."""

@@ -46,7 +46,7 @@ class ShardSample:
 
 def _parse_meta(raw: bytes, shard: Path, key: str) -> dict:
     try:
-        meta = _JSON.decode(raw.decode())
+        meta = _JSON.decode(str(raw, "utf-8"))
     except ValueError:
         raise DataError(f"shard {shard}: {key}.json is not valid JSON") from None
     if not isinstance(meta, dict) or "label" not in meta:
@@ -124,8 +124,8 @@ def _is_plain_ustar(data: bytes) -> bool:
 
 
 def _ustar_members(data: bytes) -> Iterator[tuple[str, bytes]]:
-    """(name, content) of each regular file, sliced from the archive's bytes."""
-    offset = 0
+    """(name, content) of each regular file: views into the archive's bytes, not copies."""
+    view, offset = memoryview(data), 0
     while offset + BLOCK <= len(data) and data[offset]:  # a zero byte: the end-of-archive marker
         kind = data[offset + 156]
         if kind not in (0, 48, 53):  # NUL and "0": a regular file, "5": a directory
@@ -139,7 +139,7 @@ def _ustar_members(data: bytes) -> Iterator[tuple[str, bytes]]:
             name = data[offset : offset + 100].rstrip(b"\0").decode()
             if data[offset + 345]:  # ustar's name prefix, for names over 100 bytes
                 name = data[offset + 345 : offset + 500].rstrip(b"\0").decode() + "/" + name
-            yield name, data[start : start + size]
+            yield name, view[start : start + size]
         offset = start + size + (-size % BLOCK)
 
 

@@ -139,16 +139,18 @@ def read_cifar10(path: str | Path, image_size: int = 32, verify_checksum: bool =
     members = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     images, labels, splits = [], [], []
     with _open_tar(path) as tar:
-        batches = {m.name.rsplit("/", 1)[-1]: m for m in tar if m.isfile()}
-        for member in members:
-            if member not in batches:
-                raise DataError(f"{path} has no cifar-10-batches-py/{member}: "
-                                "not the CIFAR-10 python archive")
-            batch = _unpickle(tar.extractfile(batches[member]).read(), f"{path}:{member}")
-            data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-            images.append(data.transpose(0, 2, 3, 1))
-            labels += [canonical_class(CIFAR_CLASSES[i]) for i in batch[b"labels"]]
-            splits += ["test" if member == "test_batch" else "train"] * len(data)
+        # One forward pass: seeking back in a gzip stream decompresses it again from the start.
+        raw = {m.name.rsplit("/", 1)[-1]: tar.extractfile(m).read()
+               for m in tar if m.isfile() and m.name.rsplit("/", 1)[-1] in members}
+    for member in members:
+        if member not in raw:
+            raise DataError(f"{path} has no cifar-10-batches-py/{member}: "
+                            "not the CIFAR-10 python archive")
+        batch = _unpickle(raw[member], f"{path}:{member}")
+        data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        images.append(data.transpose(0, 2, 3, 1))
+        labels += [canonical_class(CIFAR_CLASSES[i]) for i in batch[b"labels"]]
+        splits += ["test" if member == "test_batch" else "train"] * len(data)
     return SourceImages("cifar10", _resize_all(np.concatenate(images), image_size), labels,
                         splits, str(path.resolve()))
 
