@@ -1,23 +1,29 @@
 """`pegasus-dist bench`: throughput measured side by side with a baseline.
 
 One run measures, on the same images (the real CIFAR-10 JPEGs beside the
-repository when present, synthetic ones otherwise):
+repository when present, synthetic ones otherwise), on the GPU when there
+is one:
 
 - ``prepare`` from an archive in the official CIFAR-10 python format;
-- one epoch of each loader: streaming shards with 1 and 2 workers, the
-  device-resident mode, and the baseline a user would otherwise write
-  (torchvision's ``CIFAR10`` on the same images, ``ToTensor``, a
-  ``DataLoader`` with the same workers);
-- training steps of the project's trainer against a bare PyTorch loop
-  written here (same model, batch and precision, batches already in memory);
-- 1 process against 2 gloo processes through ``accelerate launch``.
+- the best of a few whole epochs of each loader: streaming shards with 1 and
+  2 workers, the device-resident mode, and the baseline a user would
+  otherwise write (torchvision's ``CIFAR10`` on the same images,
+  ``ToTensor``, a ``DataLoader`` with the same workers);
+- the project's training loop against a bare PyTorch loop written here
+  (same model, batch and precision, batches already in memory), in fp32 and
+  bf16, the FLOPs it achieves, and the paper's whole recipe extrapolated
+  from one measured epoch;
+- 1 process against 2 gloo processes through ``accelerate launch``;
+- how prepare, streaming, the device-resident start-up and training scale
+  with the image side (32, 64, 96).
 
-Each row is reported against its target as measured/target. Nothing here is
-asserted by the tests: timings belong to this harness.
+Each row with a target is reported as measured/target. The tests check that
+the harness runs and reports; no test asserts a speed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -28,7 +34,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -51,6 +57,7 @@ WARMUP = 2  # untimed steps first: allocator, kernels, autotuning
 # test and unlabeled), then 300 epochs of their labelled horses and birds (2 x 6,000
 # in CIFAR-10, 2 x 1,300 in STL-10).
 PAPER_RECIPE_IMAGES = 100 * 173_000 + 300 * 14_600
+SCALING_IMAGES = 2000
 
 
 @dataclass
@@ -71,35 +78,41 @@ class Row:
         return self.value / self.baseline if self.baseline else self.value
 
 
-def run_bench(images: int, steps: int, out: Path) -> list[Row]:
+def run_bench(images: int, steps: int, out: Path, sizes: list[int], images_from: str,
+              process_steps: int) -> list[Row]:
+    """Measure every row, write ``out`` (JSON) and return the rows.
+
+    ``images_from`` is ``auto`` (the real CIFAR-10 JPEGs beside the repository
+    when present, else synthetic), ``synthetic`` or an image folder or
+    tarball; ``sizes`` are the image sides of the scaling rows;
+    ``process_steps`` the steps of each 1- and 2-process run.
+    """
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        pixels, labels, origin = _images(images)
-        log.info("bench images: %d from %s", len(pixels), origin)
+        pixels, labels, origin = _images(images, images_from)
+        log.info("bench images: %d from %s on %s", len(pixels), origin, device)
         rows += _prepare_rows(pixels, labels, work)
         rows += _loader_rows(work, device)
         rows += _trainer_rows(work, steps, device)
-        rows += _process_rows(work)
-    _write(rows, out, origin)
+        rows += _process_rows(work, process_steps)
+        rows += _scaling_rows(pixels, labels, work, sizes, max(2, steps // 4), device)
+    _write(rows, out, origin, device)
     return rows
 
 
-def _images(count: int) -> tuple[np.ndarray, list[int], str]:
-    if REAL_CIFAR.is_file():
-        source = read_image_folder(REAL_CIFAR)
-        origin = str(REAL_CIFAR)
-    else:
-        source = synthetic(count)
-        origin = "synthetic"
+def _images(count: int, images_from: str) -> tuple[np.ndarray, list[int], str]:
+    if images_from == "auto":
+        images_from = str(REAL_CIFAR) if REAL_CIFAR.is_file() else "synthetic"
+    source = synthetic(count) if images_from == "synthetic" else read_image_folder(images_from)
     classes = {name: i for i, name in enumerate(CIFAR_CLASSES)} | {"car": 1}
     # A seeded sample of every class: the folder lists images class by class.
     pick = np.sort(np.random.default_rng(0).choice(len(source.labels), min(count, len(source.labels)),
                                                    replace=False))
     labels = [classes.get(source.labels[i] or "", 0) for i in pick]
-    return source.images[pick], labels, origin
+    return source.images[pick], labels, images_from
 
 
 def _prepare_rows(pixels: np.ndarray, labels: list[int], work: Path) -> list[Row]:
@@ -183,29 +196,16 @@ def _torchvision_loader(work: Path, batch: int, workers: int) -> torch.utils.dat
 
 def _trainer_rows(work: Path, steps: int, device: torch.device) -> list[Row]:
     """The project's loop against a bare one in fp32 and bf16, and a whole bf16 epoch."""
-    from accelerate.state import AcceleratorState
-
-    from pegasus_dist import train
-
     rows = []
     for precision in ("no", "bf16"):
         label = "fp32" if precision == "no" else precision
-        cfg = config_from_dict({
-            "run": {"output_dir": str(work / "runs"), "name": f"bench-{precision}"},
-            "data": {"shards": str(work / "shards"), "batch_size": 128, "mode": "memory"},
-            "train": {"mixed_precision": precision, "cpu": device.type != "cuda",
-                      "checkpoint_every": 10**9},  # no checkpoint inside a timing
-            "wandb": {"mode": "disabled"},
-        })
-        phase = train.setup(cfg)
-        try:
+        cfg = _train_config(work / "shards", work / "runs", precision, device)
+        with _phase(cfg) as phase:
             phase.loader.set_epoch(0)
             batches = [b for _, b in zip(range(steps + WARMUP), phase.loader, strict=False)]
             project = 128 * _loop_rate(phase, WARMUP, steps, device)
             epoch = 128 * _loop_rate(phase, 0, len(phase.loader), device) if label == "bf16" else 0
-        finally:
-            phase.signals.restore()
-            AcceleratorState._reset_state(reset_partial_state=True)  # the next Accelerator may differ
+            epoch_images = phase.loader.num_samples
         bare = 128 * _steps_per_second(_bare_step(cfg, precision, device), batches, device)
         flops = _flops_per_image(cfg)
         rows += [
@@ -215,8 +215,35 @@ def _trainer_rows(work: Path, steps: int, device: torch.device) -> list[Row]:
             Row(f"  achieved, {label}", project * flops / 1e12, "TFLOP/s"),
         ]
         if epoch:
-            rows += _recipe_rows(epoch, phase.loader.num_samples, device)
+            rows += _recipe_rows(epoch, epoch_images, device)
     return rows
+
+
+def _train_config(shards: Path, runs: Path, precision: str, device: torch.device,
+                  image_size: int = 32):
+    return config_from_dict({
+        "run": {"output_dir": str(runs), "name": f"bench-{precision}-{image_size}"},
+        "data": {"shards": str(shards), "batch_size": 128, "mode": "memory"},
+        "model": {"image_size": image_size},
+        "train": {"mixed_precision": precision, "cpu": device.type != "cuda",
+                  "checkpoint_every": 10**9},  # no checkpoint inside a timing
+        "wandb": {"mode": "disabled"},
+    })
+
+
+@contextlib.contextmanager
+def _phase(cfg) -> Iterator:
+    """The trainer's phase for ``cfg``, torn down so that the next one may differ."""
+    from accelerate.state import AcceleratorState
+
+    from pegasus_dist import train
+
+    phase = train.setup(cfg)
+    try:
+        yield phase
+    finally:
+        phase.signals.restore()
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _loop_rate(phase, warmup: int, steps: int, device: torch.device) -> float:
@@ -288,15 +315,15 @@ def _steps_per_second(step: Callable, batches: list, device: torch.device) -> fl
     return (len(batches) - WARMUP) / (time.perf_counter() - started)
 
 
-def _process_rows(work: Path) -> list[Row]:
+def _process_rows(work: Path, steps: int) -> list[Row]:
     rates = {}
     for procs, launch in ((1, "cpu-1proc.yaml"), (2, "cpu-2proc-gloo.yaml")):
         runs = work / f"procs{procs}"
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "launch" / launch), str(REPO / "pegasus_dist" / "train.py"),
                "--config", str(REPO / "configs/smoke/pretrain.yaml"),
-               f"data.shards={work / 'shards'}", f"run.output_dir={runs}", "train.max_steps=60",
-               "train.log_every=20", "wandb.mode=disabled", "data.mode=memory"]
+               f"data.shards={work / 'shards'}", f"run.output_dir={runs}", f"train.max_steps={steps}",
+               f"train.log_every={max(1, steps // 3)}", "wandb.mode=disabled", "data.mode=memory"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if done.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
@@ -306,13 +333,42 @@ def _process_rows(work: Path) -> list[Row]:
     return [Row("2 gloo processes vs 1 (smoke model, CPU)", rates[2], "images/s", rates[1])]
 
 
-def _write(rows: list[Row], out: Path, origin: str) -> None:
+def _scaling_rows(pixels: np.ndarray, labels: list[int], work: Path, sizes: list[int],
+                  steps: int, device: torch.device) -> list[Row]:
+    """How each cost grows with the image side: the same images, upscaled by prepare."""
+    count = min(len(pixels), SCALING_IMAGES)
+    archive = write_cifar10_archive(pixels[:count], labels[:count], work / "scaling.tar.gz")
+    rows = []
+    for size in sizes:
+        shards = work / f"scaling-{size}"
+        started = time.perf_counter()
+        prepare(PrepareConfig(sources=[f"cifar10:{archive}"], out=str(shards), image_size=size,
+                              shard_size=500, verify_checksums=False))
+        rows.append(Row(f"image size {size}: prepare, per core", count / (time.perf_counter() - started)
+                        / (os.cpu_count() or 1), "images/s"))
+        stream = ShardLoader(shards / "mix", 128, 0, 1, 1, seed=0, image_size=size)
+        rows.append(Row(f"image size {size}: stream, 1 worker", _epoch_rate(stream, device), "images/s"))
+        started = time.perf_counter()
+        memory = MemoryLoader(shards / "mix", 128, 0, 1, seed=0, image_size=size, device=device)
+        rows.append(Row(f"image size {size}: device-resident start-up, per 100k images",
+                        (time.perf_counter() - started) / memory.num_samples * 1e5, "s"))
+        cfg = _train_config(shards, work / "runs", "bf16", device, image_size=size)
+        with _phase(cfg) as phase:
+            rate = 128 * _loop_rate(phase, WARMUP, steps, device)
+        flops = _flops_per_image(cfg)
+        rows.append(Row(f"image size {size}: trainer, bf16, {flops / 1e9:.2f} GFLOP an image",
+                        rate, "images/s"))
+    return rows
+
+
+def _write(rows: list[Row], out: Path, origin: str, device: torch.device) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     data = {
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                    "torch": torch.__version__, "cuda": torch.cuda.is_available()},
+                    "torch": torch.__version__, "device": str(device),
+                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
         "images": origin,
-        "rows": [asdict(r) | {"measured": r.measured} for r in rows],
+        "rows": [asdict(r) | {"measured": r.measured, "met": r.met} for r in rows],
     }
     out.write_text(json.dumps(data, indent=2) + "\n")
 

@@ -156,12 +156,19 @@ def report(
 def bench(
     images: Annotated[int, typer.Option(help="images to benchmark with")] = 10000,
     steps: Annotated[int, typer.Option(help="timed training steps per precision")] = 8,
+    size: Annotated[list[int] | None, typer.Option(
+        help="image side of the scaling rows; repeat for several [default: 32, 64, 96]")] = None,
+    images_from: Annotated[str, typer.Option(
+        help="auto (the CIFAR-10 JPEGs in ../shared/data when present, else synthetic), "
+             "synthetic, or an image folder or .tar.gz")] = "auto",
+    process_steps: Annotated[int, typer.Option(help="steps of the 1- and 2-process runs")] = 60,
     out: Annotated[Path, typer.Option(help="JSON to write")] = Path("bench/results/latest.json"),
 ) -> None:
     """Loader, trainer, prepare and process-count throughput, each against its baseline."""
     from pegasus_dist.bench import format_table, run_bench
 
-    rows = run_bench(images, steps, out)
+    rows = exit_on_user_error(lambda: run_bench(images, steps, out, size or [32, 64, 96],
+                                                images_from, process_steps))
     typer.echo(format_table(rows))
     typer.echo(f"wrote {out}")
 
