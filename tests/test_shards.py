@@ -175,6 +175,9 @@ def test_shards_from_other_tar_writers_read_the_same(tmp_path):
                 writer.write({"__key__": key, "png": bytes(png), "json": json.dumps(meta).encode()})
             writer.close()
         assert [(s.key, s.png, s.meta) for s in iter_shard(other)] == expected
+        other.write_bytes(other.read_bytes()[:9000])  # truncated: named, whatever the reader
+        with pytest.raises(DataError, match=f"shard {other}"):
+            list(iter_shard(other))
 
 
 def test_our_tar_writer_writes_what_tarfile_writes(tmp_path):

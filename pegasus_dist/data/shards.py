@@ -10,17 +10,18 @@ Shards are ustar archives written here header by header, with a fixed owner,
 mode and time stamp, so the same samples give byte-identical shards. Reading
 slices the members straight out of the file's bytes (about 1 us a member,
 against about 20 us through ``tarfile``); an archive in another layout (PAX
-or GNU headers, as other tools write) is read through ``tarfile`` instead.
+or GNU headers, as other tools write) is read by WebDataset's own tar reader.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from webdataset.tariterators import tar_file_iterator
 
 from pegasus_dist.errors import DataError
 
@@ -100,7 +101,7 @@ def iter_shard(path: Path) -> Iterator[ShardSample]:
     pending: dict[str, dict[str, bytes]] = {}
     try:
         data = path.read_bytes()
-        members = _ustar_members(data) if _is_plain_ustar(data) else _tarfile_members(data)
+        members = _ustar_members(data) if _is_plain_ustar(data) else _webdataset_members(path)
         for name, content in members:
             key, _, ext = name.partition(".")
             parts = pending.setdefault(key, {})
@@ -143,8 +144,8 @@ def _ustar_members(data: bytes) -> Iterator[tuple[str, bytes]]:
         offset = start + size + (-size % BLOCK)
 
 
-def _tarfile_members(data: bytes) -> Iterator[tuple[str, bytes]]:
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        for member in tar:
-            if member.isfile():
-                yield member.name, tar.extractfile(member).read()
+def _webdataset_members(path: Path) -> Iterator[tuple[str, bytes]]:
+    """(name, content) of each regular file, read the way WebDataset reads any tar."""
+    with open(path, "rb") as stream:
+        for member in tar_file_iterator(stream):
+            yield member["fname"], member["data"]
