@@ -368,7 +368,9 @@ def _process_rows(work: Path, steps: int) -> list[Row]:
                "--config", str(REPO / "configs/smoke/pretrain.yaml"),
                f"data.shards={work / 'shards'}", f"run.output_dir={runs}", f"train.max_steps={steps}",
                f"train.log_every={max(1, steps // 3)}", "wandb.mode=disabled", "data.mode=memory"]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        # On the CPU even on a GPU machine: one GPU cannot host two NCCL ranks.
+        env = os.environ | {"CUDA_VISIBLE_DEVICES": ""}
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
         if done.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
         rows = [json.loads(line) for line in (runs / "pretrain/metrics.jsonl").read_text().splitlines()]
