@@ -29,6 +29,7 @@ from PIL import Image
 
 from pegasus_dist.errors import DataError
 
+Bytes = bytes | memoryview  # shards hand out views into their bytes, not copies
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _RGB8 = (8, 2, 0, 0, 0)  # bit depth 8, colour type RGB, deflate, adaptive filtering, no interlace
 _HEAD = 33  # signature (8) + IHDR chunk (4 length + 4 type + 13 data + 4 CRC)
@@ -45,7 +46,7 @@ def encode_png(image: np.ndarray) -> bytes:
                      _chunk(b"IEND", b"")))
 
 
-def decode_plain_batch(pngs: Sequence[bytes], image_size: int) -> np.ndarray | None:
+def decode_plain_batch(pngs: Sequence[Bytes], image_size: int) -> np.ndarray | None:
     """Plain square PNGs of ``image_size`` -> (B, H, W, 3) uint8, a read-only view.
 
     None when any of them is not a plain PNG of that size: decode those one by
@@ -66,7 +67,7 @@ def decode_plain_batch(pngs: Sequence[bytes], image_size: int) -> np.ndarray | N
     return rows[:, :, 1:].reshape(len(pngs), image_size, image_size, 3)
 
 
-def decode_image(png: bytes, image_size: int, where: str) -> np.ndarray:
+def decode_image(png: Bytes, image_size: int, where: str) -> np.ndarray:
     """PNG bytes -> a new (H, W, 3) uint8 array, checked against the expected size.
 
     ``where`` names the sample in errors.
@@ -98,7 +99,7 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def _inflate(stream: bytes) -> bytes:
+def _inflate(stream: Bytes) -> Bytes:
     """The data of a zlib stream, checked against its Adler-32.
 
     A stream of stored blocks (what :func:`encode_png` writes) is sliced, not
@@ -124,7 +125,7 @@ def _inflate(stream: bytes) -> bytes:
     return data
 
 
-def _idat(png: bytes, head: bytes) -> bytes:
+def _idat(png: Bytes, head: bytes) -> Bytes:
     """The zlib stream of a plain PNG that starts with ``head`` and holds one IDAT chunk."""
     if png[:_HEAD] != head or png[_HEAD + 4 : _HEAD + 8] != b"IDAT":
         raise ValueError("not a plain PNG of this size")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from webdataset.tariterators import tar_file_iterator
 
+from pegasus_dist.data.png import Bytes
 from pegasus_dist.errors import DataError
 
 BLOCK = 512  # tar's unit: a header, and the padding of every member's data
@@ -32,8 +33,8 @@ _JSON = json.JSONDecoder()  # skips json.loads's per-call encoding detection
 @dataclass
 class ShardSample:
     key: str
-    png: bytes
-    raw_meta: bytes  # the JSON member, parsed on first use of ``meta``
+    png: Bytes  # a view into the shard's bytes when read by the fast path
+    raw_meta: Bytes  # the JSON member, parsed on first use of ``meta``
     shard: Path
     _meta: dict | None = field(default=None, repr=False)
 
@@ -45,7 +46,7 @@ class ShardSample:
         return self._meta
 
 
-def _parse_meta(raw: bytes, shard: Path, key: str) -> dict:
+def _parse_meta(raw: Bytes, shard: Path, key: str) -> dict:
     try:
         meta = _JSON.decode(str(raw, "utf-8"))
     except ValueError:
@@ -124,7 +125,7 @@ def _is_plain_ustar(data: bytes) -> bool:
     return len(data) >= BLOCK and data[257:262] == b"ustar" and data[156:157] in (b"0", b"\0")
 
 
-def _ustar_members(data: bytes) -> Iterator[tuple[str, bytes]]:
+def _ustar_members(data: bytes) -> Iterator[tuple[str, memoryview]]:
     """(name, content) of each regular file: views into the archive's bytes, not copies."""
     view, offset = memoryview(data), 0
     while offset + BLOCK <= len(data) and data[offset]:  # a zero byte: the end-of-archive marker
