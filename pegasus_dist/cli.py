@@ -157,7 +157,8 @@ def bench(
     images: Annotated[int, typer.Option(help="images to benchmark with")] = 10000,
     steps: Annotated[int, typer.Option(help="timed training steps per precision")] = 8,
     size: Annotated[list[int] | None, typer.Option(
-        help="image side of the scaling rows; repeat for several [default: 32, 64, 96]")] = None,
+        help="image side of the scaling rows; repeat for several", show_default="32, 64, 96",
+    )] = None,
     images_from: Annotated[str, typer.Option(
         help="auto (the CIFAR-10 JPEGs in ../shared/data when present, else synthetic), "
              "synthetic, or an image folder or .tar.gz")] = "auto",
