@@ -57,6 +57,7 @@ from pegasus_dist.model import VAE
 log = logging.getLogger("pegasus_dist.bench")
 REPO = Path(__file__).resolve().parents[1]
 REAL_CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
+BATCH = 128  # per process, in every loader and training row
 WARMUP = 2  # untimed steps first: allocator, kernels, autotuning
 ROUNDS = 3  # the project's loop and the bare one, timed in turn this many times
 # The paper's recipe: 100 epochs of CIFAR-10 (60,000 images) + STL-10 (113,000: train,
@@ -133,7 +134,7 @@ def _prepare_rows(pixels: np.ndarray, labels: list[int], work: Path) -> list[Row
 
 
 def _loader_rows(work: Path, device: torch.device) -> list[Row]:
-    mix, batch = work / "shards" / "mix", 128
+    mix, batch = work / "shards" / "mix", BATCH
     baseline = {w: _epoch_rate(_torchvision_loader(work, batch, w), device) for w in (1, 2)}
     rows = []
     for workers in (1, 2):
@@ -232,13 +233,13 @@ def _trainer_rows(work: Path, steps: int, device: torch.device) -> list[Row]:
             # Rounds that alternate the two loops, and the best of each: a neighbour's
             # burst on a shared machine then slows both alike or neither.
             rounds = [(_loop_rate(phase, WARMUP, steps, device),
-                       _steps_per_second(bare_step, batches, device)) for _ in range(ROUNDS)]
-            epoch = 128 * _loop_rate(phase, 0, len(phase.loader), device) if label == "bf16" else 0
+                       BATCH * _steps_per_second(bare_step, batches, device)) for _ in range(ROUNDS)]
+            epoch = _loop_rate(phase, 0, len(phase.loader), device) if label == "bf16" else 0
             epoch_images = phase.loader.num_samples
-        project, bare = (128 * max(rates) for rates in zip(*rounds, strict=True))
+        project, bare = (max(rates) for rates in zip(*rounds, strict=True))
         flops = _flops_per_image(cfg)
         rows += [
-            Row(f"trainer vs bare loop, paper model, {label}, batch 128", project, "images/s",
+            Row(f"trainer vs bare loop, paper model, {label}, batch {BATCH}", project, "images/s",
                 bare, 0.95, "the loop's own work (noise, loss sums, progress bar) shows beside "
                 "the device's at this model size"),
             Row(f"  achieved, {label}", project * flops / 1e12, "TFLOP/s"),
@@ -252,7 +253,7 @@ def _train_config(shards: Path, runs: Path, precision: str, device: torch.device
                   image_size: int = 32):
     return config_from_dict({
         "run": {"output_dir": str(runs), "name": f"bench-{precision}-{image_size}"},
-        "data": {"shards": str(shards), "batch_size": 128, "mode": "memory"},
+        "data": {"shards": str(shards), "batch_size": BATCH, "mode": "memory"},
         "model": {"image_size": image_size},
         "train": {"mixed_precision": precision, "cpu": device.type != "cuda",
                   "checkpoint_every": 10**9},  # no checkpoint inside a timing
@@ -290,7 +291,7 @@ def _adam_rows(device: torch.device) -> list[Row]:
 
 
 def _loop_rate(phase, warmup: int, steps: int, device: torch.device) -> float:
-    """Steps per second of the project's training loop (``train.run_epochs``), after a warm-up."""
+    """Images per second of the project's training loop (``train.run_epochs``), after a warm-up."""
     from pegasus_dist import train
 
     def run_to(step: int) -> None:
@@ -302,7 +303,7 @@ def _loop_rate(phase, warmup: int, steps: int, device: torch.device) -> float:
     started = time.perf_counter()
     run_to(phase.state.step + steps)
     _synchronize(device)
-    return steps / (time.perf_counter() - started)
+    return steps * phase.global_batch / (time.perf_counter() - started)
 
 
 def _recipe_rows(rate: float, epoch_images: int, device: torch.device) -> list[Row]:
@@ -392,15 +393,15 @@ def _scaling_rows(pixels: np.ndarray, labels: list[int], work: Path, sizes: list
                               shard_size=500, verify_checksums=False))
         rows.append(Row(f"image size {size}: prepare, per core", count / (time.perf_counter() - started)
                         / (os.cpu_count() or 1), "images/s"))
-        stream = ShardLoader(shards / "mix", 128, 0, 1, 1, seed=0, image_size=size)
+        stream = ShardLoader(shards / "mix", BATCH, 0, 1, 1, seed=0, image_size=size)
         rows.append(Row(f"image size {size}: stream, 1 worker", _epoch_rate(stream, device), "images/s"))
         started = time.perf_counter()
-        memory = MemoryLoader(shards / "mix", 128, 0, 1, seed=0, image_size=size, device=device)
+        memory = MemoryLoader(shards / "mix", BATCH, 0, 1, seed=0, image_size=size, device=device)
         rows.append(Row(f"image size {size}: device-resident start-up, per 100k images",
                         (time.perf_counter() - started) / memory.num_samples * 1e5, "s"))
         cfg = _train_config(shards, work / "runs", "bf16", device, image_size=size)
         with _phase(cfg) as phase:
-            rate = 128 * _loop_rate(phase, WARMUP, steps, device)
+            rate = _loop_rate(phase, WARMUP, steps, device)
         flops = _flops_per_image(cfg)
         rows.append(Row(f"image size {size}: trainer, bf16, {flops / 1e9:.2f} GFLOP an image",
                         rate, "images/s"))

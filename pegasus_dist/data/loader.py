@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pegasus_dist.config import DataConfig
 from pegasus_dist.data.manifest import Manifest, load_manifest
-from pegasus_dist.data.png import decode_image, decode_plain_batch
+from pegasus_dist.data.png import decode_image, decode_images, decode_plain_batch
 from pegasus_dist.data.shards import ShardSample, iter_shard
 from pegasus_dist.errors import DataError
 
@@ -288,10 +288,10 @@ class MemoryLoader:
             if len(samples) != size:
                 raise DataError(f"shard {path} holds {len(samples)} samples but its manifest says "
                                 f"{size}; re-run `pegasus-dist prepare`")
-            for sample in samples:
-                images[len(keys)] = decode_image(sample.png, image_size, f"{path}:{sample.key}")
-                keys.append(sample.key)
-                labels.append(sample.meta["label"])
+            images[len(keys) : len(keys) + size] = decode_images(
+                [s.png for s in samples], image_size, [f"{path}:{s.key}" for s in samples])
+            keys += [s.key for s in samples]
+            labels += [s.meta["label"] for s in samples]
         # Object arrays: a batch's names are then one fancy index away.
         self.keys, self.labels = np.array(keys, dtype=object), np.array(labels, dtype=object)
         self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(self.device)

@@ -67,6 +67,17 @@ def decode_plain_batch(pngs: Sequence[Bytes], image_size: int) -> np.ndarray | N
     return rows[:, :, 1:].reshape(len(pngs), image_size, image_size, 3)
 
 
+def decode_images(pngs: Sequence[Bytes], image_size: int, wheres: Sequence[str]) -> np.ndarray:
+    """PNGs -> (B, H, W, 3) uint8: in one pass when all are plain, else one by one.
+
+    ``wheres`` name the samples; a bad one raises DataError naming it.
+    """
+    plain = decode_plain_batch(pngs, image_size)
+    if plain is not None:
+        return plain
+    return np.stack([decode_image(png, image_size, where) for png, where in zip(pngs, wheres, strict=True)])
+
+
 def decode_image(png: Bytes, image_size: int, where: str) -> np.ndarray:
     """PNG bytes -> a new (H, W, 3) uint8 array, checked against the expected size.
 

@@ -27,6 +27,7 @@ from pegasus_dist.data.png import Bytes
 from pegasus_dist.errors import DataError
 
 BLOCK = 512  # tar's unit: a header, and the padding of every member's data
+_OWNER = b"pegasus".ljust(32, b"\0")  # user and group names of every member
 _JSON = json.JSONDecoder()  # skips json.loads's per-call encoding detection
 
 
@@ -80,14 +81,13 @@ def _ustar_header(name: str, size: int) -> bytes:
     encoded = name.encode()
     if len(encoded) > 100:
         raise ValueError(f"tar member name {name!r} is longer than ustar's 100 bytes")
-    owner = b"pegasus".ljust(32, b"\0")
     header = b"".join((
         encoded.ljust(100, b"\0"),
         b"0000444\0", b"0000000\0", b"0000000\0",  # mode, uid, gid
         b"%011o\0" % size, b"00000000000\0",  # size, mtime
         b" " * 8,  # the checksum counts its own field as spaces
         b"0", bytes(100),  # type: regular file; no link
-        b"ustar\x0000", owner, owner,  # magic and version, user, group
+        b"ustar\x0000", _OWNER, _OWNER,  # magic and version, user, group
         bytes(16 + 155 + 12),  # device numbers (none), name prefix, padding
     ))
     return header[:148] + b"%06o\0 " % sum(header) + header[156:]
