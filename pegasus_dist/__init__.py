@@ -1,3 +1,5 @@
 """pegasus-dist: distributed training of the winged-horse VAE."""
 
-__version__ = "0.1.0"
+from importlib.metadata import version
+
+__version__ = version("pegasus-dist")  # pyproject.toml's, through the installed package's metadata

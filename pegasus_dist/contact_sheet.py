@@ -2,14 +2,16 @@
 
 The paper's author picked 8 horses and 21 birds by hand. This writes a
 seeded random selection of labelled images as one PNG, each tile enlarged and
-captioned with its shard key, plus a JSON listing the same keys, so that a
-person can paste the keys they like into ``sampler.horse_keys`` and
-``sampler.bird_keys``.
+captioned with its whole shard key (in as many lines as the tile's width
+needs), plus a JSON listing the same keys, so that a person can paste the
+keys they like into ``sampler.horse_keys`` and ``sampler.bird_keys``.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +22,9 @@ from pegasus_dist.data.png import decode_image
 from pegasus_dist.data.shards import iter_shard
 from pegasus_dist.errors import DataError
 
-CAPTION = 14  # pixels of caption strip under each tile
 HEADER = 20  # pixels of title above each label's section
+MARGIN = 2  # pixels around each caption, inside its tile's strip
+BREAKS = ("-", "_", "")  # where captions break, in order of preference ("" = anywhere)
 
 
 def contact_sheet(
@@ -45,7 +48,7 @@ def contact_sheet(
         chosen[label] = [keys[i] for i in picks]
     images = _images(manifest.shard_paths, {k for ks in chosen.values() for k in ks},
                      manifest.image_size)
-    sheet = _draw(chosen, images, columns, tile)
+    sheet, _ = draw_sheet(chosen, images, columns, tile)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out)
@@ -60,14 +63,66 @@ def _images(paths: list[Path], keys: set[str], size: int) -> dict[str, np.ndarra
             for p in paths for s in iter_shard(p) if s.key in keys}
 
 
-def _draw(chosen: dict[str, list[str]], images: dict[str, np.ndarray], columns: int,
-          tile: int) -> Image.Image:
-    cell = tile + CAPTION
+@dataclass(frozen=True)
+class Caption:
+    """Where one tile's key is written: its lines, each line's top-left, and the strip under the tile."""
+
+    key: str
+    lines: list[str]
+    origins: list[tuple[int, int]]
+    strip: tuple[int, int, int, int]  # left, top, right, bottom (exclusive), as in PIL boxes
+
+
+def caption_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    return ImageFont.load_default()
+
+
+def caption_lines(key: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int) -> list[str]:
+    """``key`` in lines no wider than ``width`` pixels, which joined give the key back.
+
+    Broken after a "-" where one fits (between a key's source, split and
+    index), else after a "_", else anywhere, and filled from the end, so that
+    the tail that tells keys apart (``train-0004013``) stays on one line.
+    """
+    return _fill(key, font, width, BREAKS)
+
+
+def _fill(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int,
+          breaks: tuple[str, ...]) -> list[str]:
+    """Pieces of ``text`` cut after ``breaks[0]``, from the last; one too wide is cut by the next break."""
+    sep, finer = breaks[0], breaks[1:]
+    if sep:
+        cut = re.escape(sep)
+        pieces = re.findall(rf"[^{cut}]*{cut}|[^{cut}]+$", text)
+    else:
+        pieces = list(text)
+    lines: list[str] = []
+    for piece in reversed(pieces):
+        if lines and font.getlength(piece + lines[0]) <= width:
+            lines[0] = piece + lines[0]
+        elif font.getlength(piece) <= width or not finer:
+            lines.insert(0, piece)
+        else:
+            lines[:0] = _fill(piece, font, width, finer)
+    return lines
+
+
+def draw_sheet(chosen: dict[str, list[str]], images: dict[str, np.ndarray], columns: int,
+               tile: int) -> tuple[Image.Image, list[Caption]]:
+    """The sheet: per label a title, then its tiles in rows, each over its caption strip.
+
+    The strips are as tall as the longest key needs, so every caption fits under its own tile.
+    """
+    font = caption_font()
+    lines = {key: caption_lines(key, font, tile - 2 * MARGIN) for keys in chosen.values()
+             for key in keys}
+    line_height = font.getbbox("Ag_|")[3] + 1
+    cell = tile + max(map(len, lines.values()), default=1) * line_height + 2 * MARGIN
     rows = {label: -(-len(keys) // columns) for label, keys in chosen.items()}
     height = sum(HEADER + r * cell for r in rows.values())
     sheet = Image.new("RGB", (columns * tile, height), "white")
     draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default()
+    captions = []
     top = 0
     for label, keys in chosen.items():
         draw.text((4, top + 4), f"{label}: {len(keys)} candidates (sampler.{label}_keys)",
@@ -77,6 +132,10 @@ def _draw(chosen: dict[str, list[str]], images: dict[str, np.ndarray], columns: 
             x, y = (i % columns) * tile, top + (i // columns) * cell
             sheet.paste(Image.fromarray(images[key]).resize((tile, tile), Image.Resampling.NEAREST),
                         (x, y))
-            draw.text((x + 2, y + tile + 1), key, fill="black", font=font)
+            origins = [(x + MARGIN, y + tile + MARGIN + j * line_height)
+                       for j in range(len(lines[key]))]
+            for j, line in enumerate(lines[key]):
+                draw.text(origins[j], line, fill="black", font=font)
+            captions.append(Caption(key, lines[key], origins, (x, y + tile, x + tile, y + cell)))
         top += rows[label] * cell
-    return sheet
+    return sheet, captions

@@ -2,7 +2,8 @@
 
 For each run folder: the loss curves (total, reconstruction BCE and KL per
 image, from ``metrics.jsonl``) drawn as inline SVG, the newest held-out
-evaluation, and the sample grids embedded as images. The page has no
+evaluation, and the sample grids embedded as images (the phase's own and
+those ``pegasus-dist sample`` wrote into ``samples/step_N/``). The page has no
 external references, so it can be mailed or attached as it is.
 """
 
@@ -55,11 +56,24 @@ def _run_section(run: Path) -> str:
     )
     grids = "".join(
         f"<figure style='display:inline-block'><img src='data:image/png;base64,"
-        f"{base64.b64encode(path.read_bytes()).decode()}'><figcaption>{name}</figcaption></figure>"
-        for name in GRIDS if (path := run / "samples" / f"{name}.png").is_file()
+        f"{base64.b64encode(path.read_bytes()).decode()}'><figcaption>{html.escape(caption)}"
+        "</figcaption></figure>"
+        for caption, path in find_grids(run)
     )
     return (f"<h2>{html.escape(run.name)} ({html.escape(phase)})</h2><div>{charts}</div>"
             f"{_eval_table(run)}<div>{grids}</div>")
+
+
+def find_grids(run: Path) -> list[tuple[str, Path]]:
+    """Each grid as (caption, PNG): the phase's own in samples/, then `pegasus-dist sample`'s.
+
+    Those in samples/step_N/ are captioned with their folder, e.g. "analogy (step_00000120)".
+    """
+    samples = run / "samples"
+    folders = [(samples, "")] + [(folder, f" ({folder.name})")
+                                 for folder in sorted(samples.glob("step_*")) if folder.is_dir()]
+    return [(name + suffix, path) for folder, suffix in folders for name in GRIDS
+            if (path := folder / f"{name}.png").is_file()]
 
 
 def _chart(name: str, points: list[tuple[float, float]]) -> str:

@@ -2,8 +2,6 @@
 # Phase 2 (finetune on horses and birds, from the pretrain run's weights) as a
 # SLURM job. Submit from the repository root after pretrain has finished, or
 # with a dependency (slurm/submit-pipeline.sh does both phases this way):
-#   mkdir -p slurm/logs    # sbatch does not create the --output folder; without
-#                          # it the job fails at start and leaves no log
 #   sbatch --dependency=afterok:PRETRAIN_JOB_ID slurm/finetune.sh
 #   PEGASUS_PRETRAIN_RUN=runs/pretrain sbatch -p PARTITION -A ACCOUNT slurm/finetune.sh
 #   sbatch --gpus-per-node=0 --cpus-per-task=1 slurm/finetune.sh   # CPU-only cluster

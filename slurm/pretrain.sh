@@ -1,8 +1,6 @@
 #!/usr/bin/env bash
 # Phase 1 (pretrain on the CIFAR-10 + STL-10 mix) as a SLURM job. Submit from
 # the repository root (both phases in order: slurm/submit-pipeline.sh):
-#   mkdir -p slurm/logs    # sbatch does not create the --output folder; without
-#                          # it the job fails at start and leaves no log
 #   sbatch slurm/pretrain.sh
 #   sbatch -p PARTITION -A ACCOUNT --nodes=4 --gpus-per-node=8 slurm/pretrain.sh
 #   sbatch --gpus-per-node=0 --cpus-per-task=1 slurm/pretrain.sh   # CPU-only cluster

@@ -14,7 +14,7 @@ if [ -n "${PEGASUS_CONFIG:-}" ]; then
     exit 2
 fi
 command -v sbatch >/dev/null || { echo "submit-pipeline.sh: sbatch not found: run this on a SLURM login node" >&2; exit 1; }
-mkdir -p slurm/logs  # sbatch does not create the --output folder; the job would fail without it
+mkdir -p slurm/logs  # committed, but sbatch fails without a log if a copy of the checkout lacks it
 pretrain=$(sbatch --parsable "$@" slurm/pretrain.sh)
 pretrain=${pretrain%%;*}  # --parsable prints "id;cluster" on multi-cluster setups
 finetune=$(sbatch --parsable --dependency=afterok:"$pretrain" "$@" slurm/finetune.sh)

@@ -1,0 +1,112 @@
+"""Where a training phase stands, shown on the main process only.
+
+On a terminal a tqdm bar per epoch, with log lines routed above it. Anywhere
+else (a SLURM log, CI, a pipe) a bar would write every redraw into the file,
+carriage returns and all, with log lines glued onto it; there a plain log line
+says where the phase stands every ``PLAIN_EVERY_S`` seconds and at each
+epoch's end:
+
+    pretrain: epoch 2/10, batch 40/94, step 134/940, 1,530 images/s, ETA 0:08:47
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import TextIO
+
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+PLAIN_EVERY_S = 30.0  # often enough to see a run move, rare enough to keep a week's log short
+
+log = logging.getLogger("pegasus_dist.progress")
+
+
+class Progress:
+    """One phase's progress: :meth:`epoch` opens an epoch, whose ``update`` follows each step.
+
+    ``stream`` is where a bar would draw (stderr, where the log lines go too);
+    the bar is used only when it is a terminal.
+    """
+
+    def __init__(self, phase: str, epochs: int, batches_per_epoch: int, max_steps: int,
+                 enabled: bool, stream: TextIO | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 every_s: float = PLAIN_EVERY_S) -> None:
+        self.phase, self.epochs, self.batches = phase, epochs, batches_per_epoch
+        self.last_step = min(epochs * batches_per_epoch, max_steps or epochs * batches_per_epoch)
+        self.enabled = enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.use_bar = enabled and self.stream.isatty()
+        self.clock, self.every_s = clock, every_s
+        self.started = clock()
+        self.steps_done = 0  # by this process, for the ETA
+        self.logged_step: int | None = None
+        self._reset_window()
+
+    @contextmanager
+    def epoch(self, epoch: int, batches_done: int) -> Iterator[_Epoch]:
+        """Progress within epoch ``epoch`` (0-based), resumed at ``batches_done``."""
+        if not self.enabled:
+            yield _Epoch(self, epoch, batches_done, None)
+        elif self.use_bar:
+            with logging_redirect_tqdm(), tqdm(
+                total=self.batches, initial=batches_done, unit="batch", dynamic_ncols=True,
+                desc=f"{self.phase} epoch {epoch + 1}/{self.epochs}", file=self.stream,
+            ) as bar:
+                yield _Epoch(self, epoch, batches_done, bar)
+        else:
+            current = _Epoch(self, epoch, batches_done, None)
+            yield current
+            # Not reached when the epoch ends by an exception: its own message says why.
+            if current.step not in (None, self.logged_step):
+                self._log_line(current)
+
+    def _after_step(self, at: _Epoch, images: int) -> None:
+        if not self.enabled:
+            return
+        self.steps_done += 1
+        self.window_images += images
+        if at.bar is not None:
+            at.bar.update()
+        elif self.clock() - self.window_started >= self.every_s:
+            self._log_line(at)
+
+    def _reset_window(self) -> None:
+        self.window_started = self.clock()
+        self.window_images = 0
+
+    def _log_line(self, at: _Epoch) -> None:
+        now = self.clock()
+        rate = self.window_images / max(now - self.window_started, 1e-9)
+        log.info("%s: epoch %d/%d, batch %d/%d, step %d/%d, %s images/s, ETA %s",
+                 self.phase, at.epoch + 1, self.epochs, at.batches_done, self.batches,
+                 at.step, self.last_step, f"{rate:,.0f}", self._eta(at.step, now))
+        self.logged_step = at.step
+        self._reset_window()
+
+    def _eta(self, step: int, now: float) -> str:
+        """Time left at this process's mean pace so far (sync points and checkpoints included)."""
+        if not self.steps_done:
+            return "unknown"
+        left = max(self.last_step - step, 0) * (now - self.started) / self.steps_done
+        return str(timedelta(seconds=round(left)))
+
+
+class _Epoch:
+    """The handle :meth:`Progress.epoch` yields."""
+
+    def __init__(self, progress: Progress, epoch: int, batches_done: int, bar: tqdm | None) -> None:
+        self.progress, self.epoch, self.batches_done, self.bar = progress, epoch, batches_done, bar
+        self.step: int | None = None  # None until a step is taken in this epoch
+
+    def update(self, step: int, images: int) -> None:
+        """After each step: ``step`` is the global step now, ``images`` those of all ranks."""
+        self.step = step
+        self.batches_done += 1
+        self.progress._after_step(self, images)

@@ -1,0 +1,119 @@
+"""Small things people hit at once: SLURM's log folder, sheet captions, sampled grids, --version."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+from itertools import pairwise
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+from processes import BIN, REPO, run_bounded
+
+from pegasus_dist.contact_sheet import caption_font, draw_sheet
+from pegasus_dist.data.manifest import load_manifest
+from pegasus_dist.data.png import decode_image
+from pegasus_dist.data.shards import iter_shard
+
+
+def run_cli(*args: str, timeout: float = 180) -> str:
+    done = run_bounded([str(BIN / "pegasus-dist"), *args], timeout)
+    assert done.returncode == 0, done.stdout[-4000:]
+    return done.stdout
+
+
+def test_version_is_the_one_in_pyproject():
+    version = re.search(r'^version = "(.+)"$', (REPO / "pyproject.toml").read_text(), re.M)[1]
+    assert run_cli("--version").strip() == f"pegasus-dist {version}"
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (REPO / ".git").exists(),
+                    reason="needs the git checkout")
+def test_the_slurm_log_folder_comes_with_a_clone():
+    """sbatch does not create its --output folder: without it a job fails and leaves no log."""
+    scripts = sorted((REPO / "slurm").glob("*.sh"))
+    folders = {Path(m[1]).parent for s in scripts
+               for m in re.finditer(r"^#SBATCH --output=(\S+)$", s.read_text(), re.M)}
+    assert folders == {Path("slurm/logs")}
+
+    def ignored(path: str) -> bool:
+        done = subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO)
+        assert done.returncode in (0, 1)
+        return done.returncode == 0
+
+    for folder in folders:
+        assert (REPO / folder / ".gitkeep").is_file()
+        assert not ignored(f"{folder}/.gitkeep")  # committed, so a fresh clone has the folder
+        assert ignored(f"{folder}/pegasus-pretrain-1234.out")  # but never the logs
+
+
+def write_image_folder(root: Path, per_class: int) -> None:
+    """root/train/<horse|bird>/*.png: flat colours, a different one per image."""
+    for c, label in enumerate(("horse", "bird")):
+        (root / "train" / label).mkdir(parents=True)
+        for i in range(per_class):
+            colour = (40 + 9 * i, 100 + 120 * c, 200 - 7 * i)
+            Image.new("RGB", (32, 32), colour).save(root / "train" / label / f"{i:03d}.png")
+
+
+def test_every_contact_sheet_caption_fits_its_tile_and_gives_back_its_key(tmp_path):
+    # A folder source with a long name: keys like folder_birds_in_flight_and_horses-train-0000012,
+    # far wider than a tile, as folder_cifar10_jpg-train-0004013 is.
+    write_image_folder(tmp_path / "birds_in_flight_and_horses", per_class=20)
+    run_cli("prepare", "--source", f"folder:{tmp_path / 'birds_in_flight_and_horses'}",
+            "--out", str(tmp_path / "shards"))
+    shard_set = tmp_path / "shards" / "horse_bird"
+    run_cli("contact-sheet", "--shard-set", str(shard_set), "--out", str(tmp_path / "sheet.png"),
+            "--per-label", "10")
+    listing = json.loads((tmp_path / "sheet.json").read_text())
+    chosen, columns, tile = listing["keys"], listing["columns"], listing["tile"]
+    assert [len(keys) for keys in chosen.values()] == [10, 10]
+
+    # The sheet the command wrote is the one drawn here, whose captions are then measured.
+    manifest = load_manifest(shard_set)
+    images = {s.key: decode_image(s.png, manifest.image_size, s.key)
+              for p in manifest.shard_paths for s in iter_shard(p)}
+    sheet, captions = draw_sheet(chosen, images, columns, tile)
+    with Image.open(tmp_path / "sheet.png") as written:
+        pixels = np.asarray(written.convert("RGB"))
+    assert np.array_equal(pixels, np.asarray(sheet))
+
+    assert [c.key for c in captions] == [k for keys in chosen.values() for k in keys]
+    assert all(len(c.lines) >= 2 for c in captions)  # the keys are too long for one line
+    draw, font = ImageDraw.Draw(sheet), caption_font()
+    for caption in captions:
+        assert "".join(caption.lines) == caption.key
+        left, top, right, bottom = caption.strip
+        assert right - left == tile
+        for origin, line in zip(caption.origins, caption.lines, strict=True):
+            x0, y0, x1, y1 = draw.textbbox(origin, line, font=font)
+            assert left <= x0 and x1 <= right and top <= y0 and y1 <= bottom, (caption.key, line)
+        strip = pixels[top:bottom, left:right].min(axis=2)
+        assert (strip < 128).any()  # the caption is there
+        assert (strip[:, [0, -1]] == 255).all()  # and keeps off both edges of its tile
+    for a, b in pairwise(captions):  # neighbours' strips do not overlap
+        assert a.strip[2] <= b.strip[0] or a.strip[3] <= b.strip[1] or b.strip[3] <= a.strip[1]
+
+
+@pytest.mark.slow
+def test_the_report_shows_the_grids_of_pegasus_dist_sample(smoke_shards, tmp_path):
+    run_cli("train", "--config", str(REPO / "configs/smoke/pretrain.yaml"),
+            f"data.shards={smoke_shards}", f"run.output_dir={tmp_path}", "train.max_steps=2",
+            "wandb.mode=disabled", "data.batch_size=16")
+    run = tmp_path / "pretrain"
+    for method in ("analogy", "lerp"):
+        run_cli("sample", "--checkpoint", str(run), "--method", method)
+    run_cli("report", str(run), "--out", str(tmp_path / "report.html"))
+
+    page = (tmp_path / "report.html").read_text()
+    shown = {caption: base64.b64decode(data) for data, caption in re.findall(
+        r"<img src='data:image/png;base64,([^']+)'><figcaption>([^<]+)</figcaption>", page)}
+    step = run / "samples" / "step_00000002"
+    assert shown["analogy (step_00000002)"] == (step / "analogy.png").read_bytes()
+    assert shown["lerp (step_00000002)"] == (step / "lerp.png").read_bytes()
+    assert shown["pegasus"] == (run / "samples" / "pegasus.png").read_bytes()  # the phase's own
