@@ -4,6 +4,11 @@ One per shard set: image size, sample counts per source, label and split,
 every shard with its sample count and sha256, the seed, and the command and
 sources that made it. The loader plans epochs from the per-shard counts,
 so it never has to scan the tars to know the data layout.
+
+The sets one ``prepare`` writes side by side share a ``generation``: a hash of
+their provenance and of every shard of every set. Sets made from different
+inputs never share it; the same inputs give the same id, as they give the
+same shards.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from pegasus_dist.errors import DataError
 
 FILENAME = "manifest.json"
 FORMAT = 1
+SHARD_SETS = ("mix", "horse_bird", "eval")  # what `prepare` writes side by side
+HELD_OUT = "eval"  # the set training never sees
+PROVENANCE = ("seed", "eval_fraction", "command", "sources", "generation")
 
 
 @dataclass
@@ -36,7 +44,7 @@ class Manifest:
     num_samples: int
     shards: list[ShardEntry]
     counts: dict[str, dict[str, int]]
-    provenance: dict[str, Any]  # seed, eval_fraction, command, sources
+    provenance: dict[str, Any]  # seed, eval_fraction, command, sources, generation
 
     @property
     def shard_paths(self) -> list[Path]:
@@ -45,6 +53,18 @@ class Manifest:
     @property
     def shard_sizes(self) -> list[int]:
         return [s.num_samples for s in self.shards]
+
+    @property
+    def generation(self) -> str | None:
+        """The id shared by the sets of one ``prepare`` run; None in manifests written before it."""
+        return self.provenance.get("generation")
+
+
+def generation_id(provenance: dict[str, Any], shards: dict[str, list[ShardEntry]]) -> str:
+    """The generation of the sets ``shards`` (set name -> its shards) made as ``provenance`` says."""
+    content = {"provenance": provenance,
+               "sets": {name: [(s.name, s.sha256) for s in entries] for name, entries in shards.items()}}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def sha256_file(path: Path) -> str:
@@ -91,8 +111,7 @@ def load_manifest(folder: str | Path) -> Manifest:
         manifest = Manifest(
             path=folder, name=data["name"], image_size=int(data["image_size"]),
             num_samples=int(data["num_samples"]), shards=shards, counts=data["counts"],
-            provenance={k: data[k] for k in ("seed", "eval_fraction", "command", "sources")
-                        if k in data},
+            provenance={k: data[k] for k in PROVENANCE if k in data},
         )
     except (ValueError, KeyError, TypeError) as err:
         raise DataError(f"{path} is not a valid manifest ({err}); re-run `pegasus-dist prepare`") \

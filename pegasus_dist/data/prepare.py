@@ -4,9 +4,22 @@ All sources are loaded at the target size and concatenated; a seeded
 permutation then shuffles them together and sets aside ``eval_fraction`` of
 them as the held-out ``eval`` set. The rest, in the shuffled order, is
 written as ``mix`` (every image) and ``horse_bird`` (the labelled horses and
-birds only, as in the paper's finetune phase). Each set is written into a
-temporary folder and renamed into place when complete, so an interrupted run
-never leaves a half-written set behind. Same inputs, same bytes.
+birds only, as in the paper's finetune phase). Same inputs, same bytes.
+
+The three sets are published as one unit, so that an interrupted run never
+leaves a half-written set, nor new sets beside old ones (a held-out image of
+one run is a training image of another). The output folder holds::
+
+    mix -> .current/mix               links, made once
+    horse_bird -> .current/horse_bird
+    eval -> .current/eval
+    .current -> .generation-<stamp>   the one link each run replaces
+    .generation-<stamp>/{mix,horse_bird,eval}/shard-*.tar, manifest.json
+
+A run writes all three sets into a new ``.generation-*`` folder, then renames
+a fresh ``.current`` link over the old one: a single atomic step switches
+every set, and only then are older generations deleted. Readers see plain
+folders: ``out/mix/manifest.json`` and ``out/mix/shard-*.tar`` as before.
 """
 
 from __future__ import annotations
@@ -14,16 +27,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import multiprocessing
+import os
 import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 
 from pegasus_dist.config import PrepareConfig
-from pegasus_dist.data.manifest import ShardEntry, sha256_file, write_manifest
+from pegasus_dist.data.manifest import SHARD_SETS, ShardEntry, generation_id, sha256_file, write_manifest
 from pegasus_dist.data.png import encode_png
 from pegasus_dist.data.shards import write_shard
 from pegasus_dist.data.sources import SourceImages, load_source
@@ -34,6 +49,8 @@ log = logging.getLogger("pegasus_dist.prepare")
 FINETUNE_CLASSES = ("horse", "bird")
 # Below this many images a worker pool costs more than it saves.
 POOL_THRESHOLD = 2000
+CURRENT = ".current"  # the link to the published generation folder
+GENERATION = ".generation-"  # the prefix of generation folders
 
 
 def prepare(cfg: PrepareConfig, command: str = "") -> dict[str, Path]:
@@ -56,32 +73,33 @@ def prepare(cfg: PrepareConfig, command: str = "") -> dict[str, Path]:
                     for spec, s in zip(cfg.sources, sources, strict=True)],
     }
     out = Path(cfg.out)
-    tasks = {name: _shard_tasks(out / f".tmp-{name}", idx, cfg.shard_size)
+    generation = out / f"{GENERATION}{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}"
+    tasks = {name: _shard_tasks(generation / name, idx, cfg.shard_size)
              for name, idx in sets.items()}
     entries = iter(_write_shards(images, metas, [t for ts in tasks.values() for t in ts]))
-    written = {
-        name: _publish_set(out, name, sets[name], metas, [next(entries) for _ in set_tasks],
-                           cfg, provenance)
-        for name, set_tasks in tasks.items()
-    }
+    shards = {name: [next(entries) for _ in set_tasks] for name, set_tasks in tasks.items()}
+    provenance["generation"] = generation_id(provenance, shards)
+    for name, indices in sets.items():
+        _write_set_manifest(generation / name, name, indices, metas, shards[name], cfg, provenance)
+    _publish(out, generation, list(sets))
     seconds = time.perf_counter() - started
-    log.info("prepared %d images in %.1fs (%.0f images/s): %s", len(metas), seconds,
-             len(metas) / seconds, ", ".join(f"{n}={len(i)}" for n, i in sets.items()))
-    return written
+    log.info("prepared %d images in %.1fs (%.0f images/s): %s -> %s (generation %s)", len(metas),
+             seconds, len(metas) / seconds, ", ".join(f"{n}={len(i)}" for n, i in sets.items()),
+             out, provenance["generation"])
+    return {name: out / name for name in sets}
 
 
 def _split(metas: list[dict], cfg: PrepareConfig) -> dict[str, np.ndarray]:
-    """Row indices of each set, in their shuffled (seeded, cross-source) writing order."""
+    """Row indices of mix, horse_bird and eval, in their shuffled (seeded, cross-source) writing order."""
     order = np.random.default_rng(cfg.seed).permutation(len(metas))
     num_eval = max(1, round(len(metas) * cfg.eval_fraction)) if cfg.eval_fraction else 0
     held_out, train = order[:num_eval], order[num_eval:]
     finetune = np.array([i for i in train if metas[i]["label"] in FINETUNE_CLASSES], dtype=np.int64)
-    return {"mix": train, "horse_bird": finetune, "eval": held_out}
+    return dict(zip(SHARD_SETS, (train, finetune, held_out), strict=True))
 
 
 def _shard_tasks(folder: Path, indices: np.ndarray, shard_size: int) -> list[ShardTask]:
-    """An empty temporary folder for a set, and one task per shard of it."""
-    shutil.rmtree(folder, ignore_errors=True)
+    """A new folder for a set, and one task per shard of it."""
     folder.mkdir(parents=True)
     return [ShardTask(folder / f"shard-{number:06d}.tar", indices[start : start + shard_size])
             for number, start in enumerate(range(0, len(indices), shard_size))]
@@ -147,17 +165,50 @@ def _write_one(task: ShardTask) -> ShardEntry:
                       task.path.stat().st_size)
 
 
-def _publish_set(out: Path, name: str, indices: np.ndarray, metas: list[dict],
-                 shards: list[ShardEntry], cfg: PrepareConfig, provenance: dict) -> Path:
-    """Write the set's manifest into its temporary folder and rename it into place."""
-    final, tmp = out / name, out / f".tmp-{name}"
+def _write_set_manifest(folder: Path, name: str, indices: np.ndarray, metas: list[dict],
+                        shards: list[ShardEntry], cfg: PrepareConfig, provenance: dict) -> None:
     counts = {
         field: dict(sorted(Counter(str(metas[i][field] or "unlabeled") for i in indices).items()))
         for field in ("source", "label", "split")
     }
-    write_manifest(tmp, name, cfg.image_size, shards, counts, provenance)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    log.info("%s: %d samples in %d shards -> %s", name, len(indices), len(shards), final)
-    return final
+    write_manifest(folder, name, cfg.image_size, shards, counts, provenance)
+    log.info("%s: %d samples in %d shards", name, len(indices), len(shards))
+
+
+def _publish(out: Path, generation: Path, names: list[str]) -> None:
+    """Make the complete sets in ``generation`` the sets of ``out``, all at once.
+
+    The commit point is one rename of a new ``.current`` link over the old.
+    The set links ``out/<set>`` are made once. Set folders of the layout before
+    generations are moved aside first, every one before any link is made, so
+    an interruption even there leaves old sets or new ones, never both.
+    """
+    _replace_link(out / CURRENT, Path(generation.name))
+    old_folders = [out / name for name in names if (out / name).is_dir() and not (out / name).is_symlink()]
+    for folder in old_folders:
+        aside = out / f".replaced-{folder.name}"
+        shutil.rmtree(aside, ignore_errors=True)
+        folder.rename(aside)
+    for name in names:
+        _replace_link(out / name, Path(CURRENT) / name)
+    # What earlier runs left: generations no longer (or never) published, half-made
+    # links, and the sets and temporary folders of the layout before generations.
+    old_layout = {f".tmp-{name}" for name in names}
+    for path in out.iterdir():
+        stale = path.name.startswith((GENERATION, ".link-", ".replaced-")) or path.name in old_layout
+        if not stale or path == generation:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _replace_link(path: Path, target: Path) -> None:
+    """``path`` becomes a link to ``target`` (relative to its folder) in one atomic rename."""
+    if path.is_symlink() and Path(os.readlink(path)) == target:
+        return
+    new = path.with_name(f".link-{path.name}")
+    new.unlink(missing_ok=True)
+    new.symlink_to(target)
+    os.replace(new, path)

@@ -11,20 +11,30 @@ Sources are named by a spec string (``load_source``):
 - ``synthetic:N[:SEED]``: N generated images, for offline demos and tests.
 
 Archives are read member by member and never extracted, so no archive can
-write outside a folder. The CIFAR-10 batches are pickles: they are read with a
+write outside a folder; a member named outside it (``../x.jpg``, ``/x.jpg``) is
+skipped with a warning. A truncated or damaged archive is an error naming it.
+The CIFAR-10 batches are pickles: they are read with a
 restricted unpickler that accepts only the NumPy array types they hold.
 Class names map onto one vocabulary, so CIFAR's "automobile" and STL-10's
 "car", and both datasets' horses and birds, land in the same class.
+Folder images are checked against :data:`MAX_IMAGE_PIXELS` before decoding,
+and 16-bit ones are scaled to 8 bits.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import pickle
+import posixpath
 import re
 import tarfile
+import unicodedata
+import warnings
+import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +42,8 @@ import numpy as np
 from PIL import Image
 
 from pegasus_dist.errors import DataError
+
+log = logging.getLogger("pegasus_dist.sources")
 
 VOCABULARY = ("airplane", "bird", "car", "cat", "deer", "dog", "frog", "horse", "monkey",
               "ship", "truck")
@@ -54,6 +66,12 @@ CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SPLITS = ("train", "test", "unlabeled")
 STL_CHUNK = 1000  # images resized per step while streaming STL-10's 2.7 GB unlabeled file
+# The largest folder image accepted, in pixels: above any camera photo in common use
+# (24-45 megapixels), below Pillow's decompression-bomb warning (89 million). A bigger
+# one takes over 150 MB to decode, only to be shrunk to a few dozen pixels a side.
+MAX_IMAGE_PIXELS = 50_000_000
+# Pillow's modes of 16-bit grey images ("I": how older Pillow versions open them).
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
 
 
 @dataclass(frozen=True)
@@ -70,11 +88,14 @@ class SourceImages:
 def canonical_class(name: str) -> str:
     """A dataset's or folder's class name in the shared vocabulary.
 
-    Lower-cased, synonyms mapped ("automobile" -> "car") and a plural "s"
-    dropped when that gives a vocabulary word ("horses" -> "horse"); any other
-    name (e.g. "birds_in_flight") stays a class of its own.
+    Unicode-normalised (NFKC) and lower-cased, runs of anything but letters and
+    digits (of any script) made one "_", synonyms mapped ("automobile" -> "car")
+    and a plural "s" dropped when that gives a vocabulary word ("horses" ->
+    "horse"); any other name (e.g. "birds_in_flight", "馬") stays a class of its own.
+    A name with no letter or digit at all gives "".
     """
-    name = re.sub(r"[^a-z0-9_]+", "_", name.strip().lower()).strip("_")
+    name = unicodedata.normalize("NFKC", name).strip().casefold()
+    name = re.sub(r"[\W_]+", "_", name).strip("_")
     name = SYNONYMS.get(name, name)
     if name not in VOCABULARY and name.endswith("s") and name[:-1] in VOCABULARY:
         name = name[:-1]
@@ -263,13 +284,24 @@ def _directory_files(root: Path) -> list[str]:
 
 
 def _archive_files(archive: Path) -> list[str]:
+    """The archive's image members, less those named outside it (skipped with one warning).
+
+    A member such as ``../../x.jpg`` or ``/abs/x.jpg`` is never read: it would
+    also hide the top folder that wraps the real images, and so their classes.
+    """
     with _open_tar(archive) as tar:
-        return [m.name for m in tar if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES]
+        names = [m.name for m in tar if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES]
+    outside = [n for n in names if n.startswith("/") or ".." in n.split("/")]
+    if outside:
+        shown = ", ".join(outside[:10]) + (f" and {len(outside) - 10} more" if len(outside) > 10 else "")
+        log.warning("%s: skipping %d member(s) named outside the archive's folder: %s",
+                    archive, len(outside), shown)
+    return [n for n in names if n not in outside]
 
 
 def _classify(files: list[str], root: Path) -> list[tuple[str, str, str]]:
     """(split, class, file) for each file, in (split, class, name) order."""
-    parts = [f.split("/") for f in files]
+    parts = [posixpath.normpath(f).split("/") for f in files]  # "./a//b" is "a/b"
     # An archive often wraps everything in one top folder (cifar10-jpg/...): skip it.
     while len({p[0] for p in parts}) == 1 and min(len(p) for p in parts) > 2:
         parts = [p[1:] for p in parts]
@@ -283,7 +315,11 @@ def _classify(files: list[str], root: Path) -> list[tuple[str, str, str]]:
         else:
             raise DataError(f"{root}/{file} is not inside a class folder; "
                             f"expected {root}/<class>/*.png|jpg")
-        entries.append((split, canonical_class(cls), file))
+        label = canonical_class(cls)
+        if not label:
+            raise DataError(f"{root}/{file}: the class folder {cls!r} has no letter or digit; "
+                            "rename it after its class")
+        entries.append((split, label, file))
     return sorted(entries, key=lambda e: (SPLITS.index(e[0]), e[1], e[2]))
 
 
@@ -304,9 +340,18 @@ def _read_files(root: Path, wanted: list[str]) -> list[tuple[int, str, str, byte
 
 def _load_image(data: bytes, where: str, size: int) -> np.ndarray:
     """Decode, convert to RGB, resize the shorter side to ``size``, centre-crop a square."""
+    too_big = (f"over the limit of {MAX_IMAGE_PIXELS:,} pixels for a source image; "
+               "shrink it (a few hundred pixels a side is plenty) or remove it")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image = image.convert("RGB")
+        with warnings.catch_warnings():
+            # Pillow warns of a decompression bomb from 89 million pixels; our own,
+            # lower limit is checked below, before any pixel is decoded.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(io.BytesIO(data))
+        with opened as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise DataError(f"image {where} is {image.width}x{image.height}, {too_big}")
+            image = _to_rgb(image)
             scale = size / min(image.size)
             if image.size != (size, size):
                 w, h = (max(size, round(d * scale)) for d in image.size)
@@ -314,8 +359,18 @@ def _load_image(data: bytes, where: str, size: int) -> np.ndarray:
                 left, top = (w - size) // 2, (h - size) // 2
                 image = image.crop((left, top, left + size, top + size))
             return np.asarray(image)
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError:  # over twice Pillow's limit: refused while opening
+        raise DataError(f"image {where} is {too_big}") from None
+    except (OSError, ValueError) as err:
         raise DataError(f"cannot read image {where} ({err}); remove or replace the file") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB; a 16-bit grey image keeps its high byte (Pillow's convert would clip it to white)."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        grey = np.clip(np.asarray(image), 0, 65535).astype(np.uint16) >> 8
+        return Image.fromarray(grey.astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
 
 
 # --- synthetic --------------------------------------------------------------
@@ -395,10 +450,21 @@ def _check_md5(path: Path, meta: dict) -> None:
         )
 
 
-def _open_tar(path: Path) -> tarfile.TarFile:
+@contextmanager
+def _open_tar(path: Path) -> Iterator[tarfile.TarFile]:
+    """The archive, open for reading; a truncated or damaged one raises DataError naming it.
+
+    The errors surface while members are read, not at opening: a gzip stream
+    that ends early raises EOFError (which the command line would turn into a
+    bare "Aborted."), a plain tar that ends early a ReadError.
+    """
     try:
-        return tarfile.open(path, "r:*")
-    except (tarfile.TarError, OSError) as err:
+        with tarfile.open(path, "r:*") as tar:
+            yield tar
+    except (EOFError, tarfile.TarError, zlib.error, OSError) as err:
+        if isinstance(err, EOFError) or "unexpected end of data" in str(err):
+            raise DataError(f"{path} is truncated ({err}); copy or download the whole file "
+                            "again") from None
         raise DataError(f"{path} is not a readable tar archive ({err})") from None
 
 

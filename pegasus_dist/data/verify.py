@@ -2,7 +2,9 @@
 
 For each shard: the sha256 and the sample count the manifest recorded, every
 image decodes at the manifest's size, every sample has its label field, and
-no key appears twice. Every problem found is reported, not just the first.
+no key appears twice. The held-out set is also checked against the training
+sets beside it: the same ``prepare`` run (generation) and no key in common.
+Every problem found is reported, not just the first.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from pegasus_dist.data.manifest import FILENAME, load_manifest, sha256_file
+from pegasus_dist.data.manifest import FILENAME, HELD_OUT, SHARD_SETS, Manifest, load_manifest, sha256_file
 from pegasus_dist.data.png import decode_image
 from pegasus_dist.data.shards import iter_shard
 from pegasus_dist.errors import DataError, PegasusError
@@ -48,7 +50,32 @@ def verify_shard_set(folder: Path) -> tuple[int, list[str]]:
     if dict(sorted(labels.items())) != expected:
         problems.append(f"{folder}: the samples' labels {dict(sorted(labels.items()))} differ "
                         f"from the manifest's {expected}")
+    if manifest.name == HELD_OUT:
+        problems += _held_out_problems(manifest, keys)
     return checked, problems
+
+
+def _held_out_problems(held_out: Manifest, keys: set[str]) -> list[str]:
+    """The held-out set (its ``keys``) against each training set beside it."""
+    root, problems = held_out.path.parent, []
+    fix = f"re-run `pegasus-dist prepare --out {root}`"
+    for folder in (root / name for name in SHARD_SETS if name != HELD_OUT):
+        if not (folder / FILENAME).is_file():
+            continue
+        try:
+            training = load_manifest(folder)
+            shared = sorted(keys.intersection(s.key for p in training.shard_paths for s in iter_shard(p)))
+        except PegasusError as err:
+            problems.append(f"cannot check {held_out.path} against {folder}: {err}")
+            continue
+        if training.generation != held_out.generation:
+            problems.append(f"{held_out.path} and {folder} come from different `prepare` runs "
+                            f"(generation {held_out.generation or 'unrecorded'} and "
+                            f"{training.generation or 'unrecorded'}); {fix}")
+        if shared:
+            problems.append(f"{held_out.path}: {len(shared)} held-out key(s) are also in {folder} "
+                            f"(e.g. {shared[0]}), so training sees them; {fix}")
+    return problems
 
 
 def _check_samples(path: Path, image_size: int, keys: set[str], labels: Counter[str],
