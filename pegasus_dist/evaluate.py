@@ -28,6 +28,8 @@ from pegasus_dist.loss import kl_to_standard_normal
 from pegasus_dist.model import VAE
 
 ACTIVE_UNIT_THRESHOLD = 0.01
+# A subset's values that describe the evaluation rather than measure the model.
+DESCRIPTIVE = ("images", "latent_dim", "active_unit_threshold")
 SUBSETS = {"all": None, "horse_bird": ("horse", "bird")}
 
 

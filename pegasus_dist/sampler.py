@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import save_image
 
 from pegasus_dist.checkpoint import load_trained_model
 from pegasus_dist.config import SamplerConfig
@@ -32,6 +32,7 @@ from pegasus_dist.model import VAE
 from pegasus_dist.slerp import slerp
 
 GRID_PADDING = 2  # pixels between tiles, as torchvision's make_grid draws them
+PRIOR_SAMPLES = 64  # the prior grid: 8 rows of 8
 
 
 @dataclass
@@ -45,7 +46,7 @@ class SampleOutputs:
     """What one sampler run wrote, by name: pegasus, reconstructions, prior."""
 
     paths: dict[str, Path]
-    grids: dict[str, torch.Tensor]  # float (3, H, W) grids in [0, 1], for W&B
+    captions: dict[str, str]  # what each grid's rows and columns show, for W&B
 
 
 def pick_horses_and_birds(
@@ -203,17 +204,36 @@ def run_sampler(
         images, layout = _method_grids(model, cfg, shards_root, method)
     finally:
         model.train(was_training)
-    paths, grids = {}, {}
+    paths = {}
     for name, (batch, per_row) in images.items():
         paths[name] = out_dir / f"{name}.png"
-        grids[name] = make_grid(batch, nrow=per_row, padding=GRID_PADDING)
         save_image(batch, paths[name], nrow=per_row, padding=GRID_PADDING)
     if layout:
         layout = {"method": method, "tile_size": model.image_size, "padding": GRID_PADDING,
                   "columns": cfg.num_mu, **layout}
         name = "pegasus" if method == "slerp" else method
         (out_dir / f"{name}.json").write_text(json.dumps(layout, indent=2) + "\n")
-    return SampleOutputs(paths=paths, grids=grids)
+    return SampleOutputs(paths=paths, captions={name: grid_caption(name, layout, cfg)
+                                                for name in paths})
+
+
+def grid_caption(name: str, layout: dict, cfg: SamplerConfig) -> str:
+    """One line that says what the rows and columns of grid ``name`` show."""
+    rows = layout.get("rows", [])
+    if name in ("pegasus", "lerp"):
+        how = "slerp" if name == "pegasus" else "lerp"
+        mus = ", ".join(f"{mu:.2f}" for mu in rows[0]["mu"])
+        pairs = "; ".join(f"row {r['row'] + 1}: horse {r['horse']}, bird {r['bird']}" for r in rows)
+        return f"{how} from each row's horse (mu=0) to its bird (mu=1), columns mu = {mus}; {pairs}"
+    if name == "analogy":
+        strengths = ", ".join(f"{s:.2f}" for s in rows[0]["strength"])
+        horses = "; ".join(f"row {r['row'] + 1}: horse {r['horse']}" for r in rows)
+        return f"each row's horse plus the wing vector times {strengths}; {horses}"
+    if name == "reconstructions":
+        n = cfg.num_horses
+        return (f"row 1: {n} horses, row 2: their reconstructions, row 3: {min(n, cfg.num_birds)} "
+                "birds, row 4: their reconstructions (decoded latent means)")
+    return f"{PRIOR_SAMPLES} samples of the prior: decoded z ~ N(0, I), seed {cfg.seed}"
 
 
 def _method_grids(
@@ -221,7 +241,7 @@ def _method_grids(
 ) -> tuple[dict[str, tuple[torch.Tensor, int]], dict]:
     """{name: (images, per row)} and the JSON layout for one sampling method."""
     if method == "prior":
-        return {"prior": (prior_grid(model, 64, cfg.seed), 8)}, {}
+        return {"prior": (prior_grid(model, PRIOR_SAMPLES, cfg.seed), 8)}, {}
     horses, birds = pick_horses_and_birds(cfg, shards_root, model.image_size)
     shard_set = str(Path(shards_root) / cfg.shard_set)
     if method == "analogy":
@@ -238,7 +258,7 @@ def _method_grids(
     return {
         "pegasus": (images, cfg.num_mu),
         "reconstructions": (reconstruction_grid(model, horses, birds), len(horses.keys)),
-        "prior": (prior_grid(model, 64, cfg.seed), 8),
+        "prior": (prior_grid(model, PRIOR_SAMPLES, cfg.seed), 8),
     }, layout
 
 

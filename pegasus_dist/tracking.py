@@ -4,21 +4,27 @@ W&B never needs an API key: ``wandb.mode=auto`` logs online only when
 ``WANDB_API_KEY`` is set and otherwise writes an offline run into the run
 directory (``wandb sync`` uploads it later); ``disabled`` turns W&B off.
 Every logged row also goes to ``<run>/metrics.jsonl`` so that runs can be read
-without W&B.
+without W&B. A resumed run continues the same W&B run (its id is saved in the
+checkpoints) and fills in what a killed run had not yet written
+(:meth:`MetricsLog.resume`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
-import torch
 import wandb
 from accelerate import Accelerator
 
+from pegasus_dist.checkpoint import TrainState, read_state, resolve_checkpoint
 from pegasus_dist.config import Config
+from pegasus_dist.wandb_records import UnreadableRecords, history_steps
+
+log = logging.getLogger("pegasus_dist.tracking")
 
 
 def wandb_mode(cfg: Config) -> str:
@@ -37,22 +43,44 @@ def new_run_id() -> str:
     return os.urandom(4).hex()
 
 
-def start_tracking(accelerator: Accelerator, cfg: Config, run_id: str) -> None:
-    """Open the W&B run (main process only, as Accelerate does) with the resolved config."""
+def start_tracking(
+    accelerator: Accelerator, cfg: Config, state: TrainState, global_batch: int, lr: float
+) -> None:
+    """Open the W&B run (main process only, as Accelerate does) with the resolved config.
+
+    What does not change during a run goes into the W&B config instead of
+    every history row: the world size, global batch and learning rate of this
+    launch, and for a phase that starts from another run's weights, that
+    checkpoint and the W&B run that wrote it.
+    """
     if tracker_names(cfg) is None:
         return
     init: dict[str, Any] = {
         "mode": wandb_mode(cfg),
         "dir": str(cfg.run_dir.resolve()),
-        "id": run_id,
+        "id": state.wandb_run_id,
         "resume": "allow",
-        "name": cfg.run.name,
+        "name": cfg.wandb_name,
+        "group": cfg.wandb_group,
         "tags": cfg.wandb.tags or None,
         "job_type": cfg.train.phase,
     }
     if cfg.wandb.entity:
         init["entity"] = cfg.wandb.entity
-    accelerator.init_trackers(cfg.wandb.project, config=cfg.to_dict(), init_kwargs={"wandb": init})
+    config = cfg.to_dict()
+    config["launch"] = {"world_size": accelerator.num_processes, "global_batch": global_batch,
+                        "lr": lr}
+    if cfg.train.init_from and state.step == 0:  # a resumed run keeps what its start recorded
+        config["started_from"] = _started_from(cfg.train.init_from)
+    accelerator.init_trackers(cfg.wandb.project, config=config, init_kwargs={"wandb": init})
+
+
+def _started_from(init_from: str) -> dict[str, Any]:
+    """The checkpoint that ``train.init_from`` names, and the W&B run that wrote it."""
+    folder = resolve_checkpoint(init_from)
+    state = read_state(folder)
+    return {"checkpoint": str(folder.resolve()), "phase": state.phase, "step": state.step,
+            "wandb_run_id": state.wandb_run_id}
 
 
 class MetricsLog:
@@ -61,21 +89,96 @@ class MetricsLog:
     def __init__(self, accelerator: Accelerator, run_dir: Path) -> None:
         self.accelerator = accelerator
         self.path = run_dir / "metrics.jsonl"
+        # The W&B run already holds every step up to this one (set by resume):
+        # W&B refuses rows that go back in steps, and these would repeat ones it has.
+        self.wandb_holds_step = -1
 
     def log(self, values: dict[str, float], step: int) -> None:
-        self.accelerator.log(values, step=step)
+        if step > self.wandb_holds_step:
+            self.accelerator.log(values, step=step)
         if self.accelerator.is_main_process:
             with self.path.open("a") as f:
                 f.write(json.dumps({"step": step, **values}) + "\n")
 
-    def log_images(self, grids: dict[str, torch.Tensor], step: int, prefix: str) -> None:
-        """Sample grids (float (3, H, W) in [0, 1]) as W&B images."""
-        has_wandb = any(t.name == "wandb" for t in self.accelerator.trackers)
-        if not (self.accelerator.is_main_process and has_wandb):
+    def summarize(self, values: dict[str, Any]) -> None:
+        """Values that describe the run rather than a step: the W&B summary, not the history."""
+        run = self._wandb_run()
+        if run is not None:
+            run.summary.update(values)
+
+    def log_images(self, paths: dict[str, Path], captions: dict[str, str], step: int,
+                   prefix: str) -> None:
+        """The PNG files of the sample grids as W&B images, with their captions.
+
+        W&B gets the files themselves (it copies them into the run), so that it
+        shows exactly the pixels of ``samples/``.
+        """
+        run = self._wandb_run()
+        if run is None or step <= self.wandb_holds_step:
             return
-        tracker = self.accelerator.get_tracker("wandb", unwrap=True)
-        images = {
-            f"{prefix}/{name}": wandb.Image(grid.permute(1, 2, 0).clamp(0, 1).numpy())
-            for name, grid in grids.items()
-        }
-        tracker.log(images, step=step)
+        run.log({f"{prefix}/{name}": wandb.Image(str(path), caption=captions[name])
+                 for name, path in paths.items()}, step=step)
+
+    def resume(self, step: int) -> None:
+        """Continue the logs of a run resumed from its checkpoint of ``step`` (main process).
+
+        The resumed run recomputes the rows after ``step``: they leave
+        metrics.jsonl, which keeps one row per step. A killed offline W&B run
+        loses the rows it had not yet written to disk: the rows that W&B lacks
+        (after the last step it holds, up to ``step``) are logged again from
+        metrics.jsonl, and steps it holds are not sent again, so that the W&B
+        history increases and has no hole.
+        """
+        if not self.accelerator.is_main_process:
+            return
+        rows = self._keep_rows_up_to(step)
+        run = self._wandb_run()
+        if run is None:
+            return
+        self.wandb_holds_step = _last_wandb_step(run, self.path.parent / "wandb")
+        missing = [row for row in rows if row["step"] > self.wandb_holds_step]
+        for row in missing:
+            run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+        log.info("W&B run %s holds steps up to %d; logged %d rows of %s again", run.id,
+                 self.wandb_holds_step, len(missing), self.path)
+
+    def _keep_rows_up_to(self, step: int) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break  # the last line, cut off by the kill; its row comes after the checkpoint
+            if row["step"] > step:
+                break  # rows are appended in step order: all the rest come later too
+            kept.append(row)
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        tmp.replace(self.path)
+        return kept
+
+    def _wandb_run(self) -> wandb.Run | None:
+        """The W&B run on the main process; None on the others or with W&B disabled."""
+        if not (self.accelerator.is_main_process
+                and any(t.name == "wandb" for t in self.accelerator.trackers)):
+            return None
+        return self.accelerator.get_tracker("wandb", unwrap=True)
+
+
+def _last_wandb_step(run: wandb.Run, wandb_dir: Path) -> int:
+    """The last history step that the earlier runs of this W&B run wrote; -1 if none."""
+    if not run.offline:
+        return run.step - 1  # online: the step after the last one the server holds
+    current = Path(run.dir).parent  # offline-run-<time>-<id>/files
+    steps = [-1]
+    for path in sorted(wandb_dir.glob(f"offline-run-*-{run.id}/run-{run.id}.wandb")):
+        if path.parent == current:
+            continue
+        try:
+            steps += history_steps(path)
+        except UnreadableRecords as err:
+            log.warning("%s: logging every row of metrics.jsonl to W&B again", err)
+            return -1
+    return max(steps)

@@ -12,7 +12,7 @@ from PIL import Image
 from processes import BIN, REPO, run_bounded
 
 from pegasus_dist.checkpoint import load_trained_model
-from pegasus_dist.contact_sheet import CAPTION, HEADER, contact_sheet
+from pegasus_dist.contact_sheet import contact_sheet, draw_sheet
 from pegasus_dist.data.manifest import load_manifest
 from pegasus_dist.data.png import decode_image
 from pegasus_dist.data.shards import iter_shard
@@ -70,15 +70,17 @@ def test_contact_sheet_tiles_show_the_keys_they_name(smoke_shards, tmp_path):
     assert {label: len(k) for label, k in keys.items()} == {"horse": 10, "bird": 10}
     samples = {s.key: s for p in load_manifest(smoke_shards / "horse_bird").shard_paths
                for s in iter_shard(p)}
+    images = {key: decode_image(samples[key].png, 32, key) for ks in keys.values() for key in ks}
+    expected, captions = draw_sheet(keys, images, columns=4, tile=64)
     with Image.open(png) as sheet:
-        assert sheet.size == (4 * 64, 2 * HEADER + 2 * 3 * (64 + CAPTION))
         pixels = np.asarray(sheet.convert("RGB"))
-    for label, section_top in (("horse", HEADER), ("bird", 2 * HEADER + 3 * (64 + CAPTION))):
-        for i, key in enumerate(keys[label]):
-            assert samples[key].meta["label"] == label
-            x, y = (i % 4) * 64, section_top + (i // 4) * (64 + CAPTION)
-            image = decode_image(samples[key].png, 32, key)
-            assert np.array_equal(pixels[y : y + 64 : 2, x : x + 64 : 2], image)  # 2x nearest
+    assert pixels.shape == (expected.height, 4 * 64, 3)
+    assert [c.key for c in captions] == keys["horse"] + keys["bird"]
+    for caption in captions:
+        key = caption.key
+        assert samples[key].meta["label"] in keys and key in keys[samples[key].meta["label"]]
+        x, y = caption.strip[0], caption.strip[1] - 64  # the tile sits on its caption strip
+        assert np.array_equal(pixels[y : y + 64 : 2, x : x + 64 : 2], images[key])  # 2x nearest
 
 
 def test_wing_vector_at_strength_zero_reproduces_the_horses(trained, smoke_shards):

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from processes import BIN, REPO, run_bounded
@@ -80,8 +81,11 @@ def test_accelerate_launch_runs_the_script_with_wandb_offline(smoke_shards, tmp_
     record = offline[0].read_bytes()
     assert b"pretrain/loss" in record and b"pretrain/images_per_s" in record  # per-step rows
     assert b"sampler" in record and b"horse_bird" in record  # the resolved config
-    logged = {p.name.split("_")[0] for p in offline[0].parent.glob("files/media/images/pretrain/*")}
-    assert logged == {"pegasus", "reconstructions", "prior"}  # the grids, after the phase
+    logged = {p.name.split("_")[0]: p for p in offline[0].parent.glob("files/media/images/pretrain/*")}
+    assert logged.keys() == {"pegasus", "reconstructions", "prior"}  # the grids, after the phase
+    for name, path in logged.items():  # showing exactly the pixels of the PNGs in samples/
+        with Image.open(path) as shown, Image.open(tmp_path / f"pretrain/samples/{name}.png") as png:
+            assert np.array_equal(np.asarray(shown), np.asarray(png)), name
 
 
 @pytest.mark.parametrize(
