@@ -1,8 +1,10 @@
 """Weights & Biases through Accelerate's tracker, and a local metrics file.
 
-W&B never needs an API key: ``wandb.mode=auto`` logs online only when
-``WANDB_API_KEY`` is set and otherwise writes an offline run into the run
-directory (``wandb sync`` uploads it later); ``disabled`` turns W&B off.
+W&B never needs an API key: ``wandb.mode=auto`` follows ``WANDB_MODE`` and
+otherwise logs online only when ``WANDB_API_KEY`` is set, writing an offline
+run into the run directory (``wandb sync`` uploads it later); ``disabled``
+turns W&B off. An online start that fails logs offline instead: W&B never
+costs a run.
 Every logged row also goes to ``<run>/metrics.jsonl`` so that runs can be read
 without W&B. A resumed run continues the same W&B run (its id is saved in the
 checkpoints) and fills in what a killed run had not yet written
@@ -22,14 +24,33 @@ from accelerate import Accelerator
 
 from pegasus_dist.checkpoint import TrainState, read_state, resolve_checkpoint
 from pegasus_dist.config import Config
+from pegasus_dist.errors import ConfigError
 from pegasus_dist.wandb_records import UnreadableRecords, history_steps
 
 log = logging.getLogger("pegasus_dist.tracking")
 
 
+# WANDB_MODE values and the mode each means (dryrun and run are wandb's old names).
+_WANDB_MODE_VALUES = {"online": "online", "offline": "offline", "disabled": "disabled",
+                      "dryrun": "offline", "run": "online"}
+
+
 def wandb_mode(cfg: Config) -> str:
+    """The W&B mode of this run: online, offline or disabled (the one place that decides).
+
+    An explicit ``wandb.mode`` (config or override) wins; with ``auto``, then
+    ``WANDB_MODE`` from the environment; then online when ``WANDB_API_KEY`` is
+    set, offline otherwise. wandb.init gets this mode explicitly, so wandb's own
+    reading of ``WANDB_MODE`` never disagrees with it.
+    """
     if cfg.wandb.mode != "auto":
         return cfg.wandb.mode
+    env = os.environ.get("WANDB_MODE", "")
+    if env:
+        if env not in _WANDB_MODE_VALUES:
+            raise ConfigError(f"WANDB_MODE={env} is not a W&B mode: set it to online, offline or "
+                              "disabled, or unset it")
+        return _WANDB_MODE_VALUES[env]
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
@@ -53,10 +74,27 @@ def start_tracking(
     launch, and for a phase that starts from another run's weights, that
     checkpoint and the W&B run that wrote it.
     """
-    if tracker_names(cfg) is None:
+    mode = wandb_mode(cfg)
+    if mode == "disabled":
         return
+    config = cfg.to_dict()
+    config["launch"] = {"world_size": accelerator.num_processes, "global_batch": global_batch,
+                        "lr": lr}
+    if cfg.train.init_from and state.step == 0:  # a resumed run keeps what its start recorded
+        config["started_from"] = _started_from(cfg.train.init_from)
+    try:
+        accelerator.init_trackers(cfg.wandb.project, config=config,
+                                  init_kwargs={"wandb": _init_kwargs(cfg, state, mode)})
+    except wandb.Error as err:  # raised by wandb.init, which runs on the main process only
+        if mode != "online":
+            raise
+        _start_offline_instead(accelerator, cfg, state, config, err)
+
+
+def _init_kwargs(cfg: Config, state: TrainState, mode: str) -> dict[str, Any]:
+    """The arguments of wandb.init, through Accelerate's WandBTracker."""
     init: dict[str, Any] = {
-        "mode": wandb_mode(cfg),
+        "mode": mode,
         "dir": str(cfg.run_dir.resolve()),
         "id": state.wandb_run_id,
         "resume": "allow",
@@ -64,15 +102,33 @@ def start_tracking(
         "group": cfg.wandb_group,
         "tags": cfg.wandb.tags or None,
         "job_type": cfg.train.phase,
+        # With the server unreachable, wandb.init retries until init_timeout, then raises CommError.
+        "settings": wandb.Settings(init_timeout=cfg.wandb.init_timeout_s),
     }
     if cfg.wandb.entity:
         init["entity"] = cfg.wandb.entity
-    config = cfg.to_dict()
-    config["launch"] = {"world_size": accelerator.num_processes, "global_batch": global_batch,
-                        "lr": lr}
-    if cfg.train.init_from and state.step == 0:  # a resumed run keeps what its start recorded
-        config["started_from"] = _started_from(cfg.train.init_from)
-    accelerator.init_trackers(cfg.wandb.project, config=config, init_kwargs={"wandb": init})
+    return init
+
+
+def _start_offline_instead(accelerator: Accelerator, cfg: Config, state: TrainState,
+                           config: dict[str, Any], err: wandb.Error) -> None:
+    """Log offline after a failed online start (main process), with one warning line.
+
+    init_trackers appended the WandBTracker before its start failed, leaving a
+    tracker without a run; the offline start replaces it. The accelerator
+    logs only to W&B (``tracker_names``), so no other tracker starts twice.
+    wandb's service still holds the failed run's id ("run ID is in use"):
+    teardown ends it, and the offline run starts a new one.
+    """
+    wandb.teardown()
+    accelerator.trackers.clear()
+    accelerator.init_trackers(cfg.wandb.project, config=config,
+                              init_kwargs={"wandb": _init_kwargs(cfg, state, "offline")})
+    folder = Path(accelerator.get_tracker("wandb", unwrap=True).dir).parent  # <folder>/files
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    log.warning("W&B could not start online (%s: %s); logging offline into %s instead: upload it "
+                "later with `wandb sync %s` (a slow link may need a larger wandb.init_timeout_s)",
+                type(err).__name__, reason, folder, folder)
 
 
 def _started_from(init_from: str) -> dict[str, Any]:

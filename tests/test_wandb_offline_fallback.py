@@ -1,0 +1,125 @@
+"""W&B with a key but no server: WANDB_MODE is respected, and a failed online start logs offline.
+
+The server is a loopback port only: one nothing listens on (connections refused,
+as with no network), or one that listens and records whether anyone connected.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from processes import BIN, REPO, run_bounded
+
+from pegasus_dist.config import load_config
+from pegasus_dist.tracking import wandb_mode
+from pegasus_dist.wandb_records import history_steps
+
+SMOKE = REPO / "configs/smoke/pretrain.yaml"
+FAKE_KEY = "pegasusfakewandbkey0123456789abcdef01234"  # 40 characters, as W&B keys
+FALLBACK = "W&B could not start online"
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A loopback port bound but not listening: connecting is refused, and no one else takes it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+@pytest.fixture
+def listening_socket() -> Iterator[socket.socket]:
+    """A loopback server that never answers; a connection waits in its queue until accepted."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        sock.setblocking(False)
+        yield sock
+
+
+def train(shards: Path, runs: Path, env: dict[str, str], *extra: str):
+    """A 3-step smoke run with wandb.mode=auto (the default); returns the process and its seconds."""
+    cmd = [str(BIN / "pegasus-dist"), "train", "--config", str(SMOKE), f"data.shards={shards}",
+           f"run.output_dir={runs}", "train.max_steps=3", "data.batch_size=16",
+           "train.log_every=1", *extra]
+    start = time.monotonic()
+    done = run_bounded(cmd, timeout=240, env={"WANDB_API_KEY": FAKE_KEY, **env})
+    return done, time.monotonic() - start
+
+
+def training_steps(run: Path) -> list[int]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [row["step"] for row in rows if "pretrain/epoch" in row]
+
+
+@pytest.mark.slow
+def test_an_unreachable_server_gives_an_offline_run_and_one_warning(smoke_shards, tmp_path,
+                                                                     closed_port, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # auto with a key: online, were it reachable
+    url = f"http://127.0.0.1:{closed_port}"
+    done, seconds = train(smoke_shards, tmp_path, {"WANDB_BASE_URL": url}, "wandb.init_timeout_s=10")
+    assert done.returncode == 0, done.stdout[-4000:]
+    # Unbounded, wandb alone waits 90 s (its default init_timeout) and then crashes.
+    assert seconds < 90, seconds
+    assert "Traceback" not in done.stdout
+    (warning,) = [line for line in done.stdout.splitlines() if FALLBACK in line]
+    assert "CommError" in warning
+    folder = Path(re.search(r"`wandb sync (\S+)`", warning).group(1))
+    run = tmp_path / "pretrain"
+    assert folder.parent == (run / "wandb").resolve() and folder.name.startswith("offline-run-")
+    # The offline run holds the history of the whole run: W&B lost nothing.
+    (wandb_file,) = folder.glob("run-*.wandb")
+    assert training_steps(run) == [1, 2, 3]
+    assert set(history_steps(wandb_file)) >= {1, 2, 3}
+    for path in run.rglob("*"):  # the failed online attempt wrote no trace of the key either
+        if path.is_file():
+            assert FAKE_KEY.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.slow
+def test_wandb_mode_offline_in_the_environment_wins_over_the_key(smoke_shards, tmp_path,
+                                                                  listening_socket):
+    port = listening_socket.getsockname()[1]
+    done, _ = train(smoke_shards, tmp_path, {"WANDB_BASE_URL": f"http://127.0.0.1:{port}",
+                                             "WANDB_MODE": "offline"})
+    assert done.returncode == 0, done.stdout[-4000:]
+    with pytest.raises(BlockingIOError):  # nothing is waiting to be accepted: no one connected
+        listening_socket.accept()
+    assert FALLBACK not in done.stdout
+    run = tmp_path / "pretrain"
+    # One run folder (not counting the latest-run link), and an offline one: no online attempt.
+    (wandb_file,) = run.glob("wandb/*run-*/run-*.wandb")
+    assert wandb_file.parent.name.startswith("offline-run-")
+    assert set(history_steps(wandb_file)) >= {1, 2, 3}
+
+
+@pytest.mark.parametrize(("override", "env", "mode"), [
+    ([], {"WANDB_MODE": "offline", "WANDB_API_KEY": FAKE_KEY}, "offline"),
+    ([], {"WANDB_MODE": "disabled", "WANDB_API_KEY": FAKE_KEY}, "disabled"),
+    ([], {"WANDB_MODE": "dryrun"}, "offline"),  # wandb's old name for offline
+    ([], {"WANDB_MODE": "", "WANDB_API_KEY": FAKE_KEY}, "online"),
+    ([], {"WANDB_MODE": "", "WANDB_API_KEY": ""}, "offline"),
+    (["wandb.mode=online"], {"WANDB_MODE": "offline"}, "online"),  # the config wins
+    (["wandb.mode=disabled"], {"WANDB_MODE": "online", "WANDB_API_KEY": FAKE_KEY}, "disabled"),
+])
+def test_the_config_wins_then_wandb_mode_then_the_key(monkeypatch, override, env, mode):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert wandb_mode(load_config(SMOKE, override)) == mode
+
+
+def test_an_unknown_wandb_mode_is_one_line_naming_it(smoke_shards, tmp_path, monkeypatch):
+    done = run_bounded([str(BIN / "pegasus-dist"), "train", "--config", str(SMOKE),
+                        f"data.shards={smoke_shards}", f"run.output_dir={tmp_path}"],
+                       timeout=120, env={"WANDB_MODE": "ofline"})
+    assert done.returncode == 2, done.stdout[-4000:]
+    assert done.stdout.strip().splitlines()[-1] == (
+        "error: WANDB_MODE=ofline is not a W&B mode: set it to online, offline or disabled, or unset it")
+    monkeypatch.setenv("WANDB_MODE", "ofline")  # an explicit wandb.mode never reads it
+    assert wandb_mode(load_config(SMOKE, ["wandb.mode=offline"])) == "offline"
