@@ -1,0 +1,116 @@
+"""`pegasus-dist pipeline`: sources -> shards -> pretrain -> finetune -> report, resumable.
+
+The stages a person runs one by one (README, "First run on real data"), in one
+process, each continuing where an earlier, interrupted pipeline stopped:
+
+1. shards: `prepare` into the phases' ``data.shards``, unless the shard sets
+   there were already prepared from the same sources, image size, seed and
+   held-out share (their ``manifest.json`` says so). Shards of other inputs
+   stop the pipeline with one line, or are rewritten when ``reprepare`` asks;
+2. pretrain, then 3. finetune from the pretrain run: with ``run.resume=auto``
+   the trainer continues a phase from its newest checkpoint, and returns at
+   once from a phase that is already complete (``checkpoint.is_complete``).
+   Each phase ends with its sample grids and held-out evaluation;
+4. the HTML report of both runs, in ``run.output_dir``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from pegasus_dist.config import Config, PrepareConfig, load_config
+from pegasus_dist.data.manifest import SHARD_SETS, load_manifest
+from pegasus_dist.data.prepare import prepare
+from pegasus_dist.errors import ConfigError, DataError
+from pegasus_dist.report import write_report
+from pegasus_dist.train import train
+
+log = logging.getLogger("pegasus_dist.pipeline")
+
+PHASES = ("pretrain", "finetune")  # the config files a --config-dir holds, in running order
+PATH_SOURCES = ("cifar10", "stl10", "folder")  # source kinds whose argument is a file or folder
+
+
+@dataclass
+class PipelineOutputs:
+    pegasus: Path  # the finetuned model's Pegasus grid
+    report: Path  # the HTML page of both phases
+
+
+def run_pipeline(sources: list[str], config_dir: Path, overrides: list[str],
+                 reprepare: bool = False, command: str = "") -> PipelineOutputs:
+    """Run every stage that is not done yet."""
+    pretrain_cfg, finetune_cfg = load_phases(config_dir, overrides)
+    shards = PrepareConfig(sources=sources, out=pretrain_cfg.data.shards,
+                           image_size=pretrain_cfg.model.image_size)
+    log.info("pipeline 1/4: shards at %s", shards.out)
+    ensure_shards(shards, reprepare, command)
+    for number, cfg in enumerate((pretrain_cfg, finetune_cfg), start=2):
+        log.info("pipeline %d/4: %s -> %s", number, cfg.train.phase, cfg.run_dir)
+        train(cfg)  # resumes from the newest checkpoint; returns at once when the phase is complete
+    out = Path(finetune_cfg.run.output_dir) / "report.html"
+    log.info("pipeline 4/4: report -> %s", out)
+    return PipelineOutputs(pegasus=finetune_cfg.run_dir / "samples" / "pegasus.png",
+                           report=write_report([pretrain_cfg.run_dir, finetune_cfg.run_dir], out))
+
+
+def load_phases(config_dir: Path, overrides: list[str]) -> tuple[Config, Config]:
+    """The two phases' configs; finetune starts from the pretrain run, both read one shard folder."""
+    paths = [config_dir / f"{phase}.yaml" for phase in PHASES]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise ConfigError(f"--config-dir {config_dir} must hold {' and '.join(p.name for p in paths)}; "
+                          f"missing {', '.join(missing)}")
+    pretrain_cfg = load_config(paths[0], overrides)
+    finetune_cfg = load_config(paths[1], [*overrides, f"train.init_from={pretrain_cfg.run_dir}"])
+    if (pretrain_cfg.train.phase, finetune_cfg.train.phase) != PHASES:
+        raise ConfigError(f"{paths[0]} and {paths[1]} must set train.phase to pretrain and finetune")
+    if pretrain_cfg.run_dir == finetune_cfg.run_dir:
+        raise ConfigError(f"both phases would write {pretrain_cfg.run_dir}; "
+                          "give them different run.name values")
+    if pretrain_cfg.data.shards != finetune_cfg.data.shards:
+        raise ConfigError(f"the phases read different shard folders ({pretrain_cfg.data.shards}, "
+                          f"{finetune_cfg.data.shards}); the pipeline prepares one: set data.shards")
+    return pretrain_cfg, finetune_cfg
+
+
+def ensure_shards(cfg: PrepareConfig, reprepare: bool, command: str) -> None:
+    """Prepare the shard sets unless those at ``cfg.out`` were made from the same inputs."""
+    wanted = _inputs(cfg.image_size, cfg.seed, cfg.eval_fraction,
+                     [_source_identity(spec) for spec in cfg.sources])
+    found = {name: _prepared_inputs(Path(cfg.out) / name) for name in SHARD_SETS}
+    if all(inputs == wanted for inputs in found.values()):
+        log.info("reusing the shards at %s: prepared from %s", cfg.out, wanted)
+        return
+    other = next((inputs for inputs in found.values() if inputs not in (None, wanted)), None)
+    if other is not None and not reprepare:
+        raise DataError(f"{cfg.out} holds shards prepared from {other}, not {wanted}; "
+                        "pass --reprepare to rewrite them, or data.shards=ANOTHER_FOLDER")
+    prepare(cfg, command)
+
+
+def _prepared_inputs(folder: Path) -> str | None:
+    """What a shard set was prepared from, in the words of :func:`_inputs`; None if not usable."""
+    try:
+        manifest = load_manifest(folder)
+    except DataError:  # absent, half-written, emptied or damaged: prepare writes it again
+        return None
+    made = manifest.provenance
+    return _inputs(manifest.image_size, made.get("seed"), made.get("eval_fraction"),
+                   [_source_identity(s["spec"], s["origin"]) for s in made.get("sources", [])])
+
+
+def _inputs(image_size: int, seed: int | None, eval_fraction: float | None,
+            sources: list[str]) -> str:
+    """One line that says what a preparation read, and how; equal for the same inputs."""
+    return f"{', '.join(sources)} at {image_size} px (seed {seed}, eval fraction {eval_fraction})"
+
+
+def _source_identity(spec: str, origin: str | None = None) -> str:
+    """A source spec with its path resolved, so that ../x and /abs/x name the same source."""
+    kind, _, arg = spec.partition(":")
+    if kind in PATH_SOURCES and arg != "download":
+        return f"{kind}:{origin or Path(arg).resolve()}"
+    return spec
