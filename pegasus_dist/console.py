@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
-from pegasus_dist.errors import PegasusError
+from pegasus_dist.errors import PegasusError, Preempted
 
 T = TypeVar("T")
 
@@ -24,10 +24,22 @@ def setup_logging() -> None:
     )
 
 
+def print_error(message: str) -> None:
+    """The one line that reports an error a person can act on."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
 def exit_on_user_error(fn: Callable[[], T]) -> T:
-    """Run ``fn``; a :class:`PegasusError` becomes ``error: ...`` on stderr and its exit code."""
+    """Run ``fn``; a :class:`PegasusError` becomes ``error: ...`` on stderr and its exit code.
+
+    A :class:`Preempted` stop exits with its code (75) too, so that whoever
+    started the process can requeue it.
+    """
     try:
         return fn()
     except PegasusError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        if not err.reported:
+            print_error(str(err))
         raise SystemExit(err.exit_code) from None
+    except Preempted as stop:
+        raise SystemExit(stop.exit_code) from None

@@ -1,15 +1,20 @@
-"""Errors a person can act on.
+"""Errors a person can act on, and the requested stop that is not an error.
 
 Every error that is the user's to fix (a config key, a missing file, a corrupt
 shard) is a :class:`PegasusError`. The CLI prints its message on one line and
 exits with its ``exit_code`` instead of showing a traceback.
 """
 
+# sysexits.h EX_TEMPFAIL: "try again later". The exit code of a run stopped for a requeue.
+REQUEUE_EXIT_CODE = 75
+
 
 class PegasusError(Exception):
     """A problem with the user's input; the message names the thing and the fix."""
 
     exit_code = 2
+    # True once the message is printed, e.g. once by rank 0 for every rank of a run.
+    reported = False
 
 
 class ConfigError(PegasusError):
@@ -22,3 +27,9 @@ class DataError(PegasusError):
 
 class CheckpointError(PegasusError):
     """A checkpoint that is missing, unreadable or does not fit the model."""
+
+
+class Preempted(Exception):  # noqa: N818 (not an error: a requested, clean stop)
+    """Raised after the stop checkpoint is written; the process exits with REQUEUE_EXIT_CODE."""
+
+    exit_code = REQUEUE_EXIT_CODE

@@ -11,24 +11,38 @@ NaN or Inf. Between sync points each rank notes that step on the device
 (:class:`NonfiniteWatch`), which costs no sync. Only
 ``train.on_nonfinite=skip`` agrees every step (:func:`nonfinite_ranks`): it
 must skip the update on every rank at exactly the bad step.
+
+Start-up faults are agreed on too, once, before W&B starts
+(:func:`agree_on_start`): a rank that cannot start (a missing RNG file of its
+checkpoint, a shard it cannot read, a config it cannot load) must not leave
+the others to open W&B and die later in a collective. Every rank then ends
+with the same exit code, and rank 0 prints the one ``error:`` line.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
+from typing import NoReturn, TypeVar
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 
+from pegasus_dist.config import Config
+from pegasus_dist.console import print_error
+from pegasus_dist.distributed import build_accelerator
+from pegasus_dist.errors import REQUEUE_EXIT_CODE as REQUEUE_EXIT_CODE  # re-exported
 from pegasus_dist.errors import PegasusError
+from pegasus_dist.errors import Preempted as Preempted  # re-exported
 
 log = logging.getLogger("pegasus_dist.faults")
+T = TypeVar("T")
 
-# sysexits.h EX_TEMPFAIL: "try again later". The SLURM scripts requeue the job on it.
-REQUEUE_EXIT_CODE = 75
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 NO_STEP = -1  # NonfiniteWatch.first_bad while every loss was finite
 
@@ -39,8 +53,14 @@ class TrainingError(PegasusError):
     exit_code = 3
 
 
-class Preempted(Exception):  # noqa: N818 (not an error: a requested, clean stop)
-    """Raised after the stop checkpoint is written; the process exits with REQUEUE_EXIT_CODE."""
+class StartupError(PegasusError):
+    """Some rank could not start; raised on every rank once rank 0 has printed the message."""
+
+    reported = True
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class StopSignals:
@@ -113,3 +133,73 @@ def nonfinite_ranks(accelerator: Accelerator, loss: torch.Tensor) -> list[int]:
     local = (~torch.isfinite(loss.detach())).float()
     flags = accelerator.gather(local[None]).cpu()  # one flag per rank
     return [int(r) for r in torch.nonzero(flags).flatten()]
+
+
+def agree_on_start(accelerator: Accelerator, checks: Callable[[], T]) -> T:
+    """Run this rank's start-up ``checks``, then agree with every rank on how they went.
+
+    One ``gather_object`` of each rank's failure (or None), so ``checks`` must
+    hold no collective: a rank that fails early would meet the others' in the
+    wrong one. When any rank failed, rank 0 prints one line naming the ranks,
+    every rank waits for that line, leaves the process group and raises
+    :class:`StartupError` with the exit code of the first failure. A rank
+    whose check crashed (not a :class:`PegasusError`) re-raises its own
+    exception instead, so that its traceback shows where.
+    """
+    try:
+        result, failure = checks(), None
+    except Exception as err:  # agreed on below, then raised again on this rank
+        result, failure = None, err
+    outcome = None if failure is None else (_exit_code(failure), _describe(failure))
+    outcomes = gather_object([outcome])
+    failed = [(rank, *o) for rank, o in enumerate(outcomes) if o is not None]
+    if not failed:
+        return result
+    if accelerator.num_processes == 1:
+        raise failure
+    message = _failure_line(failed, accelerator.num_processes)
+    if accelerator.is_main_process:
+        print_error(message)
+    # The line is out before any rank exits: the launcher stops the others when one exits.
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if failure is not None and not isinstance(failure, PegasusError):
+        raise failure
+    raise StartupError(message, exit_code=failed[0][1])
+
+
+def fail_with_every_rank(err: PegasusError) -> NoReturn:
+    """Raise ``err``, a failure found before the ranks formed a group (the config), once agreed.
+
+    The other ranks may have loaded their config and be waiting in
+    :func:`agree_on_start`: this rank forms the group with the default config
+    and meets them there, so that every rank ends with one line and one code.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        agree_on_start(build_accelerator(Config()), lambda: _raise(err))
+    raise err
+
+
+def _raise(err: Exception) -> NoReturn:
+    raise err
+
+
+def _exit_code(err: Exception) -> int:
+    return err.exit_code if isinstance(err, PegasusError) else 1
+
+
+def _describe(err: Exception) -> str:
+    if isinstance(err, PegasusError):
+        return str(err)
+    return f"{type(err).__name__}: {err} (a crash: its traceback is in that rank's output)"
+
+
+def _failure_line(failed: list[tuple[int, int, str]], world_size: int) -> str:
+    """One line for all failed ranks: ranks with the same message share it."""
+    by_message: dict[str, list[int]] = {}
+    for rank, _code, message in failed:
+        by_message.setdefault(message, []).append(rank)
+    if len(by_message) == 1 and len(failed) == world_size:
+        return next(iter(by_message))  # the same on every rank: nothing rank-specific to say
+    return "; ".join(f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {message}"
+                     for message, ranks in by_message.items())

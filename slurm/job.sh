@@ -174,6 +174,10 @@ wait "$step" || status=$?
 # `wait` returns early when a trapped signal arrives: wait for the step itself.
 while kill -0 "$step" 2>/dev/null; do status=0; wait "$step" || status=$?; done
 
+# Requeue on the SIGUSR1 this script received, not on the trainers' exit code:
+# accelerate launch turns their 75 (stopped for a requeue) into 1, like any
+# failure. A run that ended anyway is not harmed: requeued, it finds its final
+# checkpoint, says it is complete and exits 0.
 if [ "$requeue" = 1 ]; then
     echo "job $SLURM_JOB_ID: stopped for preemption (step exit $status): requeueing"
     scontrol requeue "$SLURM_JOB_ID" || echo "job $SLURM_JOB_ID: scontrol requeue failed: not requeued"

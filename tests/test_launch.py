@@ -1,0 +1,226 @@
+"""Launches that explain themselves: start-up faults, complete runs, exit codes, launcher flags.
+
+Each test reads what a person would: the exit code, the ``error:`` lines of
+the combined output of every rank and the launcher, and the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from processes import BIN, REPO, run_bounded
+
+from pegasus_dist.checkpoint import TrainState, is_complete
+from pegasus_dist.config import load_config
+
+SMOKE = str(REPO / "configs/smoke/pretrain.yaml")
+TRAIN = str(REPO / "pegasus_dist/train.py")
+USAGE = "usage: pegasus_dist/train.py [-h] --config CONFIG [section.key=value ...]"
+
+
+def overrides(shards: Path, runs: Path, steps: int, *extra: str) -> list[str]:
+    return [f"data.shards={shards}", f"run.output_dir={runs}", f"train.max_steps={steps}",
+            "data.batch_size=16", "train.log_every=1", "wandb.mode=disabled", *extra]
+
+
+def cli_train(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return run_bounded([str(BIN / "pegasus-dist"), "train", "--config", SMOKE, *args], timeout,
+                       env={"WANDB_API_KEY": ""})
+
+
+def accelerate(nproc: int, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    config = REPO / ("launch/cpu-2proc-gloo.yaml" if nproc == 2 else "launch/cpu-1proc.yaml")
+    port = ["--main_process_port", str(free_port())] if nproc > 1 else []
+    return run_bounded([str(BIN / "accelerate"), "launch", "--config_file", str(config), *port, *args],
+                       timeout, env={"WANDB_API_KEY": ""})
+
+
+def free_port() -> int:
+    """A port of its own for each process group, so that launches running side by side never meet."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def error_lines(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("error: ")]
+
+
+def assert_no_traceback_of_ours(out: str) -> None:
+    """The launcher may print its own traceback; none may pass through this project's code."""
+    assert f'File "{REPO / "pegasus_dist"}' not in out, out[-4000:]
+
+
+def offline_runs(run: Path) -> list[str]:
+    return sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
+
+
+def test_complete_means_epochs_done_or_max_steps_reached(tmp_path):
+    def cfg(epochs: int, max_steps: int):
+        return load_config(SMOKE, [f"train.epochs={epochs}", f"train.max_steps={max_steps}"])
+
+    assert is_complete(TrainState("pretrain", epoch=3, step=90), cfg(3, 0))
+    assert not is_complete(TrainState("pretrain", epoch=2, batches_done=29, step=89), cfg(3, 0))
+    assert is_complete(TrainState("pretrain", epoch=0, batches_done=4, step=4), cfg(3, 4))
+    assert not is_complete(TrainState("pretrain", epoch=0, batches_done=4, step=4), cfg(3, 8))
+    assert not is_complete(TrainState("pretrain", epoch=3, step=90), cfg(4, 0))  # epochs raised
+
+
+@pytest.mark.slow
+def test_a_rank_that_cannot_start_ends_every_rank_with_one_line_before_wandb(smoke_shards, tmp_path):
+    # One process trains 2 steps; two processes then cannot resume its checkpoint
+    # (no RNG state for rank 1): only rank 1 finds out, while reading it.
+    first = cli_train(*overrides(smoke_shards, tmp_path, 2, "wandb.mode=offline"))
+    assert first.returncode == 0, first.stdout[-3000:]
+    run = tmp_path / "pretrain"
+    before = offline_runs(run), (run / "metrics.jsonl").read_text()
+
+    done = accelerate(2, TRAIN, "--config", SMOKE,
+                      *overrides(smoke_shards, tmp_path, 4, "wandb.mode=offline"))
+    assert done.returncode == 1  # what accelerate launch makes of any failure (README: exit codes)
+    missing = run / "checkpoints/step_00000002/rng/rank_00001.pt"
+    assert error_lines(done.stdout) == [
+        f"error: rank 1: {missing} is missing: the checkpoint was written by fewer processes; "
+        "resume with the same number of processes or start a new run"
+    ], done.stdout[-4000:]
+    assert_no_traceback_of_ours(done.stdout)
+    assert "wandb: Tracking run" not in done.stdout  # rank 0 stopped before W&B
+    assert (offline_runs(run), (run / "metrics.jsonl").read_text()) == before
+
+
+CRASH_ON_RANK_1 = """
+import os, sys
+from pegasus_dist import train
+real = train.make_loader
+def make_loader(*args, **kwargs):
+    if os.environ["RANK"] == "1":
+        raise RuntimeError("a bug on rank 1")
+    return real(*args, **kwargs)
+train.make_loader = make_loader
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_that_crashes_at_start_up_keeps_its_traceback(smoke_shards, tmp_path):
+    script = tmp_path / "crash_on_rank_1.py"
+    script.write_text(CRASH_ON_RANK_1)
+    done = accelerate(2, str(script), "--config", SMOKE, *overrides(smoke_shards, tmp_path, 2))
+    assert done.returncode == 1
+    assert error_lines(done.stdout) == [
+        "error: rank 1: RuntimeError: a bug on rank 1 (a crash: its traceback is in that rank's "
+        "output)"], done.stdout[-4000:]
+    assert "[rank1]: RuntimeError: a bug on rank 1" in done.stdout  # not swallowed
+    assert "[rank0]: Traceback" not in done.stdout  # rank 0 only reports it
+
+
+@pytest.mark.slow
+def test_a_config_mistake_of_every_rank_is_reported_once(smoke_shards, tmp_path):
+    done = accelerate(2, TRAIN, "--config", SMOKE,
+                      *overrides(smoke_shards, tmp_path, 2, "train.epoch=3"))
+    assert done.returncode == 1
+    assert error_lines(done.stdout) == [
+        "error: unknown config key train.epoch; did you mean train.epochs?"], done.stdout[-4000:]
+    assert_no_traceback_of_ours(done.stdout)
+    assert not (tmp_path / "pretrain").exists()
+
+
+@pytest.mark.slow
+def test_a_complete_run_says_so_and_changes_nothing_until_asked(smoke_shards, tmp_path):
+    args = overrides(smoke_shards, tmp_path, 2, "wandb.mode=offline")
+    first = cli_train(*args)
+    assert first.returncode == 0, first.stdout[-3000:]
+    run = tmp_path / "pretrain"
+    files = [run / "metrics.jsonl", run / "config.yaml", run / "samples/pegasus.png",
+             *sorted((run / "eval").iterdir())]
+
+    def snapshot() -> tuple:
+        return offline_runs(run), [(f, f.stat().st_mtime_ns, f.read_bytes()) for f in files]
+
+    before = snapshot()
+    again = cli_train(*args)
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert (f"pretrain in {run} is already complete at step 2 (train.epochs=10, train.max_steps=2; "
+            f"checkpoint {run}/checkpoints/step_00000002); raise train.epochs or train.max_steps "
+            "to train on") in again.stdout
+    assert "Pegasus grid" not in again.stdout and "held-out" not in again.stdout
+    assert snapshot() == before  # no sampler, no evaluation, no W&B run, no metrics rows
+
+    more = cli_train(*overrides(smoke_shards, tmp_path, 4, "wandb.mode=offline"))
+    assert more.returncode == 0, more.stdout[-3000:]
+    assert f"resumed from {run}/checkpoints/step_00000002" in more.stdout
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "pretrain/loss" in r] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("entry", "code"), [("pegasus-dist", 2), ("python", 2), ("accelerate", 1)])
+def test_a_bad_config_exits_with_one_line(smoke_shards, tmp_path, entry, code):
+    """The exit-code table of the README: accelerate launch turns every failure into 1."""
+    args = ["--config", SMOKE, *overrides(smoke_shards, tmp_path, 2, "train.epoch=3")]
+    cmd = {"pegasus-dist": [str(BIN / "pegasus-dist"), "train", *args],
+           "python": [str(BIN / "python"), TRAIN, *args],
+           "accelerate": [str(BIN / "accelerate"), "launch", "--config_file",
+                          str(REPO / "launch/cpu-1proc.yaml"), TRAIN, *args]}[entry]
+    done = run_bounded(cmd, timeout=120)
+    assert done.returncode == code, done.stdout[-3000:]
+    assert error_lines(done.stdout) == [
+        "error: unknown config key train.epoch; did you mean train.epochs?"], done.stdout[-3000:]
+    assert_no_traceback_of_ours(done.stdout)
+
+
+@pytest.mark.slow
+def test_pegasus_dist_train_stopped_by_a_signal_exits_75(smoke_shards, tmp_path):
+    proc = subprocess.Popen([str(BIN / "pegasus-dist"), "train", "--config", SMOKE,
+                             *overrides(smoke_shards, tmp_path, 300)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    metrics = tmp_path / "pretrain" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not metrics.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)  # until its first logged step
+    proc.send_signal(signal.SIGUSR1)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 75, out[-3000:]
+    assert "stopped by signal at step" in out
+    assert_no_traceback_of_ours(out)
+
+
+@pytest.mark.slow
+def test_the_launchers_mixed_precision_is_named_when_the_config_differs(smoke_shards, tmp_path):
+    warning = ("accelerate launch --mixed_precision bf16 is not used: this run trains with "
+               "train.mixed_precision=no from its config; to train in bf16 pass "
+               "train.mixed_precision=bf16")
+    ignored = accelerate(1, "--mixed_precision", "bf16", TRAIN, "--config", SMOKE,
+                         *overrides(smoke_shards, tmp_path / "a", 1))
+    assert ignored.returncode == 0, ignored.stdout[-3000:]
+    assert ignored.stdout.count(warning) == 1 and "mixed_precision=no" in ignored.stdout
+    agreed = accelerate(1, "--mixed_precision", "bf16", TRAIN, "--config", SMOKE,
+                        *overrides(smoke_shards, tmp_path / "b", 1, "train.mixed_precision=bf16"))
+    assert agreed.returncode == 0, agreed.stdout[-3000:]
+    assert "is not used" not in agreed.stdout and "mixed_precision=bf16" in agreed.stdout
+
+
+@pytest.mark.slow
+def test_no_arguments_is_one_usage_error():
+    alone = run_bounded([str(BIN / "python"), TRAIN], timeout=60)
+    assert alone.returncode == 2
+    assert alone.stdout.splitlines() == ["error: the following arguments are required: --config",
+                                         USAGE]
+    launched = run_bounded([str(BIN / "accelerate"), "launch", TRAIN], timeout=60)
+    assert launched.returncode == 1  # accelerate's own code for a failed script
+    lines = launched.stdout.splitlines()
+    assert error_lines(launched.stdout) == ["error: the following arguments are required: --config"]
+    assert lines[lines.index(error_lines(launched.stdout)[0]) + 1] == USAGE
+    assert_no_traceback_of_ours(launched.stdout)
