@@ -19,22 +19,33 @@ checkpoints intact, and a folder named ``step_<N>`` is always complete.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
+import re
 import shutil
+import time
+import typing
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from pegasus_dist.config import Config, load_config
+from pegasus_dist.config import Config, TrainConfig, load_config
 from pegasus_dist.errors import CheckpointError
 from pegasus_dist.model import VAE
 
+log = logging.getLogger("pegasus_dist.checkpoint")
+
 PREFIX = "step_"
+NAME = re.compile(rf"{PREFIX}(\d+)")  # and exactly checkpoint_name(N): step_00000060, not step_60
+DAMAGED = "damaged-"  # the prefix of a damaged checkpoint moved aside; never pruned
+PHASES = typing.get_args(typing.get_type_hints(TrainConfig)["phase"])
 
 
 @dataclass
@@ -51,20 +62,112 @@ class TrainState:
     wandb_run_id: str = ""
 
 
+def is_complete(state: TrainState, cfg: Config) -> bool:
+    """Whether a phase at ``state`` has nothing left to train under ``cfg``.
+
+    The one definition of "done": ``train.epochs`` epochs trained, or
+    ``train.max_steps`` (when set) steps taken. Raising either in the config
+    makes a complete run incomplete again, and it trains on.
+    """
+    max_steps_reached = bool(cfg.train.max_steps) and state.step >= cfg.train.max_steps
+    return state.epoch >= cfg.train.epochs or max_steps_reached
+
+
 def checkpoint_name(step: int) -> str:
     return f"{PREFIX}{step:08d}"
 
 
 def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under ``root``, oldest first (temporary folders are ignored)."""
+    """Published checkpoints under ``root``, oldest first.
+
+    Only folders named exactly as :func:`checkpoint_name` names them count:
+    temporary folders, damaged ones moved aside and strays such as
+    ``step_00000060.bak`` are ignored.
+    """
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+    found = {}
+    for path in root.iterdir():
+        match = NAME.fullmatch(path.name)
+        if match and path.name == checkpoint_name(int(match[1])) and path.is_dir():
+            found[int(match[1])] = path
+    return [found[step] for step in sorted(found)]
 
 
 def latest_checkpoint(root: Path) -> Path | None:
     found = list_checkpoints(root)
     return found[-1] if found else None
+
+
+def newest_intact_checkpoint(root: Path, move_damaged: bool) -> Path | None:
+    """The newest checkpoint under ``root`` whose files all read; newer damaged ones are skipped.
+
+    ``run.resume=auto`` resumes from it, so that an unattended requeue gets
+    past a damaged checkpoint instead of failing on it forever. Every rank
+    calls this and makes the same choice: the checks only read, and only the
+    main process (``move_damaged``) renames each damaged folder to
+    ``damaged-step_N-<time>`` beside the others, where pruning never looks,
+    and says so. A rank that checks a folder while it is being moved finds its
+    files gone, so damaged too: the same choice.
+    """
+    moved: list[str] = []
+    for folder in reversed(list_checkpoints(root)):
+        problem = find_damage(folder)
+        if problem is None:
+            _warn_moved(moved, f"resuming from {folder}")
+            return folder
+        if move_damaged:
+            aside = root / f"{DAMAGED}{folder.name}-{time.strftime('%Y%m%dT%H%M%S')}"
+            folder.rename(aside)
+            moved.append(f"{folder} is damaged ({problem}), moved to {aside}")
+    _warn_moved(moved, "no complete checkpoint is left: starting from the beginning")
+    return None
+
+
+def _warn_moved(moved: list[str], then: str) -> None:
+    if moved:
+        log.warning("%s; %s", "; ".join(moved), then)
+
+
+def find_damage(folder: Path) -> str | None:
+    """Why ``folder`` cannot be resumed from, or None when every file of it reads whole.
+
+    Reads, never unpickles: ``state.json`` with every field checked, the
+    safetensors header and length of the weights, and the CRCs of
+    ``optimizer.pt`` and of each rank's RNG file (zip archives, as torch.save
+    writes them).
+    """
+    rng = sorted((folder / "rng").glob("rank_*.pt"))
+    try:
+        _parse_state(folder / "state.json")
+        if not rng or rng[0].name != "rank_00000.pt":
+            raise CheckpointError(f"{folder / 'rng' / 'rank_00000.pt'} is missing")
+        _check_safetensors(folder / "model.safetensors")
+        for path in [folder / "optimizer.pt", *rng]:
+            _check_zip(path)
+    except CheckpointError as err:
+        return str(err)
+    return None
+
+
+def _check_safetensors(path: Path) -> None:
+    """Raises unless the header reads and the file is as long as the header says."""
+    try:
+        with safe_open(path, framework="pt"):
+            pass
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(f"{path}: {err}") from None
+
+
+def _check_zip(path: Path) -> None:
+    """Raises unless ``path`` is a whole zip archive whose CRCs all match."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: member {bad} fails its CRC check")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -138,11 +241,39 @@ def prune(root: Path, keep: int) -> None:
 
 
 def read_state(folder: Path) -> TrainState:
+    """``state.json``, every field checked: a bad one is one line naming the file and the field."""
     try:
-        return TrainState(**json.loads((folder / "state.json").read_text()))
-    except (OSError, ValueError, TypeError) as err:
-        raise CheckpointError(f"{folder}/state.json is unreadable ({err}); "
-                              "delete that checkpoint to resume from the one before") from None
+        return _parse_state(folder / "state.json")
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}; move that checkpoint aside to resume from the one before "
+                              "(run.resume=auto does)") from None
+
+
+def _parse_state(path: Path) -> TrainState:
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as err:  # a bad encoding is a ValueError too
+        raise CheckpointError(f"{path} is unreadable ({err})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} holds a {type(raw).__name__}, not an object of fields")
+    if "phase" not in raw:  # the one field without a default (older checkpoints lack some others)
+        raise CheckpointError(f"{path} has no field phase")
+    hints = typing.get_type_hints(TrainState)
+    for name, value in raw.items():
+        problem = _bad_field(name, value, hints[name]) if name in hints else "is not a known field"
+        if problem:
+            raise CheckpointError(f"{path}: field {name} {problem}, got {value!r}")
+    return TrainState(**raw)
+
+
+def _bad_field(name: str, value: object, hint: type) -> str | None:
+    """What is wrong with one field of ``state.json``, or None."""
+    if name == "phase":
+        return None if value in PHASES else f"must be one of {', '.join(PHASES)}"
+    if hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        return None if ok else "must be a whole number, 0 or more"
+    return None if isinstance(value, hint) else f"must be a {hint.__name__}"
 
 
 def load_model_weights(model: torch.nn.Module, folder: Path) -> None:

@@ -1,0 +1,94 @@
+"""A rank ends when its launcher dies.
+
+``accelerate launch`` starts the ranks through torchrun, which puts each in a
+session of its own: killing the launcher, or its whole process group, leaves
+them running with parent 1, training on unsupervised, or retrying a dead
+rendezvous store for minutes. So a rank that a launcher started asks for
+SIGTERM when that launcher dies: ``prctl(PR_SET_PDEATHSIG)`` on Linux, a
+thread that polls the parent pid elsewhere. SIGTERM then ends the run as it
+always does: at once while starting up (the default action), and once
+training, at the next sync point with a checkpoint on every rank
+(:class:`pegasus_dist.faults.StopSignals`, exit code 75).
+
+Only launched ranks follow their parent: a run started from a shell (``python
+pegasus_dist/train.py``, ``pegasus-dist train``, under ``nohup``) keeps
+running when the shell ends, as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger("pegasus_dist.launcher_watch")
+
+# Set by torchrun (accelerate launch --multi_gpu, several machines) and by accelerate's
+# one-process launcher; a process with neither was started from a shell.
+LAUNCHER_ENV = ("LOCAL_RANK", "ACCELERATE_USE_CPU")
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+POLL_S = 1.0  # how often the fallback thread looks at the parent pid
+LAUNCHERS = (b"accelerate", b"torchrun", b"torch.distributed.run")
+
+
+def end_with_launcher() -> None:
+    """Call first thing in a training process: SIGTERM to this process when its launcher dies.
+
+    Does nothing for a process that no launcher started (see :data:`LAUNCHER_ENV`).
+    """
+    if not any(name in os.environ for name in LAUNCHER_ENV):
+        return
+    parent = os.getppid()
+    if not _ask_kernel_for_sigterm():
+        _start_polling(parent)
+    # The launcher may have died before the request above (while this process imported
+    # its modules): then no signal will come, and the parent is already init.
+    if os.getppid() != parent or _adopted_by_init(parent):
+        log.error("the launcher of this process is gone (parent is now pid %d): exiting",
+                  os.getppid())
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _ask_kernel_for_sigterm() -> bool:
+    """``prctl(PR_SET_PDEATHSIG, SIGTERM)``; False where there is no such call (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    return True
+
+
+def _start_polling(parent: int) -> None:
+    """The fallback: a daemon thread that sends SIGTERM once the parent pid changes."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(POLL_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+
+
+def _adopted_by_init(parent: int) -> bool:
+    """Whether parent pid 1 means the launcher died, rather than that PID 1 is the launcher.
+
+    In a container whose command is ``accelerate launch``, the launcher is PID 1
+    and the ranks' parent is rightly 1; an orphan's new parent is init, which
+    names no launcher on its command line.
+    """
+    if parent != 1:
+        return False
+    if not sys.platform.startswith("linux"):
+        return True  # macOS: PID 1 is launchd, never a launcher
+    try:
+        command = Path("/proc/1/cmdline").read_bytes()
+    except OSError:
+        return False  # cannot tell: rather keep a healthy run than end it
+    return not any(name in command for name in LAUNCHERS)

@@ -1,0 +1,155 @@
+"""Edge cases of the checkpoint folder: strays, bad state.json, damaged checkpoints, bad run names."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from processes import BIN, REPO, run_bounded
+
+from pegasus_dist.checkpoint import (
+    TrainState,
+    latest_checkpoint,
+    list_checkpoints,
+    newest_intact_checkpoint,
+    read_state,
+    save_checkpoint,
+)
+from pegasus_dist.config import ModelConfig, load_config
+from pegasus_dist.errors import CheckpointError, ConfigError
+from pegasus_dist.model import VAE
+
+TINY = ModelConfig(channels=[4, 4, 8, 8], fc_dims=[16, 16, 8], latent_dim=4)
+SMOKE = str(REPO / "configs/smoke/pretrain.yaml")
+
+
+def save_steps(root: Path, *steps: int) -> list[Path]:
+    accelerator = Accelerator(cpu=True)
+    model = VAE(TINY)
+    model, optimizer = accelerator.prepare(model, torch.optim.Adam(model.parameters(), lr=1e-3))
+    return [save_checkpoint(accelerator, model, optimizer, TrainState("pretrain", step=step), "", root,
+                            keep=len(steps)) for step in steps]
+
+
+def test_only_exact_step_names_are_checkpoints(tmp_path):
+    (good,) = save_steps(tmp_path, 50)
+    for stray in ("step_00000060.bak", "step_60", "step_000000070", "step_0000008x"):
+        (tmp_path / stray).mkdir()
+        (tmp_path / stray / "state.json").write_text('{"phase": "pretrain", "step": 60}')
+    (tmp_path / "step_00000090").write_text("a file, not a folder")
+    assert list_checkpoints(tmp_path) == [good]
+    assert latest_checkpoint(tmp_path) == good
+
+
+@pytest.mark.parametrize(
+    ("state", "message"),
+    [
+        ({"phase": "pretrain", "step": "sixty"}, "field step must be a whole number, 0 or more, got 'sixty'"),
+        ({"phase": "pretrain", "epoch": -1}, "field epoch must be a whole number, 0 or more, got -1"),
+        ({"phase": "pretrain", "batches_done": 2.5}, "field batches_done must be a whole number"),
+        ({"phase": "pretrain", "step": True}, "field step must be a whole number, 0 or more, got True"),
+        ({"phase": "warmup"}, "field phase must be one of pretrain, finetune, got 'warmup'"),
+        ({"phase": "pretrain", "wandb_run_id": 7}, "field wandb_run_id must be a str, got 7"),
+        ({"phase": "pretrain", "steps": 3}, "field steps is not a known field"),
+        ({"step": 3}, "has no field phase"),
+        ([1, 2], "holds a list, not an object of fields"),
+    ],
+)
+def test_every_field_of_state_json_is_checked_in_one_line(tmp_path, state, message):
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError) as refused:
+        read_state(tmp_path)
+    assert f"{tmp_path / 'state.json'}" in str(refused.value) and message in str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+DAMAGES = {
+    "truncated weights": lambda c: _truncate(c / "model.safetensors"),
+    "missing optimizer": lambda c: (c / "optimizer.pt").unlink(),
+    "truncated optimizer": lambda c: _truncate(c / "optimizer.pt"),
+    "flipped byte in an RNG state": lambda c: _flip_a_byte(c / "rng" / "rank_00000.pt"),
+    "missing RNG state": lambda c: (c / "rng" / "rank_00000.pt").unlink(),
+    "bad state.json": lambda c: (c / "state.json").write_text('{"phase": "pretrain", "step": "sixty"}'),
+    "state.json cut short": lambda c: _truncate(c / "state.json"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_checkpoints_are_moved_aside_by_the_main_process_only(tmp_path, damage, caplog):
+    older, newer = save_steps(tmp_path, 3, 6)
+    DAMAGES[damage](newer)
+    before = {p.relative_to(newer): p.read_bytes() for p in newer.rglob("*") if p.is_file()}
+    # Another rank skips it without moving anything: the same choice, read-only.
+    assert newest_intact_checkpoint(tmp_path, move_damaged=False) == older
+    assert newer.is_dir()
+    assert newest_intact_checkpoint(tmp_path, move_damaged=True) == older
+    (aside,) = tmp_path.glob("damaged-step_00000006-*")
+    assert not newer.exists()
+    assert {p.relative_to(aside): p.read_bytes() for p in aside.rglob("*") if p.is_file()} == before
+    assert f"{newer} is damaged (" in caplog.text
+    assert f"moved to {aside}; resuming from {older}" in caplog.text
+    assert list_checkpoints(tmp_path) == [older]  # never pruned, never taken for a checkpoint again
+
+
+def test_with_every_checkpoint_damaged_the_phase_starts_over_keeping_them(tmp_path, caplog):
+    for folder in save_steps(tmp_path, 3, 6):
+        _truncate(folder / "model.safetensors")
+    assert newest_intact_checkpoint(tmp_path, move_damaged=True) is None
+    assert len(list(tmp_path.glob("damaged-step_*"))) == 2
+    assert "no complete checkpoint is left: starting from the beginning" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["..", ".", "", "a/b", "/abs/path", "../elsewhere"])
+def test_run_names_that_leave_the_output_folder_are_refused(name):
+    with pytest.raises(ConfigError, match=r"run.name must be a plain folder name .*got"):
+        load_config(SMOKE, [f"run.name={name}"])
+
+
+def test_a_negative_memory_limit_is_refused():
+    with pytest.raises(ConfigError, match="data.memory_limit_mb must be 0 or more"):
+        load_config(SMOKE, ["data.memory_limit_mb=-5"])
+
+
+def launch_cmd(shards: Path, runs: Path, steps: int) -> list[str]:
+    return [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "launch/cpu-2proc-gloo.yaml"),
+            str(REPO / "pegasus_dist/train.py"), "--config", SMOKE, f"data.shards={shards}",
+            f"run.output_dir={runs}", "wandb.mode=disabled", "data.batch_size=8", "train.log_every=1",
+            f"train.max_steps={steps}", "train.checkpoint_every=3"]
+
+
+@pytest.mark.slow
+def test_a_requeue_gets_past_a_damaged_newest_checkpoint_on_every_rank(smoke_shards, tmp_path):
+    first = run_bounded(launch_cmd(smoke_shards, tmp_path, 6), timeout=300)
+    assert first.returncode == 0, first.stdout[-3000:]
+    checkpoints = tmp_path / "pretrain" / "checkpoints"
+    _truncate(checkpoints / "step_00000006" / "model.safetensors")  # e.g. a disk that filled up
+
+    again = run_bounded(launch_cmd(smoke_shards, tmp_path, 9), timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:]
+    (aside,) = checkpoints.glob("damaged-step_00000006-*")
+    warning = next(line for line in again.stdout.splitlines() if "is damaged" in line)
+    assert f"{checkpoints}/step_00000006 is damaged ({checkpoints}/step_00000006/model.safetensors: " \
+        in warning and f"moved to {aside}; resuming from {checkpoints}/step_00000003" in warning
+    assert f"resumed from {checkpoints}/step_00000003" in again.stdout
+    assert [c.name for c in list_checkpoints(checkpoints)][-1] == "step_00000009"
+
+    # A checkpoint named on the command line is the user's choice: its damage is an error, one line.
+    (checkpoints / "step_00000009" / "state.json").write_text('{"phase": "pretrain", "step": "sixty"}')
+    named = run_bounded(launch_cmd(smoke_shards, tmp_path, 12)
+                        + [f"run.resume={checkpoints}/step_00000009"], timeout=300)
+    errors = [line for line in named.stdout.splitlines() if line.startswith("error: ")]
+    assert named.returncode != 0 and len(errors) == 1, named.stdout[-3000:]  # the launcher says 1
+    assert "step_00000009/state.json: field step must be a whole number, 0 or more, got 'sixty'" in errors[0]
