@@ -43,6 +43,7 @@ from pegasus_dist.model import VAE
 log = logging.getLogger("pegasus_dist.checkpoint")
 
 PREFIX = "step_"
+FINISHED = "finished.json"  # in the run folder, written last by a phase that ended
 NAME = re.compile(rf"{PREFIX}(\d+)")  # and exactly checkpoint_name(N): step_00000060, not step_60
 DAMAGED = "damaged-"  # the prefix of a damaged checkpoint moved aside; never pruned
 PHASES = typing.get_args(typing.get_type_hints(TrainConfig)["phase"])
@@ -71,6 +72,24 @@ def is_complete(state: TrainState, cfg: Config) -> bool:
     """
     max_steps_reached = bool(cfg.train.max_steps) and state.step >= cfg.train.max_steps
     return state.epoch >= cfg.train.epochs or max_steps_reached
+
+
+def mark_finished(run_dir: Path, checkpoint: Path) -> None:
+    """Record that the phase's end-of-run work (grids, evaluation) is done for ``checkpoint``."""
+    (run_dir / FINISHED).write_text(json.dumps({"checkpoint": checkpoint.name}) + "\n")
+
+
+def is_finished(run_dir: Path, checkpoint: Path) -> bool:
+    """Whether :func:`mark_finished` was reached for ``checkpoint``.
+
+    A run killed or preempted after its final checkpoint but before its grids
+    and evaluation were written is complete by its counters, not finished: a
+    restart resumes from that checkpoint and only does the end-of-run work.
+    """
+    try:
+        return json.loads((run_dir / FINISHED).read_text()).get("checkpoint") == checkpoint.name
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def checkpoint_name(step: int) -> str:

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from processes import BIN, REPO, run_bounded
 
 from pegasus_dist.checkpoint import TrainState, is_complete
@@ -158,6 +161,28 @@ def test_a_complete_run_says_so_and_changes_nothing_until_asked(smoke_shards, tm
     assert f"resumed from {run}/checkpoints/step_00000002" in more.stdout
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "pretrain/loss" in r] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_a_run_stopped_after_its_final_checkpoint_still_writes_its_grids(smoke_shards, tmp_path):
+    """Killed or preempted between the final checkpoint and the grids: a restart does only the grids."""
+    args = overrides(smoke_shards, tmp_path, 2)
+    assert cli_train(*args).returncode == 0
+    run = tmp_path / "pretrain"
+    # What a kill right after the final checkpoint leaves: no grids, no evaluation, no end mark.
+    for leftover in ("samples", "eval"):
+        shutil.rmtree(run / leftover)
+    (run / "finished.json").unlink()
+    again = cli_train(*args)
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert f"resumed from {run}/checkpoints/step_00000002" in again.stdout
+    assert "already complete" not in again.stdout
+    with Image.open(run / "samples/pegasus.png") as grid:
+        assert np.asarray(grid).std() > 0  # a real grid, not a blank canvas
+    assert (run / "eval/step_00000002.json").is_file()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "pretrain/loss" in r] == [1, 2]  # nothing trained twice
+    assert "already complete at step 2" in cli_train(*args).stdout
 
 
 @pytest.mark.slow
