@@ -13,6 +13,8 @@ process with batch N*B:
 from __future__ import annotations
 
 import logging
+import os
+import typing
 from datetime import timedelta
 
 import torch
@@ -21,7 +23,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 from torch import nn
 
-from pegasus_dist.config import Config
+from pegasus_dist.config import Config, Precision
 from pegasus_dist.errors import ConfigError
 
 log = logging.getLogger("pegasus_dist.distributed")
@@ -61,11 +63,23 @@ def build_accelerator(cfg: Config, log_with: list[str] | None = None) -> Acceler
     return accelerator
 
 
-def scaled_lr(cfg: Config, global_batch: int) -> float:
-    """The learning rate for ``global_batch``, following ``optim.lr_scaling``."""
-    ratio = global_batch / cfg.optim.base_batch_size
-    factor = {"linear": ratio, "sqrt": ratio**0.5, "none": 1.0}[cfg.optim.lr_scaling]
-    return cfg.optim.lr * factor
+def warn_if_launcher_precision_differs(cfg: Config) -> None:
+    """Say so when ``accelerate launch --mixed_precision X`` asks for what the config does not use.
+
+    The launcher hands its setting to the processes as ACCELERATE_MIXED_PRECISION
+    ("no" when not given); the Accelerator's own argument, train.mixed_precision,
+    wins over it. "no" is also what the launch/ files and the SLURM jobs pass to
+    leave the choice to the config, so only an explicit fp16/bf16/fp8 is worth a word.
+    """
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher in ("no", cfg.train.mixed_precision):
+        return
+    choices = typing.get_args(Precision)
+    fix = (f"to train in {launcher} pass train.mixed_precision={launcher}" if launcher in choices
+           else f"train.mixed_precision takes {', '.join(choices)}")
+    log.warning("accelerate launch --mixed_precision %s is not used: this run trains with "
+                "train.mixed_precision=%s from its config; %s",
+                launcher, cfg.train.mixed_precision, fix)
 
 
 class _AllReduceSum(torch.autograd.Function):

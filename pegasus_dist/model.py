@@ -20,6 +20,15 @@ from torch import nn
 
 from pegasus_dist.config import ModelConfig
 
+# The log-variance of q(z|x) is clamped to this range, as in the VAE of latent
+# diffusion (Rombach et al. 2022, DiagonalGaussianDistribution): exp(logvar)
+# in the KL and in sigma then stays finite (exp(20) = 4.9e8) however far one
+# bad update throws the encoder, so a diverging run is caught with a reason
+# (optim.DivergenceGuard) instead of overflowing to Inf. Healthy training
+# stays far inside it; beyond it the gradient is zero: a backstop, not a
+# parameterisation.
+LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
+
 
 @dataclass
 class VAEOutput:
@@ -77,10 +86,10 @@ class VAE(nn.Module):
         )
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images in [0, 1], (B, 3, H, W) -> (mu, logvar) of q(z|x)."""
+        """Images in [0, 1], (B, 3, H, W) -> (mu, logvar) of q(z|x), logvar clamped."""
         h = self.encoder_fc(self.encoder_conv(x).flatten(1))
         mu, logvar = h.chunk(2, dim=1)
-        return mu, logvar
+        return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
         h = self.decoder_fc(z).view(z.shape[0], -1, self.bottom, self.bottom)

@@ -1,0 +1,185 @@
+"""The optimizer and what keeps it stable from one GPU to many nodes.
+
+- :func:`scaled_lr`: the learning rate follows the global batch (per-process
+  batch x processes x ``train.grad_accum_steps``) by ``optim.lr_scaling``. The
+  default, sqrt, is the square-root rule for adaptive optimizers (Malladi et
+  al. 2022, "On the SDEs and Scaling Rules for Adaptive Gradient
+  Algorithms"); linear is Goyal et al.'s rule for SGD, which makes Adam
+  diverge at a global batch of 1024 (docs/scaling.md).
+- :class:`LrSchedule`: a linear warm-up to that rate over
+  ``optim.warmup_steps`` optimizer steps (Goyal et al. 2017, "Accurate, Large
+  Minibatch SGD"), then constant. The rate is a function of the optimizer
+  step alone, so a resumed run continues it exactly.
+- :func:`apply_on_resume`: a restored optimizer takes this run's
+  hyperparameters, and every value that differs from the checkpoint's is logged.
+- :class:`DivergenceGuard`: a loss that grows by orders of magnitude during the
+  warm-up stops the run before its first checkpoint, naming the learning rate,
+  the global batch and the rule that produced them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+
+from pegasus_dist.config import OptimConfig
+from pegasus_dist.faults import TrainingError
+
+log = logging.getLogger("pegasus_dist.optim")
+
+# "Orders of magnitude": a loss (or KL) 100 times the first step's loss. Healthy
+# training of the paper model moves it by about 15 % in its first 30 steps (2410 ->
+# 2065 at batch 128 on CIFAR-10); the diverging linear rule reached 170 and 6e6 times
+# its first loss in one step at global batches 1024 and 4096 (docs/scaling.md).
+DIVERGENCE_FACTOR = 100.0
+# Steps watched when the warm-up is shorter (or off): the linear rule diverged in 1-3 steps.
+GUARDED_STEPS = 100
+
+
+def scaled_lr(optim: OptimConfig, global_batch: int) -> float:
+    """The learning rate for ``global_batch``, following ``optim.lr_scaling``."""
+    ratio = global_batch / optim.base_batch_size
+    factor = {"linear": ratio, "sqrt": ratio**0.5, "none": 1.0}[optim.lr_scaling]
+    return optim.lr * factor
+
+
+@dataclass(frozen=True)
+class LrSchedule:
+    """The learning rate of every optimizer step: a linear warm-up to the scaled rate."""
+
+    optim: OptimConfig
+    global_batch: int
+
+    @property
+    def peak(self) -> float:
+        return scaled_lr(self.optim, self.global_batch)
+
+    def at(self, step: int) -> float:
+        """The rate of the optimizer step taken after ``step`` steps (0 for the first)."""
+        warmup = self.optim.warmup_steps
+        return self.peak * min(1.0, (step + 1) / warmup) if warmup else self.peak
+
+    def describe(self) -> str:
+        """Where the rate comes from, e.g. ``lr 0.00283 = optim.lr 0.001 x sqrt(1024/128) ...``."""
+        o = self.optim
+        factor = {"linear": f" x {self.global_batch}/{o.base_batch_size}",
+                  "sqrt": f" x sqrt({self.global_batch}/{o.base_batch_size})",
+                  "none": ""}[o.lr_scaling]
+        warmup = (f"linear warm-up over {o.warmup_steps} steps" if o.warmup_steps
+                  else "no warm-up")
+        return (f"lr {self.peak:.3g} = optim.lr {o.lr:.3g}{factor} (optim.lr_scaling={o.lr_scaling}, "
+                f"global batch {self.global_batch}), {warmup}")
+
+
+def build_optimizer(parameters: Iterable[torch.nn.Parameter], schedule: LrSchedule,
+                    device: torch.device) -> torch.optim.Adam:
+    """Adam at the rate of the first step; the trainer sets the rate again before every step."""
+    return torch.optim.Adam(
+        parameters, lr=schedule.at(0), betas=tuple(schedule.optim.betas),
+        weight_decay=schedule.optim.weight_decay,
+        # One kernel for all parameters: on the CPU too, where it is several times
+        # faster than the default (the "Adam step" row of `pegasus-dist bench`).
+        fused=device.type in ("cpu", "cuda"),
+    )
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def apply_on_resume(optimizer: torch.optim.Optimizer, schedule: LrSchedule, step: int,
+                    checkpoint: Path) -> list[str]:
+    """Give an optimizer restored from ``checkpoint`` this run's hyperparameters.
+
+    ``load_state_dict`` brings back the checkpoint's learning rate, betas and
+    weight decay; without this, lowering ``optim.lr`` to get past a
+    divergence would change the log but not the training. Logs (and returns)
+    every value that differs from the checkpoint's.
+    """
+    optim, group = schedule.optim, optimizer.param_groups[0]
+    changes = {f"optim.{key}": (old, new) for key, old, new in _changed_keys(optim, checkpoint)}
+    # The restored rate is the one of the checkpoint's last step: compare at that step.
+    if step and not _same(group["lr"], schedule.at(step - 1)):
+        changes[f"lr at step {step}"] = (f"{group['lr']:.3g}", f"{schedule.at(step - 1):.3g}")
+    if list(group["betas"]) != optim.betas:
+        changes.setdefault("optim.betas", (list(group["betas"]), optim.betas))
+    if group["weight_decay"] != optim.weight_decay:
+        changes.setdefault("optim.weight_decay", (group["weight_decay"], optim.weight_decay))
+    for g in optimizer.param_groups:
+        g["lr"], g["betas"], g["weight_decay"] = schedule.at(step), tuple(optim.betas), optim.weight_decay
+    described = [f"{name} {old} -> {new}" for name, (old, new) in changes.items()]
+    if described:
+        log.warning("resuming from %s with this run's optimizer settings, not the checkpoint's: %s",
+                    checkpoint, "; ".join(described))
+    return described
+
+
+def _changed_keys(optim: OptimConfig, checkpoint: Path) -> list[tuple[str, object, object]]:
+    """The optim.* keys whose value in the checkpoint's config.yaml differs from this run's."""
+    path = checkpoint / "config.yaml"
+    saved = (yaml.safe_load(path.read_text()) or {}).get("optim", {}) if path.is_file() else {}
+    return [(key, saved[key], value) for key, value in vars(optim).items()
+            if key in saved and not _same(saved[key], value)]
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return abs(a - b) <= 1e-12 * max(abs(a), abs(b))
+    return a == b
+
+
+class DivergenceGuard:
+    """Stops a run whose loss or KL grows by orders of magnitude during the warm-up.
+
+    The reference is the first optimizer step's loss, kept on the device. At
+    each sync point up to the first one after the warm-up (or after
+    GUARDED_STEPS steps, if longer; the loss of step N + 1 is the first
+    computed with the weights of step N), the loss and KL per image since the
+    last log are reduced over the ranks, so every rank takes the same
+    decision, before any checkpoint is written.
+    """
+
+    def __init__(self, schedule: LrSchedule, batch_description: str) -> None:
+        self.schedule = schedule
+        self.batch_description = batch_description
+        self.until = max(schedule.optim.warmup_steps, GUARDED_STEPS) + 1
+        self.checked_through = 0
+        self.first: torch.Tensor | None = None  # (total, recon, kl, images) sums of the first step
+        self.first_step = 0
+
+    def note_step(self, window_sums: torch.Tensor, step: int) -> None:
+        """After each optimizer step; keeps the first step's sums (no host read)."""
+        if self.first is None:
+            self.first, self.first_step = window_sums[:4].clone(), step
+
+    def check(self, accelerator: Accelerator, window_sums: torch.Tensor,
+              step: int) -> TrainingError | None:
+        """At a sync point: the error to stop with when the loss has grown 100-fold, else None.
+
+        Returned, not raised, so that the trainer can log the window first.
+        """
+        if self.first is None or self.checked_through >= self.until:
+            return None
+        self.checked_through = step
+        sums = accelerator.reduce(torch.cat([self.first, window_sums[:4]]), reduction="sum").tolist()
+        first_total, _, _, first_images, total, _, kl, images = sums
+        if not (first_images and images):
+            return None
+        first, loss, kl = first_total / first_images, total / images, kl / images
+        limit = DIVERGENCE_FACTOR * abs(first)
+        if loss > limit or kl > limit:
+            return TrainingError(
+                f"diverging: the loss went from {first:.4g} at step {self.first_step} to {loss:.4g} "
+                f"(KL {kl:.4g}) by step {step}, at lr {self.schedule.at(step - 1):.3g}; "
+                f"{self.schedule.describe()}; "
+                f"{self.batch_description}; use optim.lr_scaling=sqrt, a longer optim.warmup_steps "
+                "or a lower optim.lr (a resumed run applies them)"
+            )
+        return None
