@@ -37,15 +37,18 @@ class Progress:
     def __init__(self, phase: str, epochs: int, batches_per_epoch: int, max_steps: int,
                  enabled: bool, stream: TextIO | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 every_s: float = PLAIN_EVERY_S) -> None:
+                 every_s: float = PLAIN_EVERY_S, grad_accum_steps: int = 1) -> None:
         self.phase, self.epochs, self.batches = phase, epochs, batches_per_epoch
-        self.last_step = min(epochs * batches_per_epoch, max_steps or epochs * batches_per_epoch)
+        # Steps count optimizer steps, each of up to grad_accum_steps batches (micro-batches).
+        self.accum = grad_accum_steps
+        all_steps = epochs * -(-batches_per_epoch // grad_accum_steps)
+        self.last_step = min(all_steps, max_steps or all_steps)
         self.enabled = enabled
         self.stream = stream if stream is not None else sys.stderr
         self.use_bar = enabled and self.stream.isatty()
         self.clock, self.every_s = clock, every_s
         self.started = clock()
-        self.steps_done = 0  # by this process, for the ETA
+        self.steps_done = 0  # batches trained by this process, for the ETA
         self.logged_step: int | None = None
         self._reset_window()
 
@@ -94,7 +97,8 @@ class Progress:
         """Time left at this process's mean pace so far (sync points and checkpoints included)."""
         if not self.steps_done:
             return "unknown"
-        left = max(self.last_step - step, 0) * (now - self.started) / self.steps_done
+        batches_left = max(self.last_step - step, 0) * self.accum
+        left = batches_left * (now - self.started) / self.steps_done
         return str(timedelta(seconds=round(left)))
 
 

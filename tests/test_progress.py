@@ -66,6 +66,22 @@ def test_a_resumed_epoch_and_max_steps_end_with_a_line_where_they_stop(caplog):
         "finetune: epoch 2/3, batch 10/10, step 14/14, 64 images/s, ETA 0:00:00"]
 
 
+def test_with_gradient_accumulation_steps_and_eta_count_optimizer_steps(caplog):
+    caplog.set_level(logging.INFO, logger="pegasus_dist.progress")
+    clock = Clock()
+    progress = Progress("pretrain", epochs=2, batches_per_epoch=8, max_steps=0, enabled=True,
+                        stream=io.StringIO(), clock=clock, grad_accum_steps=4)
+    with progress.epoch(0, 0) as shown:
+        for batch in range(1, 9):  # an optimizer step every 4 batches: 2 steps an epoch
+            clock.now += 7.0
+            shown.update(batch // 4, 64)
+    # 7 s a batch; at batch 5 the steps left (2 to 4 of 4) are 12 batches, at the epoch's end 8
+    assert progress_lines(caplog) == [
+        "pretrain: epoch 1/2, batch 5/8, step 1/4, 9 images/s, ETA 0:01:24",
+        "pretrain: epoch 1/2, batch 8/8, step 2/4, 9 images/s, ETA 0:00:56",
+    ]
+
+
 def test_on_a_terminal_a_bar_and_no_lines_and_other_ranks_show_nothing(caplog):
     caplog.set_level(logging.INFO, logger="pegasus_dist.progress")
     terminal = Terminal()
