@@ -6,14 +6,21 @@ A checkpoint is a folder ``<run>/checkpoints/step_<N>/`` holding:
   so loading never runs code);
 - ``optimizer.pt``: Adam's state and the fp16 loss scaler, read back with
   ``torch.load(weights_only=True)``;
-- ``rng/rank_<R>.pt``: every random state of each rank (Python, NumPy, torch
-  CPU and CUDA), also ``weights_only``;
-- ``state.json``: phase, epoch, batches done in that epoch, step counters and
-  the W&B run id; ``config.yaml``: the resolved config of the run.
+- ``state.json``: phase, epoch, the samples of that epoch's seeded order
+  already trained, the global batch that trained them, step counters and the
+  W&B run id; ``config.yaml``: the resolved config of the run.
 
-It is written into ``.tmp-step_<N>/`` and renamed into place only once every
-rank has written its part, so a process killed mid-save leaves the previous
-checkpoints intact, and a folder named ``step_<N>`` is always complete.
+No random state is saved: every random draw of training comes from a
+generator seeded by what the checkpoint holds (the reparameterisation noise
+by the step, the epoch's order by the epoch; bad samples are replaced by a
+fixed rule), so a run resumes the same on any number of processes.
+Checkpoints of earlier versions also hold ``rng/rank_<R>.pt``: they are
+ignored, except that their count (the processes that wrote them) converts
+an older ``state.json``'s ``batches_done`` into samples.
+
+It is written into ``.tmp-step_<N>/`` and renamed into place once complete,
+so a process killed mid-save leaves the previous checkpoints intact, and a
+folder named ``step_<N>`` is always complete.
 """
 
 from __future__ import annotations
@@ -21,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import time
@@ -30,14 +36,16 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
+import yaml
 from accelerate import Accelerator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from pegasus_dist.config import Config, TrainConfig, load_config
-from pegasus_dist.errors import CheckpointError
+from pegasus_dist.data.loader import global_batch_sizes
+from pegasus_dist.data.manifest import load_manifest
+from pegasus_dist.errors import CheckpointError, PegasusError
 from pegasus_dist.model import VAE
 
 log = logging.getLogger("pegasus_dist.checkpoint")
@@ -47,6 +55,8 @@ FINISHED = "finished.json"  # in the run folder, written last by a phase that en
 NAME = re.compile(rf"{PREFIX}(\d+)")  # and exactly checkpoint_name(N): step_00000060, not step_60
 DAMAGED = "damaged-"  # the prefix of a damaged checkpoint moved aside; never pruned
 PHASES = typing.get_args(typing.get_type_hints(TrainConfig)["phase"])
+# Fields of older state.json files, read and converted (:func:`_in_samples`), never written.
+OLDER_FIELDS = {"batches_done": int}
 
 
 @dataclass
@@ -55,8 +65,11 @@ class TrainState:
 
     phase: str
     epoch: int = 0  # the epoch in progress
-    batches_done: int = 0  # batches of that epoch already trained
-    step: int = 0  # training steps (batches) taken in this phase, skipped ones included
+    # Samples of that epoch's seeded order already trained, by all processes together:
+    # where a resumed run continues, whatever its process count or batch.
+    samples_done: int = 0
+    global_batch: int = 0  # images per optimizer step of the run that wrote it (0: unknown)
+    step: int = 0  # optimizer steps taken in this phase, skipped ones included
     scaler_skipped_steps: int = 0  # fp16 overflows: the loss scaler skipped the update
     nonfinite_skipped_steps: int = 0  # NaN/Inf losses skipped (train.on_nonfinite=skip)
     bad_samples_skipped: int = 0  # corrupt samples replaced (data.on_bad_sample=skip)
@@ -153,17 +166,12 @@ def find_damage(folder: Path) -> str | None:
 
     Reads, never unpickles: ``state.json`` with every field checked, the
     safetensors header and length of the weights, and the CRCs of
-    ``optimizer.pt`` and of each rank's RNG file (zip archives, as torch.save
-    writes them).
+    ``optimizer.pt`` (a zip archive, as torch.save writes it).
     """
-    rng = sorted((folder / "rng").glob("rank_*.pt"))
     try:
         _parse_state(folder / "state.json")
-        if not rng or rng[0].name != "rank_00000.pt":
-            raise CheckpointError(f"{folder / 'rng' / 'rank_00000.pt'} is missing")
         _check_safetensors(folder / "model.safetensors")
-        for path in [folder / "optimizer.pt", *rng]:
-            _check_zip(path)
+        _check_zip(folder / "optimizer.pt")
     except CheckpointError as err:
         return str(err)
     return None
@@ -201,33 +209,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
             "pass a runs/<name> folder or one of its checkpoints/step_* folders"
         )
     return newest
-
-
-def save_rng_state(folder: Path, rank: int) -> None:
-    """Write this rank's random states; every rank calls this."""
-    state = {
-        "python": random.getstate(),
-        "numpy": _numpy_state_to_plain(np.random.get_state()),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    (folder / "rng").mkdir(parents=True, exist_ok=True)
-    torch.save(state, folder / "rng" / f"rank_{rank:05d}.pt")
-
-
-def load_rng_state(folder: Path, rank: int) -> None:
-    path = folder / "rng" / f"rank_{rank:05d}.pt"
-    if not path.is_file():
-        raise CheckpointError(
-            f"{path} is missing: the checkpoint was written by fewer processes; "
-            "resume with the same number of processes or start a new run"
-        )
-    state = _safe_load(path)
-    random.setstate(_to_tuple(state["python"]))
-    np.random.set_state(_numpy_state_from_plain(state["numpy"]))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def write_main_files(
@@ -277,12 +258,58 @@ def _parse_state(path: Path) -> TrainState:
         raise CheckpointError(f"{path} holds a {type(raw).__name__}, not an object of fields")
     if "phase" not in raw:  # the one field without a default (older checkpoints lack some others)
         raise CheckpointError(f"{path} has no field phase")
-    hints = typing.get_type_hints(TrainState)
+    hints = typing.get_type_hints(TrainState) | OLDER_FIELDS
     for name, value in raw.items():
         problem = _bad_field(name, value, hints[name]) if name in hints else "is not a known field"
         if problem:
             raise CheckpointError(f"{path}: field {name} {problem}, got {value!r}")
+    if "batches_done" in raw:
+        raw = _in_samples(raw, path)
     return TrainState(**raw)
+
+
+def _in_samples(raw: dict, path: Path) -> dict:
+    """An older ``state.json``, which counted batches: its position in samples.
+
+    Its checkpoint holds the per-process batch (``config.yaml``) and one RNG
+    file per process (``rng/rank_<R>.pt``), and with its shard set that gives
+    the samples of each of its global batches.
+    """
+    raw = dict(raw)
+    batches = raw.pop("batches_done")
+    if "samples_done" in raw or not batches:
+        return raw
+    folder = path.parent
+    processes = len(list((folder / "rng").glob("rank_*.pt")))
+    try:
+        saved = yaml.safe_load((folder / "config.yaml").read_text())
+        data, accumulation = saved["data"], saved.get("train", {}).get("grad_accum_steps", 1)
+        batch = data["batch_size"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+        data, batch, accumulation = {}, None, None
+    if not processes or not isinstance(batch, int) or not isinstance(accumulation, int):
+        raise CheckpointError(f"{path} counts batches_done (an older version) but its rng/ folder "
+                              "and config.yaml do not give its processes and batch; resume it with "
+                              "the version that wrote it, or start a new run")
+    raw["samples_done"] = _older_samples(batches, batch, processes, data)
+    raw.setdefault("global_batch", batch * processes * accumulation)
+    return raw
+
+
+def _older_samples(batches: int, batch: int, processes: int, data: dict) -> int:
+    """Samples in the first ``batches`` global batches of an epoch of the older run.
+
+    Each is ``batch`` x ``processes`` but the epoch's last, so an epoch
+    trained to its end (which older versions could save as its last batch
+    done) is exactly the shard set's samples. Without the shard set, every
+    batch counts in full.
+    """
+    try:
+        total = load_manifest(Path(data["shards"]) / data["shard_set"]).num_samples
+        sizes = global_batch_sizes(total, processes, batch)
+    except (PegasusError, KeyError, TypeError):
+        return batches * batch * processes
+    return sum(sizes[:batches]) if batches <= len(sizes) else batches * batch * processes
 
 
 def _bad_field(name: str, value: object, hint: type) -> str | None:
@@ -334,20 +361,6 @@ def _safe_load(path: Path) -> dict:
         ) from None
 
 
-def _numpy_state_to_plain(state: tuple) -> tuple:
-    name, keys, pos, has_gauss, cached = state
-    return (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)
-
-
-def _numpy_state_from_plain(state: tuple | list) -> tuple:
-    name, keys, pos, has_gauss, cached = state
-    return (name, keys.numpy().astype(np.uint32), pos, has_gauss, cached)
-
-
-def _to_tuple(value: object) -> object:
-    return tuple(_to_tuple(v) for v in value) if isinstance(value, list | tuple) else value
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -367,9 +380,9 @@ def save_checkpoint(
 ) -> Path:
     """Every rank calls this; returns the published ``step_<N>`` folder.
 
-    Barriers order the steps: the main process makes the temporary folder,
-    every rank writes its RNG state into it, then the main process writes the
-    rest, renames it into place and prunes old checkpoints.
+    The main process writes the temporary folder, renames it into place and
+    prunes old checkpoints; the others wait at the barrier (every rank holds
+    the same weights, and nothing of a checkpoint belongs to one rank).
     """
     final = root / checkpoint_name(state.step)
     if final.exists():  # already saved at this step (e.g. epoch end == checkpoint_every)
@@ -378,10 +391,6 @@ def save_checkpoint(
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    save_rng_state(tmp, accelerator.process_index)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else {}
         write_main_files(
             tmp,
@@ -408,7 +417,6 @@ def restore_checkpoint(
     optimizer.load_state_dict(saved["optimizer"])
     if accelerator.scaler is not None and saved["scaler"]:
         accelerator.scaler.load_state_dict(saved["scaler"])
-    load_rng_state(folder, accelerator.process_index)
     return read_state(folder)
 
 

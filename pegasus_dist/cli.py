@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from pegasus_dist import scale_check
 from pegasus_dist.config import PrepareConfig
 from pegasus_dist.console import exit_on_user_error, setup_logging
 
@@ -21,15 +22,31 @@ app = typer.Typer(
 
 PREPARE = PrepareConfig()  # the one place prepare's defaults live
 OVERRIDES_HELP = "section.key=value config overrides, e.g. train.epochs=5"
+SOURCE_HELP = ("cifar10:PATH|download, stl10:PATH|download, folder:PATH (folder or .tar.gz), "
+               "synthetic:N[:SEED]; repeat for several")
+REPREPARE_HELP = "rewrite the shards at data.shards when they were prepared from other sources"
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        from pegasus_dist import __version__
+
+        typer.echo(f"pegasus-dist {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True, help="print the version and exit",
+    )] = False,
+) -> None:
+    pass
 
 
 @app.command()
 def prepare(
-    source: Annotated[list[str], typer.Option(
-        "--source", "-s",
-        help="cifar10:PATH|download, stl10:PATH|download, folder:PATH (folder or .tar.gz), "
-             "synthetic:N[:SEED]; repeat for several",
-    )],
+    source: Annotated[list[str], typer.Option("--source", "-s", help=SOURCE_HELP)],
     out: Annotated[str, typer.Option(help="folder for mix/, horse_bird/, eval/")] = PREPARE.out,
     image_size: Annotated[int, typer.Option(help="side of the images")] = PREPARE.image_size,
     shard_size: Annotated[int, typer.Option(help="samples per tar")] = PREPARE.shard_size,
@@ -174,27 +191,68 @@ def bench(
     typer.echo(f"wrote {out}")
 
 
+@app.command("scale-check",
+             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def scale_check_command(
+    global_batch: Annotated[int, typer.Option(help="images per optimizer step")] = scale_check.GLOBAL_BATCH,
+    steps: Annotated[int, typer.Option(help="optimizer steps per recipe")] = scale_check.STEPS,
+    micro_batch: Annotated[int, typer.Option(
+        help="images per forward pass; the rest of the global batch by gradient accumulation",
+    )] = scale_check.MICRO_BATCH,
+    config: Annotated[str, typer.Option(help="the recipe's YAML config")] = scale_check.CONFIG,
+    recipe: Annotated[list[str] | None, typer.Option(
+        help="linear (lr x global batch / base, no warm-up, no clip) or defaults (the config); "
+             "repeat for several", show_default="linear, defaults",
+    )] = None,
+    out: Annotated[Path | None, typer.Option(help="JSON to write the trajectories to")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help=OVERRIDES_HELP)] = None,
+) -> None:
+    """Train the real model a few steps at a large global batch, old linear rule beside the defaults."""
+    found = scale_check.scale_check(config, global_batch, steps, micro_batch,
+                                    recipe or list(scale_check.RECIPES), overrides or [])
+    for trajectory in found:
+        typer.echo(scale_check.format_trajectory(trajectory))
+    typer.echo(scale_check.format_table(found))
+    if out:
+        scale_check.write_json(found, out)
+        typer.echo(f"wrote {out}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def pipeline(
+    source: Annotated[list[str], typer.Option("--source", "-s", help=SOURCE_HELP)],
+    config_dir: Annotated[Path, typer.Option(
+        help="folder holding pretrain.yaml and finetune.yaml")] = Path("configs/reference"),
+    reprepare: Annotated[bool, typer.Option(help=REPREPARE_HELP)] = False,
+    overrides: Annotated[list[str] | None, typer.Argument(
+        help=OVERRIDES_HELP + " (both phases)")] = None,
+) -> None:
+    """Shards, pretrain, finetune, grids, held-out eval and HTML report; run again to resume."""
+    _run_pipeline(source, config_dir, reprepare, overrides or [])
+
+
 @app.command()
 def demo(
     images: Annotated[int, typer.Option(help="synthetic images to prepare")] = 3000,
-    pretrain_config: Annotated[Path, typer.Option()] = Path("configs/smoke/pretrain.yaml"),
-    finetune_config: Annotated[Path, typer.Option()] = Path("configs/smoke/finetune.yaml"),
+    reprepare: Annotated[bool, typer.Option(help=REPREPARE_HELP)] = False,
     overrides: Annotated[list[str] | None, typer.Argument(help=OVERRIDES_HELP)] = None,
 ) -> None:
-    """The whole pipeline on synthetic data, offline on a CPU: prepare, pretrain, finetune, grid."""
-    from pegasus_dist.config import load_config
-    from pegasus_dist.data.prepare import prepare as run_prepare
-    from pegasus_dist.train import train as run_train
+    """The pipeline on synthetic data, offline on a CPU: --source synthetic:N --config-dir configs/smoke."""
+    _run_pipeline([f"synthetic:{images}"], Path("configs/smoke"), reprepare, overrides or [])
 
-    pretrain_cfg = load_config(pretrain_config, overrides or [])
-    finetune_cfg = load_config(
-        finetune_config, [*(overrides or []), f"train.init_from={pretrain_cfg.run_dir}"]
-    )
-    run_prepare(PrepareConfig(sources=[f"synthetic:{images}"], out=pretrain_cfg.data.shards,
-                              image_size=pretrain_cfg.model.image_size), _command_line())
-    run_train(pretrain_cfg)
-    run_dir = run_train(finetune_cfg)
-    typer.echo(f"Pegasus grid: {run_dir / 'samples' / 'pegasus.png'}")
+
+def _run_pipeline(sources: list[str], config_dir: Path, reprepare: bool, overrides: list[str]) -> None:
+    from pegasus_dist.faults import REQUEUE_EXIT_CODE, Preempted
+    from pegasus_dist.pipeline import run_pipeline
+
+    try:
+        outputs = run_pipeline(sources, config_dir, overrides, reprepare, _command_line())
+    except Preempted:
+        typer.echo("stopped by a signal after a checkpoint; run the same command again to continue",
+                   err=True)
+        raise SystemExit(REQUEUE_EXIT_CODE) from None
+    typer.echo(f"Pegasus grid: {outputs.pegasus}")
+    typer.echo(f"report: {outputs.report}")
 
 
 def _command_line() -> str:

@@ -43,6 +43,11 @@ class DataConfig:
     shards: str = "shards"  # the folder that `pegasus-dist prepare` wrote
     shard_set: str = "mix"  # a subfolder of `shards`: mix or horse_bird
     batch_size: int = 128  # per process; the global batch is this times the world size
+    # Images per optimizer step, whatever the world size: when set (not 0) it wins
+    # over batch_size, and the per-process batch is global_batch_size / (processes x
+    # train.grad_accum_steps), which must divide evenly. A run then resumes on
+    # another number of processes with the same global batch, so the same steps.
+    global_batch_size: int = 0
     num_workers: int = 2  # loader processes per training process
     seed: int = 0  # seeds the per-epoch shuffle, identical on every rank
     # A corrupt shard or sample: stop naming the file, or skip it (its slot in
@@ -81,12 +86,20 @@ class OptimConfig:
 
     lr: float = 1e-3  # the learning rate at a global batch of `base_batch_size`
     base_batch_size: int = 128
-    # How lr follows the global batch G: linear uses lr * G / base_batch_size,
-    # sqrt uses lr * sqrt(G / base_batch_size), none keeps lr as given.
-    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
+    # How lr follows the global batch G (per-process batch x processes x
+    # train.grad_accum_steps): sqrt uses lr * sqrt(G / base_batch_size), the rule
+    # for Adam (Malladi et al. 2022); linear uses lr * G / base_batch_size (Goyal
+    # et al.'s rule for SGD: Adam diverges with it at G=1024); none keeps lr.
+    lr_scaling: Literal["linear", "sqrt", "none"] = "sqrt"
+    # Optimizer steps of linear warm-up from lr/warmup_steps to the scaled lr
+    # (Goyal et al. 2017); 0 disables it. 200 is Goyal's 5 epochs at the largest
+    # global batch the SLURM scripts launch (4 nodes: 4096 on the 173,000-image mix).
+    warmup_steps: int = 200
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
-    grad_clip: float = 0.0  # max gradient norm; 0 disables clipping
+    # Max gradient norm; 0 disables clipping. About the norm of the paper model's
+    # first step on CIFAR-10 (1,035-1,065): 10x what it falls to after 10 steps (60-170).
+    grad_clip: float = 1000.0
 
 
 @dataclass
@@ -96,14 +109,18 @@ class TrainConfig:
     phase: Literal["pretrain", "finetune"] = "pretrain"
     epochs: int = 100
     max_steps: int = 0  # stop after this many optimizer steps; 0 runs all epochs
+    # Micro-batches of data.batch_size per optimizer step, their gradients summed
+    # without a DDP all-reduce in between: a small machine reproduces a larger
+    # global batch. Steps (max_steps, log_every, checkpoint_every) count optimizer steps.
+    grad_accum_steps: int = 1
     mixed_precision: Precision = "no"
     seed: int = 0  # model initialisation and reparameterisation noise
     # A checkpoint directory, or a run directory (its newest checkpoint), whose
     # model weights start this phase; the finetune phase starts from pretrain.
     init_from: str = ""
     # Steps between logged (rank-reduced) metrics. Also the sync points where
-    # the ranks check for NaN/Inf losses and stop signals: steps in between
-    # never wait for the device.
+    # the ranks check for NaN/Inf losses: steps in between never wait for the
+    # device. (Stop signals are agreed on every step, without waiting.)
     log_every: int = 10
     checkpoint_every: int = 0  # steps between checkpoints; 0: once per epoch
     keep_checkpoints: int = 3
@@ -157,10 +174,24 @@ class EvalConfig:
 class WandbConfig:
     """Weights & Biases through Accelerate's tracker."""
 
-    # auto: online when WANDB_API_KEY is set, otherwise offline
+    # auto: WANDB_MODE from the environment if set, else online when WANDB_API_KEY
+    # is set, else offline; any other value here wins over WANDB_MODE
+    # (pegasus_dist.tracking.wandb_mode). An online start that fails (no network,
+    # a bad key) falls back to offline with one warning.
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    # How long an online start may wait for the W&B server before falling back to
+    # offline (wandb's own init_timeout, 90 s by default, then a crash); a slow link
+    # may need more. Overrides WANDB_INIT_TIMEOUT.
+    init_timeout_s: float = 30.0
     project: str = "pegasus-dist"
     entity: str = ""
+    # Empty name or group: derived from the run folder (Config.wandb_group and
+    # Config.wandb_name). The group is the name of run.output_dir, so the
+    # pretrain and finetune runs of one pipeline, written into the same
+    # output_dir, share it (runs/smoke -> smoke); the name is <group>/<run.name>
+    # (smoke/pretrain), the run folder as people know it. The job type is the phase.
+    name: str = ""
+    group: str = ""
     tags: list[str] = field(default_factory=list)
 
 
@@ -185,6 +216,14 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return Path(self.run.output_dir) / self.run.name
+
+    @property
+    def wandb_group(self) -> str:
+        return self.wandb.group or Path(self.run.output_dir).resolve().name
+
+    @property
+    def wandb_name(self) -> str:
+        return self.wandb.name or f"{self.wandb_group}/{self.run.name}"
 
 
 @dataclass
@@ -328,9 +367,13 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 def _validate(cfg: Config) -> None:
     """Reject impossible values before any training starts."""
     checks = [
-        (cfg.run.name != "" and "/" not in cfg.run.name, "run.name must be a plain folder name"),
+        # The run folder is <output_dir>/<name>: "..", "/x" or "a/b" would write elsewhere.
+        (cfg.run.name not in ("", ".", "..") and not {"/", "\0"} & set(cfg.run.name),
+         f"run.name must be a plain folder name (no '/', not '.' or '..'), got {cfg.run.name!r}"),
         (cfg.data.batch_size >= 1, "data.batch_size must be at least 1"),
+        (cfg.data.global_batch_size >= 0, "data.global_batch_size must be 0 (unset) or positive"),
         (cfg.data.num_workers >= 0, "data.num_workers must be 0 or more"),
+        (cfg.data.memory_limit_mb >= 0, "data.memory_limit_mb must be 0 or more"),
         (cfg.data.shard_set != "", "data.shard_set must name a shard set such as mix"),
         (len(cfg.model.channels) == 4, "model.channels must list 4 widths (the paper's 4 convs)"),
         (len(cfg.model.fc_dims) == 3, "model.fc_dims must list 3 widths (4 FC layers per side)"),
@@ -345,12 +388,15 @@ def _validate(cfg: Config) -> None:
         (len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas),
          "optim.betas must be two numbers in [0, 1)"),
         (cfg.optim.grad_clip >= 0, "optim.grad_clip must be 0 (off) or positive"),
+        (cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be 0 (off) or positive"),
+        (cfg.train.grad_accum_steps >= 1, "train.grad_accum_steps must be at least 1"),
         (cfg.train.epochs >= 1, "train.epochs must be at least 1"),
         (cfg.train.max_steps >= 0, "train.max_steps must be 0 (no limit) or positive"),
         (cfg.train.log_every >= 1, "train.log_every must be at least 1"),
         (cfg.train.checkpoint_every >= 0, "train.checkpoint_every must be 0 or positive"),
         (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1"),
         (cfg.train.collective_timeout_s >= 1, "train.collective_timeout_s must be positive"),
+        (cfg.wandb.init_timeout_s > 0, "wandb.init_timeout_s must be positive"),
         (cfg.sampler.num_horses >= 1 and cfg.sampler.num_birds >= 1,
          "sampler.num_horses and sampler.num_birds must be at least 1"),
         (cfg.sampler.num_mu >= 1, "sampler.num_mu must be at least 1"),

@@ -12,9 +12,15 @@ NaN or Inf. Between sync points each rank notes that step on the device
 ``train.on_nonfinite=skip`` agrees every step (:func:`nonfinite_ranks`): it
 must skip the update on every rank at exactly the bad step.
 
+A stop signal must not wait for a sync point that may be an epoch away:
+:class:`StopPoll` agrees on it every optimizer step on the host alone (a
+one-number all-reduce on a CPU group, read a step later), and makes the
+step where the ranks learn of it a sync point. A second ``SIGTERM``, or one
+outside the training loop, ends the process at once (:class:`StopSignals`).
+
 Start-up faults are agreed on too, once, before W&B starts
-(:func:`agree_on_start`): a rank that cannot start (a missing RNG file of its
-checkpoint, a shard it cannot read, a config it cannot load) must not leave
+(:func:`agree_on_start`): a rank that cannot start (a checkpoint or a shard
+it cannot read, a config it cannot load) must not leave
 the others to open W&B and die later in a collective. Every rank then ends
 with the same exit code, and rank 0 prints the one ``error:`` line.
 """
@@ -24,12 +30,17 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import Callable
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from types import FrameType
 from typing import NoReturn, TypeVar
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
@@ -44,6 +55,9 @@ log = logging.getLogger("pegasus_dist.faults")
 T = TypeVar("T")
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+# A SIGTERM this soon after the first is the same request: a launcher killed with
+# several threads sends its ranks the parent-death signal once per thread.
+SAME_REQUEST_S = 1.0
 NO_STEP = -1  # NonfiniteWatch.first_bad while every loss was finite
 
 
@@ -64,20 +78,89 @@ class StartupError(PegasusError):
 
 
 class StopSignals:
-    """Records SIGUSR1/SIGTERM instead of dying, so that the ranks stop together at a sync point."""
+    """SIGUSR1/SIGTERM in the training loop: recorded, so that the ranks stop together.
+
+    Inside :meth:`training` the first signal is recorded and the ranks stop
+    with a checkpoint within two optimizer steps (:class:`StopPoll`). A SIGTERM
+    when a stop is already pending, or outside the loop (start-up, the final
+    checkpoint, the grids and the evaluation), ends the process at once, with
+    SIGTERM's default action, as if there were no handler: no run outlives a
+    second SIGTERM (one that comes at least :data:`SAME_REQUEST_S` after the
+    first). SIGUSR1 outside the loop changes nothing: the run is ending.
+    """
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self._received_at = 0.0
+        self._training = False
         self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
 
+    @contextmanager
+    def training(self) -> Iterator[None]:
+        """The span in which a signal means "checkpoint with the others and stop"."""
+        self._training = True
+        try:
+            yield
+        finally:
+            self._training = False
+
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        name, now = signal.Signals(signum).name, time.monotonic()
+        if self.received is not None and now - self._received_at < SAME_REQUEST_S:
+            return  # the same request, delivered again
+        if signum == signal.SIGTERM and (self.received is not None or not self._training):
+            why = "again" if self.received is not None else "outside the training loop"
+            log.warning("received %s %s: exiting at once, without a checkpoint", name, why)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         if self.received is None:
-            log.warning("received %s: stopping at the next sync point", signal.Signals(signum).name)
-        self.received = signum
+            if self._training:
+                log.warning("received %s: stopping with a checkpoint within two steps", name)
+            self.received, self._received_at = signum, now
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class StopPoll:
+    """Whether any rank received a stop signal, agreed every optimizer step without waiting.
+
+    After each step every rank starts an all-reduce (max) of its flag on a CPU
+    gloo group of its own and reads the one it started a step before, which
+    every rank has posted by then (DDP keeps them within a step of each
+    other). So all ranks learn of a stop at the same step, at most two steps
+    after the signal, and no step waits for the device or the other ranks.
+    One process needs no group: it stops at the next step.
+    """
+
+    LAG = 1  # steps between posting a flag and reading the agreed value
+
+    def __init__(self, accelerator: Accelerator, signals: StopSignals, timeout_s: int) -> None:
+        self.signals = signals
+        self.group = (dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+                      if accelerator.num_processes > 1 else None)
+        self.pending: deque[tuple[torch.Tensor, dist.Work]] = deque()
+
+    def after_step(self) -> bool:
+        """Every rank calls this after every optimizer step: True on every rank at the same step."""
+        local = self.signals.received is not None
+        if self.group is None:
+            return local
+        flag = torch.tensor([int(local)])
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        self.pending.append((flag, work))
+        if len(self.pending) <= self.LAG:
+            return False
+        flag, work = self.pending.popleft()
+        work.wait()
+        return bool(flag.item())
+
+    def drain(self) -> None:
+        """Wait for the flags still in flight; every rank posted the same ones, so none blocks."""
+        while self.pending:
+            self.pending.popleft()[1].wait()
 
 
 class NonfiniteWatch:

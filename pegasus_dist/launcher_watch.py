@@ -7,7 +7,7 @@ rendezvous store for minutes. So a rank that a launcher started asks for
 SIGTERM when that launcher dies: ``prctl(PR_SET_PDEATHSIG)`` on Linux, a
 thread that polls the parent pid elsewhere. SIGTERM then ends the run as it
 always does: at once while starting up (the default action), and once
-training, at the next sync point with a checkpoint on every rank
+training, within two steps with a checkpoint
 (:class:`pegasus_dist.faults.StopSignals`, exit code 75).
 
 Only launched ranks follow their parent: a run started from a shell (``python

@@ -2,9 +2,7 @@
 
 import os
 import pickle
-import random
 
-import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
@@ -36,17 +34,18 @@ def _setup():
     return accelerator, model, optimizer
 
 
-def test_round_trip_restores_weights_optimizer_rng_and_counters(tmp_path):
+def test_round_trip_restores_weights_optimizer_and_counters(tmp_path):
+    """No random state is saved: training draws only from generators seeded by the counters
+    (tests/test_resume_replan.py shows a resumed run bit-equal with scrambled global RNGs)."""
     accelerator, model, optimizer = _setup()
-    state = TrainState(phase="finetune", epoch=2, batches_done=5, step=17, wandb_run_id="abc")
-    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    state = TrainState(phase="finetune", epoch=2, samples_done=80, global_batch=16, step=17,
+                       wandb_run_id="abc")
     folder = save_checkpoint(accelerator, model, optimizer, state, "x: 1\n", tmp_path, keep=2)
-    expected_draws = (random.random(), np.random.rand(), torch.rand(1))
+    assert not (folder / "rng").exists()
 
     accelerator2, model2, optimizer2 = _setup()
     restored = restore_checkpoint(accelerator2, model2, optimizer2, folder)
     assert restored == state
-    assert (random.random(), np.random.rand(), torch.rand(1)) == expected_draws
     for a, b in zip(model.state_dict().values(), model2.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert optimizer2.state_dict()["state"][0]["exp_avg"].equal(

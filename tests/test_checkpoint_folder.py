@@ -70,18 +70,12 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:-100])
 
 
-def _flip_a_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
 DAMAGES = {
     "truncated weights": lambda c: _truncate(c / "model.safetensors"),
     "missing optimizer": lambda c: (c / "optimizer.pt").unlink(),
     "truncated optimizer": lambda c: _truncate(c / "optimizer.pt"),
-    "flipped byte in an RNG state": lambda c: _flip_a_byte(c / "rng" / "rank_00000.pt"),
-    "missing RNG state": lambda c: (c / "rng" / "rank_00000.pt").unlink(),
+    "empty optimizer state": lambda c: (c / "optimizer.pt").write_bytes(b""),
+    "missing weights": lambda c: (c / "model.safetensors").unlink(),
     "bad state.json": lambda c: (c / "state.json").write_text('{"phase": "pretrain", "step": "sixty"}'),
     "state.json cut short": lambda c: _truncate(c / "state.json"),
 }

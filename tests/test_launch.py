@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from processes import BIN, REPO, run_bounded
+from processes import BIN, REPO, free_port, run_bounded
 
 from pegasus_dist.checkpoint import TrainState, is_complete
 from pegasus_dist.config import load_config
@@ -45,13 +44,6 @@ def accelerate(nproc: int, *args: str, timeout: float = 180) -> subprocess.Compl
                        timeout, env={"WANDB_API_KEY": ""})
 
 
-def free_port() -> int:
-    """A port of its own for each process group, so that launches running side by side never meet."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def error_lines(out: str) -> list[str]:
     return [line for line in out.splitlines() if line.startswith("error: ")]
 
@@ -70,28 +62,43 @@ def test_complete_means_epochs_done_or_max_steps_reached(tmp_path):
         return load_config(SMOKE, [f"train.epochs={epochs}", f"train.max_steps={max_steps}"])
 
     assert is_complete(TrainState("pretrain", epoch=3, step=90), cfg(3, 0))
-    assert not is_complete(TrainState("pretrain", epoch=2, batches_done=29, step=89), cfg(3, 0))
-    assert is_complete(TrainState("pretrain", epoch=0, batches_done=4, step=4), cfg(3, 4))
-    assert not is_complete(TrainState("pretrain", epoch=0, batches_done=4, step=4), cfg(3, 8))
+    assert not is_complete(TrainState("pretrain", epoch=2, samples_done=464, step=89), cfg(3, 0))
+    assert is_complete(TrainState("pretrain", epoch=0, samples_done=64, step=4), cfg(3, 4))
+    assert not is_complete(TrainState("pretrain", epoch=0, samples_done=64, step=4), cfg(3, 8))
     assert not is_complete(TrainState("pretrain", epoch=3, step=90), cfg(4, 0))  # epochs raised
+
+
+UNREADABLE_ON_RANK_1 = """
+import os, sys
+from pegasus_dist import train
+from pegasus_dist.errors import CheckpointError
+real = train.restore_checkpoint
+def restore_checkpoint(accelerator, model, optimizer, folder):
+    if os.environ["RANK"] == "1":
+        raise CheckpointError(f"cannot read {folder}/model.safetensors: an injected fault")
+    return real(accelerator, model, optimizer, folder)
+train.restore_checkpoint = restore_checkpoint
+train.main(sys.argv[1:])
+"""
 
 
 @pytest.mark.slow
 def test_a_rank_that_cannot_start_ends_every_rank_with_one_line_before_wandb(smoke_shards, tmp_path):
-    # One process trains 2 steps; two processes then cannot resume its checkpoint
-    # (no RNG state for rank 1): only rank 1 finds out, while reading it.
+    # One process trains 2 steps; two processes then resume its checkpoint, and
+    # only rank 1 cannot read it (an injected fault, as on a node whose disk fails).
     first = cli_train(*overrides(smoke_shards, tmp_path, 2, "wandb.mode=offline"))
     assert first.returncode == 0, first.stdout[-3000:]
     run = tmp_path / "pretrain"
     before = offline_runs(run), (run / "metrics.jsonl").read_text()
 
-    done = accelerate(2, TRAIN, "--config", SMOKE,
+    script = tmp_path / "unreadable_on_rank_1.py"
+    script.write_text(UNREADABLE_ON_RANK_1)
+    done = accelerate(2, str(script), "--config", SMOKE,
                       *overrides(smoke_shards, tmp_path, 4, "wandb.mode=offline"))
     assert done.returncode == 1  # what accelerate launch makes of any failure (README: exit codes)
-    missing = run / "checkpoints/step_00000002/rng/rank_00001.pt"
     assert error_lines(done.stdout) == [
-        f"error: rank 1: {missing} is missing: the checkpoint was written by fewer processes; "
-        "resume with the same number of processes or start a new run"
+        f"error: rank 1: cannot read {run}/checkpoints/step_00000002/model.safetensors: "
+        "an injected fault"
     ], done.stdout[-4000:]
     assert_no_traceback_of_ours(done.stdout)
     assert "wandb: Tracking run" not in done.stdout  # rank 0 stopped before W&B

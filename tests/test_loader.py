@@ -43,7 +43,7 @@ def shard_set(tmp_path_factory):
 
 
 def keys_of(loader, epoch, start=0):
-    loader.set_epoch(epoch, start_batch=start)
+    loader.set_epoch(epoch, start_sample=start)
     return [list(b.keys) for b in loader]
 
 
@@ -60,7 +60,7 @@ def test_batches_are_uint8_images_and_resume_skips_done_batches(shard_set):
     batch = next(iter(loader))
     assert batch.images.shape == (4, 3, 32, 32) and str(batch.images.dtype) == "torch.uint8"
     assert len(loader) == 15  # ceil(58 / 4)
-    assert keys_of(loader, 2, start=5) == keys_of(loader, 2)[5:]
+    assert keys_of(loader, 2, start=20) == keys_of(loader, 2)[5:]  # 5 batches of 4 done
 
 
 def test_image_size_must_match_the_manifest(shard_set):

@@ -5,18 +5,23 @@ Each epoch is planned from the manifest alone, identically on every rank:
 1. the shards are put in a seeded order, and the samples inside each shard in a
    seeded order (both change with the epoch), giving one global sequence S of
    all N samples;
-2. S is cut into global batches of ``world_size * batch_size``; in global batch
-   g, rank r takes the r-th slice of ``batch_size`` samples. The last, shorter
-   global batch is split as evenly as possible, so every rank gets the same
-   number of batches and every sample is seen exactly once per epoch. (When
-   that remainder is smaller than the number of ranks, it is folded into the
-   global batch before it, so some ranks' last batch holds one extra sample.)
+2. S from position ``start`` on (0, or the samples of the epoch a resumed run
+   already trained) is cut into global batches of ``world_size * batch_size``;
+   in global batch g, rank r takes the r-th slice of ``batch_size`` samples.
+   The last, shorter global batch is split as evenly as possible, so every
+   rank gets the same number of batches and every sample is seen exactly once
+   per epoch. (When that remainder is smaller than the number of ranks, it is
+   folded into the global batch before it, so some ranks' last batch holds
+   one extra sample.)
 3. within a rank, loader worker w of K takes the rank's batches j with
    j % K == w, which PyTorch's DataLoader hands out in the original order.
 
 Because rank r's slice of global batch g sits at offset r * batch_size, one
 process with batch 2B sees at each step exactly what two processes with
 batch B see together: the trainer's results do not depend on the world size.
+And because a resumed epoch starts at a position of S, not at a batch
+index, a run may resume with another world size or batch size: it trains the
+rest of S, nothing twice and nothing skipped.
 """
 
 from __future__ import annotations
@@ -69,25 +74,40 @@ def global_sequence(sizes: list[int], seed: int, epoch: int) -> tuple[np.ndarray
     return np.concatenate(shards), np.concatenate(inside)
 
 
-def rank_batches(num_samples: int, world_size: int, rank: int, batch_size: int) -> list[BatchPlan]:
-    """The positions in the global sequence of each batch of ``rank``, in order."""
-    if num_samples < world_size:
-        raise DataError(f"the shard set holds {num_samples} samples, fewer than the {world_size} "
-                        "processes; prepare more data or launch fewer processes")
+def global_batch_sizes(num_samples: int, world_size: int, batch_size: int,
+                       start: int = 0) -> list[int]:
+    """Samples in each global batch of the epoch from position ``start`` on, in order.
+
+    Every one but the last holds ``world_size * batch_size``; the last holds what
+    is left, at least one sample per rank (a smaller remainder is folded into
+    the batch before it).
+    """
+    left = num_samples - start
+    if left < world_size:
+        held = (f"the shard set holds {num_samples} samples" if not start else
+                f"{left} of the epoch's {num_samples} samples are left from position {start}")
+        raise DataError(f"{held}, fewer than the {world_size} processes; "
+                        "prepare more data or launch fewer processes")
     step = world_size * batch_size
-    num_global = math.ceil(num_samples / step)
-    last = num_samples - (num_global - 1) * step
+    num_global = math.ceil(left / step)
+    last = left - (num_global - 1) * step
     if last < world_size:  # too few to give every rank one: fold into the batch before
         num_global -= 1
         last += step
-    plans = [
-        BatchPlan(np.arange(g * step + rank * batch_size, g * step + (rank + 1) * batch_size),
-                  rank * batch_size)
-        for g in range(num_global - 1)
-    ]
+    return [step] * (num_global - 1) + [last]
+
+
+def rank_batches(num_samples: int, world_size: int, rank: int, batch_size: int,
+                 start: int = 0) -> list[BatchPlan]:
+    """The positions in the global sequence of each batch of ``rank``, from ``start`` on."""
+    sizes = global_batch_sizes(num_samples, world_size, batch_size, start)
+    plans = []
+    for size in sizes[:-1]:
+        plans.append(BatchPlan(np.arange(start + rank * batch_size, start + (rank + 1) * batch_size),
+                               rank * batch_size))
+        start += size
     # The last global batch, split evenly: the ranks' shares differ by at most one.
-    start = (num_global - 1) * step
-    base, extra = divmod(last, world_size)
+    base, extra = divmod(sizes[-1], world_size)
     offset = rank * base + min(rank, extra)
     size = base + (rank < extra)
     plans.append(BatchPlan(np.arange(start + offset, start + offset + size), offset))
@@ -109,18 +129,18 @@ class _ShardStream(IterableDataset):
         # no start-up per epoch), so the epoch to plan is shared memory that
         # set_epoch writes and every worker reads when its epoch starts.
         self._epoch = multiprocessing.RawValue("q", 0)
-        self._start_batch = multiprocessing.RawValue("q", 0)
+        self._start_sample = multiprocessing.RawValue("q", 0)
 
-    def set_epoch(self, epoch: int, start_batch: int) -> None:
-        self._epoch.value, self._start_batch.value = epoch, start_batch
+    def set_epoch(self, epoch: int, start_sample: int) -> None:
+        self._epoch.value, self._start_sample.value = epoch, start_sample
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        epoch, start_batch = self._epoch.value, self._start_batch.value
+        epoch, start_sample = self._epoch.value, self._start_sample.value
         shard_of, inside = global_sequence(self.manifest.shard_sizes, self.seed, epoch)
         plans = rank_batches(self.manifest.num_samples, self.world_size, self.rank,
-                             self.batch_size)[start_batch:]
+                             self.batch_size, start_sample)
         cache = _ShardCache(self.manifest, self.skip_bad)
         for plan in plans[worker::workers]:
             samples = [cache.sample(int(shard_of[p]), int(inside[p])) for p in plan.positions]
@@ -245,12 +265,12 @@ class ShardLoader:
                                   pin_memory=pin_memory, collate_fn=_keep_batch,
                                   persistent_workers=num_workers > 0)
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Plan ``epoch``; iteration then starts at its batch ``start_batch`` (for resuming)."""
-        self._dataset.set_epoch(epoch, start_batch)
+    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
+        """Plan ``epoch``; iteration then starts at position ``start_sample`` of its order (resuming)."""
+        self._dataset.set_epoch(epoch, start_sample)
 
     def __len__(self) -> int:
-        """Batches per epoch, the same on every rank."""
+        """Batches of a whole epoch, the same on every rank."""
         return self._num_batches
 
     def __iter__(self) -> Iterator[Batch]:
@@ -296,20 +316,23 @@ class MemoryLoader:
         self.keys, self.labels = np.array(keys, dtype=object), np.array(labels, dtype=object)
         self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(self.device)
         self.shard_starts = np.concatenate([[0], np.cumsum(self.manifest.shard_sizes)[:-1]])
-        self._plans = rank_batches(self.num_samples, world_size, rank, batch_size)
-        self.epoch, self.start_batch = 0, 0
+        self._num_batches = len(rank_batches(self.num_samples, world_size, rank, batch_size))
+        self.epoch, self.start_sample = 0, 0
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
+    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
+        """Plan ``epoch``; iteration then starts at position ``start_sample`` of its order (resuming)."""
+        self.epoch, self.start_sample = epoch, start_sample
 
     def __len__(self) -> int:
-        return len(self._plans)
+        """Batches of a whole epoch, the same on every rank."""
+        return self._num_batches
 
     def __iter__(self) -> Iterator[Batch]:
         shard_of, inside = global_sequence(self.manifest.shard_sizes, self.seed, self.epoch)
         order = self.shard_starts[shard_of] + inside  # sequence position -> row of the tensor
         on_device = torch.from_numpy(order).to(self.device)  # one copy per epoch
-        for plan in self._plans[self.start_batch:]:
+        for plan in rank_batches(self.num_samples, self.world_size, self.rank, self.batch_size,
+                                 self.start_sample):
             start, stop = int(plan.positions[0]), int(plan.positions[-1]) + 1
             rows = order[start:stop]
             yield Batch(
