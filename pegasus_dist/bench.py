@@ -330,10 +330,10 @@ def _flops_per_image(cfg) -> float:
 
 
 def _bare_step(cfg, precision: str, device: torch.device) -> Callable:
-    """The loop a user would write by hand: same model, Adam, BCE + KL."""
+    """The loop a user would write by hand: same model, Adam, BCE + KL, gradient clip."""
     torch.manual_seed(cfg.train.seed)
     model = VAE(cfg.model).to(device)
-    # The trainer's fused Adam, so that the ratio measures the loop, not the optimizer.
+    # The trainer's fused Adam and clip, so that the ratio measures the loop, not the optimizer.
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, fused=True)
 
     def step(batch) -> None:
@@ -343,6 +343,8 @@ def _bare_step(cfg, precision: str, device: torch.device) -> Callable:
         recon = F.binary_cross_entropy_with_logits(out.logits.float(), x, reduction="sum") / len(x)
         loss = recon + kl_to_standard_normal(out.mu.float(), out.logvar.float()).mean()
         loss.backward()
+        if cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
