@@ -242,15 +242,10 @@ def demo(
 
 
 def _run_pipeline(sources: list[str], config_dir: Path, reprepare: bool, overrides: list[str]) -> None:
-    from pegasus_dist.faults import REQUEUE_EXIT_CODE, Preempted
     from pegasus_dist.pipeline import run_pipeline
 
-    try:
-        outputs = run_pipeline(sources, config_dir, overrides, reprepare, _command_line())
-    except Preempted:
-        typer.echo("stopped by a signal after a checkpoint; run the same command again to continue",
-                   err=True)
-        raise SystemExit(REQUEUE_EXIT_CODE) from None
+    # A stop signal ends it with exit 75 (console.exit_on_user_error); the same command resumes.
+    outputs = run_pipeline(sources, config_dir, overrides, reprepare, _command_line())
     typer.echo(f"Pegasus grid: {outputs.pegasus}")
     typer.echo(f"report: {outputs.report}")
 

@@ -47,9 +47,7 @@ from accelerate.utils import gather_object
 from pegasus_dist.config import Config
 from pegasus_dist.console import print_error
 from pegasus_dist.distributed import build_accelerator
-from pegasus_dist.errors import REQUEUE_EXIT_CODE as REQUEUE_EXIT_CODE  # re-exported
 from pegasus_dist.errors import PegasusError
-from pegasus_dist.errors import Preempted as Preempted  # re-exported
 
 log = logging.getLogger("pegasus_dist.faults")
 T = TypeVar("T")

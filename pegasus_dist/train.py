@@ -55,13 +55,11 @@ from pegasus_dist.distributed import (
     convert_sync_batchnorm,
     warn_if_launcher_precision_differs,
 )
-from pegasus_dist.errors import CheckpointError, ConfigError
+from pegasus_dist.errors import REQUEUE_EXIT_CODE, CheckpointError, ConfigError, Preempted
 from pegasus_dist.evaluate import DESCRIPTIVE, evaluate, write_eval
 from pegasus_dist.faults import (
-    REQUEUE_EXIT_CODE,
     Agreement,
     NonfiniteWatch,
-    Preempted,
     StopPoll,
     StopSignals,
     TrainingError,
