@@ -4,8 +4,9 @@ A checkpoint is a folder ``<run>/checkpoints/step_<N>/`` holding:
 
 - ``model.safetensors``: the weights and batch-norm statistics (safetensors,
   so loading never runs code);
-- ``optimizer.pt``: Adam's state and the fp16 loss scaler, read back with
-  ``torch.load(weights_only=True)``;
+- ``optimizer.pt``: Adam's state and the fp16 loss scaler (and the ACAI
+  critic's Adam), read back with ``torch.load(weights_only=True)``;
+- ``critic.safetensors``: with ACAI (``loss.acai_weight`` > 0), the critic's weights;
 - ``state.json``: phase, epoch, the samples of that epoch's seeded order
   already trained, the global batch that trained them, step counters and the
   W&B run id; ``config.yaml``: the resolved config of the run.
@@ -51,6 +52,7 @@ from pegasus_dist.model import VAE
 log = logging.getLogger("pegasus_dist.checkpoint")
 
 PREFIX = "step_"
+CRITIC = "critic.safetensors"  # ACAI's critic, in checkpoints of runs with loss.acai_weight > 0
 FINISHED = "finished.json"  # in the run folder, written last by a phase that ended
 NAME = re.compile(rf"{PREFIX}(\d+)")  # and exactly checkpoint_name(N): step_00000060, not step_60
 DAMAGED = "damaged-"  # the prefix of a damaged checkpoint moved aside; never pruned
@@ -171,6 +173,8 @@ def find_damage(folder: Path) -> str | None:
     try:
         _parse_state(folder / "state.json")
         _check_safetensors(folder / "model.safetensors")
+        if (folder / CRITIC).exists():
+            _check_safetensors(folder / CRITIC)
         _check_zip(folder / "optimizer.pt")
     except CheckpointError as err:
         return str(err)
@@ -322,9 +326,9 @@ def _bad_field(name: str, value: object, hint: type) -> str | None:
     return None if isinstance(value, hint) else f"must be a {hint.__name__}"
 
 
-def load_model_weights(model: torch.nn.Module, folder: Path) -> None:
-    """Load ``model.safetensors`` into ``model``, naming any shape mismatch."""
-    path = folder / "model.safetensors"
+def load_model_weights(model: torch.nn.Module, folder: Path, name: str = "model.safetensors") -> None:
+    """Load ``folder/name`` (the VAE's weights, or the critic's) into ``model``, naming any mismatch."""
+    path = folder / name
     try:
         weights = load_file(path)
     except Exception as err:  # OSError, or safetensors' own SafetensorError
@@ -377,6 +381,8 @@ def save_checkpoint(
     config_yaml: str,
     root: Path,
     keep: int,
+    critic: torch.nn.Module | None = None,
+    critic_optimizer: torch.optim.Optimizer | None = None,
 ) -> Path:
     """Every rank calls this; returns the published ``step_<N>`` folder.
 
@@ -392,10 +398,15 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else {}
+        optimizers = {"optimizer": optimizer.state_dict(), "scaler": scaler}
+        if critic is not None:
+            save_file({k: v.detach().cpu().contiguous()
+                       for k, v in accelerator.unwrap_model(critic).state_dict().items()}, tmp / CRITIC)
+            optimizers["critic_optimizer"] = critic_optimizer.state_dict()
         write_main_files(
             tmp,
             accelerator.unwrap_model(model, keep_torch_compile=False).state_dict(),
-            {"optimizer": optimizer.state_dict(), "scaler": scaler},
+            optimizers,
             state,
             config_yaml,
         )
@@ -410,13 +421,23 @@ def restore_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     folder: Path,
+    critic: torch.nn.Module | None = None,
+    critic_optimizer: torch.optim.Optimizer | None = None,
 ) -> TrainState:
-    """Load a checkpoint written by :func:`save_checkpoint` into a prepared model and optimizer."""
+    """Load a checkpoint written by :func:`save_checkpoint` into a model and optimizer (and critic)."""
     load_model_weights(accelerator.unwrap_model(model, keep_torch_compile=False), folder)
     saved = load_optimizer_state(folder)
     optimizer.load_state_dict(saved["optimizer"])
     if accelerator.scaler is not None and saved["scaler"]:
         accelerator.scaler.load_state_dict(saved["scaler"])
+    if critic is not None:
+        if not (folder / CRITIC).is_file() or "critic_optimizer" not in saved:
+            raise CheckpointError(
+                f"{folder} holds no ACAI critic (its run had loss.acai_weight=0); resume it with "
+                f"loss.acai_weight=0, or start a new run with train.init_from={folder}"
+            )
+        load_model_weights(critic, folder, CRITIC)
+        critic_optimizer.load_state_dict(saved["critic_optimizer"])
     return read_state(folder)
 
 

@@ -111,12 +111,52 @@ def sample(
     )] = None,
     overrides: Annotated[list[str] | None, typer.Argument(help=OVERRIDES_HELP)] = None,
 ) -> None:
-    """Write sample grids from any checkpoint (--method, or sampler.method)."""
+    """Write sample grids from any checkpoint (--method, or sampler.method); scored if a classifier exists."""
+    from pegasus_dist.quality import score_run_samples, summary_line
     from pegasus_dist.sampler import sample_checkpoint
 
     extra = [f"sampler.method={method}"] if method else []
-    paths = sample_checkpoint(checkpoint, [*(overrides or []), *extra], out)
-    typer.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
+    done = sample_checkpoint(checkpoint, [*(overrides or []), *extra], out)
+    typer.echo(f"wrote {', '.join(str(p) for p in done.paths.values())}")
+    if done.classifier is not None:
+        results = score_run_samples(done.cfg, done.folder, done.classifier)
+        typer.echo(f"{summary_line(results)} -> {done.folder / 'quality.json'}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def classifier(
+    config: Annotated[Path, typer.Option(help="YAML config: data.shards to train on, quality.* options")],
+    overrides: Annotated[list[str] | None, typer.Argument(help=OVERRIDES_HELP)] = None,
+) -> None:
+    """Train the sample-quality classifier on the mix's labelled images, into quality.classifier."""
+    from pegasus_dist.classifier import train_classifier
+    from pegasus_dist.config import load_config
+
+    cfg = load_config(config, overrides or [])
+    meta = train_classifier(cfg.data.shards, cfg.classifier_dir, cfg.quality.classifier_epochs,
+                            cfg.quality.classifier_batch_size, cfg.quality.classifier_seed)
+    typer.echo(f"held-out accuracy {meta['held_out'].get('accuracy', 0):.3f} on "
+               f"{meta['held_out']['images']} images after {meta['training_seconds']:.0f} s "
+               f"-> {cfg.classifier_dir}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def score(
+    samples: Annotated[Path, typer.Argument(help="a samples folder (RUN/samples or RUN/samples/step_N)")],
+    config: Annotated[Path, typer.Option(help="YAML config: quality.classifier, data.shards, eval")],
+    overrides: Annotated[list[str] | None, typer.Argument(help=OVERRIDES_HELP)] = None,
+) -> None:
+    """Score a samples folder's grids and their crossfade baselines with the classifier -> quality.json."""
+    import json
+
+    from pegasus_dist.classifier import load_classifier
+    from pegasus_dist.config import load_config
+    from pegasus_dist.quality import score_run_samples, summary_line
+
+    cfg = load_config(config, overrides or [])
+    results = score_run_samples(cfg, samples, load_classifier(cfg.classifier_dir))
+    typer.echo(json.dumps(results["grids"], indent=2))
+    typer.echo(f"{summary_line(results)} -> {samples / 'quality.json'}")
 
 
 @app.command("eval")
@@ -129,12 +169,13 @@ def evaluate(
     import json
 
     from pegasus_dist.checkpoint import load_trained_model
+    from pegasus_dist.classifier import find_classifier
     from pegasus_dist.evaluate import evaluate as run_eval
     from pegasus_dist.evaluate import write_eval
 
     cfg, model, folder = load_trained_model(checkpoint, overrides or [])
     metrics = run_eval(model, Path(cfg.data.shards) / cfg.eval.shard_set, cfg.eval.batch_size,
-                       cfg.eval.seed)
+                       cfg.eval.seed, find_classifier(cfg))
     path = write_eval(metrics, out or folder.parent.parent / "eval" / f"{folder.name}.json")
     typer.echo(json.dumps(metrics, indent=2))
     typer.echo(f"wrote {path}")

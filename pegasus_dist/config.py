@@ -75,9 +75,20 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """Equation (1): summed pixel BCE plus beta times the closed-form KL (2)."""
+    """Equation (1): summed pixel BCE plus beta times the closed-form KL (2), and what sharpens it."""
 
     beta: float = 1.0
+    # Optimizer steps over which beta grows linearly from 0 (KL warm-up); 0: beta from the start.
+    kl_warmup_steps: int = 0
+    # Nats per latent dimension and image below which the KL is not charged (free bits); 0: off.
+    free_bits: float = 0.0
+    # ACAI's lambda (pegasus_dist/acai.py): weight of |C(x_a)|^2, the critic's guess of the
+    # mixing coefficient of decoded interpolants, in the autoencoder's per-image loss; 0: off.
+    # The loss here sums BCE over 3 x H x W pixels where ACAI's mean squared error averages
+    # over them: lambda ~ 0.5 x 3 x H x W (1,536 at 32 px) is the order of ACAI's 0.5.
+    acai_weight: float = 0.0
+    # gamma of the critic's regulariser: it sees gamma x + (1 - gamma) x_hat, target 0.
+    acai_gamma: float = 0.2
 
 
 @dataclass
@@ -159,6 +170,13 @@ class SamplerConfig:
     attribute_shard_set: str = "mix"
     attribute_samples: int = 2000  # at most this many images per side of the mean
     strength_max: float = 2.0  # the analogy grid adds 0 .. strength_max times the vector
+    # Which horses and birds, when horse_keys/bird_keys are empty: random (a seeded
+    # draw), or confident: those whose own reconstructions the quality classifier
+    # recognises best, from a seeded pool of pick_pool per class. confident is
+    # curation, as the paper's author picked by hand: it flatters the grid, it does
+    # not measure the model (quality.json's scores of a random pick do).
+    pick: Literal["random", "confident"] = "random"
+    pick_pool: int = 256  # candidates per class that pick=confident reconstructs and scores
 
 
 @dataclass
@@ -168,6 +186,20 @@ class EvalConfig:
     shard_set: str = "eval"  # written by `prepare`; training never sees it
     batch_size: int = 256
     seed: int = 0  # the one sample of z per image of the ELBO estimate
+
+
+@dataclass
+class QualityConfig:
+    """The project's own judge of the grids (pegasus_dist.classifier, pegasus_dist.quality)."""
+
+    # The classifier's folder (`pegasus-dist classifier` writes it); empty:
+    # <run.output_dir>/classifier, which both phases of a pipeline share.
+    classifier: str = ""
+    # About 26 s an epoch of the 58,800 CIFAR-10 images on 2 idle CPU cores (several
+    # times that on a busy one); 5 epochs reach 70 % held-out accuracy.
+    classifier_epochs: int = 5
+    classifier_batch_size: int = 128
+    classifier_seed: int = 0  # initialisation, epoch order and augmentation draws
 
 
 @dataclass
@@ -205,6 +237,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -216,6 +249,10 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return Path(self.run.output_dir) / self.run.name
+
+    @property
+    def classifier_dir(self) -> Path:
+        return Path(self.quality.classifier or Path(self.run.output_dir) / "classifier")
 
     @property
     def wandb_group(self) -> str:
@@ -383,6 +420,10 @@ def _validate(cfg: Config) -> None:
         (cfg.model.image_size >= 16 and cfg.model.image_size % 16 == 0,
          "model.image_size must be a positive multiple of 16 (e.g. 32, 64, 96)"),
         (cfg.loss.beta >= 0, "loss.beta must be 0 or more"),
+        (cfg.loss.kl_warmup_steps >= 0, "loss.kl_warmup_steps must be 0 (off) or positive"),
+        (cfg.loss.free_bits >= 0, "loss.free_bits must be 0 (off) or positive (nats per dimension)"),
+        (cfg.loss.acai_weight >= 0, "loss.acai_weight must be 0 (ACAI off) or positive"),
+        (0 <= cfg.loss.acai_gamma <= 1, "loss.acai_gamma must be in [0, 1]"),
         (cfg.optim.lr > 0, "optim.lr must be positive"),
         (cfg.optim.base_batch_size >= 1, "optim.base_batch_size must be at least 1"),
         (len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas),
@@ -402,6 +443,11 @@ def _validate(cfg: Config) -> None:
         (cfg.sampler.num_mu >= 1, "sampler.num_mu must be at least 1"),
         (cfg.eval.batch_size >= 1, "eval.batch_size must be at least 1"),
         (cfg.sampler.attribute_samples >= 1, "sampler.attribute_samples must be at least 1"),
+        (cfg.sampler.pick_pool >= 1, "sampler.pick_pool must be at least 1"),
+        (cfg.quality.classifier_epochs >= 1, "quality.classifier_epochs must be at least 1"),
+        (cfg.quality.classifier_batch_size >= 2,
+         "quality.classifier_batch_size must be at least 2 (batch norm needs two images)"),
+        (cfg.quality.classifier_seed >= 0, "quality.classifier_seed must be 0 or more"),
         (0 <= cfg.sampler.mu_start <= cfg.sampler.mu_end <= 1,
          "sampler.mu_start and sampler.mu_end must satisfy 0 <= mu_start <= mu_end <= 1"),
     ]

@@ -12,7 +12,12 @@ On the ``eval`` shard set (which training never sees), per image:
   data, Var_x(E[z_d|x]) > 0.01 (the criterion of Burda et al., "Importance
   Weighted Autoencoders", 2016).
 
-Reported for all held-out images and for the horses and birds among them.
+Reported for all held-out images and for the horses and birds among them;
+with the quality classifier (pegasus_dist.classifier) the horses and birds
+also get the fraction of their reconstructions it classifies as their own
+label (``recon_horse_as_horse``, ``recon_bird_as_bird``) and, for reference,
+the same of the originals (``horse_as_horse``, ``bird_as_bird``: the
+classifier's own accuracy on them).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from pegasus_dist.classifier import Classifier, predict
 from pegasus_dist.data.loader import ShardLoader
 from pegasus_dist.loss import kl_to_standard_normal
 from pegasus_dist.model import VAE
@@ -34,7 +40,8 @@ SUBSETS = {"all": None, "horse_bird": ("horse", "bird")}
 
 
 @torch.no_grad()
-def evaluate(model: VAE, shard_set: str | Path, batch_size: int = 256, seed: int = 0) -> dict:
+def evaluate(model: VAE, shard_set: str | Path, batch_size: int = 256, seed: int = 0,
+             classifier: Classifier | None = None) -> dict:
     """Metrics of ``model`` on every image of ``shard_set``, for each subset."""
     device = next(model.parameters()).device
     was_training = model.training
@@ -43,7 +50,8 @@ def evaluate(model: VAE, shard_set: str | Path, batch_size: int = 256, seed: int
                          image_size=model.image_size)
     loader.set_epoch(0)
     generator = torch.Generator(device=device).manual_seed(seed)
-    rows: dict[str, list[torch.Tensor]] = {"recon": [], "kl": [], "psnr": [], "mu": []}
+    rows: dict[str, list[torch.Tensor]] = {"recon": [], "kl": [], "psnr": [], "mu": [],
+                                           "seen": [], "seen_recon": []}
     labels: list[str | None] = []
     for batch in loader:
         x = batch.images.to(device).float().div_(255)
@@ -56,14 +64,32 @@ def evaluate(model: VAE, shard_set: str | Path, batch_size: int = 256, seed: int
         rows["kl"].append(kl_to_standard_normal(mu, logvar))
         rows["psnr"].append(-10 * torch.log10(mse))
         rows["mu"].append(mu)
+        if classifier is not None:  # the classes it sees in the originals and their reconstructions
+            rows["seen"].append(predict(classifier, x.cpu())[0].argmax(dim=1))
+            rows["seen_recon"].append(predict(classifier, model.decode(mu).float().cpu())[0].argmax(dim=1))
         labels += batch.labels
     model.train(was_training)
-    data = {k: torch.cat(v).float().cpu() for k, v in rows.items()}
+    data = {k: torch.cat(v).float().cpu() for k, v in rows.items() if v}
     dims = 3 * model.image_size**2
-    return {
+    metrics = {
         name: _summary(data, [wanted is None or label in wanted for label in labels], dims)
         for name, wanted in SUBSETS.items()
     }
+    if classifier is not None:
+        metrics["horse_bird"] |= _recognised(classifier, data, labels)
+    return metrics
+
+
+def _recognised(classifier: Classifier, data: dict[str, torch.Tensor], labels: list[str | None]) -> dict:
+    """Per held-out horse and bird: the fraction whose reconstruction (and original) it calls its label."""
+    found = {}
+    for label in ("horse", "bird"):
+        mask = torch.tensor([value == label for value in labels])
+        if mask.any():
+            index = classifier.index(label)
+            found[f"recon_{label}_as_{label}"] = (data["seen_recon"][mask] == index).float().mean().item()
+            found[f"{label}_as_{label}"] = (data["seen"][mask] == index).float().mean().item()
+    return found
 
 
 def _summary(data: dict[str, torch.Tensor], keep: list[bool], dims: int) -> dict:

@@ -13,6 +13,7 @@ loss as BCE on the sigmoid output but stays finite in bf16/fp16.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,8 @@ class VAEOutput:
     logits: torch.Tensor  # (B, 3, H, W) pre-sigmoid reconstruction
     mu: torch.Tensor  # (B, latent_dim)
     logvar: torch.Tensor  # (B, latent_dim)
+    # ACAI (loss.acai_weight > 0): logits of the decoded latent interpolants, (B, 3, H, W)
+    mixed_logits: torch.Tensor | None = None
 
 
 def _conv_block(c_in: int, c_out: int, slope: float) -> nn.Sequential:
@@ -99,11 +102,23 @@ class VAE(nn.Module):
         """Latents -> images in [0, 1] (the paper's sigmoid output)."""
         return torch.sigmoid(self.decode_logits(z))
 
-    def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> VAEOutput:
-        """Encode, sample z, decode. ``eps`` is the N(0, I) noise; drawn here when not given."""
+    def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None,
+                mix: Callable[[torch.Tensor], torch.Tensor] | None = None) -> VAEOutput:
+        """Encode, sample z, decode. ``eps`` is the N(0, I) noise; drawn here when not given.
+
+        ``mix`` maps the latent means to interpolants (ACAI's, :func:`acai.mix_latents`),
+        which are decoded too: in the same forward, so that DDP sees one use of the model,
+        and in one batch with the reconstructions, so that the decoder's batch norm
+        normalises interpolants by the statistics of real latents, as it does at sampling
+        time with its running statistics (normalised on their own, interpolants lose the
+        contrast and colour that tell them apart, and the critic learns nothing).
+        """
         mu, logvar = self.encode(x)
         z = reparameterize(mu, logvar, torch.randn_like(mu) if eps is None else eps)
-        return VAEOutput(self.decode_logits(z), mu, logvar)
+        if mix is None:
+            return VAEOutput(self.decode_logits(z), mu, logvar)
+        logits, mixed = self.decode_logits(torch.cat([z, mix(mu)])).chunk(2)
+        return VAEOutput(logits, mu, logvar, mixed)
 
 
 def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

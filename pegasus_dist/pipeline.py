@@ -7,11 +7,14 @@ process, each continuing where an earlier, interrupted pipeline stopped:
    there were already prepared from the same sources, image size, seed and
    held-out share (their ``manifest.json`` says so). Shards of other inputs
    stop the pipeline with one line, or are rewritten when ``reprepare`` asks;
-2. pretrain, then 3. finetune from the pretrain run: with ``run.resume=auto``
+2. the quality classifier (pegasus_dist.classifier) at ``quality.classifier``,
+   unless the one there was trained on these shards (its ``generation``), so
+   that both phases' grids are scored;
+3. pretrain, then 4. finetune from the pretrain run: with ``run.resume=auto``
    the trainer continues a phase from its newest checkpoint, and returns at
    once from a phase that is already complete (``checkpoint.is_complete``).
    Each phase ends with its sample grids and held-out evaluation;
-4. the HTML report of both runs, in ``run.output_dir``.
+5. the HTML report of both runs, in ``run.output_dir``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from pegasus_dist.classifier import read_meta, train_classifier
 from pegasus_dist.config import Config, PrepareConfig, load_config
 from pegasus_dist.data.manifest import SHARD_SETS, load_manifest
 from pegasus_dist.data.prepare import prepare
@@ -45,13 +49,15 @@ def run_pipeline(sources: list[str], config_dir: Path, overrides: list[str],
     pretrain_cfg, finetune_cfg = load_phases(config_dir, overrides)
     shards = PrepareConfig(sources=sources, out=pretrain_cfg.data.shards,
                            image_size=pretrain_cfg.model.image_size)
-    log.info("pipeline 1/4: shards at %s", shards.out)
+    log.info("pipeline 1/5: shards at %s", shards.out)
     ensure_shards(shards, reprepare, command)
-    for number, cfg in enumerate((pretrain_cfg, finetune_cfg), start=2):
-        log.info("pipeline %d/4: %s -> %s", number, cfg.train.phase, cfg.run_dir)
+    log.info("pipeline 2/5: quality classifier at %s", pretrain_cfg.classifier_dir)
+    ensure_classifier(pretrain_cfg)
+    for number, cfg in enumerate((pretrain_cfg, finetune_cfg), start=3):
+        log.info("pipeline %d/5: %s -> %s", number, cfg.train.phase, cfg.run_dir)
         train(cfg)  # resumes from the newest checkpoint; returns at once when the phase is complete
     out = Path(finetune_cfg.run.output_dir) / "report.html"
-    log.info("pipeline 4/4: report -> %s", out)
+    log.info("pipeline 5/5: report -> %s", out)
     return PipelineOutputs(pegasus=finetune_cfg.run_dir / "samples" / "pegasus.png",
                            report=write_report([pretrain_cfg.run_dir, finetune_cfg.run_dir], out))
 
@@ -74,6 +80,18 @@ def load_phases(config_dir: Path, overrides: list[str]) -> tuple[Config, Config]
         raise ConfigError(f"the phases read different shard folders ({pretrain_cfg.data.shards}, "
                           f"{finetune_cfg.data.shards}); the pipeline prepares one: set data.shards")
     return pretrain_cfg, finetune_cfg
+
+
+def ensure_classifier(cfg: Config) -> None:
+    """Train the classifier at ``quality.classifier`` unless it was trained on these very shards."""
+    meta = read_meta(cfg.classifier_dir)
+    generation = load_manifest(Path(cfg.data.shards) / "mix").generation
+    if meta is not None and meta.get("generation") == generation:
+        log.info("reusing the classifier at %s: trained on these shards (generation %s), held-out "
+                 "accuracy %s", cfg.classifier_dir, generation, meta["held_out"].get("accuracy"))
+        return
+    train_classifier(cfg.data.shards, cfg.classifier_dir, cfg.quality.classifier_epochs,
+                     cfg.quality.classifier_batch_size, cfg.quality.classifier_seed)
 
 
 def ensure_shards(cfg: PrepareConfig, reprepare: bool, command: str) -> None:

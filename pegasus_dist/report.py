@@ -2,7 +2,8 @@
 
 For each run folder: the loss curves (total, reconstruction BCE and KL per
 image, from ``metrics.jsonl``) drawn as inline SVG, the newest held-out
-evaluation, and the sample grids embedded as images (the phase's own and
+evaluation, the classifier's scores of the grids beside their baselines
+(``samples/quality.json``, pegasus_dist.quality), and the sample grids embedded as images (the phase's own and
 those ``pegasus-dist sample`` wrote into ``samples/step_N/``). The page has no
 external references, so it can be mailed or attached as it is.
 """
@@ -61,7 +62,7 @@ def _run_section(run: Path) -> str:
         for caption, path in find_grids(run)
     )
     return (f"<h2>{html.escape(run.name)} ({html.escape(phase)})</h2><div>{charts}</div>"
-            f"{_eval_table(run)}<div>{grids}</div>")
+            f"{_eval_table(run)}{_quality_table(run)}<div>{grids}</div>")
 
 
 def find_grids(run: Path) -> list[tuple[str, Path]]:
@@ -101,7 +102,9 @@ def _eval_table(run: Path) -> str:
     if not evals:
         return ""
     metrics = json.loads(evals[-1].read_text())
-    names = [k for k in metrics["all"] if k not in ("latent_dim", "active_unit_threshold")]
+    # Every subset's names: the horses and birds have the classifier's fractions as well.
+    names = [k for k in dict.fromkeys(k for values in metrics.values() for k in values)
+             if k not in ("latent_dim", "active_unit_threshold")]
     head = "".join(f"<th>{html.escape(n)}</th>" for n in ["subset", *names])
     body = "".join(
         "<tr><td>" + html.escape(subset) + "</td>"
@@ -110,4 +113,24 @@ def _eval_table(run: Path) -> str:
         for subset, values in metrics.items()
     )
     return (f"<p>held-out evaluation ({html.escape(evals[-1].stem)}):</p>"
+            f"<table><tr>{head}</tr>{body}</table>")
+
+
+def _quality_table(run: Path) -> str:
+    """One row per scored grid and one per baseline (crossfade, originals), from samples/quality.json."""
+    path = run / "samples" / "quality.json"
+    if not path.is_file():
+        return ""
+    results = json.loads(path.read_text())
+    rows = []
+    for grid, values in results["grids"].items():
+        rows.append((grid, values))
+        rows += [(f"{grid}: {name}", base) for name, base in values.items() if isinstance(base, dict)]
+    names = list(dict.fromkeys(k for _, values in rows for k, v in values.items() if not isinstance(v, dict)))
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in ["grid", *names])
+    body = "".join("<tr><td>" + html.escape(label) + "</td>" + "".join(
+        f"<td>{values[n]:.4g}</td>" if isinstance(values.get(n), float) else f"<td>{values.get(n, '')}</td>"
+        for n in names) + "</tr>" for label, values in rows)
+    accuracy = results.get("classifier", {}).get("held_out_accuracy")
+    return (f"<p>sample quality (pegasus_dist.quality; classifier held-out accuracy {accuracy}):</p>"
             f"<table><tr>{head}</tr>{body}</table>")

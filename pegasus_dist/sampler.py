@@ -1,6 +1,9 @@
 """The paper's Pegasus sampler (Section 1.4) and the grids written after each phase.
 
-Pick 8 horses and 21 birds, encode them, pair every horse with a randomly
+Pick 8 horses and 21 birds (a seeded random choice, or with
+``sampler.pick=confident`` those whose own reconstructions the quality
+classifier recognises best: curation, as the paper's author picked by hand,
+not a measure of the model), encode them, pair every horse with a randomly
 chosen bird, slerp between their latent means at 8 evenly spaced mu in
 [0.4, 0.7], decode: 64 images in an 8x8 grid, one row per horse. Beside it we
 write a grid of reconstructions and a grid of samples from the prior.
@@ -23,11 +26,12 @@ import torch
 from torchvision.utils import save_image
 
 from pegasus_dist.checkpoint import load_trained_model
-from pegasus_dist.config import SamplerConfig
+from pegasus_dist.classifier import Classifier, find_classifier, predict
+from pegasus_dist.config import Config, SamplerConfig
 from pegasus_dist.data.manifest import load_manifest
 from pegasus_dist.data.png import decode_image
 from pegasus_dist.data.shards import iter_shard
-from pegasus_dist.errors import DataError
+from pegasus_dist.errors import ConfigError, DataError
 from pegasus_dist.model import VAE
 from pegasus_dist.slerp import slerp
 
@@ -42,6 +46,16 @@ class LabelledImages:
 
 
 @dataclass
+class CheckpointSamples:
+    """What `pegasus-dist sample` wrote, and with which config and classifier (None: none exists)."""
+
+    cfg: Config
+    folder: Path
+    paths: dict[str, Path]
+    classifier: Classifier | None
+
+
+@dataclass
 class SampleOutputs:
     """What one sampler run wrote, by name: pegasus, reconstructions, prior."""
 
@@ -50,9 +64,16 @@ class SampleOutputs:
 
 
 def pick_horses_and_birds(
-    cfg: SamplerConfig, shards_root: str | Path, image_size: int
+    cfg: SamplerConfig, shards_root: str | Path, image_size: int,
+    model: VAE | None = None, classifier: Classifier | None = None,
 ) -> tuple[LabelledImages, LabelledImages]:
-    """The configured keys, or a seeded random choice of labelled horses and birds."""
+    """The configured keys, or a seeded choice of labelled horses and birds (``cfg.pick``).
+
+    ``pick=confident`` needs ``model`` and ``classifier``: see :func:`confident_keys`.
+    """
+    if cfg.pick == "confident" and (model is None or classifier is None):
+        raise ConfigError("sampler.pick=confident needs the quality classifier; create it with "
+                          "`pegasus-dist classifier --config CONFIG` or set sampler.pick=random")
     manifest = load_manifest(Path(shards_root) / cfg.shard_set)
     by_label: dict[str, list[str]] = {"horse": [], "bird": []}
     for path in manifest.shard_paths:
@@ -80,11 +101,16 @@ def pick_horses_and_birds(
                 f"{manifest.path} holds {len(available)} labelled {label} images but the sampler "
                 f"needs {count}; prepare more data or lower sampler.num_{label}s"
             )
+        elif cfg.pick == "confident":
+            pool = [available[i] for i in sorted(rng.choice(
+                len(available), size=max(count, min(cfg.pick_pool, len(available))), replace=False))]
+            chosen[label] = confident_keys(model, classifier, label, pool, count,
+                                           load_images(manifest.shard_paths, set(pool), image_size))
         else:
             picks = rng.choice(len(available), size=count, replace=False)
             chosen[label] = [available[i] for i in picks]
     wanted = set(chosen["horse"]) | set(chosen["bird"])
-    images = _load_images(manifest.shard_paths, wanted, image_size)
+    images = load_images(manifest.shard_paths, wanted, image_size)
     horses, birds = (
         LabelledImages(keys, torch.stack([images[k] for k in keys]))
         for keys in (chosen["horse"], chosen["bird"])
@@ -92,7 +118,22 @@ def pick_horses_and_birds(
     return horses, birds
 
 
-def _load_images(paths: list[Path], keys: set[str], image_size: int) -> dict[str, torch.Tensor]:
+@torch.no_grad()
+def confident_keys(model: VAE, classifier: Classifier, label: str, pool: list[str], count: int,
+                   images: dict[str, torch.Tensor]) -> list[str]:
+    """The ``count`` keys of ``pool`` whose reconstructions, decode(encode mean), have the highest
+    classifier probability of ``label``, best first."""
+    device = next(model.parameters()).device
+    x = _to_float(torch.stack([images[key] for key in pool]), device)
+    reconstructions = torch.cat([model.decode(model.encode(chunk)[0]).float().cpu()
+                                 for chunk in x.split(256)])
+    probability = predict(classifier, reconstructions)[0][:, classifier.index(label)]
+    best = torch.argsort(probability, descending=True, stable=True)[:count]
+    return [pool[i] for i in best.tolist()]
+
+
+def load_images(paths: list[Path], keys: set[str], image_size: int) -> dict[str, torch.Tensor]:
+    """The images (uint8 3 x H x W) of ``keys`` found in the shards ``paths``, by key."""
     found: dict[str, torch.Tensor] = {}
     for path in paths:
         for sample in iter_shard(path):
@@ -189,19 +230,20 @@ def analogy_grid(
 
 def run_sampler(
     model: VAE, cfg: SamplerConfig, shards_root: str | Path, out_dir: str | Path,
-    method: str = "slerp",
+    method: str = "slerp", classifier: Classifier | None = None,
 ) -> SampleOutputs:
     """Write the grids of ``method`` into ``out_dir``.
 
     slerp (after each phase): pegasus.png (+ .json), reconstructions.png, prior.png;
     lerp: lerp.png (+ .json); analogy: analogy.png (+ .json); prior: prior.png.
+    ``classifier``: the quality classifier, which ``sampler.pick=confident`` needs.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()  # batch norm uses its running statistics, as at inference
     try:
-        images, layout = _method_grids(model, cfg, shards_root, method)
+        images, layout = _method_grids(model, cfg, shards_root, method, classifier)
     finally:
         model.train(was_training)
     paths = {}
@@ -209,7 +251,7 @@ def run_sampler(
         paths[name] = out_dir / f"{name}.png"
         save_image(batch, paths[name], nrow=per_row, padding=GRID_PADDING)
     if layout:
-        layout = {"method": method, "tile_size": model.image_size, "padding": GRID_PADDING,
+        layout = {"method": method, "pick": cfg.pick, "tile_size": model.image_size, "padding": GRID_PADDING,
                   "columns": cfg.num_mu, **layout}
         name = "pegasus" if method == "slerp" else method
         (out_dir / f"{name}.json").write_text(json.dumps(layout, indent=2) + "\n")
@@ -237,12 +279,12 @@ def grid_caption(name: str, layout: dict, cfg: SamplerConfig) -> str:
 
 
 def _method_grids(
-    model: VAE, cfg: SamplerConfig, shards_root: str | Path, method: str
+    model: VAE, cfg: SamplerConfig, shards_root: str | Path, method: str, classifier: Classifier | None
 ) -> tuple[dict[str, tuple[torch.Tensor, int]], dict]:
     """{name: (images, per row)} and the JSON layout for one sampling method."""
     if method == "prior":
         return {"prior": (prior_grid(model, PRIOR_SAMPLES, cfg.seed), 8)}, {}
-    horses, birds = pick_horses_and_birds(cfg, shards_root, model.image_size)
+    horses, birds = pick_horses_and_birds(cfg, shards_root, model.image_size, model, classifier)
     shard_set = str(Path(shards_root) / cfg.shard_set)
     if method == "analogy":
         vector = attribute_vector(model, cfg, shards_root)
@@ -272,8 +314,10 @@ def _to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def sample_checkpoint(
     checkpoint: str | Path, overrides: list[str], out_dir: str | Path | None = None
-) -> dict[str, Path]:
+) -> CheckpointSamples:
     """``pegasus-dist sample``: rebuild the model from a checkpoint's config and sample."""
     cfg, model, folder = load_trained_model(checkpoint, overrides)
     out = Path(out_dir) if out_dir else folder.parent.parent / "samples" / folder.name
-    return run_sampler(model, cfg.sampler, cfg.data.shards, out, cfg.sampler.method).paths
+    classifier = find_classifier(cfg)
+    outputs = run_sampler(model, cfg.sampler, cfg.data.shards, out, cfg.sampler.method, classifier)
+    return CheckpointSamples(cfg, out, outputs.paths, classifier)

@@ -34,7 +34,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from pegasus_dist import acai
 from pegasus_dist.checkpoint import (
+    CRITIC,
     TrainState,
     is_complete,
     is_finished,
@@ -47,6 +49,7 @@ from pegasus_dist.checkpoint import (
     restore_checkpoint,
     save_checkpoint,
 )
+from pegasus_dist.classifier import Classifier, find_classifier
 from pegasus_dist.config import Config, load_config
 from pegasus_dist.console import exit_on_user_error, setup_logging
 from pegasus_dist.data.loader import MemoryLoader, ShardLoader, global_batch_sizes, make_loader
@@ -55,7 +58,7 @@ from pegasus_dist.distributed import (
     convert_sync_batchnorm,
     warn_if_launcher_precision_differs,
 )
-from pegasus_dist.errors import REQUEUE_EXIT_CODE, CheckpointError, ConfigError, Preempted
+from pegasus_dist.errors import REQUEUE_EXIT_CODE, CheckpointError, ConfigError, DataError, Preempted
 from pegasus_dist.evaluate import DESCRIPTIVE, evaluate, write_eval
 from pegasus_dist.faults import (
     Agreement,
@@ -69,10 +72,11 @@ from pegasus_dist.faults import (
     nonfinite_ranks,
 )
 from pegasus_dist.launcher_watch import end_with_launcher
-from pegasus_dist.loss import vae_loss
+from pegasus_dist.loss import kl_weight, vae_loss
 from pegasus_dist.model import VAE, num_parameters
 from pegasus_dist.optim import DivergenceGuard, LrSchedule, apply_on_resume, build_optimizer, set_lr
 from pegasus_dist.progress import Progress
+from pegasus_dist.quality import flatten, score_run_samples, summary_line
 from pegasus_dist.run_lock import hold_run_lock, release_run_lock
 from pegasus_dist.sampler import run_sampler
 from pegasus_dist.tracking import MetricsLog, new_run_id, start_tracking, tracker_names
@@ -122,6 +126,9 @@ class Phase:
     # step in progress; the whole step is skipped at its last micro-batch.
     skip_ranks: list[int] = field(default_factory=list)
     epoch_plan: _EpochPlan = field(default_factory=lambda: _EpochPlan([], 0))
+    # ACAI (loss.acai_weight > 0): the critic (prepared: DDP across ranks) and its Adam.
+    critic: torch.nn.Module | None = None
+    critic_optimizer: torch.optim.Optimizer | None = None
 
     @property
     def global_batch(self) -> int:
@@ -180,6 +187,9 @@ def setup(cfg: Config) -> Phase:
         warn_if_launcher_precision_differs(cfg)
     model = torch.compile(start.model) if cfg.train.compile else start.model
     model, optimizer = accelerator.prepare(model, start.optimizer)
+    # The critic's optimizer stays unprepared: its loss is never scaled by fp16's
+    # GradScaler, whose one scale per step belongs to the autoencoder's optimizer.
+    critic = accelerator.prepare_model(start.critic) if start.critic is not None else None
     global_batch = _global_batch(cfg, accelerator)
     schedule = LrSchedule(cfg.optim, global_batch)
     if resume_from is not None:
@@ -204,7 +214,8 @@ def setup(cfg: Config) -> Phase:
     return Phase(cfg, accelerator, model, optimizer, loader, state, metrics, signals,
                  NonfiniteWatch(accelerator.device), schedule,
                  DivergenceGuard(schedule, _batch_description(cfg, accelerator)),
-                 StopPoll(accelerator, signals, cfg.train.collective_timeout_s))
+                 StopPoll(accelerator, signals, cfg.train.collective_timeout_s),
+                 critic=critic, critic_optimizer=start.critic_optimizer)
 
 
 def run_epochs(p: Phase) -> None:
@@ -290,13 +301,27 @@ def train_step(p: Phase, batch) -> tuple[torch.Tensor, int]:
     x = batch.images.to(p.accelerator.device, non_blocking=True).float().div_(255)
     if p.cfg.train.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    eps = _batch_noise(p, batch, x.shape[0], index)
+    eps, alpha = _batch_noise(p, batch, x.shape[0], index)
+    weight = _loss_weight(p, x.shape[0], index)
+    loss = p.cfg.loss
+    pairs = acai.partners(x.shape[0], batch.offset, x.device) if p.critic is not None else None
     # DDP all-reduces the gradients only in the backward of the step's last micro-batch.
     with contextlib.nullcontext() if ends_step else p.accelerator.no_sync(p.model):
-        out = p.model(x, eps)  # Accelerate's prepare() already runs forward under autocast
-        terms = vae_loss(out.logits, x, out.mu, out.logvar, beta=p.cfg.loss.beta)
-        p.accelerator.backward(terms.total * _loss_weight(p, x.shape[0], index))
-    stacked, count = torch.stack([terms.total, terms.recon, terms.kl]).detach(), x.shape[0]
+        # Accelerate's prepare() already runs forward under autocast.
+        out = p.model(x, eps, None if pairs is None else lambda mu: acai.mix_latents(mu, pairs, alpha))
+        terms = vae_loss(out.logits, x, out.mu, out.logvar,
+                         beta=kl_weight(loss.beta, loss.kl_warmup_steps, p.state.step),
+                         free_bits=loss.free_bits)
+        fooling = critic_terms = torch.zeros((), device=x.device)
+        if pairs is not None:
+            fooling = acai.fooling_loss(_frozen_critic(p, torch.sigmoid(out.mixed_logits)),
+                                        acai.interpolation_mask(pairs))
+            terms.total = terms.total + loss.acai_weight * fooling
+        p.accelerator.backward(terms.total * weight)
+    if pairs is not None:
+        critic_terms = _critic_backward(p, x, out, alpha, pairs, weight, ends_step)
+    stacked = torch.stack([terms.total, terms.recon, terms.kl, critic_terms, fooling]).detach()
+    count = x.shape[0]
     if p.cfg.train.on_nonfinite == "skip":
         # The opt-in price of skipping: one host sync per micro-batch, so that every
         # rank skips the update at exactly the bad step.
@@ -318,10 +343,44 @@ def train_step(p: Phase, batch) -> tuple[torch.Tensor, int]:
         p.accelerator.clip_grad_norm_(p.model.parameters(), p.cfg.optim.grad_clip)
     p.optimizer.step()
     p.optimizer.zero_grad(set_to_none=True)
+    if p.critic_optimizer is not None:
+        set_lr(p.critic_optimizer, p.schedule.at(p.state.step))
+        p.critic_optimizer.step()
+        p.critic_optimizer.zero_grad(set_to_none=True)
     # A host flag set by fp16's GradScaler (which syncs in its step anyway); False otherwise.
     if p.accelerator.optimizer_step_was_skipped:
         p.state.scaler_skipped_steps += 1
     return stacked, count
+
+
+def _frozen_critic(p: Phase, mixed: torch.Tensor) -> torch.Tensor:
+    """C(x_a) for the autoencoder's ACAI term: gradients reach the images, never the critic.
+
+    The critic's own module with detached parameters, outside DDP: the critic is
+    updated only by its own loss (:func:`_critic_backward`).
+    """
+    critic = p.accelerator.unwrap_model(p.critic)
+    frozen = {name: value.detach() for name, value in critic.named_parameters()}
+    with p.accelerator.autocast():
+        return torch.func.functional_call(critic, frozen, (mixed,))
+
+
+def _critic_backward(p: Phase, x: torch.Tensor, out, alpha: torch.Tensor, pairs: torch.Tensor,
+                     weight: float, ends_step: bool) -> torch.Tensor:
+    """ACAI's critic loss on detached decodes, backpropagated into the critic alone.
+
+    One forward of the prepared critic over interpolants and blends together,
+    so that DDP sees one use of it per micro-batch and all-reduces its
+    gradients with the step's last one, like the autoencoder's.
+    """
+    mixed = torch.sigmoid(out.mixed_logits).detach()
+    blends = acai.blend(x, torch.sigmoid(out.logits), p.cfg.loss.acai_gamma)
+    with contextlib.nullcontext() if ends_step else p.accelerator.no_sync(p.critic):
+        predicted = p.critic(torch.cat([mixed, blends]))
+        predicted_mix, predicted_blend = predicted.split(x.shape[0])
+        terms = acai.critic_loss(predicted_mix, alpha, predicted_blend, acai.interpolation_mask(pairs))
+        (terms * weight).backward()
+    return terms
 
 
 def _micro_batch(p: Phase) -> tuple[int, bool]:
@@ -382,6 +441,8 @@ def _batch_description(cfg: Config, accelerator: Accelerator) -> str:
 def _skip_update(p: Phase, bad_ranks: list[int]) -> None:
     """train.on_nonfinite=skip: drop this step's gradients on every rank alike, and count it."""
     p.optimizer.zero_grad(set_to_none=True)
+    if p.critic_optimizer is not None:
+        p.critic_optimizer.zero_grad(set_to_none=True)
     p.state.nonfinite_skipped_steps += 1
     where = _where(p.state.step + 1, p.state.epoch + 1, p.epoch_plan.batch_number(), bad_ranks)
     log.warning("non-finite loss at %s: update skipped (%d so far)",
@@ -445,8 +506,10 @@ def _stop_for_requeue(p: Phase) -> None:
     raise Preempted(folder)
 
 
-def _batch_noise(p: Phase, batch, size: int, index: int) -> torch.Tensor:
-    """The reparameterisation noise of this rank's rows of micro-batch ``index`` of the step.
+def _batch_noise(p: Phase, batch, size: int,
+                 index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The reparameterisation noise of this rank's rows of micro-batch ``index`` of the step,
+    and with ACAI their mixing coefficients in [0, 1/2].
 
     Drawn for the whole global batch of the optimizer step from a generator
     seeded by the step, then sliced at the rows' position in it: the noise
@@ -463,9 +526,13 @@ def _batch_noise(p: Phase, batch, size: int, index: int) -> torch.Tensor:
     # the shape, like the global batch, does not depend on the world size.
     rows = 2 * p.global_batch
     noise = torch.randn(rows, p.cfg.model.latent_dim, generator=generator, device=device)
+    # Drawn after the noise, so that turning ACAI on leaves the noise as it was.
+    alpha = (acai.ALPHA_MAX * torch.rand(rows, generator=generator, device=device)
+             if p.critic is not None else None)
     # The micro-batches before this one in the step are full global batches.
     start = index * p.cfg.data.batch_size * p.accelerator.num_processes + batch.offset
-    return noise[start : start + size]
+    rows_here = slice(start, start + size)
+    return noise[rows_here], None if alpha is None else alpha[rows_here]
 
 
 class _Window:
@@ -476,21 +543,24 @@ class _Window:
         self.reset()
 
     def reset(self) -> None:
-        # total, recon, kl (image-weighted), images, bad samples skipped
-        self.sums = torch.zeros(5, device=self.device)
+        # total, recon, kl (image-weighted), images, bad samples skipped,
+        # then ACAI's critic loss and fooling term (image-weighted; 0 without ACAI)
+        self.sums = torch.zeros(7, device=self.device)
         self.steps = 0
         self.started = time.perf_counter()
 
     def add(self, terms: torch.Tensor, count: int, skipped: int) -> None:
-        self.sums[:3] += terms * count
+        self.sums[:3] += terms[:3] * count
         self.sums[3] += count
         self.sums[4] += skipped
+        self.sums[5:] += terms[3:] * count
         self.steps += 1
 
 
 def _log_window(p: Phase, window: _Window) -> None:
     """Reduce the window's sums over all ranks (one host sync) and log per-image means."""
-    total, recon, kl, images, skipped = p.accelerator.reduce(window.sums, reduction="sum").tolist()
+    total, recon, kl, images, skipped, critic, fooling = p.accelerator.reduce(
+        window.sums, reduction="sum").tolist()
     p.state.bad_samples_skipped += int(skipped)
     seconds = time.perf_counter() - window.started
     row = {
@@ -503,6 +573,8 @@ def _log_window(p: Phase, window: _Window) -> None:
     }
     if images:  # a window of skipped steps only has no loss to report
         row |= {"loss": total / images, "recon_bce": recon / images, "kl": kl / images}
+        if p.critic is not None:
+            row |= {"acai_critic": critic / images, "acai_fooling": fooling / images}
     p.metrics.log({f"{p.cfg.train.phase}/{k}": v for k, v in row.items()}, step=p.state.step)
     window.reset()
 
@@ -512,6 +584,7 @@ def _save(p: Phase) -> Path:
     return save_checkpoint(
         p.accelerator, p.model, p.optimizer, p.state, p.cfg.to_yaml(),
         root=p.cfg.run_dir / "checkpoints", keep=p.cfg.train.keep_checkpoints,
+        critic=p.critic, critic_optimizer=p.critic_optimizer,
     )
 
 
@@ -521,10 +594,12 @@ def finish(p: Phase) -> None:
     final = _save(p)
     if p.accelerator.is_main_process:
         model = p.accelerator.unwrap_model(p.model, keep_torch_compile=False)
-        outputs = run_sampler(model, p.cfg.sampler, p.cfg.data.shards, p.cfg.run_dir / "samples")
+        classifier = find_classifier(p.cfg)  # None, and one line on how to create it, when absent
+        outputs = run_sampler(model, p.cfg.sampler, p.cfg.data.shards, p.cfg.run_dir / "samples",
+                              classifier=classifier)
         p.metrics.log_images(outputs.paths, outputs.captions, step=p.state.step,
                              prefix=p.cfg.train.phase)
-        _evaluate(p, model, final)
+        _evaluate(p, model, final, classifier)
         log.info("%s done at step %d: checkpoint %s, Pegasus grid %s",
                  p.cfg.train.phase, p.state.step, final, outputs.paths["pegasus"])
         mark_finished(p.cfg.run_dir, final)
@@ -532,13 +607,25 @@ def finish(p: Phase) -> None:
     p.accelerator.end_training()
 
 
-def _evaluate(p: Phase, model: torch.nn.Module, checkpoint: Path) -> None:
-    """Held-out metrics of the final model, logged and written to eval/<checkpoint>.json."""
+def _evaluate(p: Phase, model: torch.nn.Module, checkpoint: Path, classifier: Classifier | None) -> None:
+    """Held-out metrics of the final model, logged and written to eval/<checkpoint>.json.
+
+    With the quality classifier, also the scores of the phase's grids (samples/quality.json).
+    """
     held_out = Path(p.cfg.data.shards) / p.cfg.eval.shard_set
     if not (held_out / "manifest.json").is_file():
         log.warning("no held-out set at %s: skipping the evaluation", held_out)
         return
-    metrics = evaluate(model, held_out, p.cfg.eval.batch_size, p.cfg.eval.seed)
+    if classifier is not None:
+        try:
+            quality = score_run_samples(p.cfg, p.cfg.run_dir / "samples", classifier)
+        except DataError as err:  # e.g. a tiny held-out set without 2 horses and birds: the phase is done
+            log.warning("skipping the quality scores: %s", err)
+        else:
+            p.metrics.log({f"{p.cfg.train.phase}/quality/{k}": v for k, v in flatten(quality).items()},
+                          step=p.state.step)
+            log.info("%s", summary_line(quality))
+    metrics = evaluate(model, held_out, p.cfg.eval.batch_size, p.cfg.eval.seed, classifier)
     path = write_eval(metrics, p.cfg.run_dir / "eval" / f"{checkpoint.name}.json")
     measured, described = {}, {}
     for subset, values in metrics.items():
@@ -566,6 +653,8 @@ class _Start:
     loader: ShardLoader | MemoryLoader | None = None  # None: the phase is already complete
     model: torch.nn.Module | None = None
     optimizer: torch.optim.Optimizer | None = None
+    critic: torch.nn.Module | None = None  # ACAI's, when loss.acai_weight > 0
+    critic_optimizer: torch.optim.Optimizer | None = None
 
 
 def _lock_run_dir(cfg: Config, accelerator: Accelerator) -> None:
@@ -593,9 +682,10 @@ def _start(cfg: Config, accelerator: Accelerator) -> _Start:
     if resume_from is not None:
         state = _resume_position(state, loader.num_samples, accelerator.num_processes, resume_from)
     model, optimizer = _build_model(cfg, accelerator, init=resume_from is None)
+    critic, critic_optimizer = _build_critic(cfg, accelerator, init=resume_from is None)
     if resume_from is not None:
-        restore_checkpoint(accelerator, model, optimizer, resume_from)
-    return _Start(state, resume_from, loader, model, optimizer)
+        restore_checkpoint(accelerator, model, optimizer, resume_from, critic, critic_optimizer)
+    return _Start(state, resume_from, loader, model, optimizer, critic, critic_optimizer)
 
 
 def _resume_position(state: TrainState, num_samples: int, world_size: int,
@@ -655,6 +745,27 @@ def _build_model(cfg: Config, accelerator: Accelerator,
         model = model.to(memory_format=torch.channels_last)
     schedule = LrSchedule(cfg.optim, _global_batch(cfg, accelerator))
     return model, build_optimizer(model.parameters(), schedule, accelerator.device)
+
+
+def _build_critic(cfg: Config, accelerator: Accelerator,
+                  init: bool) -> tuple[torch.nn.Module | None, torch.optim.Optimizer | None]:
+    """ACAI's critic and its Adam (None, None with loss.acai_weight=0).
+
+    Seeded apart from the model, so that turning ACAI on leaves the model's
+    initial weights as they were; the finetune phase starts from the critic of
+    ``train.init_from`` when it has one.
+    """
+    if not cfg.loss.acai_weight:
+        return None, None
+    set_seed(cfg.train.seed + 1)  # identical on every rank
+    critic = acai.Critic(cfg.model)
+    if init and cfg.train.init_from:
+        source = resolve_checkpoint(cfg.train.init_from)
+        if (source / CRITIC).is_file():
+            load_model_weights(critic, source, CRITIC)
+            log.info("initialised the ACAI critic from %s", source)
+    schedule = LrSchedule(cfg.optim, _global_batch(cfg, accelerator))
+    return critic, build_optimizer(critic.parameters(), schedule, accelerator.device)
 
 
 def _resume_checkpoint(cfg: Config, is_main: bool) -> Path | None:

@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 from processes import BIN, REPO, run_bounded
 from safetensors.torch import load_file
 
@@ -62,12 +63,13 @@ def wait_until(condition, timeout: float, proc: subprocess.Popen) -> None:
         time.sleep(0.1)
 
 
-def test_sigkill_mid_epoch_then_resume_gives_bit_equal_losses(smoke_shards, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["loss.acai_weight=100"]], ids=["vae", "acai"])
+def test_sigkill_mid_epoch_then_resume_gives_bit_equal_losses(smoke_shards, tmp_path, extra):
     # 470 samples / 16 = 30 batches an epoch: steps 1..24 stay inside epoch 1.
-    ref = run_bounded(train_cmd(smoke_shards, tmp_path / "ref", 24), timeout=300)
+    ref = run_bounded(train_cmd(smoke_shards, tmp_path / "ref", 24, *extra), timeout=300)
     assert ref.returncode == 0, ref.stdout[-3000:]
 
-    cmd = train_cmd(smoke_shards, tmp_path / "cut", 24, "train.checkpoint_every=8")
+    cmd = train_cmd(smoke_shards, tmp_path / "cut", 24, "train.checkpoint_every=8", *extra)
     # The killed run is slowed down (100 ms a step, same numbers) so the kill lands mid-run.
     proc = start([sys.executable, str(FAULT), "slow", "100", "0", *cmd[2:]])
     run = tmp_path / "cut" / "pretrain"
@@ -80,6 +82,13 @@ def test_sigkill_mid_epoch_then_resume_gives_bit_equal_losses(smoke_shards, tmp_
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert "resumed from" in resumed.stdout
     assert losses(run) == losses(tmp_path / "ref" / "pretrain")  # to the bit, every step
+    if extra:  # the critic too: its loss and its final weights
+        critic = [{r["step"]: r["pretrain/acai_critic"] for r in training_rows(folder)}
+                  for folder in (run, tmp_path / "ref" / "pretrain")]
+        assert critic[0] == critic[1]
+        weights = [load_file(folder / "checkpoints/step_00000024/critic.safetensors")
+                   for folder in (run, tmp_path / "ref" / "pretrain")]
+        assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[1])
 
 
 def test_two_process_resume_matches_an_uninterrupted_run(smoke_shards, tmp_path):

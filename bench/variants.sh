@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The recipes compared in docs/reference-run.md ("Variants"): both phases of the
+# reference run on the real CIFAR-10 shards, each variant on the same short
+# budget, in bf16 on the CPU, scored by the project's classifier.
+#
+#   pegasus-dist prepare --source folder:../shared/data/cifar10-jpg.tar.gz --out shards/cifar10-jpg
+#   pegasus-dist classifier --config configs/reference/pretrain.yaml
+#   bench/variants.sh                 # every variant; or name some: bench/variants.sh vae acai
+#
+# Writes runs/variants/<name>/{pretrain,finetune}; each phase's grids are scored
+# when it ends (samples/quality.json); `seconds` holds the wall time of both phases.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-4}
+FINETUNE_EPOCHS=${FINETUNE_EPOCHS:-10}
+OUT=${OUT:-runs/variants}
+BIN=${BIN:-.venv/bin}
+
+declare -A VARIANTS=(
+  [vae]=""
+  [free-bits]="loss.free_bits=0.25 loss.kl_warmup_steps=1000"
+  [beta-0.25]="loss.beta=0.25"
+  [acai]="loss.acai_weight=1536"
+  [acai-free-bits]="loss.acai_weight=1536 loss.free_bits=0.25 loss.kl_warmup_steps=1000"
+)
+ORDER=(vae free-bits beta-0.25 acai acai-free-bits)
+
+for name in "${@:-${ORDER[@]}}"; do
+  [[ -v "VARIANTS[$name]" ]] || { echo "unknown variant $name; known: ${ORDER[*]}" >&2; exit 2; }
+  # shellcheck disable=SC2206  # the overrides are words on purpose
+  common=("run.output_dir=$OUT/$name" train.mixed_precision=bf16 wandb.mode=offline
+          quality.classifier=runs/reference/classifier ${VARIANTS[$name]})
+  start=$(date +%s)
+  "$BIN/pegasus-dist" train --config configs/reference/pretrain.yaml "train.epochs=$PRETRAIN_EPOCHS" "${common[@]}"
+  "$BIN/pegasus-dist" train --config configs/reference/finetune.yaml "train.epochs=$FINETUNE_EPOCHS" \
+    "train.init_from=$OUT/$name/pretrain" "${common[@]}"
+  echo $(( $(date +%s) - start )) > "$OUT/$name/seconds"
+  "$BIN/pegasus-dist" sample --checkpoint "$OUT/$name/finetune" --method analogy "${common[@]}"
+done

@@ -1,0 +1,205 @@
+"""The project's own image classifier, the judge of sample quality (pegasus_dist.quality).
+
+A small CNN (three conv blocks with batch norm, ReLU and max-pooling, global
+average pooling to a feature vector, one linear layer to the classes),
+trained by `pegasus-dist classifier` on the labelled images of the ``mix``
+shard set with random flips and 2-pixel shifts, then measured on the
+labelled images of the held-out ``eval`` set. Its penultimate features are
+the space of the Fréchet distance. It is saved as a folder:
+
+- ``classifier.safetensors``: the weights and batch-norm statistics;
+- ``classifier.json``: class names in order, widths, image size, epochs, the
+  held-out accuracy overall and per class, the shards' ``generation`` it was
+  trained on and the training time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pegasus_dist.config import Config
+from pegasus_dist.data.loader import MemoryLoader
+from pegasus_dist.data.manifest import load_manifest
+from pegasus_dist.errors import DataError
+
+log = logging.getLogger("pegasus_dist.classifier")
+
+WEIGHTS, META = "classifier.safetensors", "classifier.json"
+WIDTHS = (32, 64, 128)
+SHIFT = 2  # pixels of random translation (zero padding), the usual CIFAR augmentation
+LR = 3e-3  # Adam's peak rate under the one-cycle schedule: few epochs need a high, decaying rate
+EVAL_BATCH = 512
+
+
+class Classifier(nn.Module):
+    """Images in [0, 1] (N, 3, H, W) -> logits over ``classes``; ``features`` gives the pooled vector."""
+
+    def __init__(self, classes: list[str], widths: tuple[int, ...] = WIDTHS, image_size: int = 32) -> None:
+        super().__init__()
+        self.classes, self.widths, self.image_size = list(classes), tuple(widths), image_size
+        self.meta: dict = {}  # classifier.json, once loaded
+        blocks, width_in = [], 3
+        for width in widths:
+            blocks += [nn.Conv2d(width_in, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            width_in = width
+        self.body = nn.Sequential(*blocks)
+        self.head = nn.Linear(width_in, len(classes))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body((x - 0.5) / 0.25).mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def index(self, label: str) -> int:
+        """The column of ``label``; a DataError when the classifier never learnt it."""
+        if label not in self.classes:
+            raise DataError(f"the classifier knows {', '.join(self.classes)}, not {label}; "
+                            "train it on shards whose mix holds labelled images of that class")
+        return self.classes.index(label)
+
+
+@torch.no_grad()
+def predict(classifier: Classifier, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class probabilities (N, C), penultimate features (N, D)) of float images in [0, 1]."""
+    classifier.eval()
+    probs, feats = [], []
+    for start in range(0, len(images), EVAL_BATCH):
+        f = classifier.features(images[start : start + EVAL_BATCH].float())
+        feats.append(f)
+        probs.append(classifier.head(f).softmax(dim=1))
+    if not feats:
+        return torch.empty(0, len(classifier.classes)), torch.empty(0, classifier.widths[-1])
+    return torch.cat(probs), torch.cat(feats)
+
+
+def labelled_images(shard_set: str | Path, image_size: int) -> tuple[torch.Tensor, list[str]]:
+    """The labelled images (uint8 N x 3 x H x W) of a shard set and their labels."""
+    loader = MemoryLoader(shard_set, batch_size=1, rank=0, world_size=1, seed=0, image_size=image_size)
+    keep = np.flatnonzero(loader.labels != None)  # noqa: E711 (an element-wise test of the object array)
+    return loader.images[torch.from_numpy(keep)], loader.labels[keep].tolist()
+
+
+def train_classifier(shards: str | Path, out: str | Path, epochs: int = 4, batch_size: int = 128,
+                     seed: int = 0) -> dict:
+    """Train on ``<shards>/mix``'s labelled images, measure on ``<shards>/eval``'s, save into ``out``.
+
+    Returns what ``classifier.json`` holds.
+    """
+    shards, out = Path(shards), Path(out)
+    manifest = load_manifest(shards / "mix")
+    size = manifest.image_size
+    images, labels = labelled_images(shards / "mix", size)
+    if not labels:
+        raise DataError(f"{manifest.path} holds no labelled images; the classifier needs labels")
+    classes = sorted(set(labels))
+    targets = torch.tensor([classes.index(label) for label in labels])
+    torch.manual_seed(seed)
+    model = Classifier(classes, WIDTHS, size).to(memory_format=torch.channels_last)
+    steps_per_epoch = -(-len(targets) // batch_size)
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, LR, total_steps=epochs * steps_per_epoch)
+    generator = torch.Generator().manual_seed(seed)
+    log.info("classifier: %d labelled images of %d classes from %s, %d epochs",
+             len(targets), len(classes), manifest.path, epochs)
+    started = time.perf_counter()
+    model.train()
+    for epoch in range(epochs):
+        order = torch.randperm(len(targets), generator=generator)
+        total, correct = 0.0, 0
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            x = augment(images[rows].float().div_(255), generator).contiguous(
+                memory_format=torch.channels_last)
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits, targets[rows])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item() * len(rows)
+            correct += int((logits.argmax(dim=1) == targets[rows]).sum())
+        log.info("classifier epoch %d/%d: loss %.3f, training accuracy %.3f (%.0f s)", epoch + 1, epochs,
+                 total / len(targets), correct / len(targets), time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    meta = {"classes": classes, "widths": list(WIDTHS), "image_size": size, "epochs": epochs,
+            "batch_size": batch_size, "seed": seed, "trained_on": str(manifest.path),
+            "training_images": len(targets), "generation": manifest.generation,
+            "training_seconds": round(seconds, 1),
+            "held_out": held_out_accuracy(model, shards / "eval")}
+    save_classifier(model, meta, out)
+    return meta
+
+
+def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image flipped left-right with probability 1/2 and shifted by up to SHIFT pixels."""
+    n, _, h, w = x.shape
+    flip = torch.rand(n, generator=generator) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    padded = nn.functional.pad(x, (SHIFT,) * 4)
+    dy, dx = (torch.randint(0, 2 * SHIFT + 1, (2, n), generator=generator))
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
+    return padded[torch.arange(n)[:, None, None, None], torch.arange(3)[None, :, None, None], rows, cols]
+
+
+def held_out_accuracy(classifier: Classifier, shard_set: str | Path) -> dict:
+    """Accuracy on the labelled images of ``shard_set``, overall and per class (of those it knows)."""
+    images, labels = labelled_images(shard_set, classifier.image_size)
+    known = [i for i, label in enumerate(labels) if label in classifier.classes]
+    if not known:
+        return {"images": 0}
+    probs, _ = predict(classifier, images[known].float().div(255))
+    truth = torch.tensor([classifier.classes.index(labels[i]) for i in known])
+    right = probs.argmax(dim=1) == truth
+    per_class = {name: round(right[truth == c].float().mean().item(), 4)
+                 for c, name in enumerate(classifier.classes) if (truth == c).any()}
+    return {"images": len(known), "accuracy": round(right.float().mean().item(), 4), "per_class": per_class,
+            "shard_set": str(Path(shard_set))}
+
+
+def save_classifier(classifier: Classifier, meta: dict, folder: str | Path) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in classifier.state_dict().items()}
+    save_file(state, folder / WEIGHTS)
+    (folder / META).write_text(json.dumps(meta, indent=2) + "\n")  # last: its presence means complete
+    return folder
+
+
+def read_meta(folder: str | Path) -> dict | None:
+    """What ``classifier.json`` says, or None when the folder holds no complete classifier."""
+    folder = Path(folder)
+    if not ((folder / META).is_file() and (folder / WEIGHTS).is_file()):
+        return None
+    return json.loads((folder / META).read_text())
+
+
+def find_classifier(cfg: Config) -> Classifier | None:
+    """The classifier at ``quality.classifier``, or None (and one line saying how to create it)."""
+    if read_meta(cfg.classifier_dir) is None:
+        log.info("no classifier at %s: skipping the quality scores; "
+                 "`pegasus-dist classifier --config CONFIG` creates it", cfg.classifier_dir)
+        return None
+    return load_classifier(cfg.classifier_dir)
+
+
+def load_classifier(folder: str | Path) -> Classifier:
+    """The classifier saved in ``folder``; a DataError naming the command that creates it."""
+    meta = read_meta(folder)
+    if meta is None:
+        raise DataError(f"no classifier at {folder} ({META} + {WEIGHTS}); create it with "
+                        "`pegasus-dist classifier --config CONFIG` (it goes to quality.classifier)")
+    classifier = Classifier(meta["classes"], tuple(meta["widths"]), meta["image_size"])
+    classifier.load_state_dict(load_file(Path(folder) / WEIGHTS))
+    classifier.meta = {**meta, "path": str(folder)}
+    return classifier.eval()

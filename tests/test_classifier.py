@@ -1,0 +1,74 @@
+"""The sample-quality classifier: trained on the mix's labels, measured on the held-out set, saved."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from processes import BIN, REPO, run_bounded
+
+from pegasus_dist.classifier import (
+    META,
+    WEIGHTS,
+    augment,
+    held_out_accuracy,
+    labelled_images,
+    load_classifier,
+    predict,
+)
+from pegasus_dist.config import load_config
+from pegasus_dist.data.manifest import load_manifest
+from pegasus_dist.errors import DataError
+
+
+def test_it_separates_the_synthetic_classes_on_held_out_images(quality_classifier, quality_shards):
+    folder, meta = quality_classifier
+    assert meta["classes"] == ["bird", "car", "cat", "horse", "ship"]
+    held_out = meta["held_out"]
+    assert held_out["images"] >= 100
+    assert held_out["accuracy"] >= 0.8  # chance is 0.2
+    assert set(held_out["per_class"]) == set(meta["classes"])
+    assert meta["generation"] == load_manifest(quality_shards / "mix").generation
+    assert (folder / WEIGHTS).is_file() and json.loads((folder / META).read_text()) == meta
+
+
+def test_a_loaded_classifier_predicts_as_the_saved_one_measured(quality_classifier, quality_shards):
+    folder, meta = quality_classifier
+    classifier = load_classifier(folder)
+    assert held_out_accuracy(classifier, quality_shards / "eval") == meta["held_out"]
+    images, labels = labelled_images(quality_shards / "eval", 32)
+    probs, feats = predict(classifier, images.float() / 255)
+    assert probs.shape == (len(labels), 5) and feats.shape == (len(labels), 128)
+    assert torch.allclose(probs.sum(dim=1), torch.ones(len(labels)))
+
+
+def test_a_missing_classifier_names_its_path_and_the_command(tmp_path):
+    with pytest.raises(DataError) as err:
+        load_classifier(tmp_path / "nothing")
+    message = str(err.value)
+    assert "\n" not in message and str(tmp_path / "nothing") in message
+    assert "pegasus-dist classifier --config" in message
+
+
+def test_augmentation_flips_and_shifts_each_image_without_changing_it_otherwise():
+    x = torch.rand(16, 3, 8, 8)
+    out = augment(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    for original, seen in zip(x, out, strict=True):
+        padded = [torch.nn.functional.pad(v, (2, 2, 2, 2)) for v in (original, original.flip(2))]
+        candidates = [p[:, dy : dy + 8, dx : dx + 8] for p in padded for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(seen, c) for c in candidates)
+    assert not torch.equal(out, x)  # 16 images: some flip or shift
+
+
+def test_the_classifier_command_writes_where_quality_classifier_says(quality_shards, tmp_path):
+    out = tmp_path / "judge"
+    done = run_bounded([str(BIN / "pegasus-dist"), "classifier", "--config",
+                        str(REPO / "configs/smoke/pretrain.yaml"), f"data.shards={quality_shards}",
+                        f"quality.classifier={out}", "quality.classifier_epochs=1"], timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:]
+    meta = json.loads((out / META).read_text())
+    assert meta["epochs"] == 1 and f"held-out accuracy {meta['held_out']['accuracy']:.3f}" in done.stdout
+    cfg = load_config(REPO / "configs/smoke/pretrain.yaml", ["run.output_dir=/x/y"])
+    assert str(cfg.classifier_dir) == "/x/y/classifier"  # the default, shared by a pipeline's phases

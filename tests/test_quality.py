@@ -1,0 +1,171 @@
+"""Sample quality: the classifier's scores, the crossfade baseline, confident picks, the wiring."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from processes import BIN, REPO, run_bounded
+from torchvision.transforms.functional import gaussian_blur
+from torchvision.utils import save_image
+
+from pegasus_dist.checkpoint import load_trained_model
+from pegasus_dist.classifier import labelled_images, load_classifier, predict
+from pegasus_dist.config import load_config
+from pegasus_dist.data.manifest import load_manifest
+from pegasus_dist.data.shards import iter_shard
+from pegasus_dist.errors import ConfigError
+from pegasus_dist.quality import (
+    crossfade,
+    frechet_distance,
+    read_grid,
+    real_features,
+    score_samples,
+    tile_scores,
+)
+from pegasus_dist.report import write_report
+from pegasus_dist.sampler import load_images, pick_horses_and_birds
+
+
+@pytest.fixture(scope="module")
+def judge(quality_classifier):
+    return load_classifier(quality_classifier[0])
+
+
+@pytest.fixture(scope="module")
+def real_tiles(quality_shards):
+    """64 training horses and birds (not held out), floats in [0, 1]."""
+    images, labels = labelled_images(quality_shards / "horse_bird", 32)
+    return images[:64].float() / 255
+
+
+@pytest.fixture(scope="module")
+def trained_run(quality_shards, quality_classifier, tmp_path_factory):
+    """A smoke pretrain of a few dozen steps that finds the classifier at quality.classifier."""
+    runs = tmp_path_factory.mktemp("runs")
+    overrides = [f"data.shards={quality_shards}", f"run.output_dir={runs}", "train.max_steps=40",
+                 "wandb.mode=disabled", f"quality.classifier={quality_classifier[0]}"]
+    done = run_bounded([str(BIN / "pegasus-dist"), "train", "--config",
+                        str(REPO / "configs/smoke/pretrain.yaml"), *overrides], timeout=300)
+    assert done.returncode == 0, done.stdout[-4000:]
+    return runs / "pretrain", overrides, done.stdout
+
+
+def test_frechet_distance_matches_its_closed_form():
+    a = torch.randn(500, 6, generator=torch.Generator().manual_seed(0)) * torch.arange(1, 7)
+    assert frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
+    # b = 2a: covariance 4C, so tr(C + 4C - 2 (4 C^2)^1/2) = tr(C), plus the gap of the means
+    expected = (a.mean(0) - 2 * a.mean(0)).pow(2).sum() + torch.cov(a.double().T).trace()
+    assert frechet_distance(a, 2 * a) == pytest.approx(float(expected), rel=1e-6)
+    shift = torch.tensor([3.0, 0, 0, 0, 0, 4.0])
+    assert frechet_distance(a, a + shift) == pytest.approx(25, rel=1e-6)
+
+
+def test_real_images_score_above_noise_and_blur(judge, quality_shards, real_tiles):
+    real = real_features(judge, quality_shards / "eval")
+    noise = torch.rand(real_tiles.shape, generator=torch.Generator().manual_seed(0))
+    blurred = gaussian_blur(real_tiles, kernel_size=9, sigma=3.0)
+    scores = {name: tile_scores(judge, tiles, real)
+              for name, tiles in (("real", real_tiles), ("noise", noise), ("blur", blurred))}
+    assert scores["real"]["frechet"] < scores["blur"]["frechet"]
+    assert scores["real"]["frechet"] < scores["noise"]["frechet"]
+    assert scores["real"]["horse_bird_mass"] > 0.9 > scores["noise"]["horse_bird_mass"]
+    assert scores["real"]["pegasus_score"] < 0.2  # a real horse or bird is one or the other
+
+
+def test_grids_are_read_back_tile_by_tile(tmp_path):
+    tiles = torch.rand(26, 3, 32, 32, generator=torch.Generator().manual_seed(1))  # a partial last row
+    save_image(tiles, tmp_path / "g.png", nrow=8, padding=2)
+    read, per_row = read_grid(tmp_path / "g.png", 32, 2)
+    assert per_row == 8 and read.shape == tiles.shape
+    assert (read - tiles).abs().max() <= 0.5 / 255 + 1e-6  # 8-bit pixels
+
+
+def test_the_crossfade_is_of_exactly_the_pairs_and_mus_of_pegasus_json(judge, quality_shards, tmp_path):
+    horse_bird = quality_shards / "horse_bird"
+    labels = {s.key: s.meta["label"] for p in load_manifest(horse_bird).shard_paths for s in iter_shard(p)}
+    horses, birds = (sorted(k for k, label in labels.items() if label == wanted)[:2]
+                     for wanted in ("horse", "bird"))
+    rows = [{"row": 0, "horse": horses[0], "bird": birds[1], "mu": [0.0, 0.25, 1.0]},
+            {"row": 1, "horse": horses[1], "bird": birds[0], "mu": [0.5, 0.6, 0.9]}]
+    found = load_images(load_manifest(horse_bird).shard_paths, set(horses + birds), 32)
+    fade = crossfade(rows, found)
+    h, b = found[horses[1]].float() / 255, found[birds[0]].float() / 255
+    assert torch.allclose(fade[4], 0.4 * h + 0.6 * b, atol=0.5 / 255 + 1e-6)
+    assert torch.equal(fade[0], found[horses[0]].float() / 255)  # mu = 0: the horse itself
+    assert torch.equal(fade[2], found[birds[1]].float() / 255)  # mu = 1: its bird
+    # A grid that is the crossfade itself scores exactly as its baseline.
+    save_image(fade, tmp_path / "pegasus.png", nrow=3, padding=2)
+    (tmp_path / "pegasus.json").write_text(json.dumps(
+        {"tile_size": 32, "padding": 2, "columns": 3, "rows": rows, "shard_set": str(horse_bird)}))
+    results = score_samples(tmp_path, judge, quality_shards / "eval")
+    grid = results["grids"]["pegasus"]
+    assert grid["tiles"] == 6 and grid["crossfade"] == {k: v for k, v in grid.items() if k != "crossfade"}
+    assert json.loads((tmp_path / "quality.json").read_text()) == results
+
+
+def test_each_phase_scores_its_grids_and_logs_them(trained_run, judge):
+    run, _, output = trained_run
+    results = json.loads((run / "samples/quality.json").read_text())
+    assert set(results["grids"]) == {"pegasus", "reconstructions", "prior"}
+    pegasus = results["grids"]["pegasus"]
+    assert pegasus["tiles"] == pegasus["crossfade"]["tiles"] == 64
+    assert 0 <= pegasus["pegasus_score"] <= 0.5 and pegasus["frechet"] > 0
+    recon = results["grids"]["reconstructions"]
+    assert recon["tiles"] == 16 and 0 <= recon["recon_horse_as_horse"] <= 1
+    assert recon["originals"]["horse_as_horse"] >= 0.75  # the originals are real horses
+    assert "pegasus grid: pegasus score" in output and "(crossfade" in output
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(row.get("pretrain/quality/pegasus/crossfade/frechet") == pegasus["crossfade"]["frechet"]
+               for row in logged)
+    evaluated = json.loads(next((run / "eval").glob("*.json")).read_text())["horse_bird"]
+    assert evaluated["horse_as_horse"] >= 0.75 and 0 <= evaluated["recon_horse_as_horse"] <= 1
+    assert "recon_bird_as_bird" in evaluated and "recon_horse_as_horse" not in evaluated.get("all", {})
+    page = write_report([run], run / "report.html").read_text()
+    assert "sample quality" in page and "<td>pegasus: crossfade</td>" in page
+    assert f"<td>{pegasus['pegasus_score']:.4g}</td>" in page
+
+
+def test_confident_picks_reconstruct_more_recognisably_than_random(trained_run, judge, quality_shards):
+    run, overrides, _ = trained_run
+    cfg, model, _ = load_trained_model(run, [])
+    model.eval()
+    picked = {}
+    for pick in ("random", "confident"):
+        cfg.sampler.pick = pick
+        horses, _ = pick_horses_and_birds(cfg.sampler, quality_shards, 32, model, judge)
+        with torch.no_grad():
+            recon = model.decode(model.encode(horses.images.float() / 255)[0])
+        picked[pick] = (horses.keys, predict(judge, recon)[0][:, judge.index("horse")].mean().item())
+    assert picked["confident"][1] > picked["random"][1]
+    cfg.sampler.pick = "random"
+    assert pick_horses_and_birds(cfg.sampler, quality_shards, 32)[0].keys == picked["random"][0]
+    cfg.sampler.pick = "confident"
+    with pytest.raises(ConfigError, match="sampler.pick=confident needs the quality classifier"):
+        pick_horses_and_birds(cfg.sampler, quality_shards, 32)
+
+
+def test_the_sample_command_scores_what_it_wrote(trained_run, tmp_path):
+    run, overrides, _ = trained_run
+    done = run_bounded([str(BIN / "pegasus-dist"), "sample", "--checkpoint", str(run), "--out",
+                        str(tmp_path), *overrides[-1:], "sampler.pick=confident"], timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert json.loads((tmp_path / "pegasus.json").read_text())["pick"] == "confident"
+    assert "pegasus score" in done.stdout and (tmp_path / "quality.json").is_file()
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("sampler.pick=best", "sampler.pick must be one of random, confident"),
+    ("sampler.pick_pool=0", "sampler.pick_pool must be at least 1"),
+    ("quality.classifier_epochs=0", "quality.classifier_epochs must be at least 1"),
+    ("quality.classifier_batch_size=1", "quality.classifier_batch_size must be at least 2"),
+    ("quality.classifier_seed=-1", "quality.classifier_seed must be 0 or more"),
+    ("quality.classifier=[a]", "quality.classifier must be str"),
+    ("quality.classifer=x", "did you mean quality.classifier?"),
+])
+def test_every_quality_option_refuses_a_bad_value_in_one_line(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
