@@ -3,7 +3,7 @@
     .venv/bin/python bench/variants_table.py runs/variants/vae runs/variants/acai ...
 
 Each column comes from the finetune phase's files: ``samples/quality.json``
-(the slerp grid, the reconstructions and their crossfade),
+(the slerp grid beside its crossfade, the reconstructions beside their originals),
 ``samples/step_N/quality.json`` (the analogy grid), ``eval/step_N.json`` (the
 held-out horses and birds) and ``seconds`` (both phases' wall time).
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 
 COLUMNS = ("variant", "slerp: pegasus score (crossfade)", "slerp: horse+bird mass (crossfade)",
            "slerp: Fréchet (crossfade)", "analogy: pegasus score", "analogy: Fréchet",
-           "held-out recon: horse as horse", "bird as bird", "-ELBO (nats)", "PSNR (dB)",
-           "active units", "minutes")
+           "reconstructions: Fréchet (originals)", "held-out recon: horse as horse", "bird as bird",
+           "-ELBO (nats)", "PSNR (dB)", "active units", "minutes")
 
 
 def row(variant: Path) -> list[str]:
@@ -26,7 +26,7 @@ def row(variant: Path) -> list[str]:
     analogy = next(run.glob("samples/step_*/quality.json"), None)
     extra = json.loads(analogy.read_text())["grids"]["analogy"] if analogy else {}
     held = json.loads(sorted((run / "eval").glob("step_*.json"))[-1].read_text())
-    slerp, fade = grids["pegasus"], grids["pegasus"]["crossfade"]
+    slerp, fade, recon = grids["pegasus"], grids["pegasus"]["crossfade"], grids["reconstructions"]
     hb, every = held["horse_bird"], held["all"]
     seconds = (variant / "seconds").read_text().strip() if (variant / "seconds").is_file() else ""
     return [
@@ -36,6 +36,7 @@ def row(variant: Path) -> list[str]:
         f"{slerp['frechet']:.1f} ({fade['frechet']:.1f})",
         f"{extra['pegasus_score']:.3f}" if extra else "",
         f"{extra['frechet']:.1f}" if extra else "",
+        f"{recon['frechet']:.1f} ({recon['originals']['frechet']:.1f})",
         f"{hb.get('recon_horse_as_horse', float('nan')):.2f}",
         f"{hb.get('recon_bird_as_bird', float('nan')):.2f}",
         f"{every['neg_elbo_nats']:.1f}",

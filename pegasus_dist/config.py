@@ -376,6 +376,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     if origin is Literal:
         choices = typing.get_args(hint)
+        if value is False and "no" in choices:  # YAML 1.1 reads `no` (unquoted) as false
+            value = "no"
         if value not in choices:
             raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}")
         return value

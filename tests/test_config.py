@@ -41,6 +41,10 @@ def test_overrides_parse_yaml_values():
     assert cfg.optim.lr == pytest.approx(3e-4) and cfg.wandb.mode == "disabled"
 
 
+def test_an_unquoted_no_is_the_choice_no():
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
 def test_resolved_config_round_trips():
     cfg = load_config(REPO / "configs/smoke/finetune.yaml", ["train.max_steps=4"])
     import yaml
