@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pegasus_dist.config import Config
+from pegasus_dist.config import Config, QualityConfig
 from pegasus_dist.data.loader import MemoryLoader
 from pegasus_dist.data.manifest import load_manifest
 from pegasus_dist.errors import DataError
@@ -89,12 +89,13 @@ def labelled_images(shard_set: str | Path, image_size: int) -> tuple[torch.Tenso
     return loader.images[torch.from_numpy(keep)], loader.labels[keep].tolist()
 
 
-def train_classifier(shards: str | Path, out: str | Path, epochs: int = 4, batch_size: int = 128,
-                     seed: int = 0) -> dict:
+def train_classifier(shards: str | Path, out: str | Path, quality: QualityConfig) -> dict:
     """Train on ``<shards>/mix``'s labelled images, measure on ``<shards>/eval``'s, save into ``out``.
 
-    Returns what ``classifier.json`` holds.
+    Epochs, batch and seed come from ``quality``. Returns what ``classifier.json`` holds.
     """
+    epochs, batch_size, seed = (quality.classifier_epochs, quality.classifier_batch_size,
+                                quality.classifier_seed)
     shards, out = Path(shards), Path(out)
     manifest = load_manifest(shards / "mix")
     size = manifest.image_size

@@ -133,8 +133,7 @@ def classifier(
     from pegasus_dist.config import load_config
 
     cfg = load_config(config, overrides or [])
-    meta = train_classifier(cfg.data.shards, cfg.classifier_dir, cfg.quality.classifier_epochs,
-                            cfg.quality.classifier_batch_size, cfg.quality.classifier_seed)
+    meta = train_classifier(cfg.data.shards, cfg.classifier_dir, cfg.quality)
     typer.echo(f"held-out accuracy {meta['held_out'].get('accuracy', 0):.3f} on "
                f"{meta['held_out']['images']} images after {meta['training_seconds']:.0f} s "
                f"-> {cfg.classifier_dir}")

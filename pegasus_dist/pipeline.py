@@ -90,8 +90,7 @@ def ensure_classifier(cfg: Config) -> None:
         log.info("reusing the classifier at %s: trained on these shards (generation %s), held-out "
                  "accuracy %s", cfg.classifier_dir, generation, meta["held_out"].get("accuracy"))
         return
-    train_classifier(cfg.data.shards, cfg.classifier_dir, cfg.quality.classifier_epochs,
-                     cfg.quality.classifier_batch_size, cfg.quality.classifier_seed)
+    train_classifier(cfg.data.shards, cfg.classifier_dir, cfg.quality)
 
 
 def ensure_shards(cfg: PrepareConfig, reprepare: bool, command: str) -> None:

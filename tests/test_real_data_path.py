@@ -147,8 +147,8 @@ def test_readme_real_data_blocks_run_in_sequence(tarball, tmp_path):
     blocks = [b for b in readme_blocks() if not any(argv[1] == "pipeline" for argv in b)]
     commands = [argv for block in blocks for argv in block]
     stages = [argv[1] for argv in commands]
-    assert stages[:4] == ["prepare", "contact-sheet", "train", "train"] and stages[-1] == "report"
-    assert {"sample", "eval"} <= set(stages[4:])
+    assert stages[:5] == ["prepare", "classifier", "contact-sheet", "train", "train"]
+    assert stages[-1] == "report" and {"sample", "eval"} <= set(stages[5:])
     root = clone(tmp_path / "clone")
     printed: dict[str, str] = {}  # what the commands of each stage printed
     for argv in commands:
@@ -160,6 +160,9 @@ def test_readme_real_data_blocks_run_in_sequence(tarball, tmp_path):
     sheet = json.loads((root / "runs/reference/contact-sheet.json").read_text())["keys"]
     assert {labels[k] for k in sheet["horse"]} == {"horse"}
     assert {labels[k] for k in sheet["bird"]} == {"bird"}
+
+    assert "held-out accuracy" in printed["classifier"]
+    assert json.loads((root / "runs/reference/classifier/classifier.json").read_text())["classes"]
 
     pretrain, finetune = root / "runs/reference/pretrain", root / "runs/reference/finetune"
     final = f"step_{STEPS:08d}"
