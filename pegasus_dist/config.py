@@ -71,6 +71,15 @@ class ModelConfig:
     # Batch norm over the global batch instead of each process's share; makes
     # N processes with batch B compute exactly what 1 process with N*B does.
     sync_batchnorm: bool = False
+    # How the decoder doubles the side: transpose (the paper's transposed convolutions)
+    # or resize (nearest-neighbour upsampling then a 3x3 convolution, which cannot
+    # leave the checkerboard of overlapping 4x4 transposed kernels: Odena, Dumoulin and
+    # Olah 2016, "Deconvolution and Checkerboard Artifacts", Distill).
+    upsample: Literal["transpose", "resize"] = "transpose"
+    # p(x|z): bernoulli (the paper's BCE on [0, 1]) or logistic, a discretized logistic
+    # over the 256 pixel levels with a learned scale per colour channel (PixelCNN++,
+    # Salimans et al. 2017, with one component): a proper likelihood of 8-bit images.
+    likelihood: Literal["bernoulli", "logistic"] = "bernoulli"
 
 
 @dataclass

@@ -30,7 +30,7 @@ import torch
 
 from pegasus_dist.classifier import Classifier, predict
 from pegasus_dist.data.loader import ShardLoader
-from pegasus_dist.loss import kl_to_standard_normal
+from pegasus_dist.loss import kl_to_standard_normal, reconstruction_nll
 from pegasus_dist.model import VAE
 
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -58,9 +58,8 @@ def evaluate(model: VAE, shard_set: str | Path, batch_size: int = 256, seed: int
         mu, logvar = model.encode(x)
         eps = torch.randn(mu.shape, generator=generator, device=device)
         logits = model.decode_logits(mu + torch.exp(0.5 * logvar) * eps)
-        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="none")
         mse = (model.decode(mu) - x).pow(2).flatten(1).mean(dim=1).clamp_min(1e-10)
-        rows["recon"].append(bce.flatten(1).sum(dim=1))
+        rows["recon"].append(reconstruction_nll(logits, x, model.log_scale))
         rows["kl"].append(kl_to_standard_normal(mu, logvar))
         rows["psnr"].append(-10 * torch.log10(mse))
         rows["mu"].append(mu)
@@ -101,7 +100,7 @@ def _summary(data: dict[str, torch.Tensor], keep: list[bool], dims: int) -> dict
     return {
         "images": int(mask.sum()),
         "neg_elbo_nats": nelbo,
-        "recon_bce_nats": recon,
+        "recon_nats": recon,  # BCE, or the logistic NLL (model.likelihood)
         "kl_nats": kl,
         "bits_per_dim": nelbo / (dims * math.log(2)),
         "psnr_db": data["psnr"][mask].mean().item(),

@@ -8,7 +8,10 @@ an image. The paper does not give kernel sizes or widths; we use 4x4 kernels
 
 The decoder returns logits; :meth:`VAE.decode` applies the sigmoid. Training
 uses the logits with ``binary_cross_entropy_with_logits``, which is the same
-loss as BCE on the sigmoid output but stays finite in bf16/fp16.
+loss as BCE on the sigmoid output but stays finite in bf16/fp16. With
+``model.likelihood=logistic`` the sigmoid of the logits is the mean of a
+discretized logistic whose log-scale per colour channel, ``VAE.log_scale``,
+is learned with the rest (pegasus_dist.loss.reconstruction_nll).
 """
 
 from __future__ import annotations
@@ -30,12 +33,19 @@ from pegasus_dist.config import ModelConfig
 # parameterisation.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
+# The logistic likelihood's initial log-scale per channel: a scale of 0.05 on [0, 1], about
+# the pixel error of a trained model here, since Adam moves a parameter by about the learning
+# rate per step (1e-3): from 0 it would take thousands of steps to get there.
+LOG_SCALE_INIT = -3.0
+
 
 @dataclass
 class VAEOutput:
     logits: torch.Tensor  # (B, 3, H, W) pre-sigmoid reconstruction
     mu: torch.Tensor  # (B, latent_dim)
     logvar: torch.Tensor  # (B, latent_dim)
+    # model.likelihood=logistic: the learned log-scale per colour channel, (3,)
+    log_scale: torch.Tensor | None = None
     # ACAI (loss.acai_weight > 0): logits of the decoded latent interpolants, (B, 3, H, W)
     mixed_logits: torch.Tensor | None = None
 
@@ -48,9 +58,17 @@ def _conv_block(c_in: int, c_out: int, slope: float) -> nn.Sequential:
     )
 
 
-def _deconv_block(c_in: int, c_out: int, slope: float) -> nn.Sequential:
+def _upsample(c_in: int, c_out: int, how: str, bias: bool) -> nn.Module:
+    """Twice the side: a 4x4 transposed convolution, or nearest-neighbour resize and a 3x3 conv."""
+    if how == "transpose":
+        return nn.ConvTranspose2d(c_in, c_out, kernel_size=4, stride=2, padding=1, bias=bias)
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                         nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=bias))
+
+
+def _deconv_block(c_in: int, c_out: int, slope: float, how: str) -> nn.Sequential:
     return nn.Sequential(
-        nn.ConvTranspose2d(c_in, c_out, kernel_size=4, stride=2, padding=1, bias=False),
+        _upsample(c_in, c_out, how, bias=False),
         nn.BatchNorm2d(c_out),
         nn.LeakyReLU(slope),
     )
@@ -83,10 +101,12 @@ class VAE(nn.Module):
         self.decoder_fc = _mlp([cfg.latent_dim, *fc[::-1], flat], slope, last_activation=True)
         rc = c[::-1]
         self.decoder_conv = nn.Sequential(
-            *(_deconv_block(a, b, slope) for a, b in zip(rc[:-1], rc[1:], strict=True)),
-            # the last transposed conv maps to RGB logits: no norm, no activation
-            nn.ConvTranspose2d(rc[-1], 3, kernel_size=4, stride=2, padding=1),
+            *(_deconv_block(a, b, slope, cfg.upsample) for a, b in zip(rc[:-1], rc[1:], strict=True)),
+            # the last upsampling maps to RGB logits: no norm, no activation
+            _upsample(rc[-1], 3, cfg.upsample, bias=True),
         )
+        self.log_scale = (nn.Parameter(torch.full((3,), LOG_SCALE_INIT))
+                          if cfg.likelihood == "logistic" else None)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images in [0, 1], (B, 3, H, W) -> (mu, logvar) of q(z|x), logvar clamped."""
@@ -116,9 +136,9 @@ class VAE(nn.Module):
         mu, logvar = self.encode(x)
         z = reparameterize(mu, logvar, torch.randn_like(mu) if eps is None else eps)
         if mix is None:
-            return VAEOutput(self.decode_logits(z), mu, logvar)
+            return VAEOutput(self.decode_logits(z), mu, logvar, self.log_scale)
         logits, mixed = self.decode_logits(torch.cat([z, mix(mu)])).chunk(2)
-        return VAEOutput(logits, mu, logvar, mixed)
+        return VAEOutput(logits, mu, logvar, self.log_scale, mixed)
 
 
 def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pegasus_dist.errors import DataError
 
-CURVES = ("loss", "recon_bce", "kl")
+CURVES = ("loss", "recon", "kl")
 GRIDS = ("pegasus", "reconstructions", "prior", "lerp", "analogy")
 WIDTH, HEIGHT, PAD = 360, 180, 36
 

@@ -311,7 +311,7 @@ def train_step(p: Phase, batch) -> tuple[torch.Tensor, int]:
         out = p.model(x, eps, None if pairs is None else lambda mu: acai.mix_latents(mu, pairs, alpha))
         terms = vae_loss(out.logits, x, out.mu, out.logvar,
                          beta=kl_weight(loss.beta, loss.kl_warmup_steps, p.state.step),
-                         free_bits=loss.free_bits)
+                         free_bits=loss.free_bits, log_scale=out.log_scale)
         fooling = critic_terms = torch.zeros((), device=x.device)
         if pairs is not None:
             fooling = acai.fooling_loss(_frozen_critic(p, torch.sigmoid(out.mixed_logits)),
@@ -572,7 +572,7 @@ def _log_window(p: Phase, window: _Window) -> None:
         "bad_samples_skipped": p.state.bad_samples_skipped,
     }
     if images:  # a window of skipped steps only has no loss to report
-        row |= {"loss": total / images, "recon_bce": recon / images, "kl": kl / images}
+        row |= {"loss": total / images, "recon": recon / images, "kl": kl / images}
         if p.critic is not None:
             row |= {"acai_critic": critic / images, "acai_fooling": fooling / images}
     p.metrics.log({f"{p.cfg.train.phase}/{k}": v for k, v in row.items()}, step=p.state.step)

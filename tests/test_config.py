@@ -63,6 +63,8 @@ def test_resolved_config_round_trips():
         (["model.image_size=40"], "model.image_size must be a positive multiple of 16"),
         (["train.mixed_precision=fp8"], "train.mixed_precision must be one of no, bf16, fp16"),
         (["model.channels=[8,8]"], "model.channels must list 4 widths"),
+        (["model.upsample=bilinear"], "model.upsample must be one of transpose, resize"),
+        (["model.likelihood=gaussian"], "model.likelihood must be one of bernoulli, logistic"),
         (["data.batch_size=true"], "data.batch_size must be int"),
         (["sampler.horse_keys=[a]"], "sampler.horse_keys lists 1 keys but the sampler uses 8"),
         (["epochs=3"], "not of the form section.key=value"),

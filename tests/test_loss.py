@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
-from pegasus_dist.loss import kl_to_standard_normal, vae_loss
+from pegasus_dist.loss import kl_to_standard_normal, reconstruction_nll, vae_loss
 
 
 def test_kl_matches_torch_distributions():
@@ -37,3 +37,41 @@ def test_loss_is_float32_under_bf16_inputs():
     terms = vae_loss(logits, torch.rand(2, 3, 4, 4), torch.zeros(2, 2).bfloat16(),
                      torch.zeros(2, 2).bfloat16())
     assert terms.total.dtype == torch.float32 and torch.isfinite(terms.total)
+
+
+def _logistic_level_probabilities(logits: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """exp(-NLL) of every one of the 256 levels for one pixel per channel: (256, 3)."""
+    levels = torch.arange(256.0) / 255
+    target = levels[:, None, None, None].expand(256, 3, 1, 1)
+    per_pixel = [torch.exp(-reconstruction_nll(logits[:, c:c + 1], target[:, c:c + 1],
+                                               log_scale[c:c + 1])) for c in range(3)]
+    return torch.stack(per_pixel, dim=1)
+
+
+def test_discretized_logistic_is_a_distribution_over_the_256_levels():
+    means = torch.tensor([-3.0, 0.2, 2.5])
+    logits = means.view(1, 3, 1, 1).expand(256, 3, 1, 1)
+    for log_scale in (torch.tensor([-5.0, -3.0, -1.0]), torch.full((3,), -7.0)):
+        probs = _logistic_level_probabilities(logits, log_scale)
+        assert torch.allclose(probs.sum(dim=0), torch.ones(3), atol=1e-4)
+    # narrow: the most likely level is the one nearest the mean sigmoid(logit)
+    assert torch.equal(probs.argmax(dim=0), (torch.sigmoid(means) * 255).round().long())
+
+
+def test_discretized_logistic_matches_the_cdf_difference():
+    logits, target = torch.full((1, 1, 1, 1), 0.3), torch.full((1, 1, 1, 1), 100 / 255)
+    log_scale = torch.tensor([-2.5])
+    mean, scale = torch.sigmoid(torch.tensor(0.3)), torch.exp(torch.tensor(-2.5))
+    cdf = lambda v: torch.sigmoid((v - mean) / scale)  # noqa: E731
+    expected = -torch.log(cdf(torch.tensor(100.5 / 255)) - cdf(torch.tensor(99.5 / 255)))
+    assert torch.allclose(reconstruction_nll(logits, target, log_scale), expected, rtol=1e-5)
+
+
+def test_logistic_loss_sharpens_with_a_smaller_scale_only_when_the_mean_is_right():
+    target = torch.full((1, 3, 4, 4), 128 / 255)
+    right = torch.logit(target)
+    wrong = torch.logit(torch.full_like(target, 0.3))
+    wide, narrow = torch.full((3,), -2.0), torch.full((3,), -6.0)
+    assert reconstruction_nll(right, target, narrow) < reconstruction_nll(right, target, wide)
+    assert reconstruction_nll(wrong, target, narrow) > reconstruction_nll(wrong, target, wide)
+    assert torch.isfinite(reconstruction_nll(wrong, target, torch.full((3,), -30.0))).all()

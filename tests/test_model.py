@@ -48,3 +48,19 @@ def test_forward_with_given_noise_is_deterministic():
     eps = torch.randn(2, 4)
     assert torch.equal(model(x, eps).logits, model(x, eps).logits)
     assert not torch.equal(model(x).logits, model(x).logits)  # fresh noise when not given
+
+
+def test_resize_decoder_has_no_transposed_convolutions_and_keeps_shapes():
+    cfg = ModelConfig(channels=[8, 16, 16, 32], fc_dims=[64, 32, 16], latent_dim=8, upsample="resize")
+    model = VAE(cfg)
+    assert not any(isinstance(m, nn.ConvTranspose2d) for m in model.modules())
+    assert sum(isinstance(m, nn.Upsample) for m in model.decoder_conv.modules()) == 4
+    assert model(torch.rand(2, 3, 32, 32)).logits.shape == (2, 3, 32, 32)
+
+
+def test_logistic_likelihood_learns_a_scale_per_channel():
+    cfg = ModelConfig(channels=[4, 4, 4, 4], fc_dims=[8, 8, 8], latent_dim=4, likelihood="logistic")
+    model = VAE(cfg)
+    assert model.log_scale.shape == (3,) and model.log_scale.requires_grad
+    assert model(torch.rand(2, 3, 32, 32)).log_scale is model.log_scale
+    assert VAE(ModelConfig(channels=[4, 4, 4, 4], fc_dims=[8, 8, 8], latent_dim=4)).log_scale is None
