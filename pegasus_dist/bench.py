@@ -23,11 +23,11 @@ the harness runs and reports; no test asserts a speed.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import subprocess
@@ -35,28 +35,37 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pegasus_dist.config import PrepareConfig, config_from_dict
+from pegasus_dist import train
+from pegasus_dist.config import Config, PrepareConfig, config_from_dict
 from pegasus_dist.data.loader import MemoryLoader, ShardLoader
 from pegasus_dist.data.manifest import load_manifest
 from pegasus_dist.data.png import decode_plain_batch
 from pegasus_dist.data.prepare import prepare
 from pegasus_dist.data.shards import iter_shard
-from pegasus_dist.data.sources import CIFAR_CLASSES, read_image_folder, synthetic, write_cifar10_archive
+from pegasus_dist.data.sources import (
+    CIFAR_CLASSES,
+    REAL_CIFAR,
+    read_image_folder,
+    synthetic,
+    write_cifar10_archive,
+)
 from pegasus_dist.loss import kl_to_standard_normal
 from pegasus_dist.model import VAE
 
 log = logging.getLogger("pegasus_dist.bench")
+T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[1]
-REAL_CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 BATCH = 128  # per process, in every loader and training row
 WARMUP = 2  # untimed steps first: allocator, kernels, autotuning
 ROUNDS = 3  # the project's loop and the bare one, timed in turn this many times
@@ -124,13 +133,18 @@ def _images(count: int, images_from: str) -> tuple[np.ndarray, list[int], str]:
 
 def _prepare_rows(pixels: np.ndarray, labels: list[int], work: Path) -> list[Row]:
     archive = write_cifar10_archive(pixels, labels, work / "cifar-10-python.tar.gz")
-    started = time.perf_counter()
-    prepare(PrepareConfig(sources=[f"cifar10:{archive}"], out=str(work / "shards"),
-                          shard_size=2000, verify_checksums=False))
-    per_core = len(pixels) / (time.perf_counter() - started) / (os.cpu_count() or 1)
+    per_core = _prepare_per_core(archive, len(pixels), work / "shards", 32, shard_size=2000)
     return [Row("prepare from the CIFAR-10 archive, per core", per_core, "images/s", None, 5000,
                 "un-gzipping and unpickling the archive runs on one core before the pool "
                 "writes shards on all of them")]
+
+
+def _prepare_per_core(archive: Path, count: int, out: Path, image_size: int, shard_size: int) -> float:
+    """Images per second and core of ``prepare`` from ``archive`` (``count`` images) into ``out``."""
+    started = time.perf_counter()
+    prepare(PrepareConfig(sources=[f"cifar10:{archive}"], out=str(out), image_size=image_size,
+                          shard_size=shard_size, verify_checksums=False))
+    return count / (time.perf_counter() - started) / (os.cpu_count() or 1)
 
 
 def _loader_rows(work: Path, device: torch.device) -> list[Row]:
@@ -226,31 +240,21 @@ def _trainer_rows(work: Path, steps: int, device: torch.device) -> list[Row]:
     for precision in ("no", "bf16"):
         label = "fp32" if precision == "no" else precision
         cfg = _train_config(work / "shards", work / "runs", precision, device)
-        with _phase(cfg) as phase:
-            phase.loader.set_epoch(0)
-            batches = [b for _, b in zip(range(steps + WARMUP), phase.loader, strict=False)]
-            bare_step = _bare_step(cfg, precision, device)
-            # Rounds that alternate the two loops, and the best of each: a neighbour's
-            # burst on a shared machine then slows both alike or neither.
-            rounds = [(_loop_rate(phase, WARMUP, steps, device),
-                       BATCH * _steps_per_second(bare_step, batches, device)) for _ in range(ROUNDS)]
-            epoch = _loop_rate(phase, 0, len(phase.loader), device) if label == "bf16" else 0
-            epoch_images = phase.loader.num_samples
-        project, bare = (max(rates) for rates in zip(*rounds, strict=True))
+        rates = _in_own_process(_loop_against_bare, cfg, steps, device, precision == "bf16")
         flops = _flops_per_image(cfg)
         rows += [
-            Row(f"trainer vs bare loop, paper model, {label}, batch {BATCH}", project, "images/s",
-                bare, 0.95, "the loop's own work (noise, loss sums, progress bar) shows beside "
-                "the device's at this model size"),
-            Row(f"  achieved, {label}", project * flops / 1e12, "TFLOP/s"),
+            Row(f"trainer vs bare loop, paper model, {label}, batch {BATCH}", rates.project,
+                "images/s", rates.bare, 0.95, "the loop's own work (noise, loss sums, progress "
+                "bar) shows beside the device's at this model size"),
+            Row(f"  achieved, {label}", rates.project * flops / 1e12, "TFLOP/s"),
         ]
-        if epoch:
-            rows += _recipe_rows(epoch, epoch_images, device)
+        if rates.epoch:
+            rows += _recipe_rows(rates.epoch, rates.epoch_images, device)
     return rows + _adam_rows(device)
 
 
 def _train_config(shards: Path, runs: Path, precision: str, device: torch.device,
-                  image_size: int = 32):
+                  image_size: int = 32) -> Config:
     return config_from_dict({
         "run": {"output_dir": str(runs), "name": f"bench-{precision}-{image_size}"},
         "data": {"shards": str(shards), "batch_size": BATCH, "mode": "memory"},
@@ -261,19 +265,46 @@ def _train_config(shards: Path, runs: Path, precision: str, device: torch.device
     })
 
 
-@contextlib.contextmanager
-def _phase(cfg) -> Iterator:
-    """The trainer's phase for ``cfg``, torn down so that the next one may differ."""
-    from accelerate.state import AcceleratorState
+def _in_own_process(measure: Callable[..., T], *args: object) -> T:
+    """``measure(*args)`` in a new Python process, which ends with it.
 
-    from pegasus_dist import train
+    Accelerate keeps one mixed precision per process (a second Accelerator
+    asking for another raises ValueError) and has no public reset: each
+    measured trainer therefore gets a process, as each run of a user does.
+    """
+    context = multiprocessing.get_context("spawn")  # a fork would share this process's CUDA state
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(measure, *args).result()
 
+
+@dataclass(frozen=True)
+class _LoopRates:
+    """Images per second: the project's loop and the bare one (best of ROUNDS), a whole epoch."""
+
+    project: float
+    bare: float
+    epoch: float  # 0 when not measured
+    epoch_images: int
+
+
+def _loop_against_bare(cfg: Config, steps: int, device: torch.device, whole_epoch: bool) -> _LoopRates:
+    """In its own process (:func:`_in_own_process`): the trainer's phase for ``cfg`` against a bare loop."""
     phase = train.setup(cfg)
-    try:
-        yield phase
-    finally:
-        phase.signals.restore()
-        AcceleratorState._reset_state(reset_partial_state=True)
+    phase.loader.set_epoch(0)
+    batches = [b for _, b in zip(range(steps + WARMUP), phase.loader, strict=False)]
+    bare_step = _bare_step(cfg, device)
+    # Rounds that alternate the two loops, and the best of each: a neighbour's
+    # burst on a shared machine then slows both alike or neither.
+    rounds = [(_loop_rate(phase, WARMUP, steps, device),
+               BATCH * _steps_per_second(bare_step, batches, device)) for _ in range(ROUNDS)]
+    project, bare = (max(rates) for rates in zip(*rounds, strict=True))
+    epoch = _loop_rate(phase, 0, len(phase.loader), device) if whole_epoch else 0.0
+    return _LoopRates(project, bare, epoch, phase.loader.num_samples)
+
+
+def _loop_alone(cfg: Config, steps: int, device: torch.device) -> float:
+    """In its own process (:func:`_in_own_process`): the trainer's rate for ``cfg``, images/s."""
+    return _loop_rate(train.setup(cfg), WARMUP, steps, device)
 
 
 def _adam_rows(device: torch.device) -> list[Row]:
@@ -290,10 +321,8 @@ def _adam_rows(device: torch.device) -> list[Row]:
                 rates[False])]
 
 
-def _loop_rate(phase, warmup: int, steps: int, device: torch.device) -> float:
+def _loop_rate(phase: train.Phase, warmup: int, steps: int, device: torch.device) -> float:
     """Images per second of the project's training loop (``train.run_epochs``), after a warm-up."""
-    from pegasus_dist import train
-
     def run_to(step: int) -> None:
         train_cfg = dataclasses.replace(phase.cfg.train, max_steps=step)
         train.run_epochs(dataclasses.replace(phase, cfg=dataclasses.replace(phase.cfg, train=train_cfg)))
@@ -317,7 +346,7 @@ def _recipe_rows(rate: float, epoch_images: int, device: torch.device) -> list[R
     return rows
 
 
-def _flops_per_image(cfg) -> float:
+def _flops_per_image(cfg: Config) -> float:
     """Forward and backward FLOPs of one training image, counted by PyTorch's FLOP counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -329,7 +358,7 @@ def _flops_per_image(cfg) -> float:
     return counter.get_total_flops() / len(x)
 
 
-def _bare_step(cfg, precision: str, device: torch.device) -> Callable:
+def _bare_step(cfg: Config, device: torch.device) -> Callable:
     """The loop a user would write by hand: same model, Adam, BCE + KL, gradient clip."""
     torch.manual_seed(cfg.train.seed)
     model = VAE(cfg.model).to(device)
@@ -338,7 +367,8 @@ def _bare_step(cfg, precision: str, device: torch.device) -> Callable:
 
     def step(batch) -> None:
         x = batch.images.to(device).float().div_(255)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast(device.type, dtype=torch.bfloat16,
+                            enabled=cfg.train.mixed_precision == "bf16"):
             out = model(x)
         recon = F.binary_cross_entropy_with_logits(out.logits.float(), x, reduction="sum") / len(x)
         loss = recon + kl_to_standard_normal(out.mu.float(), out.logvar.float()).mean()
@@ -390,11 +420,8 @@ def _scaling_rows(pixels: np.ndarray, labels: list[int], work: Path, sizes: list
     rows = []
     for size in sizes:
         shards = work / f"scaling-{size}"
-        started = time.perf_counter()
-        prepare(PrepareConfig(sources=[f"cifar10:{archive}"], out=str(shards), image_size=size,
-                              shard_size=500, verify_checksums=False))
-        rows.append(Row(f"image size {size}: prepare, per core", count / (time.perf_counter() - started)
-                        / (os.cpu_count() or 1), "images/s"))
+        rows.append(Row(f"image size {size}: prepare, per core",
+                        _prepare_per_core(archive, count, shards, size, shard_size=500), "images/s"))
         stream = ShardLoader(shards / "mix", BATCH, 0, 1, 1, seed=0, image_size=size)
         rows.append(Row(f"image size {size}: stream, 1 worker", _epoch_rate(stream, device), "images/s"))
         started = time.perf_counter()
@@ -402,8 +429,7 @@ def _scaling_rows(pixels: np.ndarray, labels: list[int], work: Path, sizes: list
         rows.append(Row(f"image size {size}: device-resident start-up, per 100k images",
                         (time.perf_counter() - started) / memory.num_samples * 1e5, "s"))
         cfg = _train_config(shards, work / "runs", "bf16", device, image_size=size)
-        with _phase(cfg) as phase:
-            rate = _loop_rate(phase, WARMUP, steps, device)
+        rate = _in_own_process(_loop_alone, cfg, steps, device)
         flops = _flops_per_image(cfg)
         rows.append(Row(f"image size {size}: trainer, bf16, {flops / 1e9:.2f} GFLOP an image",
                         rate, "images/s"))

@@ -1,8 +1,8 @@
 """The one typed configuration of a run.
 
-Config flows one way: a YAML file (which may list ``base`` files it builds
-on), then ``section.key=value`` overrides from the command line, into one
-validated :class:`Config`. Defaults live only in the dataclasses below; the
+Config flows one way: a YAML file (which may name one ``base`` file it builds
+on, and that one its own: a chain), then ``section.key=value`` overrides from
+the command line, into one validated :class:`Config`. Defaults live only in the dataclasses below; the
 CLI and the trainer read them from here and nowhere else. The resolved config
 is saved with every run and sent to W&B.
 """
@@ -298,8 +298,8 @@ class PrepareConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read ``path`` (and the ``base`` files it names), apply overrides, validate."""
-    raw: dict[str, Any] = _read_yaml_tree(Path(path)) if path else {}
+    """Read ``path`` (over the chain of ``base`` files it builds on), apply overrides, validate."""
+    raw: dict[str, Any] = _read_yaml_chain(Path(path)) if path else {}
     for item in overrides or []:
         _apply_override(raw, item)
     return config_from_dict(raw)
@@ -312,10 +312,30 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     return cfg
 
 
-def _read_yaml_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """``path`` over the chain of files it builds on: each names at most one ``base``."""
     path = path.resolve()
     if path in seen:
-        raise ConfigError(f"{path}: `base` files include each other in a cycle")
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise ConfigError(f"`base` files include each other in a cycle: {chain}")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(
+            f"{path}: base must name one file (a config builds on a single parent), got {base!r}"
+        )
+    merged = _read_yaml_chain(path.parent / base, (*seen, path))
+    # Two levels, section then key: a section in this file updates the parent's key by key.
+    for section, values in data.items():
+        parent = merged.get(section)
+        both = isinstance(values, dict) and isinstance(parent, dict)
+        merged[section] = {**parent, **values} if both else values
+    return merged
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass an existing --config file")
     try:
@@ -324,20 +344,7 @@ def _read_yaml_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid YAML: {err}".replace("\n", " ")) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, not {type(data).__name__}")
-    merged: dict[str, Any] = {}
-    bases = data.pop("base", [])
-    for base in [bases] if isinstance(bases, str) else bases:
-        _deep_merge(merged, _read_yaml_tree(path.parent / base, (*seen, path)))
-    _deep_merge(merged, data)
-    return merged
-
-
-def _deep_merge(into: dict[str, Any], new: dict[str, Any]) -> None:
-    for key, value in new.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _deep_merge(into[key], value)
-        else:
-            into[key] = value
+    return data
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:

@@ -4,18 +4,26 @@ from pathlib import Path
 
 import pytest
 
-from pegasus_dist.config import Config, config_from_dict, load_config
+from pegasus_dist.config import config_from_dict, load_config
 from pegasus_dist.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize(
-    "name", ["pretrain.yaml", "finetune.yaml", "smoke/pretrain.yaml", "smoke/finetune.yaml"]
-)
-def test_shipped_configs_load(name):
+SHIPPED = sorted(str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").rglob("*.yaml"))
+
+
+def test_every_phase_has_a_shipped_config():
+    assert SHIPPED == ["finetune.yaml", "pretrain.yaml", "reference/finetune.yaml",
+                       "reference/pretrain.yaml", "smoke/finetune.yaml", "smoke/pretrain.yaml"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_configs_load_as_the_phase_their_file_names(name):
     cfg = load_config(REPO / "configs" / name)
-    assert cfg.train.phase in name or name.startswith("smoke/" + cfg.train.phase)
+    phase = Path(name).stem
+    assert (cfg.train.phase, cfg.run.name) == (phase, phase)
+    assert cfg.data.shard_set == {"pretrain": "mix", "finetune": "horse_bird"}[phase]
 
 
 def test_paper_recipe_phases():
@@ -27,11 +35,40 @@ def test_paper_recipe_phases():
     assert pre.model == fine.model  # both phases train the same network
 
 
-def test_base_files_merge_and_later_files_win(tmp_path):
+def test_a_chain_of_base_files_merges_key_by_key_and_the_child_wins(tmp_path):
     (tmp_path / "a.yaml").write_text("train: {epochs: 7, seed: 3}\nmodel: {latent_dim: 9}\n")
-    (tmp_path / "b.yaml").write_text("base: a.yaml\ntrain: {epochs: 2}\n")
-    cfg = load_config(tmp_path / "b.yaml")
-    assert (cfg.train.epochs, cfg.train.seed, cfg.model.latent_dim) == (2, 3, 9)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub/b.yaml").write_text("base: ../a.yaml\ntrain: {epochs: 2, log_every: 4}\n")
+    (tmp_path / "sub/c.yaml").write_text("base: b.yaml\ntrain: {log_every: 5}\n")  # relative to c
+    cfg = load_config(tmp_path / "sub/c.yaml", ["train.seed=8"])
+    assert (cfg.train.epochs, cfg.train.seed, cfg.train.log_every, cfg.model.latent_dim) == (2, 8, 5, 9)
+
+
+def test_base_names_one_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("train: {epochs: 7}\n")
+    (tmp_path / "b.yaml").write_text("base: [a.yaml, a.yaml]\n")
+    with pytest.raises(ConfigError, match=r"b.yaml: base must name one file .*got \['a.yaml'"):
+        load_config(tmp_path / "b.yaml")
+
+
+def test_base_files_in_a_cycle_are_named(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"in a cycle: .*a.yaml -> .*b.yaml -> .*a.yaml$"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_a_missing_base_file_is_named(tmp_path):
+    (tmp_path / "b.yaml").write_text("base: gone.yaml\n")
+    with pytest.raises(ConfigError, match=r"config file .*gone.yaml does not exist"):
+        load_config(tmp_path / "b.yaml")
+
+
+def test_an_unknown_key_in_a_file_suggests_the_near_one(tmp_path):
+    (tmp_path / "a.yaml").write_text("model: {latent_dims: 9}\n")
+    with pytest.raises(ConfigError, match=r"^unknown config key model.latent_dims; did you mean "
+                                          r"model.latent_dim\?$"):
+        load_config(tmp_path / "a.yaml")
 
 
 def test_overrides_parse_yaml_values():
@@ -83,5 +120,9 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(tmp_path / "bad.yaml")
 
 
-def test_defaults_are_the_dataclass_defaults():
-    assert load_config(None) == Config()
+def test_without_a_file_the_defaults_are_the_recipes_pretrain_model():
+    cfg = load_config(None)
+    assert (cfg.model.channels, cfg.model.fc_dims, cfg.model.latent_dim) == (
+        [64, 128, 256, 512], [512, 512, 256], 128)  # the widths README and docs/scaling.md state
+    assert cfg.model == load_config(REPO / "configs/pretrain.yaml").model
+    assert (cfg.train.phase, cfg.data.shard_set) == ("pretrain", "mix")

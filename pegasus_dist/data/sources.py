@@ -63,6 +63,9 @@ STL10 = {
 }
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                  "ship", "truck")
+# The 60,000 real CIFAR-10 JPEGs (folder layout) beside a clone of the repository
+# (README, "First run on real data"): the bench and some tests use them when present.
+REAL_CIFAR = Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10-jpg.tar.gz"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SPLITS = ("train", "test", "unlabeled")
 STL_CHUNK = 1000  # images resized per step while streaming STL-10's 2.7 GB unlabeled file
