@@ -78,8 +78,9 @@ def reconstruction_nll(logits: torch.Tensor, target: torch.Tensor,
         nll = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
         return nll.flatten(1).sum(dim=1)
     log_s = log_scale.float().clamp_min(LOG_SCALE_MIN)[None, :, None, None]
-    centered = (target - torch.sigmoid(logits)) * torch.exp(-log_s)
-    upper, lower = centered + HALF_BIN * torch.exp(-log_s), centered - HALF_BIN * torch.exp(-log_s)
+    inv_scale = torch.exp(-log_s)
+    centered, half_level = (target - torch.sigmoid(logits)) * inv_scale, HALF_BIN * inv_scale
+    upper, lower = centered + half_level, centered - half_level
     log_cdf_upper = F.logsigmoid(upper)  # log P(X <= x + half a level): the first level's
     log_sf_lower = F.logsigmoid(-lower)  # log P(X > x - half a level): the last level's
     # log(sigmoid(upper) - sigmoid(lower)), exact and finite for inner levels:
