@@ -16,30 +16,14 @@ the objects registered with ``register_for_checkpointing``; the last two are our
   W&B run id. Written last, it marks the folder complete.
 
 No file depends on the number of processes that wrote it: a checkpoint of N
-processes resumes on M. Where Accelerate alone would get something wrong for
-this project, the code is ours, and tests/test_checkpoint.py shows why:
-
-- The folder: written as ``.tmp-step_<N>/``, completed by ``state.json``,
-  renamed into place, and only then are older ones pruned, so a process killed
-  mid-save leaves the previous checkpoints intact and a folder named
-  ``step_<N>`` is always complete. Accelerate's ``automatic_checkpoint_naming``
-  deletes the oldest checkpoint before it writes the new one.
-- The weights are the unwrapped models': ``save_state`` saves the wrapper's
-  keys (``module.`` under DDP, ``_orig_mod.`` under torch.compile), which
-  another world size or the sampler cannot load. They are read back by
-  :func:`load_model_weights`, which names a mismatching tensor in one line.
-- No random state: ``save_state`` writes ``random_states_<rank>.pkl``, one
-  per process; they are deleted. Every random draw of training comes from a
-  generator seeded by what the checkpoint holds (the reparameterisation noise
-  by the step, the epoch's order by the epoch; bad samples are replaced by a
-  fixed rule), so a run resumes the same without them, on any number of
-  processes (tests/test_resume_replan.py).
-- Every load is weights-only: Accelerate unpickles registered objects with
-  ``weights_only=False``, which would run code pickled into them, so
-  ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` is set while ``load_state`` runs.
-- ``state.json``, not a registered object: it is read before the models exist
-  (the phase, whether the run is complete, where the loader starts), and a
-  person can read it.
+processes resumes on M. Around ``save_state`` and ``load_state`` five parts
+stay ours, where Accelerate alone gets something wrong for this project; the
+test that shows each is in docs/performance.md ("Hand-written parts that
+stay"): the folder (``.tmp-step_<N>/``, completed by ``state.json``, renamed
+into place, and only then are older ones pruned), the unwrapped models'
+weights (a save and a load hook), weights-only loads forced around
+``load_state``, no ``random_states_<rank>.pkl`` (no random draw of training
+needs them), and ``state.json`` itself, read before the models exist.
 """
 
 from __future__ import annotations
