@@ -108,3 +108,18 @@ def test_resuming_a_plain_checkpoint_with_acai_on_is_one_line(smoke_shards, tmp_
     done = run_bounded(cmd, timeout=120)
     assert done.returncode == 2, done.stdout[-3000:]
     assert "holds no ACAI critic" in done.stdout and "Traceback" not in done.stdout
+
+
+@pytest.mark.slow
+def test_a_run_started_from_an_acai_checkpoint_starts_from_its_critic(smoke_shards, tmp_path):
+    common = [f"data.shards={smoke_shards}", f"run.output_dir={tmp_path}", "data.batch_size=16", *ACAI]
+    launch(1, [*common, "train.max_steps=2"])
+    source = tmp_path / "pretrain/checkpoints/step_00000002"
+    # A learning rate of 1e-12: one step leaves the critic it started from, to 1e-9.
+    out = launch(1, [*common, "run.name=next", "train.max_steps=1", f"train.init_from={source}",
+                     "optim.lr=1e-12"])
+    assert f"initialised the ACAI critic from {source}" in out
+    before, after = (load_file(folder / "model_1.safetensors")
+                     for folder in (source, tmp_path / "next/checkpoints/step_00000001"))
+    assert before.keys() == after.keys()
+    assert all(torch.allclose(before[k], after[k], rtol=0, atol=1e-9) for k in before)
