@@ -1,64 +1,74 @@
-"""Atomic, safe checkpoints.
+"""Atomic, safe checkpoints on Accelerate's ``save_state`` and ``load_state``.
 
-A checkpoint is a folder ``<run>/checkpoints/step_<N>/`` holding:
+A checkpoint is a folder ``<run>/checkpoints/step_<N>/``. ``accelerator.save_state``
+writes its first four kinds of file, for the prepared models and optimizer and
+the objects registered with ``register_for_checkpointing``; the last two are ours:
 
-- ``model.safetensors``: the weights and batch-norm statistics (safetensors,
-  so loading never runs code);
-- ``optimizer.pt``: Adam's state and the fp16 loss scaler (and the ACAI
-  critic's Adam), read back with ``torch.load(weights_only=True)``;
-- ``critic.safetensors``: with ACAI (``loss.acai_weight`` > 0), the critic's weights;
+- ``model.safetensors``: the VAE's weights and batch-norm statistics;
+- ``model_1.safetensors``: with ACAI (``loss.acai_weight`` > 0), the critic's
+  weights (the second model prepared);
+- ``optimizer.bin``: Adam's state; ``scaler.pt``: the fp16 loss scaler (fp16 only);
+- ``custom_checkpoint_0.pkl``: with ACAI, the critic's Adam (registered: it is
+  not prepared, so that fp16's loss scaler never steps it);
+- ``config.yaml``: the resolved config of the run;
 - ``state.json``: phase, epoch, the samples of that epoch's seeded order
   already trained, the global batch that trained them, step counters and the
-  W&B run id; ``config.yaml``: the resolved config of the run.
+  W&B run id. Written last, it marks the folder complete.
 
-No random state is saved: every random draw of training comes from a
-generator seeded by what the checkpoint holds (the reparameterisation noise
-by the step, the epoch's order by the epoch; bad samples are replaced by a
-fixed rule), so a run resumes the same on any number of processes.
-Checkpoints of earlier versions also hold ``rng/rank_<R>.pt``: they are
-ignored, except that their count (the processes that wrote them) converts
-an older ``state.json``'s ``batches_done`` into samples.
-
-It is written into ``.tmp-step_<N>/`` and renamed into place once complete,
-so a process killed mid-save leaves the previous checkpoints intact, and a
-folder named ``step_<N>`` is always complete.
+No file depends on the number of processes that wrote it: a checkpoint of N
+processes resumes on M. Around ``save_state`` and ``load_state`` five parts
+stay ours, where Accelerate alone gets something wrong for this project; the
+test that shows each is in docs/performance.md ("Hand-written parts that
+stay"): the folder (``.tmp-step_<N>/``, completed by ``state.json``, renamed
+into place, and only then are older ones pruned), the unwrapped models'
+weights (a save and a load hook), weights-only loads forced around
+``load_state``, no ``random_states_<rank>.pkl`` (no random draw of training
+needs them), and ``state.json`` itself, read before the models exist.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import time
 import typing
 import zipfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import Accelerator
+from accelerate.utils import extract_model_from_parallel
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from pegasus_dist.config import Config, TrainConfig, load_config
-from pegasus_dist.data.loader import global_batch_sizes
-from pegasus_dist.data.manifest import load_manifest
-from pegasus_dist.errors import CheckpointError, PegasusError
+from pegasus_dist.errors import CheckpointError
 from pegasus_dist.model import VAE
 
 log = logging.getLogger("pegasus_dist.checkpoint")
 
 PREFIX = "step_"
-CRITIC = "critic.safetensors"  # ACAI's critic, in checkpoints of runs with loss.acai_weight > 0
+STATE = "state.json"
+MODEL = "model.safetensors"  # the first model prepared; Accelerate names the others model_<i>
+CRITIC = "model_1.safetensors"  # ACAI's critic, prepared second in runs with loss.acai_weight > 0
+OPTIMIZER = "optimizer.bin"
+OLDER_OPTIMIZER = "optimizer.pt"  # of the versions before save_state, refused in one line
 FINISHED = "finished.json"  # in the run folder, written last by a phase that ended
 NAME = re.compile(rf"{PREFIX}(\d+)")  # and exactly checkpoint_name(N): step_00000060, not step_60
 DAMAGED = "damaged-"  # the prefix of a damaged checkpoint moved aside; never pruned
 PHASES = typing.get_args(typing.get_type_hints(TrainConfig)["phase"])
-# Fields of older state.json files, read and converted (:func:`_in_samples`), never written.
+# Fields of older state.json files, checked and dropped: their checkpoints cannot be
+# resumed (:func:`check_resumable`), but their weights start runs (train.init_from).
 OLDER_FIELDS = {"batches_done": int}
+# torch honours it over a torch.load(weights_only=False) call (:func:`_weights_only`).
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
 @dataclass
@@ -167,18 +177,55 @@ def find_damage(folder: Path) -> str | None:
     """Why ``folder`` cannot be resumed from, or None when every file of it reads whole.
 
     Reads, never unpickles: ``state.json`` with every field checked, the
-    safetensors header and length of the weights, and the CRCs of
-    ``optimizer.pt`` (a zip archive, as torch.save writes it).
+    safetensors header and length of each weights file, and the CRCs of each
+    file torch.save wrote (a zip archive). A checkpoint of an older layout is
+    whole: it is refused in one line, not moved aside.
     """
+    _refuse_older_layout(folder)
     try:
-        _parse_state(folder / "state.json")
-        _check_safetensors(folder / "model.safetensors")
-        if (folder / CRITIC).exists():
-            _check_safetensors(folder / CRITIC)
-        _check_zip(folder / "optimizer.pt")
+        _parse_state(folder / STATE)
+        for path in _files(folder):
+            (_check_safetensors if path.suffix == ".safetensors" else _check_zip)(path)
     except CheckpointError as err:
         return str(err)
     return None
+
+
+def _files(folder: Path) -> list[Path]:
+    """The weights and optimizer, which every checkpoint has, and whatever else torch or safetensors wrote."""
+    try:
+        found = {path for path in folder.iterdir() if path.suffix in (".safetensors", ".bin", ".pt", ".pkl")}
+    except OSError as err:  # e.g. moved aside by the main process meanwhile
+        raise CheckpointError(f"{folder}: {err}") from None
+    return sorted(found | {folder / MODEL, folder / OPTIMIZER})
+
+
+def _refuse_older_layout(folder: Path) -> None:
+    if (folder / OLDER_OPTIMIZER).is_file():
+        raise CheckpointError(
+            f"{folder} was written by an older version of pegasus-dist ({OLDER_OPTIMIZER}, not "
+            f"{OPTIMIZER}); resume it with that version, or start a new run from its weights with "
+            f"train.init_from={folder}"
+        )
+
+
+def check_resumable(folder: Path, acai: bool) -> None:
+    """One line when a run with ACAI on (``acai``) or off cannot resume ``folder``.
+
+    A critic on one side only: its weights and Adam would be missing, or
+    left over (and ``load_state`` refuses unclaimed registered objects).
+    """
+    _refuse_older_layout(folder)
+    if acai and not (folder / CRITIC).is_file():
+        raise CheckpointError(
+            f"{folder} holds no ACAI critic (its run had loss.acai_weight=0); resume it with "
+            f"loss.acai_weight=0, or start a new run with train.init_from={folder}"
+        )
+    if not acai and (folder / CRITIC).is_file():
+        raise CheckpointError(
+            f"{folder} holds an ACAI critic (its run had loss.acai_weight > 0); resume it with "
+            f"loss.acai_weight > 0, or start a new run with train.init_from={folder}"
+        )
 
 
 def _check_safetensors(path: Path) -> None:
@@ -204,7 +251,7 @@ def _check_zip(path: Path) -> None:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder itself, or the newest checkpoint of a run folder."""
     path = Path(path)
-    if (path / "state.json").is_file():
+    if (path / STATE).is_file():
         return path
     newest = latest_checkpoint(path / "checkpoints")
     if newest is None:
@@ -215,20 +262,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return newest
 
 
-def write_main_files(
-    folder: Path,
-    model_state: dict[str, torch.Tensor],
-    optimizer_state: dict,
-    state: TrainState,
-    config_yaml: str,
-) -> None:
-    """The main process's part of a checkpoint: weights, optimizer, counters, config."""
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()},
-              folder / "model.safetensors")
-    torch.save(optimizer_state, folder / "optimizer.pt")
+def write_counters(folder: Path, state: TrainState, config_yaml: str) -> None:
+    """The files of ours in a checkpoint: ``config.yaml``, then ``state.json``, which marks it complete."""
     (folder / "config.yaml").write_text(config_yaml)
-    (folder / "state.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
+    (folder / STATE).write_text(json.dumps(asdict(state), indent=2) + "\n")
 
 
 def publish(tmp: Path, final: Path) -> None:
@@ -247,7 +284,7 @@ def prune(root: Path, keep: int) -> None:
 def read_state(folder: Path) -> TrainState:
     """``state.json``, every field checked: a bad one is one line naming the file and the field."""
     try:
-        return _parse_state(folder / "state.json")
+        return _parse_state(folder / STATE)
     except CheckpointError as err:
         raise CheckpointError(f"{err}; move that checkpoint aside to resume from the one before "
                               "(run.resume=auto does)") from None
@@ -267,53 +304,7 @@ def _parse_state(path: Path) -> TrainState:
         problem = _bad_field(name, value, hints[name]) if name in hints else "is not a known field"
         if problem:
             raise CheckpointError(f"{path}: field {name} {problem}, got {value!r}")
-    if "batches_done" in raw:
-        raw = _in_samples(raw, path)
-    return TrainState(**raw)
-
-
-def _in_samples(raw: dict, path: Path) -> dict:
-    """An older ``state.json``, which counted batches: its position in samples.
-
-    Its checkpoint holds the per-process batch (``config.yaml``) and one RNG
-    file per process (``rng/rank_<R>.pt``), and with its shard set that gives
-    the samples of each of its global batches.
-    """
-    raw = dict(raw)
-    batches = raw.pop("batches_done")
-    if "samples_done" in raw or not batches:
-        return raw
-    folder = path.parent
-    processes = len(list((folder / "rng").glob("rank_*.pt")))
-    try:
-        saved = yaml.safe_load((folder / "config.yaml").read_text())
-        data, accumulation = saved["data"], saved.get("train", {}).get("grad_accum_steps", 1)
-        batch = data["batch_size"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
-        data, batch, accumulation = {}, None, None
-    if not processes or not isinstance(batch, int) or not isinstance(accumulation, int):
-        raise CheckpointError(f"{path} counts batches_done (an older version) but its rng/ folder "
-                              "and config.yaml do not give its processes and batch; resume it with "
-                              "the version that wrote it, or start a new run")
-    raw["samples_done"] = _older_samples(batches, batch, processes, data)
-    raw.setdefault("global_batch", batch * processes * accumulation)
-    return raw
-
-
-def _older_samples(batches: int, batch: int, processes: int, data: dict) -> int:
-    """Samples in the first ``batches`` global batches of an epoch of the older run.
-
-    Each is ``batch`` x ``processes`` but the epoch's last, so an epoch
-    trained to its end (which older versions could save as its last batch
-    done) is exactly the shard set's samples. Without the shard set, every
-    batch counts in full.
-    """
-    try:
-        total = load_manifest(Path(data["shards"]) / data["shard_set"]).num_samples
-        sizes = global_batch_sizes(total, processes, batch)
-    except (PegasusError, KeyError, TypeError):
-        return batches * batch * processes
-    return sum(sizes[:batches]) if batches <= len(sizes) else batches * batch * processes
+    return TrainState(**{name: value for name, value in raw.items() if name not in OLDER_FIELDS})
 
 
 def _bad_field(name: str, value: object, hint: type) -> str | None:
@@ -326,7 +317,7 @@ def _bad_field(name: str, value: object, hint: type) -> str | None:
     return None if isinstance(value, hint) else f"must be a {hint.__name__}"
 
 
-def load_model_weights(model: torch.nn.Module, folder: Path, name: str = "model.safetensors") -> None:
+def load_model_weights(model: torch.nn.Module, folder: Path, name: str = MODEL) -> None:
     """Load ``folder/name`` (the VAE's weights, or the critic's) into ``model``, naming any mismatch."""
     path = folder / name
     try:
@@ -350,21 +341,6 @@ def load_model_weights(model: torch.nn.Module, folder: Path, name: str = "model.
     model.load_state_dict(weights)
 
 
-def load_optimizer_state(folder: Path) -> dict:
-    return _safe_load(folder / "optimizer.pt")
-
-
-def _safe_load(path: Path) -> dict:
-    """torch.load restricted to tensors and plain containers: a pickled object is refused."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # weights_only raises UnpicklingError for forbidden globals
-        raise CheckpointError(
-            f"refusing to load {path}: {str(err).splitlines()[0]}; "
-            "only tensors and plain containers are accepted"
-        ) from None
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -373,72 +349,80 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    state: TrainState,
-    config_yaml: str,
-    root: Path,
-    keep: int,
-    critic: torch.nn.Module | None = None,
-    critic_optimizer: torch.optim.Optimizer | None = None,
-) -> Path:
+def save_checkpoint(accelerator: Accelerator, state: TrainState, config_yaml: str, root: Path,
+                    keep: int) -> Path:
     """Every rank calls this; returns the published ``step_<N>`` folder.
 
-    The main process writes the temporary folder, renames it into place and
-    prunes old checkpoints; the others wait at the barrier (every rank holds
-    the same weights, and nothing of a checkpoint belongs to one rank).
+    The main process writes the temporary folder (``save_state``, then
+    :func:`write_counters`), renames it into place and prunes old checkpoints;
+    the others wait at the barrier (every rank holds the same weights, and
+    nothing of a checkpoint belongs to one rank).
     """
     final = root / checkpoint_name(state.step)
     if final.exists():  # already saved at this step (e.g. epoch end == checkpoint_every)
         return final
-    tmp = root / f".tmp-{final.name}"
     if accelerator.is_main_process:
+        tmp = root / f".tmp-{final.name}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else {}
-        optimizers = {"optimizer": optimizer.state_dict(), "scaler": scaler}
-        if critic is not None:
-            save_file({k: v.detach().cpu().contiguous()
-                       for k, v in accelerator.unwrap_model(critic).state_dict().items()}, tmp / CRITIC)
-            optimizers["critic_optimizer"] = critic_optimizer.state_dict()
-        write_main_files(
-            tmp,
-            accelerator.unwrap_model(model, keep_torch_compile=False).state_dict(),
-            optimizers,
-            state,
-            config_yaml,
-        )
+        with accelerator.register_save_state_pre_hook(_unwrapped_weights):
+            accelerator.save_state(str(tmp))
+        for path in tmp.glob("random_states_*.pkl"):  # protect nothing: see the module docstring
+            path.unlink()
+        write_counters(tmp, state, config_yaml)
         publish(tmp, final)
         prune(root, keep)
     accelerator.wait_for_everyone()
     return final
 
 
-def restore_checkpoint(
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    folder: Path,
-    critic: torch.nn.Module | None = None,
-    critic_optimizer: torch.optim.Optimizer | None = None,
-) -> TrainState:
-    """Load a checkpoint written by :func:`save_checkpoint` into a model and optimizer (and critic)."""
-    load_model_weights(accelerator.unwrap_model(model, keep_torch_compile=False), folder)
-    saved = load_optimizer_state(folder)
-    optimizer.load_state_dict(saved["optimizer"])
-    if accelerator.scaler is not None and saved["scaler"]:
-        accelerator.scaler.load_state_dict(saved["scaler"])
-    if critic is not None:
-        if not (folder / CRITIC).is_file() or "critic_optimizer" not in saved:
-            raise CheckpointError(
-                f"{folder} holds no ACAI critic (its run had loss.acai_weight=0); resume it with "
-                f"loss.acai_weight=0, or start a new run with train.init_from={folder}"
-            )
-        load_model_weights(critic, folder, CRITIC)
-        critic_optimizer.load_state_dict(saved["critic_optimizer"])
-    return read_state(folder)
+def _unwrapped_weights(models: list[torch.nn.Module], weights: list[dict], output_dir: str) -> None:
+    """``save_state``'s pre-hook: the weights of the models inside DDP and torch.compile."""
+    weights[:] = [_unwrap(model).state_dict() for model in models]
+
+
+def restore_checkpoint(accelerator: Accelerator, folder: Path) -> None:
+    """Load ``folder`` into what ``accelerator`` prepared or registered; every rank reads it whole.
+
+    Call :func:`check_resumable` first, before anything is built. The weights
+    go through :func:`load_model_weights`, and every other file is loaded
+    weights-only: a pickled object is refused, never run.
+    """
+    try:
+        with accelerator.register_load_state_pre_hook(_load_unwrapped_weights), _weights_only():
+            accelerator.load_state(str(folder))
+    except pickle.UnpicklingError as err:  # what weights_only raises for anything but tensors and containers
+        why = next((line for line in str(err).splitlines() if "GLOBAL" in line), "a pickled object")
+        raise CheckpointError(f"refusing to load a file of {folder}: {why.strip().rstrip('.')}; only "
+                              "tensors and plain containers are accepted") from None
+    except (OSError, RuntimeError) as err:  # a file missing or cut short, in a checkpoint named in run.resume
+        raise CheckpointError(f"cannot load {folder}: {str(err).splitlines()[0]}; move that checkpoint "
+                              "aside to resume from the one before (run.resume=auto does)") from None
+
+
+def _load_unwrapped_weights(models: list[torch.nn.Module], input_dir: str) -> None:
+    """``load_state``'s pre-hook: each model's weights through :func:`load_model_weights`, none left to it."""
+    for index, model in enumerate(models):
+        name = MODEL.replace(".", f"_{index}.") if index else MODEL  # as save_state names them
+        load_model_weights(_unwrap(model), Path(input_dir), name)
+    models.clear()
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return extract_model_from_parallel(model, keep_torch_compile=False)
+
+
+@contextlib.contextmanager
+def _weights_only() -> Iterator[None]:
+    """Every torch.load inside is weights-only, even where Accelerate asks for ``weights_only=False``."""
+    before = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[FORCE_WEIGHTS_ONLY]
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = before
 
 
 def load_trained_model(checkpoint: str | Path, overrides: list[str]) -> tuple[Config, VAE, Path]:

@@ -22,6 +22,9 @@ def setup_logging() -> None:
         datefmt="%H:%M:%S",
         force=True,
     )
+    # Accelerate names every file of a checkpoint it writes or reads (temporary folder included).
+    for name in ("accelerate.accelerator", "accelerate.checkpointing"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def print_error(message: str) -> None:

@@ -38,6 +38,7 @@ from pegasus_dist import acai
 from pegasus_dist.checkpoint import (
     CRITIC,
     TrainState,
+    check_resumable,
     is_complete,
     is_finished,
     latest_checkpoint,
@@ -190,6 +191,10 @@ def setup(cfg: Config) -> Phase:
     # The critic's optimizer stays unprepared: its loss is never scaled by fp16's
     # GradScaler, whose one scale per step belongs to the autoencoder's optimizer.
     critic = accelerator.prepare_model(start.critic) if start.critic is not None else None
+    if start.critic_optimizer is not None:
+        accelerator.register_for_checkpointing(start.critic_optimizer)
+    if resume_from is not None:  # after prepare: load_state fills what it prepared
+        agree_on_start(accelerator, lambda: restore_checkpoint(accelerator, resume_from))
     global_batch = _global_batch(cfg, accelerator)
     schedule = LrSchedule(cfg.optim, global_batch)
     if resume_from is not None:
@@ -581,11 +586,8 @@ def _log_window(p: Phase, window: _Window) -> None:
 
 def _save(p: Phase) -> Path:
     """Every rank checkpoints; call it right after :func:`_agree`, so that the weights are good."""
-    return save_checkpoint(
-        p.accelerator, p.model, p.optimizer, p.state, p.cfg.to_yaml(),
-        root=p.cfg.run_dir / "checkpoints", keep=p.cfg.train.keep_checkpoints,
-        critic=p.critic, critic_optimizer=p.critic_optimizer,
-    )
+    return save_checkpoint(p.accelerator, p.state, p.cfg.to_yaml(), root=p.cfg.run_dir / "checkpoints",
+                           keep=p.cfg.train.keep_checkpoints)
 
 
 def finish(p: Phase) -> None:
@@ -667,8 +669,8 @@ def _start(cfg: Config, accelerator: Accelerator) -> _Start:
     """This rank's start-up checks, each of which may fail on this rank alone.
 
     Nothing here may wait for the other ranks (see :func:`agree_on_start`), so
-    the checkpoint is restored into the model and optimizer before
-    ``accelerator.prepare`` (whose DDP wrapper broadcasts the weights).
+    the checkpoint is only checked here: :func:`setup` restores it once
+    ``accelerator.prepare`` (whose DDP wrapper broadcasts the weights) is done.
     """
     resume_from = _resume_checkpoint(cfg, accelerator.is_main_process)
     state = TrainState(phase=cfg.train.phase, wandb_run_id=new_run_id())
@@ -677,14 +679,13 @@ def _start(cfg: Config, accelerator: Accelerator) -> _Start:
         _check_phase(state, cfg, resume_from)
         if is_complete(state, cfg) and is_finished(cfg.run_dir, resume_from):
             return _Start(state, resume_from)
+        check_resumable(resume_from, acai=bool(cfg.loss.acai_weight))
     loader = make_loader(cfg.data, cfg.model.image_size, accelerator.process_index,
                          accelerator.num_processes, accelerator.device)
     if resume_from is not None:
         state = _resume_position(state, loader.num_samples, accelerator.num_processes, resume_from)
     model, optimizer = _build_model(cfg, accelerator, init=resume_from is None)
     critic, critic_optimizer = _build_critic(cfg, accelerator, init=resume_from is None)
-    if resume_from is not None:
-        restore_checkpoint(accelerator, model, optimizer, resume_from, critic, critic_optimizer)
     return _Start(state, resume_from, loader, model, optimizer, critic, critic_optimizer)
 
 

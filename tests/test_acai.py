@@ -66,8 +66,9 @@ def test_the_critic_learns_and_its_state_is_checkpointed(smoke_shards, tmp_path)
     assert sum(critic[-4:]) / 4 < 0.95 * constant, critic
     folder = run / "checkpoints/step_00000240"
     smoke_model = ModelConfig(channels=[16, 32, 64, 128])
-    assert set(load_file(folder / "critic.safetensors")) == set(acai.Critic(smoke_model).state_dict())
-    assert "critic_optimizer" in torch.load(folder / "optimizer.pt", weights_only=True)
+    assert set(load_file(folder / "model_1.safetensors")) == set(acai.Critic(smoke_model).state_dict())
+    critic_adam = torch.load(folder / "custom_checkpoint_0.pkl", weights_only=True)
+    assert len(critic_adam["state"]) == len(list(acai.Critic(smoke_model).parameters()))
 
 
 @pytest.mark.slow
@@ -77,7 +78,7 @@ def test_two_processes_with_acai_train_like_one(smoke_shards, tmp_path):
     launch(2, [*common, f"run.output_dir={tmp_path / 'two'}", "data.batch_size=8"])
     launch(1, [*common, f"run.output_dir={tmp_path / 'one'}", "data.batch_size=16"])
     # The tolerance of tests/test_ddp.py: all but 1 in 10,000 values within 1e-5, none past steps x lr.
-    for name in ("model.safetensors", "critic.safetensors"):
+    for name in ("model.safetensors", "model_1.safetensors"):
         two, one = (load_file(tmp_path / run / "pretrain/checkpoints/step_00000003" / name)
                     for run in ("two", "one"))
         diffs = torch.cat([(two[k].float() - v.float()).abs().flatten() for k, v in one.items()])
@@ -107,3 +108,18 @@ def test_resuming_a_plain_checkpoint_with_acai_on_is_one_line(smoke_shards, tmp_
     done = run_bounded(cmd, timeout=120)
     assert done.returncode == 2, done.stdout[-3000:]
     assert "holds no ACAI critic" in done.stdout and "Traceback" not in done.stdout
+
+
+@pytest.mark.slow
+def test_a_run_started_from_an_acai_checkpoint_starts_from_its_critic(smoke_shards, tmp_path):
+    common = [f"data.shards={smoke_shards}", f"run.output_dir={tmp_path}", "data.batch_size=16", *ACAI]
+    launch(1, [*common, "train.max_steps=2"])
+    source = tmp_path / "pretrain/checkpoints/step_00000002"
+    # A learning rate of 1e-12: one step leaves the critic it started from, to 1e-9.
+    out = launch(1, [*common, "run.name=next", "train.max_steps=1", f"train.init_from={source}",
+                     "optim.lr=1e-12"])
+    assert f"initialised the ACAI critic from {source}" in out
+    before, after = (load_file(folder / "model_1.safetensors")
+                     for folder in (source, tmp_path / "next/checkpoints/step_00000001"))
+    assert before.keys() == after.keys()
+    assert all(torch.allclose(before[k], after[k], rtol=0, atol=1e-9) for k in before)

@@ -1,17 +1,27 @@
-"""Checkpoints: complete round trip, atomic publishing, pruning, and no pickle execution."""
+"""Checkpoints: complete round trip, atomic publishing, pruning, and no pickle execution.
+
+Some tests show first what Accelerate's save_state/load_state would do alone:
+the reasons pegasus_dist/checkpoint.py keeps those parts its own.
+"""
 
 import os
 import pickle
 
+import accelerate.accelerator
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.checkpointing import load_custom_state
+from accelerate.utils import ProjectConfiguration
+from safetensors.torch import load_file
 
+from pegasus_dist import checkpoint
 from pegasus_dist.checkpoint import (
     TrainState,
     latest_checkpoint,
     list_checkpoints,
     load_model_weights,
+    read_state,
     resolve_checkpoint,
     restore_checkpoint,
     save_checkpoint,
@@ -23,29 +33,42 @@ from pegasus_dist.model import VAE
 TINY = ModelConfig(channels=[4, 4, 8, 8], fc_dims=[16, 16, 8], latent_dim=4)
 
 
-def _setup():
+def _setup(compile: bool = False, extra: bool = False):
+    """A prepared model and Adam after one step; with ``extra``, a registered Adam too (ACAI's)."""
     accelerator = Accelerator(cpu=True)
     model = VAE(TINY)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    loss = model(torch.rand(2, 3, 32, 32)).logits.mean()
-    accelerator.backward(loss)
-    optimizer.step()
+    model, optimizer = accelerator.prepare(torch.compile(model) if compile else model, optimizer)
+    loss = model(torch.rand(2, 3, 32, 32)).logits.mean() if not compile else None
+    if loss is not None:
+        accelerator.backward(loss)
+        optimizer.step()
+    if extra:
+        accelerator.register_for_checkpointing(torch.optim.Adam(VAE(TINY).parameters(), lr=1e-3))
     return accelerator, model, optimizer
 
 
+def _exploit(marker):
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    return Exploit()
+
+
 def test_round_trip_restores_weights_optimizer_and_counters(tmp_path):
-    """No random state is saved: training draws only from generators seeded by the counters
+    """No random state is kept: training draws only from generators seeded by the counters
     (tests/test_resume_replan.py shows a resumed run bit-equal with scrambled global RNGs)."""
     accelerator, model, optimizer = _setup()
     state = TrainState(phase="finetune", epoch=2, samples_done=80, global_batch=16, step=17,
                        wandb_run_id="abc")
-    folder = save_checkpoint(accelerator, model, optimizer, state, "x: 1\n", tmp_path, keep=2)
-    assert not (folder / "rng").exists()
+    folder = save_checkpoint(accelerator, state, "x: 1\n", tmp_path, keep=2)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.yaml", "model.safetensors", "optimizer.bin", "state.json"]
 
     accelerator2, model2, optimizer2 = _setup()
-    restored = restore_checkpoint(accelerator2, model2, optimizer2, folder)
-    assert restored == state
+    restore_checkpoint(accelerator2, folder)
+    assert read_state(folder) == state
     for a, b in zip(model.state_dict().values(), model2.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert optimizer2.state_dict()["state"][0]["exp_avg"].equal(
@@ -55,10 +78,9 @@ def test_round_trip_restores_weights_optimizer_and_counters(tmp_path):
 
 
 def test_keeps_last_k_and_ignores_unfinished_saves(tmp_path):
-    accelerator, model, optimizer = _setup()
+    accelerator, _, _ = _setup()
     for step in (1, 2, 3, 4):
-        save_checkpoint(accelerator, model, optimizer, TrainState("pretrain", step=step), "",
-                        tmp_path, keep=2)
+        save_checkpoint(accelerator, TrainState("pretrain", step=step), "", tmp_path, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
     # A save killed before its rename leaves only a temporary folder behind.
     (tmp_path / ".tmp-step_00000005").mkdir()
@@ -66,27 +88,104 @@ def test_keeps_last_k_and_ignores_unfinished_saves(tmp_path):
     assert resolve_checkpoint(tmp_path.parent / tmp_path.name / "step_00000004").is_dir()
 
 
+def test_a_save_that_fails_midway_keeps_the_previous_checkpoint_unlike_accelerates_naming(
+        tmp_path, monkeypatch):
+    """Why the folder, the rename and the pruning stay ours."""
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    # Accelerate's own naming with total_limit=1 deletes the last checkpoint before writing the next.
+    project = ProjectConfiguration(project_dir=str(tmp_path / "theirs"), automatic_checkpoint_naming=True,
+                                   total_limit=1)
+    theirs = Accelerator(cpu=True, project_config=project)
+    theirs.prepare(torch.nn.Linear(2, 2))
+    theirs.save_state()
+    with monkeypatch.context() as patched, pytest.raises(OSError):
+        patched.setattr(accelerate.accelerator, "save_accelerator_state", disk_full)
+        theirs.save_state()
+    assert [p.name for p in (tmp_path / "theirs/checkpoints").iterdir()] == ["checkpoint_1"]
+    assert not any((tmp_path / "theirs/checkpoints/checkpoint_1").iterdir())  # nothing to resume from
+
+    accelerator, _, _ = _setup()
+    first = save_checkpoint(accelerator, TrainState("pretrain", step=1), "", tmp_path / "ours", keep=1)
+    monkeypatch.setattr(checkpoint, "write_counters", disk_full)
+    with pytest.raises(OSError):
+        save_checkpoint(accelerator, TrainState("pretrain", step=2), "", tmp_path / "ours", keep=1)
+    assert list_checkpoints(tmp_path / "ours") == [first]
+    restore_checkpoint(_setup()[0], first)
+
+
+def test_the_weights_are_the_unwrapped_models_on_any_wrapper(tmp_path):
+    """Why the weights go through our hooks: save_state keeps the wrapper's keys (torch.compile's
+    _orig_mod. here, DDP's module. on several processes), which no plain VAE loads."""
+    accelerator, _, _ = _setup(compile=True)
+    accelerator.save_state(str(tmp_path / "theirs"))
+    theirs = load_file(tmp_path / "theirs" / "model.safetensors")
+    assert all(name.startswith("_orig_mod.") for name in theirs)
+    with pytest.raises(CheckpointError, match="does not fit the model"):
+        load_model_weights(VAE(TINY), tmp_path / "theirs")
+
+    folder = save_checkpoint(accelerator, TrainState("pretrain", step=1), "", tmp_path / "ours", keep=1)
+    assert set(load_file(folder / "model.safetensors")) == set(VAE(TINY).state_dict())
+    load_model_weights(VAE(TINY), folder)  # what the sampler, init_from and one process read
+    restore_checkpoint(_setup(compile=True)[0], folder)
+    restore_checkpoint(_setup()[0], folder)
+
+
 def test_a_pickled_object_is_refused_not_executed(tmp_path):
-    accelerator, model, optimizer = _setup()
-    folder = save_checkpoint(accelerator, model, optimizer, TrainState("pretrain", step=1), "",
-                             tmp_path, keep=1)
+    accelerator, _, _ = _setup()
+    folder = save_checkpoint(accelerator, TrainState("pretrain", step=1), "", tmp_path, keep=1)
     marker = tmp_path / "pwned"
-
-    class Exploit:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    with open(folder / "optimizer.pt", "wb") as f:
-        pickle.dump({"optimizer": Exploit(), "scaler": {}}, f)
-    with pytest.raises(CheckpointError, match="refusing to load"):
-        restore_checkpoint(accelerator, model, optimizer, folder)
+    with open(folder / "optimizer.bin", "wb") as f:
+        pickle.dump({"state": _exploit(marker), "param_groups": []}, f)
+    with pytest.raises(CheckpointError, match="refusing to load a file of .*; only tensors and plain"):
+        restore_checkpoint(accelerator, folder)
     assert not marker.exists()
 
 
+def test_a_pickled_object_in_a_registered_state_is_refused_though_accelerate_runs_it(tmp_path):
+    """Why every load is forced weights-only: load_state unpickles registered objects
+    (ACAI's critic Adam) with weights_only=False."""
+    accelerator, _, _ = _setup(extra=True)
+    folder = save_checkpoint(accelerator, TrainState("pretrain", step=1), "", tmp_path, keep=1)
+    assert (folder / "custom_checkpoint_0.pkl").is_file()
+    marker = tmp_path / "pwned"
+    torch.save(_exploit(marker), folder / "custom_checkpoint_0.pkl")
+    with pytest.raises(Exception):  # noqa: B017 - whatever follows, the command already ran
+        load_custom_state(torch.optim.Adam(VAE(TINY).parameters()), str(folder), 0)
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(CheckpointError, match="refusing to load a file of"):
+        restore_checkpoint(accelerator, folder)
+    assert not marker.exists()
+    assert checkpoint.FORCE_WEIGHTS_ONLY not in os.environ  # only while loading
+
+
+def test_a_registered_state_comes_back(tmp_path):
+    accelerator, _, _ = _setup(extra=True)
+    (registered,) = accelerator._custom_objects
+    registered.param_groups[0]["lr"] = 0.123
+    folder = save_checkpoint(accelerator, TrainState("pretrain", step=1), "", tmp_path, keep=1)
+    accelerator2, _, _ = _setup(extra=True)
+    restore_checkpoint(accelerator2, folder)
+    assert accelerator2._custom_objects[0].param_groups[0]["lr"] == 0.123
+
+
+def test_the_loss_scaler_comes_back(tmp_path):
+    """fp16 runs only on a GPU: here a CPU GradScaler stands in for the one Accelerate makes there."""
+    accelerator, _, _ = _setup()
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1234.0)
+    folder = save_checkpoint(accelerator, TrainState("pretrain", step=1), "", tmp_path, keep=1)
+    assert (folder / "scaler.pt").is_file()
+    accelerator2, _, _ = _setup()
+    accelerator2.scaler = torch.amp.GradScaler("cpu")
+    restore_checkpoint(accelerator2, folder)
+    assert accelerator2.scaler.get_scale() == 1234.0
+
+
 def test_weights_of_another_shape_name_the_tensor(tmp_path):
-    accelerator, model, optimizer = _setup()
-    folder = save_checkpoint(accelerator, model, optimizer, TrainState("pretrain", step=1), "",
-                             tmp_path, keep=1)
+    accelerator, _, _ = _setup()
+    folder = save_checkpoint(accelerator, TrainState("pretrain", step=1), "", tmp_path, keep=1)
     other = VAE(ModelConfig(channels=[4, 4, 8, 8], fc_dims=[16, 16, 8], latent_dim=6))
     with pytest.raises(CheckpointError, match="has shape .* another shape"):
         load_model_weights(other, folder)

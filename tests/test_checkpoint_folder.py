@@ -10,8 +10,10 @@ import torch
 from accelerate import Accelerator
 from processes import BIN, REPO, run_bounded
 
+from pegasus_dist import acai
 from pegasus_dist.checkpoint import (
     TrainState,
+    check_resumable,
     latest_checkpoint,
     list_checkpoints,
     newest_intact_checkpoint,
@@ -27,11 +29,14 @@ SMOKE = str(REPO / "configs/smoke/pretrain.yaml")
 
 
 def save_steps(root: Path, *steps: int) -> list[Path]:
+    """Checkpoints of a run with ACAI: every kind of file a checkpoint can hold."""
     accelerator = Accelerator(cpu=True)
-    model = VAE(TINY)
-    model, optimizer = accelerator.prepare(model, torch.optim.Adam(model.parameters(), lr=1e-3))
-    return [save_checkpoint(accelerator, model, optimizer, TrainState("pretrain", step=step), "", root,
-                            keep=len(steps)) for step in steps]
+    model, critic = VAE(TINY), acai.Critic(TINY)
+    accelerator.prepare(model, torch.optim.Adam(model.parameters(), lr=1e-3))
+    accelerator.prepare_model(critic)
+    accelerator.register_for_checkpointing(torch.optim.Adam(critic.parameters(), lr=1e-3))
+    return [save_checkpoint(accelerator, TrainState("pretrain", step=step), "", root, keep=len(steps))
+            for step in steps]
 
 
 def test_only_exact_step_names_are_checkpoints(tmp_path):
@@ -72,9 +77,11 @@ def _truncate(path: Path) -> None:
 
 DAMAGES = {
     "truncated weights": lambda c: _truncate(c / "model.safetensors"),
-    "missing optimizer": lambda c: (c / "optimizer.pt").unlink(),
-    "truncated optimizer": lambda c: _truncate(c / "optimizer.pt"),
-    "empty optimizer state": lambda c: (c / "optimizer.pt").write_bytes(b""),
+    "missing optimizer": lambda c: (c / "optimizer.bin").unlink(),
+    "truncated optimizer": lambda c: _truncate(c / "optimizer.bin"),
+    "empty optimizer state": lambda c: (c / "optimizer.bin").write_bytes(b""),
+    "truncated critic": lambda c: _truncate(c / "model_1.safetensors"),
+    "truncated critic Adam": lambda c: _truncate(c / "custom_checkpoint_0.pkl"),
     "missing weights": lambda c: (c / "model.safetensors").unlink(),
     "bad state.json": lambda c: (c / "state.json").write_text('{"phase": "pretrain", "step": "sixty"}'),
     "state.json cut short": lambda c: _truncate(c / "state.json"),
@@ -104,6 +111,29 @@ def test_with_every_checkpoint_damaged_the_phase_starts_over_keeping_them(tmp_pa
     assert newest_intact_checkpoint(tmp_path, move_damaged=True) is None
     assert len(list(tmp_path.glob("damaged-step_*"))) == 2
     assert "no complete checkpoint is left: starting from the beginning" in caplog.text
+
+
+def test_a_checkpoint_of_the_older_layout_is_refused_in_one_line_not_moved_aside(tmp_path):
+    (folder,) = save_steps(tmp_path, 3)
+    (folder / "optimizer.bin").rename(folder / "optimizer.pt")  # where versions before save_state kept Adam
+    message = (f"{folder} was written by an older version of pegasus-dist (optimizer.pt, not "
+               "optimizer.bin); resume it with that version, or start a new run from its weights "
+               f"with train.init_from={folder}")
+    for refusal in (lambda: newest_intact_checkpoint(tmp_path, move_damaged=True),
+                    lambda: check_resumable(folder, acai=True)):
+        with pytest.raises(CheckpointError) as refused:
+            refusal()
+        assert str(refused.value) == message
+    assert list_checkpoints(tmp_path) == [folder]
+
+
+def test_acai_on_one_side_only_is_refused_in_one_line(tmp_path):
+    (folder,) = save_steps(tmp_path, 3)
+    with pytest.raises(CheckpointError, match=r"holds an ACAI critic .*acai_weight > 0, or start a new run"):
+        check_resumable(folder, acai=False)
+    (folder / "model_1.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"holds no ACAI critic .*acai_weight=0, or start a new run"):
+        check_resumable(folder, acai=True)
 
 
 @pytest.mark.parametrize("name", ["..", ".", "", "a/b", "/abs/path", "../elsewhere"])

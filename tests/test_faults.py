@@ -87,7 +87,7 @@ def test_sigkill_mid_epoch_then_resume_gives_bit_equal_losses(smoke_shards, tmp_
         critic = [{r["step"]: r["pretrain/acai_critic"] for r in training_rows(folder)}
                   for folder in (run, tmp_path / "ref" / "pretrain")]
         assert critic[0] == critic[1]
-        weights = [load_file(folder / "checkpoints/step_00000024/critic.safetensors")
+        weights = [load_file(folder / "checkpoints/step_00000024/model_1.safetensors")
                    for folder in (run, tmp_path / "ref" / "pretrain")]
         assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[1])
 

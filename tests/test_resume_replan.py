@@ -109,51 +109,46 @@ def test_another_batch_on_resume_trains_each_sample_of_the_epoch_once(smoke_shar
     assert (end.epoch, end.samples_done, end.step, end.global_batch) == (1, 0, steps_b, new)
 
 
-@pytest.mark.parametrize(
-    ("field", "value"),
-    [("samples_done", 100_000),
-     ("batches_done", 100)],  # an older state.json: 100 batches x 16 x 1 process, past 470 too
-)
-def test_a_position_past_the_end_of_the_epoch_fails_in_one_line(smoke_shards, tmp_path, field, value):
+def test_a_position_past_the_end_of_the_epoch_fails_in_one_line(smoke_shards, tmp_path):
+    cmd = [str(BIN / "pegasus-dist"), "train", "--config", SMOKE,
+           *overrides(smoke_shards, tmp_path, 3, "data.batch_size=16")]
+    assert run_bounded(cmd, BOUND_S).returncode == 0
+    checkpoint = tmp_path / "pretrain" / "checkpoints" / "step_00000003"
+    state = json.loads((checkpoint / "state.json").read_text())
+    (checkpoint / "state.json").write_text(json.dumps(state | {"samples_done": 100_000}))
+    cmd[cmd.index("train.max_steps=3")] = "train.max_steps=6"
+    done = run_bounded(cmd, BOUND_S)
+    assert done.returncode == 2, done.stdout[-3000:]
+    assert error_lines(done.stdout) == [
+        f"error: {checkpoint}/state.json: samples_done 100000 is past the end of the epoch (470 "
+        "samples in this shard set); train on the shard set it was written for, or move that "
+        "checkpoint aside to resume from the one before"], done.stdout[-3000:]
+
+
+def test_a_checkpoint_of_an_older_version_is_refused_in_one_line_and_starts_a_run(smoke_shards, tmp_path):
+    """What versions before save_state wrote: optimizer.pt, rng/ and a batches_done. Resuming it
+    would lose Adam or its place in the epoch; its weights still start a new run."""
     cmd = [str(BIN / "pegasus-dist"), "train", "--config", SMOKE,
            *overrides(smoke_shards, tmp_path, 3, "data.batch_size=16")]
     assert run_bounded(cmd, BOUND_S).returncode == 0
     checkpoint = tmp_path / "pretrain" / "checkpoints" / "step_00000003"
     state = json.loads((checkpoint / "state.json").read_text())
     del state["samples_done"]
-    (checkpoint / "state.json").write_text(json.dumps(state | {field: value}))
-    if field == "batches_done":  # what that version wrote: one RNG file per process
-        (checkpoint / "rng").mkdir()
-        torch.save({}, checkpoint / "rng" / "rank_00000.pt")
+    (checkpoint / "state.json").write_text(json.dumps(state | {"batches_done": 3}))
+    (checkpoint / "optimizer.bin").rename(checkpoint / "optimizer.pt")
+    (checkpoint / "rng").mkdir()
+    torch.save({}, checkpoint / "rng" / "rank_00000.pt")
     cmd[cmd.index("train.max_steps=3")] = "train.max_steps=6"
-    done = run_bounded(cmd, BOUND_S)
-    assert done.returncode == 2, done.stdout[-3000:]
-    samples = value if field == "samples_done" else value * 16
-    assert error_lines(done.stdout) == [
-        f"error: {checkpoint}/state.json: samples_done {samples} is past the end of the epoch (470 "
-        "samples in this shard set); train on the shard set it was written for, or move that "
-        "checkpoint aside to resume from the one before"], done.stdout[-3000:]
-
-
-def older_checkpoint(folder: Path, batches_done: int, config: dict, processes: int) -> Path:
-    """What an older version wrote: batches_done, and one RNG file per process."""
-    (folder / "rng").mkdir(parents=True)
-    (folder / "state.json").write_text(json.dumps({"phase": "pretrain", "epoch": 2, "step": 65,
-                                                   "batches_done": batches_done}))
-    (folder / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
-    for rank in range(processes):
-        torch.save({}, folder / "rng" / f"rank_{rank:05d}.pt")
-    return folder
-
-
-def test_an_older_state_json_counting_batches_is_read_in_samples(smoke_shards, tmp_path):
-    accumulated = {"data": {"batch_size": 8}, "train": {"grad_accum_steps": 2}}
-    state = read_state(older_checkpoint(tmp_path / "a", 5, accumulated, processes=2))
-    assert (state.epoch, state.samples_done, state.global_batch, state.step) == (2, 5 * 8 * 2, 32, 65)
-    # 470 samples in 30 batches of 16, the last of 6: the 30th batch done ends the epoch.
-    mix = {"data": {"batch_size": 16, "shards": str(smoke_shards), "shard_set": "mix"}}
-    assert read_state(older_checkpoint(tmp_path / "b", 29, mix, processes=1)).samples_done == 464
-    assert read_state(older_checkpoint(tmp_path / "c", 30, mix, processes=1)).samples_done == 470
+    for resume in ("auto", str(checkpoint)):
+        done = run_bounded([*cmd, f"run.resume={resume}"], BOUND_S)
+        assert done.returncode == 2, done.stdout[-3000:]
+        assert error_lines(done.stdout) == [
+            f"error: {checkpoint} was written by an older version of pegasus-dist (optimizer.pt, not "
+            "optimizer.bin); resume it with that version, or start a new run from its weights with "
+            f"train.init_from={checkpoint}"], done.stdout[-3000:]
+    started = run_bounded([*cmd, "run.name=from-older", f"train.init_from={checkpoint}"], BOUND_S)
+    assert started.returncode == 0, started.stdout[-3000:]
+    assert f"initialised pretrain from {checkpoint}" in started.stdout
 
 
 def test_a_global_batch_that_does_not_split_fails_in_one_line(smoke_shards, tmp_path):
@@ -224,7 +219,8 @@ train.main(sys.argv[2:])
 
 
 def test_resuming_needs_no_random_state(smoke_shards, tmp_path, uninterrupted):
-    """Checkpoints keep no RNG state: a resume with scrambled global generators is bit-equal.
+    """Checkpoints keep no RNG state (save_state's random_states_<rank>.pkl are deleted): a resume
+    with scrambled global generators is bit-equal.
 
     Streamed by a loader process this time: its batches are the memory mode's, to the byte.
     """
@@ -232,7 +228,7 @@ def test_resuming_needs_no_random_state(smoke_shards, tmp_path, uninterrupted):
     script.write_text(SCRAMBLED)
     streamed = ("data.mode=stream", "data.num_workers=1")
     train(1, tmp_path / "a", *overrides(smoke_shards, tmp_path, 6, *SAME_GLOBAL, *streamed))
-    assert not list((tmp_path / "pretrain").rglob("rng"))
+    assert not list((tmp_path / "pretrain").rglob("random_states_*"))  # save_state wrote them: dropped
     train(1, tmp_path / "b", *overrides(smoke_shards, tmp_path, 12, *SAME_GLOBAL, *streamed), script=script)
     assert losses(tmp_path / "pretrain") == losses(uninterrupted[0])  # to the bit, every step
 

@@ -47,17 +47,16 @@ elif fault == "kill-rank":
 
     train.train_step = train_step
 elif fault == "slow-save":
-    real_write = checkpoint.write_main_files
+    real_write = checkpoint.write_counters
 
-    def write_main_files(folder, model_state, optimizer_state, state, config_yaml):
+    def write_counters(folder, state, config_yaml):
         if state.step == step:
-            folder.mkdir(parents=True, exist_ok=True)
             (folder / "model.safetensors").write_bytes(b"half")
             Path(folder.parent.parent / "saving").touch()
             time.sleep(600)
-        real_write(folder, model_state, optimizer_state, state, config_yaml)
+        real_write(folder, state, config_yaml)
 
-    checkpoint.write_main_files = write_main_files
+    checkpoint.write_counters = write_counters
 elif fault == "slow":
     real_step = train.train_step
 
