@@ -6,6 +6,7 @@ import pickle
 import pytest
 import torch
 from accelerate import Accelerator
+from helpers import TINY
 
 from pegasus_dist.checkpoint import (
     TrainState,
@@ -19,8 +20,6 @@ from pegasus_dist.checkpoint import (
 from pegasus_dist.config import ModelConfig
 from pegasus_dist.errors import CheckpointError
 from pegasus_dist.model import VAE
-
-TINY = ModelConfig(channels=[4, 4, 8, 8], fc_dims=[16, 16, 8], latent_dim=4)
 
 
 def _setup():
