@@ -8,28 +8,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from processes import BIN, REPO, run_bounded
+from helpers import SMOKE, launch
+from processes import BIN, run_bounded
 from safetensors.torch import load_file
 
 from pegasus_dist import acai
 from pegasus_dist.config import ModelConfig
 
-SMOKE = str(REPO / "configs/smoke/pretrain.yaml")
 ACAI = ["loss.acai_weight=100", "wandb.mode=disabled", "train.log_every=1"]
 
 
 def rows(run: Path, key: str) -> list[float]:
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return [row[key] for row in map(json.loads, lines) if key in row]
-
-
-def launch(nproc: int, overrides: list[str]) -> str:
-    config = "launch/cpu-2proc-gloo.yaml" if nproc == 2 else "launch/cpu-1proc.yaml"
-    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / config),
-           str(REPO / "pegasus_dist/train.py"), "--config", SMOKE, *overrides]
-    done = run_bounded(cmd, timeout=300)
-    assert done.returncode == 0, done.stdout[-6000:]
-    return done.stdout
 
 
 def test_pairs_are_neighbours_of_the_global_batch_whatever_the_split():

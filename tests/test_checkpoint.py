@@ -14,6 +14,7 @@ from accelerate import Accelerator
 from accelerate.checkpointing import load_custom_state
 from accelerate.utils import ProjectConfiguration
 from safetensors.torch import load_file
+from helpers import TINY
 
 from pegasus_dist import checkpoint
 from pegasus_dist.checkpoint import (
@@ -29,8 +30,6 @@ from pegasus_dist.checkpoint import (
 from pegasus_dist.config import ModelConfig
 from pegasus_dist.errors import CheckpointError
 from pegasus_dist.model import VAE
-
-TINY = ModelConfig(channels=[4, 4, 8, 8], fc_dims=[16, 16, 8], latent_dim=4)
 
 
 def _setup(compile: bool = False, extra: bool = False):

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from helpers import SMOKE, TINY
 from processes import BIN, REPO, run_bounded
 
 from pegasus_dist import acai
@@ -20,12 +21,9 @@ from pegasus_dist.checkpoint import (
     read_state,
     save_checkpoint,
 )
-from pegasus_dist.config import ModelConfig, load_config
+from pegasus_dist.config import load_config
 from pegasus_dist.errors import CheckpointError, ConfigError
 from pegasus_dist.model import VAE
-
-TINY = ModelConfig(channels=[4, 4, 8, 8], fc_dims=[16, 16, 8], latent_dim=4)
-SMOKE = str(REPO / "configs/smoke/pretrain.yaml")
 
 
 def save_steps(root: Path, *steps: int) -> list[Path]:

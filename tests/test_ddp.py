@@ -4,22 +4,14 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
-from processes import BIN, REPO, run_bounded, torchrun
+from helpers import SCRIPTS, launch, shard_keys
+from processes import torchrun
 from safetensors.torch import load_file
 
-from pegasus_dist.data.manifest import load_manifest
-from pegasus_dist.data.shards import iter_shard
-
 pytestmark = pytest.mark.slow
-SCRIPTS = Path(__file__).parent / "scripts"
-
-
-def all_keys(shard_set: Path) -> list[str]:
-    return [s.key for p in load_manifest(shard_set).shard_paths for s in iter_shard(p)]
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -27,7 +19,7 @@ def test_each_rank_same_batches_and_each_sample_once_per_epoch(smoke_shards, tmp
     shard_set = smoke_shards / "mix"  # 470-odd samples in shards of 50: nothing divides evenly
     torchrun(SCRIPTS / "loader_ranks.py", str(shard_set), str(tmp_path), "16", str(workers))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    expected = sorted(all_keys(shard_set))
+    expected = sorted(shard_keys(shard_set))
     assert len(expected) % 32 != 0  # a deliberately uneven set: the last global batch is short
     assert ranks[0]["len"] == ranks[1]["len"]
     orders = []
@@ -38,16 +30,6 @@ def test_each_rank_same_batches_and_each_sample_once_per_epoch(smoke_shards, tmp
         assert sorted(seen) == expected  # every sample exactly once across ranks
         orders.append(seen)
     assert orders[0] != orders[1]  # reshuffled each epoch
-
-
-def launch(nproc: int, overrides: list[str], timeout: float = 300) -> str:
-    config = "launch/cpu-2proc-gloo.yaml" if nproc == 2 else "launch/cpu-1proc.yaml"
-    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / config),
-           str(REPO / "pegasus_dist/train.py"), "--config",
-           str(REPO / "configs/smoke/pretrain.yaml"), *overrides]
-    done = run_bounded(cmd, timeout)
-    assert done.returncode == 0, done.stdout[-8000:]
-    return done.stdout
 
 
 def test_two_processes_of_batch_b_train_like_one_of_batch_2b(smoke_shards, tmp_path):

@@ -1,11 +1,9 @@
 """Real multi-process runs (gloo on the CPU), each bounded by a timeout."""
 
-from pathlib import Path
 
 import torch
+from helpers import SCRIPTS
 from processes import torchrun
-
-SCRIPTS = Path(__file__).parent / "scripts"
 
 
 def test_global_batchnorm_equals_one_process_on_the_whole_batch(tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import FAULT, SMOKE, losses, overrides, start, training_rows, wait_until
 from processes import BIN, REPO, run_bounded
 from safetensors.torch import load_file
 
@@ -25,43 +25,11 @@ from pegasus_dist.config import load_config
 from pegasus_dist.data.manifest import load_manifest
 
 pytestmark = pytest.mark.slow
-FAULT = Path(__file__).parent / "scripts" / "train_with_fault.py"
-SMOKE = str(REPO / "configs/smoke/pretrain.yaml")
-
-
-def overrides(shards: Path, runs: Path, steps: int, *extra: str) -> list[str]:
-    return [f"data.shards={shards}", f"run.output_dir={runs}", f"train.max_steps={steps}",
-            "wandb.mode=disabled", "data.batch_size=16", "train.log_every=1", *extra]
 
 
 def train_cmd(shards: Path, runs: Path, steps: int, *extra: str) -> list[str]:
     return [str(BIN / "pegasus-dist"), "train", "--config", SMOKE,
             *overrides(shards, runs, steps, *extra)]
-
-
-def losses(run: Path) -> dict[int, float]:
-    """Step -> logged loss; a resumed run's rows replace those of the killed one."""
-    return {row["step"]: row["pretrain/loss"] for row in training_rows(run)}
-
-
-def training_rows(run: Path) -> list[dict]:
-    """The rows of metrics.jsonl logged while training (not the final evaluation's)."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [row for row in rows if "pretrain/epoch" in row]
-
-
-def start(cmd: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-
-
-def wait_until(condition, timeout: float, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc.poll() is not None:
-            raise AssertionError(f"process ended early:\n{proc.stdout.read()[-4000:]}")
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.1)
 
 
 @pytest.mark.parametrize("extra", [[], ["loss.acai_weight=100"]], ids=["vae", "acai"])
@@ -75,7 +43,7 @@ def test_sigkill_mid_epoch_then_resume_gives_bit_equal_losses(smoke_shards, tmp_
     proc = start([sys.executable, str(FAULT), "slow", "100", "0", *cmd[2:]])
     run = tmp_path / "cut" / "pretrain"
     wait_until(lambda: (run / "metrics.jsonl").exists()
-               and len(losses(run)) >= 13, timeout=120, proc=proc)
+               and len(losses(run)) >= 13, proc, 120)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert latest_checkpoint(run / "checkpoints").name in ("step_00000008", "step_00000016")
@@ -106,7 +74,7 @@ def test_two_process_resume_matches_an_uninterrupted_run(smoke_shards, tmp_path)
     run = tmp_path / "cut" / "pretrain"
     # The killed run is slowed down (200 ms a step, same numbers) so the kill lands mid-run.
     proc = start(launch_cmd(tmp_path / "cut", str(FAULT), "slow", "200", "0"))
-    wait_until(lambda: (run / "metrics.jsonl").exists() and len(losses(run)) >= 6, 180, proc)
+    wait_until(lambda: (run / "metrics.jsonl").exists() and len(losses(run)) >= 6, proc, 180)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     resumed = run_bounded(launch_cmd(tmp_path / "cut"), timeout=300)
@@ -122,7 +90,7 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint(smoke_shards, tmp_p
            *overrides(smoke_shards, tmp_path, 10, "train.checkpoint_every=4")]
     proc = start(cmd)
     run = tmp_path / "pretrain"
-    wait_until(lambda: (run / "saving").exists(), timeout=120, proc=proc)
+    wait_until(lambda: (run / "saving").exists(), proc, 120)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_00000004"]
@@ -198,7 +166,7 @@ def test_a_stop_signal_checkpoints_within_two_steps_and_exits_75(smoke_shards, t
     # Slowed down (100 ms a step, same numbers) so that the signal lands mid-run.
     proc = start([sys.executable, str(FAULT), "slow", "100", "0", *cmd])
     run = tmp_path / "pretrain"
-    wait_until(lambda: (run / "metrics.jsonl").exists(), timeout=120, proc=proc)  # step 5 logged
+    wait_until(lambda: (run / "metrics.jsonl").exists(), proc, 120)  # step 5 logged
     proc.send_signal(signal.SIGUSR1)  # after step 5: the stop need not wait for step 10's sync point
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 75, out[-3000:]

@@ -16,20 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import SMOKE, error_lines, overrides
 from PIL import Image
 from processes import BIN, REPO, free_port, run_bounded
 
 from pegasus_dist.checkpoint import TrainState, is_complete
 from pegasus_dist.config import load_config
 
-SMOKE = str(REPO / "configs/smoke/pretrain.yaml")
 TRAIN = str(REPO / "pegasus_dist/train.py")
 USAGE = "usage: pegasus_dist/train.py [-h] --config CONFIG [section.key=value ...]"
-
-
-def overrides(shards: Path, runs: Path, steps: int, *extra: str) -> list[str]:
-    return [f"data.shards={shards}", f"run.output_dir={runs}", f"train.max_steps={steps}",
-            "data.batch_size=16", "train.log_every=1", "wandb.mode=disabled", *extra]
 
 
 def cli_train(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -42,10 +37,6 @@ def accelerate(nproc: int, *args: str, timeout: float = 180) -> subprocess.Compl
     port = ["--main_process_port", str(free_port())] if nproc > 1 else []
     return run_bounded([str(BIN / "accelerate"), "launch", "--config_file", str(config), *port, *args],
                        timeout, env={"WANDB_API_KEY": ""})
-
-
-def error_lines(out: str) -> list[str]:
-    return [line for line in out.splitlines() if line.startswith("error: ")]
 
 
 def assert_no_traceback_of_ours(out: str) -> None:

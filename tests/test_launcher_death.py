@@ -10,12 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import FAULT, SMOKE, wait_until
 from processes import BIN, REPO, descendants, running
 
 from pegasus_dist.checkpoint import checkpoint_name, latest_checkpoint
 
-FAULT = Path(__file__).parent / "scripts" / "train_with_fault.py"
-SMOKE = str(REPO / "configs/smoke/pretrain.yaml")
 GONE_WITHIN_S = 15
 
 
@@ -41,14 +40,6 @@ def _parent(pid: int) -> int | None:
         return None
 
 
-def wait_for(condition, timeout: float, launcher: subprocess.Popen) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert launcher.poll() is None, launcher.stdout.read()[-3000:]
-        assert time.monotonic() < deadline, "the run did not get there in time"
-        time.sleep(0.05)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(("when", "kill"), [("starting", os.killpg), ("training", os.kill)])
 def test_every_rank_exits_within_seconds_of_a_sigkilled_launcher(smoke_shards, tmp_path, when, kill):
@@ -59,9 +50,9 @@ def test_every_rank_exits_within_seconds_of_a_sigkilled_launcher(smoke_shards, t
     ranks: set[int] = set()
     try:
         if when == "starting":  # both ranks exist, and are still importing: before any rendezvous
-            wait_for(lambda: len(rank_pids(launcher)) == 2, 60, launcher)
+            wait_until(lambda: len(rank_pids(launcher)) == 2, launcher, 60)
         else:
-            wait_for(lambda: (run / "metrics.jsonl").is_file(), 180, launcher)
+            wait_until(lambda: (run / "metrics.jsonl").is_file(), launcher, 180)
         ranks = descendants(launcher.pid)  # the ranks and anything they started
         assert len(rank_pids(launcher)) == 2
         kill(launcher.pid, signal.SIGKILL)

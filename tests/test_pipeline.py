@@ -8,19 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import run_cli
 from PIL import Image
 from processes import BIN, REPO, run_bounded
 
 from pegasus_dist.data.manifest import load_manifest
 from pegasus_dist.data.shards import iter_shard
+from pegasus_dist.data.sources import REAL_CIFAR
 
 pytestmark = pytest.mark.slow
-
-
-def run_cli(*args: str, timeout: float = 300) -> str:
-    done = run_bounded([str(BIN / "pegasus-dist"), *args], timeout)
-    assert done.returncode == 0, done.stdout[-6000:]
-    return done.stdout
 
 
 def smoke_overrides(shards: Path, runs: Path, steps: int = 4) -> list[str]:
@@ -116,7 +112,6 @@ def test_bf16_mixed_precision_trains_on_the_cpu(smoke_shards, tmp_path):
     assert len(losses) == 3 and all(0 < loss < 1e5 for loss in losses)
 
 
-REAL_CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 
 
 @pytest.mark.skipif(not REAL_CIFAR.is_file(), reason=f"real CIFAR-10 JPEGs not at {REAL_CIFAR}")

@@ -20,17 +20,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import FAULT, SCRIPTS, SMOKE, error_lines, losses, shard_keys, start, wait_until
 from processes import BIN, REPO, descendants, free_port, run_bounded, running
 
 from pegasus_dist.checkpoint import latest_checkpoint, read_state
-from pegasus_dist.data.manifest import load_manifest
-from pegasus_dist.data.shards import iter_shard
 
 pytestmark = pytest.mark.slow
-SMOKE = str(REPO / "configs/smoke/pretrain.yaml")
-SCRIPTS = Path(__file__).parent / "scripts"
 KEYS = SCRIPTS / "train_noting_keys.py"
-FAULT = SCRIPTS / "train_with_fault.py"
 BOUND_S = 60  # any run here that takes longer hangs: the resume never ended
 
 
@@ -67,19 +63,6 @@ def epoch_keys(rows: list[dict], epoch: int) -> Counter[str]:
     return Counter(key for row in rows if row["epoch"] == epoch for key in row["keys"])
 
 
-def all_keys(shards: Path) -> Counter[str]:
-    return Counter(s.key for path in load_manifest(shards / "mix").shard_paths for s in iter_shard(path))
-
-
-def losses(run: Path) -> dict[int, float]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return {row["step"]: row["pretrain/loss"] for row in map(json.loads, lines) if "pretrain/loss" in row}
-
-
-def error_lines(out: str) -> list[str]:
-    return [line for line in out.splitlines() if line.startswith("error: ")]
-
-
 @pytest.mark.parametrize(
     ("before", "after", "mode"),
     [
@@ -103,7 +86,8 @@ def test_another_batch_on_resume_trains_each_sample_of_the_epoch_once(smoke_shar
             f"{-(-470 // old)} -> {-(-470 // new)}; epoch 1 continues at sample {done} of 470"
             ) in resumed.stdout
     rows = trained(a, b)
-    assert epoch_keys(rows, 0) == all_keys(smoke_shards)  # every sample once: none twice, none left
+    # Every sample once: none twice, none left.
+    assert epoch_keys(rows, 0) == Counter(shard_keys(smoke_shards / "mix"))
     assert max(row["step"] for row in trained(b)) == steps_b  # the epoch ended at the planned step
     end = read_state(latest_checkpoint(tmp_path / "pretrain" / "checkpoints"))
     assert (end.epoch, end.samples_done, end.step, end.global_batch) == (1, 0, steps_b, new)
@@ -200,7 +184,7 @@ def test_two_processes_resume_on_two_with_another_batch(smoke_shards, tmp_path):
     assert resumed.stdout.count("the global batch changed on resume: 16 -> 24; lr 0.000707 -> 0.000866 "
                                 "(optim.lr_scaling=sqrt); steps per epoch 30 -> 20; epoch 1 continues "
                                 "at sample 96 of 470") == 1  # said once, by the main process
-    assert epoch_keys(trained(a, b), 0) == all_keys(smoke_shards)
+    assert epoch_keys(trained(a, b), 0) == Counter(shard_keys(smoke_shards / "mix"))
     assert read_state(latest_checkpoint(tmp_path / "pretrain" / "checkpoints")).epoch == 1
 
 
@@ -231,19 +215,6 @@ def test_resuming_needs_no_random_state(smoke_shards, tmp_path, uninterrupted):
     assert not list((tmp_path / "pretrain").rglob("random_states_*"))  # save_state wrote them: dropped
     train(1, tmp_path / "b", *overrides(smoke_shards, tmp_path, 12, *SAME_GLOBAL, *streamed), script=script)
     assert losses(tmp_path / "pretrain") == losses(uninterrupted[0])  # to the bit, every step
-
-
-def start(cmd: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-
-
-def wait_until(condition, proc: subprocess.Popen, timeout: float = BOUND_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        assert time.monotonic() < deadline, "not reached in time"
-        time.sleep(0.05)
 
 
 def ended_within(proc: subprocess.Popen, seconds: float) -> str:
@@ -283,7 +254,7 @@ def test_a_sigterm_stops_within_seconds_with_a_checkpoint_though_no_sync_point_c
                "--main_process_port", str(free_port())])
     proc = start([*launch, str(KEYS), str(out), *args])
     try:
-        wait_until(lambda: len(trained(out)) >= 5 * nproc, proc)  # training, far from any sync point
+        wait_until(lambda: len(trained(out)) >= 5 * nproc, proc, BOUND_S)  # training, far from any sync point
         target = proc.pid if nproc == 1 else rank_pid(proc, nproc - 1)
         seen = max(row["step"] for row in trained(out))
         os.kill(target, signal.SIGTERM)
@@ -307,7 +278,7 @@ def test_a_run_stuck_in_a_save_ends_at_once_on_sigterm(smoke_shards, tmp_path, w
                   "--config", SMOKE, *overrides(smoke_shards, tmp_path, steps, "data.batch_size=16",
                                                 f"train.checkpoint_every={every}")])
     try:
-        wait_until(lambda: (tmp_path / "pretrain" / "saving").exists(), proc)
+        wait_until(lambda: (tmp_path / "pretrain" / "saving").exists(), proc, BOUND_S)
         for _ in range(signals - 1):
             proc.send_signal(signal.SIGTERM)
             time.sleep(2)

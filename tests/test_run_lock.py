@@ -11,13 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import FAULT, SMOKE
 from processes import BIN, REPO, run_bounded
 from safetensors.torch import load_file
 
 from pegasus_dist.run_lock import RunFolderInUse, hold_run_lock, release_run_lock
 
-FAULT = Path(__file__).parent / "scripts" / "train_with_fault.py"
-SMOKE = str(REPO / "configs/smoke/pretrain.yaml")
 HOLD = "import sys, time; from pathlib import Path; from pegasus_dist.run_lock import hold_run_lock; " \
        "hold_run_lock(Path(sys.argv[1])); print('held', flush=True); time.sleep(600)"
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SCRIPTS, SMOKE, overrides
 from processes import BIN, REPO, run_bounded
 from safetensors.torch import load_file
 from torch import nn
@@ -27,13 +28,7 @@ from pegasus_dist.model import VAE
 from pegasus_dist.optim import LrSchedule
 from pegasus_dist.scale_check import scale_check
 
-SMOKE = str(REPO / "configs/smoke/pretrain.yaml")
-SYNCS = Path(__file__).parent / "scripts" / "train_noting_syncs.py"
-
-
-def overrides(shards: Path, runs: Path, steps: int, *extra: str) -> list[str]:
-    return [f"data.shards={shards}", f"run.output_dir={runs}", f"train.max_steps={steps}",
-            "wandb.mode=disabled", "data.batch_size=16", "train.log_every=1", *extra]
+SYNCS = SCRIPTS / "train_noting_syncs.py"
 
 
 def rows(run: Path) -> dict[int, dict]:

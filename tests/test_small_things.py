@@ -12,19 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import run_cli
 from PIL import Image, ImageDraw
-from processes import BIN, REPO, run_bounded
+from processes import REPO
 
 from pegasus_dist.contact_sheet import caption_font, draw_sheet
 from pegasus_dist.data.manifest import load_manifest
 from pegasus_dist.data.png import decode_image
 from pegasus_dist.data.shards import iter_shard
-
-
-def run_cli(*args: str, timeout: float = 180) -> str:
-    done = run_bounded([str(BIN / "pegasus-dist"), *args], timeout)
-    assert done.returncode == 0, done.stdout[-4000:]
-    return done.stdout
 
 
 def test_version_is_the_one_in_pyproject():

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from pegasus_dist.data.sources import (
+    REAL_CIFAR,
     canonical_class,
     load_source,
     read_cifar10,
@@ -23,8 +24,6 @@ from pegasus_dist.data.sources import (
     write_cifar10_archive,
 )
 from pegasus_dist.errors import DataError
-
-REAL_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg.tar.gz"
 
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import FAULT, training_steps
 from PIL import Image
 from processes import BIN, REPO, run_bounded
 
 from pegasus_dist.wandb_records import history_steps, read_records
 
 pytestmark = pytest.mark.slow
-FAULT = Path(__file__).parent / "scripts" / "train_with_fault.py"
 OFFLINE = {"WANDB_API_KEY": "", "WANDB_SILENT": "true"}
 
 
@@ -43,11 +43,6 @@ def offline_files(run: Path) -> list[Path]:
 def items(updates) -> dict[str, object]:
     """Config, summary or history items by their flat key, with their values decoded."""
     return {u.key or "/".join(u.nested_key): json.loads(u.value_json) for u in updates}
-
-
-def training_steps(run: Path) -> list[int]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [row["step"] for row in rows if "pretrain/epoch" in row]
 
 
 def pixels(path: Path) -> np.ndarray:

@@ -6,7 +6,6 @@ as with no network), or one that listens and records whether anyone connected.
 
 from __future__ import annotations
 
-import json
 import re
 import socket
 import time
@@ -14,13 +13,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from processes import BIN, REPO, run_bounded
+from helpers import SMOKE, training_steps
+from processes import BIN, run_bounded
 
 from pegasus_dist.config import load_config
 from pegasus_dist.tracking import wandb_mode
 from pegasus_dist.wandb_records import history_steps
 
-SMOKE = REPO / "configs/smoke/pretrain.yaml"
 FAKE_KEY = "pegasusfakewandbkey0123456789abcdef01234"  # 40 characters, as W&B keys
 FALLBACK = "W&B could not start online"
 
@@ -51,11 +50,6 @@ def train(shards: Path, runs: Path, env: dict[str, str], *extra: str):
     start = time.monotonic()
     done = run_bounded(cmd, timeout=240, env={"WANDB_API_KEY": FAKE_KEY, **env})
     return done, time.monotonic() - start
-
-
-def training_steps(run: Path) -> list[int]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [row["step"] for row in rows if "pretrain/epoch" in row]
 
 
 @pytest.mark.slow

@@ -1,0 +1,91 @@
+"""What several test files share: the smoke config, the fault script, CLI runs and metric readers.
+
+``processes`` holds the mechanics of running processes; this module the
+project's own commands and files.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from processes import BIN, REPO, run_bounded
+
+from pegasus_dist.config import ModelConfig
+from pegasus_dist.data.manifest import load_manifest
+from pegasus_dist.data.shards import iter_shard
+
+SCRIPTS = Path(__file__).parent / "scripts"
+FAULT = SCRIPTS / "train_with_fault.py"  # train.py with a kill, a NaN, a stall ... at a chosen step
+SMOKE = str(REPO / "configs/smoke/pretrain.yaml")
+TINY = ModelConfig(channels=[4, 4, 8, 8], fc_dims=[16, 16, 8], latent_dim=4)  # milliseconds a step
+
+
+def overrides(shards: Path, runs: Path, steps: int, *extra: str) -> list[str]:
+    """A short smoke run on ``shards`` into ``runs``: W&B off, batch 16, a logged row per step."""
+    return [f"data.shards={shards}", f"run.output_dir={runs}", f"train.max_steps={steps}",
+            "wandb.mode=disabled", "data.batch_size=16", "train.log_every=1", *extra]
+
+
+def run_cli(*args: str, timeout: float = 300) -> str:
+    """``pegasus-dist ARGS``; its output, once it succeeded."""
+    done = run_bounded([str(BIN / "pegasus-dist"), *args], timeout)
+    assert done.returncode == 0, done.stdout[-6000:]
+    return done.stdout
+
+
+def launch(nproc: int, overrides: list[str], timeout: float = 300) -> str:
+    """train.py with the smoke config on 1 or 2 CPU processes through ``accelerate launch``."""
+    config = "launch/cpu-2proc-gloo.yaml" if nproc == 2 else "launch/cpu-1proc.yaml"
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / config),
+           str(REPO / "pegasus_dist/train.py"), "--config", SMOKE, *overrides]
+    done = run_bounded(cmd, timeout)
+    assert done.returncode == 0, done.stdout[-8000:]
+    return done.stdout
+
+
+def start(cmd: list[str]) -> subprocess.Popen:
+    """``cmd`` running in its own process group (killable as a whole), output captured."""
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def wait_until(condition: Callable[[], bool], proc: subprocess.Popen, timeout: float) -> None:
+    """Poll ``condition``; fail with ``proc``'s output if it ends first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early:\n{proc.stdout.read()[-4000:]}")
+        assert time.monotonic() < deadline, f"condition not reached in {timeout}s"
+        time.sleep(0.05)
+
+
+def error_lines(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("error: ")]
+
+
+def metrics(run: Path) -> list[dict]:
+    """Every row of ``run``'s metrics.jsonl."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def training_rows(run: Path) -> list[dict]:
+    """The rows logged while training (not the final evaluation's)."""
+    return [row for row in metrics(run) if "pretrain/epoch" in row]
+
+
+def training_steps(run: Path) -> list[int]:
+    return [row["step"] for row in training_rows(run)]
+
+
+def losses(run: Path) -> dict[int, float]:
+    """Step -> logged loss; a resumed run's rows replace those of the killed one."""
+    return {row["step"]: row["pretrain/loss"] for row in metrics(run) if "pretrain/loss" in row}
+
+
+def shard_keys(shard_set: Path) -> list[str]:
+    """The key of every sample of a shard set, in shard order."""
+    return [s.key for path in load_manifest(shard_set).shard_paths for s in iter_shard(path)]
