@@ -11,15 +11,14 @@ import torch
 from processes import BIN, REPO, run_bounded, torchrun
 from safetensors.torch import load_file
 
-from pegasus_dist.data.manifest import load_manifest
-from pegasus_dist.data.shards import iter_shard
+from pegasus_dist.data.shards import ShardSet
 
 pytestmark = pytest.mark.slow
 SCRIPTS = Path(__file__).parent / "scripts"
 
 
 def all_keys(shard_set: Path) -> list[str]:
-    return [s.key for p in load_manifest(shard_set).shard_paths for s in iter_shard(p)]
+    return [s.key for s in ShardSet(shard_set)]
 
 
 @pytest.mark.parametrize("workers", [0, 2])

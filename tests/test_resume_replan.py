@@ -23,8 +23,7 @@ import torch
 from processes import BIN, REPO, descendants, free_port, run_bounded, running
 
 from pegasus_dist.checkpoint import latest_checkpoint, read_state
-from pegasus_dist.data.manifest import load_manifest
-from pegasus_dist.data.shards import iter_shard
+from pegasus_dist.data.shards import ShardSet
 
 pytestmark = pytest.mark.slow
 SMOKE = str(REPO / "configs/smoke/pretrain.yaml")
@@ -68,7 +67,7 @@ def epoch_keys(rows: list[dict], epoch: int) -> Counter[str]:
 
 
 def all_keys(shards: Path) -> Counter[str]:
-    return Counter(s.key for path in load_manifest(shards / "mix").shard_paths for s in iter_shard(path))
+    return Counter(s.key for s in ShardSet(shards / "mix"))
 
 
 def losses(run: Path) -> dict[int, float]:
