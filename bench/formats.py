@@ -44,8 +44,6 @@ from webdataset.tariterators import tarfile_samples
 from webdataset.writer import imageencoder, numpy_dumps
 
 from pegasus_dist.config import ModelConfig
-from pegasus_dist.data.png import decode_plain_batch, encode_png
-from pegasus_dist.data.shards import iter_shard
 from pegasus_dist.data.sources import read_image_folder, synthetic
 from pegasus_dist.model import VAE
 
@@ -82,13 +80,15 @@ class Result:
     workers: int
 
 
-def formats(size: int) -> list[Format]:
-    """The hand-written codec with its own tar reader, and the library's two formats."""
+def formats() -> list[Format]:
+    """The library's two formats, decoded by webdataset's own handlers.
+
+    The third, plain PNG through a hand-written codec and tar reader, was
+    measured at commit 065b481 (``git checkout 065b481 -- bench pegasus_dist``)
+    and deleted after: docs/performance.md, "Sample format".
+    """
     pillow = imagehandler("rgb8")
     return [
-        Format("plain PNG, hand-written codec", "png", encode_png,
-               lambda members: decode_plain_batch(members, size),
-               lambda path: (s.png for s in iter_shard(path)), True),
         Format("PNG, Pillow (webdataset)", "png", lambda image: imageencoder(image, "png"),
                lambda members: np.stack([pillow(".png", m) for m in members]),
                lambda path: library_members(path, "png"), True),
@@ -210,7 +210,7 @@ def main(argv: list[str]) -> None:
             images = upscale(base, size)
             gpu_rate = MFU * H100_BF16_DENSE / flops[size][1]
             results += [measure(fmt, images, gpu_rate, Path(work) / f"{size}-{i}.tar")
-                        for i, fmt in enumerate(formats(size))]
+                        for i, fmt in enumerate(formats())]
     print(f"{len(base)} images from {origin}, {os.cpu_count()} cores\n")
     print(table(results, flops))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,6 @@ the harness runs and reports; no test asserts a speed.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import multiprocessing
@@ -44,15 +43,11 @@ from typing import TypeVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from pegasus_dist import train
 from pegasus_dist.config import Config, PrepareConfig, config_from_dict
 from pegasus_dist.data.loader import MemoryLoader, ShardLoader
-from pegasus_dist.data.manifest import load_manifest
-from pegasus_dist.data.png import decode_plain_batch
 from pegasus_dist.data.prepare import prepare
-from pegasus_dist.data.shards import iter_shard
 from pegasus_dist.data.sources import (
     CIFAR_CLASSES,
     REAL_CIFAR,
@@ -157,34 +152,15 @@ def _loader_rows(work: Path, device: torch.device) -> list[Row]:
         rate = _epoch_rate(loader, device)
         rows.append(Row(f"loader: stream, {workers} worker(s)", rate, "images/s",
                         baseline[workers], 2.0,
-                        "every worker reads every shard its batches touch, and shares the "
-                        "cores with the main process"))
+                        "each worker reads through webdataset's tar reader and decoder, chosen "
+                        "for what a GPU needs (docs/performance.md, Sample format)"))
     memory = MemoryLoader(mix, batch, 0, 1, seed=0, image_size=32, device=device)
     rate = _epoch_rate(memory, device, epochs=20)  # an epoch takes milliseconds
     rows.append(Row("loader: device-resident", rate, "images/s", baseline[2], 50.0,
                     "one index_select per batch, bound by memory bandwidth"))
     rows += [Row(f"loader: torchvision CIFAR10 baseline, {w} worker(s)", baseline[w], "images/s")
              for w in (1, 2)]
-    return rows + _decode_rows(mix, batch)
-
-
-def _decode_rows(shard_set: Path, batch: int) -> list[Row]:
-    """Decoding alone: the shards' plain PNGs a batch at a time, against Pillow one by one."""
-    pngs = [s.png for s in iter_shard(load_manifest(shard_set).shard_paths[0])][: 10 * batch]
-
-    def plain(_) -> None:
-        for start in range(0, len(pngs), batch):
-            decode_plain_batch(pngs[start : start + batch], 32)
-
-    def pillow(_) -> None:
-        for png in pngs:
-            with Image.open(io.BytesIO(png)) as image:
-                np.asarray(image.convert("RGB"))
-
-    rates = {name: len(pngs) * _steps_per_second(fn, [None] * (WARMUP + 3), torch.device("cpu"))
-             for name, fn in (("plain", plain), ("pillow", pillow))}
-    return [Row("decode: plain PNG batches vs Pillow one by one", rates["plain"], "images/s",
-                rates["pillow"])]
+    return rows
 
 
 def _epoch_rate(loader: Iterable, device: torch.device, epochs: int = 3) -> float:

@@ -17,9 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pegasus_dist.data.manifest import load_manifest
-from pegasus_dist.data.png import decode_image
-from pegasus_dist.data.shards import iter_shard
+from pegasus_dist.data.shards import ShardSet
 from pegasus_dist.errors import DataError
 
 HEADER = 20  # pixels of title above each label's section
@@ -32,35 +30,25 @@ def contact_sheet(
     per_label: int = 32, columns: int = 8, tile: int = 128, seed: int = 0,
 ) -> tuple[Path, Path]:
     """Write ``out`` (PNG) and ``out`` with .json: the chosen keys by label, in tile order."""
-    manifest = load_manifest(shard_set)
-    keys_by_label: dict[str, list[str]] = {label: [] for label in labels}
-    for path in manifest.shard_paths:
-        for sample in iter_shard(path):
-            if sample.meta.get("label") in keys_by_label:
-                keys_by_label[sample.meta["label"]].append(sample.key)
+    shards = ShardSet(shard_set)
+    keys_by_label = shards.keys_by_label(labels)
     rng = np.random.default_rng(seed)
     chosen = {}
     for label, keys in keys_by_label.items():
         if not keys:
-            raise DataError(f"{manifest.path} holds no {label} images; choose --label from "
-                            f"{', '.join(sorted(manifest.counts.get('label', {})))}")
+            raise DataError(f"{shards.path} holds no {label} images; choose --label from "
+                            f"{', '.join(sorted(shards.manifest.counts.get('label', {})))}")
         picks = sorted(rng.choice(len(keys), size=min(per_label, len(keys)), replace=False))
         chosen[label] = [keys[i] for i in picks]
-    images = _images(manifest.shard_paths, {k for ks in chosen.values() for k in ks},
-                     manifest.image_size)
+    images = shards.images({k for ks in chosen.values() for k in ks})
     sheet, _ = draw_sheet(chosen, images, columns, tile)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out)
     listing = out.with_suffix(".json")
-    listing.write_text(json.dumps({"shard_set": str(manifest.path), "columns": columns,
+    listing.write_text(json.dumps({"shard_set": str(shards.path), "columns": columns,
                                    "tile": tile, "keys": chosen}, indent=2) + "\n")
     return out, listing
-
-
-def _images(paths: list[Path], keys: set[str], size: int) -> dict[str, np.ndarray]:
-    return {s.key: decode_image(s.png, size, f"{p}:{s.key}")
-            for p in paths for s in iter_shard(p) if s.key in keys}
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from PIL import Image
 
 from pegasus_dist.classifier import Classifier, labelled_images, predict
 from pegasus_dist.config import Config
-from pegasus_dist.data.manifest import load_manifest
+from pegasus_dist.data.shards import ShardSet
 from pegasus_dist.errors import DataError
 from pegasus_dist.sampler import GRID_PADDING, load_images
 
@@ -163,7 +163,7 @@ def _layout(samples: Path) -> dict:
 def _pair_images(layout: dict, pairs_from: str | Path | None, size: int) -> dict[str, torch.Tensor]:
     shard_set = Path(pairs_from or layout.get("shard_set", ""))
     keys = {row[side] for row in layout["rows"] for side in ("horse", "bird")}
-    found = load_images(load_manifest(shard_set).shard_paths, keys, size)
+    found = load_images(ShardSet(shard_set, size), keys)
     missing = sorted(keys - set(found))
     if missing:
         raise DataError(f"{shard_set} lacks {', '.join(missing[:3])} of the grid's pairs; score with "

@@ -28,9 +28,7 @@ from torchvision.utils import save_image
 from pegasus_dist.checkpoint import load_trained_model
 from pegasus_dist.classifier import Classifier, find_classifier, predict
 from pegasus_dist.config import Config, SamplerConfig
-from pegasus_dist.data.manifest import load_manifest
-from pegasus_dist.data.png import decode_image
-from pegasus_dist.data.shards import iter_shard
+from pegasus_dist.data.shards import ShardSet
 from pegasus_dist.errors import ConfigError, DataError
 from pegasus_dist.model import VAE
 from pegasus_dist.slerp import slerp
@@ -74,13 +72,8 @@ def pick_horses_and_birds(
     if cfg.pick == "confident" and (model is None or classifier is None):
         raise ConfigError("sampler.pick=confident needs the quality classifier; create it with "
                           "`pegasus-dist classifier --config CONFIG` or set sampler.pick=random")
-    manifest = load_manifest(Path(shards_root) / cfg.shard_set)
-    by_label: dict[str, list[str]] = {"horse": [], "bird": []}
-    for path in manifest.shard_paths:
-        for sample in iter_shard(path):
-            label = sample.meta.get("label")
-            if label in by_label:
-                by_label[label].append(sample.key)
+    shard_set = ShardSet(Path(shards_root) / cfg.shard_set, image_size)
+    by_label = shard_set.keys_by_label(("horse", "bird"))
     rng = np.random.default_rng(cfg.seed)
     chosen = {}
     for label, keys, count in (
@@ -93,24 +86,24 @@ def pick_horses_and_birds(
             if missing:
                 raise DataError(
                     f"sampler.{label}_keys: {', '.join(missing[:3])} not found among the {label}s "
-                    f"of {manifest.path}; use keys from `pegasus-dist contact-sheet`"
+                    f"of {shard_set.path}; use keys from `pegasus-dist contact-sheet`"
                 )
             chosen[label] = list(keys)
         elif len(available) < count:
             raise DataError(
-                f"{manifest.path} holds {len(available)} labelled {label} images but the sampler "
+                f"{shard_set.path} holds {len(available)} labelled {label} images but the sampler "
                 f"needs {count}; prepare more data or lower sampler.num_{label}s"
             )
         elif cfg.pick == "confident":
             pool = [available[i] for i in sorted(rng.choice(
                 len(available), size=max(count, min(cfg.pick_pool, len(available))), replace=False))]
             chosen[label] = confident_keys(model, classifier, label, pool, count,
-                                           load_images(manifest.shard_paths, set(pool), image_size))
+                                           load_images(shard_set, set(pool)))
         else:
             picks = rng.choice(len(available), size=count, replace=False)
             chosen[label] = [available[i] for i in picks]
     wanted = set(chosen["horse"]) | set(chosen["bird"])
-    images = load_images(manifest.shard_paths, wanted, image_size)
+    images = load_images(shard_set, wanted)
     horses, birds = (
         LabelledImages(keys, torch.stack([images[k] for k in keys]))
         for keys in (chosen["horse"], chosen["bird"])
@@ -132,15 +125,13 @@ def confident_keys(model: VAE, classifier: Classifier, label: str, pool: list[st
     return [pool[i] for i in best.tolist()]
 
 
-def load_images(paths: list[Path], keys: set[str], image_size: int) -> dict[str, torch.Tensor]:
-    """The images (uint8 3 x H x W) of ``keys`` found in the shards ``paths``, by key."""
-    found: dict[str, torch.Tensor] = {}
-    for path in paths:
-        for sample in iter_shard(path):
-            if sample.key in keys:
-                array = decode_image(sample.png, image_size, where=f"{path}:{sample.key}")
-                found[sample.key] = torch.from_numpy(array).permute(2, 0, 1).contiguous()
-    return found
+def load_images(shard_set: ShardSet, keys: set[str]) -> dict[str, torch.Tensor]:
+    """The images (uint8 3 x H x W) of ``keys`` found in ``shard_set``, by key."""
+    return {key: _chw(image) for key, image in shard_set.images(keys).items()}
+
+
+def _chw(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(image).permute(2, 0, 1).contiguous()
 
 
 def mu_values(cfg: SamplerConfig) -> torch.Tensor:
@@ -194,21 +185,19 @@ def prior_grid(model: VAE, count: int, seed: int) -> torch.Tensor:
 def attribute_vector(model: VAE, cfg: SamplerConfig, shards_root: str | Path) -> torch.Tensor:
     """The wing vector: mean latent of the chosen images (or birds) minus that of other classes."""
     device = next(model.parameters()).device
-    manifest = load_manifest(Path(shards_root) / cfg.attribute_shard_set)
+    shard_set = ShardSet(Path(shards_root) / cfg.attribute_shard_set, model.image_size)
     chosen = set(cfg.attribute_keys)
     sides: dict[str, list[torch.Tensor]] = {"with": [], "without": []}
-    for path in manifest.shard_paths:
-        for sample in iter_shard(path):
-            label = sample.meta.get("label")
-            side = ("with" if (sample.key in chosen if chosen else label == "bird")
-                    else "without" if label not in (None, "bird") else None)
-            if side and len(sides[side]) < cfg.attribute_samples:
-                array = decode_image(sample.png, model.image_size, f"{path}:{sample.key}")
-                sides[side].append(torch.from_numpy(array).permute(2, 0, 1))
+    for sample in shard_set:
+        label = sample.meta.get("label")
+        side = ("with" if (sample.key in chosen if chosen else label == "bird")
+                else "without" if label not in (None, "bird") else None)
+        if side and len(sides[side]) < cfg.attribute_samples:
+            sides[side].append(_chw(shard_set.decode(sample)))
     for side, what in (("with", "the sampler.attribute_keys images or birds"),
                        ("without", "labelled images of other classes")):
         if not sides[side]:
-            raise DataError(f"{manifest.path} holds no {what}; the analogy sampler needs both")
+            raise DataError(f"{shard_set.path} holds no {what}; the analogy sampler needs both")
     means = [torch.cat([model.encode(_to_float(torch.stack(chunk), device))[0] for chunk in
                         _chunks(sides[side], 256)]).mean(dim=0) for side in ("with", "without")]
     return means[0] - means[1]

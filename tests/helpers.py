@@ -15,8 +15,7 @@ from pathlib import Path
 from processes import BIN, REPO, run_bounded
 
 from pegasus_dist.config import ModelConfig
-from pegasus_dist.data.manifest import load_manifest
-from pegasus_dist.data.shards import iter_shard
+from pegasus_dist.data.shards import ShardSet
 
 SCRIPTS = Path(__file__).parent / "scripts"
 FAULT = SCRIPTS / "train_with_fault.py"  # train.py with a kill, a NaN, a stall ... at a chosen step
@@ -88,4 +87,4 @@ def losses(run: Path) -> dict[int, float]:
 
 def shard_keys(shard_set: Path) -> list[str]:
     """The key of every sample of a shard set, in shard order."""
-    return [s.key for path in load_manifest(shard_set).shard_paths for s in iter_shard(path)]
+    return [s.key for s in ShardSet(shard_set)]

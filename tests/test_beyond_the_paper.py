@@ -14,8 +14,7 @@ from processes import BIN, REPO, run_bounded
 from pegasus_dist.checkpoint import load_trained_model
 from pegasus_dist.contact_sheet import contact_sheet, draw_sheet
 from pegasus_dist.data.manifest import load_manifest
-from pegasus_dist.data.png import decode_image
-from pegasus_dist.data.shards import iter_shard
+from pegasus_dist.data.shards import ShardSet
 from pegasus_dist.model import LOG_SCALE_INIT
 from pegasus_dist.sampler import analogy_grid, attribute_vector, pegasus_grid, pick_horses_and_birds
 
@@ -69,9 +68,9 @@ def test_contact_sheet_tiles_show_the_keys_they_name(smoke_shards, tmp_path):
                                  per_label=10, columns=4, tile=64)
     keys = json.loads(listing.read_text())["keys"]
     assert {label: len(k) for label, k in keys.items()} == {"horse": 10, "bird": 10}
-    samples = {s.key: s for p in load_manifest(smoke_shards / "horse_bird").shard_paths
-               for s in iter_shard(p)}
-    images = {key: decode_image(samples[key].png, 32, key) for ks in keys.values() for key in ks}
+    shard_set = ShardSet(smoke_shards / "horse_bird")
+    samples = {s.key: s for s in shard_set}
+    images = shard_set.images({key for ks in keys.values() for key in ks})
     expected, captions = draw_sheet(keys, images, columns=4, tile=64)
     with Image.open(png) as sheet:
         pixels = np.asarray(sheet.convert("RGB"))

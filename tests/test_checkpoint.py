@@ -13,8 +13,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.checkpointing import load_custom_state
 from accelerate.utils import ProjectConfiguration
-from safetensors.torch import load_file
 from helpers import TINY
+from safetensors.torch import load_file
 
 from pegasus_dist import checkpoint
 from pegasus_dist.checkpoint import (

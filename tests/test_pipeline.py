@@ -13,7 +13,7 @@ from PIL import Image
 from processes import BIN, REPO, run_bounded
 
 from pegasus_dist.data.manifest import load_manifest
-from pegasus_dist.data.shards import iter_shard
+from pegasus_dist.data.shards import ShardSet
 from pegasus_dist.data.sources import REAL_CIFAR
 
 pytestmark = pytest.mark.slow
@@ -30,8 +30,7 @@ def assert_pegasus_grid(samples: Path, shards: Path) -> None:
     assert (tile, layout["columns"], len(layout["rows"])) == (32, 8, 8)
     with Image.open(samples / "pegasus.png") as grid:
         assert grid.size == (8 * (tile + pad) + pad, 8 * (tile + pad) + pad)
-    labels = {s.key: s.meta["label"] for p in load_manifest(shards / "horse_bird").shard_paths
-              for s in iter_shard(p)}
+    labels = {s.key: s.meta["label"] for s in ShardSet(shards / "horse_bird")}
     for row in layout["rows"]:
         assert labels[row["horse"]] == "horse" and labels[row["bird"]] == "bird"
         assert row["mu"][0] == pytest.approx(0.4) and row["mu"][-1] == pytest.approx(0.7)

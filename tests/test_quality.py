@@ -13,8 +13,7 @@ from torchvision.utils import save_image
 from pegasus_dist.checkpoint import load_trained_model
 from pegasus_dist.classifier import labelled_images, load_classifier, predict
 from pegasus_dist.config import load_config
-from pegasus_dist.data.manifest import load_manifest
-from pegasus_dist.data.shards import iter_shard
+from pegasus_dist.data.shards import ShardSet
 from pegasus_dist.errors import ConfigError
 from pegasus_dist.quality import (
     crossfade,
@@ -84,12 +83,12 @@ def test_grids_are_read_back_tile_by_tile(tmp_path):
 
 def test_the_crossfade_is_of_exactly_the_pairs_and_mus_of_pegasus_json(judge, quality_shards, tmp_path):
     horse_bird = quality_shards / "horse_bird"
-    labels = {s.key: s.meta["label"] for p in load_manifest(horse_bird).shard_paths for s in iter_shard(p)}
+    labels = {s.key: s.meta["label"] for s in ShardSet(horse_bird)}
     horses, birds = (sorted(k for k, label in labels.items() if label == wanted)[:2]
                      for wanted in ("horse", "bird"))
     rows = [{"row": 0, "horse": horses[0], "bird": birds[1], "mu": [0.0, 0.25, 1.0]},
             {"row": 1, "horse": horses[1], "bird": birds[0], "mu": [0.5, 0.6, 0.9]}]
-    found = load_images(load_manifest(horse_bird).shard_paths, set(horses + birds), 32)
+    found = load_images(ShardSet(horse_bird, 32), set(horses + birds))
     fade = crossfade(rows, found)
     h, b = found[horses[1]].float() / 255, found[birds[0]].float() / 255
     assert torch.allclose(fade[4], 0.4 * h + 0.6 * b, atol=0.5 / 255 + 1e-6)

@@ -32,7 +32,7 @@ from PIL import Image
 from processes import BIN, REPO, run_bounded
 
 from pegasus_dist.data.manifest import load_manifest
-from pegasus_dist.data.shards import iter_shard
+from pegasus_dist.data.shards import ShardSet
 from pegasus_dist.data.sources import synthetic
 
 pytestmark = pytest.mark.slow
@@ -107,8 +107,7 @@ def clone(root: Path) -> Path:
 
 
 def labels_of(shard_set: Path) -> dict[str, str]:
-    return {s.key: s.meta["label"] for p in load_manifest(shard_set).shard_paths
-            for s in iter_shard(p)}
+    return {s.key: s.meta["label"] for s in ShardSet(shard_set)}
 
 
 def assert_pegasus_grid(samples: Path, labels: dict[str, str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 import time
@@ -9,12 +10,12 @@ import time
 import numpy as np
 import pytest
 import webdataset as wds
+from PIL import Image
 
 from pegasus_dist.config import PrepareConfig
 from pegasus_dist.data.manifest import load_manifest, sha256_file
-from pegasus_dist.data.png import decode_image, encode_png
 from pegasus_dist.data.prepare import prepare
-from pegasus_dist.data.shards import iter_shard, write_shard
+from pegasus_dist.data.shards import ShardSet, iter_shard, write_shard
 from pegasus_dist.data.sources import synthetic
 from pegasus_dist.errors import DataError
 
@@ -26,18 +27,32 @@ def make(out, **kw):
 
 
 def read_set(folder):
-    return [s for p in load_manifest(folder).shard_paths for s in iter_shard(p)]
+    return list(ShardSet(folder))
+
+
+def replace_first_shard(folder, samples):
+    """The set's first shard rewritten with ``samples``, its manifest entry updated to match."""
+    from pegasus_dist.data.manifest import write_manifest
+
+    m = load_manifest(folder)
+    write_shard(m.shard_paths[0], samples)
+    entry = m.shards[0]
+    entry.num_samples, entry.sha256 = len(samples), sha256_file(m.shard_paths[0])
+    entry.bytes = m.shard_paths[0].stat().st_size
+    write_manifest(m.path, m.name, m.image_size, m.shards, m.counts, m.provenance)
+    return m.shard_paths[0]
 
 
 def test_round_trip_pixels_keys_and_meta(tmp_path):
     make(tmp_path)
     originals = {"synthetic": synthetic(150, seed=1), "synthetic_2": synthetic(90, seed=2)}
-    samples = read_set(tmp_path / "mix") + read_set(tmp_path / "eval")
-    assert len(samples) == 240 == len({s.key for s in samples})
-    for s in samples:
+    sets = [ShardSet(tmp_path / "mix"), ShardSet(tmp_path / "eval")]
+    samples = [(shard_set, s) for shard_set in sets for s in shard_set]
+    assert len(samples) == 240 == len({s.key for _, s in samples})
+    for shard_set, s in samples:
         source, i = originals[s.meta["source"]], s.meta["index"]
         assert s.key == s.meta["key"] == f"{s.meta['source']}-{s.meta['split']}-{i:07d}"
-        assert np.array_equal(decode_image(s.png, 32, s.key), source.images[i])
+        assert s.image_ext == "npy" and np.array_equal(shard_set.decode(s), source.images[i])
         assert (s.meta["label"], s.meta["split"]) == (source.labels[i], source.splits[i])
 
 
@@ -82,9 +97,12 @@ def test_splits_held_out_finetune_subset_and_shuffle(tmp_path):
 def test_plain_webdataset_reads_the_shards(tmp_path):
     make(tmp_path)
     urls = [str(p) for p in load_manifest(tmp_path / "mix").shard_paths]
-    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("rgb8"))
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode())
     assert len(samples) == load_manifest(tmp_path / "mix").num_samples
-    assert samples[0]["png"].shape == (32, 32, 3) and "label" in samples[0]["json"]
+    ours = ShardSet(tmp_path / "mix")
+    first = next(iter(ours))
+    assert samples[0]["__key__"] == first.key and samples[0]["json"] == first.meta
+    assert np.array_equal(samples[0]["npy"], ours.decode(first))
 
 
 def test_damaged_shards_name_the_file(tmp_path):
@@ -93,25 +111,53 @@ def test_damaged_shards_name_the_file(tmp_path):
     with tarfile.open(shard) as tar:
         middle = tar.getmembers()[len(tar.getmembers()) // 2]
     shard.write_bytes(shard.read_bytes()[: middle.offset_data + middle.size // 2])  # truncated mid-member
-    with pytest.raises(DataError, match=f"shard {shard}"):
-        list(iter_shard(shard))
+    with pytest.raises(DataError, match=f"shard {shard} is unreadable .*pegasus-dist prepare"):
+        list(ShardSet(tmp_path / "mix"))
+    with tarfile.open(tmp_path / "eval" / "shard-000000.tar") as tar:
+        boundary = tar.getmembers()[2].offset  # after the first sample's two members
+    cut = load_manifest(tmp_path / "eval").shard_paths[0]
+    cut.write_bytes(cut.read_bytes()[:boundary])  # reads as a shorter archive: the count tells
+    with pytest.raises(DataError, match=f"shard {cut} holds 1 samples but its manifest says"):
+        list(ShardSet(tmp_path / "eval"))
     shard.unlink()
     with pytest.raises(DataError, match=f"{shard} listed in .* is missing"):
         load_manifest(tmp_path / "mix")
 
 
-def test_wrong_size_png_and_missing_label(tmp_path):
-    png = encode_png(np.zeros((16, 16, 3), dtype=np.uint8))
-    with pytest.raises(DataError, match="k1: image is 16x16 but 32x32 was expected"):
-        decode_image(png, 32, "k1")
-    path = tmp_path / "bad.tar"
-    write_shard(path, [("k2", png, {"key": "k2"})])
-    (sample,) = iter_shard(path)  # metadata is parsed when first read
-    with pytest.raises(DataError, match=f"shard {path}: k2.json has no label field"):
-        sample.meta  # noqa: B018
-    with tarfile.open(path) as tar:
-        assert sorted(tar.getnames()) == ["k2.json", "k2.png"]
+def test_wrong_size_image_damaged_image_and_missing_label(tmp_path):
+    make(tmp_path)
+    shard = replace_first_shard(tmp_path / "eval", [("k1", np.zeros((16, 16, 3), np.uint8), {"label": None}),
+                                                    ("k2", np.zeros((32, 32, 3), np.uint8), {"key": "k2"})])
+    shard_set = ShardSet(tmp_path / "eval")
+    small, unlabelled = list(shard_set.read(0))[:2]  # metadata is parsed when first read
+    with pytest.raises(DataError, match=f"{shard}:k1: image is 16x16 but 32x32 was expected"):
+        shard_set.decode(small)
+    with pytest.raises(DataError, match=f"shard {shard}: k2.json has no label field"):
+        unlabelled.meta  # noqa: B018
+    with tarfile.open(shard) as tar:
+        assert tar.getnames()[:4] == ["k1.json", "k1.npy", "k2.json", "k2.npy"]
         assert json.loads(tar.extractfile("k2.json").read()) == {"key": "k2"}
+    unlabelled.image = unlabelled.image[:100]  # the .npy member cut short
+    with pytest.raises(DataError, match=f"{shard}:k2: the image does not decode"):
+        shard_set.decode(unlabelled)
+    with pytest.raises(DataError, match="32px images but model.image_size is 64"):
+        ShardSet(tmp_path / "eval", image_size=64)
+
+
+def test_png_members_of_earlier_shards_still_decode(tmp_path):
+    """Shards written before the switch to .npy hold PNGs: webdataset decodes them through Pillow."""
+    make(tmp_path)
+    shard_set = ShardSet(tmp_path / "eval")
+    samples = list(shard_set.read(0))
+    with wds.TarWriter(str(shard_set.manifest.shard_paths[0]), mtime=0) as writer:
+        for s in samples:
+            png = io.BytesIO()
+            Image.fromarray(shard_set.decode(s)).save(png, "PNG")
+            writer.write({"__key__": s.key, "png": png.getvalue(), "json": s.meta})
+    again = list(ShardSet(tmp_path / "eval").read(0))
+    assert [s.image_ext for s in again] == ["png"] * len(samples)
+    for old, new in zip(samples, again, strict=True):
+        assert new.key == old.key and np.array_equal(shard_set.decode(new), shard_set.decode(old))
 
 
 def test_empty_or_missing_sets(tmp_path):
@@ -123,20 +169,15 @@ def test_empty_or_missing_sets(tmp_path):
 
 
 def test_verify_finds_each_kind_of_damage(tmp_path):
-    from pegasus_dist.data.manifest import write_manifest
     from pegasus_dist.data.verify import find_shard_sets, verify_shard_set
 
     make(tmp_path)
     assert [p.name for p in find_shard_sets(tmp_path)] == ["eval", "horse_bird", "mix"]
     assert verify_shard_set(tmp_path / "mix") == (load_manifest(tmp_path / "mix").num_samples, [])
 
-    # A PNG of the wrong size and a JSON without a label, in a shard whose manifest is updated.
-    m = load_manifest(tmp_path / "horse_bird")
-    small = encode_png(np.zeros((8, 8, 3), dtype=np.uint8))
-    write_shard(m.shard_paths[0], [("a", small, {"label": "horse"}), ("b", small, {})])
-    m.shards[0].sha256 = sha256_file(m.shard_paths[0])
-    m.shards[0].bytes = m.shard_paths[0].stat().st_size
-    write_manifest(m.path, m.name, m.image_size, m.shards, m.counts, m.provenance)
+    # An image of the wrong size and a JSON without a label, in a shard whose manifest is updated.
+    small = np.zeros((8, 8, 3), dtype=np.uint8)
+    replace_first_shard(tmp_path / "horse_bird", [("a", small, {"label": "horse"}), ("b", small, {})])
     _, problems = verify_shard_set(tmp_path / "horse_bird")
     assert any("a: image is 8x8 but 32x32" in p for p in problems)
     assert any("b.json has no label field" in p for p in problems)
@@ -165,22 +206,22 @@ def read_count(folder):
 
 
 def test_shards_from_other_tar_writers_read_the_same(tmp_path):
-    """Our ustar reader, and tarfile for PAX/GNU archives, give the same samples."""
+    """Shards in PAX or GNU layout, as other tools write them, read the same."""
     make(tmp_path)
     ours = load_manifest(tmp_path / "mix").shard_paths[0]
     with tarfile.open(ours) as tar:  # the standard library agrees with our reader
         assert [m.name for m in tar] == [n for s in iter_shard(ours) for n in (f"{s.key}.json",
-                                                                             f"{s.key}.png")]
-    expected = [(s.key, s.png, s.meta) for s in iter_shard(ours)]
+                                                                             f"{s.key}.npy")]
+    expected = [(s.key, s.image, s.meta) for s in iter_shard(ours)]
     for layout in ("pax", "gnu"):
         other = tmp_path / f"{layout}.tar"
         with open(other, "wb") as stream:  # a float mtime needs a PAX header per member
             writer = wds.TarWriter(stream, mtime=1.5 if layout == "pax" else 0,
                                    format=f"{layout.upper()}_FORMAT")
-            for key, png, meta in expected:
-                writer.write({"__key__": key, "png": bytes(png), "json": json.dumps(meta).encode()})
+            for key, image, meta in expected:
+                writer.write({"__key__": key, "npy": image, "json": json.dumps(meta).encode()})
             writer.close()
-        assert [(s.key, s.png, s.meta) for s in iter_shard(other)] == expected
+        assert [(s.key, s.image, s.meta) for s in iter_shard(other)] == expected
         other.write_bytes(other.read_bytes()[:9000])  # truncated: named, whatever the reader
         with pytest.raises(DataError, match=f"shard {other}"):
             list(iter_shard(other))

@@ -17,9 +17,7 @@ from PIL import Image, ImageDraw
 from processes import REPO
 
 from pegasus_dist.contact_sheet import caption_font, draw_sheet
-from pegasus_dist.data.manifest import load_manifest
-from pegasus_dist.data.png import decode_image
-from pegasus_dist.data.shards import iter_shard
+from pegasus_dist.data.shards import ShardSet
 
 
 def test_version_is_the_one_in_pyproject():
@@ -70,9 +68,8 @@ def test_every_contact_sheet_caption_fits_its_tile_and_gives_back_its_key(tmp_pa
     assert [len(keys) for keys in chosen.values()] == [10, 10]
 
     # The sheet the command wrote is the one drawn here, whose captions are then measured.
-    manifest = load_manifest(shard_set)
-    images = {s.key: decode_image(s.png, manifest.image_size, s.key)
-              for p in manifest.shard_paths for s in iter_shard(p)}
+    shards = ShardSet(shard_set)
+    images = shards.images({s.key for s in shards})
     sheet, captions = draw_sheet(chosen, images, columns, tile)
     with Image.open(tmp_path / "sheet.png") as written:
         pixels = np.asarray(written.convert("RGB"))

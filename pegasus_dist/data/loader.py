@@ -38,9 +38,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pegasus_dist.config import DataConfig
-from pegasus_dist.data.manifest import Manifest, load_manifest
-from pegasus_dist.data.png import decode_image, decode_images, decode_plain_batch
-from pegasus_dist.data.shards import ShardSample, iter_shard
+from pegasus_dist.data.shards import ShardSample, ShardSet
 from pegasus_dist.errors import DataError
 
 log = logging.getLogger("pegasus_dist.loader")
@@ -117,9 +115,9 @@ def rank_batches(num_samples: int, world_size: int, rank: int, batch_size: int,
 class _ShardStream(IterableDataset):
     """Yields this rank's batches of one epoch, split over the DataLoader's workers."""
 
-    def __init__(self, manifest: Manifest, batch_size: int, rank: int, world_size: int,
+    def __init__(self, shard_set: ShardSet, batch_size: int, rank: int, world_size: int,
                  seed: int, skip_bad: bool) -> None:
-        self.manifest = manifest
+        self.shard_set = shard_set
         self.skip_bad = skip_bad
         self.batch_size = batch_size
         self.rank = rank
@@ -138,30 +136,15 @@ class _ShardStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         epoch, start_sample = self._epoch.value, self._start_sample.value
-        shard_of, inside = global_sequence(self.manifest.shard_sizes, self.seed, epoch)
-        plans = rank_batches(self.manifest.num_samples, self.world_size, self.rank,
+        shard_of, inside = global_sequence(self.shard_set.manifest.shard_sizes, self.seed, epoch)
+        plans = rank_batches(self.shard_set.num_samples, self.world_size, self.rank,
                              self.batch_size, start_sample)
-        cache = _ShardCache(self.manifest, self.skip_bad)
+        cache = _ShardCache(self.shard_set, self.skip_bad)
         for plan in plans[worker::workers]:
             samples = [cache.sample(int(shard_of[p]), int(inside[p])) for p in plan.positions]
-            yield (self._plain_batch(samples, plan.offset)
-                   or self._checked_batch(samples, plan.offset, cache))
+            yield self._batch(samples, plan.offset, cache)
 
-    def _plain_batch(self, samples: list[ShardSample | None], offset: int) -> Batch | None:
-        """The batch decoded in one pass, when every sample is there, plain and labelled."""
-        if any(sample is None for sample in samples):
-            return None
-        pixels = decode_plain_batch([sample.png for sample in samples], self.manifest.image_size)
-        if pixels is None:
-            return None
-        try:
-            labels = [sample.meta["label"] for sample in samples]
-        except DataError:
-            return None
-        return Batch(_nchw(pixels), [sample.key for sample in samples], labels, offset)
-
-    def _checked_batch(self, samples: list[ShardSample | None], offset: int,
-                       cache: _ShardCache) -> Batch:
+    def _batch(self, samples: list[ShardSample | None], offset: int, cache: _ShardCache) -> Batch:
         """Sample by sample: a bad one stops the run, or its slot takes a good sample's copy.
 
         Copies come from this batch, else from the first readable sample of the
@@ -192,10 +175,9 @@ class _ShardCache:
     batches, though it reads every shard its batches touch.
     """
 
-    def __init__(self, manifest: Manifest, skip_bad: bool) -> None:
-        self.manifest = manifest
-        self.paths, self.sizes = manifest.shard_paths, manifest.shard_sizes
-        self.image_size = manifest.image_size
+    def __init__(self, shard_set: ShardSet, skip_bad: bool) -> None:
+        self.shard_set = shard_set
+        self.sizes = shard_set.manifest.shard_sizes
         self.skip_bad = skip_bad
         self.index: int | None = None
         self.samples: list[ShardSample] = []
@@ -203,22 +185,17 @@ class _ShardCache:
     def sample(self, shard: int, position: int) -> ShardSample | None:
         """The encoded sample, or None when it was lost to a damaged shard and bad ones are skipped."""
         if shard != self.index:
-            self.samples = self._read(self.paths[shard], self.sizes[shard])
+            self.samples = self._read(shard)
             self.index = shard
-        if position < len(self.samples):
-            return self.samples[position]
-        if self.skip_bad:
-            return None  # _read has said so once
-        raise DataError(f"shard {self.paths[shard]} holds {len(self.samples)} samples but its "
-                        f"manifest says {self.sizes[shard]}; re-run `pegasus-dist prepare`")
+        # Past the samples read: lost to damage, which _read raised or (skipping) logged once.
+        return self.samples[position] if position < len(self.samples) else None
 
     def decode(self, sample: ShardSample | None) -> tuple[str, np.ndarray, str | None] | None:
         """(key, image, label), or None for a bad sample when bad ones are skipped."""
         if sample is None:
             return None
         try:
-            image = decode_image(sample.png, self.image_size, where=f"{sample.shard}:{sample.key}")
-            return sample.key, image, sample.meta["label"]
+            return sample.key, self.shard_set.decode(sample), sample.meta["label"]
         except DataError as err:
             if not self.skip_bad:
                 raise
@@ -232,20 +209,18 @@ class _ShardCache:
                 found = self.decode(self.sample(shard, position))
                 if found is not None:
                     return found
-        raise DataError(f"no sample of {self.manifest.path} is readable; "
+        raise DataError(f"no sample of {self.shard_set.path} is readable; "
                         "run `pegasus-dist verify` and re-run `pegasus-dist prepare`")
 
-    def _read(self, path: Path, expected: int) -> list[ShardSample]:
+    def _read(self, shard: int) -> list[ShardSample]:
+        """The shard's samples; with bad ones skipped, those before a damage or a shortfall."""
         samples: list[ShardSample] = []
         try:
-            samples.extend(iter_shard(path))
+            samples.extend(self.shard_set.read(shard))
         except DataError as err:
-            if not self.skip_bad:
+            if not self.skip_bad or len(samples) > self.sizes[shard]:
                 raise
-            log.warning("%s; skipping its %d unread samples", err, expected - len(samples))
-        if len(samples) > expected:
-            raise DataError(f"shard {path} holds more samples than its manifest says ({expected}); "
-                            "re-run `pegasus-dist prepare`")
+            log.warning("%s; skipping its %d unread samples", err, self.sizes[shard] - len(samples))
         return samples
 
 
@@ -255,10 +230,9 @@ class ShardLoader:
     def __init__(self, shard_set: str | Path, batch_size: int, rank: int, world_size: int,
                  num_workers: int, seed: int, image_size: int, pin_memory: bool = False,
                  skip_bad_samples: bool = False) -> None:
-        self.manifest = _checked_manifest(shard_set, image_size)
-        self.path = self.manifest.path
-        self.num_samples = self.manifest.num_samples
-        self._dataset = _ShardStream(self.manifest, batch_size, rank, world_size, seed,
+        self.shard_set = ShardSet(shard_set, image_size)
+        self.path, self.num_samples = self.shard_set.path, self.shard_set.num_samples
+        self._dataset = _ShardStream(self.shard_set, batch_size, rank, world_size, seed,
                                      skip_bad_samples)
         self._num_batches = len(rank_batches(self.num_samples, world_size, rank, batch_size))
         self._loader = DataLoader(self._dataset, batch_size=None, num_workers=num_workers,
@@ -297,21 +271,16 @@ class MemoryLoader:
 
     def __init__(self, shard_set: str | Path, batch_size: int, rank: int, world_size: int,
                  seed: int, image_size: int, device: torch.device | str = "cpu") -> None:
-        self.manifest = _checked_manifest(shard_set, image_size)
-        self.path, self.num_samples = self.manifest.path, self.manifest.num_samples
+        shards = ShardSet(shard_set, image_size)
+        self.manifest, self.path, self.num_samples = shards.manifest, shards.path, shards.num_samples
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.device = torch.device(device)
         images = np.empty((self.num_samples, image_size, image_size, 3), dtype=np.uint8)
         keys, labels = [], []
-        for path, size in zip(self.manifest.shard_paths, self.manifest.shard_sizes, strict=True):
-            samples = list(iter_shard(path))
-            if len(samples) != size:
-                raise DataError(f"shard {path} holds {len(samples)} samples but its manifest says "
-                                f"{size}; re-run `pegasus-dist prepare`")
-            images[len(keys) : len(keys) + size] = decode_images(
-                [s.png for s in samples], image_size, [f"{path}:{s.key}" for s in samples])
-            keys += [s.key for s in samples]
-            labels += [s.meta["label"] for s in samples]
+        for row, sample in enumerate(shards):  # ShardSet checks each shard's count
+            images[row] = shards.decode(sample)
+            keys.append(sample.key)
+            labels.append(sample.meta["label"])
         # Object arrays: a batch's names are then one fancy index away.
         self.keys, self.labels = np.array(keys, dtype=object), np.array(labels, dtype=object)
         self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(self.device)
@@ -344,22 +313,11 @@ class MemoryLoader:
             )
 
 
-def _checked_manifest(shard_set: str | Path, image_size: int) -> Manifest:
-    manifest = load_manifest(shard_set)
-    if manifest.image_size != image_size:
-        raise DataError(
-            f"{manifest.path} holds {manifest.image_size}px images but model.image_size is "
-            f"{image_size}; set model.image_size={manifest.image_size} or prepare shards with "
-            f"--image-size {image_size}"
-        )
-    return manifest
-
-
 def make_loader(cfg: DataConfig, image_size: int, rank: int, world_size: int,
                 device: torch.device) -> ShardLoader | MemoryLoader:
     """The loader ``data.mode`` asks for; ``auto`` keeps the set in memory when it fits."""
     shard_set = Path(cfg.shards) / cfg.shard_set
-    manifest = _checked_manifest(shard_set, image_size)
+    manifest = ShardSet(shard_set, image_size).manifest
     megabytes = manifest.num_samples * 3 * image_size**2 / 2**20
     mode, why = cfg.mode, "as data.mode asks"
     if mode == "auto":

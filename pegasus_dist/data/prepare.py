@@ -39,7 +39,6 @@ import numpy as np
 
 from pegasus_dist.config import PrepareConfig
 from pegasus_dist.data.manifest import SHARD_SETS, ShardEntry, generation_id, sha256_file, write_manifest
-from pegasus_dist.data.png import encode_png
 from pegasus_dist.data.shards import write_shard
 from pegasus_dist.data.sources import SourceImages, load_source
 from pegasus_dist.errors import DataError
@@ -137,9 +136,9 @@ class ShardTask:
 def _write_shards(images: np.ndarray, metas: list[dict], tasks: list[ShardTask]) -> list[ShardEntry]:
     """Encode and write every shard, on all cores when there are many images.
 
-    Each task is a whole shard: PNG encoding, tar writing and hashing all run in
+    Each task is a whole shard: encoding, tar writing and hashing all run in
     the forked workers, which inherit the images and metadata through the
-    pool's initializer, so no image is pickled and no PNG is held in memory.
+    pool's initializer, so no image is pickled and no shard is held in memory.
     """
     _share(images, metas)
     if len(images) < POOL_THRESHOLD:
@@ -159,8 +158,7 @@ def _share(images: np.ndarray, metas: list[dict]) -> None:
 
 def _write_one(task: ShardTask) -> ShardEntry:
     images, metas = _shared
-    write_shard(task.path, [(metas[i]["key"], encode_png(images[i]), metas[i])
-                            for i in task.indices])
+    write_shard(task.path, ((metas[i]["key"], images[i], metas[i]) for i in task.indices))
     return ShardEntry(task.path.name, len(task.indices), sha256_file(task.path),
                       task.path.stat().st_size)
 

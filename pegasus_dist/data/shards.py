@@ -1,44 +1,53 @@
-"""WebDataset tar shards: deterministic writing and fast, checked reading.
+"""WebDataset tar shards: written by webdataset, read through one :class:`ShardSet`.
 
-A sample is two tar members with one key: ``KEY.png`` (the RGB image, a plain
-PNG, see :mod:`pegasus_dist.data.png`) and ``KEY.json`` (``{"key", "source",
-"index", "label", "split"}``). Keys hold no dots, since WebDataset splits a
-member name at its first dot. Plain ``webdataset.WebDataset(urls)`` reads the
-shards.
+A sample is two tar members with one key: ``KEY.npy`` (the (H, W, 3) uint8
+image, NumPy's format) and ``KEY.json`` (``{"key", "source", "index",
+"label", "split"}``). Keys hold no dots, since WebDataset splits a member
+name at its first dot. Plain ``webdataset.WebDataset(urls).decode()`` reads
+the shards. Why ``.npy`` and not PNG: docs/performance.md ("Sample format").
 
 Shards are ustar archives written by webdataset's ``TarWriter`` with a fixed
-owner, mode and time stamp, so the same samples give byte-identical shards. Reading
-slices the members straight out of the file's bytes (about 1 us a member,
-against about 20 us through ``tarfile``); an archive in another layout (PAX
-or GNU headers, as other tools write) is read by WebDataset's own tar reader.
+owner, mode and time stamp, so the same samples give byte-identical shards.
+They are read by webdataset's tar reader and decoded by its decoder, which
+also opens the PNG members of shards written before the switch to ``.npy``.
 """
 
 from __future__ import annotations
 
 import json
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from webdataset.tariterators import tar_file_iterator
+import numpy as np
+from webdataset.autodecode import imagehandler, npy_loads
+from webdataset.tariterators import tarfile_samples
 from webdataset.writer import TarWriter
 
-from pegasus_dist.data.png import Bytes
+from pegasus_dist.data.manifest import Manifest, load_manifest
 from pegasus_dist.errors import DataError
 
-BLOCK = 512  # tar's unit: a header, and the padding of every member's data
 OWNER = "pegasus"  # user and group name of every member
-_JSON = json.JSONDecoder()  # skips json.loads's per-call encoding detection
+_PNG = imagehandler("rgb8")  # Pillow, to RGB
+# webdataset's decoders of what prepare writes, and of what shards before it held. Called
+# directly: its Decoder tries a chain of handlers per member, which triples the cost of a 32 px image.
+_DECODERS = {"npy": npy_loads, "png": lambda data: _PNG(".png", data)}
+IMAGE_EXTENSIONS = tuple(_DECODERS)
 
 
 @dataclass
 class ShardSample:
     key: str
-    png: Bytes  # a view into the shard's bytes when read by the fast path
-    raw_meta: Bytes  # the JSON member, parsed on first use of ``meta``
+    image: bytes  # the encoded image member
+    image_ext: str  # its extension, one of IMAGE_EXTENSIONS: how to decode it
+    raw_meta: bytes  # the JSON member, parsed on first use of ``meta``
     shard: Path
     _meta: dict | None = field(default=None, repr=False)
+
+    @property
+    def where(self) -> str:
+        return f"{self.shard}:{self.key}"
 
     @property
     def meta(self) -> dict:
@@ -48,9 +57,9 @@ class ShardSample:
         return self._meta
 
 
-def _parse_meta(raw: Bytes, shard: Path, key: str) -> dict:
+def _parse_meta(raw: bytes, shard: Path, key: str) -> dict:
     try:
-        meta = _JSON.decode(str(raw, "utf-8"))
+        meta = json.loads(raw)
     except ValueError:
         raise DataError(f"shard {shard}: {key}.json is not valid JSON") from None
     if not isinstance(meta, dict) or "label" not in meta:
@@ -59,16 +68,17 @@ def _parse_meta(raw: Bytes, shard: Path, key: str) -> dict:
     return meta
 
 
-def write_shard(path: Path, samples: Iterable[tuple[str, bytes, dict]]) -> None:
-    """Write (key, png bytes, meta) samples, in order, into one tar file.
+def write_shard(path: Path, samples: Iterable[tuple[str, np.ndarray, dict]]) -> None:
+    """Write (key, (H, W, 3) uint8 image, meta) samples, in order, into one tar file.
 
-    webdataset's TarWriter, with every member's owner, mode and time stamp
-    fixed, so the same samples give the same bytes. One writer per shard, not
-    a ShardWriter: ``prepare`` writes its shards in parallel, one per process.
+    webdataset's TarWriter encodes them (``.npy``, ``.json``), with every member's
+    owner, mode and time stamp fixed, so the same samples give the same bytes.
+    One writer per shard, not a ShardWriter: ``prepare`` writes its shards in
+    parallel, one per process.
     """
     with TarWriter(str(path), user=OWNER, group=OWNER, mode=0o444, mtime=0) as writer:
-        for key, png, meta in samples:
-            writer.write({"__key__": key, "png": png, "json": meta})
+        for key, image, meta in samples:
+            writer.write({"__key__": key, "npy": image, "json": meta})
 
 
 def iter_shard(path: Path) -> Iterator[ShardSample]:
@@ -77,54 +87,92 @@ def iter_shard(path: Path) -> Iterator[ShardSample]:
     The samples before the damage are yielded first, so a reader that skips
     bad samples keeps them.
     """
-    pending: dict[str, dict[str, bytes]] = {}
     try:
-        data = path.read_bytes()
-        members = _ustar_members(data) if _is_plain_ustar(data) else _webdataset_members(path)
-        for name, content in members:
-            key, _, ext = name.partition(".")
-            parts = pending.setdefault(key, {})
-            parts[ext] = content
-            if "png" in parts and "json" in parts:
-                del pending[key]
-                yield ShardSample(key, parts["png"], parts["json"], path)
+        for sample in tarfile_samples([{"url": str(path)}]):
+            yield _shard_sample(sample, path)
     except (tarfile.TarError, OSError, EOFError, ValueError) as err:
+        # webdataset appends the stream and URL to the message: keep the reason alone.
+        reason = str(err.args[0]).split(" @ ")[0] if err.args else type(err).__name__
         raise DataError(
-            f"shard {path} is unreadable ({err}); re-run `pegasus-dist prepare` to rewrite it"
+            f"shard {path} is unreadable ({reason}); re-run `pegasus-dist prepare` to rewrite it"
         ) from None
-    if pending:
-        key = next(iter(pending))
-        raise DataError(f"shard {path}: sample {key} lacks its png or json member; "
-                        "re-run `pegasus-dist prepare`")
 
 
-def _is_plain_ustar(data: bytes) -> bool:
-    """Whether the archive starts with a ustar header of a regular file (how we write them)."""
-    return len(data) >= BLOCK and data[257:262] == b"ustar" and data[156:157] in (b"0", b"\0")
+def _shard_sample(sample: dict, path: Path) -> ShardSample:
+    key = sample["__key__"]
+    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    if ext is None or "json" not in sample:
+        raise DataError(f"shard {path}: sample {key} lacks its image ({' or '.join(IMAGE_EXTENSIONS)}) "
+                        "or json member; re-run `pegasus-dist prepare`")
+    return ShardSample(key, sample[ext], ext, sample["json"], path)
 
 
-def _ustar_members(data: bytes) -> Iterator[tuple[str, memoryview]]:
-    """(name, content) of each regular file: views into the archive's bytes, not copies."""
-    view, offset = memoryview(data), 0
-    while offset + BLOCK <= len(data) and data[offset]:  # a zero byte: the end-of-archive marker
-        kind = data[offset + 156]
-        if kind not in (0, 48, 53):  # NUL and "0": a regular file, "5": a directory
-            raise ValueError(f"member at byte {offset} is of tar type {chr(kind)!r}, which "
-                             "`pegasus-dist prepare` never writes")
-        size = int(data[offset + 124 : offset + 136].strip(b"\0 ") or b"0", 8)
-        start = offset + BLOCK
-        if start + size > len(data):
-            raise ValueError(f"unexpected end of data at byte {len(data)}")
-        if kind != 53:  # directories carry no sample
-            name = data[offset : offset + 100].rstrip(b"\0").decode()
-            if data[offset + 345]:  # ustar's name prefix, for names over 100 bytes
-                name = data[offset + 345 : offset + 500].rstrip(b"\0").decode() + "/" + name
-            yield name, view[start : start + size]
-        offset = start + size + (-size % BLOCK)
+class ShardSet:
+    """A shard set: its manifest, its samples shard by shard, and their images, checked."""
 
+    def __init__(self, folder: str | Path, image_size: int | None = None) -> None:
+        """``image_size``: what the reader expects (model.image_size); None takes the manifest's."""
+        self.manifest: Manifest = load_manifest(folder)
+        self.path = self.manifest.path
+        self.image_size = self.manifest.image_size
+        if image_size is not None and image_size != self.image_size:
+            raise DataError(
+                f"{self.path} holds {self.image_size}px images but model.image_size is "
+                f"{image_size}; set model.image_size={self.image_size} or prepare shards with "
+                f"--image-size {image_size}"
+            )
 
-def _webdataset_members(path: Path) -> Iterator[tuple[str, bytes]]:
-    """(name, content) of each regular file, read the way WebDataset reads any tar."""
-    with open(path, "rb") as stream:
-        for member in tar_file_iterator(stream):
-            yield member["fname"], member["data"]
+    @property
+    def num_samples(self) -> int:
+        return self.manifest.num_samples
+
+    def __iter__(self) -> Iterator[ShardSample]:
+        """Every sample, shard after shard, in file order."""
+        for index in range(len(self.manifest.shards)):
+            yield from self.read(index)
+
+    def read(self, index: int) -> Iterator[ShardSample]:
+        """The samples of shard ``index``; then DataError if they are not as many as the manifest says.
+
+        A tar cut short between two members reads as a shorter archive: the count catches it.
+        """
+        path, expected = self.manifest.shard_paths[index], self.manifest.shard_sizes[index]
+        count = 0
+        for sample in iter_shard(path):
+            count += 1
+            yield sample
+        if count != expected:
+            raise DataError(f"shard {path} holds {count} samples but its manifest says {expected}; "
+                            "re-run `pegasus-dist prepare`")
+
+    def decode(self, sample: ShardSample) -> np.ndarray:
+        """The sample's (H, W, 3) uint8 image, checked against the set's image size."""
+        try:
+            image = _DECODERS[sample.image_ext](sample.image)
+        except Exception as err:  # Pillow and NumPy raise many kinds for a damaged member
+            raise DataError(f"{sample.where}: the image does not decode ({err}); "
+                            "re-run `pegasus-dist prepare`") from None
+        size = self.image_size
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 \
+                or image.shape[2] != 3:
+            raise DataError(f"{sample.where}: the image is not an (H, W, 3) uint8 array; "
+                            "re-run `pegasus-dist prepare`")
+        if image.shape[:2] != (size, size):
+            raise DataError(
+                f"{sample.where}: image is {image.shape[1]}x{image.shape[0]} but {size}x{size} was "
+                "expected; prepare the shards at model.image_size or change model.image_size"
+            )
+        return np.require(image, requirements="W")  # .npy members decode to read-only views
+
+    def keys_by_label(self, labels: Iterable[str]) -> dict[str, list[str]]:
+        """The keys of each of ``labels``, in file order."""
+        found: dict[str, list[str]] = {label: [] for label in labels}
+        for sample in self:
+            label = sample.meta.get("label")
+            if label in found:
+                found[label].append(sample.key)
+        return found
+
+    def images(self, keys: Collection[str]) -> dict[str, np.ndarray]:
+        """The (H, W, 3) uint8 images of ``keys`` found in the set, by key."""
+        return {s.key: self.decode(s) for s in self if s.key in keys}
