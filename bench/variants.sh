@@ -24,9 +24,10 @@ declare -A VARIANTS=(
   [acai-free-bits]="loss.acai_weight=1536 loss.free_bits=0.25 loss.kl_warmup_steps=1000"
   [acai-resize]="loss.acai_weight=1536 model.upsample=resize"
   [acai-logistic]="loss.acai_weight=1536 model.likelihood=logistic"
+  [acai-logistic-patch-gan]="loss.acai_weight=1536 model.likelihood=logistic loss.patch_gan_weight=300"
   [wide]="model.channels=[64,128,256,512] model.fc_dims=[512,512,256] model.latent_dim=128"
 )
-ORDER=(vae free-bits beta-0.25 acai acai-free-bits acai-resize acai-logistic wide)
+ORDER=(vae free-bits beta-0.25 acai acai-free-bits acai-resize acai-logistic acai-logistic-patch-gan wide)
 
 for name in "${@:-${ORDER[@]}}"; do
   [[ -v "VARIANTS[$name]" ]] || { echo "unknown variant $name; known: ${ORDER[*]}" >&2; exit 2; }

@@ -5,10 +5,11 @@ writes its first four kinds of file, for the prepared models and optimizer and
 the objects registered with ``register_for_checkpointing``; the last two are ours:
 
 - ``model.safetensors``: the VAE's weights and batch-norm statistics;
-- ``model_1.safetensors``: with ACAI (``loss.acai_weight`` > 0), the critic's
-  weights (the second model prepared);
+- ``model_1.safetensors``: with ACAI (``loss.acai_weight`` > 0) or the patch
+  discriminator (``loss.patch_gan_weight`` > 0), their weights (the second
+  model prepared, :class:`pegasus_dist.adversaries.Adversaries`);
 - ``optimizer.bin``: Adam's state; ``scaler.pt``: the fp16 loss scaler (fp16 only);
-- ``custom_checkpoint_0.pkl``: with ACAI, the critic's Adam (registered: it is
+- ``custom_checkpoint_0.pkl``: with either, their Adam (registered: it is
   not prepared, so that fp16's loss scaler never steps it);
 - ``config.yaml``: the resolved config of the run;
 - ``state.json``: phase, epoch, the samples of that epoch's seeded order
@@ -48,6 +49,7 @@ from accelerate.utils import extract_model_from_parallel
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from pegasus_dist.adversaries import KINDS
 from pegasus_dist.config import Config, TrainConfig, load_config
 from pegasus_dist.errors import CheckpointError
 from pegasus_dist.model import VAE
@@ -57,7 +59,7 @@ log = logging.getLogger("pegasus_dist.checkpoint")
 PREFIX = "step_"
 STATE = "state.json"
 MODEL = "model.safetensors"  # the first model prepared; Accelerate names the others model_<i>
-CRITIC = "model_1.safetensors"  # ACAI's critic, prepared second in runs with loss.acai_weight > 0
+ADVERSARIES = "model_1.safetensors"  # the critic and patch discriminator, prepared second when on
 OPTIMIZER = "optimizer.bin"
 OLDER_OPTIMIZER = "optimizer.pt"  # of the versions before save_state, refused in one line
 FINISHED = "finished.json"  # in the run folder, written last by a phase that ended
@@ -209,23 +211,36 @@ def _refuse_older_layout(folder: Path) -> None:
         )
 
 
-def check_resumable(folder: Path, acai: bool) -> None:
-    """One line when a run with ACAI on (``acai``) or off cannot resume ``folder``.
+def check_resumable(folder: Path, wanted: set[str]) -> None:
+    """One line when a run training the adversaries ``wanted`` cannot resume ``folder``.
 
-    A critic on one side only: its weights and Adam would be missing, or
+    An adversary on one side only: its weights and Adam would be missing, or
     left over (and ``load_state`` refuses unclaimed registered objects).
     """
     _refuse_older_layout(folder)
-    if acai and not (folder / CRITIC).is_file():
+    held = held_adversaries(folder)
+    for kind in sorted(wanted ^ held):
+        what, key = KINDS[kind]
+        if kind in wanted:
+            raise CheckpointError(
+                f"{folder} holds no {what} (its run had {key}=0); resume it with "
+                f"{key}=0, or start a new run with train.init_from={folder}"
+            )
+        article = "an" if what[0] in "AEIOU" else "a"
         raise CheckpointError(
-            f"{folder} holds no ACAI critic (its run had loss.acai_weight=0); resume it with "
-            f"loss.acai_weight=0, or start a new run with train.init_from={folder}"
+            f"{folder} holds {article} {what} (its run had {key} > 0); resume it with "
+            f"{key} > 0, or start a new run with train.init_from={folder}"
         )
-    if not acai and (folder / CRITIC).is_file():
-        raise CheckpointError(
-            f"{folder} holds an ACAI critic (its run had loss.acai_weight > 0); resume it with "
-            f"loss.acai_weight > 0, or start a new run with train.init_from={folder}"
-        )
+
+
+def held_adversaries(folder: Path) -> set[str]:
+    """The adversaries whose weights ``folder`` holds, by their names' first part (``critic.*``)."""
+    path = folder / ADVERSARIES
+    if not path.is_file():
+        return set()
+    _check_safetensors(path)
+    with safe_open(path, framework="pt") as weights:
+        return {name.split(".", 1)[0] for name in weights.keys()}  # noqa: SIM118 (not a dict)
 
 
 def _check_safetensors(path: Path) -> None:
@@ -317,13 +332,18 @@ def _bad_field(name: str, value: object, hint: type) -> str | None:
     return None if isinstance(value, hint) else f"must be a {hint.__name__}"
 
 
-def load_model_weights(model: torch.nn.Module, folder: Path, name: str = MODEL) -> None:
-    """Load ``folder/name`` (the VAE's weights, or the critic's) into ``model``, naming any mismatch."""
+def load_model_weights(model: torch.nn.Module, folder: Path, name: str = MODEL,
+                       prefix: str = "") -> None:
+    """Load ``folder/name`` (the VAE's weights, or the adversaries') into ``model``, naming any mismatch.
+
+    With ``prefix``, only the weights named ``prefix...`` (one adversary's), without it.
+    """
     path = folder / name
     try:
         weights = load_file(path)
     except Exception as err:  # OSError, or safetensors' own SafetensorError
         raise CheckpointError(f"cannot read {path}: {err}") from None
+    weights = {key.removeprefix(prefix): value for key, value in weights.items() if key.startswith(prefix)}
     expected = model.state_dict()
     for name, tensor in weights.items():
         if name in expected and expected[name].shape != tensor.shape:

@@ -98,6 +98,10 @@ class LossConfig:
     acai_weight: float = 0.0
     # gamma of the critic's regulariser: it sees gamma x + (1 - gamma) x_hat, target 0.
     acai_gamma: float = 0.2
+    # Weight of the patch discriminator's hinge term -mean D(x_hat) on reconstructions
+    # (pegasus_dist/adversaries.py: VAE-GAN's adversarial loss on decodes); 0: off. Like
+    # acai_weight, ~ 0.1 x 3 x H x W (300 at 32 px) is the order of a loss averaged over pixels.
+    patch_gan_weight: float = 0.0
 
 
 @dataclass
@@ -442,6 +446,7 @@ def _validate(cfg: Config) -> None:
         (cfg.loss.free_bits >= 0, "loss.free_bits must be 0 (off) or positive (nats per dimension)"),
         (cfg.loss.acai_weight >= 0, "loss.acai_weight must be 0 (ACAI off) or positive"),
         (0 <= cfg.loss.acai_gamma <= 1, "loss.acai_gamma must be in [0, 1]"),
+        (cfg.loss.patch_gan_weight >= 0, "loss.patch_gan_weight must be 0 (off) or positive"),
         (cfg.optim.lr > 0, "optim.lr must be positive"),
         (cfg.optim.base_batch_size >= 1, "optim.base_batch_size must be at least 1"),
         (len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas),

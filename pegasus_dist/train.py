@@ -35,10 +35,18 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from pegasus_dist import acai
+from pegasus_dist.adversaries import (
+    KINDS,
+    Adversaries,
+    discriminator_loss,
+    enabled_adversaries,
+    generator_loss,
+)
 from pegasus_dist.checkpoint import (
-    CRITIC,
+    ADVERSARIES,
     TrainState,
     check_resumable,
+    held_adversaries,
     is_complete,
     is_finished,
     latest_checkpoint,
@@ -127,9 +135,10 @@ class Phase:
     # step in progress; the whole step is skipped at its last micro-batch.
     skip_ranks: list[int] = field(default_factory=list)
     epoch_plan: _EpochPlan = field(default_factory=lambda: _EpochPlan([], 0))
-    # ACAI (loss.acai_weight > 0): the critic (prepared: DDP across ranks) and its Adam.
-    critic: torch.nn.Module | None = None
-    critic_optimizer: torch.optim.Optimizer | None = None
+    # ACAI's critic and the patch discriminator (adversaries.Adversaries, prepared: DDP
+    # across ranks) and their Adam, when loss.acai_weight or loss.patch_gan_weight > 0.
+    adversaries: torch.nn.Module | None = None
+    adversary_optimizer: torch.optim.Optimizer | None = None
 
     @property
     def global_batch(self) -> int:
@@ -188,11 +197,11 @@ def setup(cfg: Config) -> Phase:
         warn_if_launcher_precision_differs(cfg)
     model = torch.compile(start.model) if cfg.train.compile else start.model
     model, optimizer = accelerator.prepare(model, start.optimizer)
-    # The critic's optimizer stays unprepared: its loss is never scaled by fp16's
+    # The adversaries' optimizer stays unprepared: their loss is never scaled by fp16's
     # GradScaler, whose one scale per step belongs to the autoencoder's optimizer.
-    critic = accelerator.prepare_model(start.critic) if start.critic is not None else None
-    if start.critic_optimizer is not None:
-        accelerator.register_for_checkpointing(start.critic_optimizer)
+    adversaries = accelerator.prepare_model(start.adversaries) if start.adversaries is not None else None
+    if start.adversary_optimizer is not None:
+        accelerator.register_for_checkpointing(start.adversary_optimizer)
     if resume_from is not None:  # after prepare: load_state fills what it prepared
         agree_on_start(accelerator, lambda: restore_checkpoint(accelerator, resume_from))
     global_batch = _global_batch(cfg, accelerator)
@@ -220,7 +229,7 @@ def setup(cfg: Config) -> Phase:
                  NonfiniteWatch(accelerator.device), schedule,
                  DivergenceGuard(schedule, _batch_description(cfg, accelerator)),
                  StopPoll(accelerator, signals, cfg.train.collective_timeout_s),
-                 critic=critic, critic_optimizer=start.critic_optimizer)
+                 adversaries=adversaries, adversary_optimizer=start.adversary_optimizer)
 
 
 def run_epochs(p: Phase) -> None:
@@ -309,7 +318,7 @@ def train_step(p: Phase, batch) -> tuple[torch.Tensor, int]:
     eps, alpha = _batch_noise(p, batch, x.shape[0], index)
     weight = _loss_weight(p, x.shape[0], index)
     loss = p.cfg.loss
-    pairs = acai.partners(x.shape[0], batch.offset, x.device) if p.critic is not None else None
+    pairs = acai.partners(x.shape[0], batch.offset, x.device) if loss.acai_weight else None
     # DDP all-reduces the gradients only in the backward of the step's last micro-batch.
     with contextlib.nullcontext() if ends_step else p.accelerator.no_sync(p.model):
         # Accelerate's prepare() already runs forward under autocast.
@@ -317,15 +326,22 @@ def train_step(p: Phase, batch) -> tuple[torch.Tensor, int]:
         terms = vae_loss(out.logits, x, out.mu, out.logvar,
                          beta=kl_weight(loss.beta, loss.kl_warmup_steps, p.state.step),
                          free_bits=loss.free_bits, log_scale=out.log_scale)
-        fooling = critic_terms = torch.zeros((), device=x.device)
-        if pairs is not None:
-            fooling = acai.fooling_loss(_frozen_critic(p, torch.sigmoid(out.mixed_logits)),
-                                        acai.interpolation_mask(pairs))
-            terms.total = terms.total + loss.acai_weight * fooling
+        fooling = critic_terms = generator = discriminator = torch.zeros((), device=x.device)
+        if p.adversaries is not None:
+            mixed = None if pairs is None else torch.sigmoid(out.mixed_logits)
+            decoded = torch.sigmoid(out.logits) if loss.patch_gan_weight else None
+            predicted_mix, patches = _frozen_adversaries(p, mixed, decoded)
+            if pairs is not None:
+                fooling = acai.fooling_loss(predicted_mix, acai.interpolation_mask(pairs))
+                terms.total = terms.total + loss.acai_weight * fooling
+            if patches is not None:
+                generator = generator_loss(patches)
+                terms.total = terms.total + loss.patch_gan_weight * generator
         p.accelerator.backward(terms.total * weight)
-    if pairs is not None:
-        critic_terms = _critic_backward(p, x, out, alpha, pairs, weight, ends_step)
-    stacked = torch.stack([terms.total, terms.recon, terms.kl, critic_terms, fooling]).detach()
+    if p.adversaries is not None:
+        critic_terms, discriminator = _adversaries_backward(p, x, out, alpha, pairs, weight, ends_step)
+    stacked = torch.stack([terms.total, terms.recon, terms.kl, critic_terms, fooling,
+                           discriminator, generator]).detach()
     count = x.shape[0]
     if p.cfg.train.on_nonfinite == "skip":
         # The opt-in price of skipping: one host sync per micro-batch, so that every
@@ -348,44 +364,58 @@ def train_step(p: Phase, batch) -> tuple[torch.Tensor, int]:
         p.accelerator.clip_grad_norm_(p.model.parameters(), p.cfg.optim.grad_clip)
     p.optimizer.step()
     p.optimizer.zero_grad(set_to_none=True)
-    if p.critic_optimizer is not None:
-        set_lr(p.critic_optimizer, p.schedule.at(p.state.step))
-        p.critic_optimizer.step()
-        p.critic_optimizer.zero_grad(set_to_none=True)
+    if p.adversary_optimizer is not None:
+        set_lr(p.adversary_optimizer, p.schedule.at(p.state.step))
+        p.adversary_optimizer.step()
+        p.adversary_optimizer.zero_grad(set_to_none=True)
     # A host flag set by fp16's GradScaler (which syncs in its step anyway); False otherwise.
     if p.accelerator.optimizer_step_was_skipped:
         p.state.scaler_skipped_steps += 1
     return stacked, count
 
 
-def _frozen_critic(p: Phase, mixed: torch.Tensor) -> torch.Tensor:
-    """C(x_a) for the autoencoder's ACAI term: gradients reach the images, never the critic.
+def _frozen_adversaries(p: Phase, mixed: torch.Tensor | None,
+                        decoded: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """C(x_a) and D(x_hat) for the autoencoder's terms: gradients reach the images, never the adversaries.
 
-    The critic's own module with detached parameters, outside DDP: the critic is
-    updated only by its own loss (:func:`_critic_backward`).
+    Their own module with detached parameters, outside DDP: the adversaries are
+    updated only by their own losses (:func:`_adversaries_backward`).
     """
-    critic = p.accelerator.unwrap_model(p.critic)
-    frozen = {name: value.detach() for name, value in critic.named_parameters()}
+    adversaries = p.accelerator.unwrap_model(p.adversaries)
+    frozen = {name: value.detach() for name, value in adversaries.named_parameters()}
     with p.accelerator.autocast():
-        return torch.func.functional_call(critic, frozen, (mixed,))
+        return torch.func.functional_call(adversaries, frozen, (mixed, decoded))
 
 
-def _critic_backward(p: Phase, x: torch.Tensor, out, alpha: torch.Tensor, pairs: torch.Tensor,
-                     weight: float, ends_step: bool) -> torch.Tensor:
-    """ACAI's critic loss on detached decodes, backpropagated into the critic alone.
+def _adversaries_backward(p: Phase, x: torch.Tensor, out, alpha: torch.Tensor | None,
+                          pairs: torch.Tensor | None, weight: float,
+                          ends_step: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The critic's and the discriminator's losses on detached decodes, backpropagated into them alone.
 
-    One forward of the prepared critic over interpolants and blends together,
-    so that DDP sees one use of it per micro-batch and all-reduces its
-    gradients with the step's last one, like the autoencoder's.
+    One forward of the prepared adversaries per micro-batch (the critic over
+    interpolants and blends, the discriminator over real images and
+    reconstructions), so that DDP sees one use of them and all-reduces their
+    gradients with the step's last one, like the autoencoder's. Returns both
+    losses (0 for one that is off).
     """
-    mixed = torch.sigmoid(out.mixed_logits).detach()
-    blends = acai.blend(x, torch.sigmoid(out.logits), p.cfg.loss.acai_gamma)
-    with contextlib.nullcontext() if ends_step else p.accelerator.no_sync(p.critic):
-        predicted = p.critic(torch.cat([mixed, blends]))
-        predicted_mix, predicted_blend = predicted.split(x.shape[0])
-        terms = acai.critic_loss(predicted_mix, alpha, predicted_blend, acai.interpolation_mask(pairs))
-        (terms * weight).backward()
-    return terms
+    decoded = torch.sigmoid(out.logits).detach()
+    critic_input = discriminator_input = None
+    if pairs is not None:
+        blends = acai.blend(x, decoded, p.cfg.loss.acai_gamma)
+        critic_input = torch.cat([torch.sigmoid(out.mixed_logits).detach(), blends])
+    if p.cfg.loss.patch_gan_weight:
+        discriminator_input = torch.cat([x, decoded])
+    critic_terms = discriminator_terms = torch.zeros((), device=x.device)
+    with contextlib.nullcontext() if ends_step else p.accelerator.no_sync(p.adversaries):
+        predicted, patches = p.adversaries(critic_input, discriminator_input)
+        if predicted is not None:
+            predicted_mix, predicted_blend = predicted.split(x.shape[0])
+            critic_terms = acai.critic_loss(predicted_mix, alpha, predicted_blend,
+                                            acai.interpolation_mask(pairs))
+        if patches is not None:
+            discriminator_terms = discriminator_loss(*patches.split(x.shape[0]))
+        ((critic_terms + discriminator_terms) * weight).backward()
+    return critic_terms, discriminator_terms
 
 
 def _micro_batch(p: Phase) -> tuple[int, bool]:
@@ -446,8 +476,8 @@ def _batch_description(cfg: Config, accelerator: Accelerator) -> str:
 def _skip_update(p: Phase, bad_ranks: list[int]) -> None:
     """train.on_nonfinite=skip: drop this step's gradients on every rank alike, and count it."""
     p.optimizer.zero_grad(set_to_none=True)
-    if p.critic_optimizer is not None:
-        p.critic_optimizer.zero_grad(set_to_none=True)
+    if p.adversary_optimizer is not None:
+        p.adversary_optimizer.zero_grad(set_to_none=True)
     p.state.nonfinite_skipped_steps += 1
     where = _where(p.state.step + 1, p.state.epoch + 1, p.epoch_plan.batch_number(), bad_ranks)
     log.warning("non-finite loss at %s: update skipped (%d so far)",
@@ -533,7 +563,7 @@ def _batch_noise(p: Phase, batch, size: int,
     noise = torch.randn(rows, p.cfg.model.latent_dim, generator=generator, device=device)
     # Drawn after the noise, so that turning ACAI on leaves the noise as it was.
     alpha = (acai.ALPHA_MAX * torch.rand(rows, generator=generator, device=device)
-             if p.critic is not None else None)
+             if p.cfg.loss.acai_weight else None)
     # The micro-batches before this one in the step are full global batches.
     start = index * p.cfg.data.batch_size * p.accelerator.num_processes + batch.offset
     rows_here = slice(start, start + size)
@@ -549,8 +579,9 @@ class _Window:
 
     def reset(self) -> None:
         # total, recon, kl (image-weighted), images, bad samples skipped,
-        # then ACAI's critic loss and fooling term (image-weighted; 0 without ACAI)
-        self.sums = torch.zeros(7, device=self.device)
+        # then ACAI's critic loss and fooling term, the patch discriminator's loss and
+        # the autoencoder's term against it (image-weighted; 0 for an adversary that is off)
+        self.sums = torch.zeros(9, device=self.device)
         self.steps = 0
         self.started = time.perf_counter()
 
@@ -564,7 +595,7 @@ class _Window:
 
 def _log_window(p: Phase, window: _Window) -> None:
     """Reduce the window's sums over all ranks (one host sync) and log per-image means."""
-    total, recon, kl, images, skipped, critic, fooling = p.accelerator.reduce(
+    total, recon, kl, images, skipped, critic, fooling, discriminator, generator = p.accelerator.reduce(
         window.sums, reduction="sum").tolist()
     p.state.bad_samples_skipped += int(skipped)
     seconds = time.perf_counter() - window.started
@@ -578,8 +609,11 @@ def _log_window(p: Phase, window: _Window) -> None:
     }
     if images:  # a window of skipped steps only has no loss to report
         row |= {"loss": total / images, "recon": recon / images, "kl": kl / images}
-        if p.critic is not None:
+        if p.cfg.loss.acai_weight:
             row |= {"acai_critic": critic / images, "acai_fooling": fooling / images}
+        if p.cfg.loss.patch_gan_weight:
+            row |= {"patch_gan_discriminator": discriminator / images,
+                    "patch_gan_generator": generator / images}
     p.metrics.log({f"{p.cfg.train.phase}/{k}": v for k, v in row.items()}, step=p.state.step)
     window.reset()
 
@@ -655,8 +689,8 @@ class _Start:
     loader: ShardLoader | MemoryLoader | None = None  # None: the phase is already complete
     model: torch.nn.Module | None = None
     optimizer: torch.optim.Optimizer | None = None
-    critic: torch.nn.Module | None = None  # ACAI's, when loss.acai_weight > 0
-    critic_optimizer: torch.optim.Optimizer | None = None
+    adversaries: torch.nn.Module | None = None  # when loss.acai_weight or loss.patch_gan_weight > 0
+    adversary_optimizer: torch.optim.Optimizer | None = None
 
 
 def _lock_run_dir(cfg: Config, accelerator: Accelerator) -> None:
@@ -679,14 +713,14 @@ def _start(cfg: Config, accelerator: Accelerator) -> _Start:
         _check_phase(state, cfg, resume_from)
         if is_complete(state, cfg) and is_finished(cfg.run_dir, resume_from):
             return _Start(state, resume_from)
-        check_resumable(resume_from, acai=bool(cfg.loss.acai_weight))
+        check_resumable(resume_from, enabled_adversaries(cfg))
     loader = make_loader(cfg.data, cfg.model.image_size, accelerator.process_index,
                          accelerator.num_processes, accelerator.device)
     if resume_from is not None:
         state = _resume_position(state, loader.num_samples, accelerator.num_processes, resume_from)
     model, optimizer = _build_model(cfg, accelerator, init=resume_from is None)
-    critic, critic_optimizer = _build_critic(cfg, accelerator, init=resume_from is None)
-    return _Start(state, resume_from, loader, model, optimizer, critic, critic_optimizer)
+    adversaries, adversary_optimizer = _build_adversaries(cfg, accelerator, init=resume_from is None)
+    return _Start(state, resume_from, loader, model, optimizer, adversaries, adversary_optimizer)
 
 
 def _resume_position(state: TrainState, num_samples: int, world_size: int,
@@ -748,25 +782,26 @@ def _build_model(cfg: Config, accelerator: Accelerator,
     return model, build_optimizer(model.parameters(), schedule, accelerator.device)
 
 
-def _build_critic(cfg: Config, accelerator: Accelerator,
-                  init: bool) -> tuple[torch.nn.Module | None, torch.optim.Optimizer | None]:
-    """ACAI's critic and its Adam (None, None with loss.acai_weight=0).
+def _build_adversaries(cfg: Config, accelerator: Accelerator,
+                       init: bool) -> tuple[torch.nn.Module | None, torch.optim.Optimizer | None]:
+    """ACAI's critic and the patch discriminator, and their Adam (None, None when both are off).
 
-    Seeded apart from the model, so that turning ACAI on leaves the model's
-    initial weights as they were; the finetune phase starts from the critic of
-    ``train.init_from`` when it has one.
+    Seeded apart from the model, so that turning them on leaves the model's
+    initial weights as they were; the finetune phase starts from each
+    adversary that ``train.init_from`` holds.
     """
-    if not cfg.loss.acai_weight:
+    wanted = enabled_adversaries(cfg)
+    if not wanted:
         return None, None
     set_seed(cfg.train.seed + 1)  # identical on every rank
-    critic = acai.Critic(cfg.model)
+    adversaries = Adversaries(cfg)
     if init and cfg.train.init_from:
         source = resolve_checkpoint(cfg.train.init_from)
-        if (source / CRITIC).is_file():
-            load_model_weights(critic, source, CRITIC)
-            log.info("initialised the ACAI critic from %s", source)
+        for kind in sorted(wanted & held_adversaries(source)):
+            load_model_weights(getattr(adversaries, kind), source, ADVERSARIES, prefix=f"{kind}.")
+            log.info("initialised the %s from %s", KINDS[kind][0], source)
     schedule = LrSchedule(cfg.optim, _global_batch(cfg, accelerator))
-    return critic, build_optimizer(critic.parameters(), schedule, accelerator.device)
+    return adversaries, build_optimizer(adversaries.parameters(), schedule, accelerator.device)
 
 
 def _resume_checkpoint(cfg: Config, is_main: bool) -> Path | None:

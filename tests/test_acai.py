@@ -1,4 +1,8 @@
-"""ACAI (pegasus_dist/acai.py) in the trainer: the critic learns, DDP keeps it identical, bf16 runs."""
+"""ACAI (pegasus_dist/acai.py) in the trainer: the critic learns, DDP keeps it identical, bf16 runs.
+
+Where a test holds for both adversaries (pegasus_dist/adversaries.py), it runs
+the patch discriminator beside the critic (``BOTH``).
+"""
 
 from __future__ import annotations
 
@@ -13,9 +17,11 @@ from processes import BIN, run_bounded
 from safetensors.torch import load_file
 
 from pegasus_dist import acai
-from pegasus_dist.config import ModelConfig
+from pegasus_dist.adversaries import Adversaries
+from pegasus_dist.config import ModelConfig, load_config
 
 ACAI = ["loss.acai_weight=100", "wandb.mode=disabled", "train.log_every=1"]
+BOTH = [*ACAI, "loss.patch_gan_weight=100"]
 
 
 def rows(run: Path, key: str) -> list[float]:
@@ -56,16 +62,17 @@ def test_the_critic_learns_and_its_state_is_checkpointed(smoke_shards, tmp_path)
     constant = 1 / 12 - 1 / 32
     assert sum(critic[-4:]) / 4 < 0.95 * constant, critic
     folder = run / "checkpoints/step_00000240"
-    smoke_model = ModelConfig(channels=[16, 32, 64, 128])
-    assert set(load_file(folder / "model_1.safetensors")) == set(acai.Critic(smoke_model).state_dict())
+    critic = Adversaries(load_config(SMOKE, ["loss.acai_weight=1"]))
+    assert set(load_file(folder / "model_1.safetensors")) == set(critic.state_dict())
+    assert {name.split(".")[0] for name in critic.state_dict()} == {"critic"}
     critic_adam = torch.load(folder / "custom_checkpoint_0.pkl", weights_only=True)
-    assert len(critic_adam["state"]) == len(list(acai.Critic(smoke_model).parameters()))
+    assert len(critic_adam["state"]) == len(list(critic.parameters()))
 
 
 @pytest.mark.slow
-def test_two_processes_with_acai_train_like_one(smoke_shards, tmp_path):
+def test_two_processes_with_acai_and_the_patch_discriminator_train_like_one(smoke_shards, tmp_path):
     common = [f"data.shards={smoke_shards}", "train.max_steps=3", "model.sync_batchnorm=true",
-              "optim.lr_scaling=none", *ACAI]
+              "optim.lr_scaling=none", *BOTH]
     launch(2, [*common, f"run.output_dir={tmp_path / 'two'}", "data.batch_size=8"])
     launch(1, [*common, f"run.output_dir={tmp_path / 'one'}", "data.batch_size=16"])
     # The tolerance of tests/test_ddp.py: all but 1 in 10,000 values within 1e-5, none past steps x lr.
@@ -75,18 +82,19 @@ def test_two_processes_with_acai_train_like_one(smoke_shards, tmp_path):
         diffs = torch.cat([(two[k].float() - v.float()).abs().flatten() for k, v in one.items()])
         assert (diffs > 1e-5).float().mean() < 1e-4, name
         assert diffs.max() <= 3 * 1e-3, name
-    for key in ("pretrain/loss", "pretrain/acai_critic", "pretrain/acai_fooling"):
+    for key in ("pretrain/loss", "pretrain/acai_critic", "pretrain/acai_fooling",
+                "pretrain/patch_gan_discriminator", "pretrain/patch_gan_generator"):
         assert rows(tmp_path / "two/pretrain", key) == pytest.approx(
             rows(tmp_path / "one/pretrain", key), rel=1e-4, abs=1e-7), key
 
 
 @pytest.mark.slow
-def test_acai_in_bf16_trains_finite(smoke_shards, tmp_path):
+def test_acai_and_the_patch_discriminator_in_bf16_train_finite(smoke_shards, tmp_path):
     launch(1, [f"data.shards={smoke_shards}", f"run.output_dir={tmp_path}", "train.max_steps=5",
-               "data.batch_size=16", "train.mixed_precision=bf16", *ACAI])
-    losses = rows(tmp_path / "pretrain", "pretrain/loss") + rows(tmp_path / "pretrain",
-                                                                "pretrain/acai_critic")
-    assert len(losses) == 10 and all(torch.isfinite(torch.tensor(losses)))
+               "data.batch_size=16", "train.mixed_precision=bf16", *BOTH])
+    keys = ("pretrain/loss", "pretrain/acai_critic", "pretrain/patch_gan_discriminator")
+    losses = [v for key in keys for v in rows(tmp_path / "pretrain", key)]
+    assert len(losses) == 15 and all(map(math.isfinite, losses))
 
 
 @pytest.mark.slow
@@ -102,15 +110,17 @@ def test_resuming_a_plain_checkpoint_with_acai_on_is_one_line(smoke_shards, tmp_
 
 
 @pytest.mark.slow
-def test_a_run_started_from_an_acai_checkpoint_starts_from_its_critic(smoke_shards, tmp_path):
-    common = [f"data.shards={smoke_shards}", f"run.output_dir={tmp_path}", "data.batch_size=16", *ACAI]
+def test_a_run_started_from_a_checkpoint_starts_from_its_adversaries(smoke_shards, tmp_path):
+    common = [f"data.shards={smoke_shards}", f"run.output_dir={tmp_path}", "data.batch_size=16", *BOTH]
     launch(1, [*common, "train.max_steps=2"])
     source = tmp_path / "pretrain/checkpoints/step_00000002"
     # A learning rate of 1e-12: one step leaves the critic it started from, to 1e-9.
     out = launch(1, [*common, "run.name=next", "train.max_steps=1", f"train.init_from={source}",
                      "optim.lr=1e-12"])
     assert f"initialised the ACAI critic from {source}" in out
+    assert f"initialised the patch discriminator from {source}" in out
     before, after = (load_file(folder / "model_1.safetensors")
                      for folder in (source, tmp_path / "next/checkpoints/step_00000001"))
     assert before.keys() == after.keys()
+    assert {name.split(".")[0] for name in before} == {"critic", "discriminator"}
     assert all(torch.allclose(before[k], after[k], rtol=0, atol=1e-9) for k in before)

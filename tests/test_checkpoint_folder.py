@@ -11,7 +11,7 @@ from accelerate import Accelerator
 from helpers import SMOKE, TINY
 from processes import BIN, REPO, run_bounded
 
-from pegasus_dist import acai
+from pegasus_dist.adversaries import Adversaries
 from pegasus_dist.checkpoint import (
     TrainState,
     check_resumable,
@@ -21,18 +21,19 @@ from pegasus_dist.checkpoint import (
     read_state,
     save_checkpoint,
 )
-from pegasus_dist.config import load_config
+from pegasus_dist.config import Config, LossConfig, load_config
 from pegasus_dist.errors import CheckpointError, ConfigError
 from pegasus_dist.model import VAE
 
 
 def save_steps(root: Path, *steps: int) -> list[Path]:
-    """Checkpoints of a run with ACAI: every kind of file a checkpoint can hold."""
+    """Checkpoints of a run with both adversaries: every kind of file a checkpoint can hold."""
     accelerator = Accelerator(cpu=True)
-    model, critic = VAE(TINY), acai.Critic(TINY)
+    model = VAE(TINY)
+    adversaries = Adversaries(Config(model=TINY, loss=LossConfig(acai_weight=1, patch_gan_weight=1)))
     accelerator.prepare(model, torch.optim.Adam(model.parameters(), lr=1e-3))
-    accelerator.prepare_model(critic)
-    accelerator.register_for_checkpointing(torch.optim.Adam(critic.parameters(), lr=1e-3))
+    accelerator.prepare_model(adversaries)
+    accelerator.register_for_checkpointing(torch.optim.Adam(adversaries.parameters(), lr=1e-3))
     return [save_checkpoint(accelerator, TrainState("pretrain", step=step), "", root, keep=len(steps))
             for step in steps]
 
@@ -118,20 +119,27 @@ def test_a_checkpoint_of_the_older_layout_is_refused_in_one_line_not_moved_aside
                "optimizer.bin); resume it with that version, or start a new run from its weights "
                f"with train.init_from={folder}")
     for refusal in (lambda: newest_intact_checkpoint(tmp_path, move_damaged=True),
-                    lambda: check_resumable(folder, acai=True)):
+                    lambda: check_resumable(folder, {"critic", "discriminator"})):
         with pytest.raises(CheckpointError) as refused:
             refusal()
         assert str(refused.value) == message
     assert list_checkpoints(tmp_path) == [folder]
 
 
-def test_acai_on_one_side_only_is_refused_in_one_line(tmp_path):
+def test_an_adversary_on_one_side_only_is_refused_in_one_line(tmp_path):
     (folder,) = save_steps(tmp_path, 3)
+    check_resumable(folder, {"critic", "discriminator"})  # both held, both wanted
     with pytest.raises(CheckpointError, match=r"holds an ACAI critic .*acai_weight > 0, or start a new run"):
-        check_resumable(folder, acai=False)
+        check_resumable(folder, {"discriminator"})
+    with pytest.raises(CheckpointError,
+                       match=r"holds a patch discriminator .*patch_gan_weight > 0, or start a new run"):
+        check_resumable(folder, {"critic"})
     (folder / "model_1.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"holds no ACAI critic .*acai_weight=0, or start a new run"):
-        check_resumable(folder, acai=True)
+        check_resumable(folder, {"critic"})
+    with pytest.raises(CheckpointError,
+                       match=r"holds no patch discriminator .*patch_gan_weight=0, or start a new run"):
+        check_resumable(folder, {"discriminator"})
 
 
 @pytest.mark.parametrize("name", ["..", ".", "", "a/b", "/abs/path", "../elsewhere"])

@@ -102,6 +102,7 @@ def test_resolved_config_round_trips():
         (["model.channels=[8,8]"], "model.channels must list 4 widths"),
         (["model.upsample=bilinear"], "model.upsample must be one of transpose, resize"),
         (["model.likelihood=gaussian"], "model.likelihood must be one of bernoulli, logistic"),
+        (["loss.patch_gan_weight=-1"], "loss.patch_gan_weight must be 0"),
         (["data.batch_size=true"], "data.batch_size must be int"),
         (["sampler.horse_keys=[a]"], "sampler.horse_keys lists 1 keys but the sampler uses 8"),
         (["epochs=3"], "not of the form section.key=value"),

@@ -32,7 +32,8 @@ def train_cmd(shards: Path, runs: Path, steps: int, *extra: str) -> list[str]:
             *overrides(shards, runs, steps, *extra)]
 
 
-@pytest.mark.parametrize("extra", [[], ["loss.acai_weight=100"]], ids=["vae", "acai"])
+@pytest.mark.parametrize("extra", [[], ["loss.acai_weight=100", "loss.patch_gan_weight=100"]],
+                         ids=["vae", "acai+patch_gan"])
 def test_sigkill_mid_epoch_then_resume_gives_bit_equal_losses(smoke_shards, tmp_path, extra):
     # 470 samples / 16 = 30 batches an epoch: steps 1..24 stay inside epoch 1.
     ref = run_bounded(train_cmd(smoke_shards, tmp_path / "ref", 24, *extra), timeout=300)
@@ -51,10 +52,11 @@ def test_sigkill_mid_epoch_then_resume_gives_bit_equal_losses(smoke_shards, tmp_
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert "resumed from" in resumed.stdout
     assert losses(run) == losses(tmp_path / "ref" / "pretrain")  # to the bit, every step
-    if extra:  # the critic too: its loss and its final weights
-        critic = [{r["step"]: r["pretrain/acai_critic"] for r in training_rows(folder)}
-                  for folder in (run, tmp_path / "ref" / "pretrain")]
-        assert critic[0] == critic[1]
+    if extra:  # the critic and the discriminator too: their losses and their final weights
+        for key in ("pretrain/acai_critic", "pretrain/patch_gan_discriminator"):
+            logged = [{r["step"]: r[key] for r in training_rows(folder)}
+                      for folder in (run, tmp_path / "ref" / "pretrain")]
+            assert logged[0] == logged[1], key
         weights = [load_file(folder / "checkpoints/step_00000024/model_1.safetensors")
                    for folder in (run, tmp_path / "ref" / "pretrain")]
         assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[1])

@@ -1,0 +1,82 @@
+"""The networks trained against the autoencoder: ACAI's critic and a patch discriminator.
+
+The patch discriminator is the adversarial loss on decodes of VAE-GAN (Larsen,
+Sønderby, Larochelle and Winther 2016, arXiv:1512.09300) in the form of
+pix2pix's PatchGAN (Isola, Zhu, Zhou and Efros 2017, arXiv:1611.07004): it
+scores every patch of an image as real or decoded, and the autoencoder is
+trained so that its reconstructions score as real. Losses are the hinge
+losses of SAGAN and taming-transformers (arXiv:1805.08318, 2012.09841):
+
+    L_D = mean(relu(1 - D(x))) + mean(relu(1 + D(x_hat)))
+    L_G = -mean(D(x_hat))                  (in the autoencoder's loss, times loss.patch_gan_weight)
+
+Both adversaries live in one module, :class:`Adversaries`, so that the
+trainer prepares one more model (DDP: one forward and one all-reduce per
+micro-batch for both), one Adam steps both, and a checkpoint holds both in one
+file, their weights named ``critic.*`` and ``discriminator.*``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pegasus_dist import acai
+from pegasus_dist.config import Config, ModelConfig
+
+# Each adversary: what it is, for messages, and the config key that turns it on.
+KINDS = {"critic": ("ACAI critic", "loss.acai_weight"),
+         "discriminator": ("patch discriminator", "loss.patch_gan_weight")}
+
+
+class PatchDiscriminator(nn.Module):
+    """A real/fake score for every patch: ACAI's critic one stride-2 layer shallower, without its mean.
+
+    A 32 px image then gets 4 x 4 scores, each seeing about 22 px; no batch
+    norm, as in the critic, so that a score does not depend on the rest of the batch.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.net = acai.Critic(replace(cfg, channels=cfg.channels[:-1] or cfg.channels)).net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1], (B, 3, H, W) -> patch scores (B, 1, h, w); positive reads as real."""
+        return self.net(x)
+
+
+def discriminator_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """The discriminator's hinge loss over the patch scores of real images and decodes, in float32."""
+    return F.relu(1 - real.float()).mean() + F.relu(1 + fake.float()).mean()
+
+
+def generator_loss(fake: torch.Tensor) -> torch.Tensor:
+    """The autoencoder's term before its weight: minus the mean patch score of its decodes."""
+    return -fake.float().mean()
+
+
+class Adversaries(nn.Module):
+    """The adversaries the config turns on: ``critic`` (ACAI) and ``discriminator`` (patch GAN)."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        on = enabled_adversaries(cfg)
+        # Built in this order, so that a run with ACAI alone starts from the critic it always had.
+        self.critic = acai.Critic(cfg.model) if "critic" in on else None
+        self.discriminator = PatchDiscriminator(cfg.model) if "discriminator" in on else None
+
+    def forward(self, critic_input: torch.Tensor | None,
+                discriminator_input: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        """Each adversary's output for its input; None for an input of None (the adversary is off)."""
+        mix = None if critic_input is None else self.critic(critic_input)
+        patches = None if discriminator_input is None else self.discriminator(discriminator_input)
+        return mix, patches
+
+
+def enabled_adversaries(cfg: Config) -> set[str]:
+    """The adversaries a run of ``cfg`` trains."""
+    return {name for name, on in (("critic", cfg.loss.acai_weight),
+                                  ("discriminator", cfg.loss.patch_gan_weight)) if on}

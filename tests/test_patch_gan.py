@@ -1,0 +1,53 @@
+"""The patch discriminator (pegasus_dist/adversaries.py): patch scores, hinge losses, it learns."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from helpers import launch
+from safetensors.torch import load_file
+
+from pegasus_dist.adversaries import PatchDiscriminator, discriminator_loss, generator_loss
+from pegasus_dist.config import ModelConfig
+
+# relu(1 - c) + relu(1 + c) >= 2 for any constant score c: what a discriminator that learned nothing pays.
+CHANCE = 2.0
+
+
+def test_the_discriminator_scores_4x4_patches_of_a_32px_image_independently_of_the_batch():
+    discriminator = PatchDiscriminator(ModelConfig(channels=[8, 8, 8, 8]))
+    x = torch.rand(4, 3, 32, 32)
+    assert discriminator(x).shape == (4, 1, 4, 4)
+    assert torch.allclose(discriminator(x[:1]), discriminator(x)[:1], atol=1e-6)  # no batch norm
+
+
+def test_hinge_losses():
+    sure, unsure = torch.full((2, 1, 4, 4), 3.0), torch.zeros(2, 1, 4, 4)
+    assert discriminator_loss(sure, -sure).item() == 0  # beyond the margin on both sides
+    assert discriminator_loss(unsure, unsure).item() == CHANCE
+    assert discriminator_loss(-sure, sure).item() == 8  # 4 + 4: fooled both ways
+    fake = torch.tensor([[[[1.0, -3.0]]]])
+    assert generator_loss(fake).item() == 1.0  # minus the mean score of the decodes
+
+
+@pytest.mark.slow
+def test_the_discriminator_learns_and_is_checkpointed(smoke_shards, tmp_path):
+    # A small weight, so that the autoencoder hardly fights back and what is measured is the discriminator.
+    launch(1, [f"data.shards={smoke_shards}", f"run.output_dir={tmp_path}", "train.max_steps=120",
+               "train.epochs=100", "optim.warmup_steps=0", "loss.patch_gan_weight=1",
+               "wandb.mode=disabled", "train.log_every=10"])
+    run = tmp_path / "pretrain"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    discriminator = [r["pretrain/patch_gan_discriminator"] for r in rows
+                     if "pretrain/patch_gan_discriminator" in r]
+    generator = [r["pretrain/patch_gan_generator"] for r in rows if "pretrain/patch_gan_generator" in r]
+    assert len(discriminator) == len(generator) == 12
+    assert all(map(math.isfinite, discriminator + generator))
+    assert sum(discriminator[-3:]) / 3 < 0.8 * CHANCE, discriminator
+    assert sum(generator[-3:]) / 3 > 0, generator  # the decodes score as fake: D(x_hat) < 0
+    weights = load_file(run / "checkpoints/step_00000120/model_1.safetensors")
+    assert {name.split(".")[0] for name in weights} == {"discriminator"}
+    assert "pretrain/acai_critic" not in rows[-1]  # ACAI stays off
