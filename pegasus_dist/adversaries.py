@@ -77,6 +77,5 @@ class Adversaries(nn.Module):
 
 
 def enabled_adversaries(cfg: Config) -> set[str]:
-    """The adversaries a run of ``cfg`` trains."""
-    return {name for name, on in (("critic", cfg.loss.acai_weight),
-                                  ("discriminator", cfg.loss.patch_gan_weight)) if on}
+    """The adversaries a run of ``cfg`` trains: those whose weight in KINDS is above 0."""
+    return {kind for kind, (_, key) in KINDS.items() if getattr(cfg.loss, key.removeprefix("loss."))}

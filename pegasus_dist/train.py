@@ -328,9 +328,11 @@ def train_step(p: Phase, batch) -> tuple[torch.Tensor, int]:
                          free_bits=loss.free_bits, log_scale=out.log_scale)
         fooling = critic_terms = generator = discriminator = torch.zeros((), device=x.device)
         if p.adversaries is not None:
+            # The decodes both adversaries see: interpolants (ACAI) and reconstructions.
             mixed = None if pairs is None else torch.sigmoid(out.mixed_logits)
-            decoded = torch.sigmoid(out.logits) if loss.patch_gan_weight else None
-            predicted_mix, patches = _frozen_adversaries(p, mixed, decoded)
+            decoded = torch.sigmoid(out.logits)
+            predicted_mix, patches = _frozen_adversaries(p, mixed,
+                                                         decoded if loss.patch_gan_weight else None)
             if pairs is not None:
                 fooling = acai.fooling_loss(predicted_mix, acai.interpolation_mask(pairs))
                 terms.total = terms.total + loss.acai_weight * fooling
@@ -339,7 +341,8 @@ def train_step(p: Phase, batch) -> tuple[torch.Tensor, int]:
                 terms.total = terms.total + loss.patch_gan_weight * generator
         p.accelerator.backward(terms.total * weight)
     if p.adversaries is not None:
-        critic_terms, discriminator = _adversaries_backward(p, x, out, alpha, pairs, weight, ends_step)
+        critic_terms, discriminator = _adversaries_backward(p, x, mixed, decoded, alpha, pairs, weight,
+                                                            ends_step)
     stacked = torch.stack([terms.total, terms.recon, terms.kl, critic_terms, fooling,
                            discriminator, generator]).detach()
     count = x.shape[0]
@@ -387,8 +390,8 @@ def _frozen_adversaries(p: Phase, mixed: torch.Tensor | None,
         return torch.func.functional_call(adversaries, frozen, (mixed, decoded))
 
 
-def _adversaries_backward(p: Phase, x: torch.Tensor, out, alpha: torch.Tensor | None,
-                          pairs: torch.Tensor | None, weight: float,
+def _adversaries_backward(p: Phase, x: torch.Tensor, mixed: torch.Tensor | None, decoded: torch.Tensor,
+                          alpha: torch.Tensor | None, pairs: torch.Tensor | None, weight: float,
                           ends_step: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The critic's and the discriminator's losses on detached decodes, backpropagated into them alone.
 
@@ -398,11 +401,11 @@ def _adversaries_backward(p: Phase, x: torch.Tensor, out, alpha: torch.Tensor | 
     gradients with the step's last one, like the autoencoder's. Returns both
     losses (0 for one that is off).
     """
-    decoded = torch.sigmoid(out.logits).detach()
+    decoded = decoded.detach()
     critic_input = discriminator_input = None
-    if pairs is not None:
+    if mixed is not None:
         blends = acai.blend(x, decoded, p.cfg.loss.acai_gamma)
-        critic_input = torch.cat([torch.sigmoid(out.mixed_logits).detach(), blends])
+        critic_input = torch.cat([mixed.detach(), blends])
     if p.cfg.loss.patch_gan_weight:
         discriminator_input = torch.cat([x, decoded])
     critic_terms = discriminator_terms = torch.zeros((), device=x.device)
