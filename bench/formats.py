@@ -45,7 +45,7 @@ from webdataset.writer import imageencoder, numpy_dumps
 
 from pegasus_dist.config import ModelConfig
 from pegasus_dist.data.sources import read_image_folder, synthetic
-from pegasus_dist.model import VAE
+from pegasus_dist.model.vae import VAE
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
 import shlex
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Annotated
 
 import typer
 
-from pegasus_dist import scale_check
 from pegasus_dist.config import PrepareConfig
 from pegasus_dist.console import exit_on_user_error, setup_logging
+from pegasus_dist.errors import ConfigError
+from pegasus_dist.training import scale_check
 
 app = typer.Typer(
     help="Train the winged-horse VAE of the paper on WebDataset shards, on 1 to N processes.",
@@ -92,10 +95,9 @@ def train(
     overrides: Annotated[list[str] | None, typer.Argument(help=OVERRIDES_HELP)] = None,
 ) -> None:
     """Train one phase; the same as `accelerate launch pegasus_dist/train.py --config ...`."""
-    from pegasus_dist.config import load_config
-    from pegasus_dist.train import train as run_train
+    from pegasus_dist.training.loop import main as train_main
 
-    run_train(load_config(config, overrides or []))
+    train_main(["--config", str(config), *(overrides or [])])
 
 
 @app.command()
@@ -112,8 +114,8 @@ def sample(
     overrides: Annotated[list[str] | None, typer.Argument(help=OVERRIDES_HELP)] = None,
 ) -> None:
     """Write sample grids from any checkpoint (--method, or sampler.method); scored if a classifier exists."""
-    from pegasus_dist.quality import score_run_samples, summary_line
-    from pegasus_dist.sampler import sample_checkpoint
+    from pegasus_dist.evaluation.quality import score_run_samples, summary_line
+    from pegasus_dist.evaluation.sampler import sample_checkpoint
 
     extra = [f"sampler.method={method}"] if method else []
     done = sample_checkpoint(checkpoint, [*(overrides or []), *extra], out)
@@ -129,8 +131,8 @@ def classifier(
     overrides: Annotated[list[str] | None, typer.Argument(help=OVERRIDES_HELP)] = None,
 ) -> None:
     """Train the sample-quality classifier on the mix's labelled images, into quality.classifier."""
-    from pegasus_dist.classifier import train_classifier
     from pegasus_dist.config import load_config
+    from pegasus_dist.evaluation.classifier import train_classifier
 
     cfg = load_config(config, overrides or [])
     meta = train_classifier(cfg.data.shards, cfg.classifier_dir, cfg.quality)
@@ -148,9 +150,9 @@ def score(
     """Score a samples folder's grids and their crossfade baselines with the classifier -> quality.json."""
     import json
 
-    from pegasus_dist.classifier import load_classifier
     from pegasus_dist.config import load_config
-    from pegasus_dist.quality import score_run_samples, summary_line
+    from pegasus_dist.evaluation.classifier import load_classifier
+    from pegasus_dist.evaluation.quality import score_run_samples, summary_line
 
     cfg = load_config(config, overrides or [])
     results = score_run_samples(cfg, samples, load_classifier(cfg.classifier_dir))
@@ -167,10 +169,10 @@ def evaluate(
     """Held-out negative ELBO (nats, bits/dim), its parts, PSNR and active latent units."""
     import json
 
-    from pegasus_dist.checkpoint import load_trained_model
-    from pegasus_dist.classifier import find_classifier
-    from pegasus_dist.evaluate import evaluate as run_eval
-    from pegasus_dist.evaluate import write_eval
+    from pegasus_dist.evaluation.classifier import find_classifier
+    from pegasus_dist.evaluation.heldout import evaluate as run_eval
+    from pegasus_dist.evaluation.heldout import write_eval
+    from pegasus_dist.evaluation.sampler import load_trained_model
 
     cfg, model, folder = load_trained_model(checkpoint, overrides or [])
     metrics = run_eval(model, Path(cfg.data.shards) / cfg.eval.shard_set, cfg.eval.batch_size,
@@ -191,7 +193,7 @@ def contact_sheet(
     seed: Annotated[int, typer.Option(help="which candidates")] = 0,
 ) -> None:
     """Candidate horses and birds, captioned with their keys, to pick the sampler's by eye."""
-    from pegasus_dist.contact_sheet import contact_sheet as write_sheet
+    from pegasus_dist.evaluation.contact_sheet import contact_sheet as write_sheet
 
     png, listing = write_sheet(shard_set, out, tuple(label or ("horse", "bird")), per_label,
                                seed=seed)
@@ -204,7 +206,7 @@ def report(
     out: Annotated[Path, typer.Option(help="HTML page to write")] = Path("report.html"),
 ) -> None:
     """One HTML page with each phase's loss curves, held-out metrics and sample grids."""
-    from pegasus_dist.report import write_report
+    from pegasus_dist.evaluation.report import write_report
 
     typer.echo(f"wrote {write_report(runs, out)}")
 
@@ -223,12 +225,21 @@ def bench(
     out: Annotated[Path, typer.Option(help="JSON to write")] = Path("bench/results/latest.json"),
 ) -> None:
     """Loader, trainer, prepare and process-count throughput, each against its baseline."""
-    from pegasus_dist.bench import format_table, run_bench
-
-    rows = exit_on_user_error(lambda: run_bench(images, steps, out, size or [32, 64, 96],
-                                                images_from, process_steps))
-    typer.echo(format_table(rows))
+    harness = exit_on_user_error(_bench_harness)
+    rows = exit_on_user_error(lambda: harness.run_bench(images, steps, out, size or [32, 64, 96],
+                                                        images_from, process_steps))
+    typer.echo(harness.format_table(rows))
     typer.echo(f"wrote {out}")
+
+
+def _bench_harness() -> ModuleType:
+    """bench/harness.py of the repository this package runs from: a developer's tool, not the library's."""
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo / "bench" / "harness.py").is_file():
+        raise ConfigError(f"no bench/harness.py beside {Path(__file__).parent}: `pegasus-dist bench` runs "
+                          "from a clone of the repository installed with `pip install -e .`")
+    sys.path.insert(0, str(repo))  # its spawned measuring processes import it by this name too
+    return importlib.import_module("bench.harness")
 
 
 @app.command("scale-check",

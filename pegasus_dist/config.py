@@ -203,7 +203,7 @@ class EvalConfig:
 
 @dataclass
 class QualityConfig:
-    """The project's own judge of the grids (pegasus_dist.classifier, pegasus_dist.quality)."""
+    """The project's own judge of the grids (evaluation.classifier, evaluation.quality)."""
 
     # The classifier's folder (`pegasus-dist classifier` writes it); empty:
     # <run.output_dir>/classifier, which both phases of a pipeline share.
@@ -221,7 +221,7 @@ class WandbConfig:
 
     # auto: WANDB_MODE from the environment if set, else online when WANDB_API_KEY
     # is set, else offline; any other value here wins over WANDB_MODE
-    # (pegasus_dist.tracking.wandb_mode). An online start that fails (no network,
+    # (pegasus_dist.training.tracking.wandb_mode). An online start that fails (no network,
     # a bad key) falls back to offline with one warning.
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     # How long an online start may wait for the W&B server before falling back to

@@ -7,7 +7,7 @@ process, each continuing where an earlier, interrupted pipeline stopped:
    there were already prepared from the same sources, image size, seed and
    held-out share (their ``manifest.json`` says so). Shards of other inputs
    stop the pipeline with one line, or are rewritten when ``reprepare`` asks;
-2. the quality classifier (pegasus_dist.classifier) at ``quality.classifier``,
+2. the quality classifier (pegasus_dist.evaluation.classifier) at ``quality.classifier``,
    unless the one there was trained on these shards (its ``generation``), so
    that both phases' grids are scored;
 3. pretrain, then 4. finetune from the pretrain run: with ``run.resume=auto``
@@ -23,13 +23,13 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from pegasus_dist.classifier import read_meta, train_classifier
 from pegasus_dist.config import Config, PrepareConfig, load_config
 from pegasus_dist.data.manifest import SHARD_SETS, load_manifest
 from pegasus_dist.data.prepare import prepare
 from pegasus_dist.errors import ConfigError, DataError
-from pegasus_dist.report import write_report
-from pegasus_dist.train import train
+from pegasus_dist.evaluation.classifier import read_meta, train_classifier
+from pegasus_dist.evaluation.report import write_report
+from pegasus_dist.training.loop import train
 
 log = logging.getLogger("pegasus_dist.pipeline")
 

@@ -28,8 +28,8 @@ def quality_shards(tmp_path_factory):
 @pytest.fixture(scope="session")
 def quality_classifier(quality_shards, tmp_path_factory):
     """The quality classifier trained on ``quality_shards`` (seconds), as (folder, classifier.json)."""
-    from pegasus_dist.classifier import train_classifier
     from pegasus_dist.config import QualityConfig
+    from pegasus_dist.evaluation.classifier import train_classifier
 
     folder = tmp_path_factory.mktemp("classifier")
     quality = QualityConfig(classifier_epochs=3, classifier_batch_size=64)

@@ -1,6 +1,6 @@
-"""ACAI (pegasus_dist/acai.py) in the trainer: the critic learns, DDP keeps it identical, bf16 runs.
+"""ACAI (pegasus_dist/model/acai.py) in the trainer: the critic learns, DDP keeps it identical, bf16 runs.
 
-Where a test holds for both adversaries (pegasus_dist/adversaries.py), it runs
+Where a test holds for both adversaries (pegasus_dist/model/adversaries.py), it runs
 the patch discriminator beside the critic (``BOTH``).
 """
 
@@ -16,9 +16,9 @@ from helpers import SMOKE, launch
 from processes import BIN, run_bounded
 from safetensors.torch import load_file
 
-from pegasus_dist import acai
-from pegasus_dist.adversaries import Adversaries
 from pegasus_dist.config import ModelConfig, load_config
+from pegasus_dist.model import acai
+from pegasus_dist.model.adversaries import Adversaries
 
 ACAI = ["loss.acai_weight=100", "wandb.mode=disabled", "train.log_every=1"]
 BOTH = [*ACAI, "loss.patch_gan_weight=100"]

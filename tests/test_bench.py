@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pegasus_dist.bench import Row, format_table, run_bench
+from bench.harness import Row, format_table, run_bench
 
 
 def test_a_row_with_a_baseline_is_met_by_its_ratio_one_without_by_its_value():

@@ -11,12 +11,17 @@ import torch
 from PIL import Image
 from processes import BIN, REPO, run_bounded
 
-from pegasus_dist.checkpoint import load_trained_model
-from pegasus_dist.contact_sheet import contact_sheet, draw_sheet
 from pegasus_dist.data.manifest import load_manifest
 from pegasus_dist.data.shards import ShardSet
-from pegasus_dist.model import LOG_SCALE_INIT
-from pegasus_dist.sampler import analogy_grid, attribute_vector, pegasus_grid, pick_horses_and_birds
+from pegasus_dist.evaluation.contact_sheet import contact_sheet, draw_sheet
+from pegasus_dist.evaluation.sampler import (
+    analogy_grid,
+    attribute_vector,
+    load_trained_model,
+    pegasus_grid,
+    pick_horses_and_birds,
+)
+from pegasus_dist.model.vae import LOG_SCALE_INIT
 
 pytestmark = pytest.mark.slow
 

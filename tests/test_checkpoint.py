@@ -1,7 +1,7 @@
 """Checkpoints: complete round trip, atomic publishing, pruning, and no pickle execution.
 
 Some tests show first what Accelerate's save_state/load_state would do alone:
-the reasons pegasus_dist/checkpoint.py keeps those parts its own.
+the reasons pegasus_dist/training/checkpoint.py keeps those parts its own.
 """
 
 import os
@@ -16,20 +16,17 @@ from accelerate.utils import ProjectConfiguration
 from helpers import TINY
 from safetensors.torch import load_file
 
-from pegasus_dist import checkpoint
-from pegasus_dist.checkpoint import (
-    TrainState,
+from pegasus_dist.config import ModelConfig
+from pegasus_dist.errors import CheckpointError
+from pegasus_dist.model.saved import (
     latest_checkpoint,
     list_checkpoints,
     load_model_weights,
-    read_state,
     resolve_checkpoint,
-    restore_checkpoint,
-    save_checkpoint,
 )
-from pegasus_dist.config import ModelConfig
-from pegasus_dist.errors import CheckpointError
-from pegasus_dist.model import VAE
+from pegasus_dist.model.vae import VAE
+from pegasus_dist.training import checkpoint
+from pegasus_dist.training.checkpoint import TrainState, read_state, restore_checkpoint, save_checkpoint
 
 
 def _setup(compile: bool = False, extra: bool = False):

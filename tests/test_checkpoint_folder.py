@@ -11,19 +11,18 @@ from accelerate import Accelerator
 from helpers import SMOKE, TINY
 from processes import BIN, REPO, run_bounded
 
-from pegasus_dist.adversaries import Adversaries
-from pegasus_dist.checkpoint import (
+from pegasus_dist.config import Config, LossConfig, load_config
+from pegasus_dist.errors import CheckpointError, ConfigError
+from pegasus_dist.model.adversaries import Adversaries
+from pegasus_dist.model.saved import latest_checkpoint, list_checkpoints
+from pegasus_dist.model.vae import VAE
+from pegasus_dist.training.checkpoint import (
     TrainState,
     check_resumable,
-    latest_checkpoint,
-    list_checkpoints,
     newest_intact_checkpoint,
     read_state,
     save_checkpoint,
 )
-from pegasus_dist.config import Config, LossConfig, load_config
-from pegasus_dist.errors import CheckpointError, ConfigError
-from pegasus_dist.model import VAE
 
 
 def save_steps(root: Path, *steps: int) -> list[Path]:

@@ -8,7 +8,10 @@ import pytest
 import torch
 from processes import BIN, REPO, run_bounded
 
-from pegasus_dist.classifier import (
+from pegasus_dist.config import load_config
+from pegasus_dist.data.manifest import load_manifest
+from pegasus_dist.errors import DataError
+from pegasus_dist.evaluation.classifier import (
     META,
     WEIGHTS,
     augment,
@@ -17,9 +20,6 @@ from pegasus_dist.classifier import (
     load_classifier,
     predict,
 )
-from pegasus_dist.config import load_config
-from pegasus_dist.data.manifest import load_manifest
-from pegasus_dist.errors import DataError
 
 
 def test_it_separates_the_synthetic_classes_on_held_out_images(quality_classifier, quality_shards):

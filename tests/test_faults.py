@@ -19,10 +19,10 @@ from helpers import FAULT, SMOKE, losses, overrides, start, training_rows, wait_
 from processes import BIN, REPO, run_bounded
 from safetensors.torch import load_file
 
-from pegasus_dist import train
-from pegasus_dist.checkpoint import latest_checkpoint, list_checkpoints
 from pegasus_dist.config import load_config
 from pegasus_dist.data.manifest import load_manifest
+from pegasus_dist.model.saved import latest_checkpoint, list_checkpoints
+from pegasus_dist.training import loop as train
 
 pytestmark = pytest.mark.slow
 

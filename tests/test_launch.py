@@ -20,8 +20,8 @@ from helpers import SMOKE, error_lines, overrides
 from PIL import Image
 from processes import BIN, REPO, free_port, run_bounded
 
-from pegasus_dist.checkpoint import TrainState, is_complete
 from pegasus_dist.config import load_config
+from pegasus_dist.training.checkpoint import TrainState, is_complete
 
 TRAIN = str(REPO / "pegasus_dist/train.py")
 USAGE = "usage: pegasus_dist/train.py [-h] --config CONFIG [section.key=value ...]"
@@ -61,7 +61,7 @@ def test_complete_means_epochs_done_or_max_steps_reached(tmp_path):
 
 UNREADABLE_ON_RANK_1 = """
 import os, sys
-from pegasus_dist import train
+from pegasus_dist.training import loop as train
 from pegasus_dist.errors import CheckpointError
 real = train.restore_checkpoint
 def restore_checkpoint(accelerator, folder):
@@ -98,7 +98,7 @@ def test_a_rank_that_cannot_start_ends_every_rank_with_one_line_before_wandb(smo
 
 CRASH_ON_RANK_1 = """
 import os, sys
-from pegasus_dist import train
+from pegasus_dist.training import loop as train
 real = train.make_loader
 def make_loader(*args, **kwargs):
     if os.environ["RANK"] == "1":

@@ -13,7 +13,7 @@ import pytest
 from helpers import FAULT, SMOKE, wait_until
 from processes import BIN, REPO, descendants, running
 
-from pegasus_dist.checkpoint import checkpoint_name, latest_checkpoint
+from pegasus_dist.model.saved import checkpoint_name, latest_checkpoint
 
 GONE_WITHIN_S = 15
 
@@ -77,7 +77,7 @@ def test_every_rank_exits_within_seconds_of_a_sigkilled_launcher(smoke_shards, t
 PARENT = ("import subprocess, sys; "
           "child = subprocess.Popen([sys.executable, '-c', sys.argv[1], sys.argv[2]]); "
           "print(child.pid, flush=True); child.wait()")
-CHILD = ("import sys, time; from pegasus_dist import launcher_watch; sys.platform = sys.argv[1]; "
+CHILD = ("import sys, time; from pegasus_dist.training import launcher_watch; sys.platform = sys.argv[1]; "
          "launcher_watch.end_with_launcher(); print('started', flush=True); time.sleep(600)")
 
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
-from pegasus_dist.loss import kl_to_standard_normal, reconstruction_nll, vae_loss
+from pegasus_dist.model.loss import kl_to_standard_normal, reconstruction_nll, vae_loss
 
 
 def test_kl_matches_torch_distributions():

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from pegasus_dist.config import ModelConfig
-from pegasus_dist.model import VAE, num_parameters, reparameterize
+from pegasus_dist.model.vae import VAE, num_parameters, reparameterize
 
 
 @pytest.mark.parametrize("size", [32, 64, 96])

@@ -1,4 +1,4 @@
-"""The patch discriminator (pegasus_dist/adversaries.py): patch scores, hinge losses, it learns."""
+"""The patch discriminator (pegasus_dist/model/adversaries.py): patch scores, hinge losses, it learns."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from helpers import launch
 from safetensors.torch import load_file
 
-from pegasus_dist.adversaries import PatchDiscriminator, discriminator_loss, generator_loss
 from pegasus_dist.config import ModelConfig
+from pegasus_dist.model.adversaries import PatchDiscriminator, discriminator_loss, generator_loss
 
 # relu(1 - c) + relu(1 + c) >= 2 for any constant score c: what a discriminator that learned nothing pays.
 CHANCE = 2.0

@@ -9,7 +9,7 @@ import re
 import pytest
 from processes import BIN, REPO, run_bounded
 
-from pegasus_dist.progress import Progress
+from pegasus_dist.training.progress import Progress
 
 
 class Clock:
@@ -36,11 +36,11 @@ def train(progress: Progress, clock: Clock, epoch: int, batches: int, first_step
 
 
 def progress_lines(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "pegasus_dist.progress"]
+    return [r.getMessage() for r in caplog.records if r.name == "pegasus_dist.training.progress"]
 
 
 def test_without_a_terminal_a_line_every_30_s_and_at_each_epoch_end(caplog):
-    caplog.set_level(logging.INFO, logger="pegasus_dist.progress")
+    caplog.set_level(logging.INFO, logger="pegasus_dist.training.progress")
     clock, stream = Clock(), io.StringIO()
     progress = Progress("pretrain", epochs=2, batches_per_epoch=10, max_steps=0, enabled=True,
                         stream=stream, clock=clock)
@@ -57,7 +57,7 @@ def test_without_a_terminal_a_line_every_30_s_and_at_each_epoch_end(caplog):
 
 
 def test_a_resumed_epoch_and_max_steps_end_with_a_line_where_they_stop(caplog):
-    caplog.set_level(logging.INFO, logger="pegasus_dist.progress")
+    caplog.set_level(logging.INFO, logger="pegasus_dist.training.progress")
     clock = Clock()
     progress = Progress("finetune", epochs=3, batches_per_epoch=10, max_steps=14, enabled=True,
                         stream=io.StringIO(), clock=clock)
@@ -67,7 +67,7 @@ def test_a_resumed_epoch_and_max_steps_end_with_a_line_where_they_stop(caplog):
 
 
 def test_with_gradient_accumulation_steps_and_eta_count_optimizer_steps(caplog):
-    caplog.set_level(logging.INFO, logger="pegasus_dist.progress")
+    caplog.set_level(logging.INFO, logger="pegasus_dist.training.progress")
     clock = Clock()
     progress = Progress("pretrain", epochs=2, batches_per_epoch=8, max_steps=0, enabled=True,
                         stream=io.StringIO(), clock=clock, grad_accum_steps=4)
@@ -83,7 +83,7 @@ def test_with_gradient_accumulation_steps_and_eta_count_optimizer_steps(caplog):
 
 
 def test_on_a_terminal_a_bar_and_no_lines_and_other_ranks_show_nothing(caplog):
-    caplog.set_level(logging.INFO, logger="pegasus_dist.progress")
+    caplog.set_level(logging.INFO, logger="pegasus_dist.training.progress")
     terminal = Terminal()
     progress = Progress("pretrain", epochs=2, batches_per_epoch=10, max_steps=0, enabled=True,
                         stream=terminal, clock=Clock())

@@ -10,12 +10,11 @@ from processes import BIN, REPO, run_bounded
 from torchvision.transforms.functional import gaussian_blur
 from torchvision.utils import save_image
 
-from pegasus_dist.checkpoint import load_trained_model
-from pegasus_dist.classifier import labelled_images, load_classifier, predict
 from pegasus_dist.config import load_config
 from pegasus_dist.data.shards import ShardSet
 from pegasus_dist.errors import ConfigError
-from pegasus_dist.quality import (
+from pegasus_dist.evaluation.classifier import labelled_images, load_classifier, predict
+from pegasus_dist.evaluation.quality import (
     crossfade,
     frechet_distance,
     read_grid,
@@ -23,8 +22,8 @@ from pegasus_dist.quality import (
     score_samples,
     tile_scores,
 )
-from pegasus_dist.report import write_report
-from pegasus_dist.sampler import load_images, pick_horses_and_birds
+from pegasus_dist.evaluation.report import write_report
+from pegasus_dist.evaluation.sampler import load_images, load_trained_model, pick_horses_and_birds
 
 
 @pytest.fixture(scope="module")

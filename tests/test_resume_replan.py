@@ -23,7 +23,8 @@ import torch
 from helpers import FAULT, SCRIPTS, SMOKE, error_lines, losses, shard_keys, start, wait_until
 from processes import BIN, REPO, descendants, free_port, run_bounded, running
 
-from pegasus_dist.checkpoint import latest_checkpoint, read_state
+from pegasus_dist.model.saved import latest_checkpoint
+from pegasus_dist.training.checkpoint import read_state
 
 pytestmark = pytest.mark.slow
 KEYS = SCRIPTS / "train_noting_keys.py"
@@ -191,7 +192,7 @@ def test_two_processes_resume_on_two_with_another_batch(smoke_shards, tmp_path):
 SCRAMBLED = """
 import random, sys
 import numpy as np, torch
-from pegasus_dist import train
+from pegasus_dist.training import loop as train
 real = train.run_epochs
 def run_epochs(p):
     # The global generators in a state no run has had: training must draw from none of them.

@@ -15,9 +15,9 @@ from helpers import FAULT, SMOKE
 from processes import BIN, REPO, run_bounded
 from safetensors.torch import load_file
 
-from pegasus_dist.run_lock import RunFolderInUse, hold_run_lock, release_run_lock
+from pegasus_dist.training.lock import RunFolderInUse, hold_run_lock, release_run_lock
 
-HOLD = "import sys, time; from pathlib import Path; from pegasus_dist.run_lock import hold_run_lock; " \
+HOLD = "import sys, time; from pathlib import Path; from pegasus_dist.training.lock import hold_run_lock; " \
        "hold_run_lock(Path(sys.argv[1])); print('held', flush=True); time.sleep(600)"
 
 

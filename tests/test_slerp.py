@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pegasus_dist.slerp import slerp
+from pegasus_dist.model.slerp import slerp
 
 
 def test_endpoints_are_exact():

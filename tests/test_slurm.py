@@ -27,7 +27,7 @@ FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 # any machine (the smoke model trains ~100 steps/s). Same arithmetic, same weights.
 SLOW_TRAINER = """\
 import time
-from pegasus_dist import train
+from pegasus_dist.training import loop as train
 
 real_step = train.train_step
 

@@ -16,8 +16,8 @@ from helpers import run_cli
 from PIL import Image, ImageDraw
 from processes import REPO
 
-from pegasus_dist.contact_sheet import caption_font, draw_sheet
 from pegasus_dist.data.shards import ShardSet
+from pegasus_dist.evaluation.contact_sheet import caption_font, draw_sheet
 
 
 def test_version_is_the_one_in_pyproject():

@@ -17,7 +17,7 @@ from helpers import FAULT, training_steps
 from PIL import Image
 from processes import BIN, REPO, run_bounded
 
-from pegasus_dist.wandb_records import history_steps, read_records
+from pegasus_dist.training.wandb_records import history_steps, read_records
 
 pytestmark = pytest.mark.slow
 OFFLINE = {"WANDB_API_KEY": "", "WANDB_SILENT": "true"}

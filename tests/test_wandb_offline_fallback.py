@@ -17,8 +17,8 @@ from helpers import SMOKE, training_steps
 from processes import BIN, run_bounded
 
 from pegasus_dist.config import load_config
-from pegasus_dist.tracking import wandb_mode
-from pegasus_dist.wandb_records import history_steps
+from pegasus_dist.training.tracking import wandb_mode
+from pegasus_dist.training.wandb_records import history_steps
 
 FAKE_KEY = "pegasusfakewandbkey0123456789abcdef01234"  # 40 characters, as W&B keys
 FALLBACK = "W&B could not start online"

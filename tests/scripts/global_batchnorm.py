@@ -9,7 +9,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from pegasus_dist.distributed import GlobalBatchNorm2d
+from pegasus_dist.training.distributed import GlobalBatchNorm2d
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()

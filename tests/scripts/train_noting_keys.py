@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from pegasus_dist import train
+from pegasus_dist.training import loop as train
 
 out, rank = Path(sys.argv[1]), int(os.environ.get("RANK", "0"))
 real_step = train.train_step

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from pegasus_dist import train
+from pegasus_dist.training import loop as train
 
 out, rank = Path(sys.argv[1]), int(os.environ.get("RANK", "0"))
 synced: set[int] = set()

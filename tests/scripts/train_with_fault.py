@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from pegasus_dist import checkpoint, train
+from pegasus_dist.training import checkpoint
+from pegasus_dist.training import loop as train
 
 fault, step, rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 me = int(os.environ.get("RANK", "0"))

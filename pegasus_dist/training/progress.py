@@ -24,7 +24,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 PLAIN_EVERY_S = 30.0  # often enough to see a run move, rare enough to keep a week's log short
 
-log = logging.getLogger("pegasus_dist.progress")
+log = logging.getLogger("pegasus_dist.training.progress")
 
 
 class Progress:

@@ -1,4 +1,4 @@
-"""The project's own image classifier, the judge of sample quality (pegasus_dist.quality).
+"""The project's own image classifier, the judge of sample quality (pegasus_dist.evaluation.quality).
 
 A small CNN (three conv blocks with batch norm, ReLU and max-pooling, global
 average pooling to a feature vector, one linear layer to the classes),
@@ -30,7 +30,7 @@ from pegasus_dist.data.loader import MemoryLoader
 from pegasus_dist.data.manifest import load_manifest
 from pegasus_dist.errors import DataError
 
-log = logging.getLogger("pegasus_dist.classifier")
+log = logging.getLogger("pegasus_dist.evaluation.classifier")
 
 WEIGHTS, META = "classifier.safetensors", "classifier.json"
 WIDTHS = (32, 64, 128)

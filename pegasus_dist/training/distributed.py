@@ -26,7 +26,7 @@ from torch import nn
 from pegasus_dist.config import Config, Precision
 from pegasus_dist.errors import ConfigError
 
-log = logging.getLogger("pegasus_dist.distributed")
+log = logging.getLogger("pegasus_dist.training.distributed")
 
 
 def build_accelerator(cfg: Config, log_with: list[str] | None = None) -> Accelerator:

@@ -22,12 +22,13 @@ from typing import Any
 import wandb
 from accelerate import Accelerator
 
-from pegasus_dist.checkpoint import TrainState, read_state, resolve_checkpoint
 from pegasus_dist.config import Config
 from pegasus_dist.errors import ConfigError
-from pegasus_dist.wandb_records import UnreadableRecords, history_steps
+from pegasus_dist.model.saved import resolve_checkpoint
+from pegasus_dist.training.checkpoint import TrainState, read_state
+from pegasus_dist.training.wandb_records import UnreadableRecords, history_steps
 
-log = logging.getLogger("pegasus_dist.tracking")
+log = logging.getLogger("pegasus_dist.training.tracking")
 
 
 # WANDB_MODE values and the mode each means (dryrun and run are wandb's old names).

@@ -7,7 +7,7 @@ the objects registered with ``register_for_checkpointing``; the last two are our
 - ``model.safetensors``: the VAE's weights and batch-norm statistics;
 - ``model_1.safetensors``: with ACAI (``loss.acai_weight`` > 0) or the patch
   discriminator (``loss.patch_gan_weight`` > 0), their weights (the second
-  model prepared, :class:`pegasus_dist.adversaries.Adversaries`);
+  model prepared, :class:`pegasus_dist.model.adversaries.Adversaries`);
 - ``optimizer.bin``: Adam's state; ``scaler.pt``: the fp16 loss scaler (fp16 only);
 - ``custom_checkpoint_0.pkl``: with either, their Adam (registered: it is
   not prepared, so that fp16's loss scaler never steps it);
@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import pickle
-import re
 import shutil
 import time
 import typing
@@ -47,23 +46,24 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import extract_model_from_parallel
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 
-from pegasus_dist.adversaries import KINDS
-from pegasus_dist.config import Config, TrainConfig, load_config
+from pegasus_dist.config import Config, TrainConfig
 from pegasus_dist.errors import CheckpointError
-from pegasus_dist.model import VAE
+from pegasus_dist.model.adversaries import KINDS
+from pegasus_dist.model.saved import (
+    ADVERSARIES,
+    MODEL,
+    STATE,
+    checkpoint_name,
+    list_checkpoints,
+    load_model_weights,
+)
 
-log = logging.getLogger("pegasus_dist.checkpoint")
+log = logging.getLogger("pegasus_dist.training.checkpoint")
 
-PREFIX = "step_"
-STATE = "state.json"
-MODEL = "model.safetensors"  # the first model prepared; Accelerate names the others model_<i>
-ADVERSARIES = "model_1.safetensors"  # the critic and patch discriminator, prepared second when on
 OPTIMIZER = "optimizer.bin"
 OLDER_OPTIMIZER = "optimizer.pt"  # of the versions before save_state, refused in one line
 FINISHED = "finished.json"  # in the run folder, written last by a phase that ended
-NAME = re.compile(rf"{PREFIX}(\d+)")  # and exactly checkpoint_name(N): step_00000060, not step_60
 DAMAGED = "damaged-"  # the prefix of a damaged checkpoint moved aside; never pruned
 PHASES = typing.get_args(typing.get_type_hints(TrainConfig)["phase"])
 # Fields of older state.json files, checked and dropped: their checkpoints cannot be
@@ -117,32 +117,6 @@ def is_finished(run_dir: Path, checkpoint: Path) -> bool:
         return json.loads((run_dir / FINISHED).read_text()).get("checkpoint") == checkpoint.name
     except (OSError, ValueError, AttributeError):
         return False
-
-
-def checkpoint_name(step: int) -> str:
-    return f"{PREFIX}{step:08d}"
-
-
-def list_checkpoints(root: Path) -> list[Path]:
-    """Published checkpoints under ``root``, oldest first.
-
-    Only folders named exactly as :func:`checkpoint_name` names them count:
-    temporary folders, damaged ones moved aside and strays such as
-    ``step_00000060.bak`` are ignored.
-    """
-    if not root.is_dir():
-        return []
-    found = {}
-    for path in root.iterdir():
-        match = NAME.fullmatch(path.name)
-        if match and path.name == checkpoint_name(int(match[1])) and path.is_dir():
-            found[int(match[1])] = path
-    return [found[step] for step in sorted(found)]
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    found = list_checkpoints(root)
-    return found[-1] if found else None
 
 
 def newest_intact_checkpoint(root: Path, move_damaged: bool) -> Path | None:
@@ -263,20 +237,6 @@ def _check_zip(path: Path) -> None:
         raise CheckpointError(f"{path}: member {bad} fails its CRC check")
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder itself, or the newest checkpoint of a run folder."""
-    path = Path(path)
-    if (path / STATE).is_file():
-        return path
-    newest = latest_checkpoint(path / "checkpoints")
-    if newest is None:
-        raise CheckpointError(
-            f"{path} is neither a checkpoint (no state.json) nor a run folder with checkpoints; "
-            "pass a runs/<name> folder or one of its checkpoints/step_* folders"
-        )
-    return newest
-
-
 def write_counters(folder: Path, state: TrainState, config_yaml: str) -> None:
     """The files of ours in a checkpoint: ``config.yaml``, then ``state.json``, which marks it complete."""
     (folder / "config.yaml").write_text(config_yaml)
@@ -330,35 +290,6 @@ def _bad_field(name: str, value: object, hint: type) -> str | None:
         ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
         return None if ok else "must be a whole number, 0 or more"
     return None if isinstance(value, hint) else f"must be a {hint.__name__}"
-
-
-def load_model_weights(model: torch.nn.Module, folder: Path, name: str = MODEL,
-                       prefix: str = "") -> None:
-    """Load ``folder/name`` (the VAE's weights, or the adversaries') into ``model``, naming any mismatch.
-
-    With ``prefix``, only the weights named ``prefix...`` (one adversary's), without it.
-    """
-    path = folder / name
-    try:
-        weights = load_file(path)
-    except Exception as err:  # OSError, or safetensors' own SafetensorError
-        raise CheckpointError(f"cannot read {path}: {err}") from None
-    weights = {key.removeprefix(prefix): value for key, value in weights.items() if key.startswith(prefix)}
-    expected = model.state_dict()
-    for name, tensor in weights.items():
-        if name in expected and expected[name].shape != tensor.shape:
-            raise CheckpointError(
-                f"{path}: {name} has shape {tuple(tensor.shape)} but the model expects "
-                f"{tuple(expected[name].shape)}; the checkpoint comes from a model of another "
-                "shape: use the model section of its config.yaml"
-            )
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
-    model.load_state_dict(weights)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -443,13 +374,3 @@ def _weights_only() -> Iterator[None]:
             del os.environ[FORCE_WEIGHTS_ONLY]
         else:
             os.environ[FORCE_WEIGHTS_ONLY] = before
-
-
-def load_trained_model(checkpoint: str | Path, overrides: list[str]) -> tuple[Config, VAE, Path]:
-    """(config, model on its device, checkpoint folder) from a checkpoint or run folder."""
-    folder = resolve_checkpoint(checkpoint)
-    cfg = load_config(folder / "config.yaml", overrides)
-    model = VAE(cfg.model)
-    load_model_weights(model, folder)
-    device = torch.device("cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu")
-    return cfg, model.to(device), folder

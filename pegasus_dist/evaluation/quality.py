@@ -1,7 +1,7 @@
 """Whether a grid's tiles look like horses, birds, both, or a blur: scores from the project's classifier.
 
 For a set of tiles (float N x 3 x H x W in [0, 1]), with the classifier of
-pegasus_dist.classifier:
+pegasus_dist.evaluation.classifier:
 
 - ``p_horse``, ``p_bird``: the mean class probabilities;
 - ``pegasus_score``: the mean over tiles of sqrt(P(horse) * P(bird)), high only
@@ -30,13 +30,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pegasus_dist.classifier import Classifier, labelled_images, predict
 from pegasus_dist.config import Config
 from pegasus_dist.data.shards import ShardSet
 from pegasus_dist.errors import DataError
-from pegasus_dist.sampler import GRID_PADDING, load_images
+from pegasus_dist.evaluation.classifier import Classifier, labelled_images, predict
+from pegasus_dist.evaluation.sampler import GRID_PADDING, load_images
 
-log = logging.getLogger("pegasus_dist.quality")
+log = logging.getLogger("pegasus_dist.evaluation.quality")
 
 FILENAME = "quality.json"
 REAL = ("horse", "bird")  # the held-out classes the Fréchet distance compares with

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pegasus_dist import acai
 from pegasus_dist.config import Config, ModelConfig
+from pegasus_dist.model import acai
 
 # Each adversary: what it is, for messages, and the config key that turns it on.
 KINDS = {"critic": ("ACAI critic", "loss.acai_weight"),

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pegasus_dist.errors import PegasusError
 
-log = logging.getLogger("pegasus_dist.run_lock")
+log = logging.getLogger("pegasus_dist.training.lock")
 
 LOCK_FILE = ".lock"
 # A lock belongs to an open file: a second open in this process would conflict with the

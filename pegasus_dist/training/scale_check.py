@@ -28,7 +28,7 @@ from pathlib import Path
 from pegasus_dist.config import load_config
 from pegasus_dist.errors import ConfigError
 
-log = logging.getLogger("pegasus_dist.scale_check")
+log = logging.getLogger("pegasus_dist.training.scale_check")
 
 RECIPES = {
     "linear": ["optim.lr_scaling=linear", "optim.warmup_steps=0", "optim.grad_clip=0"],
@@ -91,7 +91,7 @@ def scale_check(config: str, global_batch: int, steps: int, micro_batch: int,
 
 def _run(config: str, recipe: str, overrides: list[str], global_batch: int,
          accum: int) -> Trajectory:
-    from pegasus_dist.optim import LrSchedule  # torch: not imported by the CLI until needed
+    from pegasus_dist.training.optim import LrSchedule  # torch: not imported by the CLI until needed
 
     cfg = load_config(config, overrides)  # a bad key fails here, before any training
     schedule = LrSchedule(cfg.optim, global_batch)
@@ -99,7 +99,7 @@ def _run(config: str, recipe: str, overrides: list[str], global_batch: int,
     log.info("%s: %s, %d accumulation steps of %d, %d steps...", recipe, schedule.describe(),
              accum, cfg.data.batch_size, cfg.train.max_steps)
     started = time.perf_counter()
-    cmd = [sys.executable, "-m", "pegasus_dist.train", "--config", config, *overrides]
+    cmd = [sys.executable, "-m", "pegasus_dist.training.loop", "--config", config, *overrides]
     ran = subprocess.run(cmd, capture_output=True, text=True)
     found.seconds = time.perf_counter() - started
     errors = [line for line in (ran.stdout + ran.stderr).splitlines() if line.startswith("error: ")]

@@ -11,7 +11,7 @@ uses the logits with ``binary_cross_entropy_with_logits``, which is the same
 loss as BCE on the sigmoid output but stays finite in bf16/fp16. With
 ``model.likelihood=logistic`` the sigmoid of the logits is the mean of a
 discretized logistic whose log-scale per colour channel, ``VAE.log_scale``,
-is learned with the rest (pegasus_dist.loss.reconstruction_nll).
+is learned with the rest (pegasus_dist.model.loss.reconstruction_nll).
 """
 
 from __future__ import annotations

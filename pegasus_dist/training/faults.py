@@ -46,10 +46,10 @@ from accelerate.utils import gather_object
 
 from pegasus_dist.config import Config
 from pegasus_dist.console import print_error
-from pegasus_dist.distributed import build_accelerator
 from pegasus_dist.errors import PegasusError
+from pegasus_dist.training.distributed import build_accelerator
 
-log = logging.getLogger("pegasus_dist.faults")
+log = logging.getLogger("pegasus_dist.training.faults")
 T = TypeVar("T")
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)

@@ -8,7 +8,7 @@ SIGTERM when that launcher dies: ``prctl(PR_SET_PDEATHSIG)`` on Linux, a
 thread that polls the parent pid elsewhere. SIGTERM then ends the run as it
 always does: at once while starting up (the default action), and once
 training, within two steps with a checkpoint
-(:class:`pegasus_dist.faults.StopSignals`, exit code 75).
+(:class:`pegasus_dist.training.faults.StopSignals`, exit code 75).
 
 Only launched ranks follow their parent: a run started from a shell (``python
 pegasus_dist/train.py``, ``pegasus-dist train``, under ``nohup``) keeps
@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-log = logging.getLogger("pegasus_dist.launcher_watch")
+log = logging.getLogger("pegasus_dist.training.launcher_watch")
 
 # Set by torchrun (accelerate launch --multi_gpu, several machines) and by accelerate's
 # one-process launcher; a process with neither was started from a shell.

@@ -29,9 +29,9 @@ import yaml
 from accelerate import Accelerator
 
 from pegasus_dist.config import OptimConfig
-from pegasus_dist.faults import TrainingError
+from pegasus_dist.training.faults import TrainingError
 
-log = logging.getLogger("pegasus_dist.optim")
+log = logging.getLogger("pegasus_dist.training.optim")
 
 # "Orders of magnitude": a loss (or KL) 100 times the first step's loss. Healthy
 # training of the paper model moves it by about 15 % in its first 30 steps (2410 ->

@@ -3,7 +3,8 @@
 For each run folder: the loss curves (total, reconstruction BCE and KL per
 image, from ``metrics.jsonl``) drawn as inline SVG, the newest held-out
 evaluation, the classifier's scores of the grids beside their baselines
-(``samples/quality.json``, pegasus_dist.quality), and the sample grids embedded as images (the phase's own and
+(``samples/quality.json``, pegasus_dist.evaluation.quality), and the sample grids
+embedded as images (the phase's own and
 those ``pegasus-dist sample`` wrote into ``samples/step_N/``). The page has no
 external references, so it can be mailed or attached as it is.
 """
@@ -132,5 +133,6 @@ def _quality_table(run: Path) -> str:
         f"<td>{values[n]:.4g}</td>" if isinstance(values.get(n), float) else f"<td>{values.get(n, '')}</td>"
         for n in names) + "</tr>" for label, values in rows)
     accuracy = results.get("classifier", {}).get("held_out_accuracy")
-    return (f"<p>sample quality (pegasus_dist.quality; classifier held-out accuracy {accuracy}):</p>"
+    return (f"<p>sample quality (pegasus_dist.evaluation.quality; "
+            f"classifier held-out accuracy {accuracy}):</p>"
             f"<table><tr>{head}</tr>{body}</table>")

@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from torchvision.utils import save_image
 
-from pegasus_dist.checkpoint import load_trained_model
-from pegasus_dist.classifier import Classifier, find_classifier, predict
-from pegasus_dist.config import Config, SamplerConfig
+from pegasus_dist.config import Config, SamplerConfig, load_config
 from pegasus_dist.data.shards import ShardSet
 from pegasus_dist.errors import ConfigError, DataError
-from pegasus_dist.model import VAE
-from pegasus_dist.slerp import slerp
+from pegasus_dist.evaluation.classifier import Classifier, find_classifier, predict
+from pegasus_dist.model.saved import load_model_weights, resolve_checkpoint
+from pegasus_dist.model.slerp import slerp
+from pegasus_dist.model.vae import VAE
 
 GRID_PADDING = 2  # pixels between tiles, as torchvision's make_grid draws them
 PRIOR_SAMPLES = 64  # the prior grid: 8 rows of 8
@@ -310,3 +310,13 @@ def sample_checkpoint(
     classifier = find_classifier(cfg)
     outputs = run_sampler(model, cfg.sampler, cfg.data.shards, out, cfg.sampler.method, classifier)
     return CheckpointSamples(cfg, out, outputs.paths, classifier)
+
+
+def load_trained_model(checkpoint: str | Path, overrides: list[str]) -> tuple[Config, VAE, Path]:
+    """(config, model on its device, checkpoint folder) from a checkpoint or run folder."""
+    folder = resolve_checkpoint(checkpoint)
+    cfg = load_config(folder / "config.yaml", overrides)
+    model = VAE(cfg.model)
+    load_model_weights(model, folder)
+    device = torch.device("cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu")
+    return cfg, model.to(device), folder

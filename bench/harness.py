@@ -44,7 +44,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pegasus_dist import train
 from pegasus_dist.config import Config, PrepareConfig, config_from_dict
 from pegasus_dist.data.loader import MemoryLoader, ShardLoader
 from pegasus_dist.data.prepare import prepare
@@ -55,10 +54,11 @@ from pegasus_dist.data.sources import (
     synthetic,
     write_cifar10_archive,
 )
-from pegasus_dist.loss import kl_to_standard_normal
-from pegasus_dist.model import VAE
+from pegasus_dist.model.loss import kl_to_standard_normal
+from pegasus_dist.model.vae import VAE
+from pegasus_dist.training import loop as train
 
-log = logging.getLogger("pegasus_dist.bench")
+log = logging.getLogger("bench.harness")
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[1]
 BATCH = 128  # per process, in every loader and training row

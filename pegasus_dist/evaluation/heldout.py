@@ -13,7 +13,7 @@ On the ``eval`` shard set (which training never sees), per image:
   Weighted Autoencoders", 2016).
 
 Reported for all held-out images and for the horses and birds among them;
-with the quality classifier (pegasus_dist.classifier) the horses and birds
+with the quality classifier (pegasus_dist.evaluation.classifier) the horses and birds
 also get the fraction of their reconstructions it classifies as their own
 label (``recon_horse_as_horse``, ``recon_bird_as_bird``) and, for reference,
 the same of the originals (``horse_as_horse``, ``bird_as_bird``: the
@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from pegasus_dist.classifier import Classifier, predict
 from pegasus_dist.data.loader import ShardLoader
-from pegasus_dist.loss import kl_to_standard_normal, reconstruction_nll
-from pegasus_dist.model import VAE
+from pegasus_dist.evaluation.classifier import Classifier, predict
+from pegasus_dist.model.loss import kl_to_standard_normal, reconstruction_nll
+from pegasus_dist.model.vae import VAE
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 # A subset's values that describe the evaluation rather than measure the model.

@@ -1,0 +1,92 @@
+"""A trained model on disk: where a checkpoint's files are, and its weights loaded by name.
+
+The layout that ``training.checkpoint`` writes (``<run>/checkpoints/step_<N>/``
+with ``state.json`` written last) and that everything reading a trained model
+(the sampler, ``eval``, ``train.init_from``) finds its weights in. Writing,
+checking and resuming checkpoints stay in ``training.checkpoint``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from pegasus_dist.errors import CheckpointError
+
+PREFIX = "step_"
+STATE = "state.json"
+MODEL = "model.safetensors"  # the first model prepared; Accelerate names the others model_<i>
+ADVERSARIES = "model_1.safetensors"  # the critic and patch discriminator, prepared second when on
+NAME = re.compile(rf"{PREFIX}(\d+)")  # and exactly checkpoint_name(N): step_00000060, not step_60
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Published checkpoints under ``root``, oldest first.
+
+    Only folders named exactly as :func:`checkpoint_name` names them count:
+    temporary folders, damaged ones moved aside and strays such as
+    ``step_00000060.bak`` are ignored.
+    """
+    if not root.is_dir():
+        return []
+    found = {}
+    for path in root.iterdir():
+        match = NAME.fullmatch(path.name)
+        if match and path.name == checkpoint_name(int(match[1])) and path.is_dir():
+            found[int(match[1])] = path
+    return [found[step] for step in sorted(found)]
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder itself, or the newest checkpoint of a run folder."""
+    path = Path(path)
+    if (path / STATE).is_file():
+        return path
+    newest = latest_checkpoint(path / "checkpoints")
+    if newest is None:
+        raise CheckpointError(
+            f"{path} is neither a checkpoint (no state.json) nor a run folder with checkpoints; "
+            "pass a runs/<name> folder or one of its checkpoints/step_* folders"
+        )
+    return newest
+
+
+def load_model_weights(model: torch.nn.Module, folder: Path, name: str = MODEL,
+                       prefix: str = "") -> None:
+    """Load ``folder/name`` (the VAE's weights, or the adversaries') into ``model``, naming any mismatch.
+
+    With ``prefix``, only the weights named ``prefix...`` (one adversary's), without it.
+    """
+    path = folder / name
+    try:
+        weights = load_file(path)
+    except Exception as err:  # OSError, or safetensors' own SafetensorError
+        raise CheckpointError(f"cannot read {path}: {err}") from None
+    weights = {key.removeprefix(prefix): value for key, value in weights.items() if key.startswith(prefix)}
+    expected = model.state_dict()
+    for name, tensor in weights.items():
+        if name in expected and expected[name].shape != tensor.shape:
+            raise CheckpointError(
+                f"{path}: {name} has shape {tuple(tensor.shape)} but the model expects "
+                f"{tuple(expected[name].shape)}; the checkpoint comes from a model of another "
+                "shape: use the model section of its config.yaml"
+            )
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    model.load_state_dict(weights)
