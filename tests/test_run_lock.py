@@ -59,7 +59,7 @@ def test_a_second_run_stops_in_one_line_and_a_killed_holders_lock_is_free_at_onc
 
     result = CliRunner().invoke(app, ["train", *train_args(run)])
     assert result.exit_code == 2, result.output
-    errors = error_lines(result.stderr)
+    errors = error_lines(result.output)
     assert len(errors) == 1, result.output
     assert in_use_by(run, proc.pid) in errors[0]
     assert errors[0].endswith("wait for that run to end, or train into another run.name")
