@@ -40,16 +40,21 @@ def offline_files(run: Path) -> list[Path]:
     return sorted(run.glob("wandb/offline-run-*/run-*.wandb"))
 
 
-def records(wandb_file: Path, kind: str) -> list[dict]:
-    """The records of one kind (run, config, history, summary ...) in ``wandb_file``, in order."""
+def records(wandb_file: Path) -> dict[str, list[dict]]:
+    """The records in ``wandb_file`` by kind (run, config, history, summary ...), each in order."""
     done = run_bounded([str(BIN / "wandb"), "leet", "inspect", "--json", str(wandb_file)], timeout=60)
     assert done.returncode == 0, done.stdout[-3000:]
-    return [r[kind] for r in map(json.loads, done.stdout.splitlines()) if r["type"] == kind]
+    by_kind: dict[str, list[dict]] = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("{"):  # not a warning wandb may print
+            record = json.loads(line)
+            by_kind.setdefault(record["type"], []).append(record[record["type"]])
+    return by_kind
 
 
-def history(wandb_file: Path) -> dict[int, dict]:
-    """The history rows of ``wandb_file`` by step; a step logged twice fails."""
-    rows = [r["item"] for r in records(wandb_file, "history")]
+def history(logged: dict[str, list[dict]]) -> dict[int, dict]:
+    """The history rows of a run's records by step; a step logged twice fails."""
+    rows = [r["item"] for r in logged.get("history", [])]
     steps = [row["_step"] for row in rows]
     assert len(steps) == len(set(steps)), steps
     return {row["_step"]: row for row in rows}
@@ -68,10 +73,11 @@ def test_both_phases_reach_wandb_in_one_group_with_the_grids_pixels_and_captions
     run_ids = {}
     for phase, step in (("pretrain", 20), ("finetune", 2)):
         (wandb_file,) = offline_files(runs / phase)
-        (run,) = records(wandb_file, "run")
+        written = records(wandb_file)
+        (run,) = written["run"]
         assert (run["display_name"], run["run_group"], run["job_type"]) == (f"smoke/{phase}", "smoke", phase)
         run_ids[phase] = run["run_id"]
-        rows = history(wandb_file)
+        rows = history(written)
         final = rows[step]
         samples = runs / phase / "samples"
         for name in ("pegasus", "reconstructions", "prior"):
@@ -89,11 +95,11 @@ def test_both_phases_reach_wandb_in_one_group_with_the_grids_pixels_and_captions
         logged_keys = {k for row in rows.values() for k in row}
         assert not [k for k in logged_keys if k.endswith(("global_batch", "latent_dim", "images"))]
         config = {**run["config"]["update"]}
-        for update in records(wandb_file, "config"):
+        for update in written.get("config", []):
             config.update(update["update"])
         launch = config["launch"]
         assert (launch["world_size"], launch["global_batch"]) == (1, 16) and launch["lr"] > 0
-        summary = {k: v for update in records(wandb_file, "summary") for k, v in update["update"].items()}
+        summary = {k: v for update in written["summary"] for k, v in update["update"].items()}
         assert summary[f"{phase}/eval/all/latent_dim"] == 32
     started = config["started_from"]  # the finetune run's config: the pretrain run it started from
     assert started["wandb_run_id"] == run_ids["pretrain"]
@@ -106,7 +112,7 @@ def assert_the_newest_folder_holds_the_whole_history(run: Path) -> list[dict[int
     steps = training_steps(run)
     assert steps == sorted(set(steps)), steps  # one row per logged step
     rows = {row["step"]: row for row in metrics(run)}
-    folders = [history(path) for path in offline_files(run)]
+    folders = [history(records(path)) for path in offline_files(run)]
     assert sorted(folders[-1]) == sorted(rows), (sorted(folders[-1]), sorted(rows))
     for folder in folders:
         for step, logged in folder.items():
