@@ -44,7 +44,8 @@ from webdataset.tariterators import tarfile_samples
 from webdataset.writer import imageencoder, numpy_dumps
 
 from pegasus_dist.config import ModelConfig
-from pegasus_dist.data.sources import read_image_folder, synthetic
+from pegasus_dist.data.folders import read_image_folder
+from pegasus_dist.data.sources import synthetic
 from pegasus_dist.model.vae import VAE
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,10 +17,10 @@ from PIL import Image
 from processes import BIN, run_bounded
 
 from pegasus_dist.config import PrepareConfig
+from pegasus_dist.data.folders import MAX_IMAGE_PIXELS, read_image_folder
 from pegasus_dist.data.manifest import load_manifest, sha256_file, write_manifest
 from pegasus_dist.data.prepare import prepare
 from pegasus_dist.data.shards import ShardSet, write_shard
-from pegasus_dist.data.sources import MAX_IMAGE_PIXELS, read_image_folder
 from pegasus_dist.data.verify import verify_shard_set
 from pegasus_dist.errors import DataError
 

@@ -12,9 +12,9 @@ from helpers import run_cli
 from PIL import Image
 from processes import BIN, REPO, run_bounded
 
+from pegasus_dist.data.folders import REAL_CIFAR
 from pegasus_dist.data.manifest import load_manifest
 from pegasus_dist.data.shards import ShardSet
-from pegasus_dist.data.sources import REAL_CIFAR
 
 pytestmark = pytest.mark.slow
 

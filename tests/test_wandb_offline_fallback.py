@@ -6,6 +6,7 @@ as with no network), or one that listens and records whether anyone connected.
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import time
@@ -18,7 +19,6 @@ from processes import BIN, run_bounded
 
 from pegasus_dist.config import load_config
 from pegasus_dist.training.tracking import wandb_mode
-from pegasus_dist.training.wandb_records import history_steps
 
 FAKE_KEY = "pegasusfakewandbkey0123456789abcdef01234"  # 40 characters, as W&B keys
 FALLBACK = "W&B could not start online"
@@ -40,6 +40,14 @@ def listening_socket() -> Iterator[socket.socket]:
         sock.listen(16)
         sock.setblocking(False)
         yield sock
+
+
+def history_steps(wandb_file: Path) -> list[int]:
+    """The steps of the history rows in ``wandb_file``, read by W&B's own ``wandb leet inspect``."""
+    done = run_bounded([str(BIN / "wandb"), "leet", "inspect", "--json", str(wandb_file)], timeout=60)
+    assert done.returncode == 0, done.stdout[-3000:]
+    records = map(json.loads, done.stdout.splitlines())
+    return [r["history"]["step"]["num"] for r in records if r["type"] == "history"]
 
 
 def train(shards: Path, runs: Path, env: dict[str, str], *extra: str):

@@ -1,6 +1,9 @@
 """The data path, one stage per module.
 
-- ``sources``: official CIFAR-10 / STL-10 archives, image folders, synthetic images.
+- ``sources``: a source named by its spec (``cifar10:PATH``, ``folder:PATH`` ...), and synthetic
+  images; its readers are ``official`` (the CIFAR-10 and STL-10 archives) and ``folders``
+  (image folders and archives), and ``images`` holds what they share (``SourceImages``, the
+  class vocabulary).
 - ``shards``: WebDataset tar shards, written deterministically; ``ShardSet``, the one reader
   of a shard set (manifest, samples, decoded and checked images).
 - ``manifest``: each shard set's ``manifest.json`` (counts, checksums, provenance).

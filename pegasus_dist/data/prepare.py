@@ -38,9 +38,10 @@ from pathlib import Path
 import numpy as np
 
 from pegasus_dist.config import PrepareConfig
+from pegasus_dist.data.images import SourceImages
 from pegasus_dist.data.manifest import SHARD_SETS, ShardEntry, generation_id, sha256_file, write_manifest
 from pegasus_dist.data.shards import write_shard
-from pegasus_dist.data.sources import SourceImages, load_source
+from pegasus_dist.data.sources import load_source
 from pegasus_dist.errors import DataError
 
 log = logging.getLogger("pegasus_dist.prepare")

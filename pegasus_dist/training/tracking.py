@@ -5,10 +5,10 @@ otherwise logs online only when ``WANDB_API_KEY`` is set, writing an offline
 run into the run directory (``wandb sync`` uploads it later); ``disabled``
 turns W&B off. An online start that fails logs offline instead: W&B never
 costs a run.
-Every logged row also goes to ``<run>/metrics.jsonl`` so that runs can be read
-without W&B. A resumed run continues the same W&B run (its id is saved in the
-checkpoints) and fills in what a killed run had not yet written
-(:meth:`MetricsLog.resume`).
+Every logged row also goes to ``<run>/metrics.jsonl``, the run's complete
+history, so that runs can be read without W&B. A resumed run continues the same
+W&B run (its id is saved in the checkpoints) and logs again from metrics.jsonl
+the rows W&B says it lacks (:meth:`MetricsLog.resume`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from pegasus_dist.config import Config
 from pegasus_dist.errors import ConfigError
 from pegasus_dist.model.saved import resolve_checkpoint
 from pegasus_dist.training.checkpoint import TrainState, read_state
-from pegasus_dist.training.wandb_records import UnreadableRecords, history_steps
 
 log = logging.getLogger("pegasus_dist.training.tracking")
 
@@ -146,8 +145,8 @@ class MetricsLog:
     def __init__(self, accelerator: Accelerator, run_dir: Path) -> None:
         self.accelerator = accelerator
         self.path = run_dir / "metrics.jsonl"
-        # The W&B run already holds every step up to this one (set by resume):
-        # W&B refuses rows that go back in steps, and these would repeat ones it has.
+        # The W&B run already holds every step up to this one (set by resume): rows
+        # up to it would go back in steps, which W&B ignores, or repeat ones it has.
         self.wandb_holds_step = -1
 
     def log(self, values: dict[str, float], step: int) -> None:
@@ -180,11 +179,13 @@ class MetricsLog:
         """Continue the logs of a run resumed from its checkpoint of ``step`` (main process).
 
         The resumed run recomputes the rows after ``step``: they leave
-        metrics.jsonl, which keeps one row per step. A killed offline W&B run
-        loses the rows it had not yet written to disk: the rows that W&B lacks
-        (after the last step it holds, up to ``step``) are logged again from
-        metrics.jsonl, and steps it holds are not sent again, so that the W&B
-        history increases and has no hole.
+        metrics.jsonl, which keeps one row per step. W&B's ``run.step`` is the
+        step after the last one its copy of the run holds: the rows after that
+        (up to ``step``) are logged again from metrics.jsonl, and the steps it
+        holds are not sent again, the resume being exact. Online, W&B's server
+        knows what the killed run sent; offline, each launch writes its own
+        folder and ``run.step`` starts at 0, so that a resumed launch's folder
+        holds the whole history again.
         """
         if not self.accelerator.is_main_process:
             return
@@ -192,12 +193,16 @@ class MetricsLog:
         run = self._wandb_run()
         if run is None:
             return
-        self.wandb_holds_step = _last_wandb_step(run, self.path.parent / "wandb")
+        self.wandb_holds_step = run.step - 1
         missing = [row for row in rows if row["step"] > self.wandb_holds_step]
         for row in missing:
             run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
-        log.info("W&B run %s holds steps up to %d; logged %d rows of %s again", run.id,
-                 self.wandb_holds_step, len(missing), self.path)
+        if run.offline:
+            log.info("W&B run %s is offline: this launch writes a folder of its own, which starts "
+                     "with the %d rows of %s up to step %d", run.id, len(missing), self.path, step)
+        else:
+            log.info("W&B run %s holds steps up to %d; logged the %d rows after them again from %s",
+                     run.id, self.wandb_holds_step, len(missing), self.path)
 
     def _keep_rows_up_to(self, step: int) -> list[dict[str, Any]]:
         if not self.path.is_file():
@@ -223,19 +228,3 @@ class MetricsLog:
             return None
         return self.accelerator.get_tracker("wandb", unwrap=True)
 
-
-def _last_wandb_step(run: wandb.Run, wandb_dir: Path) -> int:
-    """The last history step that the earlier runs of this W&B run wrote; -1 if none."""
-    if not run.offline:
-        return run.step - 1  # online: the step after the last one the server holds
-    current = Path(run.dir).parent  # offline-run-<time>-<id>/files
-    steps = [-1]
-    for path in sorted(wandb_dir.glob(f"offline-run-*-{run.id}/run-{run.id}.wandb")):
-        if path.parent == current:
-            continue
-        try:
-            steps += history_steps(path)
-        except UnreadableRecords as err:
-            log.warning("%s: logging every row of metrics.jsonl to W&B again", err)
-            return -1
-    return max(steps)

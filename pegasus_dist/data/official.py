@@ -1,0 +1,192 @@
+"""The official archives: CIFAR-10's python archive and STL-10's binary one.
+
+- CIFAR-10 (Krizhevsky, 2009): train (50,000) then test (10,000);
+- STL-10 (Coates et al., 2011): train (5,000), test (8,000), unlabeled (100,000).
+
+Each archive is checked against its published md5 (torchvision's
+``calculate_md5``) unless the caller turns that off for a fixture or a modified
+copy. The CIFAR-10 batches are pickles: they are read with a restricted
+unpickler that accepts only the NumPy array types they hold.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from torchvision.datasets.utils import calculate_md5, download_url
+
+from pegasus_dist.data.images import SPLITS, SourceImages, canonical_class, open_tar, resize_all
+from pegasus_dist.errors import DataError
+
+CIFAR10 = {
+    "url": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    "filename": "cifar-10-python.tar.gz",
+    "md5": "c58f30108f718f92721af3b95e74349a",
+    "page": "https://www.cs.toronto.edu/~kriz/cifar.html",
+}
+STL10 = {
+    "url": "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz",
+    "filename": "stl10_binary.tar.gz",
+    "md5": "91f7769df0f17e558f3565bffb0c7dfb",
+    "page": "https://cs.stanford.edu/~acoates/stl10/",
+}
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                 "ship", "truck")
+STL_CHUNK = 1000  # images resized per step while streaming STL-10's 2.7 GB unlabeled file
+
+
+def download_official(name: str, root: Path) -> Path:
+    """Fetch an official archive through torchvision (md5 checked); needs the network."""
+    meta = CIFAR10 if name == "cifar10" else STL10
+    try:
+        download_url(meta["url"], str(root), meta["filename"], meta["md5"])
+    except Exception as err:  # urllib and torchvision raise many kinds
+        raise DataError(
+            f"could not download {meta['url']} ({err}); download {meta['filename']} from "
+            f"{meta['page']} by hand and pass {name}:PATH"
+        ) from None
+    return root / meta["filename"]
+
+
+# --- CIFAR-10 ---------------------------------------------------------------
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """Unpickles the CIFAR-10 batches (dicts of bytes, lists and NumPy arrays), nothing else."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how Python 3 writes bytes in protocol 2 (re-pickled copies)
+    }
+
+    def find_class(self, module: str, name: str) -> type:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_cifar10(path: str | Path, image_size: int = 32, verify_checksum: bool = True) -> SourceImages:
+    path = _existing(path, "cifar10", CIFAR10)
+    if verify_checksum:
+        _check_md5(path, CIFAR10)
+    members = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    images, labels, splits = [], [], []
+    with open_tar(path) as tar:
+        # One forward pass: seeking back in a gzip stream decompresses it again from the start.
+        raw = {m.name.rsplit("/", 1)[-1]: tar.extractfile(m).read()
+               for m in tar if m.isfile() and m.name.rsplit("/", 1)[-1] in members}
+    for member in members:
+        if member not in raw:
+            raise DataError(f"{path} has no cifar-10-batches-py/{member}: "
+                            "not the CIFAR-10 python archive")
+        batch = _unpickle(raw[member], f"{path}:{member}")
+        data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        images.append(data.transpose(0, 2, 3, 1))
+        labels += [canonical_class(CIFAR_CLASSES[i]) for i in batch[b"labels"]]
+        splits += ["test" if member == "test_batch" else "train"] * len(data)
+    return SourceImages("cifar10", resize_all(np.concatenate(images), image_size), labels,
+                        splits, str(path.resolve()))
+
+
+def write_cifar10_archive(images: np.ndarray, labels: list[int], path: Path) -> Path:
+    """Write (N, 32, 32, 3) uint8 images in the official CIFAR-10 python layout.
+
+    Five train batches and a test batch of about N/6 each, pickled as
+    ``{b"data": N x 3072 channel-planar rows, b"labels": [...]}``, plus
+    ``batches.meta``: what ``read_cifar10`` and torchvision's ``CIFAR10`` read.
+    For fixtures and benchmarks; the md5 is of course not the official one.
+    """
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    bounds = np.linspace(0, len(images), len(names) + 1).astype(int)
+    with tarfile.open(path, "w:gz") as tar:
+        for name, start, stop in zip(names, bounds[:-1], bounds[1:], strict=True):
+            rows = images[start:stop].transpose(0, 3, 1, 2).reshape(stop - start, -1)
+            # str keys: what the official (Python 2) pickles load as with encoding="latin1"
+            batch = {"batch_label": name, "labels": list(labels[start:stop]),
+                     "data": np.ascontiguousarray(rows)}
+            _add_member(tar, f"cifar-10-batches-py/{name}", pickle.dumps(batch, protocol=2))
+        meta = {"label_names": list(CIFAR_CLASSES)}
+        _add_member(tar, "cifar-10-batches-py/batches.meta", pickle.dumps(meta, protocol=2))
+    return path
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _unpickle(raw: bytes, where: str) -> dict:
+    """A batch dict with bytes keys, whether it was written by Python 2 (bytes) or 3 (str)."""
+    try:
+        batch = _ArrayOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
+        return {k.encode() if isinstance(k, str) else k: v for k, v in batch.items()}
+    except (pickle.UnpicklingError, EOFError, ValueError) as err:
+        raise DataError(f"{where}: refusing to load ({err}); "
+                        "only the official CIFAR-10 batches are accepted") from None
+
+
+def read_stl10(path: str | Path, image_size: int = 32, verify_checksum: bool = True) -> SourceImages:
+    path = _existing(path, "stl10", STL10)
+    if verify_checksum:
+        _check_md5(path, STL10)
+    images, labels, splits = [], [], []
+    # A .tar.gz cannot seek, so read members in archive order and keep the small
+    # files; the order of the result is fixed below (train, test, unlabeled).
+    parts: dict[str, object] = {}
+    with open_tar(path) as tar:
+        for member in tar:
+            name = member.name.rsplit("/", 1)[-1]
+            if name.endswith("_X.bin"):
+                parts[name] = np.concatenate(list(_stl_images(tar.extractfile(member), image_size)))
+            elif name.endswith("_y.bin") or name == "class_names.txt":
+                parts[name] = tar.extractfile(member).read()
+    if "class_names.txt" not in parts:
+        raise DataError(f"{path} has no stl10_binary/class_names.txt: not the STL-10 binary archive")
+    names = [canonical_class(n) for n in parts["class_names.txt"].decode().split()]
+    for split in SPLITS:
+        if f"{split}_X.bin" not in parts:
+            raise DataError(f"{path} has no stl10_binary/{split}_X.bin")
+        x = parts[f"{split}_X.bin"]
+        images.append(x)
+        if split == "unlabeled":
+            labels += [None] * len(x)
+        else:
+            y = np.frombuffer(parts[f"{split}_y.bin"], dtype=np.uint8)
+            labels += [names[i - 1] for i in y]  # STL-10 labels run from 1 to 10
+        splits += [split] * len(x)
+    return SourceImages("stl10", np.concatenate(images), labels, splits, str(path.resolve()))
+
+
+def _stl_images(stream: io.BufferedReader, image_size: int) -> Iterator[np.ndarray]:
+    """Chunks of images from an STL-10 ``*_X.bin``: column-major 3x96x96 uint8 each."""
+    image_bytes = 3 * 96 * 96
+    while chunk := stream.read(image_bytes * STL_CHUNK):
+        x = np.frombuffer(chunk, dtype=np.uint8).reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1)
+        yield resize_all(np.ascontiguousarray(x), image_size)
+
+
+# --- shared by both ---------------------------------------------------------
+
+
+def _existing(path: str | Path, name: str, meta: dict) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{name} archive not found: {path}; download {meta['filename']} from "
+                        f"{meta['page']} or use {name}:download")
+    return path
+
+
+def _check_md5(path: Path, meta: dict) -> None:
+    digest = calculate_md5(path)
+    if digest != meta["md5"]:
+        raise DataError(
+            f"{path}: md5 {digest} differs from the official {meta['md5']} of "
+            f"{meta['filename']}; pass --no-verify-checksums for a modified or fixture copy"
+        )
