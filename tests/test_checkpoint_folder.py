@@ -16,13 +16,8 @@ from pegasus_dist.errors import CheckpointError, ConfigError
 from pegasus_dist.model.adversaries import Adversaries
 from pegasus_dist.model.saved import latest_checkpoint, list_checkpoints
 from pegasus_dist.model.vae import VAE
-from pegasus_dist.training.checkpoint import (
-    TrainState,
-    check_resumable,
-    newest_intact_checkpoint,
-    read_state,
-    save_checkpoint,
-)
+from pegasus_dist.training.checkpoint import check_resumable, newest_intact_checkpoint, save_checkpoint
+from pegasus_dist.training.state import TrainState, read_state
 
 
 def save_steps(root: Path, *steps: int) -> list[Path]:

@@ -21,7 +21,7 @@ from PIL import Image
 from processes import BIN, REPO, free_port, run_bounded
 
 from pegasus_dist.config import load_config
-from pegasus_dist.training.checkpoint import TrainState, is_complete
+from pegasus_dist.training.state import TrainState, is_complete
 
 TRAIN = str(REPO / "pegasus_dist/train.py")
 USAGE = "usage: pegasus_dist/train.py [-h] --config CONFIG [section.key=value ...]"

@@ -54,14 +54,9 @@ from pegasus_dist.model.loss import kl_weight, vae_loss
 from pegasus_dist.model.saved import ADVERSARIES, latest_checkpoint, load_model_weights, resolve_checkpoint
 from pegasus_dist.model.vae import VAE, num_parameters
 from pegasus_dist.training.checkpoint import (
-    TrainState,
     check_resumable,
     held_adversaries,
-    is_complete,
-    is_finished,
-    mark_finished,
     newest_intact_checkpoint,
-    read_state,
     restore_checkpoint,
     save_checkpoint,
 )
@@ -85,6 +80,7 @@ from pegasus_dist.training.launcher_watch import end_with_launcher
 from pegasus_dist.training.lock import hold_run_lock, release_run_lock
 from pegasus_dist.training.optim import DivergenceGuard, LrSchedule, apply_on_resume, build_optimizer, set_lr
 from pegasus_dist.training.progress import Progress
+from pegasus_dist.training.state import TrainState, is_complete, is_finished, mark_finished, read_state
 from pegasus_dist.training.tracking import MetricsLog, new_run_id, start_tracking, tracker_names
 
 log = logging.getLogger("pegasus_dist.training.loop")

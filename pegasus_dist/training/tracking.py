@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from pegasus_dist.config import Config
 from pegasus_dist.errors import ConfigError
 from pegasus_dist.model.saved import resolve_checkpoint
-from pegasus_dist.training.checkpoint import TrainState, read_state
+from pegasus_dist.training.state import TrainState, read_state
 from pegasus_dist.training.wandb_records import UnreadableRecords, history_steps
 
 log = logging.getLogger("pegasus_dist.training.tracking")
