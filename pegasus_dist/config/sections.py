@@ -60,7 +60,7 @@ ImageSide = Annotated[int, Field(ge=16, multiple_of=16)]  # 32, 64, 96: the side
 
 
 class Section(BaseModel):
-    """Strict types (``epochs: 1.5`` is refused, not rounded) and no unknown keys."""
+    """A section: strict types (``epochs: 1.5`` is refused, not rounded), no unknown keys."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -309,6 +309,8 @@ class WandbConfig(Section):
 
 
 class Config(Section):
+    """The whole run, a section per concern; saved with it as ``config.yaml`` (:meth:`to_yaml`)."""
+
     run: RunConfig = Field(default_factory=RunConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
