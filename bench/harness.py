@@ -296,8 +296,8 @@ def _adam_rows(device: torch.device) -> list[Row]:
 def _loop_rate(phase: train.Phase, warmup: int, steps: int, device: torch.device) -> float:
     """Images per second of the project's training loop (``train.run_epochs``), after a warm-up."""
     def run_to(step: int) -> None:
-        train_cfg = dataclasses.replace(phase.cfg.train, max_steps=step)
-        train.run_epochs(dataclasses.replace(phase, cfg=dataclasses.replace(phase.cfg, train=train_cfg)))
+        train_cfg = phase.cfg.train.model_copy(update={"max_steps": step})
+        train.run_epochs(dataclasses.replace(phase, cfg=phase.cfg.model_copy(update={"train": train_cfg})))
 
     run_to(phase.state.step + warmup)
     _synchronize(device)

@@ -10,20 +10,31 @@ from types import ModuleType
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
-from pegasus_dist.config import PrepareConfig
+from pegasus_dist.config import PrepareConfig, SamplerConfig, validated
 from pegasus_dist.console import exit_on_user_error, setup_logging
 from pegasus_dist.errors import ConfigError
 from pegasus_dist.training import scale_check
 
+
+class _Commands(TyperGroup):
+    """Every command: an error of the user's is one ``error:`` line and its exit code, in process too."""
+
+    def invoke(self, ctx: typer.Context) -> object:
+        return exit_on_user_error(lambda: super(_Commands, self).invoke(ctx))
+
+
 app = typer.Typer(
+    cls=_Commands,
     help="Train the winged-horse VAE of the paper on WebDataset shards, on 1 to N processes.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 
-PREPARE = PrepareConfig()  # the one place prepare's defaults live
+PREPARE = PrepareConfig.model_construct()  # prepare's defaults (not validated: no --source yet)
+LABELLED = Path(PREPARE.out) / SamplerConfig().shard_set  # the sampler's horses and birds, as prepared
 OVERRIDES_HELP = "section.key=value config overrides, e.g. train.epochs=5"
 SOURCE_HELP = ("cifar10:PATH|download, stl10:PATH|download, folder:PATH (folder or .tar.gz), "
                "synthetic:N[:SEED]; repeat for several")
@@ -62,15 +73,16 @@ def prepare(
     """Write the WebDataset shard sets (mix, horse_bird, eval) with their manifests."""
     from pegasus_dist.data.prepare import prepare as run_prepare
 
-    cfg = PrepareConfig(source, out, image_size, shard_size, eval_fraction, seed,
-                        verify_checksums)
+    cfg = validated(PrepareConfig, {"sources": source, "out": out, "image_size": image_size,
+                                    "shard_size": shard_size, "eval_fraction": eval_fraction,
+                                    "seed": seed, "verify_checksums": verify_checksums})
     run_prepare(cfg, command=_command_line())
 
 
 @app.command()
 def verify(
     path: Annotated[Path, typer.Argument(help="a shard set, or the folder holding several")] = Path(
-        "shards"
+        PREPARE.out
     ),
 ) -> None:
     """Check shards against their manifest: sha256, sample counts, every image decodes."""
@@ -184,7 +196,7 @@ def evaluate(
 
 @app.command("contact-sheet")
 def contact_sheet(
-    shard_set: Annotated[Path, typer.Option(help="labelled shard set")] = Path("shards/horse_bird"),
+    shard_set: Annotated[Path, typer.Option(help="labelled shard set")] = LABELLED,
     out: Annotated[Path, typer.Option(help="PNG to write (a .json of the keys beside it)")] = Path(
         "contact-sheet.png"
     ),
@@ -225,9 +237,8 @@ def bench(
     out: Annotated[Path, typer.Option(help="JSON to write")] = Path("bench/results/latest.json"),
 ) -> None:
     """Loader, trainer, prepare and process-count throughput, each against its baseline."""
-    harness = exit_on_user_error(_bench_harness)
-    rows = exit_on_user_error(lambda: harness.run_bench(images, steps, out, size or [32, 64, 96],
-                                                        images_from, process_steps))
+    harness = _bench_harness()
+    rows = harness.run_bench(images, steps, out, size or [32, 64, 96], images_from, process_steps)
     typer.echo(harness.format_table(rows))
     typer.echo(f"wrote {out}")
 
@@ -307,4 +318,4 @@ def _command_line() -> str:
 
 def main() -> None:
     setup_logging()
-    exit_on_user_error(app)
+    app()

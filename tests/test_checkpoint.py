@@ -4,6 +4,7 @@ Some tests show first what Accelerate's save_state/load_state would do alone:
 the reasons pegasus_dist/training/checkpoint.py keeps those parts its own.
 """
 
+import json
 import os
 import pickle
 
@@ -26,7 +27,8 @@ from pegasus_dist.model.saved import (
 )
 from pegasus_dist.model.vae import VAE
 from pegasus_dist.training import checkpoint
-from pegasus_dist.training.checkpoint import TrainState, read_state, restore_checkpoint, save_checkpoint
+from pegasus_dist.training.checkpoint import restore_checkpoint, save_checkpoint
+from pegasus_dist.training.state import TrainState, read_state
 
 
 def _setup(compile: bool = False, extra: bool = False):
@@ -76,7 +78,7 @@ def test_round_trip_restores_weights_optimizer_and_counters(tmp_path):
 def test_keeps_last_k_and_ignores_unfinished_saves(tmp_path):
     accelerator, _, _ = _setup()
     for step in (1, 2, 3, 4):
-        save_checkpoint(accelerator, TrainState("pretrain", step=step), "", tmp_path, keep=2)
+        save_checkpoint(accelerator, TrainState(phase="pretrain", step=step), "", tmp_path, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
     # A save killed before its rename leaves only a temporary folder behind.
     (tmp_path / ".tmp-step_00000005").mkdir()
@@ -103,10 +105,10 @@ def test_a_save_that_fails_midway_keeps_the_previous_checkpoint_unlike_accelerat
     assert not any((tmp_path / "theirs/checkpoints/checkpoint_1").iterdir())  # nothing to resume from
 
     accelerator, _, _ = _setup()
-    first = save_checkpoint(accelerator, TrainState("pretrain", step=1), "", tmp_path / "ours", keep=1)
+    first = save_checkpoint(accelerator, TrainState(phase="pretrain", step=1), "", tmp_path / "ours", keep=1)
     monkeypatch.setattr(checkpoint, "write_counters", disk_full)
     with pytest.raises(OSError):
-        save_checkpoint(accelerator, TrainState("pretrain", step=2), "", tmp_path / "ours", keep=1)
+        save_checkpoint(accelerator, TrainState(phase="pretrain", step=2), "", tmp_path / "ours", keep=1)
     assert list_checkpoints(tmp_path / "ours") == [first]
     restore_checkpoint(_setup()[0], first)
 
@@ -121,7 +123,7 @@ def test_the_weights_are_the_unwrapped_models_on_any_wrapper(tmp_path):
     with pytest.raises(CheckpointError, match="does not fit the model"):
         load_model_weights(VAE(TINY), tmp_path / "theirs")
 
-    folder = save_checkpoint(accelerator, TrainState("pretrain", step=1), "", tmp_path / "ours", keep=1)
+    folder = save_checkpoint(accelerator, TrainState(phase="pretrain", step=1), "", tmp_path / "ours", keep=1)
     assert set(load_file(folder / "model.safetensors")) == set(VAE(TINY).state_dict())
     load_model_weights(VAE(TINY), folder)  # what the sampler, init_from and one process read
     restore_checkpoint(_setup(compile=True)[0], folder)
@@ -130,7 +132,7 @@ def test_the_weights_are_the_unwrapped_models_on_any_wrapper(tmp_path):
 
 def test_a_pickled_object_is_refused_not_executed(tmp_path):
     accelerator, _, _ = _setup()
-    folder = save_checkpoint(accelerator, TrainState("pretrain", step=1), "", tmp_path, keep=1)
+    folder = save_checkpoint(accelerator, TrainState(phase="pretrain", step=1), "", tmp_path, keep=1)
     marker = tmp_path / "pwned"
     with open(folder / "optimizer.bin", "wb") as f:
         pickle.dump({"state": _exploit(marker), "param_groups": []}, f)
@@ -143,7 +145,7 @@ def test_a_pickled_object_in_a_registered_state_is_refused_though_accelerate_run
     """Why every load is forced weights-only: load_state unpickles registered objects
     (ACAI's critic Adam) with weights_only=False."""
     accelerator, _, _ = _setup(extra=True)
-    folder = save_checkpoint(accelerator, TrainState("pretrain", step=1), "", tmp_path, keep=1)
+    folder = save_checkpoint(accelerator, TrainState(phase="pretrain", step=1), "", tmp_path, keep=1)
     assert (folder / "custom_checkpoint_0.pkl").is_file()
     marker = tmp_path / "pwned"
     torch.save(_exploit(marker), folder / "custom_checkpoint_0.pkl")
@@ -161,7 +163,7 @@ def test_a_registered_state_comes_back(tmp_path):
     accelerator, _, _ = _setup(extra=True)
     (registered,) = accelerator._custom_objects
     registered.param_groups[0]["lr"] = 0.123
-    folder = save_checkpoint(accelerator, TrainState("pretrain", step=1), "", tmp_path, keep=1)
+    folder = save_checkpoint(accelerator, TrainState(phase="pretrain", step=1), "", tmp_path, keep=1)
     accelerator2, _, _ = _setup(extra=True)
     restore_checkpoint(accelerator2, folder)
     assert accelerator2._custom_objects[0].param_groups[0]["lr"] == 0.123
@@ -171,7 +173,7 @@ def test_the_loss_scaler_comes_back(tmp_path):
     """fp16 runs only on a GPU: here a CPU GradScaler stands in for the one Accelerate makes there."""
     accelerator, _, _ = _setup()
     accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1234.0)
-    folder = save_checkpoint(accelerator, TrainState("pretrain", step=1), "", tmp_path, keep=1)
+    folder = save_checkpoint(accelerator, TrainState(phase="pretrain", step=1), "", tmp_path, keep=1)
     assert (folder / "scaler.pt").is_file()
     accelerator2, _, _ = _setup()
     accelerator2.scaler = torch.amp.GradScaler("cpu")
@@ -181,7 +183,7 @@ def test_the_loss_scaler_comes_back(tmp_path):
 
 def test_weights_of_another_shape_name_the_tensor(tmp_path):
     accelerator, _, _ = _setup()
-    folder = save_checkpoint(accelerator, TrainState("pretrain", step=1), "", tmp_path, keep=1)
+    folder = save_checkpoint(accelerator, TrainState(phase="pretrain", step=1), "", tmp_path, keep=1)
     other = VAE(ModelConfig(channels=[4, 4, 8, 8], fc_dims=[16, 16, 8], latent_dim=6))
     with pytest.raises(CheckpointError, match="has shape .* another shape"):
         load_model_weights(other, folder)
@@ -190,3 +192,24 @@ def test_weights_of_another_shape_name_the_tensor(tmp_path):
 def test_resolve_rejects_a_folder_without_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="neither a checkpoint"):
         resolve_checkpoint(tmp_path)
+
+
+def test_state_json_holds_every_counter_by_name_and_reads_back(tmp_path):
+    state = TrainState(phase="pretrain", epoch=1, samples_done=64, global_batch=32, step=9,
+                       scaler_skipped_steps=1, nonfinite_skipped_steps=2, bad_samples_skipped=3,
+                       wandb_run_id="r1")
+    checkpoint.write_counters(tmp_path, state, "")
+    assert json.loads((tmp_path / "state.json").read_text()) == {
+        "phase": "pretrain", "epoch": 1, "samples_done": 64, "global_batch": 32, "step": 9,
+        "scaler_skipped_steps": 1, "nonfinite_skipped_steps": 2, "bad_samples_skipped": 3,
+        "wandb_run_id": "r1"}
+    assert read_state(tmp_path) == state
+
+
+def test_an_older_state_json_is_read_without_its_batches_done(tmp_path):
+    """Older versions counted batches_done: checked like every counter, then dropped."""
+    (tmp_path / "state.json").write_text('{"phase": "pretrain", "epoch": 2, "batches_done": 7}')
+    assert read_state(tmp_path) == TrainState(phase="pretrain", epoch=2)
+    (tmp_path / "state.json").write_text('{"phase": "pretrain", "batches_done": -7}')
+    with pytest.raises(CheckpointError, match="field batches_done must be a whole number, 0 or more, got -7"):
+        read_state(tmp_path)

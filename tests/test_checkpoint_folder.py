@@ -16,13 +16,8 @@ from pegasus_dist.errors import CheckpointError, ConfigError
 from pegasus_dist.model.adversaries import Adversaries
 from pegasus_dist.model.saved import latest_checkpoint, list_checkpoints
 from pegasus_dist.model.vae import VAE
-from pegasus_dist.training.checkpoint import (
-    TrainState,
-    check_resumable,
-    newest_intact_checkpoint,
-    read_state,
-    save_checkpoint,
-)
+from pegasus_dist.training.checkpoint import check_resumable, newest_intact_checkpoint, save_checkpoint
+from pegasus_dist.training.state import TrainState, read_state
 
 
 def save_steps(root: Path, *steps: int) -> list[Path]:
@@ -33,7 +28,7 @@ def save_steps(root: Path, *steps: int) -> list[Path]:
     accelerator.prepare(model, torch.optim.Adam(model.parameters(), lr=1e-3))
     accelerator.prepare_model(adversaries)
     accelerator.register_for_checkpointing(torch.optim.Adam(adversaries.parameters(), lr=1e-3))
-    return [save_checkpoint(accelerator, TrainState("pretrain", step=step), "", root, keep=len(steps))
+    return [save_checkpoint(accelerator, TrainState(phase="pretrain", step=step), "", root, keep=len(steps))
             for step in steps]
 
 

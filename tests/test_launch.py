@@ -21,7 +21,7 @@ from PIL import Image
 from processes import BIN, REPO, free_port, run_bounded
 
 from pegasus_dist.config import load_config
-from pegasus_dist.training.checkpoint import TrainState, is_complete
+from pegasus_dist.training.state import TrainState, is_complete
 
 TRAIN = str(REPO / "pegasus_dist/train.py")
 USAGE = "usage: pegasus_dist/train.py [-h] --config CONFIG [section.key=value ...]"
@@ -52,11 +52,11 @@ def test_complete_means_epochs_done_or_max_steps_reached(tmp_path):
     def cfg(epochs: int, max_steps: int):
         return load_config(SMOKE, [f"train.epochs={epochs}", f"train.max_steps={max_steps}"])
 
-    assert is_complete(TrainState("pretrain", epoch=3, step=90), cfg(3, 0))
-    assert not is_complete(TrainState("pretrain", epoch=2, samples_done=464, step=89), cfg(3, 0))
-    assert is_complete(TrainState("pretrain", epoch=0, samples_done=64, step=4), cfg(3, 4))
-    assert not is_complete(TrainState("pretrain", epoch=0, samples_done=64, step=4), cfg(3, 8))
-    assert not is_complete(TrainState("pretrain", epoch=3, step=90), cfg(4, 0))  # epochs raised
+    assert is_complete(TrainState(phase="pretrain", epoch=3, step=90), cfg(3, 0))
+    assert not is_complete(TrainState(phase="pretrain", epoch=2, samples_done=464, step=89), cfg(3, 0))
+    assert is_complete(TrainState(phase="pretrain", epoch=0, samples_done=64, step=4), cfg(3, 4))
+    assert not is_complete(TrainState(phase="pretrain", epoch=0, samples_done=64, step=4), cfg(3, 8))
+    assert not is_complete(TrainState(phase="pretrain", epoch=3, step=90), cfg(4, 0))  # epochs raised
 
 
 UNREADABLE_ON_RANK_1 = """

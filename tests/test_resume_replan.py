@@ -24,7 +24,7 @@ from helpers import FAULT, SCRIPTS, SMOKE, error_lines, losses, shard_keys, star
 from processes import BIN, REPO, descendants, free_port, run_bounded, running
 
 from pegasus_dist.model.saved import latest_checkpoint
-from pegasus_dist.training.checkpoint import read_state
+from pegasus_dist.training.state import read_state
 
 pytestmark = pytest.mark.slow
 KEYS = SCRIPTS / "train_noting_keys.py"

@@ -15,14 +15,23 @@ import pytest
 from helpers import run_cli
 from PIL import Image, ImageDraw
 from processes import REPO
+from typer.testing import CliRunner
 
+from pegasus_dist.cli import app
 from pegasus_dist.data.shards import ShardSet
 from pegasus_dist.evaluation.contact_sheet import caption_font, draw_sheet
 
 
+def in_process(*args: str) -> str:
+    """``pegasus-dist ARGS`` run in this process (typer's CliRunner); its output, once it succeeded."""
+    done = CliRunner().invoke(app, list(args))
+    assert done.exit_code == 0, (done.output[-6000:], done.exception)
+    return done.output
+
+
 def test_version_is_the_one_in_pyproject():
     version = re.search(r'^version = "(.+)"$', (REPO / "pyproject.toml").read_text(), re.M)[1]
-    assert run_cli("--version").strip() == f"pegasus-dist {version}"
+    assert in_process("--version").strip() == f"pegasus-dist {version}"
 
 
 @pytest.mark.skipif(shutil.which("git") is None or not (REPO / ".git").exists(),
@@ -58,11 +67,11 @@ def test_every_contact_sheet_caption_fits_its_tile_and_gives_back_its_key(tmp_pa
     # A folder source with a long name: keys like folder_birds_in_flight_and_horses-train-0000012,
     # far wider than a tile, as folder_cifar10_jpg-train-0004013 is.
     write_image_folder(tmp_path / "birds_in_flight_and_horses", per_class=20)
-    run_cli("prepare", "--source", f"folder:{tmp_path / 'birds_in_flight_and_horses'}",
-            "--out", str(tmp_path / "shards"))
+    in_process("prepare", "--source", f"folder:{tmp_path / 'birds_in_flight_and_horses'}",
+               "--out", str(tmp_path / "shards"))
     shard_set = tmp_path / "shards" / "horse_bird"
-    run_cli("contact-sheet", "--shard-set", str(shard_set), "--out", str(tmp_path / "sheet.png"),
-            "--per-label", "10")
+    in_process("contact-sheet", "--shard-set", str(shard_set), "--out", str(tmp_path / "sheet.png"),
+               "--per-label", "10")
     listing = json.loads((tmp_path / "sheet.json").read_text())
     chosen, columns, tile = listing["keys"], listing["columns"], listing["tile"]
     assert [len(keys) for keys in chosen.values()] == [10, 10]

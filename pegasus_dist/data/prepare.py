@@ -55,7 +55,6 @@ GENERATION = ".generation-"  # the prefix of generation folders
 
 def prepare(cfg: PrepareConfig, command: str = "") -> dict[str, Path]:
     """Write ``mix/``, ``horse_bird/`` and ``eval/`` under ``cfg.out``; return their folders."""
-    cfg.validate()
     started = time.perf_counter()
     sources = _unique_names([_load(spec, cfg) for spec in cfg.sources])
     images = np.concatenate([s.images for s in sources])

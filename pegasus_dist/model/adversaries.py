@@ -18,8 +18,6 @@ file, their weights named ``critic.*`` and ``discriminator.*``.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,7 +39,7 @@ class PatchDiscriminator(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.net = acai.Critic(replace(cfg, channels=cfg.channels[:-1] or cfg.channels)).net
+        self.net = acai.Critic(cfg.model_copy(update={"channels": cfg.channels[:-1] or cfg.channels})).net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1], (B, 3, H, W) -> patch scores (B, 1, h, w); positive reads as real."""

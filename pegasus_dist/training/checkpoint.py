@@ -36,10 +36,8 @@ import os
 import pickle
 import shutil
 import time
-import typing
 import zipfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -47,7 +45,6 @@ from accelerate import Accelerator
 from accelerate.utils import extract_model_from_parallel
 from safetensors import SafetensorError, safe_open
 
-from pegasus_dist.config import Config, TrainConfig
 from pegasus_dist.errors import CheckpointError
 from pegasus_dist.model.adversaries import KINDS
 from pegasus_dist.model.saved import (
@@ -58,65 +55,15 @@ from pegasus_dist.model.saved import (
     list_checkpoints,
     load_model_weights,
 )
+from pegasus_dist.training.state import TrainState, parse_state
 
 log = logging.getLogger("pegasus_dist.training.checkpoint")
 
 OPTIMIZER = "optimizer.bin"
 OLDER_OPTIMIZER = "optimizer.pt"  # of the versions before save_state, refused in one line
-FINISHED = "finished.json"  # in the run folder, written last by a phase that ended
 DAMAGED = "damaged-"  # the prefix of a damaged checkpoint moved aside; never pruned
-PHASES = typing.get_args(typing.get_type_hints(TrainConfig)["phase"])
-# Fields of older state.json files, checked and dropped: their checkpoints cannot be
-# resumed (:func:`check_resumable`), but their weights start runs (train.init_from).
-OLDER_FIELDS = {"batches_done": int}
 # torch honours it over a torch.load(weights_only=False) call (:func:`_weights_only`).
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
-
-
-@dataclass
-class TrainState:
-    """Counters that say where a phase stands; saved in ``state.json``."""
-
-    phase: str
-    epoch: int = 0  # the epoch in progress
-    # Samples of that epoch's seeded order already trained, by all processes together:
-    # where a resumed run continues, whatever its process count or batch.
-    samples_done: int = 0
-    global_batch: int = 0  # images per optimizer step of the run that wrote it (0: unknown)
-    step: int = 0  # optimizer steps taken in this phase, skipped ones included
-    scaler_skipped_steps: int = 0  # fp16 overflows: the loss scaler skipped the update
-    nonfinite_skipped_steps: int = 0  # NaN/Inf losses skipped (train.on_nonfinite=skip)
-    bad_samples_skipped: int = 0  # corrupt samples replaced (data.on_bad_sample=skip)
-    wandb_run_id: str = ""
-
-
-def is_complete(state: TrainState, cfg: Config) -> bool:
-    """Whether a phase at ``state`` has nothing left to train under ``cfg``.
-
-    The one definition of "done": ``train.epochs`` epochs trained, or
-    ``train.max_steps`` (when set) steps taken. Raising either in the config
-    makes a complete run incomplete again, and it trains on.
-    """
-    max_steps_reached = bool(cfg.train.max_steps) and state.step >= cfg.train.max_steps
-    return state.epoch >= cfg.train.epochs or max_steps_reached
-
-
-def mark_finished(run_dir: Path, checkpoint: Path) -> None:
-    """Record that the phase's end-of-run work (grids, evaluation) is done for ``checkpoint``."""
-    (run_dir / FINISHED).write_text(json.dumps({"checkpoint": checkpoint.name}) + "\n")
-
-
-def is_finished(run_dir: Path, checkpoint: Path) -> bool:
-    """Whether :func:`mark_finished` was reached for ``checkpoint``.
-
-    A run killed or preempted after its final checkpoint but before its grids
-    and evaluation were written is complete by its counters, not finished: a
-    restart resumes from that checkpoint and only does the end-of-run work.
-    """
-    try:
-        return json.loads((run_dir / FINISHED).read_text()).get("checkpoint") == checkpoint.name
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def newest_intact_checkpoint(root: Path, move_damaged: bool) -> Path | None:
@@ -159,7 +106,7 @@ def find_damage(folder: Path) -> str | None:
     """
     _refuse_older_layout(folder)
     try:
-        _parse_state(folder / STATE)
+        parse_state(folder / STATE)
         for path in _files(folder):
             (_check_safetensors if path.suffix == ".safetensors" else _check_zip)(path)
     except CheckpointError as err:
@@ -240,7 +187,7 @@ def _check_zip(path: Path) -> None:
 def write_counters(folder: Path, state: TrainState, config_yaml: str) -> None:
     """The files of ours in a checkpoint: ``config.yaml``, then ``state.json``, which marks it complete."""
     (folder / "config.yaml").write_text(config_yaml)
-    (folder / STATE).write_text(json.dumps(asdict(state), indent=2) + "\n")
+    (folder / STATE).write_text(json.dumps(state.model_dump(), indent=2) + "\n")
 
 
 def publish(tmp: Path, final: Path) -> None:
@@ -254,42 +201,6 @@ def prune(root: Path, keep: int) -> None:
     stale = list_checkpoints(root)[:-keep] + [p for p in root.iterdir() if p.name.startswith(".tmp-")]
     for path in stale:
         shutil.rmtree(path)
-
-
-def read_state(folder: Path) -> TrainState:
-    """``state.json``, every field checked: a bad one is one line naming the file and the field."""
-    try:
-        return _parse_state(folder / STATE)
-    except CheckpointError as err:
-        raise CheckpointError(f"{err}; move that checkpoint aside to resume from the one before "
-                              "(run.resume=auto does)") from None
-
-
-def _parse_state(path: Path) -> TrainState:
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as err:  # a bad encoding is a ValueError too
-        raise CheckpointError(f"{path} is unreadable ({err})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path} holds a {type(raw).__name__}, not an object of fields")
-    if "phase" not in raw:  # the one field without a default (older checkpoints lack some others)
-        raise CheckpointError(f"{path} has no field phase")
-    hints = typing.get_type_hints(TrainState) | OLDER_FIELDS
-    for name, value in raw.items():
-        problem = _bad_field(name, value, hints[name]) if name in hints else "is not a known field"
-        if problem:
-            raise CheckpointError(f"{path}: field {name} {problem}, got {value!r}")
-    return TrainState(**{name: value for name, value in raw.items() if name not in OLDER_FIELDS})
-
-
-def _bad_field(name: str, value: object, hint: type) -> str | None:
-    """What is wrong with one field of ``state.json``, or None."""
-    if name == "phase":
-        return None if value in PHASES else f"must be one of {', '.join(PHASES)}"
-    if hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
-        return None if ok else "must be a whole number, 0 or more"
-    return None if isinstance(value, hint) else f"must be a {hint.__name__}"
 
 
 def _fsync_dir(path: Path) -> None:

@@ -26,7 +26,7 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
@@ -54,14 +54,9 @@ from pegasus_dist.model.loss import kl_weight, vae_loss
 from pegasus_dist.model.saved import ADVERSARIES, latest_checkpoint, load_model_weights, resolve_checkpoint
 from pegasus_dist.model.vae import VAE, num_parameters
 from pegasus_dist.training.checkpoint import (
-    TrainState,
     check_resumable,
     held_adversaries,
-    is_complete,
-    is_finished,
-    mark_finished,
     newest_intact_checkpoint,
-    read_state,
     restore_checkpoint,
     save_checkpoint,
 )
@@ -85,6 +80,7 @@ from pegasus_dist.training.launcher_watch import end_with_launcher
 from pegasus_dist.training.lock import hold_run_lock, release_run_lock
 from pegasus_dist.training.optim import DivergenceGuard, LrSchedule, apply_on_resume, build_optimizer, set_lr
 from pegasus_dist.training.progress import Progress
+from pegasus_dist.training.state import TrainState, is_complete, is_finished, mark_finished, read_state
 from pegasus_dist.training.tracking import MetricsLog, new_run_id, start_tracking, tracker_names
 
 log = logging.getLogger("pegasus_dist.training.loop")
@@ -463,7 +459,8 @@ def _with_batch(cfg: Config, world_size: int) -> Config:
             f"data.global_batch_size={wanted} does not split evenly over {world_size} process(es) x "
             f"train.grad_accum_steps={k}; use a multiple of {world_size * k}"
         )
-    return replace(cfg, data=replace(cfg.data, batch_size=wanted // (world_size * k)))
+    data = cfg.data.model_copy(update={"batch_size": wanted // (world_size * k)})
+    return cfg.model_copy(update={"data": data})
 
 
 def _batch_description(cfg: Config, accelerator: Accelerator) -> str:
@@ -739,7 +736,7 @@ def _resume_position(state: TrainState, num_samples: int, world_size: int,
             "checkpoint aside to resume from the one before"
         )
     if done == num_samples:
-        return replace(state, epoch=state.epoch + 1, samples_done=0)
+        return state.model_copy(update={"epoch": state.epoch + 1, "samples_done": 0})
     if num_samples - done < world_size:
         raise CheckpointError(
             f"{folder} stopped {num_samples - done} sample(s) before the end of epoch {state.epoch + 1}, "

@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from pegasus_dist.config import Config
 from pegasus_dist.errors import ConfigError
 from pegasus_dist.model.saved import resolve_checkpoint
-from pegasus_dist.training.checkpoint import TrainState, read_state
+from pegasus_dist.training.state import TrainState, read_state
 
 log = logging.getLogger("pegasus_dist.training.tracking")
 
@@ -77,7 +77,7 @@ def start_tracking(
     mode = wandb_mode(cfg)
     if mode == "disabled":
         return
-    config = cfg.to_dict()
+    config = cfg.model_dump()
     config["launch"] = {"world_size": accelerator.num_processes, "global_batch": global_batch,
                         "lr": lr}
     if cfg.train.init_from and state.step == 0:  # a resumed run keeps what its start recorded

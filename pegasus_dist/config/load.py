@@ -1,0 +1,154 @@
+"""YAML files and ``section.key=value`` overrides into one validated :class:`Config`.
+
+pydantic checks every value; its error becomes one :class:`ConfigError` line
+that names the key, the file that set it (when a file did) and what the value
+must be, with a "did you mean" for a misspelled key. Its multi-line report is
+never shown.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
+
+from pegasus_dist.config.sections import Config, Section
+from pegasus_dist.errors import ConfigError
+
+S = TypeVar("S", bound=Section)
+
+
+Origins = dict[tuple[str, ...], Path]  # (section,) and (section, key) -> the file that set it
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read ``path`` (over the chain of ``base`` files it builds on), apply overrides, validate."""
+    raw, origins = _read_yaml_chain(Path(path)) if path else ({}, {})
+    for item in overrides or []:
+        _apply_override(raw, origins, item)
+    return config_from_dict(raw, origins)
+
+
+def config_from_dict(raw: dict[str, Any], origins: Origins | None = None) -> Config:
+    """Build and validate a :class:`Config` from nested plain values; ``origins`` name their files."""
+    return validated(Config, raw, origins)
+
+
+def validated(cls: type[S], raw: Any, origins: Origins | None = None) -> S:
+    """``raw`` validated into ``cls``: a value that does not fit is one :class:`ConfigError` line."""
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err, cls, origins)) from None
+
+
+def _one_line(err: ValidationError, root: type[Section], origins: Origins | None = None) -> str:
+    """The first of pydantic's errors (an unknown key before the others) as one line."""
+    error = min(err.errors(), key=lambda e: e["type"] not in ("extra_forbidden", "invalid_key"))
+    loc = error["loc"]
+    origin = (origins or {}).get(tuple(map(str, loc[:2])))  # (section,) for a section itself
+    where = f"{origin}: " if origin else ""
+    if error["type"] in ("extra_forbidden", "invalid_key"):
+        return f"{where}unknown config key {root.key(loc)}{_known(root, loc)}"
+    return f"{where}{root.key(loc) or 'config'} {problem(error, root)}, got {error['input']!r}"
+
+
+def _known(root: type[BaseModel], loc: tuple[int | str, ...]) -> str:
+    """"; did you mean model.latent_dim?" for an unknown key at ``loc``, else the known keys."""
+    names = list(_section_at(root, loc).model_fields)
+    near = difflib.get_close_matches(str(loc[-1]), names, n=1)
+    prefix = "".join(f"{part}." for part in loc[:-1])
+    return f"; did you mean {prefix}{near[0]}?" if near else f"; known: {', '.join(names)}"
+
+
+def _section_at(root: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel]:
+    """The model that holds the key at ``loc``: ModelConfig for ("model", "latent_dim")."""
+    for part in loc[:-1]:
+        root = root.model_fields[str(part)].annotation
+    return root
+
+
+TYPES = {"int_type": "int", "float_type": "float", "bool_type": "bool", "string_type": "str",
+         "list_type": "a list", "model_type": "a mapping of keys", "dict_type": "a mapping of keys"}
+BOUNDS = {"greater_than_equal": ("ge", "at least"), "greater_than": ("gt", "more than"),
+          "less_than_equal": ("le", "at most"), "less_than": ("lt", "less than"),
+          "multiple_of": ("multiple_of", "a multiple of")}
+PLAIN = {("at least", 0): "0 or more", ("more than", 0): "positive"}
+
+
+def problem(error: ErrorDetails, root: type[BaseModel]) -> str:
+    """What is wrong with the value, as the rest of a line that starts with its key: "must be int"."""
+    kind, ctx = error["type"], error.get("ctx", {})
+    if kind in TYPES:
+        return f"must be {TYPES[kind]}"
+    if kind in BOUNDS:
+        name, words = BOUNDS[kind]
+        return f"must be {PLAIN.get((words, ctx[name]), f'{words} {ctx[name]:g}')}"
+    if kind == "literal_error":
+        field = _section_at(root, error["loc"]).model_fields[str(error["loc"][-1])]
+        return "must be one of " + ", ".join(typing.get_args(field.annotation))
+    if kind == "value_error":
+        return str(ctx["error"])
+    if kind in ("string_too_short", "too_short"):
+        return "must not be empty"
+    return error["msg"].lower()
+
+
+def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], Origins]:
+    """``path`` over the chain of files it builds on (each names one ``base`` at most); each key's file."""
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise ConfigError(f"`base` files include each other in a cycle: {chain}")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(
+            f"{path}: base must name one file (a config builds on a single parent), got {base!r}"
+        )
+    merged, origins = ({}, {}) if base is None else _read_yaml_chain(path.parent / base, (*seen, path))
+    # Two levels, section then key: a section in this file updates the parent's key by key.
+    for section, values in data.items():
+        parent = merged.get(section)
+        both = isinstance(values, dict) and isinstance(parent, dict)
+        merged[section] = {**parent, **values} if both else values
+        origins[(str(section),)] = path
+        origins.update({(str(section), str(key)): path for key in values} if isinstance(values, dict) else {})
+    return merged, origins
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing --config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, not {type(data).__name__}")
+    return data
+
+
+def _apply_override(raw: dict[str, Any], origins: Origins, item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key or "." not in key:
+        raise ConfigError(
+            f"override {item!r} is not of the form section.key=value (e.g. train.epochs=5)"
+        )
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        value = text
+    *sections, leaf = key.split(".")
+    node = raw
+    for section in sections:
+        node = node.setdefault(section, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {section} is not a section")
+    node[leaf] = value
+    origins.pop(tuple(key.split("."))[:2], None)  # the command line's now, not a file's

@@ -1,0 +1,359 @@
+"""The sections of the one typed configuration of a run, as pydantic models.
+
+Defaults live only here: the CLI and the trainer read them from these classes
+and nowhere else. Each key's comment says what it does; its type and bounds say
+what values it takes, and :mod:`pegasus_dist.config.load` turns a value that
+does not fit into one line naming the key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from pegasus_dist.errors import ConfigError
+
+Precision = Literal["no", "bf16", "fp16"]
+Phase = Literal["pretrain", "finetune"]
+
+
+def _widths(count: int, layers: str) -> Any:
+    """The type of a list of ``count`` positive layer widths."""
+
+    def check(widths: list[int]) -> list[int]:
+        if len(widths) != count:
+            raise ValueError(f"must list {count} widths ({layers})")
+        return widths
+
+    return Annotated[list[Annotated[int, Field(ge=1)]], AfterValidator(check)]
+
+
+def _betas(betas: list[float]) -> list[float]:
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError("must be two numbers in [0, 1)")
+    return betas
+
+
+def _folder_name(name: str) -> str:
+    # The run folder is <output_dir>/<name>: "..", "/x" or "a/b" would write elsewhere.
+    if name in ("", ".", "..") or {"/", "\0"} & set(name):
+        raise ValueError("must be a plain folder name (no '/', not '.' or '..')")
+    return name
+
+
+ConvWidths = _widths(4, "the paper's 4 convolutions")
+FcWidths = _widths(3, "4 fully connected layers per side")
+ImageSide = Annotated[int, Field(ge=16, multiple_of=16)]  # 32, 64, 96: the side halves 4 times
+
+
+class Section(BaseModel):
+    """A section: strict types (``epochs: 1.5`` is refused, not rounded), no unknown keys."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _yaml_1_1(cls, value: Any, info: ValidationInfo) -> Any:
+        return _from_yaml_1_1(value, cls.model_fields[info.field_name].annotation)
+
+    @classmethod
+    def key(cls, loc: tuple[int | str, ...]) -> str:
+        """How a message names the key at ``loc``: ``model.channels[2]``."""
+        rest = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc[1:])
+        return f"{loc[0]}{rest}" if loc else ""
+
+
+def _from_yaml_1_1(value: Any, hint: Any) -> Any:
+    """What YAML 1.1 reads otherwise than a key means: 3e-4 (no dot) a string, `no` false, nothing null."""
+    if hint is float and isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return float(value)
+    if hint is str and value is None:
+        return ""
+    if value is False and "no" in typing.get_args(hint):
+        return "no"
+    return value
+
+
+class RunConfig(Section):
+    """Where a run writes: ``<output_dir>/<name>/``."""
+
+    output_dir: str = "runs"
+    name: Annotated[str, AfterValidator(_folder_name)] = "pretrain"
+    # "auto": continue from the newest checkpoint in the run directory if there
+    # is one; "never": refuse to reuse a run directory that has checkpoints;
+    # or a path to one checkpoint directory to resume from.
+    resume: str = "auto"
+
+
+class DataConfig(Section):
+    """Which shard set a phase trains on and how it is fed."""
+
+    shards: str = "shards"  # the folder that `pegasus-dist prepare` wrote
+    shard_set: str = Field("mix", min_length=1)  # a subfolder of `shards`: mix or horse_bird
+    batch_size: int = Field(128, ge=1)  # per process; the global batch is this times the world size
+    # Images per optimizer step, whatever the world size: when set (not 0) it wins
+    # over batch_size, and the per-process batch is global_batch_size / (processes x
+    # train.grad_accum_steps), which must divide evenly. A run then resumes on
+    # another number of processes with the same global batch, so the same steps.
+    global_batch_size: int = Field(0, ge=0)
+    num_workers: int = Field(2, ge=0)  # loader processes per training process
+    seed: int = 0  # seeds the per-epoch shuffle, identical on every rank
+    # A corrupt shard or sample: stop naming the file, or skip it (its slot in
+    # the batch takes a copy of a good sample) and count it in the logs.
+    on_bad_sample: Literal["stop", "skip"] = "stop"
+    # stream decodes shards as it trains; memory decodes the set once into one
+    # uint8 tensor on the device; auto takes memory when it fits memory_limit_mb.
+    mode: Literal["auto", "stream", "memory"] = "auto"
+    memory_limit_mb: int = Field(2048, ge=0)
+
+
+class ModelConfig(Section):
+    """The paper's convolutional VAE (Section 1.1)."""
+
+    image_size: ImageSide = 32
+    channels: ConvWidths = Field(default_factory=lambda: [64, 128, 256, 512])
+    fc_dims: FcWidths = Field(default_factory=lambda: [512, 512, 256])
+    latent_dim: int = Field(128, ge=1)
+    leaky_slope: float = 0.2
+    # Batch norm over the global batch instead of each process's share; makes
+    # N processes with batch B compute exactly what 1 process with N*B does.
+    sync_batchnorm: bool = False
+    # How the decoder doubles the side: transpose (the paper's transposed convolutions)
+    # or resize (nearest-neighbour upsampling then a 3x3 convolution, which cannot
+    # leave the checkerboard of overlapping 4x4 transposed kernels: Odena, Dumoulin and
+    # Olah 2016, "Deconvolution and Checkerboard Artifacts", Distill).
+    upsample: Literal["transpose", "resize"] = "transpose"
+    # p(x|z): bernoulli (the paper's BCE on [0, 1]) or logistic, a discretized logistic
+    # over the 256 pixel levels with a learned scale per colour channel (PixelCNN++,
+    # Salimans et al. 2017, with one component): a proper likelihood of 8-bit images.
+    likelihood: Literal["bernoulli", "logistic"] = "bernoulli"
+
+
+class LossConfig(Section):
+    """Equation (1): summed pixel BCE plus beta times the closed-form KL (2), and what sharpens it."""
+
+    beta: float = Field(1.0, ge=0)
+    # Optimizer steps over which beta grows linearly from 0 (KL warm-up); 0: beta from the start.
+    kl_warmup_steps: int = Field(0, ge=0)
+    # Nats per latent dimension and image below which the KL is not charged (free bits); 0: off.
+    free_bits: float = Field(0.0, ge=0)
+    # ACAI's lambda (pegasus_dist/acai.py): weight of |C(x_a)|^2, the critic's guess of the
+    # mixing coefficient of decoded interpolants, in the autoencoder's per-image loss; 0: off.
+    # The loss here sums BCE over 3 x H x W pixels where ACAI's mean squared error averages
+    # over them: lambda ~ 0.5 x 3 x H x W (1,536 at 32 px) is the order of ACAI's 0.5.
+    acai_weight: float = Field(0.0, ge=0)
+    # gamma of the critic's regulariser: it sees gamma x + (1 - gamma) x_hat, target 0.
+    acai_gamma: float = Field(0.2, ge=0, le=1)
+    # Weight of the patch discriminator's hinge term -mean D(x_hat) on reconstructions
+    # (pegasus_dist/adversaries.py: VAE-GAN's adversarial loss on decodes); 0: off. Like
+    # acai_weight, ~ 0.1 x 3 x H x W (300 at 32 px) is the order of a loss averaged over pixels.
+    patch_gan_weight: float = Field(0.0, ge=0)
+
+
+class OptimConfig(Section):
+    """Adam, with the learning rate following the global batch."""
+
+    lr: float = Field(1e-3, gt=0)  # the learning rate at a global batch of `base_batch_size`
+    base_batch_size: int = Field(128, ge=1)
+    # How lr follows the global batch G (per-process batch x processes x
+    # train.grad_accum_steps): sqrt uses lr * sqrt(G / base_batch_size), the rule
+    # for Adam (Malladi et al. 2022); linear uses lr * G / base_batch_size (Goyal
+    # et al.'s rule for SGD: Adam diverges with it at G=1024); none keeps lr.
+    lr_scaling: Literal["linear", "sqrt", "none"] = "sqrt"
+    # Optimizer steps of linear warm-up from lr/warmup_steps to the scaled lr
+    # (Goyal et al. 2017); 0 disables it. 200 is Goyal's 5 epochs at the largest
+    # global batch the SLURM scripts launch (4 nodes: 4096 on the 173,000-image mix).
+    warmup_steps: int = Field(200, ge=0)
+    betas: Annotated[list[float], AfterValidator(_betas)] = Field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    # Max gradient norm; 0 disables clipping. About the norm of the paper model's
+    # first step on CIFAR-10 (1,035-1,065): 10x what it falls to after 10 steps (60-170).
+    grad_clip: float = Field(1000.0, ge=0)
+
+
+class TrainConfig(Section):
+    """How long and how a phase trains."""
+
+    phase: Phase = "pretrain"
+    epochs: int = Field(100, ge=1)
+    max_steps: int = Field(0, ge=0)  # stop after this many optimizer steps; 0 runs all epochs
+    # Micro-batches of data.batch_size per optimizer step, their gradients summed
+    # without a DDP all-reduce in between: a small machine reproduces a larger
+    # global batch. Steps (max_steps, log_every, checkpoint_every) count optimizer steps.
+    grad_accum_steps: int = Field(1, ge=1)
+    mixed_precision: Precision = "no"
+    seed: int = 0  # model initialisation and reparameterisation noise
+    # A checkpoint directory, or a run directory (its newest checkpoint), whose
+    # model weights start this phase; the finetune phase starts from pretrain.
+    init_from: str = ""
+    # Steps between logged (rank-reduced) metrics. Also the sync points where
+    # the ranks check for NaN/Inf losses: steps in between never wait for the
+    # device. (Stop signals are agreed on every step, without waiting.)
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(0, ge=0)  # steps between checkpoints; 0: once per epoch
+    keep_checkpoints: int = Field(3, ge=1)
+    # A NaN/Inf loss on any rank. stop: found at the next sync point (at the
+    # latest the next log or checkpoint step, before any checkpoint is written),
+    # the run ends naming the first bad step and the last good checkpoint.
+    # skip: that step's update is skipped on every rank (counted and logged);
+    # the price is one host sync per step, which slows GPU training.
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    # Seconds a collective may wait for a missing rank before every rank fails.
+    collective_timeout_s: int = Field(600, ge=1)
+    cpu: bool = False  # train on the CPU even where CUDA is available
+    channels_last: bool = False  # NHWC activations: faster convolutions on tensor cores
+    compile: bool = False  # torch.compile the model (pays off on GPUs, after a warm-up)
+
+
+class SamplerConfig(Section):
+    """The paper's Section 1.4: slerp between 8 horses and 21 birds."""
+
+    shard_set: str = "horse_bird"  # where the labelled horses and birds come from
+    horse_keys: list[str] = Field(default_factory=list)  # empty: a seeded random choice
+    bird_keys: list[str] = Field(default_factory=list)
+    num_horses: int = Field(8, ge=1)
+    num_birds: int = Field(21, ge=1)
+    mu_start: float = Field(0.4, ge=0, le=1)
+    mu_end: float = Field(0.7, ge=0, le=1)
+    num_mu: int = Field(8, ge=1)
+    seed: int = 0
+    # `pegasus-dist sample --method`: slerp (the paper's, with reconstructions
+    # and prior samples), lerp, analogy (the "wing vector") or prior.
+    method: Literal["slerp", "lerp", "analogy", "prior"] = "slerp"
+    # The wing vector: mean latent of these keys (empty: of every bird) minus
+    # the mean latent of the other labelled classes, read from this shard set.
+    attribute_keys: list[str] = Field(default_factory=list)
+    attribute_shard_set: str = "mix"
+    attribute_samples: int = Field(2000, ge=1)  # at most this many images per side of the mean
+    strength_max: float = 2.0  # the analogy grid adds 0 .. strength_max times the vector
+    # Which horses and birds, when horse_keys/bird_keys are empty: random (a seeded
+    # draw), or confident: those whose own reconstructions the quality classifier
+    # recognises best, from a seeded pool of pick_pool per class. confident is
+    # curation, as the paper's author picked by hand: it flatters the grid, it does
+    # not measure the model (quality.json's scores of a random pick do).
+    pick: Literal["random", "confident"] = "random"
+    pick_pool: int = Field(256, ge=1)  # candidates per class that pick=confident reconstructs and scores
+
+    @model_validator(mode="after")
+    def _fits(self) -> SamplerConfig:
+        if self.mu_start > self.mu_end:
+            raise ConfigError(f"sampler.mu_start {self.mu_start} is past sampler.mu_end {self.mu_end}; "
+                              "the grid goes from mu_start to mu_end, so mu_start <= mu_end")
+        for name, keys, count in (("horse_keys", self.horse_keys, self.num_horses),
+                                  ("bird_keys", self.bird_keys, self.num_birds)):
+            if keys and len(keys) != count:
+                raise ConfigError(
+                    f"sampler.{name} lists {len(keys)} keys but the sampler uses {count}; "
+                    f"list exactly {count} or leave it empty for a seeded random choice"
+                )
+        return self
+
+
+class EvalConfig(Section):
+    """The held-out evaluation run at the end of each phase (`pegasus-dist eval`)."""
+
+    shard_set: str = "eval"  # written by `prepare`; training never sees it
+    batch_size: int = Field(256, ge=1)
+    seed: int = 0  # the one sample of z per image of the ELBO estimate
+
+
+class QualityConfig(Section):
+    """The project's own judge of the grids (evaluation.classifier, evaluation.quality)."""
+
+    # The classifier's folder (`pegasus-dist classifier` writes it); empty:
+    # <run.output_dir>/classifier, which both phases of a pipeline share.
+    classifier: str = ""
+    # About 26 s an epoch of the 58,800 CIFAR-10 images on 2 idle CPU cores (several
+    # times that on a busy one); 5 epochs reach 70 % held-out accuracy.
+    classifier_epochs: int = Field(5, ge=1)
+    classifier_batch_size: int = Field(128, ge=2)  # batch norm needs two images
+    classifier_seed: int = Field(0, ge=0)  # initialisation, epoch order and augmentation draws
+
+
+class WandbConfig(Section):
+    """Weights & Biases through Accelerate's tracker."""
+
+    # auto: WANDB_MODE from the environment if set, else online when WANDB_API_KEY
+    # is set, else offline; any other value here wins over WANDB_MODE
+    # (pegasus_dist.training.tracking.wandb_mode). An online start that fails (no network,
+    # a bad key) falls back to offline with one warning.
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    # How long an online start may wait for the W&B server before falling back to
+    # offline (wandb's own init_timeout, 90 s by default, then a crash); a slow link
+    # may need more. Overrides WANDB_INIT_TIMEOUT.
+    init_timeout_s: float = Field(30.0, gt=0)
+    project: str = "pegasus-dist"
+    entity: str = ""
+    # Empty name or group: derived from the run folder (Config.wandb_group and
+    # Config.wandb_name). The group is the name of run.output_dir, so the
+    # pretrain and finetune runs of one pipeline, written into the same
+    # output_dir, share it (runs/smoke -> smoke); the name is <group>/<run.name>
+    # (smoke/pretrain), the run folder as people know it. The job type is the phase.
+    name: str = ""
+    group: str = ""
+    tags: list[str] = Field(default_factory=list)
+
+
+class Config(Section):
+    """The whole run, a section per concern; saved with it as ``config.yaml`` (:meth:`to_yaml`)."""
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(), sort_keys=False)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+    @property
+    def classifier_dir(self) -> Path:
+        return Path(self.quality.classifier or Path(self.run.output_dir) / "classifier")
+
+    @property
+    def wandb_group(self) -> str:
+        return self.wandb.group or Path(self.run.output_dir).resolve().name
+
+    @property
+    def wandb_name(self) -> str:
+        return self.wandb.name or f"{self.wandb_group}/{self.run.name}"
+
+
+class PrepareConfig(Section):
+    """`pegasus-dist prepare`: which sources, and how the shard sets are written."""
+
+    sources: list[str] = Field(default_factory=list, min_length=1)  # cifar10:PATH, synthetic:N ...
+    out: str = "shards"  # mix/, horse_bird/ and eval/ go here
+    image_size: ImageSide = 32  # side of the square images written
+    shard_size: int = Field(5000, ge=1)  # samples per tar file
+    eval_fraction: float = Field(0.02, ge=0, lt=1)  # seeded held-out share of every source, never trained on
+    seed: int = 0  # seeds the cross-source shuffle and the held-out choice
+    verify_checksums: bool = True  # official archives must match their published md5
+
+    @classmethod
+    def key(cls, loc: tuple[int | str, ...]) -> str:
+        """Its keys are prepare's options: a message names --image-size, not image_size."""
+        return "--source" if loc[0] == "sources" else "--" + str(loc[0]).replace("_", "-")

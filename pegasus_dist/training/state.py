@@ -1,0 +1,107 @@
+"""Where a phase stands: ``state.json`` in each checkpoint, and ``finished.json`` in the run folder.
+
+``state.json`` is read before the models exist (to choose and check the
+checkpoint to resume from) and validated as the config is, by pydantic: a bad
+field is one line naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pegasus_dist.config import Config, Phase, problem
+from pegasus_dist.errors import CheckpointError
+from pegasus_dist.model.saved import STATE
+
+FINISHED = "finished.json"  # in the run folder, written last by a phase that ended
+Count = Annotated[int, Field(ge=0)]
+# Fields of older state.json files, checked and dropped: their checkpoints cannot be resumed
+# (:func:`pegasus_dist.training.checkpoint.check_resumable`), but their weights start runs (train.init_from).
+OLDER_FIELDS = {"batches_done"}
+COUNT = "must be a whole number, 0 or more"
+WORDS = {"int_type": COUNT, "greater_than_equal": COUNT, "string_type": "must be a str",
+         "extra_forbidden": "is not a known field"}
+
+
+class TrainState(BaseModel):
+    """Counters that say where a phase stands; saved in ``state.json``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    phase: Phase
+    epoch: Count = 0  # the epoch in progress
+    # Samples of that epoch's seeded order already trained, by all processes together:
+    # where a resumed run continues, whatever its process count or batch.
+    samples_done: Count = 0
+    global_batch: Count = 0  # images per optimizer step of the run that wrote it (0: unknown)
+    step: Count = 0  # optimizer steps taken in this phase, skipped ones included
+    scaler_skipped_steps: Count = 0  # fp16 overflows: the loss scaler skipped the update
+    nonfinite_skipped_steps: Count = 0  # NaN/Inf losses skipped (train.on_nonfinite=skip)
+    bad_samples_skipped: Count = 0  # corrupt samples replaced (data.on_bad_sample=skip)
+    wandb_run_id: str = ""
+
+
+class _OlderStateFile(TrainState):
+    batches_done: Count = 0
+
+
+def is_complete(state: TrainState, cfg: Config) -> bool:
+    """Whether a phase at ``state`` has nothing left to train under ``cfg``.
+
+    The one definition of "done": ``train.epochs`` epochs trained, or
+    ``train.max_steps`` (when set) steps taken. Raising either in the config
+    makes a complete run incomplete again, and it trains on.
+    """
+    max_steps_reached = bool(cfg.train.max_steps) and state.step >= cfg.train.max_steps
+    return state.epoch >= cfg.train.epochs or max_steps_reached
+
+
+def mark_finished(run_dir: Path, checkpoint: Path) -> None:
+    """Record that the phase's end-of-run work (grids, evaluation) is done for ``checkpoint``."""
+    (run_dir / FINISHED).write_text(json.dumps({"checkpoint": checkpoint.name}) + "\n")
+
+
+def is_finished(run_dir: Path, checkpoint: Path) -> bool:
+    """Whether :func:`mark_finished` was reached for ``checkpoint``.
+
+    A run killed or preempted after its final checkpoint but before its grids
+    and evaluation were written is complete by its counters, not finished: a
+    restart resumes from that checkpoint and only does the end-of-run work.
+    """
+    try:
+        return json.loads((run_dir / FINISHED).read_text()).get("checkpoint") == checkpoint.name
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def read_state(folder: Path) -> TrainState:
+    """``state.json``, every field checked: a bad one is one line naming the file and the field."""
+    try:
+        return parse_state(folder / STATE)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}; move that checkpoint aside to resume from the one before "
+                              "(run.resume=auto does)") from None
+
+
+def parse_state(path: Path) -> TrainState:
+    """``path`` (a ``state.json``) validated; one :class:`CheckpointError` line when it does not fit."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as err:  # a bad encoding is a ValueError too
+        raise CheckpointError(f"{path} is unreadable ({err})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} holds a {type(raw).__name__}, not an object of fields")
+    try:
+        state = _OlderStateFile.model_validate(raw)
+    except ValidationError as err:
+        error = err.errors()[0]
+        field = error["loc"][0]
+        if error["type"] == "missing":  # phase: the one field without a default
+            raise CheckpointError(f"{path} has no field {field}") from None
+        reason = WORDS.get(error["type"]) or problem(error, TrainState)
+        raise CheckpointError(f"{path}: field {field} {reason}, got {error['input']!r}") from None
+    return TrainState.model_validate(state.model_dump(exclude=OLDER_FIELDS))
