@@ -15,6 +15,7 @@ from typer.core import TyperGroup
 from pegasus_dist.config import PrepareConfig, SamplerConfig, validated
 from pegasus_dist.console import exit_on_user_error, setup_logging
 from pegasus_dist.errors import ConfigError
+from pegasus_dist.evaluation import contact_sheet as sheet
 from pegasus_dist.training import scale_check
 
 
@@ -200,15 +201,13 @@ def contact_sheet(
     out: Annotated[Path, typer.Option(help="PNG to write (a .json of the keys beside it)")] = Path(
         "contact-sheet.png"
     ),
-    label: Annotated[list[str] | None, typer.Option(help="classes to show [horse, bird]")] = None,
-    per_label: Annotated[int, typer.Option(help="candidates per class")] = 32,
-    seed: Annotated[int, typer.Option(help="which candidates")] = 0,
+    label: Annotated[list[str] | None, typer.Option(
+        help="classes to show", show_default=", ".join(sheet.LABELS))] = None,
+    per_label: Annotated[int, typer.Option(help="candidates per class")] = sheet.PER_LABEL,
+    seed: Annotated[int, typer.Option(help="which candidates")] = sheet.SEED,
 ) -> None:
     """Candidate horses and birds, captioned with their keys, to pick the sampler's by eye."""
-    from pegasus_dist.evaluation.contact_sheet import contact_sheet as write_sheet
-
-    png, listing = write_sheet(shard_set, out, tuple(label or ("horse", "bird")), per_label,
-                               seed=seed)
+    png, listing = sheet.contact_sheet(shard_set, out, tuple(label or sheet.LABELS), per_label, seed=seed)
     typer.echo(f"wrote {png} and {listing}")
 
 

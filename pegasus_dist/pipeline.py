@@ -12,7 +12,7 @@ process, each continuing where an earlier, interrupted pipeline stopped:
    that both phases' grids are scored;
 3. pretrain, then 4. finetune from the pretrain run: with ``run.resume=auto``
    the trainer continues a phase from its newest checkpoint, and returns at
-   once from a phase that is already complete (``checkpoint.is_complete``).
+   once from a phase that is already complete (``training.state.is_complete``).
    Each phase ends with its sample grids and held-out evaluation;
 5. the HTML report of both runs, in ``run.output_dir``.
 """

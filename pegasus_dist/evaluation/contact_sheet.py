@@ -25,9 +25,14 @@ MARGIN = 2  # pixels around each caption, inside its tile's strip
 BREAKS = ("-", "_", "")  # where captions break, in order of preference ("" = anywhere)
 
 
+LABELS = ("horse", "bird")  # the classes the sampler picks from
+PER_LABEL = 32
+SEED = 0
+
+
 def contact_sheet(
-    shard_set: str | Path, out: str | Path, labels: tuple[str, ...] = ("horse", "bird"),
-    per_label: int = 32, columns: int = 8, tile: int = 128, seed: int = 0,
+    shard_set: str | Path, out: str | Path, labels: tuple[str, ...] = LABELS,
+    per_label: int = PER_LABEL, columns: int = 8, tile: int = 128, seed: int = SEED,
 ) -> tuple[Path, Path]:
     """Write ``out`` (PNG) and ``out`` with .json: the chosen keys by label, in tile order."""
     shards = ShardSet(shard_set)
