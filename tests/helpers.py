@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from processes import BIN, REPO, run_bounded
 
 from pegasus_dist.config import ModelConfig
@@ -21,6 +22,8 @@ SCRIPTS = Path(__file__).parent / "scripts"
 FAULT = SCRIPTS / "train_with_fault.py"  # train.py with a kill, a NaN, a stall ... at a chosen step
 SMOKE = str(REPO / "configs/smoke/pretrain.yaml")
 TINY = ModelConfig(channels=[4, 4, 8, 8], fc_dims=[16, 16, 8], latent_dim=4)  # milliseconds a step
+TINY_ARGS = [f"model.{key}={str(getattr(TINY, key)).replace(' ', '')}"  # TINY as command-line overrides
+             for key in ("channels", "fc_dims", "latent_dim")]
 
 
 def overrides(shards: Path, runs: Path, steps: int, *extra: str) -> list[str]:
@@ -34,6 +37,26 @@ def run_cli(*args: str, timeout: float = 300) -> str:
     done = run_bounded([str(BIN / "pegasus-dist"), *args], timeout)
     assert done.returncode == 0, done.stdout[-6000:]
     return done.stdout
+
+
+def cli_here(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
+    """``pegasus-dist ARGS`` in this process, as its entry point runs it: the exit code and the output.
+
+    For commands that need no process of their own (errors, sampling, reports):
+    the same command-line parsing and the same one-line errors as the console
+    script, without the seconds a Python process takes to import torch.
+    """
+    from pegasus_dist.cli import app
+    from pegasus_dist.console import exit_on_user_error
+
+    capsys.readouterr()
+    try:
+        exit_on_user_error(lambda: app(list(args), prog_name="pegasus-dist"))
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    printed = capsys.readouterr()
+    return code, printed.out + printed.err
 
 
 def launch(nproc: int, overrides: list[str], timeout: float = 300) -> str:
