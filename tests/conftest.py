@@ -12,7 +12,8 @@ A test without a mark that starts a process or a process group fails, at that
 call, naming the mark to add: the fast tier cannot grow a process unnoticed.
 The guard covers the test's fixtures too, so a fast test cannot lean on a
 fixture that starts one (a session fixture is built by the first test that
-asks for it, which in ``make check`` is a fast one).
+asks for it); the shared trained runs start processes, so a test that uses
+one is marked ``process`` here, at collection.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch.distributed
 import torch.distributed.distributed_c10d
-from helpers import SMOKE, TINY_ARGS
+from helpers import PIPELINE_STEPS, SMOKE, TINY_ARGS
 from processes import BIN, REPO, run_bounded
 
 from pegasus_dist.config import PrepareConfig, QualityConfig
@@ -39,6 +40,16 @@ FULL_TIER = ("process", "slow", "slurm")
 
 class ProcessInFastTier(RuntimeError):
     """A test of the fast tier started a process or a process group."""
+
+
+# Fixtures that start processes: a test that uses one is in the full tier, whatever it does itself.
+PROCESS_FIXTURES = {"smoke_pipeline", "_checkpointed_run"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.process)
 
 
 def _refusing(item: pytest.Item, what: str) -> Callable[..., None]:
@@ -154,9 +165,6 @@ class Trained:
         return self.root / "finetune"
 
 
-PIPELINE_STEPS = 6  # each phase's; the tiny model takes milliseconds a step
-
-
 @pytest.fixture(scope="session")
 def smoke_pipeline(smoke_shards, tmp_path_factory) -> Trained:
     """One finished ``pegasus-dist pipeline`` on the smoke configs with the tiny model, as `demo` runs it.
@@ -164,13 +172,13 @@ def smoke_pipeline(smoke_shards, tmp_path_factory) -> Trained:
     It reads ``smoke_shards`` (the pipeline reuses shards prepared from its
     sources: synthetic:480), trains its quality classifier (one epoch), then
     both phases, each ending with its grids, quality.json and held-out
-    evaluation at step 6, and writes report.html. Tests read it and write
+    evaluation at step 40, and writes report.html. Tests read it and write
     elsewhere; a test that changes a run works on a copy.
     """
     root = tmp_path_factory.mktemp("pipeline")
     overrides = [f"data.shards={smoke_shards}", f"run.output_dir={root}", f"train.max_steps={PIPELINE_STEPS}",
-                 "train.log_every=2", "data.batch_size=16", "wandb.mode=disabled",
-                 "quality.classifier_epochs=1", *TINY_ARGS]
+                 "train.log_every=5", "data.batch_size=16", "optim.lr=0.01", "optim.lr_scaling=none",
+                 "optim.warmup_steps=0", "wandb.mode=disabled", "quality.classifier_epochs=1", *TINY_ARGS]
     done = run_bounded([str(BIN / "pegasus-dist"), "pipeline", "--source", "synthetic:480",
                         "--config-dir", str(REPO / "configs/smoke"), *overrides], timeout=300,
                        env={"WANDB_API_KEY": ""})
