@@ -23,13 +23,12 @@ import os
 import shutil
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch.distributed
 import torch.distributed.distributed_c10d
-from helpers import PIPELINE_STEPS, SMOKE, TINY_ARGS
+from helpers import PIPELINE_STEPS, SMOKE, TINY_ARGS, Trained
 from processes import BIN, REPO, run_bounded
 
 from pegasus_dist.config import PrepareConfig, QualityConfig
@@ -146,23 +145,6 @@ def quality_classifier(quality_shards, tmp_path_factory):
 
 
 # --- trained runs, made once per pytest run ------------------------------------------------------
-
-
-@dataclass
-class Trained:
-    """A finished run folder, how it was made, and what its command printed."""
-
-    root: Path  # run.output_dir: one folder per phase below it
-    overrides: list[str]  # the config overrides it ran with: the same again resumes or reuses it
-    output: str
-
-    @property
-    def pretrain(self) -> Path:
-        return self.root / "pretrain"
-
-    @property
-    def finetune(self) -> Path:
-        return self.root / "finetune"
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import json
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,23 @@ TINY = ModelConfig(channels=[4, 4, 8, 8], fc_dims=[16, 16, 8], latent_dim=4)  # 
 PIPELINE_STEPS = 40  # each phase's in the shared pipeline: at lr 0.01 the tiny model's grids show images
 TINY_ARGS = [f"model.{key}={str(getattr(TINY, key)).replace(' ', '')}"  # TINY as command-line overrides
              for key in ("channels", "fc_dims", "latent_dim")]
+
+
+@dataclass
+class Trained:
+    """A finished run folder, how it was made, and what its command printed."""
+
+    root: Path  # run.output_dir: one folder per phase below it
+    overrides: list[str]  # the config overrides it ran with: the same again resumes or reuses it
+    output: str
+
+    @property
+    def pretrain(self) -> Path:
+        return self.root / "pretrain"
+
+    @property
+    def finetune(self) -> Path:
+        return self.root / "finetune"
 
 
 def grid_tiles(png: Path, tile: int, padding: int) -> np.ndarray:
