@@ -12,8 +12,8 @@ A test without a mark that starts a process or a process group fails, at that
 call, naming the mark to add: the fast tier cannot grow a process unnoticed.
 The guard covers the test's fixtures too, so a fast test cannot lean on a
 fixture that starts one (a session fixture is built by the first test that
-asks for it); the shared trained runs start processes, so a test that uses
-one is marked ``process`` here, at collection.
+asks for it); a test that uses a shared trained run is marked ``process``
+here, at collection, and one that uses the trained quality classifier ``slow``.
 """
 
 from __future__ import annotations
@@ -41,14 +41,15 @@ class ProcessInFastTier(RuntimeError):
     """A test of the fast tier started a process or a process group."""
 
 
-# Fixtures that start processes: a test that uses one is in the full tier, whatever it does itself.
-PROCESS_FIXTURES = {"smoke_pipeline", "_checkpointed_run"}
+# Fixtures that cost a tier: a test that uses one is in the full tier, whatever it does itself.
+FIXTURE_TIERS = {"smoke_pipeline": "process", "_checkpointed_run": "process",  # CLI runs
+                 "quality_classifier": "slow"}  # trains the classifier, in this process
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.process)
+        for fixture in FIXTURE_TIERS.keys() & set(getattr(item, "fixturenames", ())):
+            item.add_marker(FIXTURE_TIERS[fixture])
 
 
 def _refusing(item: pytest.Item, what: str) -> Callable[..., None]:

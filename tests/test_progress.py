@@ -113,8 +113,9 @@ def test_a_training_run_into_a_pipe_logs_plain_lines_and_no_carriage_returns(smo
     assert "\r" not in out
     # 470 training images in batches of 32: 15 batches an epoch
     for epoch, step in ((1, 15), (2, 30)):
-        assert re.search(rf"^\d\d:\d\d:\d\d \[rank 0\] pegasus_dist\.training\.progress: pretrain: epoch {epoch}/2, "
-                         rf"batch 15/15, step {step}/30, [\d,]+ images/s, ETA \d+:\d\d:\d\d$", out, re.M)
+        assert re.search(rf"^\d\d:\d\d:\d\d \[rank 0\] pegasus_dist\.training\.progress: "
+                         rf"pretrain: epoch {epoch}/2, batch 15/15, step {step}/30, [\d,]+ images/s, "
+                         r"ETA \d+:\d\d:\d\d$", out, re.M)
     # every log line starts a line of its own
     for line in out.splitlines():
         if "[rank 0]" in line:
