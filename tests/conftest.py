@@ -22,6 +22,7 @@ import multiprocessing.process
 import os
 import shutil
 import subprocess
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -62,6 +63,13 @@ def _refusing(item: pytest.Item, what: str) -> Callable[..., None]:
     return refuse
 
 
+def _named_as(refuse: Callable[..., None], owner: object, name: str) -> Callable[..., None]:
+    """``refuse`` under the name it replaces, so that pickle still finds, say, os.system by name."""
+    if isinstance(owner, types.ModuleType):
+        refuse.__module__, refuse.__name__, refuse.__qualname__ = owner.__name__, name, name
+    return refuse
+
+
 _VIOLATION = pytest.StashKey[str]()
 
 # Every way a test could start a process or a process group, and how to say it.
@@ -88,7 +96,7 @@ def _guarded(item: pytest.Item):
     if not any(item.get_closest_marker(name) for name in FULL_TIER):
         for owner, name, what in _ENTRY_POINTS:
             if hasattr(owner, name):
-                patch.setattr(owner, name, _refusing(item, what))
+                patch.setattr(owner, name, _named_as(_refusing(item, what), owner, name))
     return patch
 
 
