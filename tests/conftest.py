@@ -4,7 +4,8 @@ Tiers (pyproject's markers; README "Tests"):
 
 - ``process``: the test starts a process or a torch.distributed process group
   (a CLI run, ``accelerate launch``, torchrun, loader workers, a fork);
-- ``slow``: it starts none, but trains a model or otherwise takes seconds;
+- ``slow``: it starts none, but trains a model or otherwise takes seconds
+  (by review, and for the users of the trained classifier, at collection);
 - ``slurm``: it needs the one-node SLURM cluster.
 
 ``make check`` runs the tests with none of these marks; ``make test`` runs all.
@@ -53,6 +54,9 @@ def pytest_collection_modifyitems(items):
             item.add_marker(FIXTURE_TIERS[fixture])
 
 
+_VIOLATION = pytest.StashKey[str]()
+
+
 def _refusing(item: pytest.Item, what: str) -> Callable[..., None]:
     def refuse(*args, **kwargs) -> None:
         message = (f"{item.nodeid} {what}, but the fast tier (`make check`) starts no process and no "
@@ -68,9 +72,6 @@ def _named_as(refuse: Callable[..., None], owner: object, name: str) -> Callable
     if isinstance(owner, types.ModuleType):
         refuse.__module__, refuse.__name__, refuse.__qualname__ = owner.__name__, name, name
     return refuse
-
-
-_VIOLATION = pytest.StashKey[str]()
 
 # Every way a test could start a process or a process group, and how to say it.
 _ENTRY_POINTS = [
