@@ -1,13 +1,18 @@
-# The two commands of the README:
-#   make demo   # prepare synthetic shards, pretrain, finetune, write the Pegasus grid (CPU, offline)
-#   make test   # the whole test suite (CI runs exactly this through .ci/run)
-# Both create the virtual environment first when it is missing or stale.
+# The commands of the README:
+#   make demo    # prepare synthetic shards, pretrain, finetune, write the Pegasus grid (CPU, offline)
+#   make check   # the fast tier: ruff, the import layers, the tests that start no process (2 minutes)
+#   make test    # everything, SLURM included (CI runs exactly this through .ci/run; 10 minutes)
+# Each creates the virtual environment first when it is missing or stale.
+# The tiers are pytest marks (pyproject.toml, tests/conftest.py): `process` and
+# `slurm` tests start processes, `slow` ones train in this process; `make check`
+# runs the tests with none of them, and a test there that starts a process fails.
 
 VENV ?= .venv
 PYTHON ?= python3
 STAMP := $(VENV)/.installed
+FAST_TIER := not process and not slow and not slurm
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo check test lint clean
 
 install: $(STAMP)
 
@@ -19,9 +24,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/pegasus-dist demo
 
-test: $(STAMP)
+lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -rsP  # -rsP: skip reasons, and what passing tests printed (SLURM job ids)
+	$(VENV)/bin/lint-imports --no-cache
+
+check: lint
+	$(VENV)/bin/pytest -m "$(FAST_TIER)" --durations=10
+
+test: lint
+	$(VENV)/bin/pytest -rsP --durations=15  # -rsP: skip reasons, and what passing tests printed (SLURM job ids)
 
 clean:
 	rm -rf runs shards/smoke wandb

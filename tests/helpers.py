@@ -10,8 +10,12 @@ import json
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pytest
+from PIL import Image
 from processes import BIN, REPO, run_bounded
 
 from pegasus_dist.config import ModelConfig
@@ -21,6 +25,73 @@ SCRIPTS = Path(__file__).parent / "scripts"
 FAULT = SCRIPTS / "train_with_fault.py"  # train.py with a kill, a NaN, a stall ... at a chosen step
 SMOKE = str(REPO / "configs/smoke/pretrain.yaml")
 TINY = ModelConfig(channels=[4, 4, 8, 8], fc_dims=[16, 16, 8], latent_dim=4)  # milliseconds a step
+PIPELINE_STEPS = 40  # each phase's in the shared pipeline: at lr 0.01 the tiny model's grids show images
+TINY_ARGS = [f"model.{key}={str(getattr(TINY, key)).replace(' ', '')}"  # TINY as command-line overrides
+             for key in ("channels", "fc_dims", "latent_dim")]
+
+
+@dataclass
+class Trained:
+    """A finished run folder, how it was made, and what its command printed."""
+
+    root: Path  # run.output_dir: one folder per phase below it
+    overrides: list[str]  # the config overrides it ran with: the same again resumes or reuses it
+    output: str
+
+    @property
+    def pretrain(self) -> Path:
+        return self.root / "pretrain"
+
+    @property
+    def finetune(self) -> Path:
+        return self.root / "finetune"
+
+
+def grid_tiles(png: Path, tile: int, padding: int) -> np.ndarray:
+    """The tiles of a sampler grid as (rows, columns, T, T, 3) uint8, once its padding is checked black.
+
+    Black padding lines at every ``tile + padding`` pixels, and only there, are
+    what puts each tile where the grid's JSON says it is.
+    """
+    with Image.open(png) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    step = tile + padding
+    rows, columns = ((side - padding) // step for side in pixels.shape[:2])
+    assert pixels.shape[:2] == (rows * step + padding, columns * step + padding), (png, pixels.shape)
+    inside = np.zeros(pixels.shape[:2], dtype=bool)
+    for r in range(rows):
+        for c in range(columns):
+            inside[padding + r * step : (r + 1) * step, padding + c * step : (c + 1) * step] = True
+    assert (pixels[~inside] == 0).all(), f"{png}: the padding between tiles is not black"
+    return np.stack([[pixels[padding + r * step : (r + 1) * step, padding + c * step : (c + 1) * step]
+                      for c in range(columns)] for r in range(rows)])
+
+
+def assert_tiles_show_images(tiles: np.ndarray, png: Path) -> None:
+    """What a person sees at a glance: no blank or one-colour tile, and no two tiles alike."""
+    flat = tiles.reshape(-1, *tiles.shape[2:]).astype(float)
+    flat_std = flat.reshape(len(flat), -1).std(axis=1)
+    assert flat_std.min() > 10, f"{png}: tile {flat_std.argmin()} is nearly one colour ({flat_std.min():.1f})"
+    assert len({t.tobytes() for t in flat}) == len(flat), f"{png}: some tiles are identical"
+
+
+def assert_pegasus_layout(samples: Path, labels: dict[str, str]) -> dict:
+    """pegasus.json: 8 rows of a horse and a bird of the shards at 8 mu values from 0.4 to 0.7, and
+    the phase's three PNGs (pegasus, reconstructions, prior) tiled as it says. The layout."""
+    layout = json.loads((samples / "pegasus.json").read_text())
+    tile, pad = layout["tile_size"], layout["padding"]
+    assert (tile, layout["columns"], len(layout["rows"])) == (32, 8, 8)
+    for row in layout["rows"]:
+        assert (labels[row["horse"]], labels[row["bird"]]) == ("horse", "bird")
+        assert row["mu"][0] == pytest.approx(0.4) and row["mu"][-1] == pytest.approx(0.7)
+    assert grid_tiles(samples / "pegasus.png", tile, pad).shape[:2] == (8, 8)
+    for name in ("reconstructions", "prior"):
+        assert grid_tiles(samples / f"{name}.png", tile, pad).shape[1] == 8
+    return layout
+
+
+def labels_of(shard_set: Path) -> dict[str, str]:
+    return {s.key: s.meta["label"] for s in ShardSet(shard_set)}
 
 
 def overrides(shards: Path, runs: Path, steps: int, *extra: str) -> list[str]:
@@ -34,6 +105,26 @@ def run_cli(*args: str, timeout: float = 300) -> str:
     done = run_bounded([str(BIN / "pegasus-dist"), *args], timeout)
     assert done.returncode == 0, done.stdout[-6000:]
     return done.stdout
+
+
+def cli_here(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
+    """``pegasus-dist ARGS`` in this process, as its entry point runs it: the exit code and the output.
+
+    For commands that need no process of their own (errors, sampling, reports):
+    the same command-line parsing and the same one-line errors as the console
+    script, without the seconds a Python process takes to import torch.
+    """
+    from pegasus_dist.cli import app
+    from pegasus_dist.console import exit_on_user_error
+
+    capsys.readouterr()
+    try:
+        exit_on_user_error(lambda: app(list(args), prog_name="pegasus-dist"))
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    printed = capsys.readouterr()
+    return code, printed.out + printed.err
 
 
 def launch(nproc: int, overrides: list[str], timeout: float = 300) -> str:

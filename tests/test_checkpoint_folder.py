@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from helpers import SMOKE, TINY
+from helpers import SMOKE, TINY, Trained
 from processes import BIN, REPO, run_bounded
 
 from pegasus_dist.config import Config, LossConfig, load_config
@@ -147,33 +147,30 @@ def test_a_negative_memory_limit_is_refused():
         load_config(SMOKE, ["data.memory_limit_mb=-5"])
 
 
-def launch_cmd(shards: Path, runs: Path, steps: int) -> list[str]:
+def launch_cmd(run: Trained, steps: int, *extra: str) -> list[str]:
+    """``run`` continued on 2 gloo processes of batch 8: its global batch of 16."""
     return [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "launch/cpu-2proc-gloo.yaml"),
-            str(REPO / "pegasus_dist/train.py"), "--config", SMOKE, f"data.shards={shards}",
-            f"run.output_dir={runs}", "wandb.mode=disabled", "data.batch_size=8", "train.log_every=1",
-            f"train.max_steps={steps}", "train.checkpoint_every=3"]
+            str(REPO / "pegasus_dist/train.py"), "--config", SMOKE, *run.overrides, "data.batch_size=8",
+            f"train.max_steps={steps}", *extra]
 
 
-@pytest.mark.slow
-def test_a_requeue_gets_past_a_damaged_newest_checkpoint_on_every_rank(smoke_shards, tmp_path):
-    first = run_bounded(launch_cmd(smoke_shards, tmp_path, 6), timeout=300)
-    assert first.returncode == 0, first.stdout[-3000:]
-    checkpoints = tmp_path / "pretrain" / "checkpoints"
+def test_a_requeue_gets_past_a_damaged_newest_checkpoint_on_every_rank(checkpointed_run):
+    checkpoints = checkpointed_run.pretrain / "checkpoints"
     _truncate(checkpoints / "step_00000006" / "model.safetensors")  # e.g. a disk that filled up
 
-    again = run_bounded(launch_cmd(smoke_shards, tmp_path, 9), timeout=300)
+    again = run_bounded(launch_cmd(checkpointed_run, 9), timeout=300)
     assert again.returncode == 0, again.stdout[-3000:]
     (aside,) = checkpoints.glob("damaged-step_00000006-*")
-    warning = next(line for line in again.stdout.splitlines() if "is damaged" in line)
+    (warning,) = [line for line in again.stdout.splitlines() if "is damaged" in line]  # rank 0 says it
     assert f"{checkpoints}/step_00000006 is damaged ({checkpoints}/step_00000006/model.safetensors: " \
         in warning and f"moved to {aside}; resuming from {checkpoints}/step_00000003" in warning
     assert f"resumed from {checkpoints}/step_00000003" in again.stdout
-    assert [c.name for c in list_checkpoints(checkpoints)][-1] == "step_00000009"
+    assert [c.name for c in list_checkpoints(checkpoints)] == [f"step_0000000{n}" for n in (3, 6, 9)]
 
     # A checkpoint named on the command line is the user's choice: its damage is an error, one line.
     (checkpoints / "step_00000009" / "state.json").write_text('{"phase": "pretrain", "step": "sixty"}')
-    named = run_bounded(launch_cmd(smoke_shards, tmp_path, 12)
-                        + [f"run.resume={checkpoints}/step_00000009"], timeout=300)
+    named = run_bounded(launch_cmd(checkpointed_run, 12, f"run.resume={checkpoints}/step_00000009"),
+                        timeout=300)
     errors = [line for line in named.stdout.splitlines() if line.startswith("error: ")]
     assert named.returncode != 0 and len(errors) == 1, named.stdout[-3000:]  # the launcher says 1
     assert "step_00000009/state.json: field step must be a whole number, 0 or more, got 'sixty'" in errors[0]

@@ -6,7 +6,8 @@ import json
 
 import pytest
 import torch
-from processes import BIN, REPO, run_bounded
+from helpers import cli_here
+from processes import REPO
 
 from pegasus_dist.config import load_config
 from pegasus_dist.data.manifest import load_manifest
@@ -62,13 +63,14 @@ def test_augmentation_flips_and_shifts_each_image_without_changing_it_otherwise(
     assert not torch.equal(out, x)  # 16 images: some flip or shift
 
 
-def test_the_classifier_command_writes_where_quality_classifier_says(quality_shards, tmp_path):
+@pytest.mark.slow  # trains the classifier for an epoch
+def test_the_classifier_command_writes_where_quality_classifier_says(quality_shards, tmp_path, capsys):
     out = tmp_path / "judge"
-    done = run_bounded([str(BIN / "pegasus-dist"), "classifier", "--config",
-                        str(REPO / "configs/smoke/pretrain.yaml"), f"data.shards={quality_shards}",
-                        f"quality.classifier={out}", "quality.classifier_epochs=1"], timeout=180)
-    assert done.returncode == 0, done.stdout[-3000:]
+    code, printed = cli_here(capsys, "classifier", "--config", str(REPO / "configs/smoke/pretrain.yaml"),
+                             f"data.shards={quality_shards}", f"quality.classifier={out}",
+                             "quality.classifier_epochs=1")
+    assert code == 0, printed
     meta = json.loads((out / META).read_text())
-    assert meta["epochs"] == 1 and f"held-out accuracy {meta['held_out']['accuracy']:.3f}" in done.stdout
+    assert meta["epochs"] == 1 and f"held-out accuracy {meta['held_out']['accuracy']:.3f}" in printed
     cfg = load_config(REPO / "configs/smoke/pretrain.yaml", ["run.output_dir=/x/y"])
     assert str(cfg.classifier_dir) == "/x/y/classifier"  # the default, shared by a pipeline's phases

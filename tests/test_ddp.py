@@ -11,25 +11,28 @@ from helpers import SCRIPTS, launch, shard_keys
 from processes import torchrun
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.process
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_each_rank_same_batches_and_each_sample_once_per_epoch(smoke_shards, tmp_path, workers):
+def test_each_rank_same_batches_and_each_sample_once_per_epoch(smoke_shards, tmp_path):
     shard_set = smoke_shards / "mix"  # 470-odd samples in shards of 50: nothing divides evenly
-    torchrun(SCRIPTS / "loader_ranks.py", str(shard_set), str(tmp_path), "16", str(workers))
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    torchrun(SCRIPTS / "loader_ranks.py", str(shard_set), str(tmp_path), "16", "0", "2")
     expected = sorted(shard_keys(shard_set))
     assert len(expected) % 32 != 0  # a deliberately uneven set: the last global batch is short
-    assert ranks[0]["len"] == ranks[1]["len"]
-    orders = []
-    for epoch in range(2):
-        batches = [r["epochs"][epoch] for r in ranks]
-        assert len(batches[0]) == len(batches[1]) == ranks[0]["len"]
-        seen = [k for rank_batches in batches for batch in rank_batches for k in batch]
-        assert sorted(seen) == expected  # every sample exactly once across ranks
-        orders.append(seen)
-    assert orders[0] != orders[1]  # reshuffled each epoch
+    seen_by = {}
+    for workers in (0, 2):  # in the rank's process, and in 2 loader processes of each rank
+        ranks = [json.loads((tmp_path / f"workers{workers}-rank{r}.json").read_text()) for r in range(2)]
+        assert ranks[0]["len"] == ranks[1]["len"]
+        orders = []
+        for epoch in range(2):
+            batches = [r["epochs"][epoch] for r in ranks]
+            assert len(batches[0]) == len(batches[1]) == ranks[0]["len"]
+            seen = [k for rank_batches in batches for batch in rank_batches for k in batch]
+            assert sorted(seen) == expected  # every sample exactly once across ranks
+            orders.append(seen)
+        assert orders[0] != orders[1]  # reshuffled each epoch
+        seen_by[workers] = ranks
+    assert seen_by[0] == seen_by[2]  # workers change no batch
 
 
 def test_two_processes_of_batch_b_train_like_one_of_batch_2b(smoke_shards, tmp_path):

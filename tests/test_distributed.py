@@ -1,11 +1,12 @@
 """Real multi-process runs (gloo on the CPU), each bounded by a timeout."""
 
-
+import pytest
 import torch
 from helpers import SCRIPTS
 from processes import torchrun
 
 
+@pytest.mark.process
 def test_global_batchnorm_equals_one_process_on_the_whole_batch(tmp_path):
     torchrun(SCRIPTS / "global_batchnorm.py", str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]

@@ -40,7 +40,7 @@ def _parent(pid: int) -> int | None:
         return None
 
 
-@pytest.mark.slow
+@pytest.mark.process
 @pytest.mark.parametrize(("when", "kill"), [("starting", os.killpg), ("training", os.kill)])
 def test_every_rank_exits_within_seconds_of_a_sigkilled_launcher(smoke_shards, tmp_path, when, kill):
     """SIGKILL for the launcher's process group (it holds no rank: they have sessions of their own)
@@ -81,25 +81,29 @@ CHILD = ("import sys, time; from pegasus_dist.training import launcher_watch; sy
          "launcher_watch.end_with_launcher(); print('started', flush=True); time.sleep(600)")
 
 
-@pytest.mark.parametrize(
-    ("platform", "launched", "ends"),
-    [("darwin", True, True),  # no prctl there: the thread that watches the parent pid
-     ("linux", False, False)],  # started from a shell (nohup, say): outlives it, as before
-)
-def test_a_rank_follows_its_parent_only_when_a_launcher_started_it(platform, launched, ends):
-    env = {**os.environ, "LOCAL_RANK": "0"} if launched else {
-        k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "ACCELERATE_USE_CPU")}
-    parent = subprocess.Popen([sys.executable, "-c", PARENT, CHILD, platform], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, text=True)
-    child = int(parent.stdout.readline())
+@pytest.mark.process
+def test_a_rank_follows_its_parent_only_when_a_launcher_started_it():
+    """Both cases side by side, each a parent that starts CHILD and is SIGKILLed."""
+    cases = [("darwin", True, True),  # no prctl there: the thread that watches the parent pid
+             ("linux", False, False)]  # started from a shell (nohup, say): outlives it, as before
+    parents, children = [], []
     try:
-        assert parent.stdout.readline() == "started\n"
-        parent.kill()
-        parent.wait()
+        for platform, launched, _ in cases:
+            env = {**os.environ, "LOCAL_RANK": "0"} if launched else {
+                k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "ACCELERATE_USE_CPU")}
+            parents.append(subprocess.Popen([sys.executable, "-c", PARENT, CHILD, platform], cwd=REPO,
+                                            env=env, stdout=subprocess.PIPE, text=True))
+        children = [int(parent.stdout.readline()) for parent in parents]
+        for parent in parents:
+            assert parent.stdout.readline() == "started\n"
+            parent.kill()
+            parent.wait()
         deadline = time.monotonic() + 5
-        while running(child) and time.monotonic() < deadline:
+        while running(children[0]) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert running(child) != ends
+        assert [not running(child) for child in children] == [ends for _, _, ends in cases]
     finally:
-        if running(child):
-            os.kill(child, signal.SIGKILL)
+        for process in [*parents, *children]:
+            pid = process if isinstance(process, int) else process.pid
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)

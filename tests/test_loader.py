@@ -47,14 +47,6 @@ def keys_of(loader, epoch, start=0):
     return [list(b.keys) for b in loader]
 
 
-def test_workers_do_not_change_the_batches(shard_set):
-    inline = ShardLoader(shard_set, 4, rank=1, world_size=2, num_workers=0, seed=3, image_size=32)
-    workers = ShardLoader(shard_set, 4, rank=1, world_size=2, num_workers=2, seed=3, image_size=32)
-    assert keys_of(inline, 0) == keys_of(workers, 0)
-    assert keys_of(inline, 0) != keys_of(inline, 1)  # reshuffled per epoch
-    assert keys_of(inline, 1) == keys_of(workers, 1)  # and seeded
-
-
 def test_batches_are_uint8_images_and_resume_skips_done_batches(shard_set):
     loader = ShardLoader(shard_set, 4, rank=0, world_size=1, num_workers=0, seed=0, image_size=32)
     batch = next(iter(loader))
@@ -101,11 +93,14 @@ def test_auto_mode_picks_memory_when_the_set_fits(shard_set):
     assert isinstance(make_loader(cfg, 32, 0, 1, cpu), ShardLoader)
 
 
-def test_loader_processes_follow_set_epoch_across_epochs_and_abandoned_ones(shard_set):
+@pytest.mark.process
+def test_loader_workers_change_no_batch_and_follow_set_epoch_across_epochs_and_abandoned_ones(shard_set):
     """Loader workers persist across epochs: each epoch, and a resumed one, is planned anew."""
-    inline = ShardLoader(shard_set, 4, rank=0, world_size=1, num_workers=0, seed=3, image_size=32)
-    workers = ShardLoader(shard_set, 4, rank=0, world_size=1, num_workers=2, seed=3, image_size=32)
-    workers.set_epoch(0)
+    inline = ShardLoader(shard_set, 4, rank=1, world_size=2, num_workers=0, seed=3, image_size=32)
+    workers = ShardLoader(shard_set, 4, rank=1, world_size=2, num_workers=2, seed=3, image_size=32)
+    assert keys_of(workers, 0) == keys_of(inline, 0) != keys_of(inline, 1)  # reshuffled per epoch
+    assert keys_of(workers, 1) == keys_of(inline, 1)  # and seeded
+    workers.set_epoch(2)
     next(iter(workers))  # abandoned after one batch, as train.max_steps does
     assert keys_of(workers, 4, start=3) == keys_of(inline, 4, start=3)
     assert keys_of(workers, 5) == keys_of(inline, 5) != keys_of(inline, 4)

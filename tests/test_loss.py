@@ -1,5 +1,8 @@
 """Equation (1) and (2) of the paper against independent computations."""
 
+import math
+
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
@@ -33,10 +36,16 @@ def test_loss_is_summed_bce_plus_beta_kl_per_image():
 
 
 def test_loss_is_float32_under_bf16_inputs():
-    logits = torch.randn(2, 3, 4, 4).bfloat16()
-    terms = vae_loss(logits, torch.rand(2, 3, 4, 4), torch.zeros(2, 2).bfloat16(),
-                     torch.zeros(2, 2).bfloat16())
-    assert terms.total.dtype == torch.float32 and torch.isfinite(terms.total)
+    torch.manual_seed(2)
+    logits, target = torch.randn(2, 3, 4, 4).bfloat16(), torch.rand(2, 3, 4, 4)
+    mu, logvar = torch.randn(2, 2).bfloat16(), torch.randn(2, 2).bfloat16()
+    terms = vae_loss(logits, target, mu, logvar)
+    assert terms.total.dtype == terms.recon.dtype == terms.kl.dtype == torch.float32
+    # exactly the float32 loss of the same (bf16-rounded) values: nothing summed in bf16
+    exact = vae_loss(logits.float(), target, mu.float(), logvar.float())
+    assert torch.equal(terms.total, exact.total) and torch.equal(terms.kl, exact.kl)
+    bce = F.binary_cross_entropy(torch.sigmoid(logits.double()), target.double(), reduction="sum") / 2
+    assert terms.recon.item() == pytest.approx(bce.item(), rel=1e-5)
 
 
 def _logistic_level_probabilities(logits: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
@@ -74,4 +83,13 @@ def test_logistic_loss_sharpens_with_a_smaller_scale_only_when_the_mean_is_right
     wide, narrow = torch.full((3,), -2.0), torch.full((3,), -6.0)
     assert reconstruction_nll(right, target, narrow) < reconstruction_nll(right, target, wide)
     assert reconstruction_nll(wrong, target, narrow) > reconstruction_nll(wrong, target, wide)
-    assert torch.isfinite(reconstruction_nll(wrong, target, torch.full((3,), -30.0))).all()
+    # A far narrower scale than LOG_SCALE_MIN (-7) counts as -7: a wrong mean costs a finite,
+    # known amount. 128/255 is 0.2 above the mean 0.3, ~219 scale units: the probability of its
+    # level is sigmoid(-l) - sigmoid(-u), l and u its edges in scale units (float64, no rounding to 1).
+    s = math.exp(-7)
+    lower, upper = (128 / 255 - 0.3 - 0.5 / 255) / s, (128 / 255 - 0.3 + 0.5 / 255) / s
+    per_value = -math.log(1 / (1 + math.exp(lower)) - 1 / (1 + math.exp(upper)))
+    assert 219 < per_value < 221
+    for log_scale in (-30.0, -7.0):
+        nll = reconstruction_nll(wrong, target, torch.full((3,), log_scale))
+        assert nll.item() == pytest.approx(48 * per_value, rel=1e-4)

@@ -7,6 +7,7 @@ import logging
 import re
 
 import pytest
+from helpers import TINY_ARGS
 from processes import BIN, REPO, run_bounded
 
 from pegasus_dist.training.progress import Progress
@@ -99,12 +100,12 @@ def test_on_a_terminal_a_bar_and_no_lines_and_other_ranks_show_nothing(caplog):
     assert progress_lines(caplog) == []
 
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_a_training_run_into_a_pipe_logs_plain_lines_and_no_carriage_returns(smoke_shards, tmp_path):
     done = run_bounded(
         [str(BIN / "pegasus-dist"), "train", "--config", str(REPO / "configs/smoke/pretrain.yaml"),
          f"data.shards={smoke_shards}", f"run.output_dir={tmp_path}", "train.epochs=2",
-         "data.batch_size=32", "train.log_every=5", "wandb.mode=offline"],
+         "data.batch_size=32", "train.log_every=5", "wandb.mode=offline", *TINY_ARGS],
         timeout=180, env={"WANDB_API_KEY": "", "WANDB_SILENT": "false"},
     )
     assert done.returncode == 0, done.stdout[-4000:]
@@ -112,8 +113,9 @@ def test_a_training_run_into_a_pipe_logs_plain_lines_and_no_carriage_returns(smo
     assert "\r" not in out
     # 470 training images in batches of 32: 15 batches an epoch
     for epoch, step in ((1, 15), (2, 30)):
-        assert re.search(rf"^\d\d:\d\d:\d\d \[rank 0\] pegasus_dist\.progress: pretrain: epoch {epoch}/2, "
-                         rf"batch 15/15, step {step}/30, [\d,]+ images/s, ETA \d+:\d\d:\d\d$", out, re.M)
+        assert re.search(rf"^\d\d:\d\d:\d\d \[rank 0\] pegasus_dist\.training\.progress: "
+                         rf"pretrain: epoch {epoch}/2, batch 15/15, step {step}/30, [\d,]+ images/s, "
+                         r"ETA \d+:\d\d:\d\d$", out, re.M)
     # every log line starts a line of its own
     for line in out.splitlines():
         if "[rank 0]" in line:

@@ -9,7 +9,8 @@ does), with two changes only, both made by :func:`adapt`:
   image-folder tarball built here (``tiny-jpg/<train|test>/<class>/NNNN.jpg``:
   JPEGs of synthetic horses, birds and three other classes);
 - the commands that train (``train`` and ``pipeline``) get :data:`TINY`
-  appended: a few steps of a tiny model, W&B disabled.
+  appended: a few steps of a tiny model, W&B disabled; ``classifier`` trains
+  for one epoch.
 """
 
 from __future__ import annotations
@@ -35,15 +36,17 @@ from pegasus_dist.data.manifest import load_manifest
 from pegasus_dist.data.shards import ShardSet
 from pegasus_dist.data.sources import synthetic
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.process
 
 README_SOURCE = "../shared/data/cifar10-jpg.tar.gz"
 SECTION = "## First run on real data"
 STEPS = 3
 LONG = 40  # steps of each phase in the test that kills the pipeline
-TINY = [f"train.max_steps={STEPS}", "train.log_every=1", "model.channels=[8,8,16,16]",
-        "model.fc_dims=[32,32,16]", "model.latent_dim=8", "data.batch_size=16",
-        "data.num_workers=0", "wandb.mode=disabled"]
+# helpers.TINY's model (milliseconds a step), a few steps, one epoch of the quality classifier
+TINY = [f"train.max_steps={STEPS}", "train.log_every=1", "model.channels=[4,4,8,8]",
+        "model.fc_dims=[16,16,8]", "model.latent_dim=4", "data.batch_size=16",
+        "data.num_workers=0", "wandb.mode=disabled", "quality.classifier_epochs=1"]
+CLASSIFIER = ["quality.classifier_epochs=1"]
 
 
 # --- the README's commands ------------------------------------------------------
@@ -63,7 +66,7 @@ def adapt(argv: list[str], tarball: Path) -> list[str]:
     """A README command as this test runs it: the small tarball, and TINY for training."""
     assert argv[0] == "pegasus-dist", f"not a pegasus-dist command: {shlex.join(argv)}"
     args = [arg.replace(README_SOURCE, str(tarball)) for arg in argv[1:]]
-    extra = TINY if args[0] in ("train", "pipeline") else []
+    extra = {"train": TINY, "pipeline": TINY, "classifier": CLASSIFIER}.get(args[0], [])
     return [str(BIN / "pegasus-dist"), *args, *extra]
 
 
