@@ -15,7 +15,6 @@ from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
-from pydantic_core import ErrorDetails
 
 from pegasus_dist.config.sections import Config, Section
 from pegasus_dist.errors import ConfigError
@@ -81,7 +80,7 @@ BOUNDS = {"greater_than_equal": ("ge", "at least"), "greater_than": ("gt", "more
 PLAIN = {("at least", 0): "0 or more", ("more than", 0): "positive"}
 
 
-def problem(error: ErrorDetails, root: type[BaseModel]) -> str:
+def problem(error: dict[str, Any], root: type[BaseModel]) -> str:
     """What is wrong with the value, as the rest of a line that starts with its key: "must be int"."""
     kind, ctx = error["type"], error.get("ctx", {})
     if kind in TYPES:
