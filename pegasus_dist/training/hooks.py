@@ -121,7 +121,9 @@ def _settings(fault: str, settings: list[str], required: set[str], optional: set
     values: dict[str, Any] = {}
     for setting in settings:
         key, sep, value = setting.partition("=")
-        if not sep or key not in required | optional | {"rank"}:
+        if not sep:
+            raise _plan_error(fault, f"{setting!r} is not key=value")
+        if key not in required | optional | {"rank"}:
             allowed = ", ".join(f"{k}=" for k in sorted(required | optional | {"rank"}))
             raise _plan_error(fault, f"{setting!r} is not one of {allowed}")
         values[key] = _value(fault, key, value)
