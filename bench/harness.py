@@ -23,7 +23,6 @@ the harness runs and reports; no test asserts a speed.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import multiprocessing
@@ -52,7 +51,7 @@ from pegasus_dist.data.prepare import prepare
 from pegasus_dist.data.sources import synthetic
 from pegasus_dist.model.loss import kl_to_standard_normal
 from pegasus_dist.model.vae import VAE
-from pegasus_dist.training import loop as train
+from pegasus_dist.training.loop import Trainer
 
 log = logging.getLogger("bench.harness")
 T = TypeVar("T")
@@ -261,22 +260,22 @@ class _LoopRates:
 
 def _loop_against_bare(cfg: Config, steps: int, device: torch.device, whole_epoch: bool) -> _LoopRates:
     """In its own process (:func:`_in_own_process`): the trainer's phase for ``cfg`` against a bare loop."""
-    phase = train.setup(cfg)
-    phase.loader.set_epoch(0)
-    batches = [b for _, b in zip(range(steps + WARMUP), phase.loader, strict=False)]
+    trainer = Trainer(cfg)
+    trainer.loader.set_epoch(0)
+    batches = [b for _, b in zip(range(steps + WARMUP), trainer.loader, strict=False)]
     bare_step = _bare_step(cfg, device)
     # Rounds that alternate the two loops, and the best of each: a neighbour's
     # burst on a shared machine then slows both alike or neither.
-    rounds = [(_loop_rate(phase, WARMUP, steps, device),
+    rounds = [(_loop_rate(trainer, WARMUP, steps, device),
                BATCH * _steps_per_second(bare_step, batches, device)) for _ in range(ROUNDS)]
     project, bare = (max(rates) for rates in zip(*rounds, strict=True))
-    epoch = _loop_rate(phase, 0, len(phase.loader), device) if whole_epoch else 0.0
-    return _LoopRates(project, bare, epoch, phase.loader.num_samples)
+    epoch = _loop_rate(trainer, 0, len(trainer.loader), device) if whole_epoch else 0.0
+    return _LoopRates(project, bare, epoch, trainer.loader.num_samples)
 
 
 def _loop_alone(cfg: Config, steps: int, device: torch.device) -> float:
     """In its own process (:func:`_in_own_process`): the trainer's rate for ``cfg``, images/s."""
-    return _loop_rate(train.setup(cfg), WARMUP, steps, device)
+    return _loop_rate(Trainer(cfg), WARMUP, steps, device)
 
 
 def _adam_rows(device: torch.device) -> list[Row]:
@@ -293,18 +292,15 @@ def _adam_rows(device: torch.device) -> list[Row]:
                 rates[False])]
 
 
-def _loop_rate(phase: train.Phase, warmup: int, steps: int, device: torch.device) -> float:
-    """Images per second of the project's training loop (``train.run_epochs``), after a warm-up."""
-    def run_to(step: int) -> None:
-        train_cfg = phase.cfg.train.model_copy(update={"max_steps": step})
-        train.run_epochs(dataclasses.replace(phase, cfg=phase.cfg.model_copy(update={"train": train_cfg})))
-
-    run_to(phase.state.step + warmup)
+def _loop_rate(trainer: Trainer, warmup: int, steps: int, device: torch.device) -> float:
+    """Images per second of the project's training loop (``Trainer.run_epochs``), after a warm-up."""
+    if warmup:
+        trainer.run_epochs(until_step=trainer.state.step + warmup)
     _synchronize(device)
     started = time.perf_counter()
-    run_to(phase.state.step + steps)
+    trainer.run_epochs(until_step=trainer.state.step + steps)
     _synchronize(device)
-    return steps * phase.global_batch / (time.perf_counter() - started)
+    return steps * trainer.global_batch / (time.perf_counter() - started)
 
 
 def _recipe_rows(rate: float, epoch_images: int, device: torch.device) -> list[Row]:

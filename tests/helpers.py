@@ -22,7 +22,6 @@ from pegasus_dist.config import ModelConfig
 from pegasus_dist.data.shards import ShardSet
 
 SCRIPTS = Path(__file__).parent / "scripts"
-FAULT = SCRIPTS / "train_with_fault.py"  # train.py with a kill, a NaN, a stall ... at a chosen step
 SMOKE = str(REPO / "configs/smoke/pretrain.yaml")
 TINY = ModelConfig(channels=[4, 4, 8, 8], fc_dims=[16, 16, 8], latent_dim=4)  # milliseconds a step
 PIPELINE_STEPS = 40  # each phase's in the shared pipeline: at lr 0.01 the tiny model's grids show images

@@ -31,6 +31,9 @@ def run_bounded(
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-4000:]}") from None
+    except BaseException:  # pytest-timeout or Ctrl-C first: leave no rank hung in a collective behind
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
 

@@ -1,4 +1,9 @@
-"""Fault injection: each test says what was lost and what was kept."""
+"""Fault injection: each test says what was lost and what was kept.
+
+Faults go into the real entry points through the trainer's fault plan
+(``PEGASUS_FAULT``, pegasus_dist/training/hooks.py), or in process through
+its hooks.
+"""
 
 from __future__ import annotations
 
@@ -10,21 +15,28 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAULT, SMOKE, losses, overrides, start, training_rows, wait_until
+from helpers import SMOKE, losses, overrides, start, training_rows, wait_until
 from processes import BIN, REPO, run_bounded
 from safetensors.torch import load_file
 
 from pegasus_dist.config import load_config
 from pegasus_dist.data.manifest import load_manifest
+from pegasus_dist.errors import ConfigError
 from pegasus_dist.model.saved import latest_checkpoint, list_checkpoints
-from pegasus_dist.training import loop as train
+from pegasus_dist.training.hooks import STALLED, Hooks, fault_plan
+from pegasus_dist.training.loop import train
 
 pytestmark = pytest.mark.slow
+TRAIN = str(REPO / "pegasus_dist/train.py")
+
+
+def with_fault(plan: str, cmd: list[str]) -> list[str]:
+    """``cmd`` with the fault plan ``plan`` in its environment (PEGASUS_FAULT)."""
+    return ["env", f"PEGASUS_FAULT={plan}", *cmd]
 
 
 def train_cmd(shards: Path, runs: Path, steps: int, *extra: str) -> list[str]:
@@ -41,7 +53,7 @@ def test_sigkill_mid_epoch_then_resume_gives_bit_equal_losses(smoke_shards, tmp_
 
     cmd = train_cmd(smoke_shards, tmp_path / "cut", 24, "train.checkpoint_every=8", *extra)
     # The killed run is slowed down (100 ms a step, same numbers) so the kill lands mid-run.
-    proc = start([sys.executable, str(FAULT), "slow", "100", "0", *cmd[2:]])
+    proc = start(with_fault("slow:ms=100", cmd))
     run = tmp_path / "cut" / "pretrain"
     wait_until(lambda: (run / "metrics.jsonl").exists()
                and len(losses(run)) >= 13, proc, 120)
@@ -64,10 +76,9 @@ def test_sigkill_mid_epoch_then_resume_gives_bit_equal_losses(smoke_shards, tmp_
 
 def test_two_process_resume_matches_an_uninterrupted_run(smoke_shards, tmp_path):
     """2 gloo ranks killed mid-epoch and resumed: stated tolerance 1e-6 relative on every loss."""
-    def launch_cmd(runs: Path, *script: str) -> list[str]:
+    def launch_cmd(runs: Path) -> list[str]:
         return [str(BIN / "accelerate"), "launch", "--config_file",
-                str(REPO / "launch/cpu-2proc-gloo.yaml"),
-                *(script or [str(REPO / "pegasus_dist/train.py")]),
+                str(REPO / "launch/cpu-2proc-gloo.yaml"), TRAIN,
                 "--config", SMOKE, *overrides(smoke_shards, runs, 12, "train.checkpoint_every=4",
                                               "data.batch_size=8")]
 
@@ -75,7 +86,7 @@ def test_two_process_resume_matches_an_uninterrupted_run(smoke_shards, tmp_path)
     assert ref.returncode == 0, ref.stdout[-3000:]
     run = tmp_path / "cut" / "pretrain"
     # The killed run is slowed down (200 ms a step, same numbers) so the kill lands mid-run.
-    proc = start(launch_cmd(tmp_path / "cut", str(FAULT), "slow", "200", "0"))
+    proc = start(with_fault("slow:ms=200", launch_cmd(tmp_path / "cut")))
     wait_until(lambda: (run / "metrics.jsonl").exists() and len(losses(run)) >= 6, proc, 180)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -88,11 +99,11 @@ def test_two_process_resume_matches_an_uninterrupted_run(smoke_shards, tmp_path)
 
 
 def test_sigkill_during_a_save_keeps_the_previous_checkpoint(smoke_shards, tmp_path):
-    cmd = [sys.executable, str(FAULT), "slow-save", "8", "0", "--config", SMOKE,
+    cmd = [sys.executable, TRAIN, "--config", SMOKE,
            *overrides(smoke_shards, tmp_path, 10, "train.checkpoint_every=4")]
-    proc = start(cmd)
+    proc = start(with_fault("stall-save:step=8", cmd))
     run = tmp_path / "pretrain"
-    wait_until(lambda: (run / "saving").exists(), proc, 120)
+    wait_until(lambda: (run / STALLED).exists(), proc, 120)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_00000004"]
@@ -104,17 +115,18 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint(smoke_shards, tmp_p
     assert not (run / "checkpoints" / ".tmp-step_00000008").exists()  # cleaned by pruning
 
 
-def launch2(script_args: list[str], timeout: float = 240) -> tuple[subprocess.CompletedProcess, float]:
+def launch2(plan: str, args: list[str], timeout: float = 240) -> tuple[subprocess.CompletedProcess, float]:
+    """train.py on 2 gloo processes with the fault plan ``plan``; its outcome and its seconds."""
     cmd = [str(BIN / "accelerate"), "launch", "--config_file",
-           str(REPO / "launch/cpu-2proc-gloo.yaml"), *script_args]
+           str(REPO / "launch/cpu-2proc-gloo.yaml"), TRAIN, *args]
     started = time.monotonic()
-    done = run_bounded(cmd, timeout)
+    done = run_bounded(cmd, timeout, env={"PEGASUS_FAULT": plan})
     return done, time.monotonic() - started
 
 
 def test_nan_on_one_rank_stops_every_rank_naming_step_and_checkpoint(smoke_shards, tmp_path):
-    done, _ = launch2([str(FAULT), "nan", "6", "1", "--config", SMOKE,
-                       *overrides(smoke_shards, tmp_path, 10, "train.checkpoint_every=4")])
+    done, _ = launch2("nan:step=6:rank=1",
+                      ["--config", SMOKE, *overrides(smoke_shards, tmp_path, 10, "train.checkpoint_every=4")])
     assert done.returncode != 0
     assert "error: non-finite loss at step 6 (epoch 1, batch 6) on rank(s) [1]" in done.stdout
     assert f"last good checkpoint: {tmp_path}/pretrain/checkpoints/step_00000004" in done.stdout
@@ -124,9 +136,9 @@ def test_nan_on_one_rank_stops_every_rank_naming_step_and_checkpoint(smoke_shard
 def test_nan_found_at_the_next_sync_point_is_never_checkpointed(smoke_shards, tmp_path):
     # Sync points: steps 4 (checkpoint), 5 (log), 8 (checkpoint). The NaN of step 6
     # is found at step 8, before its checkpoint is written.
-    done, _ = launch2([str(FAULT), "nan", "6", "1", "--config", SMOKE,
-                       *overrides(smoke_shards, tmp_path, 12, "train.log_every=5",
-                                  "train.checkpoint_every=4")])
+    done, _ = launch2("nan:step=6:rank=1", ["--config", SMOKE,
+                                            *overrides(smoke_shards, tmp_path, 12, "train.log_every=5",
+                                                       "train.checkpoint_every=4")])
     assert done.returncode != 0
     assert ("error: non-finite loss at step 6 (epoch 1, batch 6) on rank(s) [1] "
             "(found at step 8)") in done.stdout, done.stdout[-3000:]
@@ -137,36 +149,59 @@ def test_nan_found_at_the_next_sync_point_is_never_checkpointed(smoke_shards, tm
     assert [row["step"] for row in training_rows(tmp_path / "pretrain")] == [5]  # no NaN logged
 
 
-@pytest.mark.parametrize(("mode", "per_step_checks"), [("stop", 0), ("skip", 20)])
-def test_steps_wait_for_the_device_only_at_sync_points(smoke_shards, tmp_path, monkeypatch,
-                                                       mode, per_step_checks):
-    """20 steps, log_every=5: the ranks agree (gather + host read) 20/5 times and once at the end.
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_steps_wait_for_the_device_only_at_sync_points(smoke_shards, tmp_path, mode):
+    """20 steps, log_every=5: the ranks exchange anything only at steps 5, 10, 15 and 20.
 
-    Only train.on_nonfinite=skip also reads every step's loss, as documented.
+    There they agree on faults (one gather and one host read), and once more at
+    the end, and reduce the logged window. Only train.on_nonfinite=skip also
+    gathers every micro-batch's loss, as documented.
     """
-    calls: Counter[str] = Counter()
+    gathers: list[int] = []  # state.step at each call
+    reductions: list[int] = []
 
-    def counted(name: str):
-        real = getattr(train, name)
+    def count_collectives(trainer) -> None:
+        for name, calls in (("gather", gathers), ("reduce", reductions)):
+            real = getattr(trainer.accelerator, name)
 
-        def wrapper(*args, **kwargs):
-            calls[name] += 1
-            return real(*args, **kwargs)
+            def counted(*args, real=real, calls=calls, **kwargs):
+                calls.append(trainer.state.step)
+                return real(*args, **kwargs)
 
-        monkeypatch.setattr(train, name, wrapper)
+            setattr(trainer.accelerator, name, counted)  # this trainer's accelerator only
 
-    counted("agree")
-    counted("nonfinite_ranks")
-    train.train(load_config(SMOKE, overrides(smoke_shards, tmp_path, 20, "train.log_every=5",
-                                             f"train.on_nonfinite={mode}")))
-    assert calls["agree"] == 20 // 5 + 1  # no epoch ends or checkpoints within 20 steps
-    assert calls["nonfinite_ranks"] == per_step_checks
+    train(load_config(SMOKE, overrides(smoke_shards, tmp_path, 20, "train.log_every=5",
+                                       f"train.on_nonfinite={mode}")),
+          hooks=Hooks(after_start=[count_collectives]))
+    at_sync_points = [5, 10, 15, 20, 20]  # no epoch ends or checkpoints within 20 steps
+    each_micro_batch = list(range(20)) if mode == "skip" else []  # before its step's update
+    assert sorted(gathers) == sorted(at_sync_points + each_micro_batch)
+    assert set(reductions) == {5, 10, 15, 20}
+
+
+def test_a_malformed_fault_plan_is_one_line_naming_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setenv("PEGASUS_FAULT", "nan:step=three")
+    with pytest.raises(ConfigError, match="PEGASUS_FAULT: fault 'nan:step=three': step=three is not a whole"):
+        train(load_config(SMOKE, [f"run.output_dir={tmp_path}"]))  # before anything starts
+    assert not (tmp_path / "pretrain").exists()
+    with pytest.raises(ConfigError, match="unknown kind 'nun'; one of nan, inf, kill"):
+        fault_plan("nun:step=3")
+    with pytest.raises(ConfigError, match="it needs step="):
+        fault_plan("nan:rank=1")
+    with pytest.raises(ConfigError, match="step=x is not a whole number"):
+        fault_plan("kill:step=x")
+    with pytest.raises(ConfigError, match="'when=3' is not one of rank=, step="):
+        fault_plan("nan:when=3")
+    with pytest.raises(ConfigError, match="at=later is not a start-up stage"):
+        fault_plan("fail:at=later")
+    assert fault_plan("nan:step=3:rank=7").on_loss == []  # another rank's fault: nothing here
+    assert len(fault_plan("slow:ms=1, nan:step=2").on_loss) == 1
 
 
 def test_a_stop_signal_checkpoints_within_two_steps_and_exits_75(smoke_shards, tmp_path):
     cmd = ["--config", SMOKE, *overrides(smoke_shards, tmp_path, 24, "train.log_every=5")]
     # Slowed down (100 ms a step, same numbers) so that the signal lands mid-run.
-    proc = start([sys.executable, str(FAULT), "slow", "100", "0", *cmd])
+    proc = start(with_fault("slow:ms=100", [sys.executable, TRAIN, *cmd]))
     run = tmp_path / "pretrain"
     wait_until(lambda: (run / "metrics.jsonl").exists(), proc, 120)  # step 5 logged
     proc.send_signal(signal.SIGUSR1)  # after step 5: the stop need not wait for step 10's sync point
@@ -182,8 +217,8 @@ def test_a_stop_signal_checkpoints_within_two_steps_and_exits_75(smoke_shards, t
 
 
 def test_nan_skipped_and_counted_when_configured(smoke_shards, tmp_path):
-    done, _ = launch2([str(FAULT), "nan", "3", "0", "--config", SMOKE,
-                       *overrides(smoke_shards, tmp_path, 6, "train.on_nonfinite=skip")])
+    done, _ = launch2("nan:step=3:rank=0", ["--config", SMOKE,
+                                            *overrides(smoke_shards, tmp_path, 6, "train.on_nonfinite=skip")])
     assert done.returncode == 0, done.stdout[-3000:]
     rows = training_rows(tmp_path / "pretrain")
     assert rows[-1]["pretrain/nonfinite_skipped_steps"] == 1
@@ -194,8 +229,8 @@ def test_nan_skipped_and_counted_when_configured(smoke_shards, tmp_path):
 
 
 def test_a_rank_that_dies_brings_every_rank_down_quickly(smoke_shards, tmp_path):
-    done, seconds = launch2([str(FAULT), "kill-rank", "3", "1", "--config", SMOKE,
-                             *overrides(smoke_shards, tmp_path, 50, "train.collective_timeout_s=30")])
+    done, seconds = launch2("kill:step=3:rank=1", [
+        "--config", SMOKE, *overrides(smoke_shards, tmp_path, 50, "train.collective_timeout_s=30")])
     assert done.returncode != 0
     assert seconds < 90, f"took {seconds:.0f}s"
     assert not (tmp_path / "pretrain" / "samples").exists()  # nothing pretended to finish

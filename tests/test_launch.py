@@ -32,11 +32,12 @@ def cli_train(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
                        env={"WANDB_API_KEY": ""})
 
 
-def accelerate(nproc: int, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+def accelerate(nproc: int, *args: str, timeout: float = 180, fault: str = "") -> subprocess.CompletedProcess:
+    """``accelerate launch ARGS`` on 1 or 2 CPU processes, with the fault plan ``fault`` (PEGASUS_FAULT)."""
     config = REPO / ("launch/cpu-2proc-gloo.yaml" if nproc == 2 else "launch/cpu-1proc.yaml")
     port = ["--main_process_port", str(free_port())] if nproc > 1 else []
     return run_bounded([str(BIN / "accelerate"), "launch", "--config_file", str(config), *port, *args],
-                       timeout, env={"WANDB_API_KEY": ""})
+                       timeout, env={"WANDB_API_KEY": "", "PEGASUS_FAULT": fault})
 
 
 def assert_no_traceback_of_ours(out: str) -> None:
@@ -59,66 +60,36 @@ def test_complete_means_epochs_done_or_max_steps_reached(tmp_path):
     assert not is_complete(TrainState(phase="pretrain", epoch=3, step=90), cfg(4, 0))  # epochs raised
 
 
-UNREADABLE_ON_RANK_1 = """
-import os, sys
-from pegasus_dist.training import loop as train
-from pegasus_dist.errors import CheckpointError
-real = train.restore_checkpoint
-def restore_checkpoint(accelerator, folder):
-    if os.environ["RANK"] == "1":
-        raise CheckpointError(f"cannot read {folder}/model.safetensors: an injected fault")
-    return real(accelerator, folder)
-train.restore_checkpoint = restore_checkpoint
-train.main(sys.argv[1:])
-"""
-
-
 @pytest.mark.slow
 def test_a_rank_that_cannot_start_ends_every_rank_with_one_line_before_wandb(smoke_shards, tmp_path):
     # One process trains 2 steps; two processes then resume its checkpoint, and
-    # only rank 1 cannot read it (an injected fault, as on a node whose disk fails).
+    # only rank 1 fails to restore it (an injected fault, as on a node whose disk fails).
     first = cli_train(*overrides(smoke_shards, tmp_path, 2, "wandb.mode=offline"))
     assert first.returncode == 0, first.stdout[-3000:]
     run = tmp_path / "pretrain"
     before = offline_runs(run), (run / "metrics.jsonl").read_text()
 
-    script = tmp_path / "unreadable_on_rank_1.py"
-    script.write_text(UNREADABLE_ON_RANK_1)
-    done = accelerate(2, str(script), "--config", SMOKE,
-                      *overrides(smoke_shards, tmp_path, 4, "wandb.mode=offline"))
+    done = accelerate(2, TRAIN, "--config", SMOKE,
+                      *overrides(smoke_shards, tmp_path, 4, "wandb.mode=offline"),
+                      fault="fail:at=restore:rank=1")
     assert done.returncode == 1  # what accelerate launch makes of any failure (README: exit codes)
     assert error_lines(done.stdout) == [
-        f"error: rank 1: cannot read {run}/checkpoints/step_00000002/model.safetensors: "
-        "an injected fault"
+        "error: rank 1: an injected fault in the start-up stage restore (PEGASUS_FAULT)"
     ], done.stdout[-4000:]
     assert_no_traceback_of_ours(done.stdout)
     assert "wandb: Tracking run" not in done.stdout  # rank 0 stopped before W&B
     assert (offline_runs(run), (run / "metrics.jsonl").read_text()) == before
 
 
-CRASH_ON_RANK_1 = """
-import os, sys
-from pegasus_dist.training import loop as train
-real = train.make_loader
-def make_loader(*args, **kwargs):
-    if os.environ["RANK"] == "1":
-        raise RuntimeError("a bug on rank 1")
-    return real(*args, **kwargs)
-train.make_loader = make_loader
-train.main(sys.argv[1:])
-"""
-
-
 @pytest.mark.slow
 def test_a_rank_that_crashes_at_start_up_keeps_its_traceback(smoke_shards, tmp_path):
-    script = tmp_path / "crash_on_rank_1.py"
-    script.write_text(CRASH_ON_RANK_1)
-    done = accelerate(2, str(script), "--config", SMOKE, *overrides(smoke_shards, tmp_path, 2))
+    done = accelerate(2, TRAIN, "--config", SMOKE, *overrides(smoke_shards, tmp_path, 2),
+                      fault="crash:at=checks:rank=1")
+    crash = "RuntimeError: an injected crash at start-up stage checks (PEGASUS_FAULT)"
     assert done.returncode == 1
     assert error_lines(done.stdout) == [
-        "error: rank 1: RuntimeError: a bug on rank 1 (a crash: its traceback is in that rank's "
-        "output)"], done.stdout[-4000:]
-    assert "[rank1]: RuntimeError: a bug on rank 1" in done.stdout  # not swallowed
+        f"error: rank 1: {crash} (a crash: its traceback is in that rank's output)"], done.stdout[-4000:]
+    assert f"[rank1]: {crash}" in done.stdout  # not swallowed
     assert "[rank0]: Traceback" not in done.stdout  # rank 0 only reports it
 
 

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAULT, SCRIPTS, SMOKE, error_lines, losses, shard_keys, start, wait_until
+from helpers import SCRIPTS, SMOKE, error_lines, losses, shard_keys, start, wait_until
 from processes import BIN, REPO, descendants, free_port, run_bounded, running
 
 from pegasus_dist.model.saved import latest_checkpoint
+from pegasus_dist.training.hooks import STALLED
 from pegasus_dist.training.state import read_state
 
 pytestmark = pytest.mark.slow
@@ -192,14 +193,12 @@ def test_two_processes_resume_on_two_with_another_batch(smoke_shards, tmp_path):
 SCRAMBLED = """
 import random, sys
 import numpy as np, torch
-from pegasus_dist.training import loop as train
-real = train.run_epochs
-def run_epochs(p):
-    # The global generators in a state no run has had: training must draw from none of them.
+from pegasus_dist.training.hooks import Hooks
+from pegasus_dist.training.loop import main
+def scramble(trainer):
+    # Once started: the global generators in a state no run has had; training must draw from none of them.
     random.seed(12345); np.random.seed(12345); torch.manual_seed(12345)
-    return real(p)
-train.run_epochs = run_epochs
-train.main(sys.argv[2:])
+main(sys.argv[2:], hooks=Hooks(after_start=[scramble]))
 """
 
 
@@ -275,11 +274,12 @@ def test_a_run_stuck_in_a_save_ends_at_once_on_sigterm(smoke_shards, tmp_path, w
     """A save that never ends (a hung filesystem): outside the loop one SIGTERM ends the run at once,
     inside it the first asks for a checkpoint and the second ends it."""
     steps, every = (6, "3") if where == "in the loop" else (2, "0")
-    proc = start([sys.executable, str(FAULT), "slow-save", "3" if where == "in the loop" else "2", "0",
+    stall = f"PEGASUS_FAULT=stall-save:step={3 if where == 'in the loop' else 2}"
+    proc = start(["env", stall, sys.executable, str(REPO / "pegasus_dist/train.py"),
                   "--config", SMOKE, *overrides(smoke_shards, tmp_path, steps, "data.batch_size=16",
                                                 f"train.checkpoint_every={every}")])
     try:
-        wait_until(lambda: (tmp_path / "pretrain" / "saving").exists(), proc, BOUND_S)
+        wait_until(lambda: (tmp_path / "pretrain" / STALLED).exists(), proc, BOUND_S)
         for _ in range(signals - 1):
             proc.send_signal(signal.SIGTERM)
             time.sleep(2)

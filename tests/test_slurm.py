@@ -23,22 +23,14 @@ CPU_NODE = ["--gpus-per-node=0", "--cpus-per-task=1"]  # the local node has 2 CP
 FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
          "BOOT_FAIL", "DEADLINE")
 
-# The real trainer, 50 ms slower per step, so that a signal lands mid-run on
-# any machine (the smoke model trains ~100 steps/s). Same arithmetic, same weights.
+# The real trainer, 50 ms slower per step (its fault plan's hooks), so that a signal
+# lands mid-run on any machine (the smoke model trains ~100 steps/s). Same arithmetic,
+# same weights.
 SLOW_TRAINER = """\
-import time
-from pegasus_dist.training import loop as train
+from pegasus_dist.training.hooks import fault_plan
+from pegasus_dist.training.loop import main
 
-real_step = train.train_step
-
-
-def train_step(*args, **kwargs):
-    time.sleep(0.05)
-    return real_step(*args, **kwargs)
-
-
-train.train_step = train_step
-train.main()
+main(hooks=fault_plan("slow:ms=50"))
 """
 
 

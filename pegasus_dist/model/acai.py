@@ -16,7 +16,7 @@ win by telling reconstructions from data alone.
 
 Here ``z`` is the latent mean (what the Pegasus sampler interpolates), the
 pairs are neighbours in the global batch (rows 2k and 2k + 1) and ``a`` is
-drawn per image from the step's generator (``train._batch_noise``): a step
+drawn per image from the step's generator (``TrainStep._noise`` (training/step.py)): a step
 mixes the same pairs with the same coefficients on any number of processes.
 """
 

@@ -37,12 +37,12 @@ import pickle
 import shutil
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import extract_model_from_parallel
+from accelerate.utils import broadcast_object_list, extract_model_from_parallel
 from safetensors import SafetensorError, safe_open
 
 from pegasus_dist.errors import CheckpointError
@@ -212,16 +212,22 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(accelerator: Accelerator, state: TrainState, config_yaml: str, root: Path,
-                    keep: int) -> Path:
+                    keep: int, before_counters: Callable[[Path, TrainState], None] | None = None) -> Path:
     """Every rank calls this; returns the published ``step_<N>`` folder.
 
     The main process writes the temporary folder (``save_state``, then
     :func:`write_counters`), renames it into place and prunes old checkpoints;
     the others wait at the barrier (every rank holds the same weights, and
-    nothing of a checkpoint belongs to one rank).
+    nothing of a checkpoint belongs to one rank). ``before_counters`` is
+    called with the temporary folder between the two (the trainer's
+    ``Hooks.during_save``, where tests stall or damage a save).
     """
     final = root / checkpoint_name(state.step)
-    if final.exists():  # already saved at this step (e.g. epoch end == checkpoint_every)
+    # Already saved at this step (e.g. epoch end == checkpoint_every)? The main process
+    # decides for every rank: a rank that read another answer from a shared filesystem
+    # would skip the barrier below, and the ranks' collectives would go out of step.
+    already = [final.exists() if accelerator.is_main_process else None]
+    if broadcast_object_list(already)[0]:
         return final
     if accelerator.is_main_process:
         tmp = root / f".tmp-{final.name}"
@@ -230,6 +236,8 @@ def save_checkpoint(accelerator: Accelerator, state: TrainState, config_yaml: st
             accelerator.save_state(str(tmp))
         for path in tmp.glob("random_states_*.pkl"):  # protect nothing: see the module docstring
             path.unlink()
+        if before_counters is not None:
+            before_counters(tmp, state)
         write_counters(tmp, state, config_yaml)
         publish(tmp, final)
         prune(root, keep)

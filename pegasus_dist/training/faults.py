@@ -197,6 +197,11 @@ class Agreement:
     bad_ranks: list[int]  # the ranks whose loss was NaN/Inf at that step
 
 
+def describe_position(step: int, epoch: int, batch: int, ranks: list[int]) -> str:
+    """Where a fault happened, for its message: ``step 6 (epoch 1, batch 6) on rank(s) [1]``."""
+    return f"step {step} (epoch {epoch}, batch {batch}) on rank(s) {ranks}"
+
+
 def agree(accelerator: Accelerator, stop_requested: bool, watch: NonfiniteWatch) -> Agreement:
     """One gather over the ranks and one host read: call it at sync points only."""
     first_bad = watch.first_bad

@@ -30,6 +30,7 @@ from accelerate import Accelerator
 
 from pegasus_dist.config import OptimConfig
 from pegasus_dist.training.faults import TrainingError
+from pegasus_dist.training.window import Window, reduce_windows
 
 log = logging.getLogger("pegasus_dist.training.optim")
 
@@ -151,16 +152,15 @@ class DivergenceGuard:
         self.batch_description = batch_description
         self.until = max(schedule.optim.warmup_steps, GUARDED_STEPS) + 1
         self.checked_through = 0
-        self.first: torch.Tensor | None = None  # (total, recon, kl, images) sums of the first step
+        self.first: Window | None = None  # the window after the first step: its sums on the device
         self.first_step = 0
 
-    def note_step(self, window_sums: torch.Tensor, step: int) -> None:
+    def note_step(self, window: Window, step: int) -> None:
         """After each optimizer step; keeps the first step's sums (no host read)."""
         if self.first is None:
-            self.first, self.first_step = window_sums[:4].clone(), step
+            self.first, self.first_step = window.copy(), step
 
-    def check(self, accelerator: Accelerator, window_sums: torch.Tensor,
-              step: int) -> TrainingError | None:
+    def check(self, accelerator: Accelerator, window: Window, step: int) -> TrainingError | None:
         """At a sync point: the error to stop with when the loss has grown 100-fold, else None.
 
         Returned, not raised, so that the trainer can log the window first.
@@ -168,15 +168,14 @@ class DivergenceGuard:
         if self.first is None or self.checked_through >= self.until:
             return None
         self.checked_through = step
-        sums = accelerator.reduce(torch.cat([self.first, window_sums[:4]]), reduction="sum").tolist()
-        first_total, _, _, first_images, total, _, kl, images = sums
-        if not (first_images and images):
+        first, now = reduce_windows(accelerator, self.first, window)
+        if not (first.images and now.images):
             return None
-        first, loss, kl = first_total / first_images, total / images, kl / images
-        limit = DIVERGENCE_FACTOR * abs(first)
+        reference, loss, kl = first.total / first.images, now.total / now.images, now.kl / now.images
+        limit = DIVERGENCE_FACTOR * abs(reference)
         if loss > limit or kl > limit:
             return TrainingError(
-                f"diverging: the loss went from {first:.4g} at step {self.first_step} to {loss:.4g} "
+                f"diverging: the loss went from {reference:.4g} at step {self.first_step} to {loss:.4g} "
                 f"(KL {kl:.4g}) by step {step}, at lr {self.schedule.at(step - 1):.3g}; "
                 f"{self.schedule.describe()}; "
                 f"{self.batch_description}; use optim.lr_scaling=sqrt, a longer optim.warmup_steps "

@@ -2,9 +2,10 @@
 
     python train_noting_syncs.py OUT_DIR --config ... [overrides]
 
-A DDP communication hook that all-reduces as DDP does by default, and first
-notes the rank's ``epoch_plan.done`` (micro-batches taken so far in the
-epoch); each rank writes the values it saw to OUT_DIR/rank<R>.json.
+Once started (an ``after_start`` hook), the model gets a DDP communication
+hook that all-reduces as DDP does by default, and first notes the rank's
+``trainer.plan.done`` (micro-batches taken so far in the epoch); each rank
+writes the values it saw to OUT_DIR/rank<R>.json.
 """
 
 import json
@@ -14,26 +15,22 @@ from pathlib import Path
 
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from pegasus_dist.training import loop as train
+from pegasus_dist.training.hooks import Hooks
+from pegasus_dist.training.loop import main
 
 out, rank = Path(sys.argv[1]), int(os.environ.get("RANK", "0"))
 synced: set[int] = set()
-real_setup = train.setup
 
 
-def setup(cfg):
-    phase = real_setup(cfg)
-
-    def hook(process_group, bucket):
-        synced.add(phase.epoch_plan.done)
+def note_syncs(trainer) -> None:
+    def all_reduce(process_group, bucket):
+        synced.add(trainer.plan.done)
         return default_hooks.allreduce_hook(process_group, bucket)
 
-    phase.model.register_comm_hook(None, hook)
-    return phase
+    trainer.models.model.register_comm_hook(None, all_reduce)
 
 
-train.setup = setup
 try:
-    train.main(sys.argv[2:])
+    main(sys.argv[2:], hooks=Hooks(after_start=[note_syncs]))
 finally:
     (out / f"rank{rank}.json").write_text(json.dumps(sorted(synced)))

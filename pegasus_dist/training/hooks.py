@@ -1,0 +1,209 @@
+"""Explicit points where a test watches the trainer or injects a fault.
+
+:class:`Hooks` holds optional callbacks that the trainer calls at named
+points; ``train(cfg, hooks=...)`` and ``main(argv, hooks=...)`` take them.
+Every run also reads a fault plan from ``PEGASUS_FAULT`` (:func:`fault_plan`),
+so that a test injects a fault into the real entry points
+(``pegasus-dist train``, ``accelerate launch pegasus_dist/train.py``) with one
+variable. A plan is faults separated by commas, each ``KIND:key=value:...``::
+
+    PEGASUS_FAULT="nan:step=6:rank=1"            the loss of step 6 on rank 1 is NaN
+    PEGASUS_FAULT="kill:step=3:rank=1"           rank 1 kills itself (SIGKILL) before step 3
+    PEGASUS_FAULT="kill:step=3:signal=USR1"      ... or sends itself another signal
+    PEGASUS_FAULT="slow:ms=100"                  every micro-batch takes 100 ms more
+    PEGASUS_FAULT="stall-save:step=8"            the save of step 8 stalls half-written
+    PEGASUS_FAULT="fail:at=restore:rank=1"       rank 1 fails a start-up stage (an error to report)
+    PEGASUS_FAULT="crash:at=checks:rank=1"       ... or crashes in it (a bug: RuntimeError)
+    PEGASUS_FAULT="crash:step=5"                 a crash in the training loop
+
+``rank`` is the launcher's ``RANK`` (0 alone); without it every rank takes
+the fault. The numbers a faulted run computes are unchanged up to the fault.
+A new kind is one function and one line of :data:`KINDS`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from pegasus_dist.errors import ConfigError, PegasusError
+
+if TYPE_CHECKING:
+    from pegasus_dist.data.loader import Batch
+    from pegasus_dist.training.loop import Trainer
+    from pegasus_dist.training.state import TrainState
+
+FAULT_VARIABLE = "PEGASUS_FAULT"
+# The agreed stages of start-up, in order (pegasus_dist.training.start): each may fail on one rank.
+START_STAGES = ("batch", "lock", "checks", "restore")
+STALLED = "stalled-save"  # the file in the run folder that says a save is stalled (stall-save)
+
+
+@dataclass
+class Hooks:
+    """Callbacks at named points of a run; each one is optional."""
+
+    # Inside each agreed start-up stage (START_STAGES), on every rank: an exception
+    # raised here is one rank's start-up failure, agreed on by every rank.
+    at_start_up: list[Callable[[str], None]] = field(default_factory=list)
+    # Once start-up is done, with the trainer (model prepared, checkpoint restored).
+    after_start: list[Callable[[Trainer], None]] = field(default_factory=list)
+    # Before each micro-batch is trained; trainer.state.step + 1 is the step in progress.
+    before_micro_batch: list[Callable[[Trainer, Batch], None]] = field(default_factory=list)
+    # The micro-batch's total loss before its backward, with the step in progress
+    # (from 1): returns the loss to backpropagate.
+    on_loss: list[Callable[[int, torch.Tensor], torch.Tensor]] = field(default_factory=list)
+    # On the main process, while a checkpoint is written: its temporary folder holds
+    # the weights, and no state.json yet marks it complete.
+    during_save: list[Callable[[Path, TrainState], None]] = field(default_factory=list)
+
+    def __add__(self, other: Hooks) -> Hooks:
+        return Hooks(**{name: [*getattr(self, name), *getattr(other, name)] for name in vars(self)})
+
+    def start_stage(self, stage: str) -> None:
+        for hook in self.at_start_up:
+            hook(stage)
+
+    def started(self, trainer: Trainer) -> None:
+        for hook in self.after_start:
+            hook(trainer)
+
+    def micro_batch(self, trainer: Trainer, batch: Batch) -> None:
+        for hook in self.before_micro_batch:
+            hook(trainer, batch)
+
+    def loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        for hook in self.on_loss:
+            loss = hook(step, loss)
+        return loss
+
+    def saving(self, folder: Path, state: TrainState) -> None:
+        for hook in self.during_save:
+            hook(folder, state)
+
+
+class InjectedFault(PegasusError):
+    """A start-up failure that a fault plan asked for (``fail``): reported like any user error."""
+
+
+def with_fault_plan(hooks: Hooks | None) -> Hooks:
+    """``hooks`` plus the fault plan of ``PEGASUS_FAULT``, if set."""
+    return fault_plan(os.environ.get(FAULT_VARIABLE, "")) + (hooks or Hooks())
+
+
+def fault_plan(text: str) -> Hooks:
+    """The hooks of a fault plan (module docstring); a malformed one is a ConfigError naming it."""
+    hooks = Hooks()
+    for fault in filter(None, (part.strip() for part in text.split(","))):
+        kind, *settings = fault.split(":")
+        if kind not in KINDS:
+            raise _plan_error(fault, f"unknown kind {kind!r}; one of {', '.join(KINDS)}")
+        build, required, optional = KINDS[kind]
+        values = _settings(fault, settings, required, optional)
+        rank = values.pop("rank", None)
+        try:
+            built = build(**values)
+        except ValueError as err:
+            raise _plan_error(fault, str(err)) from None
+        if rank is None or rank == int(os.environ.get("RANK", "0")):
+            hooks = hooks + built
+    return hooks
+
+
+def _settings(fault: str, settings: list[str], required: set[str], optional: set[str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        if not sep:
+            raise _plan_error(fault, f"{setting!r} is not key=value")
+        if key not in required | optional | {"rank"}:
+            allowed = ", ".join(f"{k}=" for k in sorted(required | optional | {"rank"}))
+            raise _plan_error(fault, f"{setting!r} is not one of {allowed}")
+        values[key] = _value(fault, key, value)
+    missing = required - values.keys()
+    if missing:
+        raise _plan_error(fault, f"it needs {', '.join(f'{k}=' for k in sorted(missing))}")
+    return values
+
+
+def _value(fault: str, key: str, value: str) -> Any:
+    if key == "at":
+        if value not in START_STAGES:
+            raise _plan_error(fault, f"at={value} is not a start-up stage; one of {', '.join(START_STAGES)}")
+        return value
+    if key == "signal":
+        if not hasattr(signal, f"SIG{value}"):
+            raise _plan_error(fault, f"signal={value} is not a signal name, e.g. KILL, TERM, USR1")
+        return getattr(signal, f"SIG{value}")
+    if not value.isdigit():
+        raise _plan_error(fault, f"{key}={value} is not a whole number")
+    return int(value)
+
+
+def _plan_error(fault: str, why: str) -> ConfigError:
+    return ConfigError(f"{FAULT_VARIABLE}: fault {fault!r}: {why} (e.g. {FAULT_VARIABLE}=nan:step=3:rank=1)")
+
+
+def _nonfinite(value: float) -> Callable[..., Hooks]:
+    def build(step: int) -> Hooks:
+        return Hooks(on_loss=[lambda now, loss: loss * value if now == step else loss])
+    return build
+
+
+def _kill(step: int, signal: int = signal.SIGKILL) -> Hooks:
+    def send(trainer: Trainer, _batch: Batch) -> None:
+        if trainer.state.step + 1 == step:
+            os.kill(os.getpid(), signal)
+    return Hooks(before_micro_batch=[send])
+
+
+def _slow(ms: int) -> Hooks:
+    return Hooks(before_micro_batch=[lambda _trainer, _batch: time.sleep(ms / 1000)])
+
+
+def _stall_save(step: int) -> Hooks:
+    """The save of ``step`` cut short after a half-written weights file, and stalled until killed."""
+    def stall(folder: Path, state: TrainState) -> None:
+        if state.step == step:
+            (folder / "model.safetensors").write_bytes(b"half")
+            (folder.parent.parent / STALLED).touch()  # the run folder
+            while True:
+                time.sleep(60)
+    return Hooks(during_save=[stall])
+
+
+def _fail(at: str) -> Hooks:
+    def fail(stage: str) -> None:
+        if stage == at:
+            raise InjectedFault(f"an injected fault in the start-up stage {at} ({FAULT_VARIABLE})")
+    return Hooks(at_start_up=[fail])
+
+
+def _crash(at: str | None = None, step: int | None = None) -> Hooks:
+    def crash(where: str) -> None:
+        raise RuntimeError(f"an injected crash at {where} ({FAULT_VARIABLE})")
+    if (at is None) == (step is None):
+        raise ValueError("it needs at= (a start-up stage) or step=, one of them")
+    if at is not None:
+        return Hooks(at_start_up=[lambda stage: crash(f"start-up stage {at}") if stage == at else None])
+    return Hooks(before_micro_batch=[
+        lambda trainer, _batch: crash(f"step {step}") if trainer.state.step + 1 == step else None])
+
+
+# kind -> (builder, required settings, optional settings besides rank)
+KINDS: dict[str, tuple[Callable[..., Hooks], set[str], set[str]]] = {
+    "nan": (_nonfinite(float("nan")), {"step"}, set()),
+    "inf": (_nonfinite(float("inf")), {"step"}, set()),
+    "kill": (_kill, {"step"}, {"signal"}),
+    "slow": (_slow, {"ms"}, set()),
+    "stall-save": (_stall_save, {"step"}, set()),
+    "fail": (_fail, {"at"}, set()),
+    "crash": (_crash, set(), {"at", "step"}),
+}

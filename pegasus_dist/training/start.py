@@ -1,0 +1,330 @@
+"""Start-up and resume: what a phase needs before its first step, agreed by every rank.
+
+:func:`start_phase` runs the start-up in stages, each of which may fail on
+one rank alone (a checkpoint or shard it cannot read): every rank agrees on
+how each went (:func:`pegasus_dist.training.faults.agree_on_start`) before
+W&B starts, so that a failure ends every rank with one line. The stages
+(``hooks.START_STAGES``): the per-process batch, the run lock, this rank's
+checks and builds (the checkpoint to resume, its position, the loader, the
+models), and the restore of the checkpoint once ``accelerator.prepare`` is
+done.
+
+A resumed run continues at the sample of its epoch's seeded order where its
+checkpoint stopped (``state.json``'s ``samples_done``), whatever its number
+of processes, per-process batch or accumulation steps: the rest of the epoch
+is planned anew from there (:func:`_resume_position`), so nothing of it is
+trained twice or skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from pegasus_dist.config import Config
+from pegasus_dist.data.loader import MemoryLoader, ShardLoader, make_loader
+from pegasus_dist.errors import CheckpointError, ConfigError
+from pegasus_dist.model.adversaries import KINDS, Adversaries, enabled_adversaries
+from pegasus_dist.model.saved import ADVERSARIES, latest_checkpoint, load_model_weights, resolve_checkpoint
+from pegasus_dist.model.vae import VAE, num_parameters
+from pegasus_dist.training.checkpoint import (
+    check_resumable,
+    held_adversaries,
+    newest_intact_checkpoint,
+    restore_checkpoint,
+)
+from pegasus_dist.training.distributed import (
+    build_accelerator,
+    convert_sync_batchnorm,
+    warn_if_launcher_precision_differs,
+)
+from pegasus_dist.training.faults import agree_on_start, fail_with_every_rank
+from pegasus_dist.training.hooks import Hooks
+from pegasus_dist.training.lock import hold_run_lock
+from pegasus_dist.training.optim import LrSchedule, apply_on_resume, build_optimizer, scaled_lr
+from pegasus_dist.training.state import TrainState, is_complete, is_finished, read_state
+from pegasus_dist.training.step import Models
+from pegasus_dist.training.tracking import MetricsLog, new_run_id, start_tracking, tracker_names
+
+log = logging.getLogger("pegasus_dist.training.start")
+T = TypeVar("T")
+
+
+class RunComplete(Exception):  # noqa: N818 (not an error: there is nothing left to do)
+    """The checkpoint to resume from already ends the phase (:func:`checkpoint.is_complete`)."""
+
+
+@dataclass
+class Started:
+    """A phase ready for its first step, the same on every rank."""
+
+    cfg: Config  # data.batch_size is the per-process share of data.global_batch_size, when set
+    accelerator: Accelerator
+    models: Models  # prepared; restored from the checkpoint when resuming
+    loader: ShardLoader | MemoryLoader
+    state: TrainState  # where the phase stands: the first step is state.step + 1
+    schedule: LrSchedule  # the one learning-rate schedule of the run
+    metrics: MetricsLog
+
+
+@dataclass
+class _Checked:
+    """What one rank read and built before the ranks agree that the phase can start."""
+
+    state: TrainState
+    resume_from: Path | None = None
+    loader: ShardLoader | MemoryLoader | None = None  # None: the phase is already complete
+    models: Models | None = None  # not yet prepared
+
+
+def start_phase(cfg: Config, hooks: Hooks) -> Started:
+    """Everything the loop needs, once every rank has passed its start-up checks.
+
+    Raises :class:`RunComplete` (on every rank) when the checkpoint to resume
+    from already ends the phase.
+    """
+    try:
+        accelerator = build_accelerator(cfg, tracker_names(cfg))
+    except ConfigError as err:  # e.g. fp16 on a CPU, found before the ranks formed a group
+        fail_with_every_rank(err)
+
+    def stage(name: str, check: Callable[[], T]) -> T:
+        return agree_on_start(accelerator, lambda: (hooks.start_stage(name), check())[1])
+
+    cfg = stage("batch", lambda: _with_batch(cfg, accelerator.num_processes))
+    stage("lock", lambda: _lock_run_dir(cfg, accelerator))  # before any rank reads the run folder
+    schedule = LrSchedule(cfg.optim, global_batch(cfg, accelerator))
+    checked = stage("checks", lambda: _check_and_build(cfg, accelerator, schedule))
+    state, resume_from = checked.state, checked.resume_from
+    if checked.loader is None:
+        accelerator.end_training()
+        raise RunComplete(
+            f"{cfg.train.phase} in {cfg.run_dir} is already complete at step {state.step} "
+            f"(train.epochs={cfg.train.epochs}, train.max_steps={cfg.train.max_steps}; "
+            f"checkpoint {resume_from}); raise train.epochs or train.max_steps to train on"
+        )
+    _prepare_run_dir(accelerator, cfg)
+    models = _prepare(accelerator, cfg, checked.models)
+    if resume_from is not None:  # after prepare: load_state fills what it prepared
+        stage("restore", lambda: restore_checkpoint(accelerator, resume_from))
+        _continue_from(resume_from, cfg, accelerator, state, checked.loader.num_samples, models, schedule)
+    state.global_batch = schedule.global_batch  # what this run's checkpoints record
+    start_tracking(accelerator, cfg, state, schedule.global_batch, schedule.peak)
+    metrics = MetricsLog(accelerator, cfg.run_dir)
+    if resume_from is not None:
+        metrics.resume(state.step)  # the rows after the checkpoint are recomputed
+    log.info(
+        "%s: %s parameters, %d samples in %s, world_size=%d, %s, %d batches per epoch; %s, grad clip %s",
+        cfg.train.phase, f"{num_parameters(models.model):,}", checked.loader.num_samples,
+        checked.loader.path, accelerator.num_processes, batch_description(cfg, accelerator),
+        len(checked.loader), schedule.describe(),
+        f"{cfg.optim.grad_clip:g}" if cfg.optim.grad_clip else "off",
+    )
+    return Started(cfg, accelerator, models, checked.loader, state, schedule, metrics)
+
+
+def global_batch(cfg: Config, accelerator: Accelerator) -> int:
+    """Images per optimizer step: per-process batch x processes x accumulation steps."""
+    return cfg.data.batch_size * accelerator.num_processes * cfg.train.grad_accum_steps
+
+
+def batch_description(cfg: Config, accelerator: Accelerator) -> str:
+    source = " (data.global_batch_size)" if cfg.data.global_batch_size else ""
+    return (f"global batch {global_batch(cfg, accelerator)}{source} = per-process batch "
+            f"{cfg.data.batch_size} x {accelerator.num_processes} process(es) x "
+            f"{cfg.train.grad_accum_steps} accumulation step(s)")
+
+
+def _with_batch(cfg: Config, world_size: int) -> Config:
+    """``cfg`` whose data.batch_size is the per-process share of data.global_batch_size, when set.
+
+    The global batch then stays what the config says on any number of
+    processes; data.batch_size is not used (the start-up line states the batch).
+    """
+    wanted, k = cfg.data.global_batch_size, cfg.train.grad_accum_steps
+    if not wanted:
+        return cfg
+    if wanted % (world_size * k):
+        raise ConfigError(
+            f"data.global_batch_size={wanted} does not split evenly over {world_size} process(es) x "
+            f"train.grad_accum_steps={k}; use a multiple of {world_size * k}"
+        )
+    data = cfg.data.model_copy(update={"batch_size": wanted // (world_size * k)})
+    return cfg.model_copy(update={"data": data})
+
+
+def _lock_run_dir(cfg: Config, accelerator: Accelerator) -> None:
+    """One run at a time in a run folder: the main process locks it for the run (:mod:`lock`)."""
+    if accelerator.is_main_process:
+        hold_run_lock(cfg.run_dir)
+
+
+def _check_and_build(cfg: Config, accelerator: Accelerator, schedule: LrSchedule) -> _Checked:
+    """This rank's start-up checks, each of which may fail on this rank alone.
+
+    Nothing here may wait for the other ranks (see :func:`agree_on_start`), so
+    the checkpoint is only checked here: :func:`start_phase` restores it once
+    ``accelerator.prepare`` (whose DDP wrapper broadcasts the weights) is done.
+    """
+    resume_from = _resume_checkpoint(cfg, accelerator.is_main_process)
+    state = TrainState(phase=cfg.train.phase, wandb_run_id=new_run_id())
+    if resume_from is not None:
+        state = read_state(resume_from)
+        _check_phase(state, cfg, resume_from)
+        if is_complete(state, cfg) and is_finished(cfg.run_dir, resume_from):
+            return _Checked(state, resume_from)
+        check_resumable(resume_from, enabled_adversaries(cfg))
+    loader = make_loader(cfg.data, cfg.model.image_size, accelerator.process_index,
+                         accelerator.num_processes, accelerator.device)
+    if resume_from is not None:
+        state = _resume_position(state, loader.num_samples, accelerator.num_processes, resume_from)
+    init = resume_from is None
+    model = _build_model(cfg, accelerator, init)
+    models = Models(model, build_optimizer(model.parameters(), schedule, accelerator.device))
+    adversaries = _build_adversaries(cfg, init)
+    if adversaries is not None:
+        models.adversaries = adversaries
+        models.adversary_optimizer = build_optimizer(adversaries.parameters(), schedule, accelerator.device)
+    return _Checked(state, resume_from, loader, models)
+
+
+def _resume_checkpoint(cfg: Config, is_main: bool) -> Path | None:
+    """The checkpoint to continue from, by ``run.resume``; read before anything is written.
+
+    ``auto`` skips damaged checkpoints, which the main process moves aside.
+    """
+    if cfg.run.resume == "auto":
+        return newest_intact_checkpoint(cfg.run_dir / "checkpoints", move_damaged=is_main)
+    if cfg.run.resume == "never":
+        if latest_checkpoint(cfg.run_dir / "checkpoints") is not None:
+            raise ConfigError(
+                f"run.resume=never but {cfg.run_dir} already has checkpoints; "
+                "choose another run.name or use run.resume=auto"
+            )
+        return None
+    return resolve_checkpoint(cfg.run.resume)
+
+
+def _check_phase(state: TrainState, cfg: Config, folder: Path) -> None:
+    if state.phase != cfg.train.phase:
+        raise CheckpointError(
+            f"{folder} is a {state.phase} checkpoint but this run is {cfg.train.phase}; "
+            f"to start {cfg.train.phase} from its weights use train.init_from={folder}"
+        )
+
+
+def _resume_position(state: TrainState, num_samples: int, world_size: int,
+                     folder: Path) -> TrainState:
+    """Where the resumed run continues, checked, so that the loop ends whatever state.json says.
+
+    ``samples_done`` counts samples of the epoch's seeded order, which do not
+    depend on the batch or the world size; the rest of the epoch is planned
+    from there. An epoch trained to its end continues with the next one.
+    """
+    done = state.samples_done
+    if done > num_samples:
+        raise CheckpointError(
+            f"{folder / 'state.json'}: samples_done {done} is past the end of the epoch ({num_samples} "
+            "samples in this shard set); train on the shard set it was written for, or move that "
+            "checkpoint aside to resume from the one before"
+        )
+    if done == num_samples:
+        return state.model_copy(update={"epoch": state.epoch + 1, "samples_done": 0})
+    if num_samples - done < world_size:
+        raise CheckpointError(
+            f"{folder} stopped {num_samples - done} sample(s) before the end of epoch {state.epoch + 1}, "
+            f"too few to share among {world_size} processes; resume it with at most "
+            f"{num_samples - done} process(es), or from an earlier checkpoint"
+        )
+    return state
+
+
+def _build_model(cfg: Config, accelerator: Accelerator, init: bool) -> torch.nn.Module:
+    """The model (from train.init_from when ``init``), not yet prepared."""
+    set_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = VAE(cfg.model)
+    if init and cfg.train.init_from:
+        source = resolve_checkpoint(cfg.train.init_from)
+        load_model_weights(model, source)
+        log.info("initialised %s from %s", cfg.train.phase, source)
+    if cfg.model.sync_batchnorm and accelerator.num_processes > 1:
+        model = convert_sync_batchnorm(model, accelerator.device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _build_adversaries(cfg: Config, init: bool) -> Adversaries | None:
+    """ACAI's critic and the patch discriminator (None when both are off), not yet prepared.
+
+    Seeded apart from the model, so that turning them on leaves the model's
+    initial weights as they were; the finetune phase starts from each
+    adversary that ``train.init_from`` holds.
+    """
+    wanted = enabled_adversaries(cfg)
+    if not wanted:
+        return None
+    set_seed(cfg.train.seed + 1)  # identical on every rank
+    adversaries = Adversaries(cfg)
+    if init and cfg.train.init_from:
+        source = resolve_checkpoint(cfg.train.init_from)
+        for kind in sorted(wanted & held_adversaries(source)):
+            load_model_weights(getattr(adversaries, kind), source, ADVERSARIES, prefix=f"{kind}.")
+            log.info("initialised the %s from %s", KINDS[kind][0], source)
+    return adversaries
+
+
+def _prepare_run_dir(accelerator: Accelerator, cfg: Config) -> None:
+    """The main process creates the run directory and saves the resolved config."""
+    if accelerator.is_main_process:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.run_dir / "config.yaml").write_text(cfg.to_yaml())
+        warn_if_launcher_precision_differs(cfg)
+    accelerator.wait_for_everyone()
+
+
+def _prepare(accelerator: Accelerator, cfg: Config, built: Models) -> Models:
+    """The models wrapped for the ranks (DDP) and mixed precision, their optimizers with them."""
+    model = torch.compile(built.model) if cfg.train.compile else built.model
+    model, optimizer = accelerator.prepare(model, built.optimizer)
+    prepared = Models(model, optimizer)
+    if built.adversaries is not None:
+        prepared.adversaries = accelerator.prepare_model(built.adversaries)
+        # Their optimizer stays unprepared: their loss is never scaled by fp16's
+        # GradScaler, whose one scale per step belongs to the autoencoder's optimizer.
+        prepared.adversary_optimizer = built.adversary_optimizer
+        accelerator.register_for_checkpointing(built.adversary_optimizer)
+    return prepared
+
+
+def _continue_from(folder: Path, cfg: Config, accelerator: Accelerator, state: TrainState,
+                   num_samples: int, models: Models, schedule: LrSchedule) -> None:
+    """Where the restored run goes on, said once; the restored optimizer takes this run's settings."""
+    log.info("resumed from %s: epoch %d, %d of its %d samples trained, step %d",
+             folder, state.epoch + 1, state.samples_done, num_samples, state.step)
+    if accelerator.is_main_process:
+        _log_replan(cfg, state, schedule, num_samples)
+    apply_on_resume(models.optimizer, schedule, state.step, folder)
+
+
+def _log_replan(cfg: Config, state: TrainState, schedule: LrSchedule, num_samples: int) -> None:
+    """One line when the global batch is not the checkpoint's: what that changes, where the run goes on."""
+    old, new = state.global_batch, schedule.global_batch
+    if not old or old == new:
+        return
+    log.warning(
+        "the global batch changed on resume: %d -> %d; lr %.3g -> %.3g (optim.lr_scaling=%s); "
+        "steps per epoch %d -> %d; epoch %d continues at sample %d of %d, so nothing is "
+        "repeated or skipped",
+        old, new, scaled_lr(cfg.optim, old), schedule.peak, cfg.optim.lr_scaling,
+        math.ceil(num_samples / old), math.ceil(num_samples / new),
+        state.epoch + 1, state.samples_done, num_samples,
+    )

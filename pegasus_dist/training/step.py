@@ -1,0 +1,276 @@
+"""The training step: forward, loss, the adversaries, backward, and the optimizer step.
+
+:class:`TrainStep` trains one micro-batch; an optimizer step takes
+``train.grad_accum_steps`` of them (the epoch's last step may take fewer),
+where they stand in the epoch is the :class:`EpochPlan`. Nothing here waits
+for the device, so the host queues the next step while this one runs; only
+``train.on_nonfinite=skip`` reads every loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+
+from pegasus_dist.config import Config
+from pegasus_dist.data.loader import Batch, global_batch_sizes
+from pegasus_dist.model import acai
+from pegasus_dist.model.adversaries import discriminator_loss, generator_loss
+from pegasus_dist.model.loss import kl_weight, vae_loss
+from pegasus_dist.training.faults import NonfiniteWatch, describe_position, nonfinite_ranks
+from pegasus_dist.training.hooks import Hooks
+from pegasus_dist.training.optim import LrSchedule, set_lr
+from pegasus_dist.training.state import TrainState
+from pegasus_dist.training.window import BatchLosses
+
+log = logging.getLogger("pegasus_dist.training.step")
+
+
+@dataclass
+class Models:
+    """What a step trains: the VAE and its optimizer; ACAI's critic and the patch
+    discriminator (:class:`pegasus_dist.model.adversaries.Adversaries`) and their Adam,
+    when loss.acai_weight or loss.patch_gan_weight > 0."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    adversaries: torch.nn.Module | None = None
+    adversary_optimizer: torch.optim.Optimizer | None = None
+
+
+@dataclass
+class EpochPlan:
+    """The global batches of the epoch in progress that this run trains: from where it resumed on."""
+
+    sizes: list[int]  # samples in each global micro-batch, in order
+    whole: int  # batches of a whole epoch at this run's batch and world size
+    done: int = 0  # of ``sizes``, trained
+
+    @classmethod
+    def from_position(cls, num_samples: int, world_size: int, batch_size: int, samples_done: int,
+                      whole: int) -> EpochPlan:
+        return cls(global_batch_sizes(num_samples, world_size, batch_size, samples_done), whole)
+
+    @property
+    def first(self) -> int:
+        """Batches of a whole epoch that the resume position stands for (0 in an epoch begun here)."""
+        return self.whole - len(self.sizes)
+
+    @property
+    def finished(self) -> bool:
+        return self.done == len(self.sizes)
+
+    def batch_number(self) -> int:
+        """The batch in progress, counted from 1 in the epoch (for messages)."""
+        return self.first + self.done + 1
+
+    def micro_batch(self, accum: int) -> tuple[int, bool]:
+        """(index of the next micro-batch within its optimizer step, whether it ends the step).
+
+        Steps start at every ``accum``-th batch of the plan (from the position
+        this run resumed at, where a step began), and the epoch's last batch
+        always ends one: checkpoints (taken only after a step) then resume at
+        a step's start, and every epoch ends with its own step.
+        """
+        return self.done % accum, (self.done + 1) % accum == 0 or self.done + 1 == len(self.sizes)
+
+    def loss_weight(self, count: int, world_size: int, accum: int) -> float:
+        """The factor on the next micro-batch's per-image mean loss in the step's gradient.
+
+        count * world_size / (images in the step's global batch): DDP then averages
+        over the ranks, so the gradient is the mean over every image of the step
+        (1.0 for a full batch without accumulation). A step of K micro-batches of
+        B thus takes the gradient of one batch of K*B; the epoch's last step,
+        with fewer or shorter micro-batches, is still the mean over its images.
+        """
+        first = self.done - self.micro_batch(accum)[0]
+        return count * world_size / sum(self.sizes[first : first + accum])
+
+    def advance(self, state: TrainState) -> None:
+        """Count the micro-batch just trained; after the epoch's last one the next epoch begins.
+
+        So a checkpoint taken after the last step of an epoch resumes at the start
+        of the next one, and one taken mid-epoch at the first sample not trained.
+        """
+        state.samples_done += self.sizes[self.done]
+        self.done += 1
+        if self.finished:
+            state.epoch += 1
+            state.samples_done = 0
+
+
+class TrainStep:
+    """One micro-batch: forward and backward on this rank's share of the global batch.
+
+    The last micro-batch of an optimizer step all-reduces the gradients (DDP)
+    and steps at the learning rate of the schedule.
+    """
+
+    def __init__(self, cfg: Config, accelerator: Accelerator, models: Models, schedule: LrSchedule,
+                 watch: NonfiniteWatch, hooks: Hooks) -> None:
+        self.cfg, self.accelerator, self.models = cfg, accelerator, models
+        self.schedule, self.watch, self.hooks = schedule, watch, hooks
+        # train.on_nonfinite=skip: the ranks whose loss was NaN/Inf in the optimizer
+        # step in progress; the whole step is skipped at its last micro-batch.
+        self.skip_ranks: list[int] = []
+
+    def __call__(self, batch: Batch, state: TrainState, plan: EpochPlan) -> tuple[BatchLosses, int]:
+        """Train ``batch``, the next micro-batch of ``plan``; its loss terms and images (0: skipped)."""
+        accum, world_size = self.cfg.train.grad_accum_steps, self.accelerator.num_processes
+        index, ends_step = plan.micro_batch(accum)
+        x = batch.images.to(self.accelerator.device, non_blocking=True).float().div_(255)
+        if self.cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        eps, alpha = self._noise(batch.offset, x.shape[0], index, state.step)
+        weight = plan.loss_weight(x.shape[0], world_size, accum)
+        losses = self._forward_backward(x, batch.offset, eps, alpha, weight, ends_step, state.step)
+        images = x.shape[0]
+        if self.cfg.train.on_nonfinite == "skip":
+            # The opt-in price of skipping: one host sync per micro-batch, so that every
+            # rank skips the update at exactly the bad step.
+            bad_ranks = nonfinite_ranks(self.accelerator, losses.total)
+            if bad_ranks:
+                self.skip_ranks = self.skip_ranks or bad_ranks
+                losses, images = BatchLosses.zeros(x.device), 0
+        else:
+            # With accumulation the batch named in an error is the step's last one.
+            self.watch.record(state.step + 1, state.epoch + 1, plan.batch_number(), losses.total)
+        if ends_step:
+            self._optimizer_step(state, plan)
+        return losses, images
+
+    def _forward_backward(self, x: torch.Tensor, offset: int, eps: torch.Tensor, alpha: torch.Tensor | None,
+                          weight: float, ends_step: bool, step: int) -> BatchLosses:
+        """The losses of one micro-batch, backpropagated into the autoencoder, then into the adversaries."""
+        m, loss = self.models, self.cfg.loss
+        pairs = acai.partners(x.shape[0], offset, x.device) if loss.acai_weight else None
+        mix = None if pairs is None else (lambda mu: acai.mix_latents(mu, pairs, alpha))
+        zero = torch.zeros((), device=x.device)
+        fooling = generator = critic = discriminator = zero
+        # DDP all-reduces the gradients only in the backward of the step's last micro-batch.
+        with contextlib.nullcontext() if ends_step else self.accelerator.no_sync(m.model):
+            out = m.model(x, eps, mix)  # Accelerate's prepare() already runs forward under autocast
+            terms = vae_loss(out.logits, x, out.mu, out.logvar,
+                             beta=kl_weight(loss.beta, loss.kl_warmup_steps, step),
+                             free_bits=loss.free_bits, log_scale=out.log_scale)
+            total = terms.total
+            if m.adversaries is not None:
+                # The decodes both adversaries see: interpolants (ACAI) and reconstructions.
+                mixed = None if pairs is None else torch.sigmoid(out.mixed_logits)
+                decoded = torch.sigmoid(out.logits)
+                fooling, generator = self._fooling_terms(mixed, decoded, pairs, zero)
+                if pairs is not None:
+                    total = total + loss.acai_weight * fooling
+                if loss.patch_gan_weight:
+                    total = total + loss.patch_gan_weight * generator
+            total = self.hooks.loss(step + 1, total)
+            self.accelerator.backward(total * weight)
+        if m.adversaries is not None:
+            critic, discriminator = self._adversaries_backward(x, mixed, decoded, alpha, pairs, weight,
+                                                               ends_step)
+        return BatchLosses(*(t.detach() for t in (total, terms.recon, terms.kl, critic, fooling,
+                                                  discriminator, generator)))
+
+    def _fooling_terms(self, mixed: torch.Tensor | None, decoded: torch.Tensor, pairs: torch.Tensor | None,
+                       zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The autoencoder's terms against the critic and the discriminator (``zero`` for one that is off).
+
+        C(x_a) and D(x_hat) through their own module with detached parameters,
+        outside DDP: gradients reach the images, never the adversaries, which
+        are updated only by their own losses (:meth:`_adversaries_backward`).
+        """
+        adversaries = self.accelerator.unwrap_model(self.models.adversaries)
+        frozen = {name: value.detach() for name, value in adversaries.named_parameters()}
+        with self.accelerator.autocast():
+            predicted_mix, patches = torch.func.functional_call(
+                adversaries, frozen, (mixed, decoded if self.cfg.loss.patch_gan_weight else None))
+        fooling = zero if pairs is None else acai.fooling_loss(predicted_mix, acai.interpolation_mask(pairs))
+        return fooling, zero if patches is None else generator_loss(patches)
+
+    def _adversaries_backward(self, x: torch.Tensor, mixed: torch.Tensor | None, decoded: torch.Tensor,
+                              alpha: torch.Tensor | None, pairs: torch.Tensor | None, weight: float,
+                              ends_step: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The critic's and the discriminator's losses on detached decodes, backpropagated into them alone.
+
+        One forward of the prepared adversaries per micro-batch (the critic over
+        interpolants and blends, the discriminator over real images and
+        reconstructions), so that DDP sees one use of them and all-reduces their
+        gradients with the step's last one, like the autoencoder's. Returns both
+        losses (0 for one that is off).
+        """
+        adversaries, decoded = self.models.adversaries, decoded.detach()
+        critic_input = discriminator_input = None
+        if mixed is not None:
+            critic_input = torch.cat([mixed.detach(), acai.blend(x, decoded, self.cfg.loss.acai_gamma)])
+        if self.cfg.loss.patch_gan_weight:
+            discriminator_input = torch.cat([x, decoded])
+        critic = discriminator = torch.zeros((), device=x.device)
+        with contextlib.nullcontext() if ends_step else self.accelerator.no_sync(adversaries):
+            predicted, patches = adversaries(critic_input, discriminator_input)
+            if predicted is not None:
+                predicted_mix, predicted_blend = predicted.split(x.shape[0])
+                critic = acai.critic_loss(predicted_mix, alpha, predicted_blend,
+                                          acai.interpolation_mask(pairs))
+            if patches is not None:
+                discriminator = discriminator_loss(*patches.split(x.shape[0]))
+            ((critic + discriminator) * weight).backward()
+        return critic, discriminator
+
+    def _optimizer_step(self, state: TrainState, plan: EpochPlan) -> None:
+        """The update at the end of an optimizer step, or its skip on every rank alike."""
+        m = self.models
+        if self.skip_ranks:
+            self._skip_update(state, plan)
+            return
+        set_lr(m.optimizer, self.schedule.at(state.step))
+        if self.cfg.optim.grad_clip:
+            self.accelerator.clip_grad_norm_(m.model.parameters(), self.cfg.optim.grad_clip)
+        m.optimizer.step()
+        m.optimizer.zero_grad(set_to_none=True)
+        if m.adversary_optimizer is not None:
+            set_lr(m.adversary_optimizer, self.schedule.at(state.step))
+            m.adversary_optimizer.step()
+            m.adversary_optimizer.zero_grad(set_to_none=True)
+        # A host flag set by fp16's GradScaler (which syncs in its step anyway); False otherwise.
+        if self.accelerator.optimizer_step_was_skipped:
+            state.scaler_skipped_steps += 1
+
+    def _skip_update(self, state: TrainState, plan: EpochPlan) -> None:
+        """train.on_nonfinite=skip: drop this step's gradients on every rank alike, and count it."""
+        self.models.optimizer.zero_grad(set_to_none=True)
+        if self.models.adversary_optimizer is not None:
+            self.models.adversary_optimizer.zero_grad(set_to_none=True)
+        state.nonfinite_skipped_steps += 1
+        where = describe_position(state.step + 1, state.epoch + 1, plan.batch_number(), self.skip_ranks)
+        log.warning("non-finite loss at %s: update skipped (%d so far)", where, state.nonfinite_skipped_steps)
+        self.skip_ranks = []
+
+    def _noise(self, offset: int, size: int, index: int,
+               step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The reparameterisation noise of this rank's rows of micro-batch ``index`` of the step,
+        and with ACAI their mixing coefficients in [0, 1/2].
+
+        Drawn for the whole global batch of the optimizer step from a generator
+        seeded by the step, then sliced at the rows' position in it: the noise
+        each image gets does not depend on how many processes share the batch or
+        how many micro-batches it takes, so N processes of batch B with K
+        accumulation steps train exactly like one process of batch N*B*K, and a
+        resumed run draws the same.
+        """
+        cfg, device = self.cfg, self.accelerator.device
+        generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + step)
+        # Twice the global batch covers a last batch of batch_size + 1 per rank, and
+        # the shape, like the global batch, does not depend on the world size.
+        rows = 2 * self.schedule.global_batch
+        noise = torch.randn(rows, cfg.model.latent_dim, generator=generator, device=device)
+        # Drawn after the noise, so that turning ACAI on leaves the noise as it was.
+        alpha = (acai.ALPHA_MAX * torch.rand(rows, generator=generator, device=device)
+                 if cfg.loss.acai_weight else None)
+        # The micro-batches before this one in the step are full global batches.
+        start = index * cfg.data.batch_size * self.accelerator.num_processes + offset
+        rows_here = slice(start, start + size)
+        return noise[rows_here], None if alpha is None else alpha[rows_here]

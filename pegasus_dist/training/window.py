@@ -1,0 +1,123 @@
+"""The loss terms of a micro-batch, and their sums over a log window, by name.
+
+A step never waits for the device: :class:`pegasus_dist.training.step.TrainStep`
+returns its terms as 0-dim device tensors, and :class:`Window` adds them up on
+the device. At a sync point the window is reduced over the ranks with one
+all-reduce and read once (:func:`reduce_windows`), its values stacked in the
+order of :data:`SUMS`, the one place that order is defined.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, fields
+
+import torch
+from accelerate import Accelerator
+
+from pegasus_dist.config import LossConfig
+
+
+@dataclass(frozen=True)
+class BatchLosses:
+    """The loss terms of one micro-batch, per image, detached (0-dim device tensors).
+
+    ``total`` is what the autoencoder's gradient follows: recon + beta * KL,
+    plus the adversaries' terms against it when they train (0 when they are off).
+    """
+
+    total: torch.Tensor
+    recon: torch.Tensor
+    kl: torch.Tensor
+    critic: torch.Tensor  # ACAI's critic loss
+    fooling: torch.Tensor  # the autoencoder's term against the critic
+    discriminator: torch.Tensor  # the patch discriminator's loss
+    generator: torch.Tensor  # the autoencoder's term against the discriminator
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> BatchLosses:
+        zero = torch.zeros((), device=device)
+        return cls(*([zero] * len(TERMS)))
+
+    def stacked(self) -> torch.Tensor:
+        """The terms in the order of :data:`TERMS`, one tensor (one device operation)."""
+        return torch.stack([getattr(self, name) for name in TERMS])
+
+
+TERMS = tuple(f.name for f in fields(BatchLosses))
+# A window's sums, in the order they travel in its one all-reduce.
+SUMS = (*TERMS, "images", "bad_samples")
+# The name each term is logged under (W&B and metrics.jsonl), and the loss
+# weight that must be on for it to be logged at all.
+LOGGED = {"total": "loss", "recon": "recon", "kl": "kl", "critic": "acai_critic", "fooling": "acai_fooling",
+          "discriminator": "patch_gan_discriminator", "generator": "patch_gan_generator"}
+WEIGHT = {"critic": "acai_weight", "fooling": "acai_weight",
+          "discriminator": "patch_gan_weight", "generator": "patch_gan_weight"}
+
+
+@dataclass(frozen=True)
+class Sums:
+    """A window's sums over every rank: the terms image-weighted, then images and bad samples."""
+
+    total: float
+    recon: float
+    kl: float
+    critic: float
+    fooling: float
+    discriminator: float
+    generator: float
+    images: float
+    bad_samples: float
+
+    def means(self, loss: LossConfig) -> dict[str, float]:
+        """The per-image means by their logged names; the adversaries' only when they train.
+
+        Empty for a window of skipped steps only, which has no loss to report.
+        """
+        if not self.images:
+            return {}
+        return {LOGGED[term]: getattr(self, term) / self.images for term in TERMS
+                if term not in WEIGHT or getattr(loss, WEIGHT[term])}
+
+
+class Window:
+    """Loss sums since the last log, kept on the device so steps never wait for the host.
+
+    The counts are the host's own numbers (the images of each micro-batch, the
+    bad samples its loader replaced); they join the sums at the reduction.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.losses = torch.zeros(len(TERMS), device=self.device)  # image-weighted, in TERMS order
+        self.images = 0
+        self.bad_samples = 0
+        self.steps = 0  # micro-batches added
+        self.started = time.perf_counter()
+
+    def add(self, terms: BatchLosses, images: int, bad_samples: int) -> None:
+        self.losses += terms.stacked() * images
+        self.images += images
+        self.bad_samples += bad_samples
+        self.steps += 1
+
+    def seconds(self) -> float:
+        """Since the window began (its last reset)."""
+        return time.perf_counter() - self.started
+
+    def copy(self) -> Window:
+        """This window as it is now, its sums copied on the device (no host read)."""
+        kept = Window.__new__(Window)
+        kept.__dict__.update(self.__dict__, losses=self.losses.clone())
+        return kept
+
+
+def reduce_windows(accelerator: Accelerator, *windows: Window) -> list[Sums]:
+    """Each window's sums over every rank: one all-reduce and one host read for all of them."""
+    losses = torch.stack([w.losses for w in windows])
+    counts = losses.new_tensor([[w.images, w.bad_samples] for w in windows])
+    rows = accelerator.reduce(torch.cat([losses, counts], dim=1), reduction="sum").tolist()
+    return [Sums(**dict(zip(SUMS, row, strict=True))) for row in rows]
