@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import FAULT, SMOKE, wait_until
+from helpers import SMOKE, wait_until
 from processes import BIN, REPO, descendants, running
 
 from pegasus_dist.model.saved import checkpoint_name, latest_checkpoint
@@ -21,10 +21,11 @@ GONE_WITHIN_S = 15
 def launch(shards: Path, runs: Path) -> subprocess.Popen:
     """2 gloo ranks with a loader worker each, steps slowed by 300 ms: far longer than the test waits."""
     cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "launch/cpu-2proc-gloo.yaml"),
-           str(FAULT), "slow", "300", "0", "--config", SMOKE, f"data.shards={shards}",
+           str(REPO / "pegasus_dist/train.py"), "--config", SMOKE, f"data.shards={shards}",
            f"run.output_dir={runs}", "wandb.mode=disabled", "data.batch_size=8", "train.log_every=1",
            "train.max_steps=400", "data.mode=stream", "data.num_workers=1"]
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PEGASUS_FAULT": "slow:ms=300"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)  # the launcher leads its own process group
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import FAULT, metrics, training_steps
+from helpers import metrics, training_steps
 from PIL import Image
 from processes import BIN, REPO, run_bounded
 
@@ -126,9 +126,10 @@ def test_a_run_killed_and_resumed_leaves_no_hole_in_the_wandb_history(smoke_shar
                       "train.checkpoint_every=8")
     run = tmp_path / "pretrain"
     # Slowed down (100 ms a step, same numbers) so that the kill lands mid-run, after step 13.
-    proc = subprocess.Popen([sys.executable, str(FAULT), "slow", "100", "0", *args], cwd=REPO,
-                            env={**os.environ, **OFFLINE}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, str(REPO / "pegasus_dist/train.py"), *args], cwd=REPO,
+                            env={**os.environ, **OFFLINE, "PEGASUS_FAULT": "slow:ms=100"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     deadline = time.monotonic() + 120
     while not ((run / "metrics.jsonl").exists() and len(training_steps(run)) >= 13):
         assert proc.poll() is None, proc.stdout.read()[-4000:]
