@@ -16,7 +16,6 @@ from pegasus_dist.config import PrepareConfig, SamplerConfig, validated
 from pegasus_dist.console import exit_on_user_error, setup_logging
 from pegasus_dist.errors import ConfigError
 from pegasus_dist.evaluation import contact_sheet as sheet
-from pegasus_dist.training import scale_check
 
 
 class _Commands(TyperGroup):
@@ -236,47 +235,27 @@ def bench(
     out: Annotated[Path, typer.Option(help="JSON to write")] = Path("bench/results/latest.json"),
 ) -> None:
     """Loader, trainer, prepare and process-count throughput, each against its baseline."""
-    harness = _bench_harness()
+    harness = _bench_module("harness")
     rows = harness.run_bench(images, steps, out, size or [32, 64, 96], images_from, process_steps)
     typer.echo(harness.format_table(rows))
     typer.echo(f"wrote {out}")
 
 
-def _bench_harness() -> ModuleType:
-    """bench/harness.py of the repository this package runs from: a developer's tool, not the library's."""
+def _bench_module(name: str) -> ModuleType:
+    """bench/NAME.py of the repository this package runs from: a developer's tool, not the library's."""
     repo = Path(__file__).resolve().parents[1]
-    if not (repo / "bench" / "harness.py").is_file():
-        raise ConfigError(f"no bench/harness.py beside {Path(__file__).parent}: `pegasus-dist bench` runs "
-                          "from a clone of the repository installed with `pip install -e .`")
-    sys.path.insert(0, str(repo))  # its spawned measuring processes import it by this name too
-    return importlib.import_module("bench.harness")
+    if not (repo / "bench" / f"{name}.py").is_file():
+        raise ConfigError(f"no bench/{name}.py beside {Path(__file__).parent}: `pegasus-dist bench` and "
+                          "`scale-check` run from a clone of the repository (`pip install -e .`)")
+    sys.path.insert(0, str(repo))  # its spawned processes import it by this name too
+    return importlib.import_module(f"bench.{name}")
 
 
-@app.command("scale-check",
+@app.command("scale-check", add_help_option=False,
              context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def scale_check_command(
-    global_batch: Annotated[int, typer.Option(help="images per optimizer step")] = scale_check.GLOBAL_BATCH,
-    steps: Annotated[int, typer.Option(help="optimizer steps per recipe")] = scale_check.STEPS,
-    micro_batch: Annotated[int, typer.Option(
-        help="images per forward pass; the rest of the global batch by gradient accumulation",
-    )] = scale_check.MICRO_BATCH,
-    config: Annotated[str, typer.Option(help="the recipe's YAML config")] = scale_check.CONFIG,
-    recipe: Annotated[list[str] | None, typer.Option(
-        help="linear (lr x global batch / base, no warm-up, no clip) or defaults (the config); "
-             "repeat for several", show_default="linear, defaults",
-    )] = None,
-    out: Annotated[Path | None, typer.Option(help="JSON to write the trajectories to")] = None,
-    overrides: Annotated[list[str] | None, typer.Argument(help=OVERRIDES_HELP)] = None,
-) -> None:
-    """Train the real model a few steps at a large global batch, old linear rule beside the defaults."""
-    found = scale_check.scale_check(config, global_batch, steps, micro_batch,
-                                    recipe or list(scale_check.RECIPES), overrides or [])
-    for trajectory in found:
-        typer.echo(scale_check.format_trajectory(trajectory))
-    typer.echo(scale_check.format_table(found))
-    if out:
-        scale_check.write_json(found, out)
-        typer.echo(f"wrote {out}")
+def scale_check(ctx: typer.Context) -> None:
+    """Train the real model a few steps at a large global batch (bench/scale_check.py: --help there)."""
+    _bench_module("scale_check").main(ctx.args)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

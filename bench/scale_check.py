@@ -1,4 +1,4 @@
-"""`pegasus-dist scale-check`: does a recipe converge at a large global batch?
+"""Does a recipe converge at a large global batch? (`pegasus-dist scale-check`, `python bench/scale_check.py`)
 
 It trains the real model of a config for a few optimizer steps at a given
 global batch on this machine, one recipe after the other: the batch is made
@@ -24,11 +24,14 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Annotated
+
+import typer
 
 from pegasus_dist.config import load_config
 from pegasus_dist.errors import ConfigError
 
-log = logging.getLogger("pegasus_dist.training.scale_check")
+log = logging.getLogger("bench.scale_check")
 
 RECIPES = {
     "linear": ["optim.lr_scaling=linear", "optim.warmup_steps=0", "optim.grad_clip=0"],
@@ -99,7 +102,8 @@ def _run(config: str, recipe: str, overrides: list[str], global_batch: int,
     log.info("%s: %s, %d accumulation steps of %d, %d steps...", recipe, schedule.describe(),
              accum, cfg.data.batch_size, cfg.train.max_steps)
     started = time.perf_counter()
-    cmd = [sys.executable, "-m", "pegasus_dist.training.loop", "--config", config, *overrides]
+    cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "pegasus_dist/train.py"),
+           "--config", config, *overrides]
     ran = subprocess.run(cmd, capture_output=True, text=True)
     found.seconds = time.perf_counter() - started
     errors = [line for line in (ran.stdout + ran.stderr).splitlines() if line.startswith("error: ")]
@@ -143,3 +147,40 @@ def write_json(trajectories: list[Trajectory], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = [asdict(t) | {"finite": t.finite, "outcome": t.outcome} for t in trajectories]
     out.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run(
+    global_batch: Annotated[int, typer.Option(help="images per optimizer step")] = GLOBAL_BATCH,
+    steps: Annotated[int, typer.Option(help="optimizer steps per recipe")] = STEPS,
+    micro_batch: Annotated[int, typer.Option(
+        help="images per forward pass; the rest of the global batch by gradient accumulation",
+    )] = MICRO_BATCH,
+    config: Annotated[str, typer.Option(help="the recipe's YAML config")] = CONFIG,
+    recipe: Annotated[list[str] | None, typer.Option(
+        help="linear (lr x global batch / base, no warm-up, no clip) or defaults (the config); "
+             "repeat for several", show_default="linear, defaults",
+    )] = None,
+    out: Annotated[Path | None, typer.Option(help="JSON to write the trajectories to")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(
+        help="section.key=value config overrides, e.g. train.epochs=5")] = None,
+) -> None:
+    """Train the real model a few steps at a large global batch, old linear rule beside the defaults."""
+    found = scale_check(config, global_batch, steps, micro_batch, recipe or list(RECIPES), overrides or [])
+    for trajectory in found:
+        typer.echo(format_trajectory(trajectory))
+    typer.echo(format_table(found))
+    if out:
+        write_json(found, out)
+        typer.echo(f"wrote {out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    app(args=argv, prog_name="pegasus-dist scale-check")
+
+
+if __name__ == "__main__":
+    main()
