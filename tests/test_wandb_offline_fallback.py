@@ -66,7 +66,7 @@ def test_an_unreachable_server_gives_an_offline_run_and_one_warning(smoke_shards
                                                                      closed_port, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)  # auto with a key: online, were it reachable
     url = f"http://127.0.0.1:{closed_port}"
-    done, seconds = train(smoke_shards, tmp_path, {"WANDB_BASE_URL": url}, "wandb.init_timeout_s=10")
+    done, seconds = train(smoke_shards, tmp_path, {"WANDB_BASE_URL": url}, "wandb.init_timeout_s=5")
     assert done.returncode == 0, done.stdout[-4000:]
     # Unbounded, wandb alone waits 90 s (its default init_timeout) and then crashes.
     assert seconds < 90, seconds
