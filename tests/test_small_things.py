@@ -101,6 +101,7 @@ def test_every_contact_sheet_caption_fits_its_tile_and_gives_back_its_key(tmp_pa
 
 
 def test_the_report_shows_the_grids_of_pegasus_dist_sample(smoke_pipeline: Trained, tmp_path, capsys):
+    shared = sorted(smoke_pipeline.pretrain.rglob("*"))
     run = tmp_path / "pretrain"  # a copy: the shared run stays as the pipeline left it
     shutil.copytree(smoke_pipeline.pretrain, run, symlinks=True)
     for method in ("analogy", "lerp"):
@@ -115,3 +116,4 @@ def test_the_report_shows_the_grids_of_pegasus_dist_sample(smoke_pipeline: Train
     assert shown[f"analogy ({last})"] == (step / "analogy.png").read_bytes()
     assert shown[f"lerp ({last})"] == (step / "lerp.png").read_bytes()
     assert shown["pegasus"] == (run / "samples" / "pegasus.png").read_bytes()  # the phase's own
+    assert sorted(smoke_pipeline.pretrain.rglob("*")) == shared  # the copy took every write
