@@ -43,6 +43,15 @@ def listening_socket() -> Iterator[socket.socket]:
         yield sock
 
 
+@pytest.fixture
+def root_logging() -> Iterator[None]:
+    """The root logger as it was: an in-process `train` sets it up on the captured stderr."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:], root.level = handlers, level
+
+
 def history_steps(wandb_file: Path) -> list[int]:
     """The steps of the history rows in ``wandb_file``, read by W&B's own ``wandb leet inspect``."""
     done = run_bounded([str(BIN / "wandb"), "leet", "inspect", "--json", str(wandb_file)], timeout=60)
@@ -117,15 +126,6 @@ def test_the_config_wins_then_wandb_mode_then_the_key(monkeypatch, override, env
     assert wandb_mode(load_config(SMOKE, override)) == mode
 
 
-@pytest.fixture
-def root_logging() -> Iterator[None]:
-    """The root logger as it was: an in-process `train` sets it up on the captured stderr."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:], root.level = handlers, level
-
-
 def test_an_unknown_wandb_mode_is_one_line_naming_it(smoke_shards, tmp_path, monkeypatch, capsys,
                                                       root_logging):
     monkeypatch.setenv("WANDB_MODE", "ofline")
@@ -135,5 +135,4 @@ def test_an_unknown_wandb_mode_is_one_line_naming_it(smoke_shards, tmp_path, mon
     assert error_lines(output) == [
         "error: WANDB_MODE=ofline is not a W&B mode: set it to online, offline or disabled, or unset it"]
     assert list(tmp_path.iterdir()) == []  # refused before the run wrote anything
-    # an explicit wandb.mode never reads it
-    assert wandb_mode(load_config(SMOKE, ["wandb.mode=offline"])) == "offline"
+    assert wandb_mode(load_config(SMOKE, ["wandb.mode=offline"])) == "offline"  # a set mode ignores it
