@@ -7,6 +7,7 @@ project's own commands and files.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import time
 from collections.abc import Callable
@@ -116,12 +117,16 @@ def cli_here(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
     from pegasus_dist.cli import app
     from pegasus_dist.console import exit_on_user_error
 
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level  # `train` sets logging up on the captured stderr
     capsys.readouterr()
     try:
         exit_on_user_error(lambda: app(list(args), prog_name="pegasus-dist"))
         code = 0
     except SystemExit as stop:
         code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    finally:
+        root.handlers[:], root.level = handlers, level
     printed = capsys.readouterr()
     return code, printed.out + printed.err
 

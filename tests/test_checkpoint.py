@@ -47,9 +47,10 @@ def _setup(compile: bool = False, extra: bool = False):
 
 
 def _exploit(marker):
+    """An object whose unpickling creates ``marker``: proof that a load ran code of the file's choosing."""
     class Exploit:
         def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
+            return (open, (str(marker), "w"))
 
     return Exploit()
 

@@ -228,7 +228,7 @@ def test_prepare_option_mistakes_are_one_error_line_and_exit_2(cli, tmp_path, ar
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_the_real_command_prints_one_error_line_and_exits_2(tmp_path):
     """The exit path itself, once, in a process of its own: no traceback, exit code 2."""
     bad = tmp_path / "bad.yaml"

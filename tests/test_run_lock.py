@@ -50,6 +50,7 @@ def train_args(run: Path, *extra: str) -> list[str]:
             "wandb.mode=disabled", *extra]
 
 
+@pytest.mark.process
 def test_a_second_run_stops_in_one_line_and_a_killed_holders_lock_is_free_at_once(holder):
     proc, run = holder
     before = files(run.parent)
@@ -90,7 +91,7 @@ def test_the_lock_is_the_operating_systems_and_ends_with_release(tmp_path):
     release_run_lock(tmp_path)  # not held: nothing to do
 
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_with_two_ranks_the_rank_that_holds_no_lock_stops_in_the_same_one_line(holder):
     proc, run = holder
     # Only the main process takes the lock: rank 1 must learn of the refusal from rank 0.

@@ -189,6 +189,7 @@ def test_verify_finds_each_kind_of_damage(tmp_path):
     assert any("unreadable" in p for p in problems)
 
 
+@pytest.mark.process  # a pool of worker processes
 def test_the_parallel_path_is_deterministic_too(tmp_path):
     from pegasus_dist.data.prepare import POOL_THRESHOLD
 

@@ -12,28 +12,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import run_cli
+from helpers import PIPELINE_STEPS, Trained, cli_here
 from PIL import Image, ImageDraw
 from processes import REPO
-from typer.testing import CliRunner
 
-from pegasus_dist.cli import app
 from pegasus_dist.data.shards import ShardSet
 from pegasus_dist.evaluation.contact_sheet import caption_font, draw_sheet
 
 
-def in_process(*args: str) -> str:
-    """``pegasus-dist ARGS`` run in this process (typer's CliRunner); its output, once it succeeded."""
-    done = CliRunner().invoke(app, list(args))
-    assert done.exit_code == 0, (done.output[-6000:], done.exception)
-    return done.output
+def in_process(capsys: pytest.CaptureFixture, *args: str) -> str:
+    """``pegasus-dist ARGS`` run in this process; its output, once it succeeded."""
+    code, output = cli_here(capsys, *args)
+    assert code == 0, output[-6000:]
+    return output
 
 
-def test_version_is_the_one_in_pyproject():
+def test_version_is_the_one_in_pyproject(capsys):
     version = re.search(r'^version = "(.+)"$', (REPO / "pyproject.toml").read_text(), re.M)[1]
-    assert in_process("--version").strip() == f"pegasus-dist {version}"
+    assert in_process(capsys, "--version").strip() == f"pegasus-dist {version}"
 
 
+@pytest.mark.process  # git
 @pytest.mark.skipif(shutil.which("git") is None or not (REPO / ".git").exists(),
                     reason="needs the git checkout")
 def test_the_slurm_log_folder_comes_with_a_clone():
@@ -63,14 +62,14 @@ def write_image_folder(root: Path, per_class: int) -> None:
             Image.new("RGB", (32, 32), colour).save(root / "train" / label / f"{i:03d}.png")
 
 
-def test_every_contact_sheet_caption_fits_its_tile_and_gives_back_its_key(tmp_path):
+def test_every_contact_sheet_caption_fits_its_tile_and_gives_back_its_key(tmp_path, capsys):
     # A folder source with a long name: keys like folder_birds_in_flight_and_horses-train-0000012,
     # far wider than a tile, as folder_cifar10_jpg-train-0004013 is.
     write_image_folder(tmp_path / "birds_in_flight_and_horses", per_class=20)
-    in_process("prepare", "--source", f"folder:{tmp_path / 'birds_in_flight_and_horses'}",
+    in_process(capsys, "prepare", "--source", f"folder:{tmp_path / 'birds_in_flight_and_horses'}",
                "--out", str(tmp_path / "shards"))
     shard_set = tmp_path / "shards" / "horse_bird"
-    in_process("contact-sheet", "--shard-set", str(shard_set), "--out", str(tmp_path / "sheet.png"),
+    in_process(capsys, "contact-sheet", "--shard-set", str(shard_set), "--out", str(tmp_path / "sheet.png"),
                "--per-label", "10")
     listing = json.loads((tmp_path / "sheet.json").read_text())
     chosen, columns, tile = listing["keys"], listing["columns"], listing["tile"]
@@ -101,20 +100,20 @@ def test_every_contact_sheet_caption_fits_its_tile_and_gives_back_its_key(tmp_pa
         assert a.strip[2] <= b.strip[0] or a.strip[3] <= b.strip[1] or b.strip[3] <= a.strip[1]
 
 
-@pytest.mark.slow
-def test_the_report_shows_the_grids_of_pegasus_dist_sample(smoke_shards, tmp_path):
-    run_cli("train", "--config", str(REPO / "configs/smoke/pretrain.yaml"),
-            f"data.shards={smoke_shards}", f"run.output_dir={tmp_path}", "train.max_steps=2",
-            "wandb.mode=disabled", "data.batch_size=16")
-    run = tmp_path / "pretrain"
+def test_the_report_shows_the_grids_of_pegasus_dist_sample(smoke_pipeline: Trained, tmp_path, capsys):
+    shared = sorted(smoke_pipeline.pretrain.rglob("*"))
+    run = tmp_path / "pretrain"  # a copy: the shared run stays as the pipeline left it
+    shutil.copytree(smoke_pipeline.pretrain, run, symlinks=True)
     for method in ("analogy", "lerp"):
-        run_cli("sample", "--checkpoint", str(run), "--method", method)
-    run_cli("report", str(run), "--out", str(tmp_path / "report.html"))
+        in_process(capsys, "sample", "--checkpoint", str(run), "--method", method)
+    in_process(capsys, "report", str(run), "--out", str(tmp_path / "report.html"))
 
     page = (tmp_path / "report.html").read_text()
     shown = {caption: base64.b64decode(data) for data, caption in re.findall(
         r"<img src='data:image/png;base64,([^']+)'><figcaption>([^<]+)</figcaption>", page)}
-    step = run / "samples" / "step_00000002"
-    assert shown["analogy (step_00000002)"] == (step / "analogy.png").read_bytes()
-    assert shown["lerp (step_00000002)"] == (step / "lerp.png").read_bytes()
+    last = f"step_{PIPELINE_STEPS:08d}"
+    step = run / "samples" / last
+    assert shown[f"analogy ({last})"] == (step / "analogy.png").read_bytes()
+    assert shown[f"lerp ({last})"] == (step / "lerp.png").read_bytes()
     assert shown["pegasus"] == (run / "samples" / "pegasus.png").read_bytes()  # the phase's own
+    assert sorted(smoke_pipeline.pretrain.rglob("*")) == shared  # the copy took every write

@@ -15,18 +15,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import metrics, training_steps
+from helpers import PIPELINE_STEPS, TINY, TINY_ARGS, metrics, training_steps
 from PIL import Image
 from processes import BIN, REPO, run_bounded
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.process  # real pegasus-dist runs, logging to W&B offline
 OFFLINE = {"WANDB_API_KEY": "", "WANDB_SILENT": "true"}
 
 
 def train_args(phase: str, shards: Path, runs: Path, steps: int, *extra: str) -> list[str]:
+    """A smoke run of the tiny model logging to W&B offline."""
     return ["--config", str(REPO / f"configs/smoke/{phase}.yaml"), f"data.shards={shards}",
             f"run.output_dir={runs}", f"train.max_steps={steps}", "data.batch_size=16",
-            "wandb.mode=offline", *extra]
+            "wandb.mode=offline", *TINY_ARGS, *extra]
 
 
 def train(*args: str) -> str:
@@ -68,10 +69,11 @@ def pixels(path: Path) -> np.ndarray:
 def test_both_phases_reach_wandb_in_one_group_with_the_grids_pixels_and_captions(smoke_shards,
                                                                                   tmp_path):
     runs = tmp_path / "smoke"
-    train(*train_args("pretrain", smoke_shards, runs, 20, "train.log_every=5"))
-    train(*train_args("finetune", smoke_shards, runs, 2, f"train.init_from={runs}/pretrain"))
+    fast = ("optim.lr=0.01", "optim.lr_scaling=none", "optim.warmup_steps=0")  # grids that show images
+    train(*train_args("pretrain", smoke_shards, runs, PIPELINE_STEPS, "train.log_every=10", *fast))
+    train(*train_args("finetune", smoke_shards, runs, 2, f"train.init_from={runs}/pretrain", *fast))
     run_ids = {}
-    for phase, step in (("pretrain", 20), ("finetune", 2)):
+    for phase, step in (("pretrain", PIPELINE_STEPS), ("finetune", 2)):
         (wandb_file,) = offline_files(runs / phase)
         written = records(wandb_file)
         (run,) = written["run"]
@@ -100,10 +102,10 @@ def test_both_phases_reach_wandb_in_one_group_with_the_grids_pixels_and_captions
         launch = config["launch"]
         assert (launch["world_size"], launch["global_batch"]) == (1, 16) and launch["lr"] > 0
         summary = {k: v for update in written["summary"] for k, v in update["update"].items()}
-        assert summary[f"{phase}/eval/all/latent_dim"] == 32
+        assert summary[f"{phase}/eval/all/latent_dim"] == TINY.latent_dim
     started = config["started_from"]  # the finetune run's config: the pretrain run it started from
     assert started["wandb_run_id"] == run_ids["pretrain"]
-    assert started["checkpoint"] == str((runs / "pretrain/checkpoints/step_00000020").resolve())
+    assert started["checkpoint"] == str((runs / f"pretrain/checkpoints/step_{PIPELINE_STEPS:08d}").resolve())
 
 
 def assert_the_newest_folder_holds_the_whole_history(run: Path) -> list[dict[int, dict]]:

@@ -7,6 +7,7 @@ as with no network), or one that listens and records whether anyone connected.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import socket
 import time
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import SMOKE, training_steps
+from helpers import SMOKE, TINY_ARGS, cli_here, error_lines, training_steps
 from processes import BIN, run_bounded
 
 from pegasus_dist.config import load_config
@@ -42,6 +43,15 @@ def listening_socket() -> Iterator[socket.socket]:
         yield sock
 
 
+@pytest.fixture
+def root_logging() -> Iterator[None]:
+    """The root logger as it was: an in-process `train` sets it up on the captured stderr."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:], root.level = handlers, level
+
+
 def history_steps(wandb_file: Path) -> list[int]:
     """The steps of the history rows in ``wandb_file``, read by W&B's own ``wandb leet inspect``."""
     done = run_bounded([str(BIN / "wandb"), "leet", "inspect", "--json", str(wandb_file)], timeout=60)
@@ -51,21 +61,21 @@ def history_steps(wandb_file: Path) -> list[int]:
 
 
 def train(shards: Path, runs: Path, env: dict[str, str], *extra: str):
-    """A 3-step smoke run with wandb.mode=auto (the default); returns the process and its seconds."""
+    """A 3-step tiny-model smoke run with wandb.mode=auto (the default); the process and its seconds."""
     cmd = [str(BIN / "pegasus-dist"), "train", "--config", str(SMOKE), f"data.shards={shards}",
            f"run.output_dir={runs}", "train.max_steps=3", "data.batch_size=16",
-           "train.log_every=1", *extra]
+           "train.log_every=1", *TINY_ARGS, *extra]
     start = time.monotonic()
     done = run_bounded(cmd, timeout=240, env={"WANDB_API_KEY": FAKE_KEY, **env})
     return done, time.monotonic() - start
 
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_an_unreachable_server_gives_an_offline_run_and_one_warning(smoke_shards, tmp_path,
                                                                      closed_port, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)  # auto with a key: online, were it reachable
     url = f"http://127.0.0.1:{closed_port}"
-    done, seconds = train(smoke_shards, tmp_path, {"WANDB_BASE_URL": url}, "wandb.init_timeout_s=10")
+    done, seconds = train(smoke_shards, tmp_path, {"WANDB_BASE_URL": url}, "wandb.init_timeout_s=5")
     assert done.returncode == 0, done.stdout[-4000:]
     # Unbounded, wandb alone waits 90 s (its default init_timeout) and then crashes.
     assert seconds < 90, seconds
@@ -84,7 +94,7 @@ def test_an_unreachable_server_gives_an_offline_run_and_one_warning(smoke_shards
             assert FAKE_KEY.encode() not in path.read_bytes(), path
 
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_wandb_mode_offline_in_the_environment_wins_over_the_key(smoke_shards, tmp_path,
                                                                   listening_socket):
     port = listening_socket.getsockname()[1]
@@ -116,12 +126,13 @@ def test_the_config_wins_then_wandb_mode_then_the_key(monkeypatch, override, env
     assert wandb_mode(load_config(SMOKE, override)) == mode
 
 
-def test_an_unknown_wandb_mode_is_one_line_naming_it(smoke_shards, tmp_path, monkeypatch):
-    done = run_bounded([str(BIN / "pegasus-dist"), "train", "--config", str(SMOKE),
-                        f"data.shards={smoke_shards}", f"run.output_dir={tmp_path}"],
-                       timeout=120, env={"WANDB_MODE": "ofline"})
-    assert done.returncode == 2, done.stdout[-4000:]
-    assert done.stdout.strip().splitlines()[-1] == (
-        "error: WANDB_MODE=ofline is not a W&B mode: set it to online, offline or disabled, or unset it")
-    monkeypatch.setenv("WANDB_MODE", "ofline")  # an explicit wandb.mode never reads it
-    assert wandb_mode(load_config(SMOKE, ["wandb.mode=offline"])) == "offline"
+def test_an_unknown_wandb_mode_is_one_line_naming_it(smoke_shards, tmp_path, monkeypatch, capsys,
+                                                      root_logging):
+    monkeypatch.setenv("WANDB_MODE", "ofline")
+    code, output = cli_here(capsys, "train", "--config", str(SMOKE), f"data.shards={smoke_shards}",
+                            f"run.output_dir={tmp_path}", *TINY_ARGS)
+    assert code == 2, output[-4000:]
+    assert error_lines(output) == [
+        "error: WANDB_MODE=ofline is not a W&B mode: set it to online, offline or disabled, or unset it"]
+    assert list(tmp_path.iterdir()) == []  # refused before the run wrote anything
+    assert wandb_mode(load_config(SMOKE, ["wandb.mode=offline"])) == "offline"  # a set mode ignores it
