@@ -20,13 +20,13 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from bench.scale_check import scale_check
 from pegasus_dist.config import ModelConfig, OptimConfig, load_config
 from pegasus_dist.model.loss import kl_to_standard_normal
 from pegasus_dist.model.saved import list_checkpoints
 from pegasus_dist.model.vae import VAE
 from pegasus_dist.training import loop as train
 from pegasus_dist.training.optim import LrSchedule
-from pegasus_dist.training.scale_check import scale_check
 
 SYNCS = SCRIPTS / "train_noting_syncs.py"
 
