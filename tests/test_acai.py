@@ -47,7 +47,7 @@ def test_the_critic_gives_one_number_per_image_independent_of_the_batch():
     assert torch.allclose(critic(x[:1]), critic(x)[:1], atol=1e-6)  # no batch norm
 
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_the_critic_learns_and_its_state_is_checkpointed(smoke_shards, tmp_path):
     # No lr warm-up (the critic's rate follows the autoencoder's schedule); lambda small,
     # so that the autoencoder hardly fights back and what is measured is the critic.
@@ -69,7 +69,7 @@ def test_the_critic_learns_and_its_state_is_checkpointed(smoke_shards, tmp_path)
     assert len(critic_adam["state"]) == len(list(critic.parameters()))
 
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_two_processes_with_acai_and_the_patch_discriminator_train_like_one(smoke_shards, tmp_path):
     common = [f"data.shards={smoke_shards}", "train.max_steps=3", "model.sync_batchnorm=true",
               "optim.lr_scaling=none", *BOTH]
@@ -88,7 +88,7 @@ def test_two_processes_with_acai_and_the_patch_discriminator_train_like_one(smok
             rows(tmp_path / "one/pretrain", key), rel=1e-4, abs=1e-7), key
 
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_acai_and_the_patch_discriminator_in_bf16_train_finite(smoke_shards, tmp_path):
     launch(1, [f"data.shards={smoke_shards}", f"run.output_dir={tmp_path}", "train.max_steps=5",
                "data.batch_size=16", "train.mixed_precision=bf16", *BOTH])
@@ -97,7 +97,7 @@ def test_acai_and_the_patch_discriminator_in_bf16_train_finite(smoke_shards, tmp
     assert len(losses) == 15 and all(map(math.isfinite, losses))
 
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_resuming_a_plain_checkpoint_with_acai_on_is_one_line(smoke_shards, tmp_path):
     common = [f"data.shards={smoke_shards}", f"run.output_dir={tmp_path}", "data.batch_size=16",
               "wandb.mode=disabled"]
@@ -109,7 +109,7 @@ def test_resuming_a_plain_checkpoint_with_acai_on_is_one_line(smoke_shards, tmp_
     assert "holds no ACAI critic" in done.stdout and "Traceback" not in done.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_a_run_started_from_a_checkpoint_starts_from_its_adversaries(smoke_shards, tmp_path):
     common = [f"data.shards={smoke_shards}", f"run.output_dir={tmp_path}", "data.batch_size=16", *BOTH]
     launch(1, [*common, "train.max_steps=2"])

@@ -33,7 +33,7 @@ def test_the_table_marks_a_missed_target_and_says_why():
     ]
 
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_the_harness_measures_each_row_against_the_baseline_of_the_same_run(tmp_path):
     out = tmp_path / "bench.json"
     rows = run_bench(images=300, steps=1, out=out, sizes=[32], images_from="synthetic",

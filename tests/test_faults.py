@@ -30,7 +30,7 @@ from pegasus_dist.model.saved import latest_checkpoint, list_checkpoints
 from pegasus_dist.training.hooks import STALLED, Hooks, fault_plan
 from pegasus_dist.training.loop import train
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.process
 TRAIN = str(REPO / "pegasus_dist/train.py")
 
 

@@ -60,7 +60,7 @@ def test_complete_means_epochs_done_or_max_steps_reached(tmp_path):
     assert not is_complete(TrainState(phase="pretrain", epoch=3, step=90), cfg(4, 0))  # epochs raised
 
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_a_rank_that_cannot_start_ends_every_rank_with_one_line_before_wandb(smoke_shards, tmp_path):
     # One process trains 2 steps; two processes then resume its checkpoint, and
     # only rank 1 fails to restore it (an injected fault, as on a node whose disk fails).
@@ -81,7 +81,7 @@ def test_a_rank_that_cannot_start_ends_every_rank_with_one_line_before_wandb(smo
     assert (offline_runs(run), (run / "metrics.jsonl").read_text()) == before
 
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_a_rank_that_crashes_at_start_up_keeps_its_traceback(smoke_shards, tmp_path):
     done = accelerate(2, TRAIN, "--config", SMOKE, *overrides(smoke_shards, tmp_path, 2),
                       fault="crash:at=checks:rank=1")
@@ -93,7 +93,7 @@ def test_a_rank_that_crashes_at_start_up_keeps_its_traceback(smoke_shards, tmp_p
     assert "[rank0]: Traceback" not in done.stdout  # rank 0 only reports it
 
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_a_config_mistake_of_every_rank_is_reported_once(smoke_shards, tmp_path):
     done = accelerate(2, TRAIN, "--config", SMOKE,
                       *overrides(smoke_shards, tmp_path, 2, "train.epoch=3"))
@@ -104,7 +104,7 @@ def test_a_config_mistake_of_every_rank_is_reported_once(smoke_shards, tmp_path)
     assert not (tmp_path / "pretrain").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_a_complete_run_says_so_and_changes_nothing_until_asked(smoke_shards, tmp_path):
     args = overrides(smoke_shards, tmp_path, 2, "wandb.mode=offline")
     first = cli_train(*args)
@@ -132,7 +132,7 @@ def test_a_complete_run_says_so_and_changes_nothing_until_asked(smoke_shards, tm
     assert [r["step"] for r in rows if "pretrain/loss" in r] == [1, 2, 3, 4]
 
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_a_run_stopped_after_its_final_checkpoint_still_writes_its_grids(smoke_shards, tmp_path):
     """Killed or preempted between the final checkpoint and the grids: a restart does only the grids."""
     args = overrides(smoke_shards, tmp_path, 2)
@@ -154,7 +154,7 @@ def test_a_run_stopped_after_its_final_checkpoint_still_writes_its_grids(smoke_s
     assert "already complete at step 2" in cli_train(*args).stdout
 
 
-@pytest.mark.slow
+@pytest.mark.process
 @pytest.mark.parametrize(("entry", "code"), [("pegasus-dist", 2), ("python", 2), ("accelerate", 1)])
 def test_a_bad_config_exits_with_one_line(smoke_shards, tmp_path, entry, code):
     """The exit-code table of the README: accelerate launch turns every failure into 1."""
@@ -170,7 +170,7 @@ def test_a_bad_config_exits_with_one_line(smoke_shards, tmp_path, entry, code):
     assert_no_traceback_of_ours(done.stdout)
 
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_pegasus_dist_train_stopped_by_a_signal_exits_75(smoke_shards, tmp_path):
     proc = subprocess.Popen([str(BIN / "pegasus-dist"), "train", "--config", SMOKE,
                              *overrides(smoke_shards, tmp_path, 300)],
@@ -191,7 +191,7 @@ def test_pegasus_dist_train_stopped_by_a_signal_exits_75(smoke_shards, tmp_path)
     assert_no_traceback_of_ours(out)
 
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_the_launchers_mixed_precision_is_named_when_the_config_differs(smoke_shards, tmp_path):
     warning = ("accelerate launch --mixed_precision bf16 is not used: this run trains with "
                "train.mixed_precision=no from its config; to train in bf16 pass "
@@ -206,7 +206,7 @@ def test_the_launchers_mixed_precision_is_named_when_the_config_differs(smoke_sh
     assert "is not used" not in agreed.stdout and "mixed_precision=bf16" in agreed.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_no_arguments_is_one_usage_error():
     alone = run_bounded([str(BIN / "python"), TRAIN], timeout=60)
     assert alone.returncode == 2

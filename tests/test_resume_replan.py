@@ -27,7 +27,7 @@ from pegasus_dist.model.saved import latest_checkpoint
 from pegasus_dist.training.hooks import STALLED
 from pegasus_dist.training.state import read_state
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.process
 KEYS = SCRIPTS / "train_noting_keys.py"
 BOUND_S = 60  # any run here that takes longer hangs: the resume never ended
 
