@@ -33,7 +33,7 @@ def test_the_table_marks_a_missed_target_and_says_why():
     ]
 
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_the_harness_measures_each_row_against_the_baseline_of_the_same_run(tmp_path):
     out = tmp_path / "bench.json"
     rows = run_bench(images=300, steps=1, out=out, sizes=[32], images_from="synthetic",
@@ -53,10 +53,16 @@ def test_the_harness_measures_each_row_against_the_baseline_of_the_same_run(tmp_
     for name, workers in (("loader: stream, 1 worker(s)", 1), ("loader: stream, 2 worker(s)", 2),
                           ("loader: device-resident", 2)):
         baseline = by_name[f"loader: torchvision CIFAR10 baseline, {workers} worker(s)"]["value"]
-        assert by_name[name]["baseline"] == baseline
+        row = by_name[name]
+        assert row["unit"] == "images/s" and row["value"] > 0 and row["baseline"] == baseline > 0
+        assert row["measured"] == pytest.approx(row["value"] / baseline)  # the ratio the table prints
     # Both precisions were measured, each in its own process (accelerate allows one per process).
     fp32, bf16 = (by_name[f"trainer vs bare loop, paper model, {p}, batch 128"] for p in ("fp32", "bf16"))
     assert fp32["baseline"] > 0 and bf16["baseline"] > 0
     assert any(name.startswith("image size 32: trainer, bf16") for name in by_name)
+    # The JSON holds exactly the rows the table prints, value for value, and each table row is one of them.
+    fields = ("name", "value", "unit", "baseline", "target", "why")
+    assert format_table([Row(**{k: r[k] for k in fields}) for r in saved["rows"]]) == format_table(rows)
     table = format_table(rows)
-    assert sum(line.startswith("| ") for line in table.splitlines()) == len(rows) + 1  # + header
+    assert [line.split(" | ")[0].removeprefix("| ") for line in table.splitlines()
+            if line.startswith("| ")][1:] == list(by_name)  # after the header, in order

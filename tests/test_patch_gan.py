@@ -33,7 +33,7 @@ def test_hinge_losses():
     assert generator_loss(fake).item() == 1.0  # minus the mean score of the decodes
 
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_the_discriminator_learns_and_is_checkpointed(smoke_shards, tmp_path):
     # A small weight, so that the autoencoder hardly fights back and what is measured is the discriminator.
     launch(1, [f"data.shards={smoke_shards}", f"run.output_dir={tmp_path}", "train.max_steps=120",

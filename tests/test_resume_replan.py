@@ -27,7 +27,7 @@ from pegasus_dist.model.saved import latest_checkpoint
 from pegasus_dist.training.hooks import STALLED
 from pegasus_dist.training.state import read_state
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.process
 KEYS = SCRIPTS / "train_noting_keys.py"
 BOUND_S = 60  # any run here that takes longer hangs: the issue's resume never ended
 
@@ -95,14 +95,12 @@ def test_another_batch_on_resume_trains_each_sample_of_the_epoch_once(smoke_shar
     assert (end.epoch, end.samples_done, end.step, end.global_batch) == (1, 0, steps_b, new)
 
 
-def test_a_position_past_the_end_of_the_epoch_fails_in_one_line(smoke_shards, tmp_path):
-    cmd = [str(BIN / "pegasus-dist"), "train", "--config", SMOKE,
-           *overrides(smoke_shards, tmp_path, 3, "data.batch_size=16")]
-    assert run_bounded(cmd, BOUND_S).returncode == 0
-    checkpoint = tmp_path / "pretrain" / "checkpoints" / "step_00000003"
+def test_a_position_past_the_end_of_the_epoch_fails_in_one_line(checkpointed_run):
+    cmd = [str(BIN / "pegasus-dist"), "train", "--config", SMOKE, *checkpointed_run.overrides,
+           "train.max_steps=8"]
+    checkpoint = checkpointed_run.pretrain / "checkpoints" / "step_00000006"
     state = json.loads((checkpoint / "state.json").read_text())
     (checkpoint / "state.json").write_text(json.dumps(state | {"samples_done": 100_000}))
-    cmd[cmd.index("train.max_steps=3")] = "train.max_steps=6"
     done = run_bounded(cmd, BOUND_S)
     assert done.returncode == 2, done.stdout[-3000:]
     assert error_lines(done.stdout) == [
@@ -111,20 +109,18 @@ def test_a_position_past_the_end_of_the_epoch_fails_in_one_line(smoke_shards, tm
         "checkpoint aside to resume from the one before"], done.stdout[-3000:]
 
 
-def test_a_checkpoint_of_an_older_version_is_refused_in_one_line_and_starts_a_run(smoke_shards, tmp_path):
+def test_a_checkpoint_of_an_older_version_is_refused_in_one_line_and_starts_a_run(checkpointed_run):
     """What versions before save_state wrote: optimizer.pt, rng/ and a batches_done. Resuming it
     would lose Adam or its place in the epoch; its weights still start a new run."""
-    cmd = [str(BIN / "pegasus-dist"), "train", "--config", SMOKE,
-           *overrides(smoke_shards, tmp_path, 3, "data.batch_size=16")]
-    assert run_bounded(cmd, BOUND_S).returncode == 0
-    checkpoint = tmp_path / "pretrain" / "checkpoints" / "step_00000003"
+    cmd = [str(BIN / "pegasus-dist"), "train", "--config", SMOKE, *checkpointed_run.overrides,
+           "train.max_steps=8"]
+    checkpoint = checkpointed_run.pretrain / "checkpoints" / "step_00000006"
     state = json.loads((checkpoint / "state.json").read_text())
     del state["samples_done"]
-    (checkpoint / "state.json").write_text(json.dumps(state | {"batches_done": 3}))
+    (checkpoint / "state.json").write_text(json.dumps(state | {"batches_done": 6}))
     (checkpoint / "optimizer.bin").rename(checkpoint / "optimizer.pt")
     (checkpoint / "rng").mkdir()
     torch.save({}, checkpoint / "rng" / "rank_00000.pt")
-    cmd[cmd.index("train.max_steps=3")] = "train.max_steps=6"
     for resume in ("auto", str(checkpoint)):
         done = run_bounded([*cmd, f"run.resume={resume}"], BOUND_S)
         assert done.returncode == 2, done.stdout[-3000:]

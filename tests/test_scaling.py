@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SCRIPTS, SMOKE, overrides
+from helpers import SCRIPTS, SMOKE, cli_here, overrides
 from processes import BIN, REPO, run_bounded
 from safetensors.torch import load_file
 from torch import nn
@@ -65,6 +65,7 @@ def test_a_log_variance_thrown_far_by_one_update_keeps_the_kl_finite():
     assert torch.isfinite(kl_to_standard_normal(mu, logvar)).all()
 
 
+@pytest.mark.slow
 def test_a_resumed_run_continues_the_warm_up(smoke_shards, tmp_path):
     extra = ("optim.warmup_steps=8", "optim.lr_scaling=none")
     train.train(load_config(SMOKE, overrides(smoke_shards, tmp_path / "whole", 6, *extra)))
@@ -104,6 +105,7 @@ def step_gradients():
     handle.remove()
 
 
+@pytest.mark.slow
 def test_k_micro_batches_give_the_loss_and_gradient_of_one_batch_of_k_times_b(
         smoke_shards, tmp_path, fixed_batchnorm, step_gradients):
     # 470 samples: 29 batches of 16 and one of 6. With 4 accumulation steps an epoch
@@ -122,7 +124,7 @@ def test_k_micro_batches_give_the_loss_and_gradient_of_one_batch_of_k_times_b(
     assert accum[8]["pretrain/epoch"] == big[8]["pretrain/epoch"] == 1.0  # one epoch, 8 steps
 
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_one_process_accumulating_trains_like_two_and_ddp_syncs_once_a_step(smoke_shards, tmp_path):
     """2 processes x batch 8 x 2 micro-batches == 1 process x batch 8 x 4 (real batch norm).
 
@@ -150,7 +152,7 @@ def test_one_process_accumulating_trains_like_two_and_ddp_syncs_once_a_step(smok
     assert diffs.max() <= 3 * 1e-3
 
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_the_defaults_stay_finite_where_the_linear_rule_diverges(smoke_shards):
     # The paper's model and recipe at 32 times its base batch, as on 4 nodes of 8 GPUs
     # (base batch 8 here, so that a step is 4 micro-batches of 64 of the 470 images).
@@ -169,6 +171,7 @@ def test_the_defaults_stay_finite_where_the_linear_rule_diverges(smoke_shards):
     assert max(r["loss"] for r in defaults.rows) < 1.05 * first
 
 
+@pytest.mark.slow
 def test_lowering_the_lr_on_resume_takes_effect_and_is_logged(smoke_shards, tmp_path, caplog):
     base = ("optim.warmup_steps=0", "optim.lr_scaling=none")
     train.train(load_config(SMOKE, overrides(smoke_shards, tmp_path, 3, *base)))
@@ -186,15 +189,16 @@ def test_lowering_the_lr_on_resume_takes_effect_and_is_logged(smoke_shards, tmp_
     assert max((after[k] - before[k]).abs().max() for k in after) < 1e-4
 
 
-def test_a_diverging_warm_up_stops_before_the_first_checkpoint_naming_the_lr(smoke_shards, tmp_path):
-    cmd = [str(BIN / "pegasus-dist"), "train", "--config", SMOKE,
-           *overrides(smoke_shards, tmp_path, 8, "optim.lr=0.5", "optim.lr_scaling=linear",
-                      "optim.base_batch_size=16", "optim.warmup_steps=5",
-                      "train.checkpoint_every=2")]
-    done = run_bounded(cmd, timeout=180)
-    assert done.returncode == 3, done.stdout[-3000:]
-    errors = [line for line in done.stdout.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, done.stdout[-3000:]
+@pytest.mark.slow
+def test_a_diverging_warm_up_stops_before_the_first_checkpoint_naming_the_lr(smoke_shards, tmp_path, capsys):
+    # `pegasus-dist train` in this process: the one-line error and the exit code of the console script.
+    code, out = cli_here(capsys, "train", "--config", SMOKE,
+                         *overrides(smoke_shards, tmp_path, 8, "optim.lr=0.5", "optim.lr_scaling=linear",
+                                    "optim.base_batch_size=16", "optim.warmup_steps=5",
+                                    "train.checkpoint_every=2"))
+    assert code == 3, out[-3000:]
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, out[-3000:]
     assert errors[0].startswith("error: diverging: the loss went from ")
     assert "by step 2, at lr 0.2;" in errors[0]  # the second step of the warm-up
     assert "lr 0.5 = optim.lr 0.5 x 16/16 (optim.lr_scaling=linear, global batch 16)" in errors[0]

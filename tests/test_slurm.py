@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from processes import REPO, run_bounded
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.slurm, pytest.mark.process]
 CLUSTER = REPO / "slurm" / "local-cluster.sh"
 CPU_NODE = ["--gpus-per-node=0", "--cpus-per-task=1"]  # the local node has 2 CPUs, no GPU
 FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
