@@ -107,9 +107,9 @@ def test_a_save_that_fails_midway_keeps_the_previous_checkpoint_unlike_accelerat
 
     accelerator, _, _ = _setup()
     first = save_checkpoint(accelerator, TrainState(phase="pretrain", step=1), "", tmp_path / "ours", keep=1)
-    monkeypatch.setattr(checkpoint, "write_counters", disk_full)
-    with pytest.raises(OSError):
-        save_checkpoint(accelerator, TrainState(phase="pretrain", step=2), "", tmp_path / "ours", keep=1)
+    with pytest.raises(OSError):  # through the save's hook, after save_state, before state.json
+        save_checkpoint(accelerator, TrainState(phase="pretrain", step=2), "", tmp_path / "ours", keep=1,
+                        before_counters=disk_full)
     assert list_checkpoints(tmp_path / "ours") == [first]
     restore_checkpoint(_setup()[0], first)
 
