@@ -10,14 +10,9 @@ to predict ``a``; the autoencoder is trained so that its interpolants fool it
     L_critic = |C(x_a) - a|^2 + |C(gamma x + (1 - gamma) g(f(x)))|^2
     L_ae    += lambda |C(x_a)|^2
 
-The second critic term (the paper's regulariser, gamma = 0.2) shows the
-critic non-interpolated images that are not quite real, so that it cannot
-win by telling reconstructions from data alone.
-
-Here ``z`` is the latent mean (what the Pegasus sampler interpolates), the
-pairs are neighbours in the global batch (rows 2k and 2k + 1) and ``a`` is
-drawn per image from the step's generator (``TrainStep._noise`` (training/step.py)): a step
-mixes the same pairs with the same coefficients on any number of processes.
+Here ``z`` is the latent mean, the pairs are neighbours in the global batch
+(rows 2k and 2k + 1) and ``a`` comes from the step's generator
+(``TrainStep._noise``): the same on any number of processes.
 """
 
 from __future__ import annotations
