@@ -1,9 +1,7 @@
 """A trained model on disk: where a checkpoint's files are, and its weights loaded by name.
 
-The layout that ``training.checkpoint`` writes (``<run>/checkpoints/step_<N>/``
-with ``state.json`` written last) and that everything reading a trained model
-(the sampler, ``eval``, ``train.init_from``) finds its weights in. Writing,
-checking and resuming checkpoints stay in ``training.checkpoint``.
+What everything reading a trained model (the sampler, ``eval``,
+``train.init_from``) needs; writing and resuming checkpoints is ``training.checkpoint``.
 """
 
 from __future__ import annotations
