@@ -63,9 +63,7 @@ def global_batch_sizes(num_samples: int, world_size: int, batch_size: int,
                        start: int = 0) -> list[int]:
     """Samples in each global batch of the epoch from position ``start`` on, in order.
 
-    Every one but the last holds ``world_size * batch_size``; the last holds what
-    is left, at least one sample per rank (a smaller remainder is folded into
-    the batch before it).
+    The last holds what is left, at least one per rank (less is folded into the one before).
     """
     left = num_samples - start
     if left < world_size:

@@ -38,12 +38,7 @@ def load_source(spec: str, image_size: int = 32, verify_checksums: bool = True) 
 
 
 def synthetic(num_images: int, image_size: int = 32, seed: int = 0) -> SourceImages:
-    """Deterministic toy images with class structure, for offline demos and tests.
-
-    Horses are brown or white bodies on four legs over grass; birds are small
-    bodies with two wing triangles on sky; other classes are plain shapes;
-    about one image in five is unlabeled.
-    """
+    """Deterministic toy images with class structure (horses on grass, birds on sky), for demos and tests."""
     if num_images < 1:
         raise DataError("synthetic:N needs N >= 1")
     rng = np.random.default_rng(seed)

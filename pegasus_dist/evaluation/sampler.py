@@ -213,10 +213,8 @@ def run_sampler(
     model: VAE, cfg: SamplerConfig, shards_root: str | Path, out_dir: str | Path,
     method: str = "slerp", classifier: Classifier | None = None,
 ) -> SampleOutputs:
-    """Write the grids of ``method`` into ``out_dir``.
+    """Write the grids of ``method`` into ``out_dir`` (slerp: pegasus.png, reconstructions.png, prior.png).
 
-    slerp (after each phase): pegasus.png (+ .json), reconstructions.png, prior.png;
-    lerp: lerp.png (+ .json); analogy: analogy.png (+ .json); prior: prior.png.
     ``classifier``: the quality classifier, which ``sampler.pick=confident`` needs.
     """
     out_dir = Path(out_dir)

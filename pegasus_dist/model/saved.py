@@ -26,12 +26,7 @@ def checkpoint_name(step: int) -> str:
 
 
 def list_checkpoints(root: Path) -> list[Path]:
-    """Published checkpoints under ``root``, oldest first.
-
-    Only folders named exactly as :func:`checkpoint_name` names them count:
-    temporary folders, damaged ones moved aside and strays such as
-    ``step_00000060.bak`` are ignored.
-    """
+    """Published checkpoints under ``root``, oldest first: only folders named exactly ``step_<N>``."""
     if not root.is_dir():
         return []
     found = {}
