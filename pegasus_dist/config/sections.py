@@ -238,11 +238,9 @@ class SamplerConfig(Section):
     attribute_shard_set: str = "mix"
     attribute_samples: int = Field(2000, ge=1)  # at most this many images per side of the mean
     strength_max: float = 2.0  # the analogy grid adds 0 .. strength_max times the vector
-    # Which horses and birds, when horse_keys/bird_keys are empty: random (a seeded
-    # draw), or confident: those whose own reconstructions the quality classifier
-    # recognises best, from a seeded pool of pick_pool per class. confident is
-    # curation, as the paper's author picked by hand: it flatters the grid, it does
-    # not measure the model (quality.json's scores of a random pick do).
+    # When horse_keys/bird_keys are empty: random (seeded), or confident: those of a seeded
+    # pool whose reconstructions the classifier recognises best. Curation, which flatters
+    # the grid: compare models on random (README.md, "Sample quality").
     pick: Literal["random", "confident"] = "random"
     pick_pool: int = Field(256, ge=1)  # candidates per class that pick=confident reconstructs and scores
 

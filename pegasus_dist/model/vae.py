@@ -19,13 +19,10 @@ from torch import nn
 
 from pegasus_dist.config import ModelConfig
 
-# The log-variance of q(z|x) is clamped to this range, as in the VAE of latent
-# diffusion (Rombach et al. 2022, DiagonalGaussianDistribution): exp(logvar)
-# in the KL and in sigma then stays finite (exp(20) = 4.9e8) however far one
-# bad update throws the encoder, so a diverging run is caught with a reason
-# (optim.DivergenceGuard) instead of overflowing to Inf. Healthy training
-# stays far inside it; beyond it the gradient is zero: a backstop, not a
-# parameterisation.
+# The log-variance of q(z|x) is clamped, as in latent diffusion's VAE (Rombach et al. 2022):
+# exp(logvar) stays finite however far one bad update throws the encoder, so that
+# optim.DivergenceGuard names a diverging run instead of it overflowing to Inf. Healthy
+# training stays far inside: a backstop, not a parameterisation.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
 # The logistic likelihood's initial log-scale per channel: a scale of 0.05 on [0, 1], about
