@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -12,9 +13,9 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from pegasus_dist.config import PrepareConfig, SamplerConfig, validated
+from pegasus_dist.config import PrepareConfig, SamplerConfig, load_config, validated
 from pegasus_dist.console import exit_on_user_error, setup_logging
-from pegasus_dist.errors import ConfigError
+from pegasus_dist.errors import ConfigError, DataError
 from pegasus_dist.evaluation import contact_sheet as sheet
 
 
@@ -87,7 +88,6 @@ def verify(
 ) -> None:
     """Check shards against their manifest: sha256, sample counts, every image decodes."""
     from pegasus_dist.data.verify import find_shard_sets, verify_shard_set
-    from pegasus_dist.errors import DataError
 
     failed = 0
     for folder in find_shard_sets(path):
@@ -143,7 +143,6 @@ def classifier(
     overrides: Annotated[list[str] | None, typer.Argument(help=OVERRIDES_HELP)] = None,
 ) -> None:
     """Train the sample-quality classifier on the mix's labelled images, into quality.classifier."""
-    from pegasus_dist.config import load_config
     from pegasus_dist.evaluation.classifier import train_classifier
 
     cfg = load_config(config, overrides or [])
@@ -160,9 +159,6 @@ def score(
     overrides: Annotated[list[str] | None, typer.Argument(help=OVERRIDES_HELP)] = None,
 ) -> None:
     """Score a samples folder's grids and their crossfade baselines with the classifier -> quality.json."""
-    import json
-
-    from pegasus_dist.config import load_config
     from pegasus_dist.evaluation.classifier import load_classifier
     from pegasus_dist.evaluation.quality import score_run_samples, summary_line
 
@@ -179,8 +175,6 @@ def evaluate(
     overrides: Annotated[list[str] | None, typer.Argument(help=OVERRIDES_HELP)] = None,
 ) -> None:
     """Held-out negative ELBO (nats, bits/dim), its parts, PSNR and active latent units."""
-    import json
-
     from pegasus_dist.evaluation.classifier import find_classifier
     from pegasus_dist.evaluation.heldout import evaluate as run_eval
     from pegasus_dist.evaluation.heldout import write_eval

@@ -1,20 +1,10 @@
 """`pegasus-dist pipeline`: sources -> shards -> pretrain -> finetune -> report, resumable.
 
-The stages a person runs one by one (README, "First run on real data"), in one
-process, each continuing where an earlier, interrupted pipeline stopped:
-
-1. shards: `prepare` into the phases' ``data.shards``, unless the shard sets
-   there were already prepared from the same sources, image size, seed and
-   held-out share (their ``manifest.json`` says so). Shards of other inputs
-   stop the pipeline with one line, or are rewritten when ``reprepare`` asks;
-2. the quality classifier (pegasus_dist.evaluation.classifier) at ``quality.classifier``,
-   unless the one there was trained on these shards (its ``generation``), so
-   that both phases' grids are scored;
-3. pretrain, then 4. finetune from the pretrain run: with ``run.resume=auto``
-   the trainer continues a phase from its newest checkpoint, and returns at
-   once from a phase that is already complete (``training.state.is_complete``).
-   Each phase ends with its sample grids and held-out evaluation;
-5. the HTML report of both runs, in ``run.output_dir``.
+The stages of README's "First run on real data" in one process, each skipped
+or continued where an interrupted pipeline stopped: shards (kept when prepared
+from the same inputs), the quality classifier (kept when trained on these
+shards), pretrain and finetune (resumed by ``run.resume=auto``; a complete
+phase returns at once), then the HTML report of both runs.
 """
 
 from __future__ import annotations

@@ -1,11 +1,6 @@
-"""The one typed configuration of a run.
+"""The one typed configuration of a run: a YAML chain, then ``section.key=value`` overrides.
 
-Config flows one way: a YAML file (which may name one ``base`` file it builds
-on, and that one its own: a chain), then ``section.key=value`` overrides from
-the command line, into one :class:`Config` that pydantic validates
-(:mod:`~pegasus_dist.config.load`). Defaults live only in the models of
-:mod:`~pegasus_dist.config.sections`. The resolved config is saved with every
-run and sent to W&B.
+Loaded and validated by :mod:`.load`; every default lives in :mod:`.sections`.
 """
 
 from pegasus_dist.config.load import config_from_dict, load_config, problem, validated

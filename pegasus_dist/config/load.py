@@ -1,9 +1,7 @@
 """YAML files and ``section.key=value`` overrides into one validated :class:`Config`.
 
-pydantic checks every value; its error becomes one :class:`ConfigError` line
-that names the key, the file that set it (when a file did) and what the value
-must be, with a "did you mean" for a misspelled key. Its multi-line report is
-never shown.
+pydantic's error becomes one :class:`ConfigError` line naming the key, the
+file that set it and what the value must be, with a "did you mean".
 """
 
 from __future__ import annotations

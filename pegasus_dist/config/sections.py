@@ -151,7 +151,7 @@ class LossConfig(Section):
     kl_warmup_steps: int = Field(0, ge=0)
     # Nats per latent dimension and image below which the KL is not charged (free bits); 0: off.
     free_bits: float = Field(0.0, ge=0)
-    # ACAI's lambda (pegasus_dist/acai.py): weight of |C(x_a)|^2, the critic's guess of the
+    # ACAI's lambda (model/acai.py): weight of |C(x_a)|^2, the critic's guess of the
     # mixing coefficient of decoded interpolants, in the autoencoder's per-image loss; 0: off.
     # The loss here sums BCE over 3 x H x W pixels where ACAI's mean squared error averages
     # over them: lambda ~ 0.5 x 3 x H x W (1,536 at 32 px) is the order of ACAI's 0.5.
@@ -159,7 +159,7 @@ class LossConfig(Section):
     # gamma of the critic's regulariser: it sees gamma x + (1 - gamma) x_hat, target 0.
     acai_gamma: float = Field(0.2, ge=0, le=1)
     # Weight of the patch discriminator's hinge term -mean D(x_hat) on reconstructions
-    # (pegasus_dist/adversaries.py: VAE-GAN's adversarial loss on decodes); 0: off. Like
+    # (model/adversaries.py: VAE-GAN's adversarial loss on decodes); 0: off. Like
     # acai_weight, ~ 0.1 x 3 x H x W (300 at 32 px) is the order of a loss averaged over pixels.
     patch_gan_weight: float = Field(0.0, ge=0)
 
@@ -206,11 +206,9 @@ class TrainConfig(Section):
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(0, ge=0)  # steps between checkpoints; 0: once per epoch
     keep_checkpoints: int = Field(3, ge=1)
-    # A NaN/Inf loss on any rank. stop: found at the next sync point (at the
-    # latest the next log or checkpoint step, before any checkpoint is written),
-    # the run ends naming the first bad step and the last good checkpoint.
-    # skip: that step's update is skipped on every rank (counted and logged);
-    # the price is one host sync per step, which slows GPU training.
+    # A NaN/Inf loss on any rank. stop: at the next sync point, before any checkpoint,
+    # naming the first bad step and the last good checkpoint. skip: that step's update
+    # is skipped on every rank, at the price of one host sync per step.
     on_nonfinite: Literal["stop", "skip"] = "stop"
     # Seconds a collective may wait for a missing rank before every rank fails.
     collective_timeout_s: int = Field(600, ge=1)
@@ -240,11 +238,9 @@ class SamplerConfig(Section):
     attribute_shard_set: str = "mix"
     attribute_samples: int = Field(2000, ge=1)  # at most this many images per side of the mean
     strength_max: float = 2.0  # the analogy grid adds 0 .. strength_max times the vector
-    # Which horses and birds, when horse_keys/bird_keys are empty: random (a seeded
-    # draw), or confident: those whose own reconstructions the quality classifier
-    # recognises best, from a seeded pool of pick_pool per class. confident is
-    # curation, as the paper's author picked by hand: it flatters the grid, it does
-    # not measure the model (quality.json's scores of a random pick do).
+    # When horse_keys/bird_keys are empty: random (seeded), or confident: those of a seeded
+    # pool whose reconstructions the classifier recognises best. Curation, which flatters
+    # the grid: compare models on random (README.md, "Sample quality").
     pick: Literal["random", "confident"] = "random"
     pick_pool: int = Field(256, ge=1)  # candidates per class that pick=confident reconstructs and scores
 
@@ -287,10 +283,8 @@ class QualityConfig(Section):
 class WandbConfig(Section):
     """Weights & Biases through Accelerate's tracker."""
 
-    # auto: WANDB_MODE from the environment if set, else online when WANDB_API_KEY
-    # is set, else offline; any other value here wins over WANDB_MODE
-    # (pegasus_dist.training.tracking.wandb_mode). An online start that fails (no network,
-    # a bad key) falls back to offline with one warning.
+    # auto: WANDB_MODE if set, else online with WANDB_API_KEY, else offline; any other
+    # value wins over WANDB_MODE. README.md, "W&B" (and the offline fallback).
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     # How long an online start may wait for the W&B server before falling back to
     # offline (wandb's own init_timeout, 90 s by default, then a crash); a slow link
@@ -298,11 +292,8 @@ class WandbConfig(Section):
     init_timeout_s: float = Field(30.0, gt=0)
     project: str = "pegasus-dist"
     entity: str = ""
-    # Empty name or group: derived from the run folder (Config.wandb_group and
-    # Config.wandb_name). The group is the name of run.output_dir, so the
-    # pretrain and finetune runs of one pipeline, written into the same
-    # output_dir, share it (runs/smoke -> smoke); the name is <group>/<run.name>
-    # (smoke/pretrain), the run folder as people know it. The job type is the phase.
+    # Empty: the group is run.output_dir's name, so that both phases of a pipeline
+    # share it (runs/smoke -> smoke), the name <group>/<run.name> (smoke/pretrain).
     name: str = ""
     group: str = ""
     tags: list[str] = Field(default_factory=list)

@@ -1,11 +1,9 @@
 """Image folders: ``PATH/<class>/*`` or ``PATH/<split>/<class>/*``, a directory or a tar archive.
 
-Images of any size are decoded, converted to RGB, resized on their shorter
-side and centre-cropped. An archive is read member by member and never
-extracted, so no archive can write outside a folder; a member named outside
-it (``../x.jpg``, ``/x.jpg``) is skipped with a warning. Images are checked
-against :data:`MAX_IMAGE_PIXELS` before decoding, and 16-bit ones are scaled
-to 8 bits.
+Images of any size are converted to RGB, resized on their shorter side and
+centre-cropped. An archive is read in place, never extracted: a member named
+outside it (``../x.jpg``) is skipped with a warning. Images over
+:data:`MAX_IMAGE_PIXELS` are refused before decoding.
 """
 
 from __future__ import annotations

@@ -43,11 +43,8 @@ class SourceImages:
 def canonical_class(name: str) -> str:
     """A dataset's or folder's class name in the shared vocabulary.
 
-    Unicode-normalised (NFKC) and lower-cased, runs of anything but letters and
-    digits (of any script) made one "_", synonyms mapped ("automobile" -> "car")
-    and a plural "s" dropped when that gives a vocabulary word ("horses" ->
-    "horse"); any other name (e.g. "birds_in_flight", "馬") stays a class of its own.
-    A name with no letter or digit at all gives "".
+    NFKC, lower case, non-word runs made one "_", synonyms mapped and a plural "s"
+    dropped when that gives a vocabulary word; any other name ("馬") is its own class.
     """
     name = unicodedata.normalize("NFKC", name).strip().casefold()
     name = re.sub(r"[\W_]+", "_", name).strip("_")
@@ -61,9 +58,8 @@ def canonical_class(name: str) -> str:
 def open_tar(path: Path) -> Iterator[tarfile.TarFile]:
     """The archive, open for reading; a truncated or damaged one raises DataError naming it.
 
-    The errors surface while members are read, not at opening: a gzip stream
-    that ends early raises EOFError (which the command line would turn into a
-    bare "Aborted."), a plain tar that ends early a ReadError.
+    The errors surface while members are read: a gzip stream that ends early raises
+    EOFError (which the command line would turn into a bare "Aborted.").
     """
     try:
         with tarfile.open(path, "r:*") as tar:

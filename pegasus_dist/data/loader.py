@@ -1,27 +1,14 @@
 """The training data path: exact, seeded, distributed reading of a shard set.
 
-Each epoch is planned from the manifest alone, identically on every rank:
-
-1. the shards are put in a seeded order, and the samples inside each shard in a
-   seeded order (both change with the epoch), giving one global sequence S of
-   all N samples;
-2. S from position ``start`` on (0, or the samples of the epoch a resumed run
-   already trained) is cut into global batches of ``world_size * batch_size``;
-   in global batch g, rank r takes the r-th slice of ``batch_size`` samples.
-   The last, shorter global batch is split as evenly as possible, so every
-   rank gets the same number of batches and every sample is seen exactly once
-   per epoch. (When that remainder is smaller than the number of ranks, it is
-   folded into the global batch before it, so some ranks' last batch holds
-   one extra sample.)
-3. within a rank, loader worker w of K takes the rank's batches j with
-   j % K == w, which PyTorch's DataLoader hands out in the original order.
-
-Because rank r's slice of global batch g sits at offset r * batch_size, one
-process with batch 2B sees at each step exactly what two processes with
-batch B see together: the trainer's results do not depend on the world size.
-And because a resumed epoch starts at a position of S, not at a batch
-index, a run may resume with another world size or batch size: it trains the
-rest of S, nothing twice and nothing skipped.
+Each epoch is planned from the manifest alone, identically on every rank: a
+seeded order of the shards and of the samples inside each (changing with the
+epoch) gives one global sequence S; S from position ``start`` on (a resumed
+epoch's trained samples) is cut into global batches of ``world_size *
+batch_size``, of which rank r takes the r-th slice (the last, shorter one split
+evenly: :func:`global_batch_sizes`); loader worker w of K takes the rank's
+batches j with j % K == w. So one process of batch 2B sees at each step what
+two of batch B see together, and a run may resume on another world size or
+batch size: it trains the rest of S, nothing twice and nothing skipped.
 """
 
 from __future__ import annotations
@@ -76,9 +63,7 @@ def global_batch_sizes(num_samples: int, world_size: int, batch_size: int,
                        start: int = 0) -> list[int]:
     """Samples in each global batch of the epoch from position ``start`` on, in order.
 
-    Every one but the last holds ``world_size * batch_size``; the last holds what
-    is left, at least one sample per rank (a smaller remainder is folded into
-    the batch before it).
+    The last holds what is left, at least one per rank (less is folded into the one before).
     """
     left = num_samples - start
     if left < world_size:
@@ -147,9 +132,7 @@ class _ShardStream(IterableDataset):
     def _batch(self, samples: list[ShardSample | None], offset: int, cache: _ShardCache) -> Batch:
         """Sample by sample: a bad one stops the run, or its slot takes a good sample's copy.
 
-        Copies come from this batch, else from the first readable sample of the
-        set: the batch keeps its size, so every rank still takes the same steps
-        with the same shapes.
+        The batch keeps its size, so every rank still takes the same steps with the same shapes.
         """
         found = [cache.decode(sample) for sample in samples]
         good = [sample for sample in found if sample is not None]
@@ -161,19 +144,12 @@ class _ShardStream(IterableDataset):
 
 
 def _nchw(pixels: np.ndarray) -> torch.Tensor:
-    """(B, H, W, 3) -> a new contiguous (B, 3, H, W) tensor.
-
-    The transpose is NumPy's: torch's permute-copy starts threads a loader worker cannot spare.
-    """
+    """(B, H, W, 3) -> (B, 3, H, W), by NumPy: torch's permute-copy starts threads a worker cannot spare."""
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
 
 
 class _ShardCache:
-    """The encoded samples of the shard being read (an epoch walks shard after shard).
-
-    Images are decoded only when asked for: each worker decodes just its own
-    batches, though it reads every shard its batches touch.
-    """
+    """The encoded samples of the shard being read; a worker decodes only its own batches."""
 
     def __init__(self, shard_set: ShardSet, skip_bad: bool) -> None:
         self.shard_set = shard_set
@@ -262,11 +238,8 @@ def _keep_batch(batch: Batch) -> Batch:
 class MemoryLoader:
     """The device-resident mode: the whole shard set decoded once into one uint8 tensor.
 
-    Batches follow exactly the plan of :class:`ShardLoader` (same epochs, same
-    rank split, each sample once per epoch), drawn by indexing the tensor on
-    the device: no decoding, no host-to-device copies of images after the
-    first. Worth it whenever the set fits in memory (the 32x32 mix is ~0.5 GB).
-    Bad data always stops this mode, at load time.
+    Batches follow the plan of :class:`ShardLoader`, drawn by indexing the
+    tensor on the device. Bad data always stops this mode, at load time.
     """
 
     def __init__(self, shard_set: str | Path, batch_size: int, rank: int, world_size: int,

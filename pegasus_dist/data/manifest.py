@@ -1,14 +1,10 @@
 """``manifest.json``: what a shard set holds and how it was made.
 
-One per shard set: image size, sample counts per source, label and split,
-every shard with its sample count and sha256, the seed, and the command and
-sources that made it. The loader plans epochs from the per-shard counts,
-so it never has to scan the tars to know the data layout.
-
-The sets one ``prepare`` writes side by side share a ``generation``: a hash of
-their provenance and of every shard of every set. Sets made from different
-inputs never share it; the same inputs give the same id, as they give the
-same shards.
+Image size, sample counts per source, label and split, every shard with its
+count and sha256, and the provenance; the loader plans epochs from the
+per-shard counts without scanning the tars. The sets of one ``prepare`` share
+a ``generation``, a hash of their provenance and shards: the same inputs give
+the same id, different inputs never share it.
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
-"""The official archives: CIFAR-10's python archive and STL-10's binary one.
+"""The official archives: CIFAR-10 python (Krizhevsky, 2009) and STL-10 binary (Coates et al., 2011).
 
-- CIFAR-10 (Krizhevsky, 2009): train (50,000) then test (10,000);
-- STL-10 (Coates et al., 2011): train (5,000), test (8,000), unlabeled (100,000).
-
-Each archive is checked against its published md5 (torchvision's
-``calculate_md5``) unless the caller turns that off for a fixture or a modified
-copy. The CIFAR-10 batches are pickles: they are read with a restricted
-unpickler that accepts only the NumPy array types they hold.
+Each is checked against its published md5 unless turned off (a fixture or a
+modified copy). CIFAR-10's pickled batches go through an unpickler that
+accepts only the NumPy array types they hold.
 """
 
 from __future__ import annotations
@@ -97,10 +93,8 @@ def read_cifar10(path: str | Path, image_size: int = 32, verify_checksum: bool =
 def write_cifar10_archive(images: np.ndarray, labels: list[int], path: Path) -> Path:
     """Write (N, 32, 32, 3) uint8 images in the official CIFAR-10 python layout.
 
-    Five train batches and a test batch of about N/6 each, pickled as
-    ``{b"data": N x 3072 channel-planar rows, b"labels": [...]}``, plus
-    ``batches.meta``: what ``read_cifar10`` and torchvision's ``CIFAR10`` read.
-    For fixtures and benchmarks; the md5 is of course not the official one.
+    Five train batches and a test batch of about N/6 each, plus ``batches.meta``,
+    as torchvision's ``CIFAR10`` reads them; for fixtures and benchmarks.
     """
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     bounds = np.linspace(0, len(images), len(names) + 1).astype(int)

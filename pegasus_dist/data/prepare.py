@@ -1,25 +1,11 @@
 """`pegasus-dist prepare`: image sources -> the mix, horse_bird and eval shard sets.
 
 All sources are loaded at the target size and concatenated; a seeded
-permutation then shuffles them together and sets aside ``eval_fraction`` of
-them as the held-out ``eval`` set. The rest, in the shuffled order, is
-written as ``mix`` (every image) and ``horse_bird`` (the labelled horses and
-birds only, as in the paper's finetune phase). Same inputs, same bytes.
-
-The three sets are published as one unit, so that an interrupted run never
-leaves a half-written set, nor new sets beside old ones (a held-out image of
-one run is a training image of another). The output folder holds::
-
-    mix -> .current/mix               links, made once
-    horse_bird -> .current/horse_bird
-    eval -> .current/eval
-    .current -> .generation-<stamp>   the one link each run replaces
-    .generation-<stamp>/{mix,horse_bird,eval}/shard-*.tar, manifest.json
-
-A run writes all three sets into a new ``.generation-*`` folder, then renames
-a fresh ``.current`` link over the old one: a single atomic step switches
-every set, and only then are older generations deleted. Readers see plain
-folders: ``out/mix/manifest.json`` and ``out/mix/shard-*.tar`` as before.
+permutation shuffles them and sets aside ``eval_fraction`` as ``eval``. The
+rest is written as ``mix`` (every image) and ``horse_bird`` (the labelled
+horses and birds). Same inputs, same bytes. The three sets are published as
+one unit, through one ``.current`` link to a ``.generation-*`` folder (README.md,
+"Fault tolerance"), so that a held-out image of one run is never a training image of another.
 """
 
 from __future__ import annotations
@@ -136,9 +122,7 @@ class ShardTask:
 def _write_shards(images: np.ndarray, metas: list[dict], tasks: list[ShardTask]) -> list[ShardEntry]:
     """Encode and write every shard, on all cores when there are many images.
 
-    Each task is a whole shard: encoding, tar writing and hashing all run in
-    the forked workers, which inherit the images and metadata through the
-    pool's initializer, so no image is pickled and no shard is held in memory.
+    Forked workers inherit the images through the pool's initializer: nothing is pickled.
     """
     _share(images, metas)
     if len(images) < POOL_THRESHOLD:
@@ -176,10 +160,9 @@ def _write_set_manifest(folder: Path, name: str, indices: np.ndarray, metas: lis
 def _publish(out: Path, generation: Path, names: list[str]) -> None:
     """Make the complete sets in ``generation`` the sets of ``out``, all at once.
 
-    The commit point is one rename of a new ``.current`` link over the old.
-    The set links ``out/<set>`` are made once. Set folders of the layout before
-    generations are moved aside first, every one before any link is made, so
-    an interruption even there leaves old sets or new ones, never both.
+    The commit point is one rename of a new ``.current`` link over the old. Set
+    folders of the layout before generations are all moved aside before any
+    link is made, so an interruption leaves old sets or new ones, never both.
     """
     _replace_link(out / CURRENT, Path(generation.name))
     old_folders = [out / name for name in names if (out / name).is_dir() and not (out / name).is_symlink()]

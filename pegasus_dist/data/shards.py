@@ -1,15 +1,10 @@
 """WebDataset tar shards: written by webdataset, read through one :class:`ShardSet`.
 
 A sample is two tar members with one key: ``KEY.npy`` (the (H, W, 3) uint8
-image, NumPy's format) and ``KEY.json`` (``{"key", "source", "index",
-"label", "split"}``). Keys hold no dots, since WebDataset splits a member
-name at its first dot. Plain ``webdataset.WebDataset(urls).decode()`` reads
-the shards. Why ``.npy`` and not PNG: docs/performance.md ("Sample format").
-
-Shards are ustar archives written by webdataset's ``TarWriter`` with a fixed
-owner, mode and time stamp, so the same samples give byte-identical shards.
-They are read by webdataset's tar reader and decoded by its decoder, which
-also opens the PNG members of shards written before the switch to ``.npy``.
+image) and ``KEY.json`` (``{"key", "source", "index", "label", "split"}``);
+keys hold no dots, since WebDataset splits a member name at its first dot.
+Plain ``webdataset.WebDataset(urls).decode()`` reads them. Why ``.npy`` and
+not PNG (still read, from older shards): docs/performance.md ("Sample format").
 """
 
 from __future__ import annotations
@@ -71,10 +66,8 @@ def _parse_meta(raw: bytes, shard: Path, key: str) -> dict:
 def write_shard(path: Path, samples: Iterable[tuple[str, np.ndarray, dict]]) -> None:
     """Write (key, (H, W, 3) uint8 image, meta) samples, in order, into one tar file.
 
-    webdataset's TarWriter encodes them (``.npy``, ``.json``), with every member's
-    owner, mode and time stamp fixed, so the same samples give the same bytes.
-    One writer per shard, not a ShardWriter: ``prepare`` writes its shards in
-    parallel, one per process.
+    Every member's owner, mode and time stamp are fixed: the same samples give the
+    same bytes. One writer per shard: ``prepare`` writes shards in parallel.
     """
     with TarWriter(str(path), user=OWNER, group=OWNER, mode=0o444, mtime=0) as writer:
         for key, image, meta in samples:
@@ -82,11 +75,7 @@ def write_shard(path: Path, samples: Iterable[tuple[str, np.ndarray, dict]]) -> 
 
 
 def iter_shard(path: Path) -> Iterator[ShardSample]:
-    """The samples of one shard, in file order; a damaged tar raises DataError naming it.
-
-    The samples before the damage are yielded first, so a reader that skips
-    bad samples keeps them.
-    """
+    """The samples of one shard, in file order; a damaged tar raises DataError after those before it."""
     try:
         for sample in tarfile_samples([{"url": str(path)}]):
             yield _shard_sample(sample, path)

@@ -1,19 +1,9 @@
-"""Image sources, read into memory at the target size.
+"""Image sources, read into memory at the target size, named by a spec string (:func:`load_source`).
 
-Sources are named by a spec string (``load_source``):
-
-- ``cifar10:PATH`` / ``cifar10:download``: the official CIFAR-10 python archive
-  (Krizhevsky, 2009), train (50,000) then test (10,000);
-- ``stl10:PATH`` / ``stl10:download``: the official STL-10 binary archive
-  (Coates et al., 2011), train (5,000), test (8,000), unlabeled (100,000);
-- ``folder:PATH``: ``PATH/<class>/*.{png,jpg}`` or ``PATH/<split>/<class>/*``,
-  a directory or a ``.tar``/``.tar.gz`` with that layout, images of any size;
-- ``synthetic:N[:SEED]``: N generated images, for offline demos and tests.
-
-The readers live beside this module: :mod:`~pegasus_dist.data.official` for the
-two official archives, :mod:`~pegasus_dist.data.folders` for image folders; what
-they share (:class:`~pegasus_dist.data.images.SourceImages`, the class
-vocabulary) is in :mod:`~pegasus_dist.data.images`.
+``cifar10:PATH|download`` and ``stl10:PATH|download`` (the official archives,
+:mod:`.official`), ``folder:PATH`` (``PATH/[<split>/]<class>/*``, a folder or
+a tar, :mod:`.folders`) and ``synthetic:N[:SEED]`` (offline demos and tests).
+README.md, "1. Shards", lists what each holds.
 """
 
 from __future__ import annotations
@@ -30,7 +20,7 @@ from pegasus_dist.errors import DataError
 
 
 def load_source(spec: str, image_size: int = 32, verify_checksums: bool = True) -> SourceImages:
-    """Read the source a spec names (see the module docstring for the forms)."""
+    """Read the source a spec names (the forms: the module docstring)."""
     kind, _, arg = spec.partition(":")
     if kind in ("cifar10", "stl10") and arg:
         path = download_official(kind, Path("data")) if arg == "download" else Path(arg)
@@ -48,12 +38,7 @@ def load_source(spec: str, image_size: int = 32, verify_checksums: bool = True) 
 
 
 def synthetic(num_images: int, image_size: int = 32, seed: int = 0) -> SourceImages:
-    """Deterministic toy images with class structure, for offline demos and tests.
-
-    Horses are brown or white bodies on four legs over grass; birds are small
-    bodies with two wing triangles on sky; other classes are plain shapes;
-    about one image in five is unlabeled.
-    """
+    """Deterministic toy images with class structure (horses on grass, birds on sky), for demos and tests."""
     if num_images < 1:
         raise DataError("synthetic:N needs N >= 1")
     rng = np.random.default_rng(seed)

@@ -1,10 +1,8 @@
-"""`pegasus-dist verify`: check shard sets against their manifests.
+"""`pegasus-dist verify`: check shard sets against their manifests, reporting every problem.
 
-For each shard: the sha256 and the sample count the manifest recorded, every
-image decodes at the manifest's size, every sample has its label field, and
-no key appears twice. The held-out set is also checked against the training
-sets beside it: the same ``prepare`` run (generation) and no key in common.
-Every problem found is reported, not just the first.
+Per shard: sha256 and sample count, every image decodes at the set's size and
+has its label, no key twice; the held-out set shares the training sets'
+generation and no key with them.
 """
 
 from __future__ import annotations

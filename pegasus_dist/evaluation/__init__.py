@@ -1,6 +1,4 @@
-"""Sampling and evaluation: the Pegasus sampler, the quality classifier and its scores,
-held-out metrics, the contact sheet and the HTML report.
+"""Sampling and evaluation: the Pegasus sampler, the quality classifier, held-out metrics, the report.
 
-Above data and model, below training, which runs the sampler after each phase
-(docs/architecture.md).
+Above data and model, below training, which runs the sampler after each phase (docs/architecture.md).
 """

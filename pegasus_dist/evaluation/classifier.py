@@ -1,16 +1,10 @@
 """The project's own image classifier, the judge of sample quality (pegasus_dist.evaluation.quality).
 
-A small CNN (three conv blocks with batch norm, ReLU and max-pooling, global
-average pooling to a feature vector, one linear layer to the classes),
-trained by `pegasus-dist classifier` on the labelled images of the ``mix``
-shard set with random flips and 2-pixel shifts, then measured on the
-labelled images of the held-out ``eval`` set. Its penultimate features are
-the space of the Fréchet distance. It is saved as a folder:
-
-- ``classifier.safetensors``: the weights and batch-norm statistics;
-- ``classifier.json``: class names in order, widths, image size, epochs, the
-  held-out accuracy overall and per class, the shards' ``generation`` it was
-  trained on and the training time.
+A small CNN trained by `pegasus-dist classifier` on the labelled images of
+``mix`` and measured on ``eval`` (README.md, "Sample quality"); its
+penultimate features are the space of the Fréchet distance. Saved as a folder:
+``classifier.safetensors`` (weights) and ``classifier.json`` (classes, widths,
+held-out accuracy, the shards' ``generation``).
 """
 
 from __future__ import annotations

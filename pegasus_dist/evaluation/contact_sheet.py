@@ -1,10 +1,8 @@
 """`pegasus-dist contact-sheet`: candidate horses and birds to choose by eye.
 
-The paper's author picked 8 horses and 21 birds by hand. This writes a
-seeded random selection of labelled images as one PNG, each tile enlarged and
-captioned with its whole shard key (in as many lines as the tile's width
-needs), plus a JSON listing the same keys, so that a person can paste the
-keys they like into ``sampler.horse_keys`` and ``sampler.bird_keys``.
+A seeded selection of labelled images as one PNG, each tile captioned with its
+whole shard key, and a JSON of the same keys, to paste into
+``sampler.horse_keys`` and ``sampler.bird_keys`` as the paper's author picked by hand.
 """
 
 from __future__ import annotations
@@ -70,19 +68,14 @@ def caption_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default()
 
 
-def caption_lines(key: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int) -> list[str]:
-    """``key`` in lines no wider than ``width`` pixels, which joined give the key back.
+def caption_lines(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int,
+                  breaks: tuple[str, ...] = BREAKS) -> list[str]:
+    """``text`` in lines no wider than ``width`` pixels, which joined give it back.
 
-    Broken after a "-" where one fits (between a key's source, split and
-    index), else after a "_", else anywhere, and filled from the end, so that
-    the tail that tells keys apart (``train-0004013``) stays on one line.
+    Broken after a "-" where one fits, else after a "_", else anywhere, and
+    filled from the end, so that the tail that tells keys apart
+    (``train-0004013``) stays on one line.
     """
-    return _fill(key, font, width, BREAKS)
-
-
-def _fill(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int,
-          breaks: tuple[str, ...]) -> list[str]:
-    """Pieces of ``text`` cut after ``breaks[0]``, from the last; one too wide is cut by the next break."""
     sep, finer = breaks[0], breaks[1:]
     if sep:
         cut = re.escape(sep)
@@ -96,7 +89,7 @@ def _fill(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: 
         elif font.getlength(piece) <= width or not finer:
             lines.insert(0, piece)
         else:
-            lines[:0] = _fill(piece, font, width, finer)
+            lines[:0] = caption_lines(piece, font, width, finer)
     return lines
 
 

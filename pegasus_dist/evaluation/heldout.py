@@ -1,23 +1,11 @@
 """`pegasus-dist eval`: how well a checkpoint models the held-out images.
 
-On the ``eval`` shard set (which training never sees), per image:
-
-- the negative ELBO, ``recon + KL`` in nats, with one seeded sample of z per
-  image, and the same in bits per dimension (divided by 3*H*W*ln 2). The
-  reconstruction term is the paper's summed binary cross-entropy, which for
-  pixels in [0, 1] is not a normalised density: compare these numbers between
-  runs of this project, not with published bits/dim;
-- the reconstruction PSNR of decode(mu) against the image, in dB;
-- the active latent units: dimensions whose posterior mean varies across the
-  data, Var_x(E[z_d|x]) > 0.01 (the criterion of Burda et al., "Importance
-  Weighted Autoencoders", 2016).
-
-Reported for all held-out images and for the horses and birds among them;
-with the quality classifier (pegasus_dist.evaluation.classifier) the horses and birds
-also get the fraction of their reconstructions it classifies as their own
-label (``recon_horse_as_horse``, ``recon_bird_as_bird``) and, for reference,
-the same of the originals (``horse_as_horse``, ``bird_as_bird``: the
-classifier's own accuracy on them).
+On the ``eval`` shard set, per image: the negative ELBO in nats (one seeded
+z per image) and in bits per dimension, the reconstruction PSNR of decode(mu),
+and the active latent units (Var_x(E[z_d|x]) > 0.01, Burda et al. 2016); for
+all images and for the horses and birds, which with the quality classifier
+also get the fractions of their reconstructions (and originals) classified as
+their own label. README.md, "Beyond the paper", says how to read them.
 """
 
 from __future__ import annotations

@@ -1,23 +1,9 @@
 """Whether a grid's tiles look like horses, birds, both, or a blur: scores from the project's classifier.
 
-For a set of tiles (float N x 3 x H x W in [0, 1]), with the classifier of
-pegasus_dist.evaluation.classifier:
-
-- ``p_horse``, ``p_bird``: the mean class probabilities;
-- ``pegasus_score``: the mean over tiles of sqrt(P(horse) * P(bird)), high only
-  for tiles that are both at once (at most 0.5, for a tile split evenly);
-- ``horse_bird_mass``: the mean of P(horse) + P(bird), low for tiles that look
-  like neither (blurs, other classes);
-- ``frechet``: the Fréchet distance between Gaussians fitted to the tiles' and
-  to the held-out real horses' and birds' penultimate classifier features (as
-  FID does in Inception features). It is biased by the number of tiles, so
-  compare it only between sets of the same size, such as a grid and its baseline.
-
-:func:`score_samples` scores every grid a sampler wrote from its saved PNG,
-what a person sees, beside a baseline: for pegasus.png and lerp.png the pixel
-crossfade (1 - mu) * horse + mu * bird of the very pairs and mu values of
-their JSON, of the real images; for reconstructions.png the originals of its
-rows. The results go to ``quality.json`` in the samples folder.
+The scores (``p_horse``, ``p_bird``, ``pegasus_score``, ``horse_bird_mass``,
+``frechet``) and the crossfade baseline are defined in README.md, "Sample
+quality". :func:`score_samples` scores every grid from its saved PNG, what a
+person sees, and writes ``quality.json`` into the samples folder.
 """
 
 from __future__ import annotations
@@ -69,7 +55,7 @@ def real_features(classifier: Classifier, shard_set: str | Path) -> torch.Tensor
 
 
 def tile_scores(classifier: Classifier, tiles: torch.Tensor, real: torch.Tensor) -> dict:
-    """The scores of the module docstring for ``tiles``; ``real``: features from :func:`real_features`."""
+    """The scores of ``tiles`` (README.md, "Sample quality"); ``real``: from :func:`real_features`."""
     probs, feats = predict(classifier, tiles)
     horse, bird = probs[:, classifier.index("horse")], probs[:, classifier.index("bird")]
     return {"tiles": len(tiles), "p_horse": horse.mean().item(), "p_bird": bird.mean().item(),
@@ -104,10 +90,9 @@ def read_grid(path: str | Path, tile_size: int, padding: int = GRID_PADDING) -> 
 
 
 def crossfade(rows: list[dict], images: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(1 - mu) * horse + mu * bird for each row's pair and mu values, row-major, as 8-bit pixels.
+    """(1 - mu) * horse + mu * bird for each row's pair and mu, row-major, quantised as the PNGs are.
 
-    ``images``: uint8 (3, H, W) by key. Quantised as the sampler's PNGs are, so
-    that both sides are scored from the same kind of pixels.
+    ``images``: uint8 (3, H, W) by key.
     """
     tiles = []
     for row in rows:

@@ -1,12 +1,8 @@
-"""`pegasus-dist report`: one HTML page of a run's phases, for people without W&B.
+"""`pegasus-dist report`: one self-contained HTML page of a run's phases, for people without W&B.
 
-For each run folder: the loss curves (total, reconstruction BCE and KL per
-image, from ``metrics.jsonl``) drawn as inline SVG, the newest held-out
-evaluation, the classifier's scores of the grids beside their baselines
-(``samples/quality.json``, pegasus_dist.evaluation.quality), and the sample grids
-embedded as images (the phase's own and
-those ``pegasus-dist sample`` wrote into ``samples/step_N/``). The page has no
-external references, so it can be mailed or attached as it is.
+Per run folder: the loss curves of ``metrics.jsonl`` as inline SVG, the newest
+held-out evaluation, the grids' quality scores (``samples/quality.json``) and
+the sample grids, embedded; no external references, so it can be mailed as it is.
 """
 
 from __future__ import annotations
@@ -107,14 +103,16 @@ def _eval_table(run: Path) -> str:
     names = [k for k in dict.fromkeys(k for values in metrics.values() for k in values)
              if k not in ("latent_dim", "active_unit_threshold")]
     head = "".join(f"<th>{html.escape(n)}</th>" for n in ["subset", *names])
-    body = "".join(
-        "<tr><td>" + html.escape(subset) + "</td>"
-        + "".join(f"<td>{values.get(n, ''):.4g}</td>" if isinstance(values.get(n), float)
-                  else f"<td>{values.get(n, '')}</td>" for n in names) + "</tr>"
-        for subset, values in metrics.items()
-    )
+    body = "".join(_row(subset, values, names) for subset, values in metrics.items())
     return (f"<p>held-out evaluation ({html.escape(evals[-1].stem)}):</p>"
             f"<table><tr>{head}</tr>{body}</table>")
+
+
+def _row(label: str, values: dict, names: list[str]) -> str:
+    """A table row: ``label``, then each of ``names`` in ``values`` (floats to 4 digits, blank if absent)."""
+    cells = "".join(f"<td>{v:.4g}</td>" if isinstance(v := values.get(n, ""), float) else f"<td>{v}</td>"
+                    for n in names)
+    return f"<tr><td>{html.escape(label)}</td>{cells}</tr>"
 
 
 def _quality_table(run: Path) -> str:
@@ -129,9 +127,7 @@ def _quality_table(run: Path) -> str:
         rows += [(f"{grid}: {name}", base) for name, base in values.items() if isinstance(base, dict)]
     names = list(dict.fromkeys(k for _, values in rows for k, v in values.items() if not isinstance(v, dict)))
     head = "".join(f"<th>{html.escape(n)}</th>" for n in ["grid", *names])
-    body = "".join("<tr><td>" + html.escape(label) + "</td>" + "".join(
-        f"<td>{values[n]:.4g}</td>" if isinstance(values.get(n), float) else f"<td>{values.get(n, '')}</td>"
-        for n in names) + "</tr>" for label, values in rows)
+    body = "".join(_row(label, values, names) for label, values in rows)
     accuracy = results.get("classifier", {}).get("held_out_accuracy")
     return (f"<p>sample quality (pegasus_dist.evaluation.quality; "
             f"classifier held-out accuracy {accuracy}):</p>"

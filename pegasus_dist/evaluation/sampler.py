@@ -1,18 +1,10 @@
 """The paper's Pegasus sampler (Section 1.4) and the grids written after each phase.
 
-Pick 8 horses and 21 birds (a seeded random choice, or with
-``sampler.pick=confident`` those whose own reconstructions the quality
-classifier recognises best: curation, as the paper's author picked by hand,
-not a measure of the model), encode them, pair every horse with a randomly
-chosen bird, slerp between their latent means at 8 evenly spaced mu in
-[0.4, 0.7], decode: 64 images in an 8x8 grid, one row per horse. Beside it we
-write a grid of reconstructions and a grid of samples from the prior.
-
-`pegasus-dist sample --method` also offers plain linear interpolation, for
-comparison, and the "analogy" sampler the paper wanted but could not try
-(White, 2016): a wing vector, the mean latent of birds (or of chosen images
-such as birds in flight) minus the mean latent of the other classes, added
-to each horse's latent at growing strengths.
+Pick 8 horses and 21 birds (seeded, or ``sampler.pick=confident``), pair each
+horse with a random bird, slerp between their latent means at 8 mu in
+[0.4, 0.7] and decode: an 8x8 grid, one row per horse; beside it the
+reconstructions and the prior. ``--method`` adds linear interpolation and the
+analogy (wing vector) sampler (README.md, "Beyond the paper").
 """
 
 from __future__ import annotations
@@ -221,10 +213,8 @@ def run_sampler(
     model: VAE, cfg: SamplerConfig, shards_root: str | Path, out_dir: str | Path,
     method: str = "slerp", classifier: Classifier | None = None,
 ) -> SampleOutputs:
-    """Write the grids of ``method`` into ``out_dir``.
+    """Write the grids of ``method`` into ``out_dir`` (slerp: pegasus.png, reconstructions.png, prior.png).
 
-    slerp (after each phase): pegasus.png (+ .json), reconstructions.png, prior.png;
-    lerp: lerp.png (+ .json); analogy: analogy.png (+ .json); prior: prior.png.
     ``classifier``: the quality classifier, which ``sampler.pick=confident`` needs.
     """
     out_dir = Path(out_dir)

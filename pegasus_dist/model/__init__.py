@@ -1,5 +1,1 @@
-"""The model wing: the paper's VAE, its loss, the networks trained against it, and slerp.
-
-Imports nothing of the package but ``config`` and ``errors``: data and model are
-the bottom of the layering (docs/architecture.md).
-"""
+"""The model wing: the VAE, its loss, the networks trained against it, slerp (docs/architecture.md)."""

@@ -10,14 +10,9 @@ to predict ``a``; the autoencoder is trained so that its interpolants fool it
     L_critic = |C(x_a) - a|^2 + |C(gamma x + (1 - gamma) g(f(x)))|^2
     L_ae    += lambda |C(x_a)|^2
 
-The second critic term (the paper's regulariser, gamma = 0.2) shows the
-critic non-interpolated images that are not quite real, so that it cannot
-win by telling reconstructions from data alone.
-
-Here ``z`` is the latent mean (what the Pegasus sampler interpolates), the
-pairs are neighbours in the global batch (rows 2k and 2k + 1) and ``a`` is
-drawn per image from the step's generator (``TrainStep._noise`` (training/step.py)): a step
-mixes the same pairs with the same coefficients on any number of processes.
+Here ``z`` is the latent mean, the pairs are neighbours in the global batch
+(rows 2k and 2k + 1) and ``a`` comes from the step's generator
+(``TrainStep._noise``): the same on any number of processes.
 """
 
 from __future__ import annotations
@@ -32,10 +27,9 @@ ALPHA_MAX = 0.5
 
 
 class Critic(nn.Module):
-    """The encoder's convolutions without batch norm, then the mean of a 1-channel map: one scalar.
+    """The encoder's convolutions, then the mean of a 1-channel map: one scalar per image.
 
-    No batch norm, so that its output for an image does not depend on the rest
-    of the batch (the autoencoder's term evaluates it on interpolants alone).
+    No batch norm, so that an image's output does not depend on the rest of the batch.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -53,11 +47,10 @@ class Critic(nn.Module):
 
 
 def partners(size: int, offset: int, device: torch.device) -> torch.Tensor:
-    """Each row's partner: its neighbour in the global batch (2k <-> 2k + 1).
+    """Each row's partner: its neighbour in the global batch (2k <-> 2k + 1), from row ``offset`` on.
 
-    ``offset`` is the first row's position in the global batch. A row whose
-    neighbour is on another process (an odd share) takes the row before it;
-    a lone row pairs with itself, and :func:`interpolation_mask` leaves it out.
+    A neighbour on another process is replaced by the row before; a lone row
+    pairs with itself, which :func:`interpolation_mask` leaves out.
     """
     rows = torch.arange(size, device=device)
     partner = ((rows + offset) ^ 1) - offset

@@ -1,19 +1,14 @@
 """The networks trained against the autoencoder: ACAI's critic and a patch discriminator.
 
-The patch discriminator is the adversarial loss on decodes of VAE-GAN (Larsen,
-Sønderby, Larochelle and Winther 2016, arXiv:1512.09300) in the form of
-pix2pix's PatchGAN (Isola, Zhu, Zhou and Efros 2017, arXiv:1611.07004): it
-scores every patch of an image as real or decoded, and the autoencoder is
-trained so that its reconstructions score as real. Losses are the hinge
-losses of SAGAN and taming-transformers (arXiv:1805.08318, 2012.09841):
+The patch discriminator is VAE-GAN's adversarial loss on decodes (Larsen et
+al. 2016, arXiv:1512.09300) as pix2pix's PatchGAN (Isola et al. 2017,
+arXiv:1611.07004), with the hinge losses of SAGAN (arXiv:1805.08318):
 
     L_D = mean(relu(1 - D(x))) + mean(relu(1 + D(x_hat)))
     L_G = -mean(D(x_hat))                  (in the autoencoder's loss, times loss.patch_gan_weight)
 
-Both adversaries live in one module, :class:`Adversaries`, so that the
-trainer prepares one more model (DDP: one forward and one all-reduce per
-micro-batch for both), one Adam steps both, and a checkpoint holds both in one
-file, their weights named ``critic.*`` and ``discriminator.*``.
+Both live in :class:`Adversaries`: one more prepared model, one Adam, one
+checkpoint file (``critic.*`` and ``discriminator.*``).
 """
 
 from __future__ import annotations

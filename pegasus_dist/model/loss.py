@@ -1,31 +1,12 @@
-"""The paper's loss, Equation (1): reconstruction negative log-likelihood plus KL.
+"""The paper's loss, Equation (1): reconstruction negative log-likelihood plus KL, per image.
 
 Both terms are summed over pixels (resp. latent dimensions) and averaged over
-the images of the batch, so the numbers are per image and do not depend on
-the batch size or the number of processes.
-
-The reconstruction term is the paper's binary cross-entropy on [0, 1], or
-with ``model.likelihood=logistic`` the negative log-likelihood of the 8-bit
-pixels under a discretized logistic (Salimans et al. 2017, "PixelCNN++",
-Section 2.1, with one mixture component and a learned scale per channel). BCE
-on [0, 1] is not the likelihood of any distribution over 8-bit images (its
-minimum at a grey pixel is far above 0), so it always pulls decodes towards
-0.5; the logistic's learned scale sets how much a pixel error costs against
-the KL, which is the balance that blurs a VAE (Rybkin et al. 2021,
-"Simple and Effective VAE Training with Calibrated Decoders").
-
-Two options against the blur of a plain ELBO, both off by default:
-
-- KL warm-up (``loss.kl_warmup_steps``): beta grows linearly from 0 over the
-  first steps, so that the decoder learns to use the latent before the KL
-  term pulls it to the prior (Bowman et al. 2016, "Generating Sentences from
-  a Continuous Space"; Sonderby et al. 2016, "Ladder Variational Autoencoders");
-- free bits (``loss.free_bits``): each latent dimension's KL counts at least
-  lambda nats, so dimensions below it are not pushed further to the prior
-  (Kingma et al. 2016, "Improved Variational Inference with Inverse
-  Autoregressive Flow", Section C.8). The floor applies per image, not per
-  batch as in that paper, so that the loss of a step does not depend on how
-  the batch is shared among processes.
+the batch's images, so they do not depend on the batch size or the process
+count. The options (README.md, "Beyond the paper"): a discretized logistic
+likelihood (Salimans et al. 2017, PixelCNN++; BCE on [0, 1] is not a
+likelihood of 8-bit images and pulls decodes to grey), KL warm-up (Bowman et
+al. 2016) and free bits (Kingma et al. 2016, Section C.8), applied per image
+rather than per batch so that a step does not depend on how the batch is split.
 """
 
 from __future__ import annotations

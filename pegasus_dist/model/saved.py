@@ -1,9 +1,7 @@
 """A trained model on disk: where a checkpoint's files are, and its weights loaded by name.
 
-The layout that ``training.checkpoint`` writes (``<run>/checkpoints/step_<N>/``
-with ``state.json`` written last) and that everything reading a trained model
-(the sampler, ``eval``, ``train.init_from``) finds its weights in. Writing,
-checking and resuming checkpoints stay in ``training.checkpoint``.
+What everything reading a trained model (the sampler, ``eval``,
+``train.init_from``) needs; writing and resuming checkpoints is ``training.checkpoint``.
 """
 
 from __future__ import annotations
@@ -28,12 +26,7 @@ def checkpoint_name(step: int) -> str:
 
 
 def list_checkpoints(root: Path) -> list[Path]:
-    """Published checkpoints under ``root``, oldest first.
-
-    Only folders named exactly as :func:`checkpoint_name` names them count:
-    temporary folders, damaged ones moved aside and strays such as
-    ``step_00000060.bak`` are ignored.
-    """
+    """Published checkpoints under ``root``, oldest first: only folders named exactly ``step_<N>``."""
     if not root.is_dir():
         return []
     found = {}

@@ -1,10 +1,8 @@
-"""Spherical linear interpolation, the paper's Equation (3).
+"""Spherical linear interpolation, the paper's Equation (3) (White, arXiv:1609.04468).
 
     slerp(q1, q2; mu) = sin((1 - mu) theta) / sin(theta) * q1 + sin(mu theta) / sin(theta) * q2
 
-with theta the angle between q1 and q2 (White, "Sampling Generative Networks",
-arXiv:1609.04468). The formula divides by sin(theta), which vanishes when the
-vectors are parallel or antiparallel, so those cases are handled explicitly.
+sin(theta) vanishes for parallel or antiparallel vectors: both are handled explicitly.
 """
 
 from __future__ import annotations
@@ -18,13 +16,10 @@ _EPS = 1e-6
 def slerp(q1: torch.Tensor, q2: torch.Tensor, mu: torch.Tensor | float) -> torch.Tensor:
     """Interpolate rows of ``q1`` and ``q2`` (shape (..., D)) at ``mu`` in [0, 1].
 
-    ``mu`` broadcasts against the leading dimensions, so ``q1[:, None]``,
-    ``q2[:, None]`` and ``mu`` of shape (M, 1) give (N, M, D). mu = 0 gives q1
-    and mu = 1 gives q2 exactly. Parallel vectors fall back to linear
-    interpolation (the limit of the formula). Antiparallel vectors have no
-    unique great circle; we rotate through a direction orthogonal to q1, so
-    the path stays on the sphere (for equal norms) instead of passing through
-    zero as linear interpolation would.
+    ``mu`` broadcasts against the leading dimensions; mu = 0 and 1 give q1 and q2
+    exactly. Parallel vectors interpolate linearly (the formula's limit);
+    antiparallel ones rotate through a direction orthogonal to q1, so the path
+    stays on the sphere instead of passing through zero.
     """
     mu = torch.as_tensor(mu, dtype=q1.dtype, device=q1.device)
     n1 = q1.norm(dim=-1, keepdim=True)

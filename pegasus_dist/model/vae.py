@@ -1,17 +1,12 @@
 """The paper's convolutional VAE (Section 1.1, Figure 1).
 
 Encoder: 4 stride-2 convolutions with batch norm and LeakyReLU, then 4 fully
-connected layers, the last giving the mean and log-variance of the latent.
-Decoder: 4 fully connected layers, then 4 stride-2 transposed convolutions to
-an image. The paper does not give kernel sizes or widths; we use 4x4 kernels
-(each halves or doubles the side exactly) and take widths from the config.
-
-The decoder returns logits; :meth:`VAE.decode` applies the sigmoid. Training
-uses the logits with ``binary_cross_entropy_with_logits``, which is the same
-loss as BCE on the sigmoid output but stays finite in bf16/fp16. With
-``model.likelihood=logistic`` the sigmoid of the logits is the mean of a
-discretized logistic whose log-scale per colour channel, ``VAE.log_scale``,
-is learned with the rest (pegasus_dist.model.loss.reconstruction_nll).
+connected layers giving the latent's mean and log-variance; the decoder
+mirrors it. The paper gives no kernel sizes or widths: 4x4 kernels (each
+halves or doubles the side exactly), widths from the config. The decoder
+returns logits, trained with ``binary_cross_entropy_with_logits`` (finite in
+bf16/fp16, unlike BCE on the sigmoid) or, with ``model.likelihood=logistic``,
+as the mean of a discretized logistic with a learned ``log_scale`` per channel.
 """
 
 from __future__ import annotations
@@ -24,13 +19,10 @@ from torch import nn
 
 from pegasus_dist.config import ModelConfig
 
-# The log-variance of q(z|x) is clamped to this range, as in the VAE of latent
-# diffusion (Rombach et al. 2022, DiagonalGaussianDistribution): exp(logvar)
-# in the KL and in sigma then stays finite (exp(20) = 4.9e8) however far one
-# bad update throws the encoder, so a diverging run is caught with a reason
-# (optim.DivergenceGuard) instead of overflowing to Inf. Healthy training
-# stays far inside it; beyond it the gradient is zero: a backstop, not a
-# parameterisation.
+# The log-variance of q(z|x) is clamped, as in latent diffusion's VAE (Rombach et al. 2022):
+# exp(logvar) stays finite however far one bad update throws the encoder, so that
+# optim.DivergenceGuard names a diverging run instead of it overflowing to Inf. Healthy
+# training stays far inside: a backstop, not a parameterisation.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
 # The logistic likelihood's initial log-scale per channel: a scale of 0.05 on [0, 1], about
@@ -126,11 +118,9 @@ class VAE(nn.Module):
                 mix: Callable[[torch.Tensor], torch.Tensor] | None = None) -> VAEOutput:
         """Encode, sample z, decode. ``eps`` is the N(0, I) noise; drawn here when not given.
 
-        ``mix`` maps the latent means to interpolants (ACAI's, :func:`acai.mix_latents`),
-        which are decoded too: in the same forward, so that DDP sees one use of the model,
-        and in one batch with the reconstructions, so that the decoder's batch norm
-        normalises interpolants by the statistics of real latents, as it does at sampling
-        time with its running statistics (normalised on their own, interpolants lose the
+        ``mix`` maps the latent means to interpolants (ACAI's), decoded in one batch with
+        the reconstructions: DDP sees one use of the model, and batch norm normalises them
+        by real latents' statistics, as at sampling time (on their own they lose the
         contrast and colour that tell them apart, and the critic learns nothing).
         """
         mu, logvar = self.encode(x)

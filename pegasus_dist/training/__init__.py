@@ -1,6 +1,4 @@
-"""The training wing: the loop and its step, start-up and resume, checkpoints, faults,
-optimizer, tracking and what keeps ranks in step.
+"""The training wing: the loop and its step, start-up and resume, checkpoints, faults, tracking.
 
-Above data, model and evaluation; only ``train.py``, ``pipeline`` and ``cli``
-sit above it (docs/architecture.md).
+Above data, model and evaluation; below ``train.py``, ``pipeline`` and ``cli`` (docs/architecture.md).
 """

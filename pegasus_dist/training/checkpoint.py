@@ -1,30 +1,10 @@
 """Atomic, safe checkpoints on Accelerate's ``save_state`` and ``load_state``.
 
-A checkpoint is a folder ``<run>/checkpoints/step_<N>/``. ``accelerator.save_state``
-writes its first four kinds of file, for the prepared models and optimizer and
-the objects registered with ``register_for_checkpointing``; the last two are ours:
-
-- ``model.safetensors``: the VAE's weights and batch-norm statistics;
-- ``model_1.safetensors``: with ACAI (``loss.acai_weight`` > 0) or the patch
-  discriminator (``loss.patch_gan_weight`` > 0), their weights (the second
-  model prepared, :class:`pegasus_dist.model.adversaries.Adversaries`);
-- ``optimizer.bin``: Adam's state; ``scaler.pt``: the fp16 loss scaler (fp16 only);
-- ``custom_checkpoint_0.pkl``: with either, their Adam (registered: it is
-  not prepared, so that fp16's loss scaler never steps it);
-- ``config.yaml``: the resolved config of the run;
-- ``state.json``: phase, epoch, the samples of that epoch's seeded order
-  already trained, the global batch that trained them, step counters and the
-  W&B run id. Written last, it marks the folder complete.
-
-No file depends on the number of processes that wrote it: a checkpoint of N
-processes resumes on M. Around ``save_state`` and ``load_state`` five parts
-stay ours, where Accelerate alone gets something wrong for this project; the
-test that shows each is in docs/performance.md ("Hand-written parts that
-stay"): the folder (``.tmp-step_<N>/``, completed by ``state.json``, renamed
-into place, and only then are older ones pruned), the unwrapped models'
-weights (a save and a load hook), weights-only loads forced around
-``load_state``, no ``random_states_<rank>.pkl`` (no random draw of training
-needs them), and ``state.json`` itself, read before the models exist.
+A checkpoint is a folder ``<run>/checkpoints/step_<N>/``: what ``save_state``
+writes, plus ``config.yaml`` and ``state.json``, written last to mark it
+complete (README.md lists the files). No file depends on the number of
+processes. The parts that stay ours around ``save_state``/``load_state``, and
+the test that shows why, are in docs/performance.md ("Hand-written parts that stay").
 """
 
 from __future__ import annotations
@@ -69,13 +49,11 @@ FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 def newest_intact_checkpoint(root: Path, move_damaged: bool) -> Path | None:
     """The newest checkpoint under ``root`` whose files all read; newer damaged ones are skipped.
 
-    ``run.resume=auto`` resumes from it, so that an unattended requeue gets
-    past a damaged checkpoint instead of failing on it forever. Every rank
-    calls this and makes the same choice: the checks only read, and only the
-    main process (``move_damaged``) renames each damaged folder to
-    ``damaged-step_N-<time>`` beside the others, where pruning never looks,
-    and says so. A rank that checks a folder while it is being moved finds its
-    files gone, so damaged too: the same choice.
+    ``run.resume=auto`` resumes from it, so that a requeue gets past a damaged
+    checkpoint. Every rank makes the same read-only choice; only the main
+    process (``move_damaged``) renames a damaged folder to
+    ``damaged-step_N-<time>``, where pruning never looks. A rank that checks a
+    folder while it is being moved finds its files gone: damaged too.
     """
     moved: list[str] = []
     for folder in reversed(list_checkpoints(root)):
@@ -99,10 +77,8 @@ def _warn_moved(moved: list[str], then: str) -> None:
 def find_damage(folder: Path) -> str | None:
     """Why ``folder`` cannot be resumed from, or None when every file of it reads whole.
 
-    Reads, never unpickles: ``state.json`` with every field checked, the
-    safetensors header and length of each weights file, and the CRCs of each
-    file torch.save wrote (a zip archive). A checkpoint of an older layout is
-    whole: it is refused in one line, not moved aside.
+    Reads, never unpickles: ``state.json``, safetensors headers and lengths,
+    zip CRCs. An older layout is refused in one line, not moved aside.
     """
     _refuse_older_layout(folder)
     try:
@@ -133,11 +109,7 @@ def _refuse_older_layout(folder: Path) -> None:
 
 
 def check_resumable(folder: Path, wanted: set[str]) -> None:
-    """One line when a run training the adversaries ``wanted`` cannot resume ``folder``.
-
-    An adversary on one side only: its weights and Adam would be missing, or
-    left over (and ``load_state`` refuses unclaimed registered objects).
-    """
+    """One line when a run training the adversaries ``wanted`` cannot resume ``folder`` (one side only)."""
     _refuse_older_layout(folder)
     held = held_adversaries(folder)
     for kind in sorted(wanted ^ held):
@@ -215,12 +187,9 @@ def save_checkpoint(accelerator: Accelerator, state: TrainState, config_yaml: st
                     keep: int, before_counters: Callable[[Path, TrainState], None] | None = None) -> Path:
     """Every rank calls this; returns the published ``step_<N>`` folder.
 
-    The main process writes the temporary folder (``save_state``, then
-    :func:`write_counters`), renames it into place and prunes old checkpoints;
-    the others wait at the barrier (every rank holds the same weights, and
-    nothing of a checkpoint belongs to one rank). ``before_counters`` is
-    called with the temporary folder between the two (the trainer's
-    ``Hooks.during_save``, where tests stall or damage a save).
+    The main process writes ``.tmp-step_<N>/``, renames it into place and
+    prunes; the others wait at the barrier (nothing belongs to one rank).
+    ``before_counters`` (``Hooks.during_save``) runs before ``state.json``.
     """
     final = root / checkpoint_name(state.step)
     # Already saved at this step (e.g. epoch end == checkpoint_every)? The main process
@@ -234,7 +203,7 @@ def save_checkpoint(accelerator: Accelerator, state: TrainState, config_yaml: st
         shutil.rmtree(tmp, ignore_errors=True)
         with accelerator.register_save_state_pre_hook(_unwrapped_weights):
             accelerator.save_state(str(tmp))
-        for path in tmp.glob("random_states_*.pkl"):  # protect nothing: see the module docstring
+        for path in tmp.glob("random_states_*.pkl"):  # no random draw of training needs them
             path.unlink()
         if before_counters is not None:
             before_counters(tmp, state)
@@ -253,8 +222,7 @@ def _unwrapped_weights(models: list[torch.nn.Module], weights: list[dict], outpu
 def restore_checkpoint(accelerator: Accelerator, folder: Path) -> None:
     """Load ``folder`` into what ``accelerator`` prepared or registered; every rank reads it whole.
 
-    Call :func:`check_resumable` first, before anything is built. The weights
-    go through :func:`load_model_weights`, and every other file is loaded
+    Call :func:`check_resumable` first. Every file but the weights is loaded
     weights-only: a pickled object is refused, never run.
     """
     try:

@@ -1,13 +1,8 @@
 """Process-group setup and what makes N processes compute what one process does.
 
-Distributed is the normal case here: one process is world size 1. Two pieces
-make a run with N processes of batch B follow the same arithmetic as one
-process with batch N*B:
-
-- the loader hands each rank its slice of every global batch (``data.loader``);
-- with ``model.sync_batchnorm`` the batch-norm statistics are taken over the
-  global batch. torch's ``SyncBatchNorm`` runs only on GPUs, so on the CPU
-  (gloo) we use :class:`GlobalBatchNorm2d`, which all-reduces the sums.
+With ``model.sync_batchnorm`` the batch-norm statistics are taken over the
+global batch: torch's ``SyncBatchNorm`` runs only on GPUs, so on the CPU
+(gloo) :class:`GlobalBatchNorm2d` all-reduces the sums.
 """
 
 from __future__ import annotations
@@ -32,9 +27,8 @@ log = logging.getLogger("pegasus_dist.training.distributed")
 def build_accelerator(cfg: Config, log_with: list[str] | None = None) -> Accelerator:
     """One Accelerator for the run, on the CPU when there is no GPU or when asked.
 
-    ``cpu=True`` matters: without it, ``accelerate launch --multi_gpu`` on a
-    machine without CUDA starts N processes that each train alone (world size
-    1); with it they form one gloo process group.
+    Without ``cpu=True``, ``accelerate launch --multi_gpu`` without CUDA starts N
+    processes that each train alone; with it they form one gloo group.
     """
     use_cpu = cfg.train.cpu or not torch.cuda.is_available()
     if use_cpu and cfg.train.mixed_precision == "fp16":
@@ -66,10 +60,8 @@ def build_accelerator(cfg: Config, log_with: list[str] | None = None) -> Acceler
 def warn_if_launcher_precision_differs(cfg: Config) -> None:
     """Say so when ``accelerate launch --mixed_precision X`` asks for what the config does not use.
 
-    The launcher hands its setting to the processes as ACCELERATE_MIXED_PRECISION
-    ("no" when not given); the Accelerator's own argument, train.mixed_precision,
-    wins over it. "no" is also what the launch/ files and the SLURM jobs pass to
-    leave the choice to the config, so only an explicit fp16/bf16/fp8 is worth a word.
+    train.mixed_precision wins over the launcher's ACCELERATE_MIXED_PRECISION; "no"
+    is what launch/ and slurm/ pass to leave the choice to the config.
     """
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if launcher in ("no", cfg.train.mixed_precision):
@@ -101,9 +93,8 @@ class _AllReduceSum(torch.autograd.Function):
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics cover the batches of all ranks.
 
-    Sums of x and x^2 and the element count are all-reduced (differentiably),
-    so the normalisation, its gradient and the running statistics equal those
-    of one process holding the whole global batch. Works with any backend.
+    Sums of x and x^2 and the count are all-reduced differentiably: the result and
+    its gradient equal one process's holding the whole global batch. Any backend.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

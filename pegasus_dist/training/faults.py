@@ -1,28 +1,10 @@
-"""Faults that stop a run cleanly: preemption signals and non-finite losses.
+"""Faults that stop a run cleanly, agreed by every rank: stop signals, NaN/Inf losses, start-up.
 
-Ranks must agree on both: a rank that checkpoints, skips or stops alone
-would leave the others waiting in a collective forever. Agreeing costs a
-collective and a host read, which stalls a GPU's queue of work, so the
-trainer agrees only at sync points (every ``train.log_every`` steps, before
-each checkpoint, at epoch ends and at the end of the run) on two facts: did
-any rank get a stop signal (SLURM's ``SIGUSR1`` warning before a time limit
-or preemption, or ``SIGTERM``), and which was the first step whose loss was
-NaN or Inf. Between sync points each rank notes that step on the device
-(:class:`NonfiniteWatch`), which costs no sync. Only
-``train.on_nonfinite=skip`` agrees every step (:func:`nonfinite_ranks`): it
-must skip the update on every rank at exactly the bad step.
-
-A stop signal must not wait for a sync point that may be an epoch away:
-:class:`StopPoll` agrees on it every optimizer step on the host alone (a
-one-number all-reduce on a CPU group, read a step later), and makes the
-step where the ranks learn of it a sync point. A second ``SIGTERM``, or one
-outside the training loop, ends the process at once (:class:`StopSignals`).
-
-Start-up faults are agreed on too, once, before W&B starts
-(:func:`agree_on_start`): a rank that cannot start (a checkpoint or a shard
-it cannot read, a config it cannot load) must not leave
-the others to open W&B and die later in a collective. Every rank then ends
-with the same exit code, and rank 0 prints the one ``error:`` line.
+A rank that checkpoints, skips or stops alone would leave the others waiting
+in a collective forever. Agreeing costs a collective and a host read, so the
+trainer agrees at sync points only, except for stop signals (:class:`StopPoll`,
+every step, on the host) and ``train.on_nonfinite=skip`` (:func:`nonfinite_ranks`).
+README.md, "Fault tolerance", has the guarantees and their tests.
 """
 
 from __future__ import annotations
@@ -78,13 +60,9 @@ class StartupError(PegasusError):
 class StopSignals:
     """SIGUSR1/SIGTERM in the training loop: recorded, so that the ranks stop together.
 
-    Inside :meth:`training` the first signal is recorded and the ranks stop
-    with a checkpoint within two optimizer steps (:class:`StopPoll`). A SIGTERM
-    when a stop is already pending, or outside the loop (start-up, the final
-    checkpoint, the grids and the evaluation), ends the process at once, with
-    SIGTERM's default action, as if there were no handler: no run outlives a
-    second SIGTERM (one that comes at least :data:`SAME_REQUEST_S` after the
-    first). SIGUSR1 outside the loop changes nothing: the run is ending.
+    A SIGTERM when a stop is already pending, or outside :meth:`training`, ends
+    the process at once with SIGTERM's default action: no run outlives a second
+    SIGTERM. SIGUSR1 outside the loop changes nothing: the run is ending.
     """
 
     def __init__(self) -> None:
@@ -125,12 +103,9 @@ class StopSignals:
 class StopPoll:
     """Whether any rank received a stop signal, agreed every optimizer step without waiting.
 
-    After each step every rank starts an all-reduce (max) of its flag on a CPU
-    gloo group of its own and reads the one it started a step before, which
-    every rank has posted by then (DDP keeps them within a step of each
-    other). So all ranks learn of a stop at the same step, at most two steps
-    after the signal, and no step waits for the device or the other ranks.
-    One process needs no group: it stops at the next step.
+    Each step posts an async all-reduce (max) of this rank's flag on a CPU gloo
+    group and reads the one posted a step before, which every rank has posted by
+    then (DDP keeps them within a step of each other).
     """
 
     LAG = 1  # steps between posting a flag and reading the agreed value
@@ -164,9 +139,7 @@ class StopPoll:
 class NonfiniteWatch:
     """This rank's first step with a NaN/Inf loss since the last sync point, noted on the device.
 
-    :meth:`record` runs every step without waiting for the device: the flag is
-    set by a device operation, and the step's position (epoch, batch) is kept
-    on the host so that the error can name it once :func:`agree` finds it.
+    The step's (epoch, batch) stays on the host so that the error can name it.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -224,13 +197,11 @@ def nonfinite_ranks(accelerator: Accelerator, loss: torch.Tensor) -> list[int]:
 def agree_on_start(accelerator: Accelerator, checks: Callable[[], T]) -> T:
     """Run this rank's start-up ``checks``, then agree with every rank on how they went.
 
-    One ``gather_object`` of each rank's failure (or None), so ``checks`` must
-    hold no collective: a rank that fails early would meet the others' in the
-    wrong one. When any rank failed, rank 0 prints one line naming the ranks,
-    every rank waits for that line, leaves the process group and raises
-    :class:`StartupError` with the exit code of the first failure. A rank
-    whose check crashed (not a :class:`PegasusError`) re-raises its own
-    exception instead, so that its traceback shows where.
+    ``checks`` must hold no collective: a rank that fails early would meet the
+    others' in the wrong one. On a failure rank 0 prints one line naming the
+    ranks and every rank raises :class:`StartupError` with the first failure's
+    exit code; a crash (not a :class:`PegasusError`) re-raises its own exception
+    so that its traceback shows where.
     """
     try:
         result, failure = checks(), None
@@ -257,9 +228,8 @@ def agree_on_start(accelerator: Accelerator, checks: Callable[[], T]) -> T:
 def fail_with_every_rank(err: PegasusError) -> NoReturn:
     """Raise ``err``, a failure found before the ranks formed a group (the config), once agreed.
 
-    The other ranks may have loaded their config and be waiting in
-    :func:`agree_on_start`: this rank forms the group with the default config
-    and meets them there, so that every rank ends with one line and one code.
+    The other ranks may be waiting in :func:`agree_on_start`: meet them there
+    with the default config, so that every rank ends with one line and one code.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         agree_on_start(build_accelerator(Config()), lambda: _raise(err))

@@ -1,11 +1,8 @@
 """Explicit points where a test watches the trainer or injects a fault.
 
-:class:`Hooks` holds optional callbacks that the trainer calls at named
-points; ``train(cfg, hooks=...)`` and ``main(argv, hooks=...)`` take them.
-Every run also reads a fault plan from ``PEGASUS_FAULT`` (:func:`fault_plan`),
-so that a test injects a fault into the real entry points
-(``pegasus-dist train``, ``accelerate launch pegasus_dist/train.py``) with one
-variable. A plan is faults separated by commas, each ``KIND:key=value:...``::
+:class:`Hooks`: callbacks at named points, passed to ``train`` or ``main``. Every run also
+reads a fault plan from ``PEGASUS_FAULT``, which reaches the real entry points: faults
+separated by commas, each ``KIND:key=value:...``::
 
     PEGASUS_FAULT="nan:step=6:rank=1"            the loss of step 6 on rank 1 is NaN
     PEGASUS_FAULT="kill:step=3:rank=1"           rank 1 kills itself (SIGKILL) before step 3
@@ -16,9 +13,8 @@ variable. A plan is faults separated by commas, each ``KIND:key=value:...``::
     PEGASUS_FAULT="crash:at=checks:rank=1"       ... or crashes in it (a bug: RuntimeError)
     PEGASUS_FAULT="crash:step=5"                 a crash in the training loop
 
-``rank`` is the launcher's ``RANK`` (0 alone); without it every rank takes
-the fault. The numbers a faulted run computes are unchanged up to the fault.
-A new kind is one function and one line of :data:`KINDS`.
+``rank`` is the launcher's ``RANK``; without it every rank takes the fault. A faulted
+run computes the same numbers up to the fault. A new kind is a function and a line of :data:`KINDS`.
 """
 
 from __future__ import annotations

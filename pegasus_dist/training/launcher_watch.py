@@ -1,18 +1,9 @@
 """A rank ends when its launcher dies.
 
-``accelerate launch`` starts the ranks through torchrun, which puts each in a
-session of its own: killing the launcher, or its whole process group, leaves
-them running with parent 1, training on unsupervised, or retrying a dead
-rendezvous store for minutes. So a rank that a launcher started asks for
-SIGTERM when that launcher dies: ``prctl(PR_SET_PDEATHSIG)`` on Linux, a
-thread that polls the parent pid elsewhere. SIGTERM then ends the run as it
-always does: at once while starting up (the default action), and once
-training, within two steps with a checkpoint
-(:class:`pegasus_dist.training.faults.StopSignals`, exit code 75).
-
-Only launched ranks follow their parent: a run started from a shell (``python
-pegasus_dist/train.py``, ``pegasus-dist train``, under ``nohup``) keeps
-running when the shell ends, as before.
+torchrun puts each rank in a session of its own, so a killed ``accelerate
+launch`` would leave its ranks running with parent 1. A launched rank asks
+for SIGTERM when its launcher dies (README.md, "Fault tolerance"); a run
+started from a shell keeps running when the shell ends.
 """
 
 from __future__ import annotations
@@ -79,9 +70,7 @@ def _start_polling(parent: int) -> None:
 def _adopted_by_init(parent: int) -> bool:
     """Whether parent pid 1 means the launcher died, rather than that PID 1 is the launcher.
 
-    In a container whose command is ``accelerate launch``, the launcher is PID 1
-    and the ranks' parent is rightly 1; an orphan's new parent is init, which
-    names no launcher on its command line.
+    In a container whose command is ``accelerate launch``, the launcher is PID 1.
     """
     if parent != 1:
         return False

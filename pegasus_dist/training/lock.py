@@ -1,17 +1,9 @@
-"""One run at a time in a run folder.
+"""One run at a time in a run folder: an exclusive ``filelock`` on ``<run>/.lock``.
 
-Two trainings writing one folder overwrite and prune each other's
-checkpoints and may resume from each other's. So the main process holds an
-exclusive ``filelock`` lock on ``<run>/.lock`` for the whole run, and a second
-run stops before it touches the folder, with one line naming the holder (its
-pid, host and start time, which the holder writes into the file).
-
-The lock is a ``flock``, which the kernel drops when the holder's file closes,
-including when the process dies by SIGKILL: the file a dead run leaves behind
-locks nothing. The file is never deleted (``preserve_lock_file``), so two runs
-can never lock two different files. On NFS, Linux emulates ``flock`` with locks
-that other clients see; a filesystem without locks (some Lustre mounts) gets a
-warning and no protection.
+Two trainings in one folder would prune and resume from each other's
+checkpoints. The lock is a ``flock``, which the kernel drops when its process
+dies, SIGKILL included; the file is never deleted (``preserve_lock_file``), so
+two runs never lock two different files. README.md, "Fault tolerance".
 """
 
 from __future__ import annotations

@@ -1,21 +1,12 @@
 """The training loop: one phase (pretrain or finetune) of the paper's VAE.
 
-    accelerate launch pegasus_dist/train.py --config configs/pretrain.yaml [section.key=value ...]
-    python pegasus_dist/train.py --config configs/smoke/pretrain.yaml
-    pegasus-dist train --config ...
-
-Every process runs this file; one process is world size 1. Each rank reads
-its slice of every global batch from the shards, Accelerate wraps the model
-in DDP and handles mixed precision, and only the main process writes the run
-directory, the W&B run, the sample grids and checkpoint pruning, with the
-other ranks waiting at barriers. A step never waits for the device: losses
-stay on it, and the ranks read them and agree on faults only at sync points
-(:meth:`Trainer._sync_point`), every ``train.log_every`` steps and before checkpoints.
-
-Read it in order: :func:`train` builds a :class:`Trainer` (start-up and
-resume are :mod:`pegasus_dist.training.start`), whose :meth:`Trainer.run_epochs`
-feeds each micro-batch to the step (:mod:`pegasus_dist.training.step`), and
-whose :meth:`Trainer.finish` writes the final checkpoint, grids and evaluation.
+Every process runs it (``pegasus_dist/train.py`` is the entry; README.md,
+"Running distributed", says who does what). A step never waits for the
+device: the ranks read the losses and agree on faults only at sync points
+(:meth:`Trainer._sync_point`). Read it in order: :func:`train` builds a
+:class:`Trainer` (start-up and resume: :mod:`.start`), whose
+:meth:`Trainer.run_epochs` feeds each micro-batch to the step (:mod:`.step`)
+and whose :meth:`Trainer.finish` writes the final checkpoint, grids and evaluation.
 """
 
 from __future__ import annotations
@@ -57,10 +48,8 @@ log = logging.getLogger("pegasus_dist.training.loop")
 def train(cfg: Config, hooks: Hooks | None = None) -> Path:
     """Run one phase to its end and return the run directory.
 
-    A phase whose newest checkpoint is complete says so and returns at once,
-    without sampling, evaluating or logging again. Raises :class:`Preempted`
-    after checkpointing when a stop signal arrived. ``hooks`` (and the fault
-    plan of ``PEGASUS_FAULT``) are called at their points (:mod:`hooks`).
+    A phase already complete returns at once. Raises :class:`Preempted` after
+    checkpointing when a stop signal arrived. ``hooks``: see :mod:`.hooks`.
     """
     try:
         hooks = with_fault_plan(hooks)
@@ -85,11 +74,7 @@ class Trainer:
     """One phase: started by the constructor, trained by :meth:`run_epochs`, ended by :meth:`finish`."""
 
     def __init__(self, cfg: Config, hooks: Hooks | None = None) -> None:
-        """Start the phase once every rank has passed its start-up checks.
-
-        Raises :class:`RunComplete` (on every rank) when the checkpoint to
-        resume from already ends the phase.
-        """
+        """Start the phase once every rank has passed its start-up checks; :class:`RunComplete` if done."""
         self.hooks = hooks or Hooks()
         started = start_phase(cfg, self.hooks)
         self.cfg, self.accelerator, self.models = started.cfg, started.accelerator, started.models
@@ -114,10 +99,7 @@ class Trainer:
     def run_epochs(self, until_step: int | None = None) -> None:
         """Train to the end of the phase; the ranks wait for each other only at sync points.
 
-        Bounded whatever the checkpoint said: each pass of the loop trains the rest
-        of one epoch (its position was checked at start-up) or stops at
-        ``train.max_steps``, and a stop signal ends it within two steps.
-        ``until_step`` stops at that step instead (the benchmark times the loop so).
+        ``until_step`` stops at that step instead of ``train.max_steps`` (the benchmark times the loop so).
         """
         cfg = self.cfg
         self.last_step = until_step or cfg.train.max_steps
@@ -173,9 +155,7 @@ class Trainer:
     def _sync_point(self, log_metrics: bool, checkpoint: bool) -> None:
         """Agree on faults, then log the window and checkpoint, or stop for a requeue.
 
-        Sync points come every train.log_every steps, at checkpoint steps, at
-        epoch ends, at the end of the run, and at the step where the ranks learn
-        of a stop signal (:class:`StopPoll`, at most two steps after it).
+        Every train.log_every steps, at checkpoints, epoch ends, the run's end, and a stop signal.
         """
         stop = self._agree()
         # Before the window resets:
@@ -192,8 +172,7 @@ class Trainer:
     def _agree(self) -> bool:
         """Whether any rank asked to stop; raises if a loss was NaN/Inf since the last sync point.
 
-        Checking before every checkpoint keeps the last one good: weights updated
-        after a non-finite step are never saved.
+        Called before every checkpoint, so that weights updated after a NaN/Inf are never saved.
         """
         agreement = agree(self.accelerator, self.signals.received is not None, self.watch)
         if agreement.first_bad_step is not None:
@@ -287,6 +266,3 @@ def _parse_args_with_every_rank(argv: list[str] | None) -> Config:
     except ConfigError as err:
         fail_with_every_rank(err)
 
-
-if __name__ == "__main__":
-    main()

@@ -1,20 +1,10 @@
 """The optimizer and what keeps it stable from one GPU to many nodes.
 
-- :func:`scaled_lr`: the learning rate follows the global batch (per-process
-  batch x processes x ``train.grad_accum_steps``) by ``optim.lr_scaling``. The
-  default, sqrt, is the square-root rule for adaptive optimizers (Malladi et
-  al. 2022, "On the SDEs and Scaling Rules for Adaptive Gradient
-  Algorithms"); linear is Goyal et al.'s rule for SGD, which makes Adam
-  diverge at a global batch of 1024 (docs/scaling.md).
-- :class:`LrSchedule`: a linear warm-up to that rate over
-  ``optim.warmup_steps`` optimizer steps (Goyal et al. 2017, "Accurate, Large
-  Minibatch SGD"), then constant. The rate is a function of the optimizer
-  step alone, so a resumed run continues it exactly.
-- :func:`apply_on_resume`: a restored optimizer takes this run's
-  hyperparameters, and every value that differs from the checkpoint's is logged.
-- :class:`DivergenceGuard`: a loss that grows by orders of magnitude during the
-  warm-up stops the run before its first checkpoint, naming the learning rate,
-  the global batch and the rule that produced them.
+The learning rate follows the global batch by ``optim.lr_scaling``: sqrt by
+default (Malladi et al. 2022, for adaptive optimizers); linear (Goyal et al.
+2017, for SGD) makes Adam diverge at a global batch of 1024 (docs/scaling.md).
+A linear warm-up leads to it; :class:`DivergenceGuard` stops a run whose loss
+explodes during the warm-up, before its first checkpoint.
 """
 
 from __future__ import annotations
@@ -99,10 +89,8 @@ def apply_on_resume(optimizer: torch.optim.Optimizer, schedule: LrSchedule, step
                     checkpoint: Path) -> list[str]:
     """Give an optimizer restored from ``checkpoint`` this run's hyperparameters.
 
-    ``load_state_dict`` brings back the checkpoint's learning rate, betas and
-    weight decay; without this, lowering ``optim.lr`` to get past a
-    divergence would change the log but not the training. Logs (and returns)
-    every value that differs from the checkpoint's.
+    Else lowering ``optim.lr`` to get past a divergence would change the log
+    but not the training. Logs (and returns) every value that differs.
     """
     optim, group = schedule.optim, optimizer.param_groups[0]
     changes = {f"optim.{key}": (old, new) for key, old, new in _changed_keys(optim, checkpoint)}
@@ -139,12 +127,8 @@ def _same(a: object, b: object) -> bool:
 class DivergenceGuard:
     """Stops a run whose loss or KL grows by orders of magnitude during the warm-up.
 
-    The reference is the first optimizer step's loss, kept on the device. At
-    each sync point up to the first one after the warm-up (or after
-    GUARDED_STEPS steps, if longer; the loss of step N + 1 is the first
-    computed with the weights of step N), the loss and KL per image since the
-    last log are reduced over the ranks, so every rank takes the same
-    decision, before any checkpoint is written.
+    Against the first step's loss, at each sync point through the warm-up (at
+    least GUARDED_STEPS), reduced over the ranks so that every rank agrees.
     """
 
     def __init__(self, schedule: LrSchedule, batch_description: str) -> None:

@@ -1,10 +1,8 @@
 """Where a training phase stands, shown on the main process only.
 
-On a terminal a tqdm bar per epoch, with log lines routed above it. Anywhere
-else (a SLURM log, CI, a pipe) a bar would write every redraw into the file,
-carriage returns and all, with log lines glued onto it; there a plain log line
-says where the phase stands every ``PLAIN_EVERY_S`` seconds and at each
-epoch's end:
+On a terminal a tqdm bar per epoch. Elsewhere (a SLURM log, CI, a pipe), where
+a bar would write every redraw into the file, a log line every ``PLAIN_EVERY_S``
+seconds and at each epoch's end:
 
     pretrain: epoch 2/10, batch 40/94, step 134/940, 1,530 images/s, ETA 0:08:47
 """
@@ -28,11 +26,7 @@ log = logging.getLogger("pegasus_dist.training.progress")
 
 
 class Progress:
-    """One phase's progress: :meth:`epoch` opens an epoch, whose ``update`` follows each step.
-
-    ``stream`` is where a bar would draw (stderr, where the log lines go too);
-    the bar is used only when it is a terminal.
-    """
+    """One phase's progress: :meth:`epoch` opens an epoch, whose ``update`` follows each step."""
 
     def __init__(self, phase: str, epochs: int, batches_per_epoch: int, max_steps: int,
                  enabled: bool, stream: TextIO | None = None,

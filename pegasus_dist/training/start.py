@@ -1,19 +1,10 @@
 """Start-up and resume: what a phase needs before its first step, agreed by every rank.
 
-:func:`start_phase` runs the start-up in stages, each of which may fail on
-one rank alone (a checkpoint or shard it cannot read): every rank agrees on
-how each went (:func:`pegasus_dist.training.faults.agree_on_start`) before
-W&B starts, so that a failure ends every rank with one line. The stages
-(``hooks.START_STAGES``): the per-process batch, the run lock, this rank's
-checks and builds (the checkpoint to resume, its position, the loader, the
-models), and the restore of the checkpoint once ``accelerator.prepare`` is
-done.
-
-A resumed run continues at the sample of its epoch's seeded order where its
-checkpoint stopped (``state.json``'s ``samples_done``), whatever its number
-of processes, per-process batch or accumulation steps: the rest of the epoch
-is planned anew from there (:func:`_resume_position`), so nothing of it is
-trained twice or skipped.
+:func:`start_phase` runs the start-up in stages (``hooks.START_STAGES``), each
+of which may fail on one rank alone; every rank agrees on each
+(:func:`pegasus_dist.training.faults.agree_on_start`) before W&B starts. A
+resumed run continues at its epoch's ``samples_done`` whatever its process
+count or batch (README.md, "Fault tolerance").
 """
 
 from __future__ import annotations
@@ -86,11 +77,7 @@ class _Checked:
 
 
 def start_phase(cfg: Config, hooks: Hooks) -> Started:
-    """Everything the loop needs, once every rank has passed its start-up checks.
-
-    Raises :class:`RunComplete` (on every rank) when the checkpoint to resume
-    from already ends the phase.
-    """
+    """Everything the loop needs, once every rank passed its start-up checks; :class:`RunComplete` if done."""
     try:
         accelerator = build_accelerator(cfg, tracker_names(cfg))
     except ConfigError as err:  # e.g. fp16 on a CPU, found before the ranks formed a group
@@ -144,11 +131,7 @@ def batch_description(cfg: Config, accelerator: Accelerator) -> str:
 
 
 def _with_batch(cfg: Config, world_size: int) -> Config:
-    """``cfg`` whose data.batch_size is the per-process share of data.global_batch_size, when set.
-
-    The global batch then stays what the config says on any number of
-    processes; data.batch_size is not used (the start-up line states the batch).
-    """
+    """``cfg`` whose data.batch_size is the per-process share of data.global_batch_size, when set."""
     wanted, k = cfg.data.global_batch_size, cfg.train.grad_accum_steps
     if not wanted:
         return cfg
@@ -170,9 +153,8 @@ def _lock_run_dir(cfg: Config, accelerator: Accelerator) -> None:
 def _check_and_build(cfg: Config, accelerator: Accelerator, schedule: LrSchedule) -> _Checked:
     """This rank's start-up checks, each of which may fail on this rank alone.
 
-    Nothing here may wait for the other ranks (see :func:`agree_on_start`), so
-    the checkpoint is only checked here: :func:`start_phase` restores it once
-    ``accelerator.prepare`` (whose DDP wrapper broadcasts the weights) is done.
+    Nothing here may wait for the other ranks, so the checkpoint is only
+    checked: it is restored after ``accelerator.prepare``.
     """
     resume_from = _resume_checkpoint(cfg, accelerator.is_main_process)
     state = TrainState(phase=cfg.train.phase, wandb_run_id=new_run_id())
@@ -197,10 +179,7 @@ def _check_and_build(cfg: Config, accelerator: Accelerator, schedule: LrSchedule
 
 
 def _resume_checkpoint(cfg: Config, is_main: bool) -> Path | None:
-    """The checkpoint to continue from, by ``run.resume``; read before anything is written.
-
-    ``auto`` skips damaged checkpoints, which the main process moves aside.
-    """
+    """The checkpoint to continue from, by ``run.resume``; ``auto`` skips (and moves aside) damaged ones."""
     if cfg.run.resume == "auto":
         return newest_intact_checkpoint(cfg.run_dir / "checkpoints", move_damaged=is_main)
     if cfg.run.resume == "never":
@@ -225,9 +204,8 @@ def _resume_position(state: TrainState, num_samples: int, world_size: int,
                      folder: Path) -> TrainState:
     """Where the resumed run continues, checked, so that the loop ends whatever state.json says.
 
-    ``samples_done`` counts samples of the epoch's seeded order, which do not
-    depend on the batch or the world size; the rest of the epoch is planned
-    from there. An epoch trained to its end continues with the next one.
+    ``samples_done`` does not depend on the batch or the world size; an
+    epoch trained to its end continues with the next one.
     """
     done = state.samples_done
     if done > num_samples:
@@ -265,9 +243,8 @@ def _build_model(cfg: Config, accelerator: Accelerator, init: bool) -> torch.nn.
 def _build_adversaries(cfg: Config, init: bool) -> Adversaries | None:
     """ACAI's critic and the patch discriminator (None when both are off), not yet prepared.
 
-    Seeded apart from the model, so that turning them on leaves the model's
-    initial weights as they were; the finetune phase starts from each
-    adversary that ``train.init_from`` holds.
+    Seeded apart from the model, so that turning them on leaves its initial
+    weights as they were; ``train.init_from`` starts each one it holds.
     """
     wanted = enabled_adversaries(cfg)
     if not wanted:

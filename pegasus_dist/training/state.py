@@ -52,9 +52,7 @@ class _OlderStateFile(TrainState):
 def is_complete(state: TrainState, cfg: Config) -> bool:
     """Whether a phase at ``state`` has nothing left to train under ``cfg``.
 
-    The one definition of "done": ``train.epochs`` epochs trained, or
-    ``train.max_steps`` (when set) steps taken. Raising either in the config
-    makes a complete run incomplete again, and it trains on.
+    The one definition of "done"; raising either limit in the config makes it train on.
     """
     max_steps_reached = bool(cfg.train.max_steps) and state.step >= cfg.train.max_steps
     return state.epoch >= cfg.train.epochs or max_steps_reached
@@ -68,9 +66,8 @@ def mark_finished(run_dir: Path, checkpoint: Path) -> None:
 def is_finished(run_dir: Path, checkpoint: Path) -> bool:
     """Whether :func:`mark_finished` was reached for ``checkpoint``.
 
-    A run killed or preempted after its final checkpoint but before its grids
-    and evaluation were written is complete by its counters, not finished: a
-    restart resumes from that checkpoint and only does the end-of-run work.
+    A run killed after its final checkpoint is complete, not finished: a restart
+    only does the end-of-run work.
     """
     try:
         return json.loads((run_dir / FINISHED).read_text()).get("checkpoint") == checkpoint.name

@@ -32,9 +32,7 @@ log = logging.getLogger("pegasus_dist.training.step")
 
 @dataclass
 class Models:
-    """What a step trains: the VAE and its optimizer; ACAI's critic and the patch
-    discriminator (:class:`pegasus_dist.model.adversaries.Adversaries`) and their Adam,
-    when loss.acai_weight or loss.patch_gan_weight > 0."""
+    """What a step trains: the VAE and its Adam; the adversaries and theirs when either is on."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -71,31 +69,21 @@ class EpochPlan:
     def micro_batch(self, accum: int) -> tuple[int, bool]:
         """(index of the next micro-batch within its optimizer step, whether it ends the step).
 
-        Steps start at every ``accum``-th batch of the plan (from the position
-        this run resumed at, where a step began), and the epoch's last batch
-        always ends one: checkpoints (taken only after a step) then resume at
-        a step's start, and every epoch ends with its own step.
+        The epoch's last batch always ends a step, so a checkpoint resumes at a step's start.
         """
         return self.done % accum, (self.done + 1) % accum == 0 or self.done + 1 == len(self.sizes)
 
     def loss_weight(self, count: int, world_size: int, accum: int) -> float:
         """The factor on the next micro-batch's per-image mean loss in the step's gradient.
 
-        count * world_size / (images in the step's global batch): DDP then averages
-        over the ranks, so the gradient is the mean over every image of the step
-        (1.0 for a full batch without accumulation). A step of K micro-batches of
-        B thus takes the gradient of one batch of K*B; the epoch's last step,
-        with fewer or shorter micro-batches, is still the mean over its images.
+        count * world_size / (images in the step's global batch): after DDP's average
+        the gradient is the mean over every image of the step, shorter last step included.
         """
         first = self.done - self.micro_batch(accum)[0]
         return count * world_size / sum(self.sizes[first : first + accum])
 
     def advance(self, state: TrainState) -> None:
-        """Count the micro-batch just trained; after the epoch's last one the next epoch begins.
-
-        So a checkpoint taken after the last step of an epoch resumes at the start
-        of the next one, and one taken mid-epoch at the first sample not trained.
-        """
+        """Count the micro-batch just trained; after the epoch's last one the next epoch begins."""
         state.samples_done += self.sizes[self.done]
         self.done += 1
         if self.finished:
@@ -104,11 +92,7 @@ class EpochPlan:
 
 
 class TrainStep:
-    """One micro-batch: forward and backward on this rank's share of the global batch.
-
-    The last micro-batch of an optimizer step all-reduces the gradients (DDP)
-    and steps at the learning rate of the schedule.
-    """
+    """One micro-batch: forward and backward on this rank's share; the step's last one also steps."""
 
     def __init__(self, cfg: Config, accelerator: Accelerator, models: Models, schedule: LrSchedule,
                  watch: NonfiniteWatch, hooks: Hooks) -> None:
@@ -179,9 +163,7 @@ class TrainStep:
                        zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The autoencoder's terms against the critic and the discriminator (``zero`` for one that is off).
 
-        C(x_a) and D(x_hat) through their own module with detached parameters,
-        outside DDP: gradients reach the images, never the adversaries, which
-        are updated only by their own losses (:meth:`_adversaries_backward`).
+        Through detached parameters, outside DDP: gradients reach the images, never the adversaries.
         """
         adversaries = self.accelerator.unwrap_model(self.models.adversaries)
         frozen = {name: value.detach() for name, value in adversaries.named_parameters()}
@@ -196,11 +178,7 @@ class TrainStep:
                               ends_step: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The critic's and the discriminator's losses on detached decodes, backpropagated into them alone.
 
-        One forward of the prepared adversaries per micro-batch (the critic over
-        interpolants and blends, the discriminator over real images and
-        reconstructions), so that DDP sees one use of them and all-reduces their
-        gradients with the step's last one, like the autoencoder's. Returns both
-        losses (0 for one that is off).
+        One forward of the prepared adversaries per micro-batch, so that DDP sees one use of them.
         """
         adversaries, decoded = self.models.adversaries, decoded.detach()
         critic_input = discriminator_input = None
@@ -254,12 +232,9 @@ class TrainStep:
         """The reparameterisation noise of this rank's rows of micro-batch ``index`` of the step,
         and with ACAI their mixing coefficients in [0, 1/2].
 
-        Drawn for the whole global batch of the optimizer step from a generator
-        seeded by the step, then sliced at the rows' position in it: the noise
-        each image gets does not depend on how many processes share the batch or
-        how many micro-batches it takes, so N processes of batch B with K
-        accumulation steps train exactly like one process of batch N*B*K, and a
-        resumed run draws the same.
+        Drawn for the step's whole global batch from a generator seeded by the step, then
+        sliced: an image's noise does not depend on the process count or accumulation,
+        and a resumed run draws the same.
         """
         cfg, device = self.cfg, self.accelerator.device
         generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + step)

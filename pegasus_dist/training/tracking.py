@@ -1,14 +1,7 @@
-"""Weights & Biases through Accelerate's tracker, and a local metrics file.
+"""Weights & Biases through Accelerate's tracker, and ``<run>/metrics.jsonl``, the complete history.
 
-W&B never needs an API key: ``wandb.mode=auto`` follows ``WANDB_MODE`` and
-otherwise logs online only when ``WANDB_API_KEY`` is set, writing an offline
-run into the run directory (``wandb sync`` uploads it later); ``disabled``
-turns W&B off. An online start that fails logs offline instead: W&B never
-costs a run.
-Every logged row also goes to ``<run>/metrics.jsonl``, the run's complete
-history, so that runs can be read without W&B. A resumed run continues the same
-W&B run (its id is saved in the checkpoints) and logs again from metrics.jsonl
-the rows W&B says it lacks (:meth:`MetricsLog.resume`).
+README.md, "W&B", says where runs go (``wandb.mode``), the offline fallback
+and what a resumed run shows.
 """
 
 from __future__ import annotations
@@ -38,10 +31,7 @@ _WANDB_MODE_VALUES = {"online": "online", "offline": "offline", "disabled": "dis
 def wandb_mode(cfg: Config) -> str:
     """The W&B mode of this run: online, offline or disabled (the one place that decides).
 
-    An explicit ``wandb.mode`` (config or override) wins; with ``auto``, then
-    ``WANDB_MODE`` from the environment; then online when ``WANDB_API_KEY`` is
-    set, offline otherwise. wandb.init gets this mode explicitly, so wandb's own
-    reading of ``WANDB_MODE`` never disagrees with it.
+    wandb.init gets it explicitly, so wandb's own reading of ``WANDB_MODE`` never disagrees.
     """
     if cfg.wandb.mode != "auto":
         return cfg.wandb.mode
@@ -67,13 +57,7 @@ def new_run_id() -> str:
 def start_tracking(
     accelerator: Accelerator, cfg: Config, state: TrainState, global_batch: int, lr: float
 ) -> None:
-    """Open the W&B run (main process only, as Accelerate does) with the resolved config.
-
-    What does not change during a run goes into the W&B config instead of
-    every history row: the world size, global batch and learning rate of this
-    launch, and for a phase that starts from another run's weights, that
-    checkpoint and the W&B run that wrote it.
-    """
+    """Open the W&B run (main process only) with the resolved config, ``launch`` and ``started_from``."""
     mode = wandb_mode(cfg)
     if mode == "disabled":
         return
@@ -114,11 +98,9 @@ def _start_offline_instead(accelerator: Accelerator, cfg: Config, state: TrainSt
                            config: dict[str, Any], err: wandb.Error) -> None:
     """Log offline after a failed online start (main process), with one warning line.
 
-    init_trackers appended the WandBTracker before its start failed, leaving a
-    tracker without a run; the offline start replaces it. The accelerator
-    logs only to W&B (``tracker_names``), so no other tracker starts twice.
-    wandb's service still holds the failed run's id ("run ID is in use"):
-    teardown ends it, and the offline run starts a new one.
+    init_trackers kept the failed WandBTracker (W&B is the only tracker: nothing
+    else starts twice), and wandb's service still holds the run id ("run ID is
+    in use"): both are cleared first.
     """
     wandb.teardown()
     accelerator.trackers.clear()
@@ -164,11 +146,7 @@ class MetricsLog:
 
     def log_images(self, paths: dict[str, Path], captions: dict[str, str], step: int,
                    prefix: str) -> None:
-        """The PNG files of the sample grids as W&B images, with their captions.
-
-        W&B gets the files themselves (it copies them into the run), so that it
-        shows exactly the pixels of ``samples/``.
-        """
+        """The PNG files of the sample grids as W&B images: exactly the pixels of ``samples/``."""
         run = self._wandb_run()
         if run is None or step <= self.wandb_holds_step:
             return
@@ -178,14 +156,8 @@ class MetricsLog:
     def resume(self, step: int) -> None:
         """Continue the logs of a run resumed from its checkpoint of ``step`` (main process).
 
-        The resumed run recomputes the rows after ``step``: they leave
-        metrics.jsonl, which keeps one row per step. W&B's ``run.step`` is the
-        step after the last one its copy of the run holds: the rows after that
-        (up to ``step``) are logged again from metrics.jsonl, and the steps it
-        holds are not sent again, the resume being exact. Online, W&B's server
-        knows what the killed run sent; offline, each launch writes its own
-        folder and ``run.step`` starts at 0, so that a resumed launch's folder
-        holds the whole history again.
+        The rows after ``step`` leave metrics.jsonl (they are recomputed); the rows
+        after W&B's ``run.step`` are logged again from it (offline ``run.step`` is 0).
         """
         if not self.accelerator.is_main_process:
             return

@@ -1,9 +1,7 @@
 """The loss terms of a micro-batch, and their sums over a log window, by name.
 
-A step never waits for the device: :class:`pegasus_dist.training.step.TrainStep`
-returns its terms as 0-dim device tensors, and :class:`Window` adds them up on
-the device. At a sync point the window is reduced over the ranks with one
-all-reduce and read once (:func:`reduce_windows`), its values stacked in the
+The terms stay on the device; at a sync point a window is reduced over the
+ranks with one all-reduce and one host read (:func:`reduce_windows`), in the
 order of :data:`SUMS`, the one place that order is defined.
 """
 
@@ -20,11 +18,7 @@ from pegasus_dist.config import LossConfig
 
 @dataclass(frozen=True)
 class BatchLosses:
-    """The loss terms of one micro-batch, per image, detached (0-dim device tensors).
-
-    ``total`` is what the autoencoder's gradient follows: recon + beta * KL,
-    plus the adversaries' terms against it when they train (0 when they are off).
-    """
+    """The loss terms of one micro-batch, per image, detached (0-dim device tensors); 0 for those off."""
 
     total: torch.Tensor
     recon: torch.Tensor
@@ -70,10 +64,7 @@ class Sums:
     bad_samples: float
 
     def means(self, loss: LossConfig) -> dict[str, float]:
-        """The per-image means by their logged names; the adversaries' only when they train.
-
-        Empty for a window of skipped steps only, which has no loss to report.
-        """
+        """Per-image means by logged name; the adversaries' only when they train; none without images."""
         if not self.images:
             return {}
         return {LOGGED[term]: getattr(self, term) / self.images for term in TERMS
@@ -81,11 +72,7 @@ class Sums:
 
 
 class Window:
-    """Loss sums since the last log, kept on the device so steps never wait for the host.
-
-    The counts are the host's own numbers (the images of each micro-batch, the
-    bad samples its loader replaced); they join the sums at the reduction.
-    """
+    """Loss sums since the last log, on the device; the counts, host numbers, join them at the reduction."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
