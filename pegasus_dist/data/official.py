@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import pickle
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -88,32 +87,6 @@ def read_cifar10(path: str | Path, image_size: int = 32, verify_checksum: bool =
         splits += ["test" if member == "test_batch" else "train"] * len(data)
     return SourceImages("cifar10", resize_all(np.concatenate(images), image_size), labels,
                         splits, str(path.resolve()))
-
-
-def write_cifar10_archive(images: np.ndarray, labels: list[int], path: Path) -> Path:
-    """Write (N, 32, 32, 3) uint8 images in the official CIFAR-10 python layout.
-
-    Five train batches and a test batch of about N/6 each, plus ``batches.meta``,
-    as torchvision's ``CIFAR10`` reads them; for fixtures and benchmarks.
-    """
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    bounds = np.linspace(0, len(images), len(names) + 1).astype(int)
-    with tarfile.open(path, "w:gz") as tar:
-        for name, start, stop in zip(names, bounds[:-1], bounds[1:], strict=True):
-            rows = images[start:stop].transpose(0, 3, 1, 2).reshape(stop - start, -1)
-            # str keys: what the official (Python 2) pickles load as with encoding="latin1"
-            batch = {"batch_label": name, "labels": list(labels[start:stop]),
-                     "data": np.ascontiguousarray(rows)}
-            _add_member(tar, f"cifar-10-batches-py/{name}", pickle.dumps(batch, protocol=2))
-        meta = {"label_names": list(CIFAR_CLASSES)}
-        _add_member(tar, "cifar-10-batches-py/batches.meta", pickle.dumps(meta, protocol=2))
-    return path
-
-
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
 
 
 def _unpickle(raw: bytes, where: str) -> dict:
