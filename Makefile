@@ -32,7 +32,7 @@ check: lint
 	$(VENV)/bin/pytest -m "$(FAST_TIER)" --durations=10
 
 test: lint
-	$(VENV)/bin/pytest -rsP --durations=15  # -rsP: skip reasons, and what passing tests printed (SLURM job ids)
+	$(VENV)/bin/pytest -n 2 --dist loadfile -rsP --durations=15  # -rsP: skip reasons, and what passing tests printed (SLURM job ids)
 
 clean:
 	rm -rf runs shards/smoke wandb

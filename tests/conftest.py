@@ -9,6 +9,10 @@ Tiers (pyproject's markers; README "Tests"):
 - ``slurm``: it needs the one-node SLURM cluster.
 
 ``make check`` runs the tests with none of these marks; ``make test`` runs all.
+``make test`` runs the files on two pytest-xdist workers (``--dist loadfile``): the
+work every test shares (shard sets, the classifier, trained runs) is made once per
+pytest run, under a file lock, whichever worker asks first (:func:`_made_once`).
+
 A test without a mark that starts a process or a process group fails, at that
 call, naming the mark to add: the fast tier cannot grow a process unnoticed.
 The guard covers the test's fixtures too, so a fast test cannot lean on a
@@ -19,6 +23,7 @@ here, at collection, and one that uses the trained quality classifier ``slow``.
 
 from __future__ import annotations
 
+import json
 import multiprocessing.process
 import os
 import shutil
@@ -28,8 +33,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed
 import torch.distributed.distributed_c10d
+from filelock import FileLock
 from helpers import PIPELINE_STEPS, SMOKE, TINY_ARGS, Trained
 from processes import BIN, REPO, run_bounded
 
@@ -37,6 +44,12 @@ from pegasus_dist.config import PrepareConfig, QualityConfig
 from pegasus_dist.data.prepare import prepare
 
 FULL_TIER = ("process", "slow", "slurm")
+
+# One thread per process: two workers share two cores, and threads that outnumber
+# the cores spin in OpenMP's barriers (a tiny-model step 100x slower); the runs'
+# processes inherit it. The tiny model's steps are too small to split anyway.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 class ProcessInFastTier(RuntimeError):
@@ -123,25 +136,44 @@ def pytest_runtest_makereport(item, call):
         report.outcome, report.longrepr = "failed", item.stash[_VIOLATION]
 
 
-# --- shard sets and the quality classifier (in this process: no tier of their own) -------------
+# --- made once per pytest run, shared by its workers ---------------------------------------------
 
 
-def _prepare(out: Path, **options) -> Path:
-    prepare(PrepareConfig(out=str(out), **options), "tests")
-    return out
+def _made_once(tmp_path_factory, name: str, make: Callable[[Path], dict]) -> tuple[Path, dict]:
+    """``make(folder)``'s folder and its JSON record, made by the first worker that asks.
+
+    Under xdist each worker has its own basetemp below one shared folder; the
+    lock makes the others wait and then read what the first one made. A
+    worker whose ``make`` failed leaves no record, so the next one tries again.
+    """
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder, record = shared / name, shared / f"{name}.json"
+    with FileLock(shared / f"{name}.lock"):
+        if not record.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            record.write_text(json.dumps(make(folder)))
+    return folder, json.loads(record.read_text())
+
+
+def _prepared(tmp_path_factory, name: str, **options) -> Path:
+    def make(out: Path) -> dict:
+        prepare(PrepareConfig(out=str(out), **options), "tests")
+        return {}
+    return _made_once(tmp_path_factory, name, make)[0]
 
 
 @pytest.fixture(scope="session")
 def smoke_shards(tmp_path_factory):
     """shards/{mix,horse_bird,eval} from 480 synthetic images in shards of 50 (uneven)."""
-    return _prepare(tmp_path_factory.mktemp("shards"), sources=["synthetic:480"], shard_size=50)
+    return _prepared(tmp_path_factory, "shards", sources=["synthetic:480"], shard_size=50)
 
 
 @pytest.fixture(scope="session")
 def quality_shards(tmp_path_factory):
     """1,500 synthetic images with a tenth held out: enough held-out horses and birds to score against."""
-    return _prepare(tmp_path_factory.mktemp("quality-shards"), sources=["synthetic:1500"],
-                    eval_fraction=0.1)
+    return _prepared(tmp_path_factory, "quality-shards", sources=["synthetic:1500"], eval_fraction=0.1)
 
 
 @pytest.fixture(scope="session")
@@ -149,12 +181,20 @@ def quality_classifier(quality_shards, tmp_path_factory):
     """The quality classifier trained on ``quality_shards`` (seconds), as (folder, classifier.json)."""
     from pegasus_dist.evaluation.classifier import train_classifier
 
-    folder = tmp_path_factory.mktemp("classifier")
     quality = QualityConfig(classifier_epochs=3, classifier_batch_size=64)
-    return folder, train_classifier(quality_shards, folder, quality)
+    return _made_once(tmp_path_factory, "classifier",
+                      lambda folder: train_classifier(quality_shards, folder, quality))
 
 
-# --- trained runs, made once per pytest run ------------------------------------------------------
+def _trained(tmp_path_factory, name: str, command: list[str], overrides: list[str]) -> Trained:
+    """A CLI run with ``overrides`` plus run.output_dir, made once; its folder and output."""
+    def make(root: Path) -> dict:
+        done = run_bounded([*command, f"run.output_dir={root}", *overrides], timeout=300,
+                           env={"WANDB_API_KEY": ""})
+        assert done.returncode == 0, done.stdout[-6000:]
+        return {"output": done.stdout}
+    root, record = _made_once(tmp_path_factory, name, make)
+    return Trained(root, [*overrides, f"run.output_dir={root}"], record["output"])
 
 
 @pytest.fixture(scope="session")
@@ -167,27 +207,20 @@ def smoke_pipeline(smoke_shards, tmp_path_factory) -> Trained:
     evaluation at step 40, and writes report.html. Tests read it and write
     elsewhere; a test that changes a run works on a copy.
     """
-    root = tmp_path_factory.mktemp("pipeline")
-    overrides = [f"data.shards={smoke_shards}", f"run.output_dir={root}", f"train.max_steps={PIPELINE_STEPS}",
-                 "train.log_every=5", "data.batch_size=16", "optim.lr=0.01", "optim.lr_scaling=none",
-                 "optim.warmup_steps=0", "wandb.mode=disabled", "quality.classifier_epochs=1", *TINY_ARGS]
-    done = run_bounded([str(BIN / "pegasus-dist"), "pipeline", "--source", "synthetic:480",
-                        "--config-dir", str(REPO / "configs/smoke"), *overrides], timeout=300,
-                       env={"WANDB_API_KEY": ""})
-    assert done.returncode == 0, done.stdout[-6000:]
-    return Trained(root, overrides, done.stdout)
+    command = [str(BIN / "pegasus-dist"), "pipeline", "--source", "synthetic:480",
+               "--config-dir", str(REPO / "configs/smoke")]
+    return _trained(tmp_path_factory, "pipeline", command, [
+        f"data.shards={smoke_shards}", f"train.max_steps={PIPELINE_STEPS}", "train.log_every=5",
+        "data.batch_size=16", "optim.lr=0.01", "optim.lr_scaling=none", "optim.warmup_steps=0",
+        "wandb.mode=disabled", "quality.classifier_epochs=1", *TINY_ARGS])
 
 
 @pytest.fixture(scope="session")
 def _checkpointed_run(smoke_shards, tmp_path_factory) -> Trained:
-    root = tmp_path_factory.mktemp("checkpointed")
-    overrides = [f"data.shards={smoke_shards}", f"run.output_dir={root}", "train.max_steps=6",
-                 "train.checkpoint_every=3", "train.log_every=1", "data.batch_size=16",
-                 "wandb.mode=disabled", *TINY_ARGS]
-    done = run_bounded([str(BIN / "pegasus-dist"), "train", "--config", SMOKE, *overrides], timeout=300,
-                       env={"WANDB_API_KEY": ""})
-    assert done.returncode == 0, done.stdout[-6000:]
-    return Trained(root, overrides, done.stdout)
+    command = [str(BIN / "pegasus-dist"), "train", "--config", SMOKE]
+    return _trained(tmp_path_factory, "checkpointed", command, [
+        f"data.shards={smoke_shards}", "train.max_steps=6", "train.checkpoint_every=3",
+        "train.log_every=1", "data.batch_size=16", "wandb.mode=disabled", *TINY_ARGS])
 
 
 @pytest.fixture
