@@ -204,7 +204,7 @@ def smoke_pipeline(smoke_shards, tmp_path_factory) -> Trained:
     It reads ``smoke_shards`` (the pipeline reuses shards prepared from its
     sources: synthetic:480), trains its quality classifier (one epoch), then
     both phases, each ending with its grids, quality.json and held-out
-    evaluation at step 40, and writes report.html. Tests read it and write
+    evaluation at step PIPELINE_STEPS (60), and writes report.html. Tests read it and write
     elsewhere; a test that changes a run works on a copy.
     """
     command = [str(BIN / "pegasus-dist"), "pipeline", "--source", "synthetic:480",

@@ -25,7 +25,8 @@ from pegasus_dist.data.shards import ShardSet
 SCRIPTS = Path(__file__).parent / "scripts"
 SMOKE = str(REPO / "configs/smoke/pretrain.yaml")
 TINY = ModelConfig(channels=[4, 4, 8, 8], fc_dims=[16, 16, 8], latent_dim=4)  # milliseconds a step
-PIPELINE_STEPS = 40  # each phase's in the shared pipeline: at lr 0.01 the tiny model's grids show images
+PIPELINE_STEPS = 60  # each phase's in the shared pipeline: at lr 0.01 the tiny model's grids show images
+# (at 40, on one thread, its wing-vector grid shows the same horse in every row)
 TINY_ARGS = [f"model.{key}={str(getattr(TINY, key)).replace(' ', '')}"  # TINY as command-line overrides
              for key in ("channels", "fc_dims", "latent_dim")]
 
