@@ -301,7 +301,7 @@ def _loop_rate(trainer: Trainer, warmup: int, steps: int, device: torch.device) 
     started = time.perf_counter()
     trainer.run_epochs(until_step=trainer.state.step + steps)
     _synchronize(device)
-    return steps * trainer.global_batch / (time.perf_counter() - started)
+    return steps * trainer.schedule.global_batch / (time.perf_counter() - started)
 
 
 def _recipe_rows(rate: float, epoch_images: int, device: torch.device) -> list[Row]:

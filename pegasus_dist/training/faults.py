@@ -144,21 +144,14 @@ class NonfiniteWatch:
 
     def __init__(self, device: torch.device) -> None:
         self.first_bad = torch.full((), NO_STEP, dtype=torch.int64, device=device)
-        self._positions: dict[int, tuple[int, int]] = {}
+        # (epoch, batch) of each step recorded since the ranks last found every loss finite.
+        self.positions: dict[int, tuple[int, int]] = {}
 
     def record(self, step: int, epoch: int, batch: int, loss: torch.Tensor) -> None:
         """Note ``step`` (epoch and batch counted from 1) and whether its loss is finite."""
-        self._positions[step] = (epoch, batch)
+        self.positions[step] = (epoch, batch)
         first_bad_here = ~torch.isfinite(loss.detach()) & (self.first_bad == NO_STEP)
         self.first_bad.masked_fill_(first_bad_here, step)  # a scalar fill: no host read
-
-    def position(self, step: int) -> tuple[int, int]:
-        """(epoch, batch) of a step recorded since the last :meth:`clear`."""
-        return self._positions[step]
-
-    def clear(self) -> None:
-        """Forget the positions of steps that the ranks found finite."""
-        self._positions.clear()
 
 
 @dataclass(frozen=True)
