@@ -212,7 +212,7 @@ class ShardLoader:
                                      skip_bad_samples)
         self._num_batches = len(rank_batches(self.num_samples, world_size, rank, batch_size))
         self._loader = DataLoader(self._dataset, batch_size=None, num_workers=num_workers,
-                                  pin_memory=pin_memory, collate_fn=_keep_batch,
+                                  pin_memory=pin_memory,
                                   persistent_workers=num_workers > 0)
 
     def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
@@ -229,10 +229,6 @@ class ShardLoader:
         except DataError as err:
             # A worker's error arrives wrapped in its traceback; keep the one-line message.
             raise DataError(str(err).rstrip().rsplit("DataError: ", 1)[-1]) from None
-
-
-def _keep_batch(batch: Batch) -> Batch:
-    return batch
 
 
 class MemoryLoader:
