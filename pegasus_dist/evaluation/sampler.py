@@ -190,8 +190,8 @@ def attribute_vector(model: VAE, cfg: SamplerConfig, shards_root: str | Path) ->
                        ("without", "labelled images of other classes")):
         if not sides[side]:
             raise DataError(f"{shard_set.path} holds no {what}; the analogy sampler needs both")
-    means = [torch.cat([model.encode(_to_float(torch.stack(chunk), device))[0] for chunk in
-                        _chunks(sides[side], 256)]).mean(dim=0) for side in ("with", "without")]
+    means = [torch.cat([model.encode(_to_float(chunk, device))[0] for chunk in
+                        torch.stack(sides[side]).split(256)]).mean(dim=0) for side in ("with", "without")]
     return means[0] - means[1]
 
 
@@ -281,10 +281,6 @@ def _method_grids(
         "reconstructions": (reconstruction_grid(model, horses, birds), len(horses.keys)),
         "prior": (prior_grid(model, PRIOR_SAMPLES, cfg.seed), 8),
     }, layout
-
-
-def _chunks(items: list, size: int) -> list[list]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
