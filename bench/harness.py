@@ -43,9 +43,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.fixtures import write_cifar10_archive
+from bench.fixtures import REAL_CIFAR, write_cifar10_archive
 from pegasus_dist.config import Config, PrepareConfig, config_from_dict
-from pegasus_dist.data.folders import REAL_CIFAR, read_image_folder
+from pegasus_dist.data.folders import read_image_folder
 from pegasus_dist.data.loader import MemoryLoader, ShardLoader
 from pegasus_dist.data.official import CIFAR_CLASSES
 from pegasus_dist.data.prepare import prepare

@@ -23,9 +23,6 @@ from pegasus_dist.errors import DataError
 
 log = logging.getLogger("pegasus_dist.data.folders")
 
-# The 60,000 real CIFAR-10 JPEGs (folder layout) beside a clone of the repository
-# (README, "First run on real data"): the bench and some tests use them when present.
-REAL_CIFAR = Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10-jpg.tar.gz"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # The largest folder image accepted, in pixels: above any camera photo in common use
 # (24-45 megapixels), below Pillow's decompression-bomb warning (89 million). A bigger
