@@ -200,7 +200,7 @@ def agree_on_start(accelerator: Accelerator, checks: Callable[[], T]) -> T:
         result, failure = checks(), None
     except Exception as err:  # agreed on below, then raised again on this rank
         result, failure = None, err
-    outcome = None if failure is None else (_exit_code(failure), _describe(failure))
+    outcome = None if failure is None else _outcome(failure)
     outcomes = gather_object([outcome])
     failed = [(rank, *o) for rank, o in enumerate(outcomes) if o is not None]
     if not failed:
@@ -233,14 +233,11 @@ def _raise(err: Exception) -> NoReturn:
     raise err
 
 
-def _exit_code(err: Exception) -> int:
-    return err.exit_code if isinstance(err, PegasusError) else 1
-
-
-def _describe(err: Exception) -> str:
+def _outcome(err: Exception) -> tuple[int, str]:
+    """(exit code, message) of one rank's failure; a crash's message points to its traceback."""
     if isinstance(err, PegasusError):
-        return str(err)
-    return f"{type(err).__name__}: {err} (a crash: its traceback is in that rank's output)"
+        return err.exit_code, str(err)
+    return 1, f"{type(err).__name__}: {err} (a crash: its traceback is in that rank's output)"
 
 
 def _failure_line(failed: list[tuple[int, int, str]], world_size: int) -> str:
