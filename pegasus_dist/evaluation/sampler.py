@@ -126,10 +126,6 @@ def _chw(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image).permute(2, 0, 1).contiguous()
 
 
-def mu_values(cfg: SamplerConfig) -> torch.Tensor:
-    return torch.linspace(cfg.mu_start, cfg.mu_end, cfg.num_mu)
-
-
 @torch.no_grad()
 def pegasus_grid(
     model: VAE, horses: LabelledImages, birds: LabelledImages, cfg: SamplerConfig,
@@ -141,7 +137,7 @@ def pegasus_grid(
     partners = rng.integers(0, len(birds.keys), size=len(horses.keys))
     mu_h, _ = model.encode(_to_float(horses.images, device))
     mu_b, _ = model.encode(_to_float(birds.images, device))
-    mus = mu_values(cfg).to(device)
+    mus = torch.linspace(cfg.mu_start, cfg.mu_end, cfg.num_mu, device=device)
     q1, q2, t = mu_h[:, None, :], mu_b[partners][:, None, :], mus[None, :, None]
     z = slerp(q1, q2, t) if method == "slerp" else torch.lerp(q1, q2, t)
     images = model.decode(z.flatten(0, 1))
