@@ -162,12 +162,6 @@ def write_counters(folder: Path, state: TrainState, config_yaml: str) -> None:
     (folder / STATE).write_text(json.dumps(state.model_dump(), indent=2) + "\n")
 
 
-def publish(tmp: Path, final: Path) -> None:
-    """Make a fully written temporary checkpoint visible under its final name."""
-    os.replace(tmp, final)  # atomic on one filesystem
-    _fsync_dir(final.parent)
-
-
 def prune(root: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` checkpoints and stale temporary folders."""
     stale = list_checkpoints(root)[:-keep] + [p for p in root.iterdir() if p.name.startswith(".tmp-")]
@@ -208,7 +202,8 @@ def save_checkpoint(accelerator: Accelerator, state: TrainState, config_yaml: st
         if before_counters is not None:
             before_counters(tmp, state)
         write_counters(tmp, state, config_yaml)
-        publish(tmp, final)
+        os.replace(tmp, final)  # published under its final name: atomic on one filesystem
+        _fsync_dir(root)
         prune(root, keep)
     accelerator.wait_for_everyone()
     return final
