@@ -284,24 +284,18 @@ def _prepare(accelerator: Accelerator, cfg: Config, built: Models) -> Models:
 
 def _continue_from(folder: Path, cfg: Config, accelerator: Accelerator, state: TrainState,
                    num_samples: int, models: Models, schedule: LrSchedule) -> None:
-    """Where the restored run goes on, said once; the restored optimizer takes this run's settings."""
+    """Where the restored run goes on, said once (and what a changed global batch changes);
+    the restored optimizer takes this run's settings."""
     log.info("resumed from %s: epoch %d, %d of its %d samples trained, step %d",
              folder, state.epoch + 1, state.samples_done, num_samples, state.step)
-    if accelerator.is_main_process:
-        _log_replan(cfg, state, schedule, num_samples)
-    apply_on_resume(models.optimizer, schedule, state.step, folder)
-
-
-def _log_replan(cfg: Config, state: TrainState, schedule: LrSchedule, num_samples: int) -> None:
-    """One line when the global batch is not the checkpoint's: what that changes, where the run goes on."""
     old, new = state.global_batch, schedule.global_batch
-    if not old or old == new:
-        return
-    log.warning(
-        "the global batch changed on resume: %d -> %d; lr %.3g -> %.3g (optim.lr_scaling=%s); "
-        "steps per epoch %d -> %d; epoch %d continues at sample %d of %d, so nothing is "
-        "repeated or skipped",
-        old, new, scaled_lr(cfg.optim, old), schedule.peak, cfg.optim.lr_scaling,
-        math.ceil(num_samples / old), math.ceil(num_samples / new),
-        state.epoch + 1, state.samples_done, num_samples,
-    )
+    if accelerator.is_main_process and old and old != new:
+        log.warning(
+            "the global batch changed on resume: %d -> %d; lr %.3g -> %.3g (optim.lr_scaling=%s); "
+            "steps per epoch %d -> %d; epoch %d continues at sample %d of %d, so nothing is "
+            "repeated or skipped",
+            old, new, scaled_lr(cfg.optim, old), schedule.peak, cfg.optim.lr_scaling,
+            math.ceil(num_samples / old), math.ceil(num_samples / new),
+            state.epoch + 1, state.samples_done, num_samples,
+        )
+    apply_on_resume(models.optimizer, schedule, state.step, folder)
