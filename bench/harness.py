@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.fixtures import REAL_CIFAR, write_cifar10_archive
-from pegasus_dist.config import Config, PrepareConfig, config_from_dict
+from pegasus_dist.config import Config, PrepareConfig, validated
 from pegasus_dist.data.folders import read_image_folder
 from pegasus_dist.data.loader import MemoryLoader, ShardLoader
 from pegasus_dist.data.official import CIFAR_CLASSES
@@ -227,7 +227,7 @@ def _trainer_rows(work: Path, steps: int, device: torch.device) -> list[Row]:
 
 def _train_config(shards: Path, runs: Path, precision: str, device: torch.device,
                   image_size: int = 32) -> Config:
-    return config_from_dict({
+    return validated(Config, {
         "run": {"output_dir": str(runs), "name": f"bench-{precision}-{image_size}"},
         "data": {"shards": str(shards), "batch_size": BATCH, "mode": "memory"},
         "model": {"image_size": image_size},
@@ -281,7 +281,7 @@ def _loop_alone(cfg: Config, steps: int, device: torch.device) -> float:
 
 def _adam_rows(device: torch.device) -> list[Row]:
     """The optimizer step alone for the paper model: fused (the trainer's) against foreach."""
-    model = VAE(config_from_dict({}).model).to(device)
+    model = VAE(Config().model).to(device)
     for parameter in model.parameters():
         parameter.grad = torch.randn_like(parameter)
     rates = {}

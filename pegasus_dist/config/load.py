@@ -28,11 +28,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw, origins = _read_yaml_chain(Path(path)) if path else ({}, {})
     for item in overrides or []:
         _apply_override(raw, origins, item)
-    return config_from_dict(raw, origins)
-
-
-def config_from_dict(raw: dict[str, Any], origins: Origins | None = None) -> Config:
-    """Build and validate a :class:`Config` from nested plain values; ``origins`` name their files."""
     return validated(Config, raw, origins)
 
 
