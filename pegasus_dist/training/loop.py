@@ -238,6 +238,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
+    """The command line's config; a wrong command line or config still ends every rank with one line."""
     parser = _ArgumentParser(
         prog="pegasus_dist/train.py",
         description="Train one phase of the winged-horse VAE.",
@@ -245,21 +246,16 @@ def parse_args(argv: list[str] | None = None) -> Config:
     )
     parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    args = parser.parse_args(argv)
-    return load_config(args.config, args.overrides)
+    try:
+        args = parser.parse_args(argv)
+        return load_config(args.config, args.overrides)
+    except ConfigError as err:
+        fail_with_every_rank(err)
 
 
 def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> None:
     """The entry point of every launcher: ``argv`` as on the command line (sys.argv[1:] when None)."""
     setup_logging()
     end_with_launcher()
-    exit_on_user_error(lambda: train(_parse_args_with_every_rank(argv), hooks))
-
-
-def _parse_args_with_every_rank(argv: list[str] | None) -> Config:
-    """parse_args; a rank whose command line or config is wrong still ends the run with one line."""
-    try:
-        return parse_args(argv)
-    except ConfigError as err:
-        fail_with_every_rank(err)
+    exit_on_user_error(lambda: train(parse_args(argv), hooks))
 
