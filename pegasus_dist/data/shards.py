@@ -48,19 +48,15 @@ class ShardSample:
     def meta(self) -> dict:
         """The sample's JSON; a sample without a label raises DataError naming it."""
         if self._meta is None:
-            self._meta = _parse_meta(self.raw_meta, self.shard, self.key)
+            try:
+                meta = json.loads(self.raw_meta)
+            except ValueError:
+                raise DataError(f"shard {self.shard}: {self.key}.json is not valid JSON") from None
+            if not isinstance(meta, dict) or "label" not in meta:
+                raise DataError(f"shard {self.shard}: {self.key}.json has no label field; "
+                                "re-run `pegasus-dist prepare`")
+            self._meta = meta
         return self._meta
-
-
-def _parse_meta(raw: bytes, shard: Path, key: str) -> dict:
-    try:
-        meta = json.loads(raw)
-    except ValueError:
-        raise DataError(f"shard {shard}: {key}.json is not valid JSON") from None
-    if not isinstance(meta, dict) or "label" not in meta:
-        raise DataError(f"shard {shard}: {key}.json has no label field; "
-                        "re-run `pegasus-dist prepare`")
-    return meta
 
 
 def write_shard(path: Path, samples: Iterable[tuple[str, np.ndarray, dict]]) -> None:
