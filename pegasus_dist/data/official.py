@@ -41,10 +41,8 @@ def download_official(name: str, root: Path) -> Path:
     try:
         download_url(meta["url"], str(root), meta["filename"], meta["md5"])
     except Exception as err:  # urllib and torchvision raise many kinds
-        raise DataError(
-            f"could not download {meta['url']} ({err}); download {meta['filename']} from "
-            f"{meta['page']} by hand and pass {name}:PATH"
-        ) from None
+        raise DataError(f"could not download {meta['url']} ({err}); download {meta['filename']} "
+                        f"from {meta['page']} by hand and pass {name}:PATH") from None
     return root / meta["filename"]
 
 

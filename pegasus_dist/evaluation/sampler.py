@@ -76,16 +76,12 @@ def pick_horses_and_birds(
         if keys:
             missing = sorted(set(keys) - set(available))
             if missing:
-                raise DataError(
-                    f"sampler.{label}_keys: {', '.join(missing[:3])} not found among the {label}s "
-                    f"of {shard_set.path}; use keys from `pegasus-dist contact-sheet`"
-                )
+                raise DataError(f"sampler.{label}_keys: {', '.join(missing[:3])} not found among the "
+                                f"{label}s of {shard_set.path}; use keys from `pegasus-dist contact-sheet`")
             chosen[label] = list(keys)
         elif len(available) < count:
-            raise DataError(
-                f"{shard_set.path} holds {len(available)} labelled {label} images but the sampler "
-                f"needs {count}; prepare more data or lower sampler.num_{label}s"
-            )
+            raise DataError(f"{shard_set.path} holds {len(available)} labelled {label} images but the "
+                            f"sampler needs {count}; prepare more data or lower sampler.num_{label}s")
         elif cfg.pick == "confident":
             pool = [available[i] for i in sorted(rng.choice(
                 len(available), size=max(count, min(cfg.pick_pool, len(available))), replace=False))]

@@ -101,11 +101,9 @@ def _files(folder: Path) -> list[Path]:
 
 def _refuse_older_layout(folder: Path) -> None:
     if (folder / OLDER_OPTIMIZER).is_file():
-        raise CheckpointError(
-            f"{folder} was written by an older version of pegasus-dist ({OLDER_OPTIMIZER}, not "
-            f"{OPTIMIZER}); resume it with that version, or start a new run from its weights with "
-            f"train.init_from={folder}"
-        )
+        raise CheckpointError(f"{folder} was written by an older version of pegasus-dist "
+                              f"({OLDER_OPTIMIZER}, not {OPTIMIZER}); resume it with that version, or start "
+                              f"a new run from its weights with train.init_from={folder}")
 
 
 def check_resumable(folder: Path, wanted: set[str]) -> None:
@@ -115,15 +113,11 @@ def check_resumable(folder: Path, wanted: set[str]) -> None:
     for kind in sorted(wanted ^ held):
         what, key = KINDS[kind]
         if kind in wanted:
-            raise CheckpointError(
-                f"{folder} holds no {what} (its run had {key}=0); resume it with "
-                f"{key}=0, or start a new run with train.init_from={folder}"
-            )
+            raise CheckpointError(f"{folder} holds no {what} (its run had {key}=0); resume it with {key}=0, "
+                                  f"or start a new run with train.init_from={folder}")
         article = "an" if what[0] in "AEIOU" else "a"
-        raise CheckpointError(
-            f"{folder} holds {article} {what} (its run had {key} > 0); resume it with "
-            f"{key} > 0, or start a new run with train.init_from={folder}"
-        )
+        raise CheckpointError(f"{folder} holds {article} {what} (its run had {key} > 0); resume it with "
+                              f"{key} > 0, or start a new run with train.init_from={folder}")
 
 
 def held_adversaries(folder: Path) -> set[str]:

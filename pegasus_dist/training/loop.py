@@ -181,12 +181,11 @@ class Trainer:
         step = agreement.first_bad_step
         epoch, batch = self.watch.positions[step]
         last = latest_checkpoint(self.cfg.run_dir / "checkpoints")
-        return TrainingError(
-            f"non-finite loss at {describe_position(step, epoch, batch, agreement.bad_ranks)} "
-            f"(found at step {self.state.step}); last good checkpoint: {last or 'none yet'}; "
-            f"{self.schedule.describe()}; lower optim.lr (a resumed run applies it) or optim.grad_clip, "
-            "or set train.on_nonfinite=skip to skip such steps"
-        )
+        where = describe_position(step, epoch, batch, agreement.bad_ranks)
+        return TrainingError(f"non-finite loss at {where} (found at step {self.state.step}); last good "
+                             f"checkpoint: {last or 'none yet'}; {self.schedule.describe()}; lower "
+                             "optim.lr (a resumed run applies it) or optim.grad_clip, or set "
+                             "train.on_nonfinite=skip to skip such steps")
 
     def _log_window(self) -> None:
         """Reduce the window's sums over all ranks (one all-reduce, one host read) and log per-image means."""
