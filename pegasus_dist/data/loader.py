@@ -102,12 +102,8 @@ class _ShardStream(IterableDataset):
 
     def __init__(self, shard_set: ShardSet, batch_size: int, rank: int, world_size: int,
                  seed: int, skip_bad: bool) -> None:
-        self.shard_set = shard_set
-        self.skip_bad = skip_bad
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
+        self.shard_set, self.skip_bad = shard_set, skip_bad
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         # The loader processes live across epochs (persistent workers: no fork and
         # no start-up per epoch), so the epoch to plan is shared memory that
         # set_epoch writes and every worker reads when its epoch starts.

@@ -238,11 +238,9 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str] | None = None) -> Config:
     """The command line's config; a wrong command line or config still ends every rank with one line."""
-    parser = _ArgumentParser(
-        prog="pegasus_dist/train.py",
-        description="Train one phase of the winged-horse VAE.",
-        epilog="Overrides: section.key=value, e.g. train.epochs=5 data.batch_size=64",
-    )
+    parser = _ArgumentParser(prog="pegasus_dist/train.py",
+                             description="Train one phase of the winged-horse VAE.",
+                             epilog="Overrides: section.key=value, e.g. train.epochs=5 data.batch_size=64")
     parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     try:
