@@ -15,6 +15,10 @@ import numpy as np
 
 from pegasus_dist.data.official import CIFAR_CLASSES
 
+# The 60,000 real CIFAR-10 JPEGs (folder layout) beside a clone of the repository
+# (README, "First run on real data"): the bench and some tests use them when present.
+REAL_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg.tar.gz"
+
 
 def write_cifar10_archive(images: np.ndarray, labels: list[int], path: Path) -> Path:
     """Write (N, 32, 32, 3) uint8 images in the official CIFAR-10 python layout.

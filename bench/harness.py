@@ -43,9 +43,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.fixtures import write_cifar10_archive
-from pegasus_dist.config import Config, PrepareConfig, config_from_dict
-from pegasus_dist.data.folders import REAL_CIFAR, read_image_folder
+from bench.fixtures import REAL_CIFAR, write_cifar10_archive
+from pegasus_dist.config import Config, PrepareConfig, validated
+from pegasus_dist.data.folders import read_image_folder
 from pegasus_dist.data.loader import MemoryLoader, ShardLoader
 from pegasus_dist.data.official import CIFAR_CLASSES
 from pegasus_dist.data.prepare import prepare
@@ -227,7 +227,7 @@ def _trainer_rows(work: Path, steps: int, device: torch.device) -> list[Row]:
 
 def _train_config(shards: Path, runs: Path, precision: str, device: torch.device,
                   image_size: int = 32) -> Config:
-    return config_from_dict({
+    return validated(Config, {
         "run": {"output_dir": str(runs), "name": f"bench-{precision}-{image_size}"},
         "data": {"shards": str(shards), "batch_size": BATCH, "mode": "memory"},
         "model": {"image_size": image_size},
@@ -281,7 +281,7 @@ def _loop_alone(cfg: Config, steps: int, device: torch.device) -> float:
 
 def _adam_rows(device: torch.device) -> list[Row]:
     """The optimizer step alone for the paper model: fused (the trainer's) against foreach."""
-    model = VAE(config_from_dict({}).model).to(device)
+    model = VAE(Config().model).to(device)
     for parameter in model.parameters():
         parameter.grad = torch.randn_like(parameter)
     rates = {}
@@ -301,7 +301,7 @@ def _loop_rate(trainer: Trainer, warmup: int, steps: int, device: torch.device) 
     started = time.perf_counter()
     trainer.run_epochs(until_step=trainer.state.step + steps)
     _synchronize(device)
-    return steps * trainer.global_batch / (time.perf_counter() - started)
+    return steps * trainer.schedule.global_batch / (time.perf_counter() - started)
 
 
 def _recipe_rows(rate: float, epoch_images: int, device: torch.device) -> list[Row]:

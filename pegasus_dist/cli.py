@@ -26,16 +26,12 @@ class _Commands(TyperGroup):
         return exit_on_user_error(lambda: super(_Commands, self).invoke(ctx))
 
 
-app = typer.Typer(
-    cls=_Commands,
-    help="Train the winged-horse VAE of the paper on WebDataset shards, on 1 to N processes.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+app = typer.Typer(cls=_Commands, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Train the winged-horse VAE of the paper on WebDataset shards, on 1 to N processes.")
 
 PREPARE = PrepareConfig.model_construct()  # prepare's defaults (not validated: no --source yet)
-LABELLED = Path(PREPARE.out) / SamplerConfig().shard_set  # the sampler's horses and birds, as prepared
+SHARDS = Path(PREPARE.out)  # where prepare writes its shard sets
+LABELLED = SHARDS / SamplerConfig().shard_set  # the sampler's horses and birds, as prepared
 OVERRIDES_HELP = "section.key=value config overrides, e.g. train.epochs=5"
 SOURCE_HELP = ("cifar10:PATH|download, stl10:PATH|download, folder:PATH (folder or .tar.gz), "
                "synthetic:N[:SEED]; repeat for several")
@@ -82,9 +78,7 @@ def prepare(
 
 @app.command()
 def verify(
-    path: Annotated[Path, typer.Argument(help="a shard set, or the folder holding several")] = Path(
-        PREPARE.out
-    ),
+    path: Annotated[Path, typer.Argument(help="a shard set, or the folder holding several")] = SHARDS,
 ) -> None:
     """Check shards against their manifest: sha256, sample counts, every image decodes."""
     from pegasus_dist.data.verify import find_shard_sets, verify_shard_set

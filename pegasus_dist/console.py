@@ -16,12 +16,8 @@ T = TypeVar("T")
 def setup_logging() -> None:
     """INFO on the main process (rank 0 by torchrun/accelerate's RANK), warnings elsewhere."""
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        force=True,
-    )
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, force=True,
+                        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
     # Accelerate names every file of a checkpoint it writes or reads (temporary folder included).
     for name in ("accelerate.accelerator", "accelerate.checkpointing"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -13,7 +13,7 @@ from processes import BIN, run_bounded
 from typer.testing import CliRunner
 
 from pegasus_dist.cli import app
-from pegasus_dist.config import Config, ModelConfig, config_from_dict, load_config
+from pegasus_dist.config import Config, ModelConfig, load_config, validated
 from pegasus_dist.errors import ConfigError
 from pegasus_dist.pipeline import PHASES, load_phases
 
@@ -109,7 +109,7 @@ def test_an_unquoted_no_is_the_choice_no():
 
 def test_resolved_config_round_trips():
     cfg = load_config(REPO / "configs/smoke/finetune.yaml", ["train.max_steps=4"])
-    assert config_from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
+    assert validated(Config, yaml.safe_load(cfg.to_yaml())) == cfg
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from helpers import (
 from PIL import Image
 from processes import BIN, REPO, run_bounded
 
-from pegasus_dist.data.folders import REAL_CIFAR
+from bench.fixtures import REAL_CIFAR
 from pegasus_dist.data.manifest import load_manifest
 
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import PIPELINE_STEPS, Trained, cli_here
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from processes import REPO
 
 from pegasus_dist.data.shards import ShardSet
-from pegasus_dist.evaluation.contact_sheet import caption_font, draw_sheet
+from pegasus_dist.evaluation.contact_sheet import draw_sheet
 
 
 def in_process(capsys: pytest.CaptureFixture, *args: str) -> str:
@@ -85,7 +85,7 @@ def test_every_contact_sheet_caption_fits_its_tile_and_gives_back_its_key(tmp_pa
 
     assert [c.key for c in captions] == [k for keys in chosen.values() for k in keys]
     assert all(len(c.lines) >= 2 for c in captions)  # the keys are too long for one line
-    draw, font = ImageDraw.Draw(sheet), caption_font()
+    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
     for caption in captions:
         assert "".join(caption.lines) == caption.key
         left, top, right, bottom = caption.strip

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench.fixtures import write_cifar10_archive
-from pegasus_dist.data.folders import REAL_CIFAR, read_image_folder
+from bench.fixtures import REAL_CIFAR, write_cifar10_archive
+from pegasus_dist.data.folders import read_image_folder
 from pegasus_dist.data.images import canonical_class
 from pegasus_dist.data.official import read_cifar10, read_stl10
 from pegasus_dist.data.sources import load_source, synthetic

@@ -3,7 +3,7 @@
 Loaded and validated by :mod:`.load`; every default lives in :mod:`.sections`.
 """
 
-from pegasus_dist.config.load import config_from_dict, load_config, problem, validated
+from pegasus_dist.config.load import load_config, problem, validated
 from pegasus_dist.config.sections import (
     Config,
     DataConfig,
@@ -23,4 +23,4 @@ from pegasus_dist.config.sections import (
 
 __all__ = ["Config", "DataConfig", "EvalConfig", "LossConfig", "ModelConfig", "OptimConfig", "Phase",
            "Precision", "PrepareConfig", "QualityConfig", "RunConfig", "SamplerConfig", "TrainConfig",
-           "WandbConfig", "config_from_dict", "load_config", "problem", "validated"]
+           "WandbConfig", "load_config", "problem", "validated"]

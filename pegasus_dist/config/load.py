@@ -28,11 +28,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw, origins = _read_yaml_chain(Path(path)) if path else ({}, {})
     for item in overrides or []:
         _apply_override(raw, origins, item)
-    return config_from_dict(raw, origins)
-
-
-def config_from_dict(raw: dict[str, Any], origins: Origins | None = None) -> Config:
-    """Build and validate a :class:`Config` from nested plain values; ``origins`` name their files."""
     return validated(Config, raw, origins)
 
 
@@ -105,9 +100,8 @@ def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str,
     data = _read_yaml(path)
     base = data.pop("base", None)
     if base is not None and not isinstance(base, str):
-        raise ConfigError(
-            f"{path}: base must name one file (a config builds on a single parent), got {base!r}"
-        )
+        raise ConfigError(f"{path}: base must name one file (a config builds on a single parent), "
+                          f"got {base!r}")
     merged, origins = ({}, {}) if base is None else _read_yaml_chain(path.parent / base, (*seen, path))
     # Two levels, section then key: a section in this file updates the parent's key by key.
     for section, values in data.items():
@@ -134,9 +128,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def _apply_override(raw: dict[str, Any], origins: Origins, item: str) -> None:
     key, sep, text = item.partition("=")
     if not sep or not key or "." not in key:
-        raise ConfigError(
-            f"override {item!r} is not of the form section.key=value (e.g. train.epochs=5)"
-        )
+        raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.epochs=5)")
     try:
         value = yaml.safe_load(text) if text else ""
     except yaml.YAMLError:

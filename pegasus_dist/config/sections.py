@@ -252,10 +252,8 @@ class SamplerConfig(Section):
         for name, keys, count in (("horse_keys", self.horse_keys, self.num_horses),
                                   ("bird_keys", self.bird_keys, self.num_birds)):
             if keys and len(keys) != count:
-                raise ConfigError(
-                    f"sampler.{name} lists {len(keys)} keys but the sampler uses {count}; "
-                    f"list exactly {count} or leave it empty for a seeded random choice"
-                )
+                raise ConfigError(f"sampler.{name} lists {len(keys)} keys but the sampler uses {count}; "
+                                  f"list exactly {count} or leave it empty for a seeded random choice")
         return self
 
 

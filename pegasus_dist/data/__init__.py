@@ -1,4 +1,1 @@
-"""The data path, one stage per module: sources -> shards (prepare) -> loader, and verify.
-
-README.md's Layout table lists the modules; docs/architecture.md draws the data flow.
-"""
+"""The data wing: sources -> shards (prepare) -> loader, and verify (docs/architecture.md)."""

@@ -23,9 +23,6 @@ from pegasus_dist.errors import DataError
 
 log = logging.getLogger("pegasus_dist.data.folders")
 
-# The 60,000 real CIFAR-10 JPEGs (folder layout) beside a clone of the repository
-# (README, "First run on real data"): the bench and some tests use them when present.
-REAL_CIFAR = Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10-jpg.tar.gz"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # The largest folder image accepted, in pixels: above any camera photo in common use
 # (24-45 megapixels), below Pillow's decompression-bomb warning (89 million). A bigger
@@ -48,7 +45,8 @@ def read_image_folder(path: str | Path, image_size: int = 32) -> SourceImages:
     entries = _classify(files, path)
     images = np.stack([_load_image(data, where, image_size) for _, _, where, data in
                        _read_files(path, [e[2] for e in entries])])
-    name = "folder_" + (re.sub(r"[^A-Za-z0-9]+", "_", _stem(path)).strip("_").lower() or "images")
+    stem = re.sub(r"\.(tar\.gz|tgz|tar)$", "", path.name)  # an archive's name without its suffix
+    name = "folder_" + (re.sub(r"[^A-Za-z0-9]+", "_", stem).strip("_").lower() or "images")
     return SourceImages(name, images, [e[1] for e in entries], [e[0] for e in entries],
                         str(path.resolve()))
 
@@ -146,11 +144,3 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         grey = np.clip(np.asarray(image), 0, 65535).astype(np.uint16) >> 8
         return Image.fromarray(grey.astype(np.uint8)).convert("RGB")
     return image.convert("RGB")
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".tar.gz", ".tgz", ".tar"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name

@@ -102,12 +102,8 @@ class _ShardStream(IterableDataset):
 
     def __init__(self, shard_set: ShardSet, batch_size: int, rank: int, world_size: int,
                  seed: int, skip_bad: bool) -> None:
-        self.shard_set = shard_set
-        self.skip_bad = skip_bad
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
+        self.shard_set, self.skip_bad = shard_set, skip_bad
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         # The loader processes live across epochs (persistent workers: no fork and
         # no start-up per epoch), so the epoch to plan is shared memory that
         # set_epoch writes and every worker reads when its epoch starts.
@@ -212,7 +208,7 @@ class ShardLoader:
                                      skip_bad_samples)
         self._num_batches = len(rank_batches(self.num_samples, world_size, rank, batch_size))
         self._loader = DataLoader(self._dataset, batch_size=None, num_workers=num_workers,
-                                  pin_memory=pin_memory, collate_fn=_keep_batch,
+                                  pin_memory=pin_memory,
                                   persistent_workers=num_workers > 0)
 
     def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
@@ -229,10 +225,6 @@ class ShardLoader:
         except DataError as err:
             # A worker's error arrives wrapped in its traceback; keep the one-line message.
             raise DataError(str(err).rstrip().rsplit("DataError: ", 1)[-1]) from None
-
-
-def _keep_batch(batch: Batch) -> Batch:
-    return batch
 
 
 class MemoryLoader:

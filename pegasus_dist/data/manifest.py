@@ -71,14 +71,8 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(
-    folder: Path,
-    name: str,
-    image_size: int,
-    shards: list[ShardEntry],
-    counts: dict[str, dict[str, int]],
-    provenance: dict[str, Any],
-) -> Path:
+def write_manifest(folder: Path, name: str, image_size: int, shards: list[ShardEntry],
+                   counts: dict[str, dict[str, int]], provenance: dict[str, Any]) -> Path:
     """Write ``folder/manifest.json``; sorted keys, so identical inputs give identical bytes."""
     data = {
         "format": FORMAT,

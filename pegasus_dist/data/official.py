@@ -41,10 +41,8 @@ def download_official(name: str, root: Path) -> Path:
     try:
         download_url(meta["url"], str(root), meta["filename"], meta["md5"])
     except Exception as err:  # urllib and torchvision raise many kinds
-        raise DataError(
-            f"could not download {meta['url']} ({err}); download {meta['filename']} from "
-            f"{meta['page']} by hand and pass {name}:PATH"
-        ) from None
+        raise DataError(f"could not download {meta['url']} ({err}); download {meta['filename']} "
+                        f"from {meta['page']} by hand and pass {name}:PATH") from None
     return root / meta["filename"]
 
 
@@ -67,9 +65,7 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
 
 
 def read_cifar10(path: str | Path, image_size: int = 32, verify_checksum: bool = True) -> SourceImages:
-    path = _existing(path, "cifar10", CIFAR10)
-    if verify_checksum:
-        _check_md5(path, CIFAR10)
+    path = _archive(path, "cifar10", CIFAR10, verify_checksum)
     members = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     images, labels, splits = [], [], []
     with open_tar(path) as tar:
@@ -100,9 +96,7 @@ def _unpickle(raw: bytes, where: str) -> dict:
 
 
 def read_stl10(path: str | Path, image_size: int = 32, verify_checksum: bool = True) -> SourceImages:
-    path = _existing(path, "stl10", STL10)
-    if verify_checksum:
-        _check_md5(path, STL10)
+    path = _archive(path, "stl10", STL10, verify_checksum)
     images, labels, splits = [], [], []
     # A .tar.gz cannot seek, so read members in archive order and keep the small
     # files; the order of the result is fixed below (train, test, unlabeled).
@@ -142,18 +136,13 @@ def _stl_images(stream: io.BufferedReader, image_size: int) -> Iterator[np.ndarr
 # --- shared by both ---------------------------------------------------------
 
 
-def _existing(path: str | Path, name: str, meta: dict) -> Path:
+def _archive(path: str | Path, name: str, meta: dict, verify_checksum: bool) -> Path:
+    """The official archive at ``path``, there and (when ``verify_checksum``) with its published md5."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{name} archive not found: {path}; download {meta['filename']} from "
                         f"{meta['page']} or use {name}:download")
+    if verify_checksum and (digest := calculate_md5(path)) != meta["md5"]:
+        raise DataError(f"{path}: md5 {digest} differs from the official {meta['md5']} of "
+                        f"{meta['filename']}; pass --no-verify-checksums for a modified or fixture copy")
     return path
-
-
-def _check_md5(path: Path, meta: dict) -> None:
-    digest = calculate_md5(path)
-    if digest != meta["md5"]:
-        raise DataError(
-            f"{path}: md5 {digest} differs from the official {meta['md5']} of "
-            f"{meta['filename']}; pass --no-verify-checksums for a modified or fixture copy"
-        )

@@ -48,19 +48,15 @@ class ShardSample:
     def meta(self) -> dict:
         """The sample's JSON; a sample without a label raises DataError naming it."""
         if self._meta is None:
-            self._meta = _parse_meta(self.raw_meta, self.shard, self.key)
+            try:
+                meta = json.loads(self.raw_meta)
+            except ValueError:
+                raise DataError(f"shard {self.shard}: {self.key}.json is not valid JSON") from None
+            if not isinstance(meta, dict) or "label" not in meta:
+                raise DataError(f"shard {self.shard}: {self.key}.json has no label field; "
+                                "re-run `pegasus-dist prepare`")
+            self._meta = meta
         return self._meta
-
-
-def _parse_meta(raw: bytes, shard: Path, key: str) -> dict:
-    try:
-        meta = json.loads(raw)
-    except ValueError:
-        raise DataError(f"shard {shard}: {key}.json is not valid JSON") from None
-    if not isinstance(meta, dict) or "label" not in meta:
-        raise DataError(f"shard {shard}: {key}.json has no label field; "
-                        "re-run `pegasus-dist prepare`")
-    return meta
 
 
 def write_shard(path: Path, samples: Iterable[tuple[str, np.ndarray, dict]]) -> None:
@@ -82,9 +78,8 @@ def iter_shard(path: Path) -> Iterator[ShardSample]:
     except (tarfile.TarError, OSError, EOFError, ValueError) as err:
         # webdataset appends the stream and URL to the message: keep the reason alone.
         reason = str(err.args[0]).split(" @ ")[0] if err.args else type(err).__name__
-        raise DataError(
-            f"shard {path} is unreadable ({reason}); re-run `pegasus-dist prepare` to rewrite it"
-        ) from None
+        raise DataError(f"shard {path} is unreadable ({reason}); "
+                        "re-run `pegasus-dist prepare` to rewrite it") from None
 
 
 def _shard_sample(sample: dict, path: Path) -> ShardSample:
@@ -105,11 +100,9 @@ class ShardSet:
         self.path = self.manifest.path
         self.image_size = self.manifest.image_size
         if image_size is not None and image_size != self.image_size:
-            raise DataError(
-                f"{self.path} holds {self.image_size}px images but model.image_size is "
-                f"{image_size}; set model.image_size={self.image_size} or prepare shards with "
-                f"--image-size {image_size}"
-            )
+            raise DataError(f"{self.path} holds {self.image_size}px images but model.image_size is "
+                            f"{image_size}; set model.image_size={self.image_size} or prepare shards with "
+                            f"--image-size {image_size}")
 
     @property
     def num_samples(self) -> int:
@@ -147,10 +140,8 @@ class ShardSet:
             raise DataError(f"{sample.where}: the image is not an (H, W, 3) uint8 array; "
                             "re-run `pegasus-dist prepare`")
         if image.shape[:2] != (size, size):
-            raise DataError(
-                f"{sample.where}: image is {image.shape[1]}x{image.shape[0]} but {size}x{size} was "
-                "expected; prepare the shards at model.image_size or change model.image_size"
-            )
+            raise DataError(f"{sample.where}: image is {image.shape[1]}x{image.shape[0]} but {size}x{size} "
+                            "was expected; prepare the shards at model.image_size or change model.image_size")
         return np.require(image, requirements="W")  # .npy members decode to read-only views
 
     def keys_by_label(self, labels: Iterable[str]) -> dict[str, list[str]]:

@@ -31,10 +31,8 @@ def load_source(spec: str, image_size: int = 32, verify_checksums: bool = True) 
     if kind == "synthetic" and re.fullmatch(r"\d+(:\d+)?", arg):
         count, _, seed = arg.partition(":")
         return synthetic(int(count), image_size, int(seed or 0))
-    raise DataError(
-        f"unknown source {spec!r}; use cifar10:PATH, cifar10:download, stl10:PATH, "
-        "stl10:download, folder:PATH or synthetic:N[:SEED]"
-    )
+    raise DataError(f"unknown source {spec!r}; use cifar10:PATH, cifar10:download, stl10:PATH, "
+                    "stl10:download, folder:PATH or synthetic:N[:SEED]")
 
 
 def synthetic(num_images: int, image_size: int = 32, seed: int = 0) -> SourceImages:

@@ -1,4 +1,1 @@
-"""Sampling and evaluation: the Pegasus sampler, the quality classifier, held-out metrics, the report.
-
-Above data and model, below training, which runs the sampler after each phase (docs/architecture.md).
-"""
+"""The evaluation wing: the Pegasus sampler, quality classifier, held-out metrics, report."""

@@ -64,10 +64,6 @@ class Caption:
     strip: tuple[int, int, int, int]  # left, top, right, bottom (exclusive), as in PIL boxes
 
 
-def caption_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    return ImageFont.load_default()
-
-
 def caption_lines(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int,
                   breaks: tuple[str, ...] = BREAKS) -> list[str]:
     """``text`` in lines no wider than ``width`` pixels, which joined give it back.
@@ -99,7 +95,7 @@ def draw_sheet(chosen: dict[str, list[str]], images: dict[str, np.ndarray], colu
 
     The strips are as tall as the longest key needs, so every caption fits under its own tile.
     """
-    font = caption_font()
+    font = ImageFont.load_default()
     lines = {key: caption_lines(key, font, tile - 2 * MARGIN) for keys in chosen.values()
              for key in keys}
     line_height = font.getbbox("Ag_|")[3] + 1

@@ -1,11 +1,8 @@
 """`pegasus-dist eval`: how well a checkpoint models the held-out images.
 
-On the ``eval`` shard set, per image: the negative ELBO in nats (one seeded
-z per image) and in bits per dimension, the reconstruction PSNR of decode(mu),
-and the active latent units (Var_x(E[z_d|x]) > 0.01, Burda et al. 2016); for
-all images and for the horses and birds, which with the quality classifier
-also get the fractions of their reconstructions (and originals) classified as
-their own label. README.md, "Beyond the paper", says how to read them.
+Per image of the ``eval`` shard set: negative ELBO (nats, bits/dim), its parts, PSNR and active
+latent units, for all images and for the horses and birds (with the classifier, the fractions
+recognised as their label); README.md, "Beyond the paper", says how to read them.
 """
 
 from __future__ import annotations

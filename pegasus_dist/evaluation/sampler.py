@@ -76,16 +76,12 @@ def pick_horses_and_birds(
         if keys:
             missing = sorted(set(keys) - set(available))
             if missing:
-                raise DataError(
-                    f"sampler.{label}_keys: {', '.join(missing[:3])} not found among the {label}s "
-                    f"of {shard_set.path}; use keys from `pegasus-dist contact-sheet`"
-                )
+                raise DataError(f"sampler.{label}_keys: {', '.join(missing[:3])} not found among the "
+                                f"{label}s of {shard_set.path}; use keys from `pegasus-dist contact-sheet`")
             chosen[label] = list(keys)
         elif len(available) < count:
-            raise DataError(
-                f"{shard_set.path} holds {len(available)} labelled {label} images but the sampler "
-                f"needs {count}; prepare more data or lower sampler.num_{label}s"
-            )
+            raise DataError(f"{shard_set.path} holds {len(available)} labelled {label} images but the "
+                            f"sampler needs {count}; prepare more data or lower sampler.num_{label}s")
         elif cfg.pick == "confident":
             pool = [available[i] for i in sorted(rng.choice(
                 len(available), size=max(count, min(cfg.pick_pool, len(available))), replace=False))]
@@ -108,8 +104,7 @@ def confident_keys(model: VAE, classifier: Classifier, label: str, pool: list[st
                    images: dict[str, torch.Tensor]) -> list[str]:
     """The ``count`` keys of ``pool`` whose reconstructions, decode(encode mean), have the highest
     classifier probability of ``label``, best first."""
-    device = next(model.parameters()).device
-    x = _to_float(torch.stack([images[key] for key in pool]), device)
+    x = _to_float(torch.stack([images[key] for key in pool]), model)
     reconstructions = torch.cat([model.decode(model.encode(chunk)[0]).float().cpu()
                                  for chunk in x.split(256)])
     probability = predict(classifier, reconstructions)[0][:, classifier.index(label)]
@@ -126,22 +121,17 @@ def _chw(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image).permute(2, 0, 1).contiguous()
 
 
-def mu_values(cfg: SamplerConfig) -> torch.Tensor:
-    return torch.linspace(cfg.mu_start, cfg.mu_end, cfg.num_mu)
-
-
 @torch.no_grad()
 def pegasus_grid(
     model: VAE, horses: LabelledImages, birds: LabelledImages, cfg: SamplerConfig,
     method: str = "slerp",
 ) -> tuple[torch.Tensor, list[dict]]:
     """(num_horses * num_mu) decoded interpolations, row-major, and each row's horse and bird."""
-    device = next(model.parameters()).device
     rng = np.random.default_rng(cfg.seed + 1)  # the pairing draw is independent of the pick
     partners = rng.integers(0, len(birds.keys), size=len(horses.keys))
-    mu_h, _ = model.encode(_to_float(horses.images, device))
-    mu_b, _ = model.encode(_to_float(birds.images, device))
-    mus = mu_values(cfg).to(device)
+    mu_h, _ = model.encode(_to_float(horses.images, model))
+    mu_b, _ = model.encode(_to_float(birds.images, model))
+    mus = torch.linspace(cfg.mu_start, cfg.mu_end, cfg.num_mu, device=mu_h.device)
     q1, q2, t = mu_h[:, None, :], mu_b[partners][:, None, :], mus[None, :, None]
     z = slerp(q1, q2, t) if method == "slerp" else torch.lerp(q1, q2, t)
     images = model.decode(z.flatten(0, 1))
@@ -155,11 +145,10 @@ def pegasus_grid(
 @torch.no_grad()
 def reconstruction_grid(model: VAE, horses: LabelledImages, birds: LabelledImages) -> torch.Tensor:
     """Rows: the horses, their reconstructions, birds, their reconstructions."""
-    device = next(model.parameters()).device
     n = len(horses.keys)
     rows = []
     for images in (horses.images, birds.images[:n]):
-        x = _to_float(images, device)
+        x = _to_float(images, model)
         mu, _ = model.encode(x)
         rows += [x, model.decode(mu)]
     return torch.cat(rows).float().cpu()
@@ -176,7 +165,6 @@ def prior_grid(model: VAE, count: int, seed: int) -> torch.Tensor:
 @torch.no_grad()
 def attribute_vector(model: VAE, cfg: SamplerConfig, shards_root: str | Path) -> torch.Tensor:
     """The wing vector: mean latent of the chosen images (or birds) minus that of other classes."""
-    device = next(model.parameters()).device
     shard_set = ShardSet(Path(shards_root) / cfg.attribute_shard_set, model.image_size)
     chosen = set(cfg.attribute_keys)
     sides: dict[str, list[torch.Tensor]] = {"with": [], "without": []}
@@ -190,8 +178,8 @@ def attribute_vector(model: VAE, cfg: SamplerConfig, shards_root: str | Path) ->
                        ("without", "labelled images of other classes")):
         if not sides[side]:
             raise DataError(f"{shard_set.path} holds no {what}; the analogy sampler needs both")
-    means = [torch.cat([model.encode(_to_float(torch.stack(chunk), device))[0] for chunk in
-                        _chunks(sides[side], 256)]).mean(dim=0) for side in ("with", "without")]
+    means = [torch.cat([model.encode(_to_float(chunk, model))[0] for chunk in
+                        torch.stack(sides[side]).split(256)]).mean(dim=0) for side in ("with", "without")]
     return means[0] - means[1]
 
 
@@ -200,10 +188,9 @@ def analogy_grid(
     model: VAE, horses: LabelledImages, vector: torch.Tensor, cfg: SamplerConfig
 ) -> tuple[torch.Tensor, list[dict]]:
     """Each row: one horse's latent mean plus 0 .. strength_max times the vector."""
-    device = next(model.parameters()).device
-    mu_h, _ = model.encode(_to_float(horses.images, device))
-    strengths = torch.linspace(0, cfg.strength_max, cfg.num_mu, device=device)
-    z = mu_h[:, None, :] + strengths[None, :, None] * vector.to(device)
+    mu_h, _ = model.encode(_to_float(horses.images, model))
+    strengths = torch.linspace(0, cfg.strength_max, cfg.num_mu, device=mu_h.device)
+    z = mu_h[:, None, :] + strengths[None, :, None] * vector.to(mu_h.device)
     rows = [{"row": i, "horse": key, "strength": strengths.tolist()}
             for i, key in enumerate(horses.keys)]
     return model.decode(z.flatten(0, 1)).float().cpu(), rows
@@ -283,12 +270,9 @@ def _method_grids(
     }, layout
 
 
-def _chunks(items: list, size: int) -> list[list]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
-
-
-def _to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return images.to(device).float().div_(255)
+def _to_float(images: torch.Tensor, model: VAE) -> torch.Tensor:
+    """uint8 images as the model's input: floats in [0, 1] on its device."""
+    return images.to(next(model.parameters()).device).float().div_(255)
 
 
 def sample_checkpoint(

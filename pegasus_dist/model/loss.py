@@ -72,15 +72,8 @@ def reconstruction_nll(logits: torch.Tensor, target: torch.Tensor,
     return -log_p.flatten(1).sum(dim=1)
 
 
-def vae_loss(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    mu: torch.Tensor,
-    logvar: torch.Tensor,
-    beta: float = 1.0,
-    free_bits: float = 0.0,
-    log_scale: torch.Tensor | None = None,
-) -> LossTerms:
+def vae_loss(logits: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+             beta: float = 1.0, free_bits: float = 0.0, log_scale: torch.Tensor | None = None) -> LossTerms:
     """Per-image mean of (pixel NLL summed over pixels) + beta * KL.
 
     ``log_scale`` chooses the likelihood (:func:`reconstruction_nll`). With

@@ -71,15 +71,12 @@ def load_model_weights(model: torch.nn.Module, folder: Path, name: str = MODEL,
     expected = model.state_dict()
     for name, tensor in weights.items():
         if name in expected and expected[name].shape != tensor.shape:
-            raise CheckpointError(
-                f"{path}: {name} has shape {tuple(tensor.shape)} but the model expects "
-                f"{tuple(expected[name].shape)}; the checkpoint comes from a model of another "
-                "shape: use the model section of its config.yaml"
-            )
+            raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)} but the model expects "
+                                  f"{tuple(expected[name].shape)}; the checkpoint comes from a model of "
+                                  "another shape: use the model section of its config.yaml")
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(
-            f"{path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
+        raise CheckpointError(f"{path} does not fit the model: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
     model.load_state_dict(weights)

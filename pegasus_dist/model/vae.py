@@ -42,12 +42,9 @@ class VAEOutput:
     mixed_logits: torch.Tensor | None = None
 
 
-def _conv_block(c_in: int, c_out: int, slope: float) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, kernel_size=4, stride=2, padding=1, bias=False),
-        nn.BatchNorm2d(c_out),
-        nn.LeakyReLU(slope),
-    )
+def _block(resize: nn.Module, c_out: int, slope: float) -> nn.Sequential:
+    """``resize`` (a layer that halves or doubles the side), batch norm and LeakyReLU."""
+    return nn.Sequential(resize, nn.BatchNorm2d(c_out), nn.LeakyReLU(slope))
 
 
 def _upsample(c_in: int, c_out: int, how: str, bias: bool) -> nn.Module:
@@ -56,14 +53,6 @@ def _upsample(c_in: int, c_out: int, how: str, bias: bool) -> nn.Module:
         return nn.ConvTranspose2d(c_in, c_out, kernel_size=4, stride=2, padding=1, bias=bias)
     return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
                          nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=bias))
-
-
-def _deconv_block(c_in: int, c_out: int, slope: float, how: str) -> nn.Sequential:
-    return nn.Sequential(
-        _upsample(c_in, c_out, how, bias=False),
-        nn.BatchNorm2d(c_out),
-        nn.LeakyReLU(slope),
-    )
 
 
 def _mlp(widths: list[int], slope: float, last_activation: bool) -> nn.Sequential:
@@ -85,7 +74,8 @@ class VAE(nn.Module):
         flat = c[-1] * self.bottom**2
 
         self.encoder_conv = nn.Sequential(
-            *(_conv_block(w_in, w_out, slope) for w_in, w_out in zip([3, *c[:-1]], c, strict=True))
+            *(_block(nn.Conv2d(w_in, w_out, kernel_size=4, stride=2, padding=1, bias=False), w_out, slope)
+              for w_in, w_out in zip([3, *c[:-1]], c, strict=True))
         )
         # 4 linear layers: flat -> fc[0] -> fc[1] -> fc[2] -> (mu, logvar)
         self.encoder_fc = _mlp([flat, *fc, 2 * cfg.latent_dim], slope, last_activation=False)
@@ -93,7 +83,8 @@ class VAE(nn.Module):
         self.decoder_fc = _mlp([cfg.latent_dim, *fc[::-1], flat], slope, last_activation=True)
         rc = c[::-1]
         self.decoder_conv = nn.Sequential(
-            *(_deconv_block(a, b, slope, cfg.upsample) for a, b in zip(rc[:-1], rc[1:], strict=True)),
+            *(_block(_upsample(a, b, cfg.upsample, bias=False), b, slope)
+              for a, b in zip(rc[:-1], rc[1:], strict=True)),
             # the last upsampling maps to RGB logits: no norm, no activation
             _upsample(rc[-1], 3, cfg.upsample, bias=True),
         )

@@ -101,11 +101,9 @@ def _files(folder: Path) -> list[Path]:
 
 def _refuse_older_layout(folder: Path) -> None:
     if (folder / OLDER_OPTIMIZER).is_file():
-        raise CheckpointError(
-            f"{folder} was written by an older version of pegasus-dist ({OLDER_OPTIMIZER}, not "
-            f"{OPTIMIZER}); resume it with that version, or start a new run from its weights with "
-            f"train.init_from={folder}"
-        )
+        raise CheckpointError(f"{folder} was written by an older version of pegasus-dist "
+                              f"({OLDER_OPTIMIZER}, not {OPTIMIZER}); resume it with that version, or start "
+                              f"a new run from its weights with train.init_from={folder}")
 
 
 def check_resumable(folder: Path, wanted: set[str]) -> None:
@@ -115,15 +113,11 @@ def check_resumable(folder: Path, wanted: set[str]) -> None:
     for kind in sorted(wanted ^ held):
         what, key = KINDS[kind]
         if kind in wanted:
-            raise CheckpointError(
-                f"{folder} holds no {what} (its run had {key}=0); resume it with "
-                f"{key}=0, or start a new run with train.init_from={folder}"
-            )
+            raise CheckpointError(f"{folder} holds no {what} (its run had {key}=0); resume it with {key}=0, "
+                                  f"or start a new run with train.init_from={folder}")
         article = "an" if what[0] in "AEIOU" else "a"
-        raise CheckpointError(
-            f"{folder} holds {article} {what} (its run had {key} > 0); resume it with "
-            f"{key} > 0, or start a new run with train.init_from={folder}"
-        )
+        raise CheckpointError(f"{folder} holds {article} {what} (its run had {key} > 0); resume it with "
+                              f"{key} > 0, or start a new run with train.init_from={folder}")
 
 
 def held_adversaries(folder: Path) -> set[str]:
@@ -160,12 +154,6 @@ def write_counters(folder: Path, state: TrainState, config_yaml: str) -> None:
     """The files of ours in a checkpoint: ``config.yaml``, then ``state.json``, which marks it complete."""
     (folder / "config.yaml").write_text(config_yaml)
     (folder / STATE).write_text(json.dumps(state.model_dump(), indent=2) + "\n")
-
-
-def publish(tmp: Path, final: Path) -> None:
-    """Make a fully written temporary checkpoint visible under its final name."""
-    os.replace(tmp, final)  # atomic on one filesystem
-    _fsync_dir(final.parent)
 
 
 def prune(root: Path, keep: int) -> None:
@@ -208,7 +196,8 @@ def save_checkpoint(accelerator: Accelerator, state: TrainState, config_yaml: st
         if before_counters is not None:
             before_counters(tmp, state)
         write_counters(tmp, state, config_yaml)
-        publish(tmp, final)
+        os.replace(tmp, final)  # published under its final name: atomic on one filesystem
+        _fsync_dir(root)
         prune(root, keep)
     accelerator.wait_for_everyone()
     return final

@@ -32,28 +32,19 @@ def build_accelerator(cfg: Config, log_with: list[str] | None = None) -> Acceler
     """
     use_cpu = cfg.train.cpu or not torch.cuda.is_available()
     if use_cpu and cfg.train.mixed_precision == "fp16":
-        raise ConfigError(
-            "train.mixed_precision=fp16 needs a GPU (loss scaling is a CUDA feature); "
-            "use bf16 or no on the CPU"
-        )
+        raise ConfigError("train.mixed_precision=fp16 needs a GPU (loss scaling is a CUDA feature); "
+                          "use bf16 or no on the CPU")
     accelerator = Accelerator(
-        cpu=use_cpu,
-        mixed_precision=cfg.train.mixed_precision,
-        log_with=log_with,
+        cpu=use_cpu, mixed_precision=cfg.train.mixed_precision, log_with=log_with,
         project_dir=str(cfg.run_dir),
         # A rank that dies must not leave the others waiting in a collective forever.
-        kwargs_handlers=[InitProcessGroupKwargs(
-            timeout=timedelta(seconds=cfg.train.collective_timeout_s)
-        )],
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))],
     )
     backend = dist.get_backend() if dist.is_initialized() else "none"
-    log.info(
-        "process group: world_size=%d rank=%d local_rank=%d backend=%s device=%s "
-        "distributed_type=%s mixed_precision=%s",
-        accelerator.num_processes, accelerator.process_index, accelerator.local_process_index,
-        backend, accelerator.device, accelerator.distributed_type.value,
-        accelerator.mixed_precision,
-    )
+    log.info("process group: world_size=%d rank=%d local_rank=%d backend=%s device=%s "
+             "distributed_type=%s mixed_precision=%s",
+             accelerator.num_processes, accelerator.process_index, accelerator.local_process_index,
+             backend, accelerator.device, accelerator.distributed_type.value, accelerator.mixed_precision)
     return accelerator
 
 

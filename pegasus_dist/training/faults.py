@@ -144,21 +144,14 @@ class NonfiniteWatch:
 
     def __init__(self, device: torch.device) -> None:
         self.first_bad = torch.full((), NO_STEP, dtype=torch.int64, device=device)
-        self._positions: dict[int, tuple[int, int]] = {}
+        # (epoch, batch) of each step recorded since the ranks last found every loss finite.
+        self.positions: dict[int, tuple[int, int]] = {}
 
     def record(self, step: int, epoch: int, batch: int, loss: torch.Tensor) -> None:
         """Note ``step`` (epoch and batch counted from 1) and whether its loss is finite."""
-        self._positions[step] = (epoch, batch)
+        self.positions[step] = (epoch, batch)
         first_bad_here = ~torch.isfinite(loss.detach()) & (self.first_bad == NO_STEP)
         self.first_bad.masked_fill_(first_bad_here, step)  # a scalar fill: no host read
-
-    def position(self, step: int) -> tuple[int, int]:
-        """(epoch, batch) of a step recorded since the last :meth:`clear`."""
-        return self._positions[step]
-
-    def clear(self) -> None:
-        """Forget the positions of steps that the ranks found finite."""
-        self._positions.clear()
 
 
 @dataclass(frozen=True)
@@ -207,7 +200,7 @@ def agree_on_start(accelerator: Accelerator, checks: Callable[[], T]) -> T:
         result, failure = checks(), None
     except Exception as err:  # agreed on below, then raised again on this rank
         result, failure = None, err
-    outcome = None if failure is None else (_exit_code(failure), _describe(failure))
+    outcome = None if failure is None else _outcome(failure)
     outcomes = gather_object([outcome])
     failed = [(rank, *o) for rank, o in enumerate(outcomes) if o is not None]
     if not failed:
@@ -240,14 +233,11 @@ def _raise(err: Exception) -> NoReturn:
     raise err
 
 
-def _exit_code(err: Exception) -> int:
-    return err.exit_code if isinstance(err, PegasusError) else 1
-
-
-def _describe(err: Exception) -> str:
+def _outcome(err: Exception) -> tuple[int, str]:
+    """(exit code, message) of one rank's failure; a crash's message points to its traceback."""
     if isinstance(err, PegasusError):
-        return str(err)
-    return f"{type(err).__name__}: {err} (a crash: its traceback is in that rank's output)"
+        return err.exit_code, str(err)
+    return 1, f"{type(err).__name__}: {err} (a crash: its traceback is in that rank's output)"
 
 
 def _failure_line(failed: list[tuple[int, int, str]], world_size: int) -> str:

@@ -46,10 +46,8 @@ def hold_run_lock(run_dir: Path) -> None:
     try:
         lock.acquire(blocking=False)
     except Timeout:
-        raise RunFolderInUse(
-            f"run folder {run_dir} is in use by {_holder(path)}; wait for that run to end, "
-            "or train into another run.name"
-        ) from None
+        raise RunFolderInUse(f"run folder {run_dir} is in use by {_holder(path)}; wait for that "
+                             "run to end, or train into another run.name") from None
     except OSError as err:
         if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
             raise

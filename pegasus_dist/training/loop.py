@@ -18,6 +18,7 @@ from typing import NoReturn
 
 from pegasus_dist.config import Config, load_config
 from pegasus_dist.console import exit_on_user_error, setup_logging
+from pegasus_dist.data.loader import global_batch_sizes
 from pegasus_dist.errors import REQUEUE_EXIT_CODE, ConfigError, Preempted
 from pegasus_dist.model.saved import latest_checkpoint
 from pegasus_dist.training.checkpoint import save_checkpoint
@@ -91,11 +92,6 @@ class Trainer:
         self.last_step = self.cfg.train.max_steps  # 0: none
         self.hooks.started(self)
 
-    @property
-    def global_batch(self) -> int:
-        """Images per optimizer step."""
-        return self.schedule.global_batch
-
     def run_epochs(self, until_step: int | None = None) -> None:
         """Train to the end of the phase; the ranks wait for each other only at sync points.
 
@@ -118,8 +114,9 @@ class Trainer:
     def _run_epoch(self, progress: Progress) -> None:
         """Epoch ``state.epoch`` from ``state.samples_done`` on, to its end or the last step."""
         cfg, state, world_size = self.cfg, self.state, self.accelerator.num_processes
-        self.plan = EpochPlan.from_position(self.loader.num_samples, world_size, cfg.data.batch_size,
-                                            state.samples_done, whole=len(self.loader))
+        sizes = global_batch_sizes(self.loader.num_samples, world_size, cfg.data.batch_size,
+                                   state.samples_done)
+        self.plan = EpochPlan(sizes, whole=len(self.loader))
         self.loader.set_epoch(state.epoch, start_sample=state.samples_done)
         with progress.epoch(state.epoch, self.plan.first) as shown:
             for batch in self.loader:
@@ -177,19 +174,18 @@ class Trainer:
         agreement = agree(self.accelerator, self.signals.received is not None, self.watch)
         if agreement.first_bad_step is not None:
             raise self._nonfinite_error(agreement)
-        self.watch.clear()
+        self.watch.positions.clear()
         return agreement.stop
 
     def _nonfinite_error(self, agreement: Agreement) -> TrainingError:
         step = agreement.first_bad_step
-        epoch, batch = self.watch.position(step)
+        epoch, batch = self.watch.positions[step]
         last = latest_checkpoint(self.cfg.run_dir / "checkpoints")
-        return TrainingError(
-            f"non-finite loss at {describe_position(step, epoch, batch, agreement.bad_ranks)} "
-            f"(found at step {self.state.step}); last good checkpoint: {last or 'none yet'}; "
-            f"{self.schedule.describe()}; lower optim.lr (a resumed run applies it) or optim.grad_clip, "
-            "or set train.on_nonfinite=skip to skip such steps"
-        )
+        where = describe_position(step, epoch, batch, agreement.bad_ranks)
+        return TrainingError(f"non-finite loss at {where} (found at step {self.state.step}); last good "
+                             f"checkpoint: {last or 'none yet'}; {self.schedule.describe()}; lower "
+                             "optim.lr (a resumed run applies it) or optim.grad_clip, or set "
+                             "train.on_nonfinite=skip to skip such steps")
 
     def _log_window(self) -> None:
         """Reduce the window's sums over all ranks (one all-reduce, one host read) and log per-image means."""
@@ -241,28 +237,22 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    parser = _ArgumentParser(
-        prog="pegasus_dist/train.py",
-        description="Train one phase of the winged-horse VAE.",
-        epilog="Overrides: section.key=value, e.g. train.epochs=5 data.batch_size=64",
-    )
+    """The command line's config; a wrong command line or config still ends every rank with one line."""
+    parser = _ArgumentParser(prog="pegasus_dist/train.py",
+                             description="Train one phase of the winged-horse VAE.",
+                             epilog="Overrides: section.key=value, e.g. train.epochs=5 data.batch_size=64")
     parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    args = parser.parse_args(argv)
-    return load_config(args.config, args.overrides)
+    try:
+        args = parser.parse_args(argv)
+        return load_config(args.config, args.overrides)
+    except ConfigError as err:
+        fail_with_every_rank(err)
 
 
 def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> None:
     """The entry point of every launcher: ``argv`` as on the command line (sys.argv[1:] when None)."""
     setup_logging()
     end_with_launcher()
-    exit_on_user_error(lambda: train(_parse_args_with_every_rank(argv), hooks))
-
-
-def _parse_args_with_every_rank(argv: list[str] | None) -> Config:
-    """parse_args; a rank whose command line or config is wrong still ends the run with one line."""
-    try:
-        return parse_args(argv)
-    except ConfigError as err:
-        fail_with_every_rank(err)
+    exit_on_user_error(lambda: train(parse_args(argv), hooks))
 

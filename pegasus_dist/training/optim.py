@@ -158,11 +158,9 @@ class DivergenceGuard:
         reference, loss, kl = first.total / first.images, now.total / now.images, now.kl / now.images
         limit = DIVERGENCE_FACTOR * abs(reference)
         if loss > limit or kl > limit:
-            return TrainingError(
-                f"diverging: the loss went from {reference:.4g} at step {self.first_step} to {loss:.4g} "
-                f"(KL {kl:.4g}) by step {step}, at lr {self.schedule.at(step - 1):.3g}; "
-                f"{self.schedule.describe()}; "
-                f"{self.batch_description}; use optim.lr_scaling=sqrt, a longer optim.warmup_steps "
-                "or a lower optim.lr (a resumed run applies them)"
-            )
+            return TrainingError(f"diverging: the loss went from {reference:.4g} at step {self.first_step} "
+                                 f"to {loss:.4g} (KL {kl:.4g}) by step {step}, at lr "
+                                 f"{self.schedule.at(step - 1):.3g}; {self.schedule.describe()}; "
+                                 f"{self.batch_description}; use optim.lr_scaling=sqrt, a longer "
+                                 "optim.warmup_steps or a lower optim.lr (a resumed run applies them)")
         return None

@@ -93,11 +93,9 @@ def start_phase(cfg: Config, hooks: Hooks) -> Started:
     state, resume_from = checked.state, checked.resume_from
     if checked.loader is None:
         accelerator.end_training()
-        raise RunComplete(
-            f"{cfg.train.phase} in {cfg.run_dir} is already complete at step {state.step} "
-            f"(train.epochs={cfg.train.epochs}, train.max_steps={cfg.train.max_steps}; "
-            f"checkpoint {resume_from}); raise train.epochs or train.max_steps to train on"
-        )
+        raise RunComplete(f"{cfg.train.phase} in {cfg.run_dir} is already complete at step {state.step} "
+                          f"(train.epochs={cfg.train.epochs}, train.max_steps={cfg.train.max_steps}; "
+                          f"checkpoint {resume_from}); raise train.epochs or train.max_steps to train on")
     _prepare_run_dir(accelerator, cfg)
     models = _prepare(accelerator, cfg, checked.models)
     if resume_from is not None:  # after prepare: load_state fills what it prepared
@@ -136,10 +134,8 @@ def _with_batch(cfg: Config, world_size: int) -> Config:
     if not wanted:
         return cfg
     if wanted % (world_size * k):
-        raise ConfigError(
-            f"data.global_batch_size={wanted} does not split evenly over {world_size} process(es) x "
-            f"train.grad_accum_steps={k}; use a multiple of {world_size * k}"
-        )
+        raise ConfigError(f"data.global_batch_size={wanted} does not split evenly over {world_size} "
+                          f"process(es) x train.grad_accum_steps={k}; use a multiple of {world_size * k}")
     data = cfg.data.model_copy(update={"batch_size": wanted // (world_size * k)})
     return cfg.model_copy(update={"data": data})
 
@@ -184,20 +180,16 @@ def _resume_checkpoint(cfg: Config, is_main: bool) -> Path | None:
         return newest_intact_checkpoint(cfg.run_dir / "checkpoints", move_damaged=is_main)
     if cfg.run.resume == "never":
         if latest_checkpoint(cfg.run_dir / "checkpoints") is not None:
-            raise ConfigError(
-                f"run.resume=never but {cfg.run_dir} already has checkpoints; "
-                "choose another run.name or use run.resume=auto"
-            )
+            raise ConfigError(f"run.resume=never but {cfg.run_dir} already has checkpoints; choose another "
+                              "run.name or use run.resume=auto")
         return None
     return resolve_checkpoint(cfg.run.resume)
 
 
 def _check_phase(state: TrainState, cfg: Config, folder: Path) -> None:
     if state.phase != cfg.train.phase:
-        raise CheckpointError(
-            f"{folder} is a {state.phase} checkpoint but this run is {cfg.train.phase}; "
-            f"to start {cfg.train.phase} from its weights use train.init_from={folder}"
-        )
+        raise CheckpointError(f"{folder} is a {state.phase} checkpoint but this run is {cfg.train.phase}; "
+                              f"to start {cfg.train.phase} from its weights use train.init_from={folder}")
 
 
 def _resume_position(state: TrainState, num_samples: int, world_size: int,
@@ -209,19 +201,15 @@ def _resume_position(state: TrainState, num_samples: int, world_size: int,
     """
     done = state.samples_done
     if done > num_samples:
-        raise CheckpointError(
-            f"{folder / 'state.json'}: samples_done {done} is past the end of the epoch ({num_samples} "
-            "samples in this shard set); train on the shard set it was written for, or move that "
-            "checkpoint aside to resume from the one before"
-        )
+        raise CheckpointError(f"{folder / 'state.json'}: samples_done {done} is past the end of the epoch "
+                              f"({num_samples} samples in this shard set); train on the shard set it was "
+                              "written for, or move that checkpoint aside to resume from the one before")
     if done == num_samples:
         return state.model_copy(update={"epoch": state.epoch + 1, "samples_done": 0})
     if num_samples - done < world_size:
-        raise CheckpointError(
-            f"{folder} stopped {num_samples - done} sample(s) before the end of epoch {state.epoch + 1}, "
-            f"too few to share among {world_size} processes; resume it with at most "
-            f"{num_samples - done} process(es), or from an earlier checkpoint"
-        )
+        raise CheckpointError(f"{folder} stopped {num_samples - done} sample(s) before the end of epoch "
+                              f"{state.epoch + 1}, too few to share among {world_size} processes; resume it "
+                              f"with at most {num_samples - done} process(es), or from an earlier checkpoint")
     return state
 
 
@@ -284,24 +272,18 @@ def _prepare(accelerator: Accelerator, cfg: Config, built: Models) -> Models:
 
 def _continue_from(folder: Path, cfg: Config, accelerator: Accelerator, state: TrainState,
                    num_samples: int, models: Models, schedule: LrSchedule) -> None:
-    """Where the restored run goes on, said once; the restored optimizer takes this run's settings."""
+    """Where the restored run goes on, said once (and what a changed global batch changes);
+    the restored optimizer takes this run's settings."""
     log.info("resumed from %s: epoch %d, %d of its %d samples trained, step %d",
              folder, state.epoch + 1, state.samples_done, num_samples, state.step)
-    if accelerator.is_main_process:
-        _log_replan(cfg, state, schedule, num_samples)
-    apply_on_resume(models.optimizer, schedule, state.step, folder)
-
-
-def _log_replan(cfg: Config, state: TrainState, schedule: LrSchedule, num_samples: int) -> None:
-    """One line when the global batch is not the checkpoint's: what that changes, where the run goes on."""
     old, new = state.global_batch, schedule.global_batch
-    if not old or old == new:
-        return
-    log.warning(
-        "the global batch changed on resume: %d -> %d; lr %.3g -> %.3g (optim.lr_scaling=%s); "
-        "steps per epoch %d -> %d; epoch %d continues at sample %d of %d, so nothing is "
-        "repeated or skipped",
-        old, new, scaled_lr(cfg.optim, old), schedule.peak, cfg.optim.lr_scaling,
-        math.ceil(num_samples / old), math.ceil(num_samples / new),
-        state.epoch + 1, state.samples_done, num_samples,
-    )
+    if accelerator.is_main_process and old and old != new:
+        log.warning(
+            "the global batch changed on resume: %d -> %d; lr %.3g -> %.3g (optim.lr_scaling=%s); "
+            "steps per epoch %d -> %d; epoch %d continues at sample %d of %d, so nothing is "
+            "repeated or skipped",
+            old, new, scaled_lr(cfg.optim, old), schedule.peak, cfg.optim.lr_scaling,
+            math.ceil(num_samples / old), math.ceil(num_samples / new),
+            state.epoch + 1, state.samples_done, num_samples,
+        )
+    apply_on_resume(models.optimizer, schedule, state.step, folder)

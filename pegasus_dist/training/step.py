@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 
 from pegasus_dist.config import Config
-from pegasus_dist.data.loader import Batch, global_batch_sizes
+from pegasus_dist.data.loader import Batch
 from pegasus_dist.model import acai
 from pegasus_dist.model.adversaries import discriminator_loss, generator_loss
 from pegasus_dist.model.loss import kl_weight, vae_loss
@@ -47,11 +47,6 @@ class EpochPlan:
     sizes: list[int]  # samples in each global micro-batch, in order
     whole: int  # batches of a whole epoch at this run's batch and world size
     done: int = 0  # of ``sizes``, trained
-
-    @classmethod
-    def from_position(cls, num_samples: int, world_size: int, batch_size: int, samples_done: int,
-                      whole: int) -> EpochPlan:
-        return cls(global_batch_sizes(num_samples, world_size, batch_size, samples_done), whole)
 
     @property
     def first(self) -> int:

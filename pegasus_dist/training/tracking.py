@@ -54,16 +54,14 @@ def new_run_id() -> str:
     return os.urandom(4).hex()
 
 
-def start_tracking(
-    accelerator: Accelerator, cfg: Config, state: TrainState, global_batch: int, lr: float
-) -> None:
+def start_tracking(accelerator: Accelerator, cfg: Config, state: TrainState, global_batch: int,
+                   lr: float) -> None:
     """Open the W&B run (main process only) with the resolved config, ``launch`` and ``started_from``."""
     mode = wandb_mode(cfg)
     if mode == "disabled":
         return
     config = cfg.model_dump()
-    config["launch"] = {"world_size": accelerator.num_processes, "global_batch": global_batch,
-                        "lr": lr}
+    config["launch"] = {"world_size": accelerator.num_processes, "global_batch": global_batch, "lr": lr}
     if cfg.train.init_from and state.step == 0:  # a resumed run keeps what its start recorded
         config["started_from"] = _started_from(cfg.train.init_from)
     try:
@@ -77,21 +75,13 @@ def start_tracking(
 
 def _init_kwargs(cfg: Config, state: TrainState, mode: str) -> dict[str, Any]:
     """The arguments of wandb.init, through Accelerate's WandBTracker."""
-    init: dict[str, Any] = {
-        "mode": mode,
-        "dir": str(cfg.run_dir.resolve()),
-        "id": state.wandb_run_id,
-        "resume": "allow",
-        "name": cfg.wandb_name,
-        "group": cfg.wandb_group,
-        "tags": cfg.wandb.tags or None,
-        "job_type": cfg.train.phase,
+    return {
+        "mode": mode, "dir": str(cfg.run_dir.resolve()), "id": state.wandb_run_id, "resume": "allow",
+        "entity": cfg.wandb.entity or None, "name": cfg.wandb_name, "group": cfg.wandb_group,
+        "tags": cfg.wandb.tags or None, "job_type": cfg.train.phase,
         # With the server unreachable, wandb.init retries until init_timeout, then raises CommError.
         "settings": wandb.Settings(init_timeout=cfg.wandb.init_timeout_s),
     }
-    if cfg.wandb.entity:
-        init["entity"] = cfg.wandb.entity
-    return init
 
 
 def _start_offline_instead(accelerator: Accelerator, cfg: Config, state: TrainState,

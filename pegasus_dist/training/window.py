@@ -33,10 +33,6 @@ class BatchLosses:
         zero = torch.zeros((), device=device)
         return cls(*([zero] * len(TERMS)))
 
-    def stacked(self) -> torch.Tensor:
-        """The terms in the order of :data:`TERMS`, one tensor (one device operation)."""
-        return torch.stack([getattr(self, name) for name in TERMS])
-
 
 TERMS = tuple(f.name for f in fields(BatchLosses))
 # A window's sums, in the order they travel in its one all-reduce.
@@ -86,7 +82,8 @@ class Window:
         self.started = time.perf_counter()
 
     def add(self, terms: BatchLosses, images: int, bad_samples: int) -> None:
-        self.losses += terms.stacked() * images
+        # The terms in the order of TERMS, one tensor: one device operation.
+        self.losses += torch.stack([getattr(terms, name) for name in TERMS]) * images
         self.images += images
         self.bad_samples += bad_samples
         self.steps += 1
