@@ -74,7 +74,11 @@ def load_phases(config_dir: Path, overrides: list[str]) -> tuple[Config, Config]
 
 def ensure_classifier(cfg: Config) -> None:
     """Train the classifier at ``quality.classifier`` unless it was trained on these very shards."""
-    meta = read_meta(cfg.classifier_dir)
+    try:
+        meta = read_meta(cfg.classifier_dir)
+    except DataError as err:  # damaged: trained again, never reused
+        log.warning("%s: training it again", err)
+        meta = None
     generation = load_manifest(Path(cfg.data.shards) / "mix").generation
     if meta is not None and meta.get("generation") == generation:
         log.info("reusing the classifier at %s: trained on these shards (generation %s), held-out "

@@ -63,7 +63,7 @@ def test_round_trip_restores_weights_optimizer_and_counters(tmp_path):
                        wandb_run_id="abc")
     folder = save_checkpoint(accelerator, state, "x: 1\n", tmp_path, keep=2)
     assert sorted(p.name for p in folder.iterdir()) == [
-        "config.yaml", "model.safetensors", "optimizer.bin", "state.json"]
+        "SHA256SUMS", "config.yaml", "model.safetensors", "optimizer.bin", "state.json"]
 
     accelerator2, model2, optimizer2 = _setup()
     restore_checkpoint(accelerator2, folder)
@@ -198,12 +198,12 @@ def test_resolve_rejects_a_folder_without_checkpoints(tmp_path):
 def test_state_json_holds_every_counter_by_name_and_reads_back(tmp_path):
     state = TrainState(phase="pretrain", epoch=1, samples_done=64, global_batch=32, step=9,
                        scaler_skipped_steps=1, nonfinite_skipped_steps=2, bad_samples_skipped=3,
-                       wandb_run_id="r1")
+                       wandb_run_id="r1", shards="mix@0123456789abcdef", data_seed=5)
     checkpoint.write_counters(tmp_path, state, "")
     assert json.loads((tmp_path / "state.json").read_text()) == {
         "phase": "pretrain", "epoch": 1, "samples_done": 64, "global_batch": 32, "step": 9,
         "scaler_skipped_steps": 1, "nonfinite_skipped_steps": 2, "bad_samples_skipped": 3,
-        "wandb_run_id": "r1"}
+        "wandb_run_id": "r1", "shards": "mix@0123456789abcdef", "data_seed": 5}
     assert read_state(tmp_path) == state
 
 

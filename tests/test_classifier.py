@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from helpers import cli_here
 from processes import REPO
 
+from pegasus_dist.checksums import sha256_file
 from pegasus_dist.config import load_config
 from pegasus_dist.data.manifest import load_manifest
 from pegasus_dist.errors import DataError
@@ -16,6 +18,7 @@ from pegasus_dist.evaluation.classifier import (
     META,
     WEIGHTS,
     augment,
+    find_classifier,
     held_out_accuracy,
     labelled_images,
     load_classifier,
@@ -50,6 +53,25 @@ def test_a_missing_classifier_names_its_path_and_the_command(tmp_path):
     message = str(err.value)
     assert "\n" not in message and str(tmp_path / "nothing") in message
     assert "pegasus-dist classifier --config" in message
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated"])
+def test_a_damaged_classifier_is_refused_by_name_and_costs_a_phase_only_its_scores(
+        quality_classifier, tmp_path, damage, caplog):
+    folder = tmp_path / "classifier"
+    shutil.copytree(quality_classifier[0], folder)
+    assert json.loads((folder / META).read_text())["weights_sha256"] == sha256_file(folder / WEIGHTS)
+    raw = (folder / WEIGHTS).read_bytes()
+    middle = len(raw) // 2
+    (folder / WEIGHTS).write_bytes(raw[:middle] + bytes(b ^ 0xFF for b in raw[middle : middle + 16])
+                                   + raw[middle + 16 :] if damage == "flipped" else raw[:middle])
+    refused = (f"{folder / WEIGHTS} does not match the sha256 in {folder / META}; re-create it with "
+               "`pegasus-dist classifier --config CONFIG`")
+    with pytest.raises(DataError) as err:
+        load_classifier(folder)
+    assert str(err.value) == refused
+    cfg = load_config(REPO / "configs/smoke/pretrain.yaml", [f"quality.classifier={folder}"])
+    assert find_classifier(cfg) is None and f"skipping the quality scores: {refused}" in caplog.text
 
 
 def test_augmentation_flips_and_shifts_each_image_without_changing_it_otherwise():

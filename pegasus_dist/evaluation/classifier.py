@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pegasus_dist.checksums import sha256_file
 from pegasus_dist.config import Config, QualityConfig
 from pegasus_dist.data.loader import MemoryLoader
 from pegasus_dist.data.manifest import load_manifest
@@ -131,8 +133,7 @@ def train_classifier(shards: str | Path, out: str | Path, quality: QualityConfig
             "training_images": len(targets), "generation": manifest.generation,
             "training_seconds": round(seconds, 1),
             "held_out": held_out_accuracy(model, shards / "eval")}
-    save_classifier(model, meta, out)
-    return meta
+    return save_classifier(model, meta, out)
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -162,30 +163,53 @@ def held_out_accuracy(classifier: Classifier, shard_set: str | Path) -> dict:
             "shard_set": str(Path(shard_set))}
 
 
-def save_classifier(classifier: Classifier, meta: dict, folder: str | Path) -> Path:
+def save_classifier(classifier: Classifier, meta: dict, folder: str | Path) -> dict:
+    """Save atomically: weights, then ``classifier.json`` with their sha256 (what it returns) last."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in classifier.state_dict().items()}
-    save_file(state, folder / WEIGHTS)
-    (folder / META).write_text(json.dumps(meta, indent=2) + "\n")  # last: its presence means complete
-    return folder
+    tmp = folder / f".{WEIGHTS}.tmp"
+    save_file(state, tmp)
+    meta = {**meta, "weights_sha256": sha256_file(tmp)}
+    os.replace(tmp, folder / WEIGHTS)
+    (folder / f".{META}.tmp").write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(folder / f".{META}.tmp", folder / META)  # last: its presence means complete
+    return meta
 
 
 def read_meta(folder: str | Path) -> dict | None:
-    """What ``classifier.json`` says, or None when the folder holds no complete classifier."""
+    """What ``classifier.json`` says, or None when the folder holds no classifier.
+
+    A DataError when it is damaged: the JSON unreadable, or the weights not those it lists.
+    """
     folder = Path(folder)
     if not ((folder / META).is_file() and (folder / WEIGHTS).is_file()):
         return None
-    return json.loads((folder / META).read_text())
+    fix = "re-create it with `pegasus-dist classifier --config CONFIG`"
+    try:
+        meta = json.loads((folder / META).read_text())
+        expected = meta.get("weights_sha256")
+    except (OSError, ValueError, AttributeError) as err:
+        raise DataError(f"{folder / META} is unreadable ({err}); {fix}") from None
+    if expected is not None and sha256_file(folder / WEIGHTS) != expected:
+        raise DataError(f"{folder / WEIGHTS} does not match the sha256 in {folder / META}; {fix}")
+    return meta
 
 
 def find_classifier(cfg: Config) -> Classifier | None:
-    """The classifier at ``quality.classifier``, or None (and one line saying how to create it)."""
-    if read_meta(cfg.classifier_dir) is None:
-        log.info("no classifier at %s: skipping the quality scores; "
-                 "`pegasus-dist classifier --config CONFIG` creates it", cfg.classifier_dir)
+    """The classifier at ``quality.classifier``, or None (and one line saying why and how to create it).
+
+    A damaged one costs only the quality scores: the phase ends, its restart never repeats the error.
+    """
+    try:
+        if read_meta(cfg.classifier_dir) is not None:
+            return load_classifier(cfg.classifier_dir)
+    except DataError as err:
+        log.warning("skipping the quality scores: %s", err)
         return None
-    return load_classifier(cfg.classifier_dir)
+    log.info("no classifier at %s: skipping the quality scores; "
+             "`pegasus-dist classifier --config CONFIG` creates it", cfg.classifier_dir)
+    return None
 
 
 def load_classifier(folder: str | Path) -> Classifier:
@@ -195,6 +219,10 @@ def load_classifier(folder: str | Path) -> Classifier:
         raise DataError(f"no classifier at {folder} ({META} + {WEIGHTS}); create it with "
                         "`pegasus-dist classifier --config CONFIG` (it goes to quality.classifier)")
     classifier = Classifier(meta["classes"], tuple(meta["widths"]), meta["image_size"])
-    classifier.load_state_dict(load_file(Path(folder) / WEIGHTS))
+    try:
+        classifier.load_state_dict(load_file(Path(folder) / WEIGHTS))
+    except Exception as err:  # OSError, safetensors' SafetensorError, a shape or key mismatch
+        raise DataError(f"cannot load {Path(folder) / WEIGHTS} ({str(err).splitlines()[0]}); re-create it "
+                        "with `pegasus-dist classifier --config CONFIG`") from None
     classifier.meta = {**meta, "path": str(folder)}
     return classifier.eval()

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from pegasus_dist.checksums import sums_problem
 from pegasus_dist.errors import CheckpointError
 
 PREFIX = "step_"
@@ -56,6 +57,23 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return newest
 
 
+def read_weights(folder: Path, name: str = MODEL) -> dict[str, torch.Tensor]:
+    """The tensors of ``folder/name``, checked: sha256 (``SHA256SUMS``), format, every value finite."""
+    path = folder / name
+    changed = sums_problem(folder, [name])
+    if changed:
+        raise CheckpointError(f"{changed}; use another checkpoint of the run")
+    try:
+        weights = load_file(path)
+    except Exception as err:  # OSError, or safetensors' own SafetensorError
+        raise CheckpointError(f"cannot read {path}: {err}") from None
+    nonfinite = sorted(key for key, value in weights.items() if not torch.isfinite(value).all())
+    if nonfinite:
+        raise CheckpointError(f"{path}: {nonfinite[0]} holds NaN or Inf values; the run diverged before "
+                              "it was saved: use an earlier checkpoint of the run")
+    return weights
+
+
 def load_model_weights(model: torch.nn.Module, folder: Path, name: str = MODEL,
                        prefix: str = "") -> None:
     """Load ``folder/name`` (the VAE's weights, or the adversaries') into ``model``, naming any mismatch.
@@ -63,10 +81,7 @@ def load_model_weights(model: torch.nn.Module, folder: Path, name: str = MODEL,
     With ``prefix``, only the weights named ``prefix...`` (one adversary's), without it.
     """
     path = folder / name
-    try:
-        weights = load_file(path)
-    except Exception as err:  # OSError, or safetensors' own SafetensorError
-        raise CheckpointError(f"cannot read {path}: {err}") from None
+    weights = read_weights(folder, name)
     weights = {key.removeprefix(prefix): value for key, value in weights.items() if key.startswith(prefix)}
     expected = model.state_dict()
     for name, tensor in weights.items():

@@ -1,10 +1,12 @@
 """Atomic, safe checkpoints on Accelerate's ``save_state`` and ``load_state``.
 
 A checkpoint is a folder ``<run>/checkpoints/step_<N>/``: what ``save_state``
-writes, plus ``config.yaml`` and ``state.json``, written last to mark it
-complete (README.md lists the files). No file depends on the number of
-processes. The parts that stay ours around ``save_state``/``load_state``, and
-the test that shows why, are in docs/performance.md ("Hand-written parts that stay").
+writes, plus ``config.yaml``, ``state.json`` and, last, ``SHA256SUMS`` with the
+sha256 of every other file (README.md lists the files). No file depends on the
+number of processes. A checkpoint whose bytes changed after it was written is
+damaged, like one cut short: resume skips it and moves it aside. The parts
+that stay ours around ``save_state``/``load_state``, and the test that shows
+why, are in docs/performance.md ("Hand-written parts that stay").
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, extract_model_from_parallel
 from safetensors import SafetensorError, safe_open
 
+from pegasus_dist.checksums import sums_problem, write_sums
 from pegasus_dist.errors import CheckpointError
 from pegasus_dist.model.adversaries import KINDS
 from pegasus_dist.model.saved import (
@@ -34,11 +38,13 @@ from pegasus_dist.model.saved import (
     checkpoint_name,
     list_checkpoints,
     load_model_weights,
+    read_weights,
 )
 from pegasus_dist.training.state import TrainState, parse_state
 
 log = logging.getLogger("pegasus_dist.training.checkpoint")
 
+CONFIG = "config.yaml"
 OPTIMIZER = "optimizer.bin"
 OLDER_OPTIMIZER = "optimizer.pt"  # of the versions before save_state, refused in one line
 DAMAGED = "damaged-"  # the prefix of a damaged checkpoint moved aside; never pruned
@@ -77,17 +83,34 @@ def _warn_moved(moved: list[str], then: str) -> None:
 def find_damage(folder: Path) -> str | None:
     """Why ``folder`` cannot be resumed from, or None when every file of it reads whole.
 
-    Reads, never unpickles: ``state.json``, safetensors headers and lengths,
-    zip CRCs. An older layout is refused in one line, not moved aside.
+    Reads, never unpickles: every file against ``SHA256SUMS`` (none added),
+    ``state.json`` and ``config.yaml``, safetensors headers and lengths, zip
+    CRCs, and the model's weights, which must be finite. An older layout is
+    refused in one line, not moved aside.
     """
     _refuse_older_layout(folder)
     try:
         parse_state(folder / STATE)
+        _check_config(folder / CONFIG)
+        changed = sums_problem(folder)
+        if changed:
+            raise CheckpointError(changed)
         for path in _files(folder):
             (_check_safetensors if path.suffix == ".safetensors" else _check_zip)(path)
+        read_weights(folder)
     except CheckpointError as err:
         return str(err)
     return None
+
+
+def _check_config(path: Path) -> None:
+    """Raises unless ``path`` reads as a config: a YAML mapping of sections (a resume compares its optim)."""
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise CheckpointError(f"{path} is unreadable ({str(err).splitlines()[0]})") from None
+    if not isinstance(saved, dict) or not all(isinstance(section, dict) for section in saved.values()):
+        raise CheckpointError(f"{path} is not a config: a YAML mapping of sections")
 
 
 def _files(folder: Path) -> list[Path]:
@@ -151,9 +174,10 @@ def _check_zip(path: Path) -> None:
 
 
 def write_counters(folder: Path, state: TrainState, config_yaml: str) -> None:
-    """The files of ours in a checkpoint: ``config.yaml``, then ``state.json``, which marks it complete."""
-    (folder / "config.yaml").write_text(config_yaml)
+    """The files of ours in a checkpoint: ``config.yaml``, ``state.json``, then ``SHA256SUMS`` of them all."""
+    (folder / CONFIG).write_text(config_yaml)
     (folder / STATE).write_text(json.dumps(state.model_dump(), indent=2) + "\n")
+    write_sums(folder)
 
 
 def prune(root: Path, keep: int) -> None:

@@ -20,8 +20,7 @@ from pegasus_dist.config import Config, load_config
 from pegasus_dist.console import exit_on_user_error, setup_logging
 from pegasus_dist.data.loader import global_batch_sizes
 from pegasus_dist.errors import REQUEUE_EXIT_CODE, ConfigError, Preempted
-from pegasus_dist.model.saved import latest_checkpoint
-from pegasus_dist.training.checkpoint import save_checkpoint
+from pegasus_dist.training.checkpoint import newest_intact_checkpoint, save_checkpoint
 from pegasus_dist.training.faults import (
     Agreement,
     NonfiniteWatch,
@@ -180,7 +179,7 @@ class Trainer:
     def _nonfinite_error(self, agreement: Agreement) -> TrainingError:
         step = agreement.first_bad_step
         epoch, batch = self.watch.positions[step]
-        last = latest_checkpoint(self.cfg.run_dir / "checkpoints")
+        last = newest_intact_checkpoint(self.cfg.run_dir / "checkpoints", move_damaged=False)
         where = describe_position(step, epoch, batch, agreement.bad_ranks)
         return TrainingError(f"non-finite loss at {where} (found at step {self.state.step}); last good "
                              f"checkpoint: {last or 'none yet'}; {self.schedule.describe()}; lower "

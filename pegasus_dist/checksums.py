@@ -1,0 +1,75 @@
+"""sha256 digests of files, and a folder's ``SHA256SUMS`` in the format of coreutils' ``sha256sum``.
+
+A checkpoint lists every file it publishes in ``SHA256SUMS``, so that
+``sha256sum -c SHA256SUMS`` checks it from a shell too. A shard set's manifest
+keeps its own digests (``data.manifest``); both hash with :func:`sha256_file`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+SUMS = "SHA256SUMS"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_sums(folder: Path) -> None:
+    """``folder/SHA256SUMS`` listing every other file of ``folder`` (written last: nothing after it)."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != SUMS)
+    (folder / SUMS).write_text("".join(f"{sha256_file(p)}  {p.name}\n" for p in files))
+
+
+def read_sums(folder: Path) -> dict[str, str] | None:
+    """File name -> sha256 from ``folder/SHA256SUMS``; None when there is none (written before them).
+
+    Raises ValueError when the file is unreadable or a line is not ``<64 hex>  <name>``.
+    """
+    try:
+        text = (folder / SUMS).read_text(encoding="ascii")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{folder / SUMS} is unreadable ({err})") from None
+    sums = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64 or set(digest) - set("0123456789abcdef") or "/" in name:
+            raise ValueError(f"{folder / SUMS} line {number} is not '<sha256>  <file name>'")
+        sums[name] = digest
+    return sums
+
+
+def sums_problem(folder: Path, names: list[str] | None = None) -> str | None:
+    """Why ``folder`` does not match its ``SHA256SUMS``, or None (also when it has none).
+
+    With ``names``, only those files are checked; without, every file, and a
+    file that the list does not name (one added after the fact) is a problem too.
+    """
+    try:
+        sums = read_sums(folder)
+    except ValueError as err:
+        return str(err)
+    if sums is None:
+        return None
+    if names is None:
+        present = {p.name for p in folder.iterdir() if p.is_file()} - {SUMS}
+        extra = sorted(present - sums.keys())
+        if extra:
+            return f"{folder / extra[0]} is not listed in {folder / SUMS}"
+    for name in sorted(sums) if names is None else names:
+        path = folder / name
+        if name not in sums:
+            return f"{path} is not listed in {folder / SUMS}"
+        if not path.is_file():
+            return f"{path} is listed in {folder / SUMS} but missing"
+        if sha256_file(path) != sums[name]:
+            return f"{path} does not match its sha256 in {folder / SUMS} (changed after it was written)"
+    return None
