@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -10,11 +13,12 @@ import torch
 from accelerate import Accelerator
 from helpers import SMOKE, TINY, Trained
 from processes import BIN, REPO, run_bounded
+from safetensors.torch import load_file, save_file
 
 from pegasus_dist.config import Config, LossConfig, load_config
 from pegasus_dist.errors import CheckpointError, ConfigError
 from pegasus_dist.model.adversaries import Adversaries
-from pegasus_dist.model.saved import latest_checkpoint, list_checkpoints
+from pegasus_dist.model.saved import latest_checkpoint, list_checkpoints, load_model_weights
 from pegasus_dist.model.vae import VAE
 from pegasus_dist.training.checkpoint import check_resumable, newest_intact_checkpoint, save_checkpoint
 from pegasus_dist.training.state import TrainState, read_state
@@ -28,8 +32,9 @@ def save_steps(root: Path, *steps: int) -> list[Path]:
     accelerator.prepare(model, torch.optim.Adam(model.parameters(), lr=1e-3))
     accelerator.prepare_model(adversaries)
     accelerator.register_for_checkpointing(torch.optim.Adam(adversaries.parameters(), lr=1e-3))
-    return [save_checkpoint(accelerator, TrainState(phase="pretrain", step=step), "", root, keep=len(steps))
-            for step in steps]
+    config = Config(model=TINY).to_yaml()
+    return [save_checkpoint(accelerator, TrainState(phase="pretrain", step=step), config, root,
+                            keep=len(steps)) for step in steps]
 
 
 def test_only_exact_step_names_are_checkpoints(tmp_path):
@@ -68,6 +73,20 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:-100])
 
 
+def _overwrite(path: Path, data: bytes, at: float = 0.5) -> None:
+    """``data`` over ``path``'s bytes from ``at`` of its length: the same length, the header intact."""
+    raw = bytearray(path.read_bytes())
+    start = int(len(raw) * at)
+    raw[start : start + len(data)] = data
+    path.write_bytes(bytes(raw))
+
+
+def _flip(path: Path, count: int = 64) -> None:
+    """``count`` bytes from the middle of ``path`` inverted."""
+    raw = path.read_bytes()
+    _overwrite(path, bytes(b ^ 0xFF for b in raw[len(raw) // 2 :][:count]))
+
+
 DAMAGES = {
     "truncated weights": lambda c: _truncate(c / "model.safetensors"),
     "missing optimizer": lambda c: (c / "optimizer.bin").unlink(),
@@ -78,6 +97,18 @@ DAMAGES = {
     "missing weights": lambda c: (c / "model.safetensors").unlink(),
     "bad state.json": lambda c: (c / "state.json").write_text('{"phase": "pretrain", "step": "sixty"}'),
     "state.json cut short": lambda c: _truncate(c / "state.json"),
+    # Damage that keeps every file's format: only the checksums see it.
+    "64 bytes flipped in the weights": lambda c: _flip(c / "model.safetensors"),
+    "NaN bytes in the weights": lambda c: _overwrite(c / "model.safetensors", b"\x00\x00\xc0\x7f" * 4),
+    "bytes flipped in the critic": lambda c: _flip(c / "model_1.safetensors", 8),
+    "bytes flipped in the optimizer": lambda c: _flip(c / "optimizer.bin", 16),
+    "another step in state.json": lambda c: (c / "state.json").write_text('{"phase": "pretrain", "step": 7}'),
+    "a pickle planted for Adam": lambda c: (c / "custom_checkpoint_0.pkl").write_bytes(
+        pickle.dumps(os.system)),
+    "a file added": lambda c: (c / "extra.pkl").write_bytes(pickle.dumps({})),
+    "SHA256SUMS damaged": lambda c: (c / "SHA256SUMS").write_text("not a checksum line\n"),
+    "config.yaml of NUL bytes": lambda c: (c / "config.yaml").write_bytes(b"\0" * 64),
+    "config.yaml a YAML list": lambda c: (c / "config.yaml").write_text("- 1\n- 2\n"),
 }
 
 
@@ -104,6 +135,43 @@ def test_with_every_checkpoint_damaged_the_phase_starts_over_keeping_them(tmp_pa
     assert newest_intact_checkpoint(tmp_path, move_damaged=True) is None
     assert len(list(tmp_path.glob("damaged-step_*"))) == 2
     assert "no complete checkpoint is left: starting from the beginning" in caplog.text
+
+
+def test_sha256sums_lists_every_file_as_sha256sum_writes_it(tmp_path):
+    (folder,) = save_steps(tmp_path, 3)
+    files = sorted(p for p in folder.iterdir() if p.name != "SHA256SUMS")
+    assert {"model.safetensors", "optimizer.bin", "config.yaml", "state.json"} <= {p.name for p in files}
+    expected = "".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}\n" for p in files)
+    assert (folder / "SHA256SUMS").read_text() == expected
+
+
+def test_weights_saved_with_nan_are_moved_aside(tmp_path, caplog):
+    older, newer = save_steps(tmp_path, 3, 6)
+    weights = newer / "model.safetensors"
+    tensors = load_file(weights)
+    name = next(key for key, value in tensors.items() if value.is_floating_point())
+    tensors[name].view(-1)[0] = float("nan")  # as a run that diverged between sync points would save it
+    save_file(tensors, weights)
+    (newer / "SHA256SUMS").unlink()  # the checksums would catch the edit; the finite check must too
+    assert newest_intact_checkpoint(tmp_path, move_damaged=True) == older
+    assert "holds NaN or Inf values" in caplog.text
+
+
+def test_a_checkpoint_written_before_checksums_still_resumes(tmp_path):
+    (folder,) = save_steps(tmp_path, 3)
+    (folder / "SHA256SUMS").unlink()
+    assert newest_intact_checkpoint(tmp_path, move_damaged=True) == folder
+
+
+def test_sample_eval_and_init_from_refuse_changed_weights_naming_the_file(tmp_path):
+    (folder,) = save_steps(tmp_path, 3)
+    load_model_weights(VAE(TINY), folder)
+    _flip(folder / "model.safetensors")
+    with pytest.raises(CheckpointError) as refused:
+        load_model_weights(VAE(TINY), folder)
+    assert str(refused.value) == (f"{folder / 'model.safetensors'} does not match its sha256 in "
+                                  f"{folder / 'SHA256SUMS'} (changed after it was written); use another "
+                                  "checkpoint of the run")
 
 
 def test_a_checkpoint_of_the_older_layout_is_refused_in_one_line_not_moved_aside(tmp_path):
@@ -156,21 +224,46 @@ def launch_cmd(run: Trained, steps: int, *extra: str) -> list[str]:
 
 def test_a_requeue_gets_past_a_damaged_newest_checkpoint_on_every_rank(checkpointed_run):
     checkpoints = checkpointed_run.pretrain / "checkpoints"
-    _truncate(checkpoints / "step_00000006" / "model.safetensors")  # e.g. a disk that filled up
+    _flip(checkpoints / "step_00000006" / "model.safetensors")  # bit rot: every header still reads
 
     again = run_bounded(launch_cmd(checkpointed_run, 9), timeout=300)
     assert again.returncode == 0, again.stdout[-3000:]
     (aside,) = checkpoints.glob("damaged-step_00000006-*")
     (warning,) = [line for line in again.stdout.splitlines() if "is damaged" in line]  # rank 0 says it
-    assert f"{checkpoints}/step_00000006 is damaged ({checkpoints}/step_00000006/model.safetensors: " \
-        in warning and f"moved to {aside}; resuming from {checkpoints}/step_00000003" in warning
+    assert f"{checkpoints}/step_00000006 is damaged ({checkpoints}/step_00000006/model.safetensors does " \
+        "not match its sha256" in warning and f"moved to {aside}; resuming from {checkpoints}/step_00000003" \
+        in warning
     assert f"resumed from {checkpoints}/step_00000003" in again.stdout
     assert [c.name for c in list_checkpoints(checkpoints)] == [f"step_0000000{n}" for n in (3, 6, 9)]
 
+    # A requeue never loops: the same command after the next damage (config.yaml) gets further.
+    (checkpoints / "step_00000009" / "config.yaml").write_bytes(b"\0" * 64)
+    third = run_bounded(launch_cmd(checkpointed_run, 12), timeout=300)
+    assert third.returncode == 0, third.stdout[-3000:]
+    assert f"resumed from {checkpoints}/step_00000006" in third.stdout
+    assert [c.name for c in list_checkpoints(checkpoints)][-1] == "step_00000012"
+
     # A checkpoint named on the command line is the user's choice: its damage is an error, one line.
-    (checkpoints / "step_00000009" / "state.json").write_text('{"phase": "pretrain", "step": "sixty"}')
-    named = run_bounded(launch_cmd(checkpointed_run, 12, f"run.resume={checkpoints}/step_00000009"),
+    (checkpoints / "step_00000012" / "state.json").write_text('{"phase": "pretrain", "step": "sixty"}')
+    named = run_bounded(launch_cmd(checkpointed_run, 15, f"run.resume={checkpoints}/step_00000012"),
                         timeout=300)
     errors = [line for line in named.stdout.splitlines() if line.startswith("error: ")]
     assert named.returncode != 0 and len(errors) == 1, named.stdout[-3000:]  # the launcher says 1
-    assert "step_00000009/state.json: field step must be a whole number, 0 or more, got 'sixty'" in errors[0]
+    assert "step_00000012/state.json: field step must be a whole number, 0 or more, got 'sixty'" in errors[0]
+
+
+def test_resuming_on_another_data_seed_is_refused_naming_both_unless_allowed(checkpointed_run):
+    train = [str(BIN / "pegasus-dist"), "train", "--config", SMOKE, *checkpointed_run.overrides,
+             "train.max_steps=9", "data.seed=1"]
+    newest = checkpointed_run.pretrain / "checkpoints/step_00000006"
+    refused = run_bounded(train, timeout=300)
+    errors = [line for line in refused.stdout.splitlines() if line.startswith("error: ")]
+    assert refused.returncode == 2 and len(errors) == 1, refused.stdout[-3000:]
+    assert f"{newest} was trained on shards mix@" in errors[0]
+    assert "with data.seed=0, this run reads mix@" in errors[0]
+    assert ("with data.seed=1; resume on the same shards and seed, or set data.resume_on_other_data=true"
+            in errors[0])
+    allowed = run_bounded([*train, "data.resume_on_other_data=true"], timeout=300)
+    assert allowed.returncode == 0, allowed.stdout[-3000:]
+    assert "continuing on these (data.resume_on_other_data=true)" in allowed.stdout
+    assert read_state(checkpointed_run.pretrain / "checkpoints/step_00000009").data_seed == 1

@@ -16,9 +16,10 @@ import pytest
 from helpers import cli_here
 from PIL import Image
 
+from pegasus_dist.checksums import sha256_file
 from pegasus_dist.config import PrepareConfig
 from pegasus_dist.data.folders import MAX_IMAGE_PIXELS, read_image_folder
-from pegasus_dist.data.manifest import load_manifest, sha256_file, write_manifest
+from pegasus_dist.data.manifest import load_manifest, write_manifest
 from pegasus_dist.data.prepare import prepare
 from pegasus_dist.data.shards import ShardSet, write_shard
 from pegasus_dist.data.verify import verify_shard_set

@@ -9,11 +9,14 @@ import time
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 from PIL import Image
 
-from pegasus_dist.config import PrepareConfig
-from pegasus_dist.data.manifest import load_manifest, sha256_file
+from pegasus_dist.checksums import sha256_file
+from pegasus_dist.config import DataConfig, PrepareConfig
+from pegasus_dist.data.loader import make_loader
+from pegasus_dist.data.manifest import load_manifest, write_manifest
 from pegasus_dist.data.prepare import prepare
 from pegasus_dist.data.shards import ShardSet, iter_shard, write_shard
 from pegasus_dist.data.sources import synthetic
@@ -116,8 +119,8 @@ def test_damaged_shards_name_the_file(tmp_path):
     with tarfile.open(tmp_path / "eval" / "shard-000000.tar") as tar:
         boundary = tar.getmembers()[2].offset  # after the first sample's two members
     cut = load_manifest(tmp_path / "eval").shard_paths[0]
-    cut.write_bytes(cut.read_bytes()[:boundary])  # reads as a shorter archive: the count tells
-    with pytest.raises(DataError, match=f"shard {cut} holds 1 samples but its manifest says"):
+    cut.write_bytes(cut.read_bytes()[:boundary])  # reads as a shorter archive: its sha256 tells
+    with pytest.raises(DataError, match=f"shard {cut} does not match the sha256 of its manifest .*verify"):
         list(ShardSet(tmp_path / "eval"))
     shard.unlink()
     with pytest.raises(DataError, match=f"{shard} listed in .* is missing"):
@@ -144,6 +147,25 @@ def test_wrong_size_image_damaged_image_and_missing_label(tmp_path):
         ShardSet(tmp_path / "eval", image_size=64)
 
 
+def test_pixels_changed_after_prepare_stop_every_reader_naming_the_shard(tmp_path):
+    make(tmp_path)
+    shard = load_manifest(tmp_path / "mix").shard_paths[1]
+    with tarfile.open(shard) as tar:
+        image = next(m for m in tar.getmembers() if m.name.endswith(".npy"))
+    raw = bytearray(shard.read_bytes())
+    start = image.offset_data + image.size - 64  # the last 64 pixel bytes: every header still reads
+    raw[start : start + 64] = bytes(b ^ 0xFF for b in raw[start : start + 64])
+    shard.write_bytes(bytes(raw))
+    refused = f"shard {shard} does not match the sha256 of its manifest .*pegasus-dist verify"
+    with pytest.raises(DataError, match=refused):
+        read_set(tmp_path / "mix")
+    for mode in ("stream", "memory"):  # memory mode reads the set as it starts, the stream as it goes
+        with pytest.raises(DataError, match=refused):
+            cfg = DataConfig(shards=str(tmp_path), mode=mode, num_workers=0, batch_size=8)
+            for _ in make_loader(cfg, 32, rank=0, world_size=1, device=torch.device("cpu")):
+                pass
+
+
 def test_png_members_of_earlier_shards_still_decode(tmp_path):
     """Shards written before the switch to .npy hold PNGs: webdataset decodes them through Pillow."""
     make(tmp_path)
@@ -154,6 +176,11 @@ def test_png_members_of_earlier_shards_still_decode(tmp_path):
             png = io.BytesIO()
             Image.fromarray(shard_set.decode(s)).save(png, "PNG")
             writer.write({"__key__": s.key, "png": png.getvalue(), "json": s.meta})
+    manifest = shard_set.manifest  # as such a set's own manifest lists it
+    entry, path = manifest.shards[0], manifest.shard_paths[0]
+    entry.sha256, entry.bytes = sha256_file(path), path.stat().st_size
+    write_manifest(tmp_path / "eval", manifest.name, manifest.image_size, manifest.shards, manifest.counts,
+                   manifest.provenance)
     again = list(ShardSet(tmp_path / "eval").read(0))
     assert [s.image_ext for s in again] == ["png"] * len(samples)
     for old, new in zip(samples, again, strict=True):

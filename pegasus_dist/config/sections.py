@@ -115,6 +115,9 @@ class DataConfig(Section):
     # A corrupt shard or sample: stop naming the file, or skip it (its slot in
     # the batch takes a copy of a good sample) and count it in the logs.
     on_bad_sample: Literal["stop", "skip"] = "stop"
+    # A checkpoint records its shard set's generation and data.seed; resuming it on
+    # others (a new `prepare`, another seed) is refused unless this is true.
+    resume_on_other_data: bool = False
     # stream decodes shards as it trains; memory decodes the set once into one
     # uint8 tensor on the device; auto takes memory when it fits memory_limit_mb.
     mode: Literal["auto", "stream", "memory"] = "auto"

@@ -203,7 +203,8 @@ class ShardLoader:
                  num_workers: int, seed: int, image_size: int, pin_memory: bool = False,
                  skip_bad_samples: bool = False) -> None:
         self.shard_set = ShardSet(shard_set, image_size)
-        self.path, self.num_samples = self.shard_set.path, self.shard_set.num_samples
+        self.manifest, self.path = self.shard_set.manifest, self.shard_set.path
+        self.num_samples = self.shard_set.num_samples
         self._dataset = _ShardStream(self.shard_set, batch_size, rank, world_size, seed,
                                      skip_bad_samples)
         self._num_batches = len(rank_batches(self.num_samples, world_size, rank, batch_size))

@@ -63,14 +63,6 @@ def generation_id(provenance: dict[str, Any], shards: dict[str, list[ShardEntry]
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(folder: Path, name: str, image_size: int, shards: list[ShardEntry],
                    counts: dict[str, dict[str, int]], provenance: dict[str, Any]) -> Path:
     """Write ``folder/manifest.json``; sorted keys, so identical inputs give identical bytes."""

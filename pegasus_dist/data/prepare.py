@@ -23,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pegasus_dist.checksums import sha256_file
 from pegasus_dist.config import PrepareConfig
 from pegasus_dist.data.images import SourceImages
-from pegasus_dist.data.manifest import SHARD_SETS, ShardEntry, generation_id, sha256_file, write_manifest
+from pegasus_dist.data.manifest import SHARD_SETS, ShardEntry, generation_id, write_manifest
 from pegasus_dist.data.shards import write_shard
 from pegasus_dist.data.sources import load_source
 from pegasus_dist.errors import DataError

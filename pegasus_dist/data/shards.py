@@ -9,15 +9,18 @@ not PNG (still read, from older shards): docs/performance.md ("Sample format").
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import tarfile
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from webdataset.autodecode import imagehandler, npy_loads
-from webdataset.tariterators import tarfile_samples
+from webdataset.tariterators import group_by_keys, tar_file_expander
 from webdataset.writer import TarWriter
 
 from pegasus_dist.data.manifest import Manifest, load_manifest
@@ -70,16 +73,43 @@ def write_shard(path: Path, samples: Iterable[tuple[str, np.ndarray, dict]]) -> 
             writer.write({"__key__": key, "npy": image, "json": meta})
 
 
-def iter_shard(path: Path) -> Iterator[ShardSample]:
-    """The samples of one shard, in file order; a damaged tar raises DataError after those before it."""
+def iter_shard(path: Path, sha256: str | None = None) -> Iterator[ShardSample]:
+    """The samples of one shard, in file order; a damaged tar raises DataError after those before it.
+
+    With ``sha256`` (its manifest's), the file is hashed as it is read, and one
+    that differs raises DataError after its last sample: any byte changed since
+    ``prepare`` wrote it, pixels included, is found on first read.
+    """
     try:
-        for sample in tarfile_samples([{"url": str(path)}]):
-            yield _shard_sample(sample, path)
+        with open(path, "rb") as f:
+            stream = _Hashed(f)
+            members = tar_file_expander([{"url": str(path), "stream": stream}])
+            yield from (_shard_sample(sample, path) for sample in group_by_keys(members))
+            while stream.read(1 << 20):  # the end-of-archive blocks, which tarfile leaves unread
+                pass
     except (tarfile.TarError, OSError, EOFError, ValueError) as err:
         # webdataset appends the stream and URL to the message: keep the reason alone.
         reason = str(err.args[0]).split(" @ ")[0] if err.args else type(err).__name__
         raise DataError(f"shard {path} is unreadable ({reason}); "
                         "re-run `pegasus-dist prepare` to rewrite it") from None
+    if sha256 is not None and stream.digest.hexdigest() != sha256:
+        raise DataError(f"shard {path} does not match the sha256 of its manifest (changed after `prepare` "
+                        "wrote it); run `pegasus-dist verify`, then re-run `pegasus-dist prepare`")
+
+
+class _Hashed(io.RawIOBase):
+    """A binary file read through a sha256."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file, self.digest = file, hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        count = self.file.readinto(buffer)
+        self.digest.update(memoryview(buffer)[:count])
+        return count
 
 
 def _shard_sample(sample: dict, path: Path) -> ShardSample:
@@ -116,11 +146,12 @@ class ShardSet:
     def read(self, index: int) -> Iterator[ShardSample]:
         """The samples of shard ``index``; then DataError if they are not as many as the manifest says.
 
-        A tar cut short between two members reads as a shorter archive: the count catches it.
+        A tar cut short between two members reads as a shorter archive: its sha256 catches
+        it, and the count a manifest whose entries disagree.
         """
         path, expected = self.manifest.shard_paths[index], self.manifest.shard_sizes[index]
         count = 0
-        for sample in iter_shard(path):
+        for sample in iter_shard(path, self.manifest.shards[index].sha256):
             count += 1
             yield sample
         if count != expected:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from pegasus_dist.data.manifest import FILENAME, HELD_OUT, SHARD_SETS, sha256_file
+from pegasus_dist.checksums import sha256_file
+from pegasus_dist.data.manifest import FILENAME, HELD_OUT, SHARD_SETS
 from pegasus_dist.data.shards import ShardSet
 from pegasus_dist.errors import DataError, PegasusError
 

@@ -28,6 +28,7 @@ from pegasus_dist.model.saved import ADVERSARIES, latest_checkpoint, load_model_
 from pegasus_dist.model.vae import VAE, num_parameters
 from pegasus_dist.training.checkpoint import (
     check_resumable,
+    find_damage,
     held_adversaries,
     newest_intact_checkpoint,
     restore_checkpoint,
@@ -164,6 +165,7 @@ def _check_and_build(cfg: Config, accelerator: Accelerator, schedule: LrSchedule
                          accelerator.num_processes, accelerator.device)
     if resume_from is not None:
         state = _resume_position(state, loader.num_samples, accelerator.num_processes, resume_from)
+    state = _on_data(state, cfg, loader, resume_from)
     init = resume_from is None
     model = _build_model(cfg, accelerator, init)
     models = Models(model, build_optimizer(model.parameters(), schedule, accelerator.device))
@@ -183,7 +185,12 @@ def _resume_checkpoint(cfg: Config, is_main: bool) -> Path | None:
             raise ConfigError(f"run.resume=never but {cfg.run_dir} already has checkpoints; choose another "
                               "run.name or use run.resume=auto")
         return None
-    return resolve_checkpoint(cfg.run.resume)
+    folder = resolve_checkpoint(cfg.run.resume)
+    problem = find_damage(folder)
+    if problem:  # the user's choice: an error, never moved aside
+        raise CheckpointError(f"{problem}; move that checkpoint aside to resume from the one before "
+                              "(run.resume=auto does)")
+    return folder
 
 
 def _check_phase(state: TrainState, cfg: Config, folder: Path) -> None:
@@ -211,6 +218,22 @@ def _resume_position(state: TrainState, num_samples: int, world_size: int,
                               f"{state.epoch + 1}, too few to share among {world_size} processes; resume it "
                               f"with at most {num_samples - done} process(es), or from an earlier checkpoint")
     return state
+
+
+def _on_data(state: TrainState, cfg: Config, loader: ShardLoader | MemoryLoader,
+             resume_from: Path | None) -> TrainState:
+    """``state`` recording the data of this run; a resume on other data is refused, or logged if allowed."""
+    generation = loader.manifest.generation
+    shards = f"{loader.manifest.name}@{generation}" if generation else ""
+    was = (state.shards or shards, cfg.data.seed if state.data_seed is None else state.data_seed)
+    if resume_from is not None and was != (shards, cfg.data.seed):
+        change = (f"{resume_from} was trained on shards {was[0]} with data.seed={was[1]}, this run reads "
+                  f"{shards or loader.path} with data.seed={cfg.data.seed}")
+        if not cfg.data.resume_on_other_data:
+            raise CheckpointError(f"{change}; resume on the same shards and seed, or set "
+                                  "data.resume_on_other_data=true to continue on these")
+        log.warning("%s: continuing on these (data.resume_on_other_data=true)", change)
+    return state.model_copy(update={"shards": shards, "data_seed": cfg.data.seed})
 
 
 def _build_model(cfg: Config, accelerator: Accelerator, init: bool) -> torch.nn.Module:

@@ -43,6 +43,8 @@ class TrainState(BaseModel):
     nonfinite_skipped_steps: Count = 0  # NaN/Inf losses skipped (train.on_nonfinite=skip)
     bad_samples_skipped: Count = 0  # corrupt samples replaced (data.on_bad_sample=skip)
     wandb_run_id: str = ""
+    shards: str = ""  # the shard set trained on, <set>@<generation> ("": not recorded)
+    data_seed: int | None = None  # data.seed, which orders every epoch (None: not recorded)
 
 
 class _OlderStateFile(TrainState):
