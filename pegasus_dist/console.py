@@ -11,6 +11,7 @@ from typing import TypeVar
 from pegasus_dist.errors import PegasusError, Preempted
 
 T = TypeVar("T")
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports a job stopped by Ctrl-C
 
 
 def setup_logging() -> None:
@@ -32,7 +33,7 @@ def exit_on_user_error(fn: Callable[[], T]) -> T:
     """Run ``fn``; a :class:`PegasusError` becomes ``error: ...`` on stderr and its exit code.
 
     A :class:`Preempted` stop exits with its code (75) too, so that whoever
-    started the process can requeue it.
+    started the process can requeue it; Ctrl-C with 130 (128 + SIGINT), in one line.
     """
     try:
         return fn()
@@ -42,3 +43,6 @@ def exit_on_user_error(fn: Callable[[], T]) -> T:
         raise SystemExit(err.exit_code) from None
     except Preempted as stop:
         raise SystemExit(stop.exit_code) from None
+    except KeyboardInterrupt:
+        print_error("interrupted (Ctrl-C); the same command resumes from the last checkpoint")
+        raise SystemExit(INTERRUPTED_EXIT_CODE) from None

@@ -208,7 +208,7 @@ def test_a_stop_signal_checkpoints_within_two_steps_and_exits_75(smoke_shards, t
     proc = start(with_fault("slow:ms=100", [sys.executable, TRAIN, *cmd]))
     run = tmp_path / "pretrain"
     wait_until(lambda: (run / "metrics.jsonl").exists(), proc, 120)  # step 5 logged
-    proc.send_signal(signal.SIGUSR1)  # after step 5: the stop need not wait for step 10's sync point
+    proc.send_signal(signal.SIGHUP)  # a dropped ssh connection, after step 5: no waiting for step 10
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 75, out[-3000:]
     stopped = latest_checkpoint(run / "checkpoints")
@@ -281,6 +281,8 @@ def list_samples_before_truncation(path: Path) -> list[str]:
         ("data.shard_set=nowhere", "no shard set at"),
         ("train.mixed_precision=fp16", "fp16 needs a GPU"),
         ("train.init_from=/nonexistent", "neither a checkpoint"),
+        # More images a step than the set holds: refused, not one step an epoch at the wrong lr.
+        ("data.batch_size=100000", "mix holds 470 samples; lower data.batch_size to 470 or less"),
     ],
 )
 def test_bad_configuration_exits_2_before_training(smoke_shards, tmp_path, extra, message):

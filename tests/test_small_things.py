@@ -1,4 +1,4 @@
-"""Small things people hit at once: SLURM's log folder, sheet captions, sampled grids, --version."""
+"""Small things people hit at once: SLURM's log folder, sheet captions, sampled grids, --version, Ctrl-C."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from helpers import PIPELINE_STEPS, Trained, cli_here
 from PIL import Image, ImageDraw, ImageFont
 from processes import REPO
 
+from pegasus_dist.console import exit_on_user_error
 from pegasus_dist.data.shards import ShardSet
 from pegasus_dist.evaluation.contact_sheet import draw_sheet
 
@@ -35,6 +36,17 @@ def test_version_is_the_one_in_pyproject(capsys):
 @pytest.mark.process  # git
 @pytest.mark.skipif(shutil.which("git") is None or not (REPO / ".git").exists(),
                     reason="needs the git checkout")
+def test_ctrl_c_is_one_line_and_exit_130_not_a_traceback(capsys):
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as stopped:
+        exit_on_user_error(interrupted)
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err == ("error: interrupted (Ctrl-C); the same command resumes from the "
+                                       "last checkpoint\n")
+
+
 def test_the_slurm_log_folder_comes_with_a_clone():
     """sbatch does not create its --output folder: without it a job fails and leaves no log."""
     scripts = sorted((REPO / "slurm").glob("*.sh"))

@@ -34,7 +34,9 @@ from pegasus_dist.training.distributed import build_accelerator
 log = logging.getLogger("pegasus_dist.training.faults")
 T = TypeVar("T")
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: a dropped ssh connection
+# The ones that, a second time or outside the loop, end the process at once (as with no handler).
+ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 # A SIGTERM this soon after the first is the same request: a launcher killed with
 # several threads sends its ranks the parent-death signal once per thread.
 SAME_REQUEST_S = 1.0
@@ -58,11 +60,11 @@ class StartupError(PegasusError):
 
 
 class StopSignals:
-    """SIGUSR1/SIGTERM in the training loop: recorded, so that the ranks stop together.
+    """SIGUSR1/SIGTERM/SIGHUP in the training loop: recorded, so that the ranks stop together.
 
-    A SIGTERM when a stop is already pending, or outside :meth:`training`, ends
-    the process at once with SIGTERM's default action: no run outlives a second
-    SIGTERM. SIGUSR1 outside the loop changes nothing: the run is ending.
+    A SIGTERM or SIGHUP when a stop is already pending, or outside :meth:`training`,
+    ends the process at once with its default action: no run outlives a second
+    one. SIGUSR1 outside the loop changes nothing: the run is ending.
     """
 
     def __init__(self) -> None:
@@ -84,7 +86,7 @@ class StopSignals:
         name, now = signal.Signals(signum).name, time.monotonic()
         if self.received is not None and now - self._received_at < SAME_REQUEST_S:
             return  # the same request, delivered again
-        if signum == signal.SIGTERM and (self.received is not None or not self._training):
+        if signum in ENDING_SIGNALS and (self.received is not None or not self._training):
             why = "again" if self.received is not None else "outside the training loop"
             log.warning("received %s %s: exiting at once, without a checkpoint", name, why)
             signal.signal(signum, signal.SIG_DFL)

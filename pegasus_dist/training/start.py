@@ -165,6 +165,7 @@ def _check_and_build(cfg: Config, accelerator: Accelerator, schedule: LrSchedule
                          accelerator.num_processes, accelerator.device)
     if resume_from is not None:
         state = _resume_position(state, loader.num_samples, accelerator.num_processes, resume_from)
+    _check_batch_fits(cfg, accelerator, loader.num_samples, loader.path)
     state = _on_data(state, cfg, loader, resume_from)
     init = resume_from is None
     model = _build_model(cfg, accelerator, init)
@@ -218,6 +219,15 @@ def _resume_position(state: TrainState, num_samples: int, world_size: int,
                               f"{state.epoch + 1}, too few to share among {world_size} processes; resume it "
                               f"with at most {num_samples - done} process(es), or from an earlier checkpoint")
     return state
+
+
+def _check_batch_fits(cfg: Config, accelerator: Accelerator, num_samples: int, path: Path) -> None:
+    """One line when a step wants more images than the set holds (its lr scaled for a batch never seen)."""
+    wanted = global_batch(cfg, accelerator)
+    if wanted > num_samples:
+        most = max(1, num_samples // (accelerator.num_processes * cfg.train.grad_accum_steps))
+        raise ConfigError(f"{batch_description(cfg, accelerator)}, but {path} holds {num_samples} samples; "
+                          f"lower data.batch_size to {most} or less (or data.global_batch_size)")
 
 
 def _on_data(state: TrainState, cfg: Config, loader: ShardLoader | MemoryLoader,
