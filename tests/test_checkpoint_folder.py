@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import pickle
+import resource
+import signal
 from pathlib import Path
 
 import pytest
@@ -172,6 +175,31 @@ def test_sample_eval_and_init_from_refuse_changed_weights_naming_the_file(tmp_pa
     assert str(refused.value) == (f"{folder / 'model.safetensors'} does not match its sha256 in "
                                   f"{folder / 'SHA256SUMS'} (changed after it was written); use another "
                                   "checkpoint of the run")
+
+
+@contextlib.contextmanager
+def files_capped_at(size: int):
+    """Writes past ``size`` bytes fail in this process (EFBIG), as they would on a full disk."""
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel ends the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, limits[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_one_before(tmp_path):
+    (older,) = save_steps(tmp_path, 3)
+    with files_capped_at(2000), pytest.raises(CheckpointError) as refused:
+        save_steps(tmp_path, 6)
+    assert str(refused.value).startswith(f"cannot write checkpoint {tmp_path / 'step_00000006'}: ")
+    assert str(refused.value).endswith(f"MB free there); {older} is intact: free space or make the run "
+                                       "folder writable, then run the same command to resume")
+    assert "\n" not in str(refused.value)
+    assert list_checkpoints(tmp_path) == [older] and not list(tmp_path.glob(".tmp-*"))
+    assert newest_intact_checkpoint(tmp_path, move_damaged=False) == older
 
 
 def test_a_checkpoint_of_the_older_layout_is_refused_in_one_line_not_moved_aside(tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from filelock import FileLock
 from helpers import cli_here
 from PIL import Image
 
@@ -79,6 +80,22 @@ def published(root: Path) -> dict[str, tuple[str, ...] | None]:
     return found
 
 
+def test_a_second_prepare_into_one_folder_is_refused_and_deletes_nothing(tmp_path):
+    make(tmp_path, seed=0)
+    before = published(tmp_path)
+    crashed = tmp_path / ".generation-crashed" / "mix"  # what a prepare killed mid-write left
+    crashed.mkdir(parents=True)
+    (crashed / "shard-000000.tar").write_bytes(b"half")
+    holder = FileLock(tmp_path / ".prepare.lock")  # another prepare, writing
+    with holder, pytest.raises(DataError) as refused:
+        make(tmp_path, seed=1)
+    assert str(refused.value) == (f"{tmp_path} is being written by another `pegasus-dist prepare`; wait "
+                                  "for it to end, or prepare into another --out")
+    assert published(tmp_path) == before and crashed.exists()  # not the other's to remove
+    make(tmp_path, seed=1)
+    assert published(tmp_path) != before and not crashed.parent.exists()
+
+
 @pytest.mark.parametrize("layout", ["generations", "before generations"])
 def test_a_prepare_killed_anywhere_leaves_the_old_sets_or_the_new_never_both(tmp_path, monkeypatch,
                                                                             layout):
@@ -112,7 +129,8 @@ def test_a_prepare_killed_anywhere_leaves_the_old_sets_or_the_new_never_both(tmp
     make(tmp_path / f"root{at - 1}", seed=1)
     assert published(tmp_path / f"root{at - 1}") == new
     hidden = sorted(p.name for p in (tmp_path / f"root{at - 1}").iterdir() if p.name.startswith("."))
-    assert len(hidden) == 2 and hidden[0] == ".current" and hidden[1].startswith(".generation-")
+    assert len(hidden) == 3 and hidden[0] == ".current" and hidden[1].startswith(".generation-")
+    assert hidden[2] == ".prepare.lock"  # kept, so that two prepares never lock two different files
 
 
 def rewrite_set(folder: Path, samples: list[tuple[str, np.ndarray, dict]]) -> None:

@@ -11,17 +11,21 @@ one unit, through one ``.current`` link to a ``.generation-*`` folder (README.md
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import multiprocessing
 import os
 import shutil
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock, Timeout
 
 from pegasus_dist.checksums import sha256_file
 from pegasus_dist.config import PrepareConfig
@@ -38,10 +42,15 @@ FINETUNE_CLASSES = ("horse", "bird")
 POOL_THRESHOLD = 2000
 CURRENT = ".current"  # the link to the published generation folder
 GENERATION = ".generation-"  # the prefix of generation folders
+LOCK = ".prepare.lock"  # held while a prepare writes into the folder (a flock: gone with its process)
 
 
 def prepare(cfg: PrepareConfig, command: str = "") -> dict[str, Path]:
-    """Write ``mix/``, ``horse_bird/`` and ``eval/`` under ``cfg.out``; return their folders."""
+    """Write ``mix/``, ``horse_bird/`` and ``eval/`` under ``cfg.out``; return their folders.
+
+    The sources are read first; then one ``prepare`` at a time writes into
+    ``--out`` (:func:`_writing`).
+    """
     started = time.perf_counter()
     sources = _unique_names([_load(spec, cfg) for spec in cfg.sources])
     images = np.concatenate([s.images for s in sources])
@@ -59,20 +68,56 @@ def prepare(cfg: PrepareConfig, command: str = "") -> dict[str, Path]:
                     for spec, s in zip(cfg.sources, sources, strict=True)],
     }
     out = Path(cfg.out)
-    generation = out / f"{GENERATION}{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}"
-    tasks = {name: _shard_tasks(generation / name, idx, cfg.shard_size)
-             for name, idx in sets.items()}
-    entries = iter(_write_shards(images, metas, [t for ts in tasks.values() for t in ts]))
-    shards = {name: [next(entries) for _ in set_tasks] for name, set_tasks in tasks.items()}
-    provenance["generation"] = generation_id(provenance, shards)
-    for name, indices in sets.items():
-        _write_set_manifest(generation / name, name, indices, metas, shards[name], cfg, provenance)
-    _publish(out, generation, list(sets))
+    with _writing(out):
+        generation = out / f"{GENERATION}{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}"
+        tasks = {name: _shard_tasks(generation / name, idx, cfg.shard_size)
+                 for name, idx in sets.items()}
+        entries = iter(_write_shards(images, metas, [t for ts in tasks.values() for t in ts]))
+        shards = {name: [next(entries) for _ in set_tasks] for name, set_tasks in tasks.items()}
+        provenance["generation"] = generation_id(provenance, shards)
+        for name, indices in sets.items():
+            _write_set_manifest(generation / name, name, indices, metas, shards[name], cfg, provenance)
+        _publish(out, generation, list(sets))
     seconds = time.perf_counter() - started
     log.info("prepared %d images in %.1fs (%.0f images/s): %s -> %s (generation %s)", len(metas),
              seconds, len(metas) / seconds, ", ".join(f"{n}={len(i)}" for n, i in sets.items()),
              out, provenance["generation"])
     return {name: out / name for name in sets}
+
+
+@contextmanager
+def _writing(out: Path) -> Iterator[None]:
+    """Hold ``out``'s prepare lock, after removing what a crashed prepare left there.
+
+    A second prepare into ``out`` is refused in one line; a full disk or a
+    folder that cannot be written is one line naming the path (what was
+    half-written is removed by the next prepare).
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(out / LOCK, thread_local=False, preserve_lock_file=True)
+        lock.acquire(blocking=False)
+    except Timeout:
+        raise DataError(f"{out} is being written by another `pegasus-dist prepare`; wait for it to "
+                        "end, or prepare into another --out") from None
+    except OSError as err:
+        raise DataError(_cannot_write(err, out)) from None
+    try:
+        _remove_stale(out, keep=_published(out))
+        yield
+    except OSError as err:
+        raise DataError(_cannot_write(err, out)) from None
+    finally:
+        lock.release()
+
+
+def _cannot_write(err: OSError, out: Path) -> str:
+    """One line for a write that failed: the path, why, and for a full disk the space left."""
+    space = ""
+    if err.errno == errno.ENOSPC:
+        space = f" ({shutil.disk_usage(out).free / 2**20:.0f} MB free there)"
+    return (f"cannot write {err.filename or out}: {err.strerror or err}{space}; free space or make it "
+            "writable, or prepare into another --out")
 
 
 def _split(metas: list[dict], cfg: PrepareConfig) -> dict[str, np.ndarray]:
@@ -173,12 +218,22 @@ def _publish(out: Path, generation: Path, names: list[str]) -> None:
         folder.rename(aside)
     for name in names:
         _replace_link(out / name, Path(CURRENT) / name)
-    # What earlier runs left: generations no longer (or never) published, half-made
-    # links, and the sets and temporary folders of the layout before generations.
-    old_layout = {f".tmp-{name}" for name in names}
+    _remove_stale(out, keep=generation)
+
+
+def _published(out: Path) -> Path | None:
+    """The generation folder that ``out/.current`` links to, if any."""
+    link = out / CURRENT
+    return out / os.readlink(link) if link.is_symlink() else None
+
+
+def _remove_stale(out: Path, keep: Path | None) -> None:
+    """What earlier runs left in ``out``: generations other than ``keep`` (crashed, or replaced),
+    half-made links, and the sets and temporary folders of the layout before generations."""
+    old_layout = {f".tmp-{name}" for name in SHARD_SETS}
     for path in out.iterdir():
         stale = path.name.startswith((GENERATION, ".link-", ".replaced-")) or path.name in old_layout
-        if not stale or path == generation:
+        if not stale or path == keep:
             continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)

@@ -200,31 +200,55 @@ def save_checkpoint(accelerator: Accelerator, state: TrainState, config_yaml: st
     """Every rank calls this; returns the published ``step_<N>`` folder.
 
     The main process writes ``.tmp-step_<N>/``, renames it into place and
-    prunes; the others wait at the barrier (nothing belongs to one rank).
-    ``before_counters`` (``Hooks.during_save``) runs before ``state.json``.
+    prunes; the others wait for its outcome (nothing belongs to one rank): a
+    write that failed (a full disk, a read-only folder) is one CheckpointError
+    on every rank. ``before_counters`` (``Hooks.during_save``) runs before ``state.json``.
     """
     final = root / checkpoint_name(state.step)
     # Already saved at this step (e.g. epoch end == checkpoint_every)? The main process
     # decides for every rank: a rank that read another answer from a shared filesystem
-    # would skip the barrier below, and the ranks' collectives would go out of step.
+    # would skip the broadcast below, and the ranks' collectives would go out of step.
     already = [final.exists() if accelerator.is_main_process else None]
     if broadcast_object_list(already)[0]:
         return final
+    failure = None
     if accelerator.is_main_process:
         tmp = root / f".tmp-{final.name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        with accelerator.register_save_state_pre_hook(_unwrapped_weights):
-            accelerator.save_state(str(tmp))
-        for path in tmp.glob("random_states_*.pkl"):  # no random draw of training needs them
-            path.unlink()
-        if before_counters is not None:
-            before_counters(tmp, state)
-        write_counters(tmp, state, config_yaml)
-        os.replace(tmp, final)  # published under its final name: atomic on one filesystem
-        _fsync_dir(root)
-        prune(root, keep)
-    accelerator.wait_for_everyone()
+        try:
+            _write(accelerator, state, config_yaml, tmp, before_counters)
+            os.replace(tmp, final)  # published under its final name: atomic on one filesystem
+            _fsync_dir(root)
+        except (OSError, RuntimeError, SafetensorError) as err:  # torch reports a full disk as a RuntimeError
+            shutil.rmtree(tmp, ignore_errors=True)
+            failure = _write_failure(err, final, root)
+        else:
+            prune(root, keep)
+    failure = broadcast_object_list([failure])[0]
+    if failure:
+        raise CheckpointError(failure)
     return final
+
+
+def _write(accelerator: Accelerator, state: TrainState, config_yaml: str, tmp: Path,
+           before_counters: Callable[[Path, TrainState], None] | None) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    with accelerator.register_save_state_pre_hook(_unwrapped_weights):
+        accelerator.save_state(str(tmp))
+    for path in tmp.glob("random_states_*.pkl"):  # no random draw of training needs them
+        path.unlink()
+    if before_counters is not None:
+        before_counters(tmp, state)
+    write_counters(tmp, state, config_yaml)
+
+
+def _write_failure(err: Exception, final: Path, root: Path) -> str:
+    """One line: which checkpoint, why (the first line of the error), the space left, what is safe."""
+    why = (err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]).strip()
+    previous = list_checkpoints(root)
+    safe = f"{previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+    free = shutil.disk_usage(root).free / 2**20 if root.exists() else 0
+    return (f"cannot write checkpoint {final}: {why} ({free:.0f} MB free there); {safe}: free space or "
+            "make the run folder writable, then run the same command to resume")
 
 
 def _unwrapped_weights(models: list[torch.nn.Module], weights: list[dict], output_dir: str) -> None:
