@@ -33,9 +33,6 @@ def test_version_is_the_one_in_pyproject(capsys):
     assert in_process(capsys, "--version").strip() == f"pegasus-dist {version}"
 
 
-@pytest.mark.process  # git
-@pytest.mark.skipif(shutil.which("git") is None or not (REPO / ".git").exists(),
-                    reason="needs the git checkout")
 def test_ctrl_c_is_one_line_and_exit_130_not_a_traceback(capsys):
     def interrupted() -> None:
         raise KeyboardInterrupt
@@ -47,6 +44,9 @@ def test_ctrl_c_is_one_line_and_exit_130_not_a_traceback(capsys):
                                        "last checkpoint\n")
 
 
+@pytest.mark.process  # git
+@pytest.mark.skipif(shutil.which("git") is None or not (REPO / ".git").exists(),
+                    reason="needs the git checkout")
 def test_the_slurm_log_folder_comes_with_a_clone():
     """sbatch does not create its --output folder: without it a job fails and leaves no log."""
     scripts = sorted((REPO / "slurm").glob("*.sh"))
