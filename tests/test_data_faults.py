@@ -277,3 +277,31 @@ def test_a_huge_image_is_refused_by_name_before_it_is_decoded(tmp_path, side):
         warnings.simplefilter("error")  # no raw Pillow warning either
         with pytest.raises(DataError, match=f"huge.png is .*over the limit of {MAX_IMAGE_PIXELS:,} pixels"):
             read_image_folder(tmp_path / "imgs")
+
+
+@pytest.mark.parametrize("size", [(1_000_000, 1), (40, 2000)])
+def test_a_sliver_of_an_image_is_refused_in_one_line_not_upscaled(tmp_path, size):
+    (tmp_path / "imgs" / "horse").mkdir(parents=True)
+    Image.new("L", size).save(tmp_path / "imgs" / "horse" / "strip.png")  # a few KB on disk
+    with pytest.raises(DataError) as refused:
+        read_image_folder(tmp_path / "imgs")
+    assert str(refused.value) == (f"image {tmp_path}/imgs/horse/strip.png is {size[0]}x{size[1]}, longer "
+                                  "than 10 times its width; crop it by hand or remove it")
+
+
+def test_gif_and_webp_are_read_and_other_files_are_named_not_dropped(tmp_path, caplog):
+    horses = tmp_path / "imgs" / "horse"
+    horses.mkdir(parents=True)
+    frames = [Image.new("RGB", (64, 48), colour) for colour in ((200, 30, 30), (30, 200, 30))]
+    frames[0].save(horses / "a.gif", save_all=True, append_images=frames[1:])  # two frames: the first
+    Image.new("RGB", (48, 64), (30, 30, 200)).save(horses / "b.webp")
+    (horses / "c.heic").write_bytes(b"\0\0\0\x18ftypheic")  # what Pillow cannot open
+    (horses / "d.HEIC").write_bytes(b"\0\0\0\x18ftypheic")
+    (horses / "notes.txt").write_text("where these came from")
+    source = read_image_folder(tmp_path / "imgs", image_size=16)
+    assert source.images.shape == (2, 16, 16, 3) and source.labels == ["horse", "horse"]
+    assert np.abs(source.images[0].astype(int) - (200, 30, 30)).max() <= 3  # the GIF's first frame
+    assert np.abs(source.images[1].astype(int) - (30, 30, 200)).max() <= 3
+    (warning,) = [r.message for r in caplog.records if "skipping" in r.message]
+    assert warning.startswith(f"{tmp_path / 'imgs'}: skipping 3 file(s) that are not ")
+    assert warning.endswith("images (2 .heic, 1 .txt): horse/c.heic, horse/d.HEIC, horse/notes.txt")

@@ -159,7 +159,7 @@ def test_image_folder_without_splits_and_its_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         read_image_folder(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="no .png/.jpg images"):
+    with pytest.raises(DataError, match=r"no images \(.png, .jpg, .jpeg, .jfif, .gif, .webp"):
         read_image_folder(tmp_path / "empty")
 
 

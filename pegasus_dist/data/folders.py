@@ -1,9 +1,11 @@
 """Image folders: ``PATH/<class>/*`` or ``PATH/<split>/<class>/*``, a directory or a tar archive.
 
-Images of any size are converted to RGB, resized on their shorter side and
-centre-cropped. An archive is read in place, never extracted: a member named
-outside it (``../x.jpg``) is skipped with a warning. Images over
-:data:`MAX_IMAGE_PIXELS` are refused before decoding.
+Images of any size are centre-cropped to a square, resized and converted to RGB
+(a GIF gives its first frame). An archive is read in place, never extracted: a
+member named outside it (``../x.jpg``) is skipped with a warning. Files of other
+formats (HEIC, text) are counted and named in one warning per source. Images over
+:data:`MAX_IMAGE_PIXELS`, or longer than :data:`MAX_ASPECT` times their width, are
+refused before decoding.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 import posixpath
 import re
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +26,11 @@ from pegasus_dist.errors import DataError
 
 log = logging.getLogger("pegasus_dist.data.folders")
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# The raster formats read (all through Pillow); any other file is counted and named, never read.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".gif", ".webp", ".bmp", ".tif", ".tiff")
+# Longer sides beyond this many times the shorter are refused: the square crop would keep
+# a sliver of the image (a 1,000,000 x 1 strip keeps one pixel).
+MAX_ASPECT = 10
 # The largest folder image accepted, in pixels: above any camera photo in common use
 # (24-45 megapixels), below Pillow's decompression-bomb warning (89 million). A bigger
 # one takes over 150 MB to decode, only to be shrunk to a few dozen pixels a side.
@@ -38,10 +45,12 @@ def read_image_folder(path: str | Path, image_size: int = 32) -> SourceImages:
     if not path.exists():
         raise DataError(f"image folder {path} does not exist; expected {path}/<class>/*.png|jpg "
                         "or a .tar.gz with that layout")
-    files = sorted(_archive_files(path) if path.is_file() else _directory_files(path))
+    every = _archive_files(path) if path.is_file() else _directory_files(path)
+    files = sorted(f for f in every if Path(f).suffix.lower() in IMAGE_SUFFIXES)
+    _warn_unread(path, sorted(set(every) - set(files)))
     if not files:
-        raise DataError(f"no .png/.jpg images under {path}; expected {path}/<class>/*.png|jpg "
-                        f"or {path}/<train|test>/<class>/*")
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {path}; expected "
+                        f"{path}/<class>/*.png|jpg or {path}/<train|test>/<class>/*")
     entries = _classify(files, path)
     images = np.stack([_load_image(data, where, image_size) for _, _, where, data in
                        _read_files(path, [e[2] for e in entries])])
@@ -51,9 +60,20 @@ def read_image_folder(path: str | Path, image_size: int = 32) -> SourceImages:
                         str(path.resolve()))
 
 
+def _warn_unread(root: Path, unread: list[str]) -> None:
+    """One line naming the files of a source that are not images it reads, by suffix."""
+    if not unread:
+        return
+    suffixes = Counter(Path(f).suffix.lower() or "(none)" for f in unread)
+    kinds = ", ".join(f"{count} {suffix}" for suffix, count in suffixes.most_common())
+    shown = ", ".join(unread[:5]) + (f" and {len(unread) - 5} more" if len(unread) > 5 else "")
+    log.warning("%s: skipping %d file(s) that are not %s images (%s): %s", root, len(unread),
+                "/".join(s.lstrip(".") for s in IMAGE_SUFFIXES), kinds, shown)
+
+
 def _directory_files(root: Path) -> list[str]:
     return [p.relative_to(root).as_posix() for p in root.rglob("*")
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+            if p.is_file() and not p.name.startswith(".")]
 
 
 def _archive_files(archive: Path) -> list[str]:
@@ -63,7 +83,7 @@ def _archive_files(archive: Path) -> list[str]:
     also hide the top folder that wraps the real images, and so their classes.
     """
     with open_tar(archive) as tar:
-        names = [m.name for m in tar if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES]
+        names = [m.name for m in tar if m.isfile() and not Path(m.name).name.startswith(".")]
     outside = [n for n in names if n.startswith("/") or ".." in n.split("/")]
     if outside:
         shown = ", ".join(outside[:10]) + (f" and {len(outside) - 10} more" if len(outside) > 10 else "")
@@ -122,16 +142,17 @@ def _load_image(data: bytes, where: str, size: int) -> np.ndarray:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             opened = Image.open(io.BytesIO(data))
         with opened as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise DataError(f"image {where} is {image.width}x{image.height}, {too_big}")
-            image = _to_rgb(image)
-            scale = size / min(image.size)
-            if image.size != (size, size):
-                w, h = (max(size, round(d * scale)) for d in image.size)
-                image = image.resize((w, h), Image.Resampling.LANCZOS)
-                left, top = (w - size) // 2, (h - size) // 2
-                image = image.crop((left, top, left + size, top + size))
-            return np.asarray(image)
+            w, h = image.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise DataError(f"image {where} is {w}x{h}, {too_big}")
+            if max(w, h) > MAX_ASPECT * min(w, h):
+                raise DataError(f"image {where} is {w}x{h}, longer than {MAX_ASPECT} times its width; "
+                                "crop it by hand or remove it")
+            # Crop first, then resize: no intermediate is larger than the image itself.
+            side = min(w, h)
+            left, top = (w - side) // 2, (h - side) // 2
+            image = _to_rgb(image).crop((left, top, left + side, top + side))
+            return np.asarray(image.resize((size, size), Image.Resampling.LANCZOS))
     except Image.DecompressionBombError:  # over twice Pillow's limit: refused while opening
         raise DataError(f"image {where} is {too_big}") from None
     except (OSError, ValueError) as err:
