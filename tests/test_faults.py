@@ -293,6 +293,16 @@ def test_bad_configuration_exits_2_before_training(smoke_shards, tmp_path, extra
     assert not (tmp_path / "pretrain" / "checkpoints").exists()
 
 
+def test_a_run_folder_that_cannot_be_written_is_one_line(smoke_shards, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    done = run_bounded(train_cmd(smoke_shards, tmp_path, 5, f"run.output_dir={tmp_path}/a-file/runs"), 120)
+    errors = [line for line in done.stdout.splitlines() if line.startswith("error: ")]
+    assert done.returncode == 2 and errors == [
+        f"error: cannot write the run folder {tmp_path}/a-file/runs/pretrain: Not a directory; make it "
+        "writable, or set run.output_dir to a folder that is"], done.stdout[-2000:]
+    assert "Traceback" not in done.stdout
+
+
 def test_a_checkpoint_of_another_model_shape_exits_2(smoke_shards, tmp_path, checkpointed_run):
     done = run_bounded(train_cmd(smoke_shards, tmp_path, 2, "model.latent_dim=8",
                                  f"train.init_from={checkpointed_run.pretrain}"), timeout=120)

@@ -142,9 +142,16 @@ def _with_batch(cfg: Config, world_size: int) -> Config:
 
 
 def _lock_run_dir(cfg: Config, accelerator: Accelerator) -> None:
-    """One run at a time in a run folder: the main process locks it for the run (:mod:`lock`)."""
+    """One run at a time in a run folder: the main process locks it for the run (:mod:`lock`).
+
+    The first write into the run folder: one that cannot be written is one line here.
+    """
     if accelerator.is_main_process:
-        hold_run_lock(cfg.run_dir)
+        try:
+            hold_run_lock(cfg.run_dir)
+        except OSError as err:
+            raise ConfigError(f"cannot write the run folder {cfg.run_dir}: {err.strerror or err}; make it "
+                              "writable, or set run.output_dir to a folder that is") from None
 
 
 def _check_and_build(cfg: Config, accelerator: Accelerator, schedule: LrSchedule) -> _Checked:
