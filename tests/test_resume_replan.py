@@ -23,6 +23,7 @@ import torch
 from helpers import SCRIPTS, SMOKE, error_lines, losses, shard_keys, start, wait_until
 from processes import BIN, REPO, descendants, free_port, run_bounded, running
 
+from pegasus_dist.checksums import write_sums
 from pegasus_dist.model.saved import latest_checkpoint
 from pegasus_dist.training.hooks import STALLED
 from pegasus_dist.training.state import read_state
@@ -101,6 +102,7 @@ def test_a_position_past_the_end_of_the_epoch_fails_in_one_line(checkpointed_run
     checkpoint = checkpointed_run.pretrain / "checkpoints" / "step_00000006"
     state = json.loads((checkpoint / "state.json").read_text())
     (checkpoint / "state.json").write_text(json.dumps(state | {"samples_done": 100_000}))
+    write_sums(checkpoint)  # as a run on a larger set would have written it: not damage
     done = run_bounded(cmd, BOUND_S)
     assert done.returncode == 2, done.stdout[-3000:]
     assert error_lines(done.stdout) == [
