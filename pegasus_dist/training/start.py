@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 
 from pegasus_dist.config import Config
 from pegasus_dist.data.loader import MemoryLoader, ShardLoader, make_loader
@@ -88,9 +88,12 @@ def start_phase(cfg: Config, hooks: Hooks) -> Started:
         return agree_on_start(accelerator, lambda: (hooks.start_stage(name), check())[1])
 
     cfg = stage("batch", lambda: _with_batch(cfg, accelerator.num_processes))
-    stage("lock", lambda: _lock_run_dir(cfg, accelerator))  # before any rank reads the run folder
+    # Before any rank reads the run folder. The main process alone chooses the checkpoint to
+    # resume and whether the phase finished; every rank takes its answer (ranks reading a shared
+    # filesystem apart could split into "complete" and "training", and hang).
+    resume_from, finished = broadcast_object_list(stage("lock", lambda: _lock_and_choose(cfg, accelerator)))
     schedule = LrSchedule(cfg.optim, global_batch(cfg, accelerator))
-    checked = stage("checks", lambda: _check_and_build(cfg, accelerator, schedule))
+    checked = stage("checks", lambda: _check_and_build(cfg, accelerator, schedule, resume_from, finished))
     state, resume_from = checked.state, checked.resume_from
     if checked.loader is None:
         accelerator.end_training()
@@ -141,31 +144,35 @@ def _with_batch(cfg: Config, world_size: int) -> Config:
     return cfg.model_copy(update={"data": data})
 
 
-def _lock_run_dir(cfg: Config, accelerator: Accelerator) -> None:
-    """One run at a time in a run folder: the main process locks it for the run (:mod:`lock`).
+def _lock_and_choose(cfg: Config, accelerator: Accelerator) -> list:
+    """On the main process: lock the run folder for the run (:mod:`lock`), then [the checkpoint
+    to resume (``run.resume``) or None, whether the phase finished at it]; [None, False] elsewhere.
 
     The first write into the run folder: one that cannot be written is one line here.
     """
-    if accelerator.is_main_process:
-        try:
-            hold_run_lock(cfg.run_dir)
-        except OSError as err:
-            raise ConfigError(f"cannot write the run folder {cfg.run_dir}: {err.strerror or err}; make it "
-                              "writable, or set run.output_dir to a folder that is") from None
+    if not accelerator.is_main_process:
+        return [None, False]
+    try:
+        hold_run_lock(cfg.run_dir)
+    except OSError as err:
+        raise ConfigError(f"cannot write the run folder {cfg.run_dir}: {err.strerror or err}; make it "
+                          "writable, or set run.output_dir to a folder that is") from None
+    resume_from = _resume_checkpoint(cfg)
+    return [resume_from, resume_from is not None and is_finished(cfg.run_dir, resume_from)]
 
 
-def _check_and_build(cfg: Config, accelerator: Accelerator, schedule: LrSchedule) -> _Checked:
+def _check_and_build(cfg: Config, accelerator: Accelerator, schedule: LrSchedule,
+                     resume_from: Path | None, finished: bool) -> _Checked:
     """This rank's start-up checks, each of which may fail on this rank alone.
 
     Nothing here may wait for the other ranks, so the checkpoint is only
     checked: it is restored after ``accelerator.prepare``.
     """
-    resume_from = _resume_checkpoint(cfg, accelerator.is_main_process)
     state = TrainState(phase=cfg.train.phase, wandb_run_id=new_run_id())
     if resume_from is not None:
         state = read_state(resume_from)
         _check_phase(state, cfg, resume_from)
-        if is_complete(state, cfg) and is_finished(cfg.run_dir, resume_from):
+        if is_complete(state, cfg) and finished:
             return _Checked(state, resume_from)
         check_resumable(resume_from, enabled_adversaries(cfg))
     loader = make_loader(cfg.data, cfg.model.image_size, accelerator.process_index,
@@ -184,10 +191,10 @@ def _check_and_build(cfg: Config, accelerator: Accelerator, schedule: LrSchedule
     return _Checked(state, resume_from, loader, models)
 
 
-def _resume_checkpoint(cfg: Config, is_main: bool) -> Path | None:
+def _resume_checkpoint(cfg: Config) -> Path | None:
     """The checkpoint to continue from, by ``run.resume``; ``auto`` skips (and moves aside) damaged ones."""
     if cfg.run.resume == "auto":
-        return newest_intact_checkpoint(cfg.run_dir / "checkpoints", move_damaged=is_main)
+        return newest_intact_checkpoint(cfg.run_dir / "checkpoints", move_damaged=True)
     if cfg.run.resume == "never":
         if latest_checkpoint(cfg.run_dir / "checkpoints") is not None:
             raise ConfigError(f"run.resume=never but {cfg.run_dir} already has checkpoints; choose another "
