@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import sys
@@ -17,6 +18,9 @@ INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports a job stopped by
 def setup_logging() -> None:
     """INFO on the main process (rank 0 by torchrun/accelerate's RANK), warnings elsewhere."""
     rank = int(os.environ.get("RANK", "0"))
+    for stream in (sys.stdout, sys.stderr):  # a path the locale cannot encode (LC_ALL=C): escaped
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, force=True,
                         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
     # Accelerate names every file of a checkpoint it writes or reads (temporary folder included).

@@ -1,4 +1,4 @@
-"""Edge cases of the checkpoint folder: strays, bad state.json, damaged checkpoints, bad run names."""
+"""Edge cases of run and checkpoint folders: strays, bad state.json, damage, run names, metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from pegasus_dist.model.saved import latest_checkpoint, list_checkpoints, load_m
 from pegasus_dist.model.vae import VAE
 from pegasus_dist.training.checkpoint import check_resumable, newest_intact_checkpoint, save_checkpoint
 from pegasus_dist.training.state import TrainState, read_state
+from pegasus_dist.training.tracking import MetricsLog
 
 
 def save_steps(root: Path, *steps: int) -> list[Path]:
@@ -238,6 +239,13 @@ def test_run_names_that_leave_the_output_folder_are_refused(name):
         load_config(SMOKE, [f"run.name={name}"])
 
 
+def test_a_run_name_too_long_for_a_folder_is_refused(tmp_path):
+    load_config(SMOKE, [f"run.name={'é' * 127}"])  # 254 bytes: a folder can hold it
+    (tmp_path / ("é" * 127)).mkdir()
+    with pytest.raises(ConfigError, match="run.name must be at most 255 bytes, the most a folder name holds"):
+        load_config(SMOKE, [f"run.name={'é' * 128}"])
+
+
 def test_a_negative_memory_limit_is_refused():
     with pytest.raises(ConfigError, match="data.memory_limit_mb must be 0 or more"):
         load_config(SMOKE, ["data.memory_limit_mb=-5"])
@@ -295,3 +303,13 @@ def test_resuming_on_another_data_seed_is_refused_naming_both_unless_allowed(che
     assert allowed.returncode == 0, allowed.stdout[-3000:]
     assert "continuing on these (data.resume_on_other_data=true)" in allowed.stdout
     assert read_state(checkpointed_run.pretrain / "checkpoints/step_00000009").data_seed == 1
+
+
+def test_damaged_bytes_in_metrics_jsonl_are_cut_back_to_the_last_good_row(tmp_path, caplog):
+    rows = [json.dumps({"step": step, "pretrain/loss": 1.0 / step}) + "\n" for step in (1, 2, 4, 5)]
+    (tmp_path / "metrics.jsonl").write_bytes("".join(rows[:2]).encode() + b"\xff\xfe\x00garbage\n"
+                                             + "".join(rows[2:]).encode())
+    MetricsLog(Accelerator(cpu=True), tmp_path).resume(5)
+    assert (tmp_path / "metrics.jsonl").read_text() == "".join(rows[:2])
+    assert f"{tmp_path / 'metrics.jsonl'}: line 3 is not a metrics row; keeping the 2 rows before it" \
+        in caplog.text

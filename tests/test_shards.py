@@ -147,6 +147,17 @@ def test_wrong_size_image_damaged_image_and_missing_label(tmp_path):
         ShardSet(tmp_path / "eval", image_size=64)
 
 
+def test_a_manifest_whose_count_disagrees_with_its_shards_is_refused(tmp_path):
+    make(tmp_path)
+    path = tmp_path / "mix" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps(manifest | {"num_samples": manifest["num_samples"] + 1}))
+    with pytest.raises(DataError) as refused:
+        load_manifest(tmp_path / "mix")
+    assert str(refused.value) == (f"{path} says num_samples {manifest['num_samples'] + 1} but its shards "
+                                  f"list {manifest['num_samples']}; re-run `pegasus-dist prepare`")
+
+
 def test_pixels_changed_after_prepare_stop_every_reader_naming_the_shard(tmp_path):
     make(tmp_path)
     shard = load_manifest(tmp_path / "mix").shard_paths[1]

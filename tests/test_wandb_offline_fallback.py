@@ -136,3 +136,15 @@ def test_an_unknown_wandb_mode_is_one_line_naming_it(smoke_shards, tmp_path, mon
         "error: WANDB_MODE=ofline is not a W&B mode: set it to online, offline or disabled, or unset it"]
     assert list(tmp_path.iterdir()) == []  # refused before the run wrote anything
     assert wandb_mode(load_config(SMOKE, ["wandb.mode=offline"])) == "offline"  # a set mode ignores it
+
+
+@pytest.mark.process
+def test_any_other_wandb_start_failure_costs_only_wandb(smoke_shards, tmp_path):
+    """A non-ASCII run folder under the C locale: wandb.init raises UnicodeEncodeError."""
+    runs = tmp_path / "läufe"
+    done, _ = train(smoke_shards, runs, {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0"},
+                    "wandb.mode=offline")
+    assert done.returncode == 0, done.stdout[-3000:]
+    warnings = [line for line in done.stdout.splitlines() if "W&B could not start (" in line]
+    assert len(warnings) == 1 and "training on without it; metrics.jsonl in " in warnings[0]
+    assert training_steps(runs / "pretrain") == [1, 2, 3]

@@ -26,6 +26,7 @@ from pydantic import (
 
 from pegasus_dist.errors import ConfigError
 
+NAME_MAX = 255  # bytes in a file name on Linux filesystems (ext4, xfs, NFS)
 Precision = Literal["no", "bf16", "fp16"]
 Phase = Literal["pretrain", "finetune"]
 
@@ -51,6 +52,8 @@ def _folder_name(name: str) -> str:
     # The run folder is <output_dir>/<name>: "..", "/x" or "a/b" would write elsewhere.
     if name in ("", ".", "..") or {"/", "\0"} & set(name):
         raise ValueError("must be a plain folder name (no '/', not '.' or '..')")
+    if len(name.encode()) > NAME_MAX:
+        raise ValueError(f"must be at most {NAME_MAX} bytes, the most a folder name holds")
     return name
 
 

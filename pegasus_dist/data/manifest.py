@@ -98,6 +98,9 @@ def load_manifest(folder: str | Path) -> Manifest:
     except (ValueError, KeyError, TypeError) as err:
         raise DataError(f"{path} is not a valid manifest ({err}); re-run `pegasus-dist prepare`") \
             from None
+    if sum(manifest.shard_sizes) != manifest.num_samples:
+        raise DataError(f"{path} says num_samples {manifest.num_samples} but its shards list "
+                        f"{sum(manifest.shard_sizes)}; re-run `pegasus-dist prepare`")
     if manifest.num_samples == 0:
         raise DataError(f"shard set {folder} is empty (0 samples); prepare it from sources that "
                         "hold images of this set (horse_bird needs labelled horses and birds)")

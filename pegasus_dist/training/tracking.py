@@ -65,12 +65,19 @@ def start_tracking(accelerator: Accelerator, cfg: Config, state: TrainState, glo
     if cfg.train.init_from and state.step == 0:  # a resumed run keeps what its start recorded
         config["started_from"] = _started_from(cfg.train.init_from)
     try:
-        accelerator.init_trackers(cfg.wandb.project, config=config,
-                                  init_kwargs={"wandb": _init_kwargs(cfg, state, mode)})
-    except wandb.Error as err:  # raised by wandb.init, which runs on the main process only
-        if mode != "online":
-            raise
-        _start_offline_instead(accelerator, cfg, state, config, err)
+        try:
+            accelerator.init_trackers(cfg.wandb.project, config=config,
+                                      init_kwargs={"wandb": _init_kwargs(cfg, state, mode)})
+        except wandb.Error as err:  # raised by wandb.init, which runs on the main process only
+            if mode != "online":
+                raise
+            _start_offline_instead(accelerator, cfg, state, config, err)
+    except Exception as err:  # any other failure of W&B's start (a bad locale, a full disk) costs only W&B
+        wandb.teardown()
+        accelerator.trackers.clear()
+        reason = str(err).splitlines()[0] if str(err) else ""
+        log.warning("W&B could not start (%s: %s): training on without it; metrics.jsonl in %s keeps "
+                    "every row", type(err).__name__, reason, cfg.run_dir)
 
 
 def _init_kwargs(cfg: Config, state: TrainState, mode: str) -> dict[str, Any]:
@@ -170,12 +177,17 @@ class MetricsLog:
         if not self.path.is_file():
             return []
         kept = []
-        for line in self.path.read_text().splitlines():
+        lines = self.path.read_bytes().decode(errors="replace").splitlines()
+        for number, line in enumerate(lines, 1):
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
-                break  # the last line, cut off by the kill; its row comes after the checkpoint
-            if row["step"] > step:
+                row_step = row["step"]
+            except (json.JSONDecodeError, TypeError, KeyError):
+                if number < len(lines):  # the last line may be cut off by a kill: not worth a word
+                    log.warning("%s: line %d is not a metrics row; keeping the %d rows before it",
+                                self.path, number, len(kept))
+                break
+            if row_step > step:
                 break  # rows are appended in step order: all the rest come later too
             kept.append(row)
         tmp = self.path.with_suffix(".jsonl.tmp")
