@@ -21,7 +21,12 @@ from safetensors.torch import load_file, save_file
 from pegasus_dist.config import Config, LossConfig, load_config
 from pegasus_dist.errors import CheckpointError, ConfigError
 from pegasus_dist.model.adversaries import Adversaries
-from pegasus_dist.model.saved import latest_checkpoint, list_checkpoints, load_model_weights
+from pegasus_dist.model.saved import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_model_weights,
+    resolve_checkpoint,
+)
 from pegasus_dist.model.vae import VAE
 from pegasus_dist.training.checkpoint import check_resumable, newest_intact_checkpoint, save_checkpoint
 from pegasus_dist.training.state import TrainState, read_state
@@ -313,3 +318,11 @@ def test_damaged_bytes_in_metrics_jsonl_are_cut_back_to_the_last_good_row(tmp_pa
     assert (tmp_path / "metrics.jsonl").read_text() == "".join(rows[:2])
     assert f"{tmp_path / 'metrics.jsonl'}: line 3 is not a metrics row; keeping the 2 rows before it" \
         in caplog.text
+
+
+def test_sample_and_eval_refuse_a_checkpoint_whose_config_changed(tmp_path):
+    (folder,) = save_steps(tmp_path, 3)
+    config = folder / "config.yaml"
+    config.write_text(config.read_text().replace("seed: 0", "seed: 1", 1))  # still a valid config
+    with pytest.raises(CheckpointError, match=f"{config} does not match its sha256"):
+        resolve_checkpoint(folder)

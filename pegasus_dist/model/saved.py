@@ -44,17 +44,19 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder itself, or the newest checkpoint of a run folder."""
+    """A checkpoint folder itself, or the newest checkpoint of a run folder; every file of it
+    matching its ``SHA256SUMS`` (its config.yaml shapes the model and seeds the sampler too)."""
     path = Path(path)
-    if (path / STATE).is_file():
-        return path
-    newest = latest_checkpoint(path / "checkpoints")
-    if newest is None:
+    folder = path if (path / STATE).is_file() else latest_checkpoint(path / "checkpoints")
+    if folder is None:
         raise CheckpointError(
             f"{path} is neither a checkpoint (no state.json) nor a run folder with checkpoints; "
             "pass a runs/<name> folder or one of its checkpoints/step_* folders"
         )
-    return newest
+    changed = sums_problem(folder)
+    if changed:
+        raise CheckpointError(f"{changed}; use another checkpoint of the run")
+    return folder
 
 
 def read_weights(folder: Path, name: str = MODEL) -> dict[str, torch.Tensor]:
