@@ -290,7 +290,9 @@ def test_a_requeue_gets_past_a_damaged_newest_checkpoint_on_every_rank(checkpoin
                         timeout=300)
     errors = [line for line in named.stdout.splitlines() if line.startswith("error: ")]
     assert named.returncode != 0 and len(errors) == 1, named.stdout[-3000:]  # the launcher says 1
-    assert "step_00000012/state.json: field step must be a whole number, 0 or more, got 'sixty'" in errors[0]
+    named_folder = checkpoints / "step_00000012"
+    assert (f"{named_folder}/state.json does not match its sha256 in {named_folder}/SHA256SUMS (changed "
+            "after it was written)") in errors[0]
 
 
 def test_resuming_on_another_data_seed_is_refused_naming_both_unless_allowed(checkpointed_run):
