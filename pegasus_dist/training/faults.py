@@ -34,9 +34,10 @@ from pegasus_dist.training.distributed import build_accelerator
 log = logging.getLogger("pegasus_dist.training.faults")
 T = TypeVar("T")
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: a dropped ssh connection
+# SIGHUP: a dropped ssh connection; SIGINT: Ctrl-C.
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 # The ones that, a second time or outside the loop, end the process at once (as with no handler).
-ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 # A SIGTERM this soon after the first is the same request: a launcher killed with
 # several threads sends its ranks the parent-death signal once per thread.
 SAME_REQUEST_S = 1.0
@@ -60,11 +61,11 @@ class StartupError(PegasusError):
 
 
 class StopSignals:
-    """SIGUSR1/SIGTERM/SIGHUP in the training loop: recorded, so that the ranks stop together.
+    """SIGUSR1/SIGTERM/SIGHUP/SIGINT in the training loop: recorded, so that the ranks stop together.
 
-    A SIGTERM or SIGHUP when a stop is already pending, or outside :meth:`training`,
-    ends the process at once with its default action: no run outlives a second
-    one. SIGUSR1 outside the loop changes nothing: the run is ending.
+    A SIGTERM, SIGHUP or SIGINT when a stop is already pending, or outside
+    :meth:`training`, ends the process at once (SIGINT as Python's KeyboardInterrupt):
+    no run outlives a second one. SIGUSR1 outside the loop changes nothing: the run is ending.
     """
 
     def __init__(self) -> None:
@@ -89,6 +90,8 @@ class StopSignals:
         if signum in ENDING_SIGNALS and (self.received is not None or not self._training):
             why = "again" if self.received is not None else "outside the training loop"
             log.warning("received %s %s: exiting at once, without a checkpoint", name, why)
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt  # Python's own Ctrl-C: one line and exit 130 (console.py)
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
