@@ -65,19 +65,28 @@ def start_tracking(accelerator: Accelerator, cfg: Config, state: TrainState, glo
     if cfg.train.init_from and state.step == 0:  # a resumed run keeps what its start recorded
         config["started_from"] = _started_from(cfg.train.init_from)
     try:
-        try:
-            accelerator.init_trackers(cfg.wandb.project, config=config,
-                                      init_kwargs={"wandb": _init_kwargs(cfg, state, mode)})
-        except wandb.Error as err:  # raised by wandb.init, which runs on the main process only
-            if mode != "online":
-                raise
-            _start_offline_instead(accelerator, cfg, state, config, err)
+        _start(accelerator, cfg, state, config, mode)
     except Exception as err:  # any other failure of W&B's start (a bad locale, a full disk) costs only W&B
         wandb.teardown()
         accelerator.trackers.clear()
-        reason = str(err).splitlines()[0] if str(err) else ""
         log.warning("W&B could not start (%s: %s): training on without it; metrics.jsonl in %s keeps "
-                    "every row", type(err).__name__, reason, cfg.run_dir)
+                    "every row", type(err).__name__, _first_line(err), cfg.run_dir)
+
+
+def _start(accelerator: Accelerator, cfg: Config, state: TrainState, config: dict[str, Any],
+           mode: str) -> None:
+    """wandb.init through Accelerate (main process only); offline instead when an online start fails."""
+    try:
+        accelerator.init_trackers(cfg.wandb.project, config=config,
+                                  init_kwargs={"wandb": _init_kwargs(cfg, state, mode)})
+    except wandb.Error as err:
+        if mode != "online":
+            raise
+        _start_offline_instead(accelerator, cfg, state, config, err)
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def _init_kwargs(cfg: Config, state: TrainState, mode: str) -> dict[str, Any]:
@@ -104,10 +113,9 @@ def _start_offline_instead(accelerator: Accelerator, cfg: Config, state: TrainSt
     accelerator.init_trackers(cfg.wandb.project, config=config,
                               init_kwargs={"wandb": _init_kwargs(cfg, state, "offline")})
     folder = Path(accelerator.get_tracker("wandb", unwrap=True).dir).parent  # <folder>/files
-    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
     log.warning("W&B could not start online (%s: %s); logging offline into %s instead: upload it "
                 "later with `wandb sync %s` (a slow link may need a larger wandb.init_timeout_s)",
-                type(err).__name__, reason, folder, folder)
+                type(err).__name__, _first_line(err), folder, folder)
 
 
 def _started_from(init_from: str) -> dict[str, Any]:
