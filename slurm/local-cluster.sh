@@ -7,8 +7,8 @@
 #   slurm/local-cluster.sh status    # sinfo and squeue
 #   slurm/local-cluster.sh stop      # stops the daemons started by `start`
 #
-# The node is this host (hostname -s) with all its CPUs (nproc) and 90% of its
-# memory, in one partition "debug". Cores are scheduled one by one
+# The node is this host (hostname -s) with its CPUs as slurmd -C sees them and
+# 90% of its memory, in one partition "debug". Cores are scheduled one by one
 # (select/cons_tres + CR_Core), so N one-CPU jobs run at once on N CPUs.
 # start and install do nothing when already done, so both are safe to repeat.
 #
@@ -69,18 +69,28 @@ install() {
         || die "apt-get install ${missing[*]} failed (run it by hand to see why)"
 }
 
+# This host as a slurm.conf node line. The CPU layout is slurmd's own reading of
+# the hardware (slurmd -C), not nproc: nproc answers OMP_NUM_THREADS, which the
+# tests set to 1, and a node configured with fewer CPUs than it has leaves a
+# job that asks for all of them pending forever. 90% of the memory: slurmd
+# drains a node that claims more than it has.
+node_line() {
+    local layout mem_mb
+    layout=$(slurmd -C | head -n 1 \
+        | grep -oE '(CPUs|Boards|SocketsPerBoard|CoresPerSocket|ThreadsPerCore)=[0-9]+' | tr '\n' ' ')
+    [ -n "$layout" ] || die "slurmd -C did not print this host's CPU layout"
+    mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) * 9 / 10 / 1024 ))
+    echo "NodeName=$HOST ${layout}RealMemory=$mem_mb State=UNKNOWN"
+}
+
 write_config() {
     if [ -e "$CONF" ] && ! grep -qF "$MARKER" "$CONF"; then
         die "$CONF exists and was not written by this script: refusing to overwrite a real cluster's config"
     fi
-    local cpus mem_mb
-    cpus=$(nproc)
-    # 90% of the memory: slurmd drains a node that claims more than it has.
-    mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) * 9 / 10 / 1024 ))
     mkdir -p "$STATE/ctld" "$STATE/spool" /etc/slurm
     cat > "$CONF" <<EOF
 $MARKER: a one-node cluster
-# (node $HOST, $cpus CPUs, ${mem_mb} MB) for the tests and for trying the job scripts.
+# (this host) for the tests and for trying the job scripts.
 ClusterName=pegasus-local
 SlurmctldHost=$HOST
 SlurmUser=root
@@ -111,7 +121,7 @@ SlurmctldTimeout=30
 SlurmdTimeout=30
 InactiveLimit=0
 KillWait=30
-NodeName=$HOST CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
+$(node_line)
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 EOF
 }
@@ -141,6 +151,12 @@ start() {
     done
     getent hosts "$HOST" >/dev/null \
         || die "this host's name '$HOST' does not resolve: add '127.0.1.1 $HOST' to /etc/hosts"
+    # Our cluster, started with a node line this host no longer matches (an older
+    # version of this script, another machine's image): start it afresh.
+    if grep -qF "$MARKER" "$CONF" 2>/dev/null && ! grep -qxF "$(node_line)" "$CONF"; then
+        echo "local-cluster: $CONF does not describe this host as slurmd -C sees it: restarting with a new one"
+        stop
+    fi
     if alive "$STATE/slurmctld.pid" slurmctld && alive "$STATE/slurmd.pid" slurmd && node_up; then
         echo "local-cluster: already running"
         sinfo

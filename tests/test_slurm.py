@@ -41,6 +41,10 @@ def cluster():
     for action in ("install", "start"):
         done = run_bounded(["bash", str(CLUSTER), action], timeout=600)
         assert done.returncode == 0, f"slurm/local-cluster.sh {action} failed:\n{done.stdout}"
+    # A node configured with fewer CPUs than the host has would leave the two-task
+    # job pending until the timeout (nproc once read the tests' OMP_NUM_THREADS=1).
+    cpus = run_bounded(["sinfo", "-h", "-o", "%c"], timeout=30).stdout.strip()
+    assert cpus == str(len(os.sched_getaffinity(0))), f"the local node has {cpus} CPUs configured"
 
 
 def job_env(tmp_path: Path, shards: Path, steps: int = 3) -> dict[str, str]:
@@ -79,8 +83,11 @@ def tail(log: Path, chars: int = 6000) -> str:
     return log.read_text()[-chars:] if log.exists() else f"(no log at {log})"
 
 
-def wait_for(job: str, log: Path, timeout: float = 300) -> None:
-    """Wait until the job ends; assert it COMPLETED with exit 0:0, else show its log."""
+def wait_for(job: str, log: Path, timeout: float = 240) -> None:
+    """Wait until the job ends; assert it COMPLETED with exit 0:0, else show its log.
+
+    The timeout is under pytest-timeout's 300 s, so that a stuck job is cancelled
+    and reported with its state (scontrol's Reason) and log."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         state, code, _ = job_state(job)
