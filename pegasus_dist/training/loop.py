@@ -171,6 +171,7 @@ class Trainer:
         Called before every checkpoint, so that weights updated after a NaN/Inf are never saved.
         """
         agreement = agree(self.accelerator, self.signals.received is not None, self.watch)
+        self.state.scaler_skipped_steps += self.train_step.dropped_updates()
         if agreement.first_bad_step is not None:
             raise self._nonfinite_error(agreement)
         self.watch.positions.clear()

@@ -80,6 +80,38 @@ def build_optimizer(parameters: Iterable[torch.nn.Parameter], schedule: LrSchedu
     )
 
 
+class DroppedUpdates:
+    """Counts the updates fp16's GradScaler dropped after an overflow, without waiting for the device.
+
+    A fused optimizer (Adam(fused=True), built here on CUDA and the CPU) is stepped
+    even on an overflow: GradScaler hands it ``found_inf`` and the kernel drops the
+    update, so Accelerate's ``optimizer_step_was_skipped`` stays False. An unfused
+    one is not stepped at all. Both are counted as steps asked for minus updates
+    made, the latter summed on the device and read at sync points only.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+        self.asked = 0
+        self.made = torch.zeros((), device=device)
+        # The torch optimizer inside Accelerate's wrapper: the one GradScaler steps.
+        getattr(optimizer, "optimizer", optimizer).register_step_pre_hook(self._before_step)
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        found_inf = getattr(optimizer, "found_inf", None)  # set by GradScaler for a fused optimizer only
+        self.made += 1 if found_inf is None else (found_inf == 0).to(self.made)
+
+    def note_step(self) -> None:
+        """Right before each ``optimizer.step()``."""
+        self.asked += 1
+
+    def take(self) -> int:
+        """The updates dropped since the last call (one host read)."""
+        dropped = self.asked - int(self.made.item())
+        self.asked = 0
+        self.made.zero_()
+        return dropped
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

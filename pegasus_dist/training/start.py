@@ -310,10 +310,13 @@ def _prepare(accelerator: Accelerator, cfg: Config, built: Models) -> Models:
     prepared = Models(model, optimizer)
     if built.adversaries is not None:
         prepared.adversaries = accelerator.prepare_model(built.adversaries)
-        # Their optimizer stays unprepared: their loss is never scaled by fp16's
-        # GradScaler, whose one scale per step belongs to the autoencoder's optimizer.
+        # Their optimizer stays unprepared: Accelerate's GradScaler, one scale per
+        # step, belongs to the autoencoder's. Under fp16 they get a scaler of their own.
         prepared.adversary_optimizer = built.adversary_optimizer
         accelerator.register_for_checkpointing(built.adversary_optimizer)
+        if accelerator.scaler is not None:
+            prepared.adversary_scaler = torch.amp.GradScaler(accelerator.device.type)
+            accelerator.register_for_checkpointing(prepared.adversary_scaler)
     return prepared
 
 

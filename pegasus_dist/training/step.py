@@ -23,7 +23,7 @@ from pegasus_dist.model.adversaries import discriminator_loss, generator_loss
 from pegasus_dist.model.loss import kl_weight, vae_loss
 from pegasus_dist.training.faults import NonfiniteWatch, describe_position, nonfinite_ranks
 from pegasus_dist.training.hooks import Hooks
-from pegasus_dist.training.optim import LrSchedule, set_lr
+from pegasus_dist.training.optim import DroppedUpdates, LrSchedule, set_lr
 from pegasus_dist.training.state import TrainState
 from pegasus_dist.training.window import BatchLosses
 
@@ -38,6 +38,9 @@ class Models:
     optimizer: torch.optim.Optimizer
     adversaries: torch.nn.Module | None = None
     adversary_optimizer: torch.optim.Optimizer | None = None
+    # Under fp16, the adversaries' own loss scale: their small gradients would
+    # underflow unscaled, and the autoencoder's scaler steps its optimizer alone.
+    adversary_scaler: torch.amp.GradScaler | None = None
 
 
 @dataclass
@@ -96,6 +99,9 @@ class TrainStep:
         # train.on_nonfinite=skip: the ranks whose loss was NaN/Inf in the optimizer
         # step in progress; the whole step is skipped at its last micro-batch.
         self.skip_ranks: list[int] = []
+        # fp16 only: the updates GradScaler dropped (an overflow), counted on the device.
+        self.dropped = (DroppedUpdates(models.optimizer, accelerator.device)
+                        if accelerator.scaler is not None else None)
 
     def __call__(self, batch: Batch, state: TrainState, plan: EpochPlan) -> tuple[BatchLosses, int]:
         """Train ``batch``, the next micro-batch of ``plan``; its loss terms and images (0: skipped)."""
@@ -190,7 +196,9 @@ class TrainStep:
                                           acai.interpolation_mask(pairs))
             if patches is not None:
                 discriminator = discriminator_loss(*patches.split(x.shape[0]))
-            ((critic + discriminator) * weight).backward()
+            loss = (critic + discriminator) * weight
+            scaler = self.models.adversary_scaler
+            (loss if scaler is None else scaler.scale(loss)).backward()
         return critic, discriminator
 
     def _optimizer_step(self, state: TrainState, plan: EpochPlan) -> None:
@@ -202,15 +210,22 @@ class TrainStep:
         set_lr(m.optimizer, self.schedule.at(state.step))
         if self.cfg.optim.grad_clip:
             self.accelerator.clip_grad_norm_(m.model.parameters(), self.cfg.optim.grad_clip)
+        if self.dropped is not None:
+            self.dropped.note_step()
         m.optimizer.step()
         m.optimizer.zero_grad(set_to_none=True)
         if m.adversary_optimizer is not None:
             set_lr(m.adversary_optimizer, self.schedule.at(state.step))
-            m.adversary_optimizer.step()
+            if m.adversary_scaler is None:
+                m.adversary_optimizer.step()
+            else:
+                m.adversary_scaler.step(m.adversary_optimizer)
+                m.adversary_scaler.update()
             m.adversary_optimizer.zero_grad(set_to_none=True)
-        # A host flag set by fp16's GradScaler (which syncs in its step anyway); False otherwise.
-        if self.accelerator.optimizer_step_was_skipped:
-            state.scaler_skipped_steps += 1
+
+    def dropped_updates(self) -> int:
+        """fp16's updates dropped by the loss scaler since the last call; 0 otherwise (a host read)."""
+        return 0 if self.dropped is None else self.dropped.take()
 
     def _skip_update(self, state: TrainState, plan: EpochPlan) -> None:
         """train.on_nonfinite=skip: drop this step's gradients on every rank alike, and count it."""

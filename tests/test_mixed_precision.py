@@ -1,0 +1,41 @@
+"""fp16's loss scaling: the updates it drops are counted, whatever the optimizer.
+
+fp16 runs on GPUs only; here a CPU GradScaler stands in for the one Accelerate
+makes there, through the same AcceleratedOptimizer and ``accelerator.backward``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from pegasus_dist.training.optim import DroppedUpdates
+
+OVERFLOWS = (1, 3)  # the steps whose gradients are infinite
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused Adam", "unfused Adam"])
+def test_every_update_dropped_by_the_loss_scaler_is_counted(fused):
+    accelerator = Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    model, optimizer = accelerator.prepare(model, torch.optim.Adam(model.parameters(), lr=0.1, fused=fused))
+    dropped = DroppedUpdates(optimizer, accelerator.device)
+    unchanged, skipped_flags = [], []
+    for step in range(5):
+        loss = model(torch.randn(3, 4)).sum()
+        accelerator.backward(loss * float("inf") if step in OVERFLOWS else loss)
+        before = model.weight.detach().clone()
+        dropped.note_step()
+        optimizer.step()
+        optimizer.zero_grad()
+        unchanged.append(torch.equal(before, model.weight))
+        skipped_flags.append(accelerator.optimizer_step_was_skipped)
+    assert unchanged == [step in OVERFLOWS for step in range(5)]  # the overflows were really dropped
+    assert dropped.take() == len(OVERFLOWS)
+    assert dropped.take() == 0  # counted once
+    assert accelerator.scaler.get_scale() == 2.0**10 / 4  # halved by each overflow
+    # What the trainer used to read: Accelerate's flag never sees a fused optimizer's drop.
+    assert skipped_flags == ([False] * 5 if fused else [step in OVERFLOWS for step in range(5)])
