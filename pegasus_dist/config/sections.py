@@ -210,7 +210,12 @@ class TrainConfig(Section):
     # the ranks check for NaN/Inf losses: steps in between never wait for the
     # device. (Stop signals are agreed on every step, without waiting.)
     log_every: int = Field(10, ge=1)
-    checkpoint_every: int = Field(0, ge=0)  # steps between checkpoints; 0: once per epoch
+    # Checkpoints: every checkpoint_every steps (0: none by steps) and at the first
+    # sync point checkpoint_minutes after the last one (0: none by time, e.g. for
+    # runs that must save at the same steps however fast they go); always at the
+    # phase's end and on a stop signal. Minutes are timed by the main process alone.
+    checkpoint_every: int = Field(0, ge=0)
+    checkpoint_minutes: float = Field(10.0, ge=0)
     keep_checkpoints: int = Field(3, ge=1)
     # A NaN/Inf loss on any rank. stop: at the next sync point, before any checkpoint,
     # naming the first bad step and the last good checkpoint. skip: that step's update

@@ -164,6 +164,7 @@ class Agreement:
     """What every rank learns at a sync point, the same on every rank."""
 
     stop: bool  # some rank received a stop signal
+    save: bool  # the main process's clock says a checkpoint is due (train.checkpoint_minutes)
     first_bad_step: int | None  # the earliest step with a NaN/Inf loss on any rank
     bad_ranks: list[int]  # the ranks whose loss was NaN/Inf at that step
 
@@ -173,16 +174,21 @@ def describe_position(step: int, epoch: int, batch: int, ranks: list[int]) -> st
     return f"step {step} (epoch {epoch}, batch {batch}) on rank(s) {ranks}"
 
 
-def agree(accelerator: Accelerator, stop_requested: bool, watch: NonfiniteWatch) -> Agreement:
-    """One gather over the ranks and one host read: call it at sync points only."""
+def agree(accelerator: Accelerator, stop_requested: bool, watch: NonfiniteWatch,
+          save_due: bool = False) -> Agreement:
+    """One gather over the ranks and one host read: call it at sync points only.
+
+    ``save_due`` counts on the main process only: one clock decides for every rank.
+    """
     first_bad = watch.first_bad
-    local = torch.stack([first_bad.new_full((), int(stop_requested)), first_bad])
-    rows = accelerator.gather(local[None]).view(-1, 2).cpu()  # one row per rank
-    stop, firsts = bool(rows[:, 0].any()), rows[:, 1]
+    local = torch.stack([first_bad.new_full((), int(stop_requested)), first_bad,
+                         first_bad.new_full((), int(save_due))])
+    rows = accelerator.gather(local[None]).view(-1, 3).cpu()  # one row per rank
+    stop, firsts, save = bool(rows[:, 0].any()), rows[:, 1], bool(rows[0, 2])
     if bool((firsts == NO_STEP).all()):
-        return Agreement(stop, None, [])
+        return Agreement(stop, save, None, [])
     first = int(firsts[firsts != NO_STEP].min())
-    return Agreement(stop, first, torch.nonzero(firsts == first).flatten().tolist())
+    return Agreement(stop, save, first, torch.nonzero(firsts == first).flatten().tolist())
 
 
 def nonfinite_ranks(accelerator: Accelerator, loss: torch.Tensor) -> list[int]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from pathlib import Path
 from typing import NoReturn
 
@@ -89,6 +90,7 @@ class Trainer:
         self.plan = EpochPlan([], whole=0)  # of the epoch in progress
         self.window = Window(self.accelerator.device)  # the loss sums since the last log
         self.last_step = self.cfg.train.max_steps  # 0: none
+        self.last_save = time.monotonic()  # train.checkpoint_minutes counts from here (main process)
         self.hooks.started(self)
 
     def run_epochs(self, until_step: int | None = None) -> None:
@@ -129,7 +131,7 @@ class Trainer:
                 if ends_step and self._after_step():
                     break
         if self.plan.finished:
-            self._sync_point(log_metrics=False, checkpoint=not cfg.train.checkpoint_every)
+            self._sync_point(log_metrics=False, checkpoint=False)
         elif not self._reached_last_step():  # a bug, never a loop: the loader fell short of its plan
             raise RuntimeError(f"the loader ended epoch {state.epoch + 1} after {self.plan.done} of "
                                f"its {len(self.plan.sizes)} planned batches")
@@ -153,29 +155,32 @@ class Trainer:
 
         Every train.log_every steps, at checkpoints, epoch ends, the run's end, and a stop signal.
         """
-        stop = self._agree()
+        agreement = self._agree()
         # Before the window resets:
         diverged = self.guard.check(self.accelerator, self.window, self.state.step)
         if log_metrics:
             self._log_window()
         if diverged:  # in the warm-up; before any checkpoint, after logging what diverged
             raise diverged
-        if stop:
+        if agreement.stop:
             self._stop_for_requeue()
-        elif checkpoint:
+        elif checkpoint or agreement.save:
             self._save()
 
-    def _agree(self) -> bool:
-        """Whether any rank asked to stop; raises if a loss was NaN/Inf since the last sync point.
+    def _agree(self) -> Agreement:
+        """Whether any rank asked to stop and a timed checkpoint is due; raises if a loss was
+        NaN/Inf since the last sync point.
 
         Called before every checkpoint, so that weights updated after a NaN/Inf are never saved.
         """
-        agreement = agree(self.accelerator, self.signals.received is not None, self.watch)
+        minutes = self.cfg.train.checkpoint_minutes
+        save_due = bool(minutes) and time.monotonic() - self.last_save >= 60 * minutes
+        agreement = agree(self.accelerator, self.signals.received is not None, self.watch, save_due)
         self.state.scaler_skipped_steps += self.train_step.dropped_updates()
         if agreement.first_bad_step is not None:
             raise self._nonfinite_error(agreement)
         self.watch.positions.clear()
-        return agreement.stop
+        return agreement
 
     def _nonfinite_error(self, agreement: Agreement) -> TrainingError:
         step = agreement.first_bad_step
@@ -205,9 +210,11 @@ class Trainer:
 
     def _save(self) -> Path:
         """Every rank checkpoints; call it right after :meth:`_agree`, so that the weights are good."""
-        return save_checkpoint(self.accelerator, self.state, self.cfg.to_yaml(),
-                               root=self.cfg.run_dir / "checkpoints", keep=self.cfg.train.keep_checkpoints,
-                               before_counters=self.hooks.saving)
+        folder = save_checkpoint(self.accelerator, self.state, self.cfg.to_yaml(),
+                                 root=self.cfg.run_dir / "checkpoints", keep=self.cfg.train.keep_checkpoints,
+                                 before_counters=self.hooks.saving)
+        self.last_save = time.monotonic()
+        return folder
 
     def _stop_for_requeue(self) -> NoReturn:
         """Checkpoint on every rank, then leave with the code the SLURM scripts requeue on."""

@@ -1,0 +1,59 @@
+"""When checkpoints are written: by steps, by the main process's clock, at the end; never twice.
+
+Issue 22 item 5: a checkpoint every epoch made about 300 checkpoints (each
+with a barrier and pruning) of a finetune on 8 GPUs, whose epochs are 15 steps.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from helpers import TINY_ARGS, Trained
+from processes import BIN, REPO, free_port, run_bounded
+
+from pegasus_dist.model.saved import list_checkpoints
+
+pytestmark = pytest.mark.process
+FINETUNE = str(REPO / "configs/smoke/finetune.yaml")
+STEPS = 40
+MINUTES = 0.02  # 1.2 s between timed checkpoints
+
+
+def finetune_on_four_ranks(pretrain: Trained, smoke_shards, runs, *extra: str) -> str:
+    """A finetune of the tiny model on 4 gloo processes; horse_bird is 211 images, 4 steps an epoch."""
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "launch/cpu-2proc-gloo.yaml"),
+           "--num_processes", "4", "--main_process_port", str(free_port()),
+           str(REPO / "pegasus_dist/train.py"), "--config", FINETUNE, f"data.shards={smoke_shards}",
+           f"run.output_dir={runs}", f"train.init_from={pretrain.pretrain}", f"train.max_steps={STEPS}",
+           "data.batch_size=16", "train.log_every=1", "train.keep_checkpoints=100", "wandb.mode=disabled",
+           *TINY_ARGS, *extra]
+    # Every micro-batch 40 ms slower: 40 steps take at least 1.6 s, however fast the machine.
+    done = run_bounded(cmd, timeout=240, env={**os.environ, "PEGASUS_FAULT": "slow:ms=40"})
+    assert done.returncode == 0, done.stdout[-4000:]
+    return done.stdout
+
+
+def test_four_ranks_checkpoint_by_the_main_process_clock_and_save_the_end_once(
+        checkpointed_run, smoke_shards, tmp_path):
+    out = finetune_on_four_ranks(checkpointed_run, smoke_shards, tmp_path,
+                                 f"train.checkpoint_minutes={MINUTES}")
+    assert "world_size=4" in out, out[-3000:]
+    folders = list_checkpoints(tmp_path / "finetune" / "checkpoints")
+    steps = [int(folder.name.removeprefix("step_")) for folder in folders]
+    assert steps[-1] == STEPS and len(steps) >= 2, steps  # at least one timed checkpoint before the end
+    written = [(folder / "SHA256SUMS").stat().st_mtime for folder in folders]
+    # A timed checkpoint comes train.checkpoint_minutes after the one before it; the last is the end's.
+    gaps = [later - earlier for earlier, later in zip(written[:-1], written[1:-1], strict=False)]
+    assert all(gap >= 60 * MINUTES for gap in gaps), gaps
+    assert out.count("finetune done at step 40") == 1, out[-3000:]
+
+
+def test_no_checkpoint_at_epoch_ends_and_a_last_step_already_saved_is_not_saved_again(
+        checkpointed_run, smoke_shards, tmp_path):
+    """By steps only: none at the 10 epoch ends (every 4 steps). Step 40 is saved by the cadence, so the end
+    saves nothing more, and every rank agrees on that (an extra barrier would hang)."""
+    finetune_on_four_ranks(checkpointed_run, smoke_shards, tmp_path, "train.checkpoint_minutes=0",
+                           "train.checkpoint_every=10")
+    folders = list_checkpoints(tmp_path / "finetune" / "checkpoints")
+    assert [int(folder.name.removeprefix("step_")) for folder in folders] == [10, 20, 30, 40]
