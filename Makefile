@@ -1,6 +1,6 @@
 # The commands of the README:
 #   make demo    # prepare synthetic shards, pretrain, finetune, write the Pegasus grid (CPU, offline)
-#   make check   # the fast tier: ruff, the import layers, the tests that start no process (2 minutes)
+#   make check   # the fast tier: ruff, the import layers, shellcheck, the tests that start no process (2 minutes)
 #   make test    # everything, SLURM included (CI runs exactly this through .ci/run; 10 minutes)
 # Each creates the virtual environment first when it is missing or stale.
 # The tiers are pytest marks (pyproject.toml, tests/conftest.py): `process` and
@@ -27,6 +27,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports --no-cache
+	$(VENV)/bin/shellcheck slurm/*.sh bench/*.sh .ci/run
 
 check: lint
 	$(VENV)/bin/pytest -m "$(FAST_TIER)" --durations=10

@@ -21,6 +21,7 @@
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=16
+#SBATCH --mem=0
 #SBATCH --time=24:00:00
 #SBATCH --output=slurm/logs/%x-%j.out
 #SBATCH --open-mode=append

@@ -37,6 +37,8 @@
 #   PEGASUS_PROCS_PER_NODE  training processes per machine  [GPUs of the node: SLURM_GPUS_ON_NODE,
 #                                                            else nvidia-smi -L; 1 without GPUs]
 #   PEGASUS_PORT          rendezvous port                   [20000 + job id % 20000]
+#   PEGASUS_SOCKET_IFNAME network interface of gloo and NCCL (GLOO_SOCKET_IFNAME,
+#                         NCCL_SOCKET_IFNAME)               [the one holding the main host's address]
 #   PEGASUS_TRAIN_SCRIPT  script that accelerate launches   [pegasus_dist/train.py]
 #                         (a stand-in, to try the SLURM plumbing alone)
 # Partition, account, nodes, GPUs, CPUs and time are sbatch's own options
@@ -44,9 +46,10 @@
 #
 # Preemption: the job scripts ask SLURM for SIGUSR1 two minutes before the time
 # limit (--signal=B:USR1@120, B: = to this batch shell only). The trap below
-# forwards it, and SIGTERM, to the training processes of this job on every node;
-# they finish their step, checkpoint and exit; this script then requeues the job
-# (--requeue), and the requeued job resumes from that checkpoint by itself.
+# forwards it, and SIGTERM, to the training processes of this job on this node;
+# every rank stops at the same step (the ranks agree on stop signals every
+# step), checkpoints and exits; this script then requeues the job (--requeue),
+# and the requeued job resumes from that checkpoint by itself.
 # It deliberately does not signal the srun step as a whole: its tasks are the
 # `accelerate launch` launchers, which die of SIGUSR1 (no handler) and would
 # take the trainers down before they checkpoint.
@@ -119,6 +122,22 @@ if [ "$total" -gt 1 ]; then
 elif [ "$gpus" = 0 ]; then
     launch_args+=(--cpu)  # one CPU process: the only case where --cpu is the right flag
 fi
+# One network interface for gloo (the stop-signal group, and the CPU backend)
+# and NCCL: the one that holds the main host's address here, on the main host.
+# Left to guess, gloo takes the hostname's address, 127.0.1.1 on many systems,
+# and a group spanning nodes hangs until its timeout.
+iface=${PEGASUS_SOCKET_IFNAME:-}
+if [ -z "$iface" ] && command -v ip >/dev/null; then
+    main_ip=$(getent ahostsv4 "$main_host" | awk 'NR == 1 {print $1}')
+    iface=$(ip -o -4 addr show to "${main_ip:-0.0.0.0}" | awk 'NR == 1 {print $2}')
+fi
+if [ "${SLURM_JOB_NUM_NODES:-1}" -gt 1 ] && [[ -z $iface || $iface == lo ]]; then
+    die "cannot tell which network interface reaches $main_host from the other nodes (found '${iface:-none}'):" \
+        "set PEGASUS_SOCKET_IFNAME to the cluster network's interface (see 'ip -br addr')"
+fi
+if [ -n "$iface" ]; then
+    export GLOO_SOCKET_IFNAME=$iface NCCL_SOCKET_IFNAME=$iface
+fi
 # torchrun would set OMP_NUM_THREADS=1; give each process its share of the task's CPUs.
 if [ -z "${OMP_NUM_THREADS:-}" ]; then
     threads=$(( ${SLURM_CPUS_PER_TASK:-1} / procs_per_machine ))
@@ -126,37 +145,37 @@ if [ -z "${OMP_NUM_THREADS:-}" ]; then
 fi
 
 echo "job $SLURM_JOB_ID: $phase on ${SLURM_JOB_NUM_NODES:-1} node(s), $machines machine(s) x" \
-     "$procs_per_machine process(es), main host $main_host:$port, config $config"
+     "$procs_per_machine process(es), main host $main_host:$port, network interface ${iface:-unset}," \
+     "config $config"
 echo "job $SLURM_JOB_ID: accelerate launch ${launch_args[*]} --machine_rank \$SLURM_PROCID" \
      "$train_script --config $config ${overrides[*]}"
 
 requeue=0
-# shellcheck disable=SC2317  # reached through the traps
+# shellcheck disable=SC2317,SC2329  # reached through the traps
 forward_stop() {
     echo "job $SLURM_JOB_ID: $1: asking the trainers to checkpoint and exit"
-    # One helper task per node (--overlap: it shares the job's resources with the
-    # training step). It signals the processes that run $train_script with this
-    # job's SLURM_JOB_ID: the trainers (argv: python [-u] SCRIPT ...), not the
-    # launchers (argv: python .../accelerate launch ... SCRIPT), nor another job's.
-    local nodes=${SLURM_JOB_NUM_NODES:-1}
-    # shellcheck disable=SC2016  # expanded by the helper's shell
-    srun --overlap --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --cpus-per-task=1 bash -c '
-        for dir in /proc/[0-9]*; do
-            grep -qzx "SLURM_JOB_ID=$SLURM_JOB_ID" "$dir/environ" 2>/dev/null || continue
-            mapfile -d "" -t argv 2>/dev/null < "$dir/cmdline" || continue
-            [ "${argv[1]:-}" = -u ] && argv=("${argv[0]}" "${argv[@]:2}")
-            if [[ ${argv[0]:-} == *python* && ${argv[1]:-} == "$1" ]]; then
-                echo "job $SLURM_JOB_ID: SIGUSR1 -> trainer pid ${dir#/proc/} on $(hostname -s)"
-                kill -USR1 "${dir#/proc/}" 2>/dev/null || true
-            fi
-        done' bash "$train_script" || true
+    # The trainers of this node only, from this shell: no helper step that could
+    # wait for the GPUs or memory the training step holds. The other nodes learn
+    # it within a step: the ranks agree on stop signals every step (StopPoll).
+    # A trainer is a process of this job that runs $train_script (argv: python
+    # [-u] SCRIPT ...), not a launcher (python .../accelerate launch ... SCRIPT).
+    local dir argv
+    for dir in /proc/[0-9]*; do
+        grep -qzx "SLURM_JOB_ID=$SLURM_JOB_ID" "$dir/environ" 2>/dev/null || continue
+        mapfile -d "" -t argv 2>/dev/null < "$dir/cmdline" || continue
+        [ "${argv[1]:-}" = -u ] && argv=("${argv[0]}" "${argv[@]:2}")
+        if [[ ${argv[0]:-} == *python* && ${argv[1]:-} == "$train_script" ]]; then
+            echo "job $SLURM_JOB_ID: SIGUSR1 -> trainer pid ${dir#/proc/} on $(hostname -s)"
+            kill -USR1 "${dir#/proc/}" 2>/dev/null || true
+        fi
+    done
 }
 # SIGUSR1 is the time-limit warning (or `scancel --signal=USR1 --batch JOB`):
 # checkpoint and requeue. SIGTERM is SLURM ending the job (scancel, time limit,
 # preemption, which requeues by itself): checkpoint, and let SLURM decide.
-# shellcheck disable=SC2317
+# shellcheck disable=SC2317,SC2329
 on_usr1() { requeue=1; forward_stop SIGUSR1; }
-# shellcheck disable=SC2317
+# shellcheck disable=SC2317,SC2329
 on_term() { forward_stop SIGTERM; }
 trap on_usr1 USR1
 trap on_term TERM

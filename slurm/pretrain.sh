@@ -14,13 +14,18 @@
 #
 # One task per node; it starts one training process per GPU of the node.
 # 16 CPUs per task: the data.num_workers=2 loader workers of each of 8 GPU
-# processes (one node). SIGUSR1 120 s before the time limit to the batch shell:
+# processes (one node). --mem=0: all of each node's memory, asked for explicitly
+# (a site default can be a few GB a CPU; with data.mode=memory each process
+# holds its decoded shard set in host memory while it loads, the size the
+# start-up line prints); on a shared CPU node ask for a share (sbatch --mem=16G).
+# SIGUSR1 120 s before the time limit to the batch shell:
 # the trainers checkpoint and the job requeues itself (see slurm/job.sh).
 #SBATCH --job-name=pegasus-pretrain
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=16
+#SBATCH --mem=0
 #SBATCH --time=24:00:00
 #SBATCH --output=slurm/logs/%x-%j.out
 #SBATCH --open-mode=append

@@ -147,6 +147,21 @@ def test_pipeline_refuses_one_config_for_both_phases(tmp_path):
     assert out.returncode == 2 and "PEGASUS_PRETRAIN_CONFIG" in out.stdout, out.stdout
 
 
+def test_several_nodes_with_a_loopback_main_host_stop_at_once_asking_for_the_interface():
+    """gloo would bind every node to 127.0.0.1 and hang until its timeout: job.sh stops first.
+
+    job.sh as SLURM would run it for a 2-node job, up to the point where it would start srun.
+    """
+    env = {"PATH": os.environ["PATH"], "SLURM_JOB_ID": "7", "SLURM_SUBMIT_DIR": str(REPO),
+           "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost",
+           "PEGASUS_VENV": sys.prefix, "PEGASUS_CONFIG": "configs/smoke/pretrain.yaml"}
+    done = run_bounded(["bash", "slurm/job.sh", "pretrain"], timeout=60, env=env)
+    assert done.returncode == 1, done.stdout
+    assert done.stdout.strip() == (
+        "job.sh: cannot tell which network interface reaches localhost from the other nodes (found "
+        "'lo'): set PEGASUS_SOCKET_IFNAME to the cluster network's interface (see 'ip -br addr')")
+
+
 def test_two_tasks_rendezvous_as_two_machines(cluster, smoke_shards, tmp_path):
     env = job_env(tmp_path, smoke_shards)
     del env["PEGASUS_PRETRAIN_CONFIG"]
@@ -160,6 +175,8 @@ def test_two_tasks_rendezvous_as_two_machines(cluster, smoke_shards, tmp_path):
     assert "2 machine(s) x 1 process(es)" in text, text[-6000:]
     assert "--num_machines 2 --num_processes 2" in text and "--multi_gpu" in text, text[-6000:]
     assert "world_size=2" in text and "backend=gloo" in text, text[-6000:]
+    iface = re.search(r"network interface (\S+),", text)  # exported as GLOO_/NCCL_SOCKET_IFNAME
+    assert iface and Path("/sys/class/net", iface.group(1)).exists(), text[-6000:]
     assert (tmp_path / "runs" / "pretrain" / "checkpoints" / "step_00000003").is_dir(), text[-6000:]
 
 
