@@ -12,9 +12,11 @@ import pytest
 from helpers import TINY_ARGS, Trained
 from processes import BIN, REPO, free_port, run_bounded
 
+from pegasus_dist.config import load_config
 from pegasus_dist.model.saved import list_checkpoints
+from pegasus_dist.training.loop import train
+from pegasus_dist.training.state import read_state
 
-pytestmark = pytest.mark.process
 FINETUNE = str(REPO / "configs/smoke/finetune.yaml")
 STEPS = 40
 MINUTES = 0.02  # 1.2 s between timed checkpoints
@@ -34,6 +36,7 @@ def finetune_on_four_ranks(pretrain: Trained, smoke_shards, runs, *extra: str) -
     return done.stdout
 
 
+@pytest.mark.process
 def test_four_ranks_checkpoint_by_the_main_process_clock_and_save_the_end_once(
         checkpointed_run, smoke_shards, tmp_path):
     out = finetune_on_four_ranks(checkpointed_run, smoke_shards, tmp_path,
@@ -49,11 +52,11 @@ def test_four_ranks_checkpoint_by_the_main_process_clock_and_save_the_end_once(
     assert out.count("finetune done at step 40") == 1, out[-3000:]
 
 
-def test_no_checkpoint_at_epoch_ends_and_a_last_step_already_saved_is_not_saved_again(
-        checkpointed_run, smoke_shards, tmp_path):
-    """By steps only: none at the 10 epoch ends (every 4 steps). Step 40 is saved by the cadence, so the end
-    saves nothing more, and every rank agrees on that (an extra barrier would hang)."""
-    finetune_on_four_ranks(checkpointed_run, smoke_shards, tmp_path, "train.checkpoint_minutes=0",
-                           "train.checkpoint_every=10")
-    folders = list_checkpoints(tmp_path / "finetune" / "checkpoints")
-    assert [int(folder.name.removeprefix("step_")) for folder in folders] == [10, 20, 30, 40]
+@pytest.mark.slow
+def test_by_default_no_checkpoint_at_epoch_ends_only_the_end(checkpointed_run, smoke_shards, tmp_path):
+    """The defaults (every 10 minutes, none by steps): 12 steps in 3 epochs of 4 write one checkpoint."""
+    train(load_config(FINETUNE, [f"data.shards={smoke_shards}", f"run.output_dir={tmp_path}",
+                                 f"train.init_from={checkpointed_run.pretrain}", "train.max_steps=12",
+                                 "data.batch_size=64", "wandb.mode=disabled", *TINY_ARGS]))
+    assert read_state(tmp_path / "finetune" / "checkpoints" / "step_00000012").epoch == 3
+    assert [f.name for f in list_checkpoints(tmp_path / "finetune" / "checkpoints")] == ["step_00000012"]

@@ -1,0 +1,80 @@
+"""Two machines that see the run folder differently: a shared filesystem whose view is stale.
+
+Issue 22 item 1. On NFS a rank on another node can see, for a while, a folder
+that is gone or miss one just written. Every decision that steers the ranks
+(which checkpoint to resume, whether a save happens, whether the run is done)
+is the main process's, shared with the others, so no view can split them
+between a barrier and none. Here rank 1 runs as machine 1 in a mount namespace
+of its own (``unshare -m``), where the run's checkpoint folder is a stale copy.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers import SMOKE, Trained
+from processes import BIN, REPO, free_port
+
+from pegasus_dist.model.saved import list_checkpoints
+from pegasus_dist.training.state import read_state
+
+pytestmark = pytest.mark.process
+BOUND_S = 150  # the collectives time out after 30 s: a run that takes longer hung
+
+
+def two_machines(run: Trained, stale: Path, steps: int) -> list[str]:
+    """Machine 0 sees the real checkpoints; machine 1 sees ``stale`` in their place. Their outputs."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("a mount namespace per rank needs root and unshare (CI runs as root)")
+    real, port = run.pretrain / "checkpoints", free_port()
+    procs = []
+    for rank in (0, 1):
+        cmd = [str(BIN / "accelerate"), "launch",
+               "--config_file", str(REPO / "launch/multinode-template.yaml"),
+               "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
+               "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--multi_gpu",
+               str(REPO / "pegasus_dist/train.py"), "--config", SMOKE, *run.overrides,
+               f"train.max_steps={steps}", "train.collective_timeout_s=30"]
+        if rank == 1:
+            cmd = ["unshare", "-m", "sh", "-c", 'mount --bind "$1" "$2" && shift 2 && exec "$@"', "sh",
+                   str(stale), str(real), *cmd]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, start_new_session=True))
+    try:
+        outputs = [proc.communicate(timeout=BOUND_S)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+    assert all(proc.returncode is not None for proc in procs)
+    return [f"exit {proc.returncode}\n{out}" for proc, out in zip(procs, outputs, strict=True)]
+
+
+def test_a_rank_that_sees_the_final_step_already_saved_follows_the_main_process(checkpointed_run,
+                                                                                 tmp_path):
+    """Rank 1's stale view holds a step_9 (of a run since deleted): it must not skip the save's barrier."""
+    stale = tmp_path / "stale"
+    shutil.copytree(checkpointed_run.pretrain / "checkpoints", stale)
+    shutil.copytree(stale / "step_00000006", stale / "step_00000009")
+    main, other = two_machines(checkpointed_run, stale, steps=9)
+    assert main.startswith("exit 0") and other.startswith("exit 0"), main[-3000:] + other[-3000:]
+    folders = list_checkpoints(checkpointed_run.pretrain / "checkpoints")
+    assert [f.name for f in folders] == ["step_00000003", "step_00000006", "step_00000009"]
+    assert read_state(folders[-1]).step == 9  # written by this run, not rank 1's stale one
+    assert f"resumed from {folders[1]}" in main
+
+
+def test_a_rank_that_misses_the_newest_checkpoint_ends_the_run_with_one_line(checkpointed_run, tmp_path):
+    """Rank 1 does not see step_6 yet: it cannot load the main process's choice; all end, none hangs."""
+    stale = tmp_path / "stale"
+    shutil.copytree(checkpointed_run.pretrain / "checkpoints", stale)
+    shutil.rmtree(stale / "step_00000006")
+    main, other = two_machines(checkpointed_run, stale, steps=9)
+    assert not main.startswith("exit 0") and not other.startswith("exit 0"), main[-3000:] + other[-3000:]
+    errors = [line for line in (main + other).splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, main[-3000:] + other[-3000:]
+    assert "rank 1" in errors[0] and "step_00000006" in errors[0], errors[0]
