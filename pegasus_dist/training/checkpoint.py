@@ -205,7 +205,7 @@ def save_checkpoint(accelerator: Accelerator, state: TrainState, config_yaml: st
     on every rank. ``before_counters`` (``Hooks.during_save``) runs before ``state.json``.
     """
     final = root / checkpoint_name(state.step)
-    # Already saved at this step (e.g. epoch end == checkpoint_every)? The main process
+    # Already saved at this step (the cadence saved the last step)? The main process
     # decides for every rank: a rank that read another answer from a shared filesystem
     # would skip the broadcast below, and the ranks' collectives would go out of step.
     already = [final.exists() if accelerator.is_main_process else None]
