@@ -170,6 +170,11 @@ def _check_and_build(cfg: Config, accelerator: Accelerator, schedule: LrSchedule
     """
     state = TrainState(phase=cfg.train.phase, wandb_run_id=new_run_id())
     if resume_from is not None:
+        if not accelerator.is_main_process and not resume_from.is_dir():
+            raise CheckpointError(f"{resume_from}, chosen by the main process, is not there on this node: "
+                                  f"run.output_dir ({cfg.run.output_dir}) must be one folder that every "
+                                  "node mounts; a shared filesystem that lags (NFS) shows it seconds "
+                                  "later: run the same command again")
         state = read_state(resume_from)
         _check_phase(state, cfg, resume_from)
         if is_complete(state, cfg) and finished:
