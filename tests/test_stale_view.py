@@ -13,11 +13,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from helpers import SMOKE, Trained
-from processes import BIN, REPO, free_port
+from processes import REPO, free_port
 
 from pegasus_dist.model.saved import list_checkpoints
 from pegasus_dist.training.state import read_state
@@ -33,17 +34,16 @@ def two_machines(run: Trained, stale: Path, steps: int) -> list[str]:
     real, port = run.pretrain / "checkpoints", free_port()
     procs = []
     for rank in (0, 1):
-        cmd = [str(BIN / "accelerate"), "launch",
-               "--config_file", str(REPO / "launch/multinode-template.yaml"),
-               "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
-               "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--multi_gpu",
-               str(REPO / "pegasus_dist/train.py"), "--config", SMOKE, *run.overrides,
+        # What torchrun gives each rank of a 2-machine job, 1 process each (no launcher: less to import).
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+               "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        cmd = [sys.executable, str(REPO / "pegasus_dist/train.py"), "--config", SMOKE, *run.overrides,
                f"train.max_steps={steps}", "train.collective_timeout_s=30"]
         if rank == 1:
             cmd = ["unshare", "-m", "sh", "-c", 'mount --bind "$1" "$2" && shift 2 && exec "$@"', "sh",
                    str(stale), str(real), *cmd]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, start_new_session=True))
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, start_new_session=True))
     try:
         outputs = [proc.communicate(timeout=BOUND_S)[0] for proc in procs]
     finally:
