@@ -101,13 +101,11 @@ def crossfade(rows: list[dict], images: dict[str, torch.Tensor]) -> torch.Tensor
     return torch.stack(tiles).mul(255).add(0.5).clamp(0, 255).floor().div(255)
 
 
-def score_samples(samples: str | Path, classifier: Classifier, held_out: str | Path,
-                  pairs_from: str | Path | None = None) -> dict:
+def score_samples(samples: str | Path, classifier: Classifier, held_out: str | Path) -> dict:
     """Score every grid in the folder ``samples`` and write ``samples/quality.json``.
 
-    ``held_out``: the shard set of the real horses and birds (``eval``);
-    ``pairs_from``: where the crossfade's images are read, by default the
-    ``shard_set`` the grid's JSON names (the sampler's).
+    ``held_out``: the shard set of the real horses and birds (``eval``); the crossfade's
+    images are read from the ``shard_set`` the grid's JSON names (the sampler's).
     """
     samples = Path(samples)
     real = real_features(classifier, held_out)
@@ -118,7 +116,7 @@ def score_samples(samples: str | Path, classifier: Classifier, held_out: str | P
         if (samples / f"{name}.png").is_file() and (samples / f"{name}.json").is_file():
             rows = json.loads((samples / f"{name}.json").read_text())
             tiles, _ = read_grid(samples / f"{name}.png", size, padding)
-            baseline = crossfade(rows["rows"], _pair_images(rows, pairs_from, size))
+            baseline = crossfade(rows["rows"], _pair_images(rows, size))
             grids[name] = {**tile_scores(classifier, tiles, real),
                            "crossfade": tile_scores(classifier, baseline, real)}
     if (samples / "reconstructions.png").is_file():
@@ -145,8 +143,8 @@ def _layout(samples: Path) -> dict:
     return {}
 
 
-def _pair_images(layout: dict, pairs_from: str | Path | None, size: int) -> dict[str, torch.Tensor]:
-    shard_set = Path(pairs_from or layout.get("shard_set", ""))
+def _pair_images(layout: dict, size: int) -> dict[str, torch.Tensor]:
+    shard_set = Path(layout.get("shard_set", ""))
     keys = {row[side] for row in layout["rows"] for side in ("horse", "bird")}
     found = load_images(ShardSet(shard_set, size), keys)
     missing = sorted(keys - set(found))

@@ -90,12 +90,8 @@ def pick_horses_and_birds(
         else:
             picks = rng.choice(len(available), size=count, replace=False)
             chosen[label] = [available[i] for i in picks]
-    wanted = set(chosen["horse"]) | set(chosen["bird"])
-    images = load_images(shard_set, wanted)
-    horses, birds = (
-        LabelledImages(keys, torch.stack([images[k] for k in keys]))
-        for keys in (chosen["horse"], chosen["bird"])
-    )
+    images = load_images(shard_set, {*chosen["horse"], *chosen["bird"]})
+    horses, birds = (LabelledImages(keys, torch.stack([images[k] for k in keys])) for keys in chosen.values())
     return horses, birds
 
 
@@ -135,10 +131,8 @@ def pegasus_grid(
     q1, q2, t = mu_h[:, None, :], mu_b[partners][:, None, :], mus[None, :, None]
     z = slerp(q1, q2, t) if method == "slerp" else torch.lerp(q1, q2, t)
     images = model.decode(z.flatten(0, 1))
-    rows = [
-        {"row": i, "horse": horses.keys[i], "bird": birds.keys[j], "mu": mus.tolist()}
-        for i, j in enumerate(partners.tolist())
-    ]
+    rows = [{"row": i, "horse": horses.keys[i], "bird": birds.keys[j], "mu": mus.tolist()}
+            for i, j in enumerate(partners.tolist())]
     return images.float().cpu(), rows
 
 
@@ -155,11 +149,10 @@ def reconstruction_grid(model: VAE, horses: LabelledImages, birds: LabelledImage
 
 
 @torch.no_grad()
-def prior_grid(model: VAE, count: int, seed: int) -> torch.Tensor:
-    device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
-    z = torch.randn(count, model.latent_dim, generator=generator).to(device)
-    return model.decode(z).float().cpu()
+def prior_grid(model: VAE, seed: int) -> tuple[torch.Tensor, int]:
+    """PRIOR_SAMPLES decodes of z ~ N(0, I), and the grid's tiles per row."""
+    z = torch.randn(PRIOR_SAMPLES, model.latent_dim, generator=torch.Generator().manual_seed(seed))
+    return model.decode(z.to(next(model.parameters()).device)).float().cpu(), 8
 
 
 @torch.no_grad()
@@ -249,7 +242,7 @@ def _method_grids(
 ) -> tuple[dict[str, tuple[torch.Tensor, int]], dict]:
     """{name: (images, per row)} and the JSON layout for one sampling method."""
     if method == "prior":
-        return {"prior": (prior_grid(model, PRIOR_SAMPLES, cfg.seed), 8)}, {}
+        return {"prior": prior_grid(model, cfg.seed)}, {}
     horses, birds = pick_horses_and_birds(cfg, shards_root, model.image_size, model, classifier)
     shard_set = str(Path(shards_root) / cfg.shard_set)
     if method == "analogy":
@@ -266,7 +259,7 @@ def _method_grids(
     return {
         "pegasus": (images, cfg.num_mu),
         "reconstructions": (reconstruction_grid(model, horses, birds), len(horses.keys)),
-        "prior": (prior_grid(model, PRIOR_SAMPLES, cfg.seed), 8),
+        "prior": prior_grid(model, cfg.seed),
     }, layout
 
 
