@@ -76,7 +76,11 @@ def prepare(cfg: PrepareConfig, command: str = "") -> dict[str, Path]:
         shards = {name: [next(entries) for _ in set_tasks] for name, set_tasks in tasks.items()}
         provenance["generation"] = generation_id(provenance, shards)
         for name, indices in sets.items():
-            _write_set_manifest(generation / name, name, indices, metas, shards[name], cfg, provenance)
+            # write_manifest sorts every key: the counts need no order of their own.
+            counts = {field: Counter(str(metas[i][field] or "unlabeled") for i in indices)
+                      for field in ("source", "label", "split")}
+            write_manifest(generation / name, name, cfg.image_size, shards[name], counts, provenance)
+            log.info("%s: %d samples in %d shards", name, len(indices), len(shards[name]))
         _publish(out, generation, list(sets))
     seconds = time.perf_counter() - started
     log.info("prepared %d images in %.1fs (%.0f images/s): %s -> %s (generation %s)", len(metas),
@@ -191,16 +195,6 @@ def _write_one(task: ShardTask) -> ShardEntry:
     write_shard(task.path, ((metas[i]["key"], images[i], metas[i]) for i in task.indices))
     return ShardEntry(task.path.name, len(task.indices), sha256_file(task.path),
                       task.path.stat().st_size)
-
-
-def _write_set_manifest(folder: Path, name: str, indices: np.ndarray, metas: list[dict],
-                        shards: list[ShardEntry], cfg: PrepareConfig, provenance: dict) -> None:
-    counts = {
-        field: dict(sorted(Counter(str(metas[i][field] or "unlabeled") for i in indices).items()))
-        for field in ("source", "label", "split")
-    }
-    write_manifest(folder, name, cfg.image_size, shards, counts, provenance)
-    log.info("%s: %d samples in %d shards", name, len(indices), len(shards))
 
 
 def _publish(out: Path, generation: Path, names: list[str]) -> None:
