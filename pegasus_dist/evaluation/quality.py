@@ -90,10 +90,8 @@ def read_grid(path: str | Path, tile_size: int, padding: int = GRID_PADDING) -> 
 
 
 def crossfade(rows: list[dict], images: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(1 - mu) * horse + mu * bird for each row's pair and mu, row-major, quantised as the PNGs are.
-
-    ``images``: uint8 (3, H, W) by key.
-    """
+    """(1 - mu) * horse + mu * bird for each row's pair and mu (``images``: uint8 (3, H, W) by key),
+    row-major, quantised as the PNGs are."""
     tiles = []
     for row in rows:
         horse, bird = (images[row[side]].float().div(255) for side in ("horse", "bird"))
@@ -158,8 +156,7 @@ def _reconstruction_scores(classifier: Classifier, tiles: torch.Tensor, per_row:
                            real: torch.Tensor) -> dict:
     """Rows: horses, their reconstructions, birds, their reconstructions (sampler.reconstruction_grid)."""
     n, birds = per_row, (len(tiles) - 2 * per_row) // 2
-    horses, horse_recon = tiles[:n], tiles[n : 2 * n]
-    bird_images, bird_recon = tiles[2 * n : 2 * n + birds], tiles[2 * n + birds :]
+    horses, horse_recon, bird_images, bird_recon = tiles.tensor_split([n, 2 * n, 2 * n + birds])
     return {"tiles": len(horse_recon) + len(bird_recon),
             "recon_horse_as_horse": classified_as(classifier, horse_recon, "horse"),
             "recon_bird_as_bird": classified_as(classifier, bird_recon, "bird"),

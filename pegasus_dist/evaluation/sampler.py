@@ -57,10 +57,8 @@ def pick_horses_and_birds(
     cfg: SamplerConfig, shards_root: str | Path, image_size: int,
     model: VAE | None = None, classifier: Classifier | None = None,
 ) -> tuple[LabelledImages, LabelledImages]:
-    """The configured keys, or a seeded choice of labelled horses and birds (``cfg.pick``).
-
-    ``pick=confident`` needs ``model`` and ``classifier``: see :func:`confident_keys`.
-    """
+    """The configured keys, or a seeded choice of labelled horses and birds (``cfg.pick``: with
+    ``confident``, those :func:`confident_keys` ranks by ``model`` and ``classifier``)."""
     if cfg.pick == "confident" and (model is None or classifier is None):
         raise ConfigError("sampler.pick=confident needs the quality classifier; create it with "
                           "`pegasus-dist classifier --config CONFIG` or set sampler.pick=random")
@@ -193,10 +191,8 @@ def run_sampler(
     model: VAE, cfg: SamplerConfig, shards_root: str | Path, out_dir: str | Path,
     method: str = "slerp", classifier: Classifier | None = None,
 ) -> SampleOutputs:
-    """Write the grids of ``method`` into ``out_dir`` (slerp: pegasus.png, reconstructions.png, prior.png).
-
-    ``classifier``: the quality classifier, which ``sampler.pick=confident`` needs.
-    """
+    """Write the grids of ``method`` into ``out_dir`` (slerp: pegasus.png, reconstructions.png, prior.png);
+    ``classifier`` is the quality classifier that ``sampler.pick=confident`` needs."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     was_training = model.training
