@@ -90,8 +90,7 @@ def verify(
         checked, problems = verify_shard_set(folder)
         for problem in problems:
             typer.echo(f"  problem: {problem}", err=True)
-        typer.echo(f"{folder}: {checked} samples, " + (f"{len(problems)} problem(s)" if problems
-                                                        else "ok"))
+        typer.echo(f"{folder}: {checked} samples, " + (f"{len(problems)} problem(s)" if problems else "ok"))
         failed += bool(problems)
     if failed:
         raise DataError(f"{failed} shard set(s) failed verification; re-run `pegasus-dist prepare`")

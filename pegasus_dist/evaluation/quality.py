@@ -128,8 +128,7 @@ def score_samples(samples: str | Path, classifier: Classifier, held_out: str | P
                         "write them with `pegasus-dist sample --checkpoint RUN`")
     accuracy = classifier.meta.get("held_out", {}).get("accuracy")
     results = {"classifier": {"path": classifier.meta.get("path", ""), "held_out_accuracy": accuracy},
-               "held_out": str(held_out),
-               "real_images": len(real), "grids": grids}
+               "held_out": str(held_out), "real_images": len(real), "grids": grids}
     (samples / FILENAME).write_text(json.dumps(results, indent=2) + "\n")
     return results
 
