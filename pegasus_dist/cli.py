@@ -66,8 +66,7 @@ def prepare(
     eval_fraction: Annotated[float, typer.Option(help="held-out share")] = PREPARE.eval_fraction,
     seed: Annotated[int, typer.Option(help="shuffle and held-out seed")] = PREPARE.seed,
     verify_checksums: Annotated[bool, typer.Option(
-        help="check official archives against their published md5"
-    )] = PREPARE.verify_checksums,
+        help="check official archives against their published md5")] = PREPARE.verify_checksums,
 ) -> None:
     """Write the WebDataset shard sets (mix, horse_bird, eval) with their manifests."""
     from pegasus_dist.data.prepare import prepare as run_prepare
@@ -110,14 +109,11 @@ def train(
 @app.command()
 def sample(
     checkpoint: Annotated[Path, typer.Option(
-        help="a checkpoint folder (runs/NAME/checkpoints/step_N) or a run folder (its newest)"
-    )],
+        help="a checkpoint folder (runs/NAME/checkpoints/step_N) or a run folder (its newest)")],
     out: Annotated[Path | None, typer.Option(
-        help="where to write the grids [default: RUN/samples/step_N]"
-    )] = None,
+        help="where to write the grids [default: RUN/samples/step_N]")] = None,
     method: Annotated[str | None, typer.Option(
-        help="slerp (the paper's; default), lerp, analogy (the wing vector) or prior"
-    )] = None,
+        help="slerp (the paper's; default), lerp, analogy (the wing vector) or prior")] = None,
     overrides: Overrides = None,
 ) -> None:
     """Write sample grids from any checkpoint (--method, or sampler.method); scored if a classifier exists."""

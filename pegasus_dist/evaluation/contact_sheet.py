@@ -28,10 +28,9 @@ PER_LABEL = 32
 SEED = 0
 
 
-def contact_sheet(
-    shard_set: str | Path, out: str | Path, labels: tuple[str, ...] = LABELS,
-    per_label: int = PER_LABEL, columns: int = 8, tile: int = 128, seed: int = SEED,
-) -> tuple[Path, Path]:
+def contact_sheet(shard_set: str | Path, out: str | Path, labels: tuple[str, ...] = LABELS,
+                  per_label: int = PER_LABEL, columns: int = 8, tile: int = 128,
+                  seed: int = SEED) -> tuple[Path, Path]:
     """Write ``out`` (PNG) and ``out`` with .json: the chosen keys by label, in tile order."""
     shards = ShardSet(shard_set)
     rng = np.random.default_rng(seed)

@@ -66,10 +66,8 @@ def pick_horses_and_birds(
     by_label = shard_set.keys_by_label(("horse", "bird"))
     rng = np.random.default_rng(cfg.seed)
     chosen = {}
-    for label, keys, count in (
-        ("horse", cfg.horse_keys, cfg.num_horses),
-        ("bird", cfg.bird_keys, cfg.num_birds),
-    ):
+    for label, keys, count in (("horse", cfg.horse_keys, cfg.num_horses),
+                               ("bird", cfg.bird_keys, cfg.num_birds)):
         available = by_label[label]
         if keys:
             missing = sorted(set(keys) - set(available))
@@ -116,10 +114,8 @@ def _chw(image: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def pegasus_grid(
-    model: VAE, horses: LabelledImages, birds: LabelledImages, cfg: SamplerConfig,
-    method: str = "slerp",
-) -> tuple[torch.Tensor, list[dict]]:
+def pegasus_grid(model: VAE, horses: LabelledImages, birds: LabelledImages, cfg: SamplerConfig,
+                 method: str = "slerp") -> tuple[torch.Tensor, list[dict]]:
     """(num_horses * num_mu) decoded interpolations, row-major, and each row's horse and bird."""
     rng = np.random.default_rng(cfg.seed + 1)  # the pairing draw is independent of the pick
     partners = rng.integers(0, len(birds.keys), size=len(horses.keys))
@@ -175,9 +171,8 @@ def attribute_vector(model: VAE, cfg: SamplerConfig, shards_root: str | Path) ->
 
 
 @torch.no_grad()
-def analogy_grid(
-    model: VAE, horses: LabelledImages, vector: torch.Tensor, cfg: SamplerConfig
-) -> tuple[torch.Tensor, list[dict]]:
+def analogy_grid(model: VAE, horses: LabelledImages, vector: torch.Tensor,
+                 cfg: SamplerConfig) -> tuple[torch.Tensor, list[dict]]:
     """Each row: one horse's latent mean plus 0 .. strength_max times the vector."""
     mu_h, _ = model.encode(_to_float(horses.images, model))
     strengths = torch.linspace(0, cfg.strength_max, cfg.num_mu, device=mu_h.device)
@@ -187,10 +182,8 @@ def analogy_grid(
     return model.decode(z.flatten(0, 1)).float().cpu(), rows
 
 
-def run_sampler(
-    model: VAE, cfg: SamplerConfig, shards_root: str | Path, out_dir: str | Path,
-    method: str = "slerp", classifier: Classifier | None = None,
-) -> SampleOutputs:
+def run_sampler(model: VAE, cfg: SamplerConfig, shards_root: str | Path, out_dir: str | Path,
+                method: str = "slerp", classifier: Classifier | None = None) -> SampleOutputs:
     """Write the grids of ``method`` into ``out_dir`` (slerp: pegasus.png, reconstructions.png, prior.png);
     ``classifier`` is the quality classifier that ``sampler.pick=confident`` needs."""
     out_dir = Path(out_dir)
@@ -233,9 +226,8 @@ def grid_caption(name: str, layout: dict, cfg: SamplerConfig) -> str:
     return f"{PRIOR_SAMPLES} samples of the prior: decoded z ~ N(0, I), seed {cfg.seed}"
 
 
-def _method_grids(
-    model: VAE, cfg: SamplerConfig, shards_root: str | Path, method: str, classifier: Classifier | None
-) -> tuple[dict[str, tuple[torch.Tensor, int]], dict]:
+def _method_grids(model: VAE, cfg: SamplerConfig, shards_root: str | Path, method: str,
+                  classifier: Classifier | None) -> tuple[dict[str, tuple[torch.Tensor, int]], dict]:
     """{name: (images, per row)} and the JSON layout for one sampling method."""
     if method == "prior":
         return {"prior": prior_grid(model, cfg.seed)}, {}
@@ -264,9 +256,8 @@ def _to_float(images: torch.Tensor, model: VAE) -> torch.Tensor:
     return images.to(next(model.parameters()).device).float().div_(255)
 
 
-def sample_checkpoint(
-    checkpoint: str | Path, overrides: list[str], out_dir: str | Path | None = None
-) -> CheckpointSamples:
+def sample_checkpoint(checkpoint: str | Path, overrides: list[str],
+                      out_dir: str | Path | None = None) -> CheckpointSamples:
     """``pegasus-dist sample``: rebuild the model from a checkpoint's config and sample."""
     cfg, model, folder = load_trained_model(checkpoint, overrides)
     out = Path(out_dir) if out_dir else folder.parent.parent / "samples" / folder.name
