@@ -83,12 +83,10 @@ def load_manifest(folder: str | Path) -> Manifest:
                         f"`pegasus-dist prepare --out {folder.parent}` or fix data.shards/shard_set")
     try:
         data = json.loads(path.read_text())
-        shards = [ShardEntry(**entry) for entry in data["shards"]]
-        manifest = Manifest(
-            path=folder, name=data["name"], image_size=int(data["image_size"]),
-            num_samples=int(data["num_samples"]), shards=shards, counts=data["counts"],
-            provenance={k: data[k] for k in PROVENANCE if k in data},
-        )
+        manifest = Manifest(path=folder, name=data["name"], image_size=int(data["image_size"]),
+                            num_samples=int(data["num_samples"]), counts=data["counts"],
+                            shards=[ShardEntry(**entry) for entry in data["shards"]],
+                            provenance={k: data[k] for k in PROVENANCE if k in data})
     except (ValueError, KeyError, TypeError) as err:
         raise DataError(f"{path} is not a valid manifest ({err}); re-run `pegasus-dist prepare`") \
             from None
