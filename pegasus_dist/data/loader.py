@@ -285,9 +285,8 @@ def make_loader(cfg: DataConfig, image_size: int, rank: int, world_size: int,
     if mode == "auto":
         fits = megabytes <= cfg.memory_limit_mb
         mode = "memory" if fits and cfg.on_bad_sample == "stop" else "stream"
-        why = (f"{megabytes:.0f} MB {'<=' if fits else '>'} data.memory_limit_mb="
-               f"{cfg.memory_limit_mb}" + ("" if cfg.on_bad_sample == "stop"
-                                            else ", and skipping bad samples needs streaming"))
+        why = (f"{megabytes:.0f} MB {'<=' if fits else '>'} data.memory_limit_mb={cfg.memory_limit_mb}"
+               + ("" if cfg.on_bad_sample == "stop" else ", and skipping bad samples needs streaming"))
     log.info("data: %s mode for %s (%d images, %.0f MB decoded): %s",
              mode, shard_set, manifest.num_samples, megabytes, why)
     if mode == "memory":

@@ -244,11 +244,9 @@ def _method_grids(model: VAE, cfg: SamplerConfig, shards_root: str | Path, metho
     layout = {"rows": rows, "shard_set": shard_set}
     if method == "lerp":
         return {"lerp": (images, cfg.num_mu)}, layout
-    return {
-        "pegasus": (images, cfg.num_mu),
-        "reconstructions": (reconstruction_grid(model, horses, birds), len(horses.keys)),
-        "prior": prior_grid(model, cfg.seed),
-    }, layout
+    return {"pegasus": (images, cfg.num_mu),
+            "reconstructions": (reconstruction_grid(model, horses, birds), len(horses.keys)),
+            "prior": prior_grid(model, cfg.seed)}, layout
 
 
 def _to_float(images: torch.Tensor, model: VAE) -> torch.Tensor:
