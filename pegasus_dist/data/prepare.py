@@ -93,20 +93,14 @@ def _writing(out: Path) -> Iterator[None]:
     """
     try:
         out.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(out / LOCK, thread_local=False, preserve_lock_file=True)
-        lock.acquire(blocking=False)
+        with FileLock(out / LOCK, thread_local=False, preserve_lock_file=True).acquire(blocking=False):
+            _remove_stale(out, keep=_published(out))
+            yield
     except Timeout:
         raise DataError(f"{out} is being written by another `pegasus-dist prepare`; wait for it to "
                         "end, or prepare into another --out") from None
     except OSError as err:
         raise DataError(_cannot_write(err, out)) from None
-    try:
-        _remove_stale(out, keep=_published(out))
-        yield
-    except OSError as err:
-        raise DataError(_cannot_write(err, out)) from None
-    finally:
-        lock.release()
 
 
 def _cannot_write(err: OSError, out: Path) -> str:
