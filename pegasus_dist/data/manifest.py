@@ -21,6 +21,7 @@ FILENAME = "manifest.json"
 FORMAT = 1
 SHARD_SETS = ("mix", "horse_bird", "eval")  # what `prepare` writes side by side
 HELD_OUT = "eval"  # the set training never sees
+REPREPARE = "re-run `pegasus-dist prepare`"  # the fix of a damaged shard set
 PROVENANCE = ("seed", "eval_fraction", "command", "sources", "generation")
 
 
@@ -88,8 +89,7 @@ def load_manifest(folder: str | Path) -> Manifest:
                             shards=[ShardEntry(**entry) for entry in data["shards"]],
                             provenance={k: data[k] for k in PROVENANCE if k in data})
     except (ValueError, KeyError, TypeError) as err:
-        raise DataError(f"{path} is not a valid manifest ({err}); re-run `pegasus-dist prepare`") \
-            from None
+        raise DataError(f"{path} is not a valid manifest ({err}); {REPREPARE}") from None
     if sum(manifest.shard_sizes) != manifest.num_samples:
         raise DataError(f"{path} says num_samples {manifest.num_samples} but its shards list "
                         f"{sum(manifest.shard_sizes)}; re-run `pegasus-dist prepare`")
@@ -98,6 +98,5 @@ def load_manifest(folder: str | Path) -> Manifest:
                         "hold images of this set (horse_bird needs labelled horses and birds)")
     for shard in manifest.shard_paths:
         if not shard.is_file():
-            raise DataError(f"shard {shard} listed in {path} is missing; "
-                            "re-run `pegasus-dist prepare`")
+            raise DataError(f"shard {shard} listed in {path} is missing; {REPREPARE}")
     return manifest
