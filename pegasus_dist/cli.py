@@ -33,6 +33,8 @@ PREPARE = PrepareConfig.model_construct()  # prepare's defaults (not validated: 
 SHARDS = Path(PREPARE.out)  # where prepare writes its shard sets
 LABELLED = SHARDS / SamplerConfig().shard_set  # the sampler's horses and birds, as prepared
 OVERRIDES_HELP = "section.key=value config overrides, e.g. train.epochs=5"
+Overrides = Annotated[list[str] | None, typer.Argument(help=OVERRIDES_HELP)]
+EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}  # the overrides after the options
 SOURCE_HELP = ("cifar10:PATH|download, stl10:PATH|download, folder:PATH (folder or .tar.gz), "
                "synthetic:N[:SEED]; repeat for several")
 REPREPARE_HELP = "rewrite the shards at data.shards when they were prepared from other sources"
@@ -64,8 +66,7 @@ def prepare(
     eval_fraction: Annotated[float, typer.Option(help="held-out share")] = PREPARE.eval_fraction,
     seed: Annotated[int, typer.Option(help="shuffle and held-out seed")] = PREPARE.seed,
     verify_checksums: Annotated[bool, typer.Option(
-        help="check official archives against their published md5"
-    )] = PREPARE.verify_checksums,
+        help="check official archives against their published md5")] = PREPARE.verify_checksums,
 ) -> None:
     """Write the WebDataset shard sets (mix, horse_bird, eval) with their manifests."""
     from pegasus_dist.data.prepare import prepare as run_prepare
@@ -88,17 +89,16 @@ def verify(
         checked, problems = verify_shard_set(folder)
         for problem in problems:
             typer.echo(f"  problem: {problem}", err=True)
-        typer.echo(f"{folder}: {checked} samples, " + (f"{len(problems)} problem(s)" if problems
-                                                        else "ok"))
+        typer.echo(f"{folder}: {checked} samples, " + (f"{len(problems)} problem(s)" if problems else "ok"))
         failed += bool(problems)
     if failed:
         raise DataError(f"{failed} shard set(s) failed verification; re-run `pegasus-dist prepare`")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(context_settings=EXTRA_ARGS)
 def train(
     config: Annotated[Path, typer.Option(help="YAML config, e.g. configs/pretrain.yaml")],
-    overrides: Annotated[list[str] | None, typer.Argument(help=OVERRIDES_HELP)] = None,
+    overrides: Overrides = None,
 ) -> None:
     """Train one phase; the same as `accelerate launch pegasus_dist/train.py --config ...`."""
     from pegasus_dist.training.loop import main as train_main
@@ -109,15 +109,12 @@ def train(
 @app.command()
 def sample(
     checkpoint: Annotated[Path, typer.Option(
-        help="a checkpoint folder (runs/NAME/checkpoints/step_N) or a run folder (its newest)"
-    )],
+        help="a checkpoint folder (runs/NAME/checkpoints/step_N) or a run folder (its newest)")],
     out: Annotated[Path | None, typer.Option(
-        help="where to write the grids [default: RUN/samples/step_N]"
-    )] = None,
+        help="where to write the grids [default: RUN/samples/step_N]")] = None,
     method: Annotated[str | None, typer.Option(
-        help="slerp (the paper's; default), lerp, analogy (the wing vector) or prior"
-    )] = None,
-    overrides: Annotated[list[str] | None, typer.Argument(help=OVERRIDES_HELP)] = None,
+        help="slerp (the paper's; default), lerp, analogy (the wing vector) or prior")] = None,
+    overrides: Overrides = None,
 ) -> None:
     """Write sample grids from any checkpoint (--method, or sampler.method); scored if a classifier exists."""
     from pegasus_dist.evaluation.quality import score_run_samples, summary_line
@@ -131,10 +128,10 @@ def sample(
         typer.echo(f"{summary_line(results)} -> {done.folder / 'quality.json'}")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(context_settings=EXTRA_ARGS)
 def classifier(
     config: Annotated[Path, typer.Option(help="YAML config: data.shards to train on, quality.* options")],
-    overrides: Annotated[list[str] | None, typer.Argument(help=OVERRIDES_HELP)] = None,
+    overrides: Overrides = None,
 ) -> None:
     """Train the sample-quality classifier on the mix's labelled images, into quality.classifier."""
     from pegasus_dist.evaluation.classifier import train_classifier
@@ -146,11 +143,11 @@ def classifier(
                f"-> {cfg.classifier_dir}")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(context_settings=EXTRA_ARGS)
 def score(
     samples: Annotated[Path, typer.Argument(help="a samples folder (RUN/samples or RUN/samples/step_N)")],
     config: Annotated[Path, typer.Option(help="YAML config: quality.classifier, data.shards, eval")],
-    overrides: Annotated[list[str] | None, typer.Argument(help=OVERRIDES_HELP)] = None,
+    overrides: Overrides = None,
 ) -> None:
     """Score a samples folder's grids and their crossfade baselines with the classifier -> quality.json."""
     from pegasus_dist.evaluation.classifier import load_classifier
@@ -166,7 +163,7 @@ def score(
 def evaluate(
     checkpoint: Annotated[Path, typer.Option(help="a checkpoint folder or a run folder (its newest)")],
     out: Annotated[Path | None, typer.Option(help="JSON to write [default: RUN/eval/step_N.json]")] = None,
-    overrides: Annotated[list[str] | None, typer.Argument(help=OVERRIDES_HELP)] = None,
+    overrides: Overrides = None,
 ) -> None:
     """Held-out negative ELBO (nats, bits/dim), its parts, PSNR and active latent units."""
     from pegasus_dist.evaluation.classifier import find_classifier
@@ -185,9 +182,8 @@ def evaluate(
 @app.command("contact-sheet")
 def contact_sheet(
     shard_set: Annotated[Path, typer.Option(help="labelled shard set")] = LABELLED,
-    out: Annotated[Path, typer.Option(help="PNG to write (a .json of the keys beside it)")] = Path(
-        "contact-sheet.png"
-    ),
+    out: Annotated[Path, typer.Option(
+        help="PNG to write (a .json of the keys beside it)")] = Path("contact-sheet.png"),
     label: Annotated[list[str] | None, typer.Option(
         help="classes to show", show_default=", ".join(sheet.LABELS))] = None,
     per_label: Annotated[int, typer.Option(help="candidates per class")] = sheet.PER_LABEL,
@@ -239,14 +235,13 @@ def _bench_module(name: str) -> ModuleType:
     return importlib.import_module(f"bench.{name}")
 
 
-@app.command("scale-check", add_help_option=False,
-             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command("scale-check", add_help_option=False, context_settings=EXTRA_ARGS)
 def scale_check(ctx: typer.Context) -> None:
     """Train the real model a few steps at a large global batch (bench/scale_check.py: --help there)."""
     _bench_module("scale_check").main(ctx.args)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(context_settings=EXTRA_ARGS)
 def pipeline(
     source: Annotated[list[str], typer.Option("--source", "-s", help=SOURCE_HELP)],
     config_dir: Annotated[Path, typer.Option(
@@ -263,7 +258,7 @@ def pipeline(
 def demo(
     images: Annotated[int, typer.Option(help="synthetic images to prepare")] = 3000,
     reprepare: Annotated[bool, typer.Option(help=REPREPARE_HELP)] = False,
-    overrides: Annotated[list[str] | None, typer.Argument(help=OVERRIDES_HELP)] = None,
+    overrides: Overrides = None,
 ) -> None:
     """The pipeline on synthetic data, offline on a CPU: --source synthetic:N --config-dir configs/smoke."""
     _run_pipeline([f"synthetic:{images}"], Path("configs/smoke"), reprepare, overrides or [])

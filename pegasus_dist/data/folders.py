@@ -51,13 +51,11 @@ def read_image_folder(path: str | Path, image_size: int = 32) -> SourceImages:
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {path}; expected "
                         f"{path}/<class>/*.png|jpg or {path}/<train|test>/<class>/*")
-    entries = _classify(files, path)
-    images = np.stack([_load_image(data, where, image_size) for _, _, where, data in
-                       _read_files(path, [e[2] for e in entries])])
+    splits, labels, names = zip(*_classify(files, path), strict=True)
+    images = np.stack([_load_image(data, where, image_size) for where, data in _read_files(path, names)])
     stem = re.sub(r"\.(tar\.gz|tgz|tar)$", "", path.name)  # an archive's name without its suffix
     name = "folder_" + (re.sub(r"[^A-Za-z0-9]+", "_", stem).strip("_").lower() or "images")
-    return SourceImages(name, images, [e[1] for e in entries], [e[0] for e in entries],
-                        str(path.resolve()))
+    return SourceImages(name, images, list(labels), list(splits), str(path.resolve()))
 
 
 def _warn_unread(root: Path, unread: list[str]) -> None:
@@ -116,19 +114,17 @@ def _classify(files: list[str], root: Path) -> list[tuple[str, str, str]]:
     return sorted(entries, key=lambda e: (SPLITS.index(e[0]), e[1], e[2]))
 
 
-def _read_files(root: Path, wanted: list[str]) -> list[tuple[int, str, str, bytes]]:
-    """(position, file, where, bytes) in the order of ``wanted``; one pass over an archive."""
-    position = {f: i for i, f in enumerate(wanted)}
-    found: list[tuple[int, str, str, bytes]] = []
+def _read_files(root: Path, wanted: tuple[str, ...]) -> list[tuple[str, bytes]]:
+    """(where, bytes) of each file, in the order of ``wanted``; one pass over an archive."""
     if root.is_dir():
-        found = [(i, f, str(root / f), (root / f).read_bytes()) for f, i in position.items()]
-    else:
-        with open_tar(root) as tar:
-            for member in tar:
-                if member.name in position and member.isfile():
-                    found.append((position[member.name], member.name, f"{root}:{member.name}",
-                                  tar.extractfile(member).read()))
-    return sorted(found)
+        return [(str(root / f), (root / f).read_bytes()) for f in wanted]
+    position = {f: i for i, f in enumerate(wanted)}
+    found: list[tuple[int, str, bytes]] = []
+    with open_tar(root) as tar:
+        for member in tar:
+            if member.name in position and member.isfile():
+                found.append((position[member.name], f"{root}:{member.name}", tar.extractfile(member).read()))
+    return [(where, data) for _, where, data in sorted(found)]
 
 
 def _load_image(data: bytes, where: str, size: int) -> np.ndarray:

@@ -134,9 +134,8 @@ class _ShardStream(IterableDataset):
         good = [sample for sample in found if sample is not None]
         pool = good or [cache.first_good()]
         filled = [s if s is not None else pool[i % len(pool)] for i, s in enumerate(found)]
-        return Batch(_nchw(np.stack([image for _, image, _ in filled])),
-                     [key for key, _, _ in filled], [label for _, _, label in filled], offset,
-                     skipped=len(found) - len(good))
+        keys, images, labels = zip(*filled, strict=True)
+        return Batch(_nchw(np.stack(images)), list(keys), list(labels), offset, len(found) - len(good))
 
 
 def _nchw(pixels: np.ndarray) -> torch.Tensor:
@@ -202,15 +201,12 @@ class ShardLoader:
     def __init__(self, shard_set: str | Path, batch_size: int, rank: int, world_size: int,
                  num_workers: int, seed: int, image_size: int, pin_memory: bool = False,
                  skip_bad_samples: bool = False) -> None:
-        self.shard_set = ShardSet(shard_set, image_size)
-        self.manifest, self.path = self.shard_set.manifest, self.shard_set.path
-        self.num_samples = self.shard_set.num_samples
-        self._dataset = _ShardStream(self.shard_set, batch_size, rank, world_size, seed,
-                                     skip_bad_samples)
+        shards = ShardSet(shard_set, image_size)
+        self.manifest, self.path, self.num_samples = shards.manifest, shards.path, shards.num_samples
+        self._dataset = _ShardStream(shards, batch_size, rank, world_size, seed, skip_bad_samples)
         self._num_batches = len(rank_batches(self.num_samples, world_size, rank, batch_size))
         self._loader = DataLoader(self._dataset, batch_size=None, num_workers=num_workers,
-                                  pin_memory=pin_memory,
-                                  persistent_workers=num_workers > 0)
+                                  pin_memory=pin_memory, persistent_workers=num_workers > 0)
 
     def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
         """Plan ``epoch``; iteration then starts at position ``start_sample`` of its order (resuming)."""
@@ -289,9 +285,8 @@ def make_loader(cfg: DataConfig, image_size: int, rank: int, world_size: int,
     if mode == "auto":
         fits = megabytes <= cfg.memory_limit_mb
         mode = "memory" if fits and cfg.on_bad_sample == "stop" else "stream"
-        why = (f"{megabytes:.0f} MB {'<=' if fits else '>'} data.memory_limit_mb="
-               f"{cfg.memory_limit_mb}" + ("" if cfg.on_bad_sample == "stop"
-                                            else ", and skipping bad samples needs streaming"))
+        why = (f"{megabytes:.0f} MB {'<=' if fits else '>'} data.memory_limit_mb={cfg.memory_limit_mb}"
+               + ("" if cfg.on_bad_sample == "stop" else ", and skipping bad samples needs streaming"))
     log.info("data: %s mode for %s (%d images, %.0f MB decoded): %s",
              mode, shard_set, manifest.num_samples, megabytes, why)
     if mode == "memory":

@@ -21,6 +21,7 @@ FILENAME = "manifest.json"
 FORMAT = 1
 SHARD_SETS = ("mix", "horse_bird", "eval")  # what `prepare` writes side by side
 HELD_OUT = "eval"  # the set training never sees
+REPREPARE = "re-run `pegasus-dist prepare`"  # the fix of a damaged shard set
 PROVENANCE = ("seed", "eval_fraction", "command", "sources", "generation")
 
 
@@ -66,15 +67,9 @@ def generation_id(provenance: dict[str, Any], shards: dict[str, list[ShardEntry]
 def write_manifest(folder: Path, name: str, image_size: int, shards: list[ShardEntry],
                    counts: dict[str, dict[str, int]], provenance: dict[str, Any]) -> Path:
     """Write ``folder/manifest.json``; sorted keys, so identical inputs give identical bytes."""
-    data = {
-        "format": FORMAT,
-        "name": name,
-        "image_size": image_size,
-        "num_samples": sum(s.num_samples for s in shards),
-        "counts": counts,
-        "shards": [vars(s) for s in shards],
-        **provenance,
-    }
+    data = {"format": FORMAT, "name": name, "image_size": image_size,
+            "num_samples": sum(s.num_samples for s in shards), "counts": counts,
+            "shards": [vars(s) for s in shards], **provenance}
     path = folder / FILENAME
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return path
@@ -89,15 +84,12 @@ def load_manifest(folder: str | Path) -> Manifest:
                         f"`pegasus-dist prepare --out {folder.parent}` or fix data.shards/shard_set")
     try:
         data = json.loads(path.read_text())
-        shards = [ShardEntry(**entry) for entry in data["shards"]]
-        manifest = Manifest(
-            path=folder, name=data["name"], image_size=int(data["image_size"]),
-            num_samples=int(data["num_samples"]), shards=shards, counts=data["counts"],
-            provenance={k: data[k] for k in PROVENANCE if k in data},
-        )
+        manifest = Manifest(path=folder, name=data["name"], image_size=int(data["image_size"]),
+                            num_samples=int(data["num_samples"]), counts=data["counts"],
+                            shards=[ShardEntry(**entry) for entry in data["shards"]],
+                            provenance={k: data[k] for k in PROVENANCE if k in data})
     except (ValueError, KeyError, TypeError) as err:
-        raise DataError(f"{path} is not a valid manifest ({err}); re-run `pegasus-dist prepare`") \
-            from None
+        raise DataError(f"{path} is not a valid manifest ({err}); {REPREPARE}") from None
     if sum(manifest.shard_sizes) != manifest.num_samples:
         raise DataError(f"{path} says num_samples {manifest.num_samples} but its shards list "
                         f"{sum(manifest.shard_sizes)}; re-run `pegasus-dist prepare`")
@@ -106,6 +98,5 @@ def load_manifest(folder: str | Path) -> Manifest:
                         "hold images of this set (horse_bird needs labelled horses and birds)")
     for shard in manifest.shard_paths:
         if not shard.is_file():
-            raise DataError(f"shard {shard} listed in {path} is missing; "
-                            "re-run `pegasus-dist prepare`")
+            raise DataError(f"shard {shard} listed in {path} is missing; {REPREPARE}")
     return manifest

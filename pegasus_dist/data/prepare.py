@@ -54,19 +54,13 @@ def prepare(cfg: PrepareConfig, command: str = "") -> dict[str, Path]:
     started = time.perf_counter()
     sources = _unique_names([_load(spec, cfg) for spec in cfg.sources])
     images = np.concatenate([s.images for s in sources])
-    metas = [
-        {"key": f"{s.name}-{split}-{i:07d}", "source": s.name, "index": i, "label": label,
-         "split": split}
-        for s in sources for i, (label, split) in enumerate(zip(s.labels, s.splits, strict=True))
-    ]
+    metas = [{"key": f"{s.name}-{split}-{i:07d}", "source": s.name, "index": i, "label": label,
+              "split": split} for s in sources
+             for i, (label, split) in enumerate(zip(s.labels, s.splits, strict=True))]
     sets = _split(metas, cfg)
-    provenance = {
-        "seed": cfg.seed,
-        "eval_fraction": cfg.eval_fraction,
-        "command": command,
-        "sources": [{"spec": spec, "name": s.name, "origin": s.origin, "num_images": len(s.labels)}
-                    for spec, s in zip(cfg.sources, sources, strict=True)],
-    }
+    provenance = {"seed": cfg.seed, "eval_fraction": cfg.eval_fraction, "command": command,
+                  "sources": [{"spec": spec, "name": s.name, "origin": s.origin, "num_images": len(s.labels)}
+                              for spec, s in zip(cfg.sources, sources, strict=True)]}
     out = Path(cfg.out)
     with _writing(out):
         generation = out / f"{GENERATION}{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}"
@@ -76,7 +70,11 @@ def prepare(cfg: PrepareConfig, command: str = "") -> dict[str, Path]:
         shards = {name: [next(entries) for _ in set_tasks] for name, set_tasks in tasks.items()}
         provenance["generation"] = generation_id(provenance, shards)
         for name, indices in sets.items():
-            _write_set_manifest(generation / name, name, indices, metas, shards[name], cfg, provenance)
+            # write_manifest sorts every key: the counts need no order of their own.
+            counts = {field: Counter(str(metas[i][field] or "unlabeled") for i in indices)
+                      for field in ("source", "label", "split")}
+            write_manifest(generation / name, name, cfg.image_size, shards[name], counts, provenance)
+            log.info("%s: %d samples in %d shards", name, len(indices), len(shards[name]))
         _publish(out, generation, list(sets))
     seconds = time.perf_counter() - started
     log.info("prepared %d images in %.1fs (%.0f images/s): %s -> %s (generation %s)", len(metas),
@@ -95,20 +93,14 @@ def _writing(out: Path) -> Iterator[None]:
     """
     try:
         out.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(out / LOCK, thread_local=False, preserve_lock_file=True)
-        lock.acquire(blocking=False)
+        with FileLock(out / LOCK, thread_local=False, preserve_lock_file=True).acquire(blocking=False):
+            _remove_stale(out, keep=_published(out))
+            yield
     except Timeout:
         raise DataError(f"{out} is being written by another `pegasus-dist prepare`; wait for it to "
                         "end, or prepare into another --out") from None
     except OSError as err:
         raise DataError(_cannot_write(err, out)) from None
-    try:
-        _remove_stale(out, keep=_published(out))
-        yield
-    except OSError as err:
-        raise DataError(_cannot_write(err, out)) from None
-    finally:
-        lock.release()
 
 
 def _cannot_write(err: OSError, out: Path) -> str:
@@ -191,16 +183,6 @@ def _write_one(task: ShardTask) -> ShardEntry:
     write_shard(task.path, ((metas[i]["key"], images[i], metas[i]) for i in task.indices))
     return ShardEntry(task.path.name, len(task.indices), sha256_file(task.path),
                       task.path.stat().st_size)
-
-
-def _write_set_manifest(folder: Path, name: str, indices: np.ndarray, metas: list[dict],
-                        shards: list[ShardEntry], cfg: PrepareConfig, provenance: dict) -> None:
-    counts = {
-        field: dict(sorted(Counter(str(metas[i][field] or "unlabeled") for i in indices).items()))
-        for field in ("source", "label", "split")
-    }
-    write_manifest(folder, name, cfg.image_size, shards, counts, provenance)
-    log.info("%s: %d samples in %d shards", name, len(indices), len(shards))
 
 
 def _publish(out: Path, generation: Path, names: list[str]) -> None:

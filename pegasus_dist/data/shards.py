@@ -23,7 +23,7 @@ from webdataset.autodecode import imagehandler, npy_loads
 from webdataset.tariterators import group_by_keys, tar_file_expander
 from webdataset.writer import TarWriter
 
-from pegasus_dist.data.manifest import Manifest, load_manifest
+from pegasus_dist.data.manifest import REPREPARE, Manifest, load_manifest
 from pegasus_dist.errors import DataError
 
 OWNER = "pegasus"  # user and group name of every member
@@ -56,8 +56,7 @@ class ShardSample:
             except ValueError:
                 raise DataError(f"shard {self.shard}: {self.key}.json is not valid JSON") from None
             if not isinstance(meta, dict) or "label" not in meta:
-                raise DataError(f"shard {self.shard}: {self.key}.json has no label field; "
-                                "re-run `pegasus-dist prepare`")
+                raise DataError(f"shard {self.shard}: {self.key}.json has no label field; {REPREPARE}")
             self._meta = meta
         return self._meta
 
@@ -90,8 +89,7 @@ def iter_shard(path: Path, sha256: str | None = None) -> Iterator[ShardSample]:
     except (tarfile.TarError, OSError, EOFError, ValueError) as err:
         # webdataset appends the stream and URL to the message: keep the reason alone.
         reason = str(err.args[0]).split(" @ ")[0] if err.args else type(err).__name__
-        raise DataError(f"shard {path} is unreadable ({reason}); "
-                        "re-run `pegasus-dist prepare` to rewrite it") from None
+        raise DataError(f"shard {path} is unreadable ({reason}); {REPREPARE} to rewrite it") from None
     if sha256 is not None and stream.digest.hexdigest() != sha256:
         raise DataError(f"shard {path} does not match the sha256 of its manifest (changed after `prepare` "
                         "wrote it); run `pegasus-dist verify`, then re-run `pegasus-dist prepare`")
@@ -156,20 +154,18 @@ class ShardSet:
             yield sample
         if count != expected:
             raise DataError(f"shard {path} holds {count} samples but its manifest says {expected}; "
-                            "re-run `pegasus-dist prepare`")
+                            f"{REPREPARE}")
 
     def decode(self, sample: ShardSample) -> np.ndarray:
         """The sample's (H, W, 3) uint8 image, checked against the set's image size."""
         try:
             image = _DECODERS[sample.image_ext](sample.image)
         except Exception as err:  # Pillow and NumPy raise many kinds for a damaged member
-            raise DataError(f"{sample.where}: the image does not decode ({err}); "
-                            "re-run `pegasus-dist prepare`") from None
+            raise DataError(f"{sample.where}: the image does not decode ({err}); {REPREPARE}") from None
         size = self.image_size
         if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 \
                 or image.shape[2] != 3:
-            raise DataError(f"{sample.where}: the image is not an (H, W, 3) uint8 array; "
-                            "re-run `pegasus-dist prepare`")
+            raise DataError(f"{sample.where}: the image is not an (H, W, 3) uint8 array; {REPREPARE}")
         if image.shape[:2] != (size, size):
             raise DataError(f"{sample.where}: image is {image.shape[1]}x{image.shape[0]} but {size}x{size} "
                             "was expected; prepare the shards at model.image_size or change model.image_size")

@@ -33,6 +33,7 @@ WIDTHS = (32, 64, 128)
 SHIFT = 2  # pixels of random translation (zero padding), the usual CIFAR augmentation
 LR = 3e-3  # Adam's peak rate under the one-cycle schedule: few epochs need a high, decaying rate
 EVAL_BATCH = 512
+RECREATE = "re-create it with `pegasus-dist classifier --config CONFIG`"  # the fix of a damaged classifier
 
 
 class Classifier(nn.Module):
@@ -92,7 +93,7 @@ def train_classifier(shards: str | Path, out: str | Path, quality: QualityConfig
     """
     epochs, batch_size, seed = (quality.classifier_epochs, quality.classifier_batch_size,
                                 quality.classifier_seed)
-    shards, out = Path(shards), Path(out)
+    shards = Path(shards)
     manifest = load_manifest(shards / "mix")
     size = manifest.image_size
     images, labels = labelled_images(shards / "mix", size)
@@ -127,11 +128,10 @@ def train_classifier(shards: str | Path, out: str | Path, quality: QualityConfig
             correct += int((logits.argmax(dim=1) == targets[rows]).sum())
         log.info("classifier epoch %d/%d: loss %.3f, training accuracy %.3f (%.0f s)", epoch + 1, epochs,
                  total / len(targets), correct / len(targets), time.perf_counter() - started)
-    seconds = time.perf_counter() - started
     meta = {"classes": classes, "widths": list(WIDTHS), "image_size": size, "epochs": epochs,
             "batch_size": batch_size, "seed": seed, "trained_on": str(manifest.path),
             "training_images": len(targets), "generation": manifest.generation,
-            "training_seconds": round(seconds, 1),
+            "training_seconds": round(time.perf_counter() - started, 1),
             "held_out": held_out_accuracy(model, shards / "eval")}
     return save_classifier(model, meta, out)
 
@@ -185,14 +185,13 @@ def read_meta(folder: str | Path) -> dict | None:
     folder = Path(folder)
     if not ((folder / META).is_file() and (folder / WEIGHTS).is_file()):
         return None
-    fix = "re-create it with `pegasus-dist classifier --config CONFIG`"
     try:
         meta = json.loads((folder / META).read_text())
         expected = meta.get("weights_sha256")
     except (OSError, ValueError, AttributeError) as err:
-        raise DataError(f"{folder / META} is unreadable ({err}); {fix}") from None
+        raise DataError(f"{folder / META} is unreadable ({err}); {RECREATE}") from None
     if expected is not None and sha256_file(folder / WEIGHTS) != expected:
-        raise DataError(f"{folder / WEIGHTS} does not match the sha256 in {folder / META}; {fix}")
+        raise DataError(f"{folder / WEIGHTS} does not match the sha256 in {folder / META}; {RECREATE}")
     return meta
 
 
@@ -219,10 +218,10 @@ def load_classifier(folder: str | Path) -> Classifier:
         raise DataError(f"no classifier at {folder} ({META} + {WEIGHTS}); create it with "
                         "`pegasus-dist classifier --config CONFIG` (it goes to quality.classifier)")
     classifier = Classifier(meta["classes"], tuple(meta["widths"]), meta["image_size"])
+    weights = Path(folder) / WEIGHTS
     try:
-        classifier.load_state_dict(load_file(Path(folder) / WEIGHTS))
+        classifier.load_state_dict(load_file(weights))
     except Exception as err:  # OSError, safetensors' SafetensorError, a shape or key mismatch
-        raise DataError(f"cannot load {Path(folder) / WEIGHTS} ({str(err).splitlines()[0]}); re-create it "
-                        "with `pegasus-dist classifier --config CONFIG`") from None
+        raise DataError(f"cannot load {weights} ({str(err).splitlines()[0]}); {RECREATE}") from None
     classifier.meta = {**meta, "path": str(folder)}
     return classifier.eval()

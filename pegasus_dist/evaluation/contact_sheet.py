@@ -28,16 +28,14 @@ PER_LABEL = 32
 SEED = 0
 
 
-def contact_sheet(
-    shard_set: str | Path, out: str | Path, labels: tuple[str, ...] = LABELS,
-    per_label: int = PER_LABEL, columns: int = 8, tile: int = 128, seed: int = SEED,
-) -> tuple[Path, Path]:
+def contact_sheet(shard_set: str | Path, out: str | Path, labels: tuple[str, ...] = LABELS,
+                  per_label: int = PER_LABEL, columns: int = 8, tile: int = 128,
+                  seed: int = SEED) -> tuple[Path, Path]:
     """Write ``out`` (PNG) and ``out`` with .json: the chosen keys by label, in tile order."""
     shards = ShardSet(shard_set)
-    keys_by_label = shards.keys_by_label(labels)
     rng = np.random.default_rng(seed)
     chosen = {}
-    for label, keys in keys_by_label.items():
+    for label, keys in shards.keys_by_label(labels).items():
         if not keys:
             raise DataError(f"{shards.path} holds no {label} images; choose --label from "
                             f"{', '.join(sorted(shards.manifest.counts.get('label', {})))}")
@@ -114,10 +112,9 @@ def draw_sheet(chosen: dict[str, list[str]], images: dict[str, np.ndarray], colu
             x, y = (i % columns) * tile, top + (i // columns) * cell
             sheet.paste(Image.fromarray(images[key]).resize((tile, tile), Image.Resampling.NEAREST),
                         (x, y))
-            origins = [(x + MARGIN, y + tile + MARGIN + j * line_height)
-                       for j in range(len(lines[key]))]
-            for j, line in enumerate(lines[key]):
-                draw.text(origins[j], line, fill="black", font=font)
+            origins = [(x + MARGIN, y + tile + MARGIN + j * line_height) for j in range(len(lines[key]))]
+            for origin, line in zip(origins, lines[key], strict=True):
+                draw.text(origin, line, fill="black", font=font)
             captions.append(Caption(key, lines[key], origins, (x, y + tile, x + tile, y + cell)))
         top += rows[label] * cell
     return sheet, captions

@@ -55,10 +55,8 @@ def evaluate(model: VAE, shard_set: str | Path, batch_size: int = 256, seed: int
     model.train(was_training)
     data = {k: torch.cat(v).float().cpu() for k, v in rows.items() if v}
     dims = 3 * model.image_size**2
-    metrics = {
-        name: _summary(data, [wanted is None or label in wanted for label in labels], dims)
-        for name, wanted in SUBSETS.items()
-    }
+    metrics = {name: _summary(data, [wanted is None or label in wanted for label in labels], dims)
+               for name, wanted in SUBSETS.items()}
     if classifier is not None:
         metrics["horse_bird"] |= _recognised(classifier, data, labels)
     return metrics

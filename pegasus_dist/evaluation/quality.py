@@ -90,10 +90,8 @@ def read_grid(path: str | Path, tile_size: int, padding: int = GRID_PADDING) -> 
 
 
 def crossfade(rows: list[dict], images: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(1 - mu) * horse + mu * bird for each row's pair and mu, row-major, quantised as the PNGs are.
-
-    ``images``: uint8 (3, H, W) by key.
-    """
+    """(1 - mu) * horse + mu * bird for each row's pair and mu (``images``: uint8 (3, H, W) by key),
+    row-major, quantised as the PNGs are."""
     tiles = []
     for row in rows:
         horse, bird = (images[row[side]].float().div(255) for side in ("horse", "bird"))
@@ -101,13 +99,11 @@ def crossfade(rows: list[dict], images: dict[str, torch.Tensor]) -> torch.Tensor
     return torch.stack(tiles).mul(255).add(0.5).clamp(0, 255).floor().div(255)
 
 
-def score_samples(samples: str | Path, classifier: Classifier, held_out: str | Path,
-                  pairs_from: str | Path | None = None) -> dict:
+def score_samples(samples: str | Path, classifier: Classifier, held_out: str | Path) -> dict:
     """Score every grid in the folder ``samples`` and write ``samples/quality.json``.
 
-    ``held_out``: the shard set of the real horses and birds (``eval``);
-    ``pairs_from``: where the crossfade's images are read, by default the
-    ``shard_set`` the grid's JSON names (the sampler's).
+    ``held_out``: the shard set of the real horses and birds (``eval``); the crossfade's
+    images are read from the ``shard_set`` the grid's JSON names (the sampler's).
     """
     samples = Path(samples)
     real = real_features(classifier, held_out)
@@ -118,7 +114,7 @@ def score_samples(samples: str | Path, classifier: Classifier, held_out: str | P
         if (samples / f"{name}.png").is_file() and (samples / f"{name}.json").is_file():
             rows = json.loads((samples / f"{name}.json").read_text())
             tiles, _ = read_grid(samples / f"{name}.png", size, padding)
-            baseline = crossfade(rows["rows"], _pair_images(rows, pairs_from, size))
+            baseline = crossfade(rows["rows"], _pair_images(rows, size))
             grids[name] = {**tile_scores(classifier, tiles, real),
                            "crossfade": tile_scores(classifier, baseline, real)}
     if (samples / "reconstructions.png").is_file():
@@ -132,8 +128,7 @@ def score_samples(samples: str | Path, classifier: Classifier, held_out: str | P
                         "write them with `pegasus-dist sample --checkpoint RUN`")
     accuracy = classifier.meta.get("held_out", {}).get("accuracy")
     results = {"classifier": {"path": classifier.meta.get("path", ""), "held_out_accuracy": accuracy},
-               "held_out": str(held_out),
-               "real_images": len(real), "grids": grids}
+               "held_out": str(held_out), "real_images": len(real), "grids": grids}
     (samples / FILENAME).write_text(json.dumps(results, indent=2) + "\n")
     return results
 
@@ -145,8 +140,8 @@ def _layout(samples: Path) -> dict:
     return {}
 
 
-def _pair_images(layout: dict, pairs_from: str | Path | None, size: int) -> dict[str, torch.Tensor]:
-    shard_set = Path(pairs_from or layout.get("shard_set", ""))
+def _pair_images(layout: dict, size: int) -> dict[str, torch.Tensor]:
+    shard_set = Path(layout.get("shard_set", ""))
     keys = {row[side] for row in layout["rows"] for side in ("horse", "bird")}
     found = load_images(ShardSet(shard_set, size), keys)
     missing = sorted(keys - set(found))
@@ -160,8 +155,7 @@ def _reconstruction_scores(classifier: Classifier, tiles: torch.Tensor, per_row:
                            real: torch.Tensor) -> dict:
     """Rows: horses, their reconstructions, birds, their reconstructions (sampler.reconstruction_grid)."""
     n, birds = per_row, (len(tiles) - 2 * per_row) // 2
-    horses, horse_recon = tiles[:n], tiles[n : 2 * n]
-    bird_images, bird_recon = tiles[2 * n : 2 * n + birds], tiles[2 * n + birds :]
+    horses, horse_recon, bird_images, bird_recon = tiles.tensor_split([n, 2 * n, 2 * n + birds])
     return {"tiles": len(horse_recon) + len(bird_recon),
             "recon_horse_as_horse": classified_as(classifier, horse_recon, "horse"),
             "recon_bird_as_bird": classified_as(classifier, bird_recon, "bird"),

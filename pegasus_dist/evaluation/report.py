@@ -48,16 +48,11 @@ def write_report(paths: list[Path], out: Path) -> Path:
 def _run_section(run: Path) -> str:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
     phase = next((k.split("/")[0] for row in rows for k in row if k.endswith("/loss")), run.name)
-    charts = "".join(
-        _chart(name, [(r["step"], r[f"{phase}/{name}"]) for r in rows if f"{phase}/{name}" in r])
-        for name in CURVES
-    )
-    grids = "".join(
-        f"<figure style='display:inline-block'><img src='data:image/png;base64,"
-        f"{base64.b64encode(path.read_bytes()).decode()}'><figcaption>{html.escape(caption)}"
-        "</figcaption></figure>"
-        for caption, path in find_grids(run)
-    )
+    charts = "".join(_chart(name, [(r["step"], r[f"{phase}/{name}"]) for r in rows if f"{phase}/{name}" in r])
+                     for name in CURVES)
+    grids = "".join(f"<figure style='display:inline-block'><img src='data:image/png;base64,"
+                    f"{base64.b64encode(path.read_bytes()).decode()}'><figcaption>{html.escape(caption)}"
+                    "</figcaption></figure>" for caption, path in find_grids(run))
     return (f"<h2>{html.escape(run.name)} ({html.escape(phase)})</h2><div>{charts}</div>"
             f"{_eval_table(run)}{_quality_table(run)}<div>{grids}</div>")
 

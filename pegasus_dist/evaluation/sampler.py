@@ -57,10 +57,8 @@ def pick_horses_and_birds(
     cfg: SamplerConfig, shards_root: str | Path, image_size: int,
     model: VAE | None = None, classifier: Classifier | None = None,
 ) -> tuple[LabelledImages, LabelledImages]:
-    """The configured keys, or a seeded choice of labelled horses and birds (``cfg.pick``).
-
-    ``pick=confident`` needs ``model`` and ``classifier``: see :func:`confident_keys`.
-    """
+    """The configured keys, or a seeded choice of labelled horses and birds (``cfg.pick``: with
+    ``confident``, those :func:`confident_keys` ranks by ``model`` and ``classifier``)."""
     if cfg.pick == "confident" and (model is None or classifier is None):
         raise ConfigError("sampler.pick=confident needs the quality classifier; create it with "
                           "`pegasus-dist classifier --config CONFIG` or set sampler.pick=random")
@@ -68,10 +66,8 @@ def pick_horses_and_birds(
     by_label = shard_set.keys_by_label(("horse", "bird"))
     rng = np.random.default_rng(cfg.seed)
     chosen = {}
-    for label, keys, count in (
-        ("horse", cfg.horse_keys, cfg.num_horses),
-        ("bird", cfg.bird_keys, cfg.num_birds),
-    ):
+    for label, keys, count in (("horse", cfg.horse_keys, cfg.num_horses),
+                               ("bird", cfg.bird_keys, cfg.num_birds)):
         available = by_label[label]
         if keys:
             missing = sorted(set(keys) - set(available))
@@ -90,12 +86,8 @@ def pick_horses_and_birds(
         else:
             picks = rng.choice(len(available), size=count, replace=False)
             chosen[label] = [available[i] for i in picks]
-    wanted = set(chosen["horse"]) | set(chosen["bird"])
-    images = load_images(shard_set, wanted)
-    horses, birds = (
-        LabelledImages(keys, torch.stack([images[k] for k in keys]))
-        for keys in (chosen["horse"], chosen["bird"])
-    )
+    images = load_images(shard_set, {*chosen["horse"], *chosen["bird"]})
+    horses, birds = (LabelledImages(keys, torch.stack([images[k] for k in keys])) for keys in chosen.values())
     return horses, birds
 
 
@@ -122,10 +114,8 @@ def _chw(image: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def pegasus_grid(
-    model: VAE, horses: LabelledImages, birds: LabelledImages, cfg: SamplerConfig,
-    method: str = "slerp",
-) -> tuple[torch.Tensor, list[dict]]:
+def pegasus_grid(model: VAE, horses: LabelledImages, birds: LabelledImages, cfg: SamplerConfig,
+                 method: str = "slerp") -> tuple[torch.Tensor, list[dict]]:
     """(num_horses * num_mu) decoded interpolations, row-major, and each row's horse and bird."""
     rng = np.random.default_rng(cfg.seed + 1)  # the pairing draw is independent of the pick
     partners = rng.integers(0, len(birds.keys), size=len(horses.keys))
@@ -135,10 +125,8 @@ def pegasus_grid(
     q1, q2, t = mu_h[:, None, :], mu_b[partners][:, None, :], mus[None, :, None]
     z = slerp(q1, q2, t) if method == "slerp" else torch.lerp(q1, q2, t)
     images = model.decode(z.flatten(0, 1))
-    rows = [
-        {"row": i, "horse": horses.keys[i], "bird": birds.keys[j], "mu": mus.tolist()}
-        for i, j in enumerate(partners.tolist())
-    ]
+    rows = [{"row": i, "horse": horses.keys[i], "bird": birds.keys[j], "mu": mus.tolist()}
+            for i, j in enumerate(partners.tolist())]
     return images.float().cpu(), rows
 
 
@@ -155,11 +143,10 @@ def reconstruction_grid(model: VAE, horses: LabelledImages, birds: LabelledImage
 
 
 @torch.no_grad()
-def prior_grid(model: VAE, count: int, seed: int) -> torch.Tensor:
-    device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
-    z = torch.randn(count, model.latent_dim, generator=generator).to(device)
-    return model.decode(z).float().cpu()
+def prior_grid(model: VAE, seed: int) -> tuple[torch.Tensor, int]:
+    """PRIOR_SAMPLES decodes of z ~ N(0, I), and the grid's tiles per row."""
+    z = torch.randn(PRIOR_SAMPLES, model.latent_dim, generator=torch.Generator().manual_seed(seed))
+    return model.decode(z.to(next(model.parameters()).device)).float().cpu(), 8
 
 
 @torch.no_grad()
@@ -184,9 +171,8 @@ def attribute_vector(model: VAE, cfg: SamplerConfig, shards_root: str | Path) ->
 
 
 @torch.no_grad()
-def analogy_grid(
-    model: VAE, horses: LabelledImages, vector: torch.Tensor, cfg: SamplerConfig
-) -> tuple[torch.Tensor, list[dict]]:
+def analogy_grid(model: VAE, horses: LabelledImages, vector: torch.Tensor,
+                 cfg: SamplerConfig) -> tuple[torch.Tensor, list[dict]]:
     """Each row: one horse's latent mean plus 0 .. strength_max times the vector."""
     mu_h, _ = model.encode(_to_float(horses.images, model))
     strengths = torch.linspace(0, cfg.strength_max, cfg.num_mu, device=mu_h.device)
@@ -196,14 +182,10 @@ def analogy_grid(
     return model.decode(z.flatten(0, 1)).float().cpu(), rows
 
 
-def run_sampler(
-    model: VAE, cfg: SamplerConfig, shards_root: str | Path, out_dir: str | Path,
-    method: str = "slerp", classifier: Classifier | None = None,
-) -> SampleOutputs:
-    """Write the grids of ``method`` into ``out_dir`` (slerp: pegasus.png, reconstructions.png, prior.png).
-
-    ``classifier``: the quality classifier, which ``sampler.pick=confident`` needs.
-    """
+def run_sampler(model: VAE, cfg: SamplerConfig, shards_root: str | Path, out_dir: str | Path,
+                method: str = "slerp", classifier: Classifier | None = None) -> SampleOutputs:
+    """Write the grids of ``method`` into ``out_dir`` (slerp: pegasus.png, reconstructions.png, prior.png);
+    ``classifier`` is the quality classifier that ``sampler.pick=confident`` needs."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     was_training = model.training
@@ -244,12 +226,11 @@ def grid_caption(name: str, layout: dict, cfg: SamplerConfig) -> str:
     return f"{PRIOR_SAMPLES} samples of the prior: decoded z ~ N(0, I), seed {cfg.seed}"
 
 
-def _method_grids(
-    model: VAE, cfg: SamplerConfig, shards_root: str | Path, method: str, classifier: Classifier | None
-) -> tuple[dict[str, tuple[torch.Tensor, int]], dict]:
+def _method_grids(model: VAE, cfg: SamplerConfig, shards_root: str | Path, method: str,
+                  classifier: Classifier | None) -> tuple[dict[str, tuple[torch.Tensor, int]], dict]:
     """{name: (images, per row)} and the JSON layout for one sampling method."""
     if method == "prior":
-        return {"prior": (prior_grid(model, PRIOR_SAMPLES, cfg.seed), 8)}, {}
+        return {"prior": prior_grid(model, cfg.seed)}, {}
     horses, birds = pick_horses_and_birds(cfg, shards_root, model.image_size, model, classifier)
     shard_set = str(Path(shards_root) / cfg.shard_set)
     if method == "analogy":
@@ -263,11 +244,9 @@ def _method_grids(
     layout = {"rows": rows, "shard_set": shard_set}
     if method == "lerp":
         return {"lerp": (images, cfg.num_mu)}, layout
-    return {
-        "pegasus": (images, cfg.num_mu),
-        "reconstructions": (reconstruction_grid(model, horses, birds), len(horses.keys)),
-        "prior": (prior_grid(model, PRIOR_SAMPLES, cfg.seed), 8),
-    }, layout
+    return {"pegasus": (images, cfg.num_mu),
+            "reconstructions": (reconstruction_grid(model, horses, birds), len(horses.keys)),
+            "prior": prior_grid(model, cfg.seed)}, layout
 
 
 def _to_float(images: torch.Tensor, model: VAE) -> torch.Tensor:
@@ -275,9 +254,8 @@ def _to_float(images: torch.Tensor, model: VAE) -> torch.Tensor:
     return images.to(next(model.parameters()).device).float().div_(255)
 
 
-def sample_checkpoint(
-    checkpoint: str | Path, overrides: list[str], out_dir: str | Path | None = None
-) -> CheckpointSamples:
+def sample_checkpoint(checkpoint: str | Path, overrides: list[str],
+                      out_dir: str | Path | None = None) -> CheckpointSamples:
     """``pegasus-dist sample``: rebuild the model from a checkpoint's config and sample."""
     cfg, model, folder = load_trained_model(checkpoint, overrides)
     out = Path(out_dir) if out_dir else folder.parent.parent / "samples" / folder.name

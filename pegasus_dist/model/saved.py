@@ -53,8 +53,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
             f"{path} is neither a checkpoint (no state.json) nor a run folder with checkpoints; "
             "pass a runs/<name> folder or one of its checkpoints/step_* folders"
         )
-    changed = sums_problem(folder)
-    if changed:
+    if changed := sums_problem(folder):
         raise CheckpointError(f"{changed}; use another checkpoint of the run")
     return folder
 
@@ -62,8 +61,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def read_weights(folder: Path, name: str = MODEL) -> dict[str, torch.Tensor]:
     """The tensors of ``folder/name``, checked: sha256 (``SHA256SUMS``), format, every value finite."""
     path = folder / name
-    changed = sums_problem(folder, [name])
-    if changed:
+    if changed := sums_problem(folder, [name]):
         raise CheckpointError(f"{changed}; use another checkpoint of the run")
     try:
         weights = load_file(path)

@@ -68,8 +68,7 @@ class VAE(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         c, fc, slope = cfg.channels, cfg.fc_dims, cfg.leaky_slope
-        self.latent_dim = cfg.latent_dim
-        self.image_size = cfg.image_size
+        self.latent_dim, self.image_size = cfg.latent_dim, cfg.image_size
         self.bottom = cfg.image_size // 2 ** len(c)  # side length after the 4 convs
         flat = c[-1] * self.bottom**2
 
