@@ -67,9 +67,15 @@ def generation_id(provenance: dict[str, Any], shards: dict[str, list[ShardEntry]
 def write_manifest(folder: Path, name: str, image_size: int, shards: list[ShardEntry],
                    counts: dict[str, dict[str, int]], provenance: dict[str, Any]) -> Path:
     """Write ``folder/manifest.json``; sorted keys, so identical inputs give identical bytes."""
-    data = {"format": FORMAT, "name": name, "image_size": image_size,
-            "num_samples": sum(s.num_samples for s in shards), "counts": counts,
-            "shards": [vars(s) for s in shards], **provenance}
+    data = {
+        "format": FORMAT,
+        "name": name,
+        "image_size": image_size,
+        "num_samples": sum(s.num_samples for s in shards),
+        "counts": counts,
+        "shards": [vars(s) for s in shards],
+        **provenance,
+    }
     path = folder / FILENAME
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return path
