@@ -335,7 +335,7 @@ def _bare_step(cfg: Config, device: torch.device) -> Callable:
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, fused=True)
 
     def step(batch) -> None:
-        x = batch.images.to(device).float().div_(255)
+        x = batch.images.to(device).contiguous().float().div_(255)  # NCHW, as the trainer makes it
         with torch.autocast(device.type, dtype=torch.bfloat16,
                             enabled=cfg.train.mixed_precision == "bf16"):
             out = model(x)

@@ -104,3 +104,32 @@ def test_loader_workers_change_no_batch_and_follow_set_epoch_across_epochs_and_a
     next(iter(workers))  # abandoned after one batch, as train.max_steps does
     assert keys_of(workers, 4, start=3) == keys_of(inline, 4, start=3)
     assert keys_of(workers, 5) == keys_of(inline, 5) != keys_of(inline, 4)
+
+
+# The peak resident memory (VmHWM) that loading adds: the peak is reset first (clear_refs 5),
+# as torch's import peaks above what stays resident.
+MEASURE_PEAK = """
+import re, sys
+from pathlib import Path
+from pegasus_dist.data.loader import MemoryLoader
+def kib(field):
+    return int(re.search(field + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
+Path("/proc/self/clear_refs").write_text("5")
+before = kib("VmRSS")
+loader = MemoryLoader(sys.argv[1], 16, 0, 1, seed=0, image_size=32)
+print(loader.images.numel(), (kib("VmHWM") - before) * 1024)
+"""
+
+
+@pytest.mark.process
+def test_memory_mode_holds_one_host_copy_of_the_set_at_its_peak(tmp_path):
+    """Issue 22 item 4: a permuted copy beside the decoded one doubled each rank's host memory."""
+    import subprocess
+    import sys
+
+    prepare(PrepareConfig(sources=["synthetic:6000"], out=str(tmp_path), shard_size=1000))
+    done = subprocess.run([sys.executable, "-c", MEASURE_PEAK, str(tmp_path / "mix")], capture_output=True,
+                          text=True, timeout=120, check=True)
+    set_bytes, peak_growth = map(int, done.stdout.split())
+    assert set_bytes == 5880 * 3 * 32 * 32
+    assert peak_growth < 1.4 * set_bytes, (set_bytes, peak_growth)  # 2x before; keys, labels, buffers

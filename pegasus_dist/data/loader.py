@@ -228,7 +228,10 @@ class MemoryLoader:
     """The device-resident mode: the whole shard set decoded once into one uint8 tensor.
 
     Batches follow the plan of :class:`ShardLoader`, drawn by indexing the
-    tensor on the device. Bad data always stops this mode, at load time.
+    tensor on the device. Bad data always stops this mode, at load time. The
+    tensor keeps the decoded NHWC order, so the host holds one copy of the set
+    while it loads (none after, on a GPU); a batch is its rows seen as NCHW,
+    laid out channels-last, and the step picks the layout it trains in.
     """
 
     def __init__(self, shard_set: str | Path, batch_size: int, rank: int, world_size: int,
@@ -245,7 +248,7 @@ class MemoryLoader:
             labels.append(sample.meta["label"])
         # Object arrays: a batch's names are then one fancy index away.
         self.keys, self.labels = np.array(keys, dtype=object), np.array(labels, dtype=object)
-        self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(self.device)
+        self.images = torch.from_numpy(images).to(self.device)  # N x H x W x 3
         self.shard_starts = np.concatenate([[0], np.cumsum(self.manifest.shard_sizes)[:-1]])
         self._num_batches = len(rank_batches(self.num_samples, world_size, rank, batch_size))
         self.epoch, self.start_sample = 0, 0
@@ -268,7 +271,7 @@ class MemoryLoader:
             rows = order[start:stop]
             yield Batch(
                 # index_select copies row by row, several times faster than images[index]
-                images=torch.index_select(self.images, 0, on_device[start:stop]),
+                images=torch.index_select(self.images, 0, on_device[start:stop]).permute(0, 3, 1, 2),
                 keys=self.keys[rows].tolist(),
                 labels=self.labels[rows].tolist(),
                 offset=plan.offset,
@@ -287,8 +290,10 @@ def make_loader(cfg: DataConfig, image_size: int, rank: int, world_size: int,
         mode = "memory" if fits and cfg.on_bad_sample == "stop" else "stream"
         why = (f"{megabytes:.0f} MB {'<=' if fits else '>'} data.memory_limit_mb={cfg.memory_limit_mb}"
                + ("" if cfg.on_bad_sample == "stop" else ", and skipping bad samples needs streaming"))
-    log.info("data: %s mode for %s (%d images, %.0f MB decoded): %s",
-             mode, shard_set, manifest.num_samples, megabytes, why)
+    held = (f"held once on {device}" + ("" if device.type == "cpu" else ", passing through host memory")
+            if mode == "memory" else "decoded batch by batch")
+    log.info("data: %s mode for %s (%d images, %.0f MB decoded, %s): %s",
+             mode, shard_set, manifest.num_samples, megabytes, held, why)
     if mode == "memory":
         return MemoryLoader(shard_set, cfg.batch_size, rank, world_size, cfg.seed, image_size, device)
     return ShardLoader(shard_set, cfg.batch_size, rank, world_size, cfg.num_workers, cfg.seed,

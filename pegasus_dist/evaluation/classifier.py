@@ -83,7 +83,8 @@ def labelled_images(shard_set: str | Path, image_size: int) -> tuple[torch.Tenso
     """The labelled images (uint8 N x 3 x H x W) of a shard set and their labels."""
     loader = MemoryLoader(shard_set, batch_size=1, rank=0, world_size=1, seed=0, image_size=image_size)
     keep = np.flatnonzero(loader.labels != None)  # noqa: E711 (an element-wise test of the object array)
-    return loader.images[torch.from_numpy(keep)], loader.labels[keep].tolist()
+    images = loader.images[torch.from_numpy(keep)].permute(0, 3, 1, 2).contiguous()  # N x 3 x H x W
+    return images, loader.labels[keep].tolist()
 
 
 def train_classifier(shards: str | Path, out: str | Path, quality: QualityConfig) -> dict:

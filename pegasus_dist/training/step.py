@@ -107,9 +107,10 @@ class TrainStep:
         """Train ``batch``, the next micro-batch of ``plan``; its loss terms and images (0: skipped)."""
         accum, world_size = self.cfg.train.grad_accum_steps, self.accelerator.num_processes
         index, ends_step = plan.micro_batch(accum)
-        x = batch.images.to(self.accelerator.device, non_blocking=True).float().div_(255)
-        if self.cfg.train.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        # The layout is chosen on the uint8 images, a quarter of the floats' bytes.
+        layout = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
+        images = batch.images.to(self.accelerator.device, non_blocking=True).contiguous(memory_format=layout)
+        x = images.float().div_(255)
         eps, alpha = self._noise(batch.offset, x.shape[0], index, state.step)
         weight = plan.loss_weight(x.shape[0], world_size, accum)
         losses = self._forward_backward(x, batch.offset, eps, alpha, weight, ends_step, state.step)
