@@ -91,10 +91,11 @@ def test_bf16_mixed_precision_trains_on_the_cpu_through_pegasus_dist_train(smoke
 
 @pytest.mark.process
 @pytest.mark.skipif(not REAL_CIFAR.is_file(), reason=f"real CIFAR-10 JPEGs not at {REAL_CIFAR}")
-def test_real_cifar10_jpegs_prepare_train_and_sample(tmp_path):
+def test_real_cifar10_jpegs_prepare_train_and_sample(tmp_path, capsys):
     shards = tmp_path / "shards"
-    run_cli("prepare", "--source", f"folder:{REAL_CIFAR}", "--out", str(shards),
-            "--shard-size", "10000", timeout=600)
+    code, out = cli_here(capsys, "prepare", "--source", f"folder:{REAL_CIFAR}", "--out", str(shards),
+                         "--shard-size", "10000")
+    assert code == 0, out[-3000:]
     counts = load_manifest(shards / "horse_bird").counts["label"]
     assert counts == {"bird": counts["bird"], "horse": counts["horse"]}
     held_out = load_manifest(shards / "eval").counts["label"]
@@ -104,8 +105,9 @@ def test_real_cifar10_jpegs_prepare_train_and_sample(tmp_path):
     done = run_bounded([sys.executable, str(REPO / "pegasus_dist/train.py"), "--config", SMOKE,
                         *overrides(shards, runs, 3), *TINY_ARGS], timeout=300)
     assert done.returncode == 0, done.stdout[-4000:]
-    run_cli("train", "--config", str(REPO / "configs/smoke/finetune.yaml"), *overrides(shards, runs, 3),
-            *TINY_ARGS, f"train.init_from={runs / 'pretrain'}")
+    code, out = cli_here(capsys, "train", "--config", str(REPO / "configs/smoke/finetune.yaml"),
+                         *overrides(shards, runs, 3), *TINY_ARGS, f"train.init_from={runs / 'pretrain'}")
+    assert code == 0, out[-3000:]
     layout = assert_pegasus_layout(runs / "finetune" / "samples", labels_of(shards / "horse_bird"))
     assert all(row["horse"].startswith("folder_cifar10_jpg-") for row in layout["rows"])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -123,8 +124,11 @@ def test_each_phase_scores_its_grids_and_logs_them(trained_run, judge):
     assert evaluated["horse_as_horse"] >= 0.75 and 0 <= evaluated["recon_horse_as_horse"] <= 1
     assert "recon_bird_as_bird" in evaluated and "recon_horse_as_horse" not in evaluated.get("all", {})
     page = write_report([run], run / "report.html").read_text()
-    assert "sample quality" in page and "<td>pegasus: crossfade</td>" in page
-    assert f"<td>{pegasus['pegasus_score']:.4g}</td>" in page
+    assert "sample quality" in page and "<td>pegasus grid: crossfade of the same pairs</td>" in page
+    assert f"<td>{pegasus['pegasus_score']:.3f}</td>" in page
+    assert f"<td>{recon['originals']['horse_as_horse']:.0%}</td>" in page
+    headers = re.findall(r"<th>(.*?)</th>", page)  # in words, not the JSON's keys
+    assert "negative ELBO, nats per image" in headers and not [h for h in headers if "_" in h], headers
 
 
 @pytest.mark.process

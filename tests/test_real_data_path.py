@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import cli_here
 from PIL import Image
 from processes import BIN, REPO, run_bounded
 
@@ -145,16 +146,21 @@ def checkpoint_times(run: Path) -> dict[str, int]:
 # --- the tests -----------------------------------------------------------------------
 
 
-def test_readme_real_data_blocks_run_in_sequence(tarball, tmp_path):
+def test_readme_real_data_blocks_run_in_sequence(tarball, tmp_path, capsys, monkeypatch):
+    """In this process, through the console script's entry (cli_here): a dozen commands would
+    otherwise spend most of their time importing torch."""
     blocks = [b for b in readme_blocks() if not any(argv[1] == "pipeline" for argv in b)]
     commands = [argv for block in blocks for argv in block]
     stages = [argv[1] for argv in commands]
     assert stages[:5] == ["prepare", "classifier", "contact-sheet", "train", "train"]
     assert stages[-1] == "report" and {"sample", "eval"} <= set(stages[5:])
     root = clone(tmp_path / "clone")
+    monkeypatch.chdir(root)  # the README's paths are relative to the clone's root
     printed: dict[str, str] = {}  # what the commands of each stage printed
     for argv in commands:
-        printed[argv[1]] = printed.get(argv[1], "") + run_in(root, adapt(argv, tarball))
+        code, out = cli_here(capsys, *adapt(argv, tarball)[1:])
+        assert code == 0, f"{shlex.join(argv)}\n{out[-6000:]}"
+        printed[argv[1]] = printed.get(argv[1], "") + out
 
     shards = root / "shards" / "cifar10-jpg"  # where prepare wrote and configs/reference read
     assert load_manifest(shards / "mix").provenance["sources"][0]["origin"] == str(tarball)

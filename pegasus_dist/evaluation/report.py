@@ -14,9 +14,37 @@ from pathlib import Path
 
 from pegasus_dist.errors import DataError
 
-CURVES = ("loss", "recon", "kl")
+CURVES = {"loss": "loss", "recon": "reconstruction", "kl": "KL"}  # logged name: chart title
 GRIDS = ("pegasus", "reconstructions", "prior", "lerp", "analogy")
 WIDTH, HEIGHT, PAD = 360, 180, 36
+PERCENT = "{:.0%}"
+# Each number's column header in words, and its format: rounded to what it means
+# (README.md, "Held-out evaluation" and "Sample quality", defines them).
+COLUMNS = {
+    "images": ("images", "{:d}"),
+    "tiles": ("tiles", "{:d}"),
+    "neg_elbo_nats": ("negative ELBO, nats per image", "{:,.0f}"),
+    "recon_nats": ("reconstruction, nats", "{:,.0f}"),
+    "kl_nats": ("KL, nats", "{:.1f}"),
+    "bits_per_dim": ("bits per dimension", "{:.3f}"),
+    "psnr_db": ("PSNR, dB", "{:.1f}"),
+    "active_units": ("active latent units", "{:d}"),
+    "horse_as_horse": ("real horses read as horses", PERCENT),
+    "recon_horse_as_horse": ("reconstructed horses read as horses", PERCENT),
+    "bird_as_bird": ("real birds read as birds", PERCENT),
+    "recon_bird_as_bird": ("reconstructed birds read as birds", PERCENT),
+    "p_horse": ("mean P(horse)", "{:.2f}"),
+    "p_bird": ("mean P(bird)", "{:.2f}"),
+    "pegasus_score": ("pegasus score, mean of \u221a(P(horse) P(bird))", "{:.3f}"),
+    "horse_bird_mass": ("mean P(horse) + P(bird)", "{:.2f}"),
+    "frechet": ("Fr\u00e9chet distance to real horses and birds", "{:.1f}"),
+}
+ROWS = {"all": "all held-out images", "horse_bird": "horses and birds",
+        "crossfade": "crossfade of the same pairs", "originals": "the original images"}
+STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1240px}svg{background:#fafafa;margin:4px}"
+         "img{image-rendering:pixelated;width:320px;margin:4px}table{border-collapse:collapse}"
+         "th{font-weight:normal;max-width:7.5em;vertical-align:bottom;border-bottom:1px solid #888}"
+         "td,th{padding:2px 8px}td{text-align:right}td:first-child,th:first-child{text-align:left}")
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
@@ -36,9 +64,7 @@ def find_runs(paths: list[Path]) -> list[Path]:
 def write_report(paths: list[Path], out: Path) -> Path:
     sections = [_run_section(run) for run in find_runs(paths)]
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>pegasus-dist report</title>"
-            "<style>body{font-family:sans-serif;margin:2em}svg{background:#fafafa;margin:4px}"
-            "img{image-rendering:pixelated;width:320px;margin:4px}td,th{padding:2px 8px}"
-            "</style></head><body><h1>pegasus-dist report</h1>" + "".join(sections)
+            f"<style>{STYLE}</style></head><body><h1>pegasus-dist report</h1>" + "".join(sections)
             + "</body></html>\n")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page)
@@ -48,8 +74,8 @@ def write_report(paths: list[Path], out: Path) -> Path:
 def _run_section(run: Path) -> str:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
     phase = next((k.split("/")[0] for row in rows for k in row if k.endswith("/loss")), run.name)
-    charts = "".join(_chart(name, [(r["step"], r[f"{phase}/{name}"]) for r in rows if f"{phase}/{name}" in r])
-                     for name in CURVES)
+    charts = "".join(_chart(title, [(r["step"], r[key]) for r in rows if (key := f"{phase}/{name}") in r])
+                     for name, title in CURVES.items())
     grids = "".join(f"<figure style='display:inline-block'><img src='data:image/png;base64,"
                     f"{base64.b64encode(path.read_bytes()).decode()}'><figcaption>{html.escape(caption)}"
                     "</figcaption></figure>" for caption, path in find_grids(run))
@@ -81,7 +107,7 @@ def _chart(name: str, points: list[tuple[float, float]]) -> str:
         return f"{sx:.1f},{sy:.1f}"
 
     line = " ".join(scale(x, y) for x, y in points)
-    return (f"<svg width='{WIDTH}' height='{HEIGHT}'><text x='{PAD}' y='16'>{name} per image"
+    return (f"<svg width='{WIDTH}' height='{HEIGHT}'><text x='{PAD}' y='16'>{name}, nats per image"
             f"</text><polyline fill='none' stroke='#2060c0' stroke-width='1.5' points='{line}'/>"
             f"<text x='2' y='{PAD}' font-size='10'>{y1:.4g}</text>"
             f"<text x='2' y='{HEIGHT - PAD}' font-size='10'>{y0:.4g}</text>"
@@ -94,20 +120,14 @@ def _eval_table(run: Path) -> str:
     if not evals:
         return ""
     metrics = json.loads(evals[-1].read_text())
+    first = next(iter(metrics.values()))
     # Every subset's names: the horses and birds have the classifier's fractions as well.
     names = [k for k in dict.fromkeys(k for values in metrics.values() for k in values)
              if k not in ("latent_dim", "active_unit_threshold")]
-    head = "".join(f"<th>{html.escape(n)}</th>" for n in ["subset", *names])
-    body = "".join(_row(subset, values, names) for subset, values in metrics.items())
-    return (f"<p>held-out evaluation ({html.escape(evals[-1].stem)}):</p>"
-            f"<table><tr>{head}</tr>{body}</table>")
-
-
-def _row(label: str, values: dict, names: list[str]) -> str:
-    """A table row: ``label``, then each of ``names`` in ``values`` (floats to 4 digits, blank if absent)."""
-    cells = "".join(f"<td>{v:.4g}</td>" if isinstance(v := values.get(n, ""), float) else f"<td>{v}</td>"
-                    for n in names)
-    return f"<tr><td>{html.escape(label)}</td>{cells}</tr>"
+    rows = [(ROWS.get(subset, subset), values) for subset, values in metrics.items()]
+    return (f"<p>The held-out evaluation of {html.escape(evals[-1].stem)} (latent size "
+            f"{first.get('latent_dim')}; a unit is active when its mean varies by more than "
+            f"{first.get('active_unit_threshold')}):</p>" + _table("subset", names, rows))
 
 
 def _quality_table(run: Path) -> str:
@@ -118,12 +138,27 @@ def _quality_table(run: Path) -> str:
     results = json.loads(path.read_text())
     rows = []
     for grid, values in results["grids"].items():
-        rows.append((grid, values))
-        rows += [(f"{grid}: {name}", base) for name, base in values.items() if isinstance(base, dict)]
+        rows.append((f"{grid} grid", values))
+        rows += [(f"{grid} grid: {ROWS.get(name, name)}", base) for name, base in values.items()
+                 if isinstance(base, dict)]
     names = list(dict.fromkeys(k for _, values in rows for k, v in values.items() if not isinstance(v, dict)))
-    head = "".join(f"<th>{html.escape(n)}</th>" for n in ["grid", *names])
-    body = "".join(_row(label, values, names) for label, values in rows)
     accuracy = results.get("classifier", {}).get("held_out_accuracy")
-    return (f"<p>sample quality (pegasus_dist.evaluation.quality; "
-            f"classifier held-out accuracy {accuracy}):</p>"
-            f"<table><tr>{head}</tr>{body}</table>")
+    scorer = "" if accuracy is None else f", {accuracy:.0%} right on held-out images"
+    return (f"<p>The sample quality, as the project's classifier reads the grids{scorer}:</p>"
+            + _table("grid", names, rows))
+
+
+def _table(first: str, names: list[str], rows: list[tuple[str, dict]]) -> str:
+    """A table: a header in words, then per row its label and each of ``names`` (blank if absent)."""
+    head = "".join(f"<th>{html.escape(COLUMNS.get(n, (n.replace('_', ' '), ''))[0])}</th>"
+                   for n in [first, *names])
+    body = "".join(f"<tr><td>{html.escape(label)}</td>" + "".join(_cell(n, values.get(n)) for n in names)
+                   + "</tr>" for label, values in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _cell(name: str, value: object) -> str:
+    if value is None:
+        return "<td></td>"
+    fmt = COLUMNS.get(name, (name, "{:.3g}" if isinstance(value, float) else "{}"))[1]
+    return f"<td>{html.escape(fmt.format(value))}</td>"
