@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SMOKE, TINY_ARGS, losses, overrides, start, training_rows, wait_until
+from helpers import SMOKE, TINY_ARGS, cli_here, losses, overrides, start, training_rows, wait_until
 from processes import BIN, REPO, run_bounded
 from safetensors.torch import load_file
 
@@ -241,28 +241,32 @@ def test_a_rank_that_dies_brings_every_rank_down_quickly(smoke_shards, tmp_path)
     assert not (tmp_path / "pretrain" / "samples").exists()  # nothing pretended to finish
 
 
-def test_a_corrupt_shard_stops_training_naming_the_file(smoke_shards, tmp_path):
+def test_a_corrupt_shard_stops_training_naming_the_file(smoke_shards, tmp_path, capsys):
+    """`pegasus-dist train` in this process (cli_here): the console script's exit code and lines."""
     shards = tmp_path / "shards"
     shutil.copytree(smoke_shards, shards)
     bad = load_manifest(shards / "mix").shard_paths[2]
     bad.write_bytes(bad.read_bytes()[:5000])  # truncated
+
+    def train_here(runs: Path, steps: int, *extra: str) -> tuple[int, str]:
+        return cli_here(capsys, "train", "--config", SMOKE, *tiny(shards, runs, steps, *extra))
+
     for mode, workers in (("stream", "0"), ("stream", "2"), ("memory", "0")):
-        done = run_bounded(train_cmd(shards, tmp_path / f"{mode}{workers}", 200,
-                                     f"data.mode={mode}", f"data.num_workers={workers}"), 300)
-        assert done.returncode == 2, done.stdout[-3000:]
-        errors = [line for line in done.stdout.splitlines() if line.startswith("error: ")]
-        assert len(errors) == 1 and f"shard {bad}" in errors[0], done.stdout[-3000:]
+        code, out = train_here(tmp_path / f"{mode}{workers}", 200, f"data.mode={mode}",
+                               f"data.num_workers={workers}")
+        assert code == 2, out[-3000:]
+        errors = [line for line in out.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and f"shard {bad}" in errors[0], out[-3000:]
     # The documented option: skip bad samples, count them, finish the epoch.
     run = tmp_path / "skip"
-    done = run_bounded(train_cmd(shards, run, 30, "data.on_bad_sample=skip",
-                                 "data.num_workers=2"), timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:]
+    code, out = train_here(run, 30, "data.on_bad_sample=skip", "data.num_workers=2")
+    assert code == 0, out[-3000:]
     lost = 50 - len(list_samples_before_truncation(bad))
     last = training_rows(run / "pretrain")[-1]
     assert last["pretrain/bad_samples_skipped"] == lost  # one full epoch: each sample once
     bad.unlink()
-    done = run_bounded(train_cmd(shards, tmp_path / "missing", 5), timeout=120)
-    assert done.returncode == 2 and f"error: shard {bad} listed in" in done.stdout
+    code, out = train_here(tmp_path / "missing", 5)
+    assert code == 2 and f"error: shard {bad} listed in" in out, out[-3000:]
 
 
 def list_samples_before_truncation(path: Path) -> list[str]:
