@@ -152,13 +152,15 @@ def test_report_shows_both_phases(smoke_pipeline, tmp_path, capsys):
 
 
 @pytest.mark.process
-def test_logistic_likelihood_and_resize_decoder_train_and_evaluate(smoke_shards, tmp_path):
+def test_logistic_likelihood_and_resize_decoder_train_and_evaluate(smoke_shards, tmp_path, capsys):
     """model.likelihood=logistic with model.upsample=resize: the scale is learned and the
     held-out likelihood of 8-bit images beats the uniform one (ln 256 nats a value)."""
-    run_cli("train", "--config", SMOKE, f"data.shards={smoke_shards}", f"run.output_dir={tmp_path}",
-            "train.max_steps=60", "optim.warmup_steps=0", "optim.lr=0.01", "optim.lr_scaling=none",
-            "wandb.mode=disabled", "model.likelihood=logistic", "model.upsample=resize",
-            "train.log_every=10", *TINY_ARGS)
+    code, out = cli_here(capsys, "train", "--config", SMOKE, f"data.shards={smoke_shards}",
+                         f"run.output_dir={tmp_path}", "train.max_steps=60", "optim.warmup_steps=0",
+                         "optim.lr=0.01", "optim.lr_scaling=none", "wandb.mode=disabled",
+                         "model.likelihood=logistic", "model.upsample=resize", "train.log_every=10",
+                         *TINY_ARGS)
+    assert code == 0, out[-3000:]
     run = tmp_path / "pretrain"
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [row["pretrain/loss"] for row in logged if "pretrain/loss" in row]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from helpers import SMOKE, TINY, Trained
+from helpers import SMOKE, TINY, Trained, cli_here
 from processes import BIN, REPO, run_bounded
 from safetensors.torch import load_file, save_file
 
@@ -295,20 +295,19 @@ def test_a_requeue_gets_past_a_damaged_newest_checkpoint_on_every_rank(checkpoin
             "after it was written)") in errors[0]
 
 
-def test_resuming_on_another_data_seed_is_refused_naming_both_unless_allowed(checkpointed_run):
-    train = [str(BIN / "pegasus-dist"), "train", "--config", SMOKE, *checkpointed_run.overrides,
-             "train.max_steps=9", "data.seed=1"]
+def test_resuming_on_another_data_seed_is_refused_naming_both_unless_allowed(checkpointed_run, capsys):
+    train = ["train", "--config", SMOKE, *checkpointed_run.overrides, "train.max_steps=9", "data.seed=1"]
     newest = checkpointed_run.pretrain / "checkpoints/step_00000006"
-    refused = run_bounded(train, timeout=300)
-    errors = [line for line in refused.stdout.splitlines() if line.startswith("error: ")]
-    assert refused.returncode == 2 and len(errors) == 1, refused.stdout[-3000:]
+    code, out = cli_here(capsys, *train)  # the console script, in this process
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1, out[-3000:]
     assert f"{newest} was trained on shards mix@" in errors[0]
     assert "with data.seed=0, this run reads mix@" in errors[0]
     assert ("with data.seed=1; resume on the same shards and seed, or set data.resume_on_other_data=true"
             in errors[0])
-    allowed = run_bounded([*train, "data.resume_on_other_data=true"], timeout=300)
-    assert allowed.returncode == 0, allowed.stdout[-3000:]
-    assert "continuing on these (data.resume_on_other_data=true)" in allowed.stdout
+    code, out = cli_here(capsys, *train, "data.resume_on_other_data=true")
+    assert code == 0, out[-3000:]
+    assert "continuing on these (data.resume_on_other_data=true)" in out
     assert read_state(checkpointed_run.pretrain / "checkpoints/step_00000009").data_seed == 1
 
 

@@ -290,31 +290,32 @@ def list_samples_before_truncation(path: Path) -> list[str]:
         ("data.batch_size=100000", "mix holds 470 samples; lower data.batch_size to 470 or less"),
     ],
 )
-def test_bad_configuration_exits_2_before_training(smoke_shards, tmp_path, extra, message):
-    done = run_bounded(train_cmd(smoke_shards, tmp_path, 5, extra), timeout=120)
-    assert done.returncode == 2
-    errors = [line for line in done.stdout.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and message in errors[0], done.stdout[-2000:]
+def test_bad_configuration_exits_2_before_training(smoke_shards, tmp_path, extra, message, capsys):
+    code, out = cli_here(capsys, *train_cmd(smoke_shards, tmp_path, 5, extra)[1:])
+    assert code == 2
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], out[-2000:]
     assert not (tmp_path / "pretrain" / "checkpoints").exists()
 
 
-def test_a_run_folder_that_cannot_be_written_is_one_line(smoke_shards, tmp_path):
+def test_a_run_folder_that_cannot_be_written_is_one_line(smoke_shards, tmp_path, capsys):
     (tmp_path / "a-file").write_text("not a folder")
-    done = run_bounded(train_cmd(smoke_shards, tmp_path, 5, f"run.output_dir={tmp_path}/a-file/runs"), 120)
-    errors = [line for line in done.stdout.splitlines() if line.startswith("error: ")]
-    assert done.returncode == 2 and errors == [
+    code, out = cli_here(capsys, *train_cmd(smoke_shards, tmp_path, 5,
+                                            f"run.output_dir={tmp_path}/a-file/runs")[1:])
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert code == 2 and errors == [
         f"error: cannot write the run folder {tmp_path}/a-file/runs/pretrain: Not a directory; make it "
-        "writable, or set run.output_dir to a folder that is"], done.stdout[-2000:]
-    assert "Traceback" not in done.stdout
+        "writable, or set run.output_dir to a folder that is"], out[-2000:]
+    assert "Traceback" not in out
 
 
-def test_a_checkpoint_of_another_model_shape_exits_2(smoke_shards, tmp_path, checkpointed_run):
-    done = run_bounded(train_cmd(smoke_shards, tmp_path, 2, "model.latent_dim=8",
-                                 f"train.init_from={checkpointed_run.pretrain}"), timeout=120)
-    assert done.returncode == 2, done.stdout[-2000:]
-    errors = [line for line in done.stdout.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "has shape" in errors[0] and "another shape" in errors[0], done.stdout[-2000:]
-    assert "Traceback" not in done.stdout
+def test_a_checkpoint_of_another_model_shape_exits_2(smoke_shards, tmp_path, checkpointed_run, capsys):
+    code, out = cli_here(capsys, *train_cmd(smoke_shards, tmp_path, 2, "model.latent_dim=8",
+                                            f"train.init_from={checkpointed_run.pretrain}")[1:])
+    assert code == 2, out[-2000:]
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "has shape" in errors[0] and "another shape" in errors[0], out[-2000:]
+    assert "Traceback" not in out
     assert not (tmp_path / "pretrain" / "checkpoints").exists()
 
 
