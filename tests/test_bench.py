@@ -66,3 +66,16 @@ def test_the_harness_measures_each_row_against_the_baseline_of_the_same_run(tmp_
     table = format_table(rows)
     assert [line.split(" | ")[0].removeprefix("| ") for line in table.splitlines()
             if line.startswith("| ")][1:] == list(by_name)  # after the header, in order
+
+
+@pytest.mark.process
+def test_the_gpu_check_stops_in_one_line_without_a_gpu():
+    import torch
+    from processes import BIN, run_bounded
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: bench/gpu-check.sh would run in full")
+    done = run_bounded(["bash", "bench/gpu-check.sh"], timeout=60, env={"BIN": str(BIN)})
+    assert done.returncode == 2, done.stdout
+    assert done.stdout.strip() == ("gpu-check: no CUDA GPU is visible to torch (torch.cuda.device_count() "
+                                   "is 0): run it on a GPU machine")

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# What only a GPU can show, in one command on one GPU machine (about 5 minutes):
+#
+#   bench/gpu-check.sh              # writes runs/gpu-check/, prints one table at the end
+#
+# Rows: the bench's rows on CUDA (loaders, device-resident start-up, trainer vs
+# bare loop, achieved TFLOP/s), then the paper recipe's model on GPU 0 in
+# bf16, fp16 (the loss scale and the updates it dropped, scaler_skipped_steps),
+# bf16 with torch.compile and channels_last followed by `pegasus-dist sample`,
+# and with two GPUs or more a 2-process NCCL run. It has not run on a GPU yet
+# (docs/performance.md says so); without one it stops at once, in one line.
+#
+# Environment: OUT [runs/gpu-check], BIN [.venv/bin], STEPS [300] steps a run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu-check}
+BIN=${BIN:-.venv/bin}
+STEPS=${STEPS:-300}
+
+gpus=$("$BIN/python" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "$gpus" = 0 ]; then
+    echo "gpu-check: no CUDA GPU is visible to torch (torch.cuda.device_count() is 0): run it on a GPU machine" >&2
+    exit 2
+fi
+mkdir -p "$OUT"
+rows=()
+row() { rows+=("$(printf '| %s | %s |' "$1" "$2")"); }
+
+"$BIN/pegasus-dist" bench --images 20000 --steps 20 --process-steps 60 --out "$OUT/bench.json" \
+    | tee "$OUT/bench.md"
+"$BIN/pegasus-dist" prepare --source synthetic:4000 --out "$OUT/shards"
+
+# One run of the paper recipe (configs/pretrain.yaml) on the synthetic set: its last logged row.
+train() {
+    local name=$1
+    shift
+    local started=$SECONDS
+    "$BIN/pegasus-dist" train --config configs/pretrain.yaml "data.shards=$OUT/shards" \
+        "run.output_dir=$OUT/$name" "train.max_steps=$STEPS" train.log_every=50 data.batch_size=128 \
+        wandb.mode=disabled "$@" > "$OUT/$name.log" 2>&1 \
+        || { echo "gpu-check: the $name run failed: see $OUT/$name.log" >&2; exit 1; }
+    "$BIN/python" - "$OUT/$name/pretrain/metrics.jsonl" "$((SECONDS - started))" <<'EOF'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1]) if '"pretrain/loss"' in line]
+last = rows[-1]
+print(f"{last['pretrain/images_per_s']:,.0f} images/s, loss {last['pretrain/loss']:.1f} at step "
+      f"{last['step']}, scaler_skipped_steps {last['pretrain/scaler_skipped_steps']}, {sys.argv[2]} s in all")
+EOF
+}
+
+# Each result is assigned first: a failed run then stops the script (set -e), not just its row.
+result=$(train bf16 train.mixed_precision=bf16)
+row "bf16, 1 GPU" "$result"
+result=$(train fp16 train.mixed_precision=fp16)
+row "fp16 with loss scaling, 1 GPU" "$result"
+result=$(train compiled train.mixed_precision=bf16 train.compile=true train.channels_last=true)
+row "bf16, torch.compile + channels_last, 1 GPU" "$result"
+"$BIN/pegasus-dist" sample --checkpoint "$OUT/compiled/pretrain" --out "$OUT/compiled-samples" \
+    > "$OUT/sample.log" 2>&1 || { echo "gpu-check: sampling the compiled run failed: see $OUT/sample.log" >&2; exit 1; }
+row "pegasus-dist sample of the compiled run" \
+    "$(find "$OUT/compiled-samples" -name '*.png' | wc -l) grids in $OUT/compiled-samples"
+if [ "$gpus" -ge 2 ]; then
+    port=$((20000 + RANDOM % 20000))
+    "$BIN/accelerate" launch --config_file launch/gpu-1node.yaml --num_processes 2 --main_process_port "$port" \
+        pegasus_dist/train.py --config configs/smoke/pretrain.yaml "data.shards=$OUT/shards" \
+        "run.output_dir=$OUT/nccl" train.max_steps=50 train.mixed_precision=bf16 wandb.mode=disabled \
+        > "$OUT/nccl.log" 2>&1 || { echo "gpu-check: the 2-GPU run failed: see $OUT/nccl.log" >&2; exit 1; }
+    row "2 GPUs, one NCCL group" "$(grep -o 'world_size=2[^;]*backend=nccl' "$OUT/nccl.log" | head -n 1)"
+fi
+
+echo
+echo "| gpu-check ($("$BIN/python" -c "import torch; print(torch.cuda.get_device_name(0))"), $gpus GPU(s)) | |"
+echo "|---|---|"
+printf '%s\n' "${rows[@]}"
+echo "(the bench's own table is above and in $OUT/bench.md)"
