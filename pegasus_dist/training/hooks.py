@@ -63,26 +63,15 @@ class Hooks:
     def __add__(self, other: Hooks) -> Hooks:
         return Hooks(**{name: [*getattr(self, name), *getattr(other, name)] for name in vars(self)})
 
-    def start_stage(self, stage: str) -> None:
-        for hook in self.at_start_up:
-            hook(stage)
-
-    def started(self, trainer: Trainer) -> None:
-        for hook in self.after_start:
-            hook(trainer)
-
-    def micro_batch(self, trainer: Trainer, batch: Batch) -> None:
-        for hook in self.before_micro_batch:
-            hook(trainer, batch)
+    def run(self, point: str, *args: Any) -> None:
+        """Call the hooks of ``point`` (a field's name) with ``args``, in order."""
+        for hook in getattr(self, point):
+            hook(*args)
 
     def loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
         for hook in self.on_loss:
             loss = hook(step, loss)
         return loss
-
-    def saving(self, folder: Path, state: TrainState) -> None:
-        for hook in self.during_save:
-            hook(folder, state)
 
 
 class InjectedFault(PegasusError):

@@ -85,7 +85,7 @@ def start_phase(cfg: Config, hooks: Hooks) -> Started:
         fail_with_every_rank(err)
 
     def stage(name: str, check: Callable[[], T]) -> T:
-        return agree_on_start(accelerator, lambda: (hooks.start_stage(name), check())[1])
+        return agree_on_start(accelerator, lambda: (hooks.run("at_start_up", name), check())[1])
 
     cfg = stage("batch", lambda: _with_batch(cfg, accelerator.num_processes))
     # Before any rank reads the run folder. The main process alone chooses the checkpoint to
