@@ -186,10 +186,11 @@ def _check_and_build(cfg: Config, accelerator: Accelerator, schedule: LrSchedule
         state = _resume_position(state, loader.num_samples, accelerator.num_processes, resume_from)
     _check_batch_fits(cfg, accelerator, loader.num_samples, loader.path)
     state = _on_data(state, cfg, loader, resume_from)
-    init = resume_from is None
-    model = _build_model(cfg, accelerator, init)
+    # A resumed run has its weights: train.init_from starts a new one only.
+    source = resolve_checkpoint(cfg.train.init_from) if resume_from is None and cfg.train.init_from else None
+    model = _build_model(cfg, accelerator, source)
     models = Models(model, build_optimizer(model.parameters(), schedule, accelerator.device))
-    adversaries = _build_adversaries(cfg, init)
+    adversaries = _build_adversaries(cfg, source)
     if adversaries is not None:
         models.adversaries = adversaries
         models.adversary_optimizer = build_optimizer(adversaries.parameters(), schedule, accelerator.device)
@@ -265,12 +266,11 @@ def _on_data(state: TrainState, cfg: Config, loader: ShardLoader | MemoryLoader,
     return state.model_copy(update={"shards": shards, "data_seed": cfg.data.seed})
 
 
-def _build_model(cfg: Config, accelerator: Accelerator, init: bool) -> torch.nn.Module:
-    """The model (from train.init_from when ``init``), not yet prepared."""
+def _build_model(cfg: Config, accelerator: Accelerator, source: Path | None) -> torch.nn.Module:
+    """The model (its weights from the checkpoint ``source`` of train.init_from, if any), not yet prepared."""
     set_seed(cfg.train.seed)  # identical initial weights on every rank
     model = VAE(cfg.model)
-    if init and cfg.train.init_from:
-        source = resolve_checkpoint(cfg.train.init_from)
+    if source is not None:
         load_model_weights(model, source)
         log.info("initialised %s from %s", cfg.train.phase, source)
     if cfg.model.sync_batchnorm and accelerator.num_processes > 1:
@@ -280,19 +280,18 @@ def _build_model(cfg: Config, accelerator: Accelerator, init: bool) -> torch.nn.
     return model
 
 
-def _build_adversaries(cfg: Config, init: bool) -> Adversaries | None:
+def _build_adversaries(cfg: Config, source: Path | None) -> Adversaries | None:
     """ACAI's critic and the patch discriminator (None when both are off), not yet prepared.
 
     Seeded apart from the model, so that turning them on leaves its initial
-    weights as they were; ``train.init_from`` starts each one it holds.
+    weights as they were; ``source`` (train.init_from) starts each one it holds.
     """
     wanted = enabled_adversaries(cfg)
     if not wanted:
         return None
     set_seed(cfg.train.seed + 1)  # identical on every rank
     adversaries = Adversaries(cfg)
-    if init and cfg.train.init_from:
-        source = resolve_checkpoint(cfg.train.init_from)
+    if source is not None:
         for kind in sorted(wanted & held_adversaries(source)):
             load_model_weights(getattr(adversaries, kind), source, ADVERSARIES, prefix=f"{kind}.")
             log.info("initialised the %s from %s", KINDS[kind][0], source)
