@@ -92,8 +92,7 @@ def find_damage(folder: Path) -> str | None:
     try:
         parse_state(folder / STATE)
         _check_config(folder / CONFIG)
-        changed = sums_problem(folder)
-        if changed:
+        if changed := sums_problem(folder):
             raise CheckpointError(changed)
         for path in _files(folder):
             (_check_safetensors if path.suffix == ".safetensors" else _check_zip)(path)
