@@ -220,8 +220,7 @@ def _check_phase(state: TrainState, cfg: Config, folder: Path) -> None:
                               f"to start {cfg.train.phase} from its weights use train.init_from={folder}")
 
 
-def _resume_position(state: TrainState, num_samples: int, world_size: int,
-                     folder: Path) -> TrainState:
+def _resume_position(state: TrainState, num_samples: int, world_size: int, folder: Path) -> TrainState:
     """Where the resumed run continues, checked, so that the loop ends whatever state.json says.
 
     ``samples_done`` does not depend on the batch or the world size; an
@@ -299,7 +298,6 @@ def _build_adversaries(cfg: Config, source: Path | None) -> Adversaries | None:
 
 
 def _prepare_run_dir(accelerator: Accelerator, cfg: Config) -> None:
-    """The main process creates the run directory and saves the resolved config."""
     if accelerator.is_main_process:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         (cfg.run_dir / "config.yaml").write_text(cfg.to_yaml())

@@ -139,8 +139,7 @@ class MetricsLog:
         if run is not None:
             run.summary.update(values)
 
-    def log_images(self, paths: dict[str, Path], captions: dict[str, str], step: int,
-                   prefix: str) -> None:
+    def log_images(self, paths: dict[str, Path], captions: dict[str, str], step: int, prefix: str) -> None:
         """The PNG files of the sample grids as W&B images: exactly the pixels of ``samples/``."""
         run = self._wandb_run()
         if run is None or step <= self.wandb_holds_step:
