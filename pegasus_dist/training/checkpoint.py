@@ -222,8 +222,7 @@ def save_checkpoint(accelerator: Accelerator, state: TrainState, config_yaml: st
             failure = _write_failure(err, final, root)
         else:
             prune(root, keep)
-    failure = broadcast_object_list([failure])[0]
-    if failure:
+    if failure := broadcast_object_list([failure])[0]:
         raise CheckpointError(failure)
     return final
 

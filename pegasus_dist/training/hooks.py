@@ -112,8 +112,7 @@ def _settings(fault: str, settings: list[str], required: set[str], optional: set
             allowed = ", ".join(f"{k}=" for k in sorted(required | optional | {"rank"}))
             raise _plan_error(fault, f"{setting!r} is not one of {allowed}")
         values[key] = _value(fault, key, value)
-    missing = required - values.keys()
-    if missing:
+    if missing := required - values.keys():
         raise _plan_error(fault, f"it needs {', '.join(f'{k}=' for k in sorted(missing))}")
     return values
 

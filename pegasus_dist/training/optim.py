@@ -134,8 +134,7 @@ def apply_on_resume(optimizer: torch.optim.Optimizer, schedule: LrSchedule, step
         changes.setdefault("optim.weight_decay", (group["weight_decay"], optim.weight_decay))
     for g in optimizer.param_groups:
         g["lr"], g["betas"], g["weight_decay"] = schedule.at(step), tuple(optim.betas), optim.weight_decay
-    described = [f"{name} {old} -> {new}" for name, (old, new) in changes.items()]
-    if described:
+    if described := [f"{name} {old} -> {new}" for name, (old, new) in changes.items()]:
         log.warning("resuming from %s with this run's optimizer settings, not the checkpoint's: %s",
                     checkpoint, "; ".join(described))
 

@@ -207,8 +207,7 @@ def _resume_checkpoint(cfg: Config) -> Path | None:
                               "run.name or use run.resume=auto")
         return None
     folder = resolve_checkpoint(cfg.run.resume)
-    problem = find_damage(folder)
-    if problem:  # the user's choice: an error, never moved aside
+    if problem := find_damage(folder):  # the user's choice: an error, never moved aside
         raise CheckpointError(f"{problem}; move that checkpoint aside to resume from the one before "
                               "(run.resume=auto does)")
     return folder

@@ -35,8 +35,7 @@ def wandb_mode(cfg: Config) -> str:
     """
     if cfg.wandb.mode != "auto":
         return cfg.wandb.mode
-    env = os.environ.get("WANDB_MODE", "")
-    if env:
+    if env := os.environ.get("WANDB_MODE", ""):
         if env not in _WANDB_MODE_VALUES:
             raise ConfigError(f"WANDB_MODE={env} is not a W&B mode: set it to online, offline or "
                               "disabled, or unset it")
