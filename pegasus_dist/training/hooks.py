@@ -24,6 +24,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -135,10 +136,8 @@ def _plan_error(fault: str, why: str) -> ConfigError:
     return ConfigError(f"{FAULT_VARIABLE}: fault {fault!r}: {why} (e.g. {FAULT_VARIABLE}=nan:step=3:rank=1)")
 
 
-def _nonfinite(value: float) -> Callable[..., Hooks]:
-    def build(step: int) -> Hooks:
-        return Hooks(on_loss=[lambda now, loss: loss * value if now == step else loss])
-    return build
+def _nonfinite(value: float, step: int) -> Hooks:
+    return Hooks(on_loss=[lambda now, loss: loss * value if now == step else loss])
 
 
 def _kill(step: int, signal: int = signal.SIGKILL) -> Hooks:
@@ -183,8 +182,8 @@ def _crash(at: str | None = None, step: int | None = None) -> Hooks:
 
 # kind -> (builder, required settings, optional settings besides rank)
 KINDS: dict[str, tuple[Callable[..., Hooks], set[str], set[str]]] = {
-    "nan": (_nonfinite(float("nan")), {"step"}, set()),
-    "inf": (_nonfinite(float("inf")), {"step"}, set()),
+    "nan": (partial(_nonfinite, float("nan")), {"step"}, set()),
+    "inf": (partial(_nonfinite, float("inf")), {"step"}, set()),
     "kill": (_kill, {"step"}, {"signal"}),
     "slow": (_slow, {"ms"}, set()),
     "stall-save": (_stall_save, {"step"}, set()),
