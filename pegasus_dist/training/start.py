@@ -72,7 +72,6 @@ class _Checked:
     """What one rank read and built before the ranks agree that the phase can start."""
 
     state: TrainState
-    resume_from: Path | None = None
     loader: ShardLoader | MemoryLoader | None = None  # None: the phase is already complete
     models: Models | None = None  # not yet prepared
 
@@ -94,7 +93,7 @@ def start_phase(cfg: Config, hooks: Hooks) -> Started:
     resume_from, finished = broadcast_object_list(stage("lock", lambda: _lock_and_choose(cfg, accelerator)))
     schedule = LrSchedule(cfg.optim, global_batch(cfg, accelerator))
     checked = stage("checks", lambda: _check_and_build(cfg, accelerator, schedule, resume_from, finished))
-    state, resume_from = checked.state, checked.resume_from
+    state = checked.state
     if checked.loader is None:
         accelerator.end_training()
         raise RunComplete(f"{cfg.train.phase} in {cfg.run_dir} is already complete at step {state.step} "
@@ -178,7 +177,7 @@ def _check_and_build(cfg: Config, accelerator: Accelerator, schedule: LrSchedule
         state = read_state(resume_from)
         _check_phase(state, cfg, resume_from)
         if is_complete(state, cfg) and finished:
-            return _Checked(state, resume_from)
+            return _Checked(state)
         check_resumable(resume_from, enabled_adversaries(cfg))
     loader = make_loader(cfg.data, cfg.model.image_size, accelerator.process_index,
                          accelerator.num_processes, accelerator.device)
@@ -194,7 +193,7 @@ def _check_and_build(cfg: Config, accelerator: Accelerator, schedule: LrSchedule
     if adversaries is not None:
         models.adversaries = adversaries
         models.adversary_optimizer = build_optimizer(adversaries.parameters(), schedule, accelerator.device)
-    return _Checked(state, resume_from, loader, models)
+    return _Checked(state, loader, models)
 
 
 def _resume_checkpoint(cfg: Config) -> Path | None:
