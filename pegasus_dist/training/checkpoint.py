@@ -92,8 +92,7 @@ def find_damage(folder: Path) -> str | None:
     try:
         parse_state(folder / STATE)
         _check_config(folder / CONFIG)
-        changed = sums_problem(folder)
-        if changed:
+        if changed := sums_problem(folder):
             raise CheckpointError(changed)
         for path in _files(folder):
             (_check_safetensors if path.suffix == ".safetensors" else _check_zip)(path)
@@ -223,8 +222,7 @@ def save_checkpoint(accelerator: Accelerator, state: TrainState, config_yaml: st
             failure = _write_failure(err, final, root)
         else:
             prune(root, keep)
-    failure = broadcast_object_list([failure])[0]
-    if failure:
+    if failure := broadcast_object_list([failure])[0]:
         raise CheckpointError(failure)
     return final
 

@@ -174,8 +174,7 @@ def describe_position(step: int, epoch: int, batch: int, ranks: list[int]) -> st
     return f"step {step} (epoch {epoch}, batch {batch}) on rank(s) {ranks}"
 
 
-def agree(accelerator: Accelerator, stop_requested: bool, watch: NonfiniteWatch,
-          save_due: bool = False) -> Agreement:
+def agree(accelerator: Accelerator, stop_requested: bool, watch: NonfiniteWatch, save_due: bool) -> Agreement:
     """One gather over the ranks and one host read: call it at sync points only.
 
     ``save_due`` counts on the main process only: one clock decides for every rank.

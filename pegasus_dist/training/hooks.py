@@ -24,6 +24,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,26 +64,15 @@ class Hooks:
     def __add__(self, other: Hooks) -> Hooks:
         return Hooks(**{name: [*getattr(self, name), *getattr(other, name)] for name in vars(self)})
 
-    def start_stage(self, stage: str) -> None:
-        for hook in self.at_start_up:
-            hook(stage)
-
-    def started(self, trainer: Trainer) -> None:
-        for hook in self.after_start:
-            hook(trainer)
-
-    def micro_batch(self, trainer: Trainer, batch: Batch) -> None:
-        for hook in self.before_micro_batch:
-            hook(trainer, batch)
+    def run(self, point: str, *args: Any) -> None:
+        """Call the hooks of ``point`` (a field's name) with ``args``, in order."""
+        for hook in getattr(self, point):
+            hook(*args)
 
     def loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
         for hook in self.on_loss:
             loss = hook(step, loss)
         return loss
-
-    def saving(self, folder: Path, state: TrainState) -> None:
-        for hook in self.during_save:
-            hook(folder, state)
 
 
 class InjectedFault(PegasusError):
@@ -123,8 +113,7 @@ def _settings(fault: str, settings: list[str], required: set[str], optional: set
             allowed = ", ".join(f"{k}=" for k in sorted(required | optional | {"rank"}))
             raise _plan_error(fault, f"{setting!r} is not one of {allowed}")
         values[key] = _value(fault, key, value)
-    missing = required - values.keys()
-    if missing:
+    if missing := required - values.keys():
         raise _plan_error(fault, f"it needs {', '.join(f'{k}=' for k in sorted(missing))}")
     return values
 
@@ -147,10 +136,8 @@ def _plan_error(fault: str, why: str) -> ConfigError:
     return ConfigError(f"{FAULT_VARIABLE}: fault {fault!r}: {why} (e.g. {FAULT_VARIABLE}=nan:step=3:rank=1)")
 
 
-def _nonfinite(value: float) -> Callable[..., Hooks]:
-    def build(step: int) -> Hooks:
-        return Hooks(on_loss=[lambda now, loss: loss * value if now == step else loss])
-    return build
+def _nonfinite(value: float, step: int) -> Hooks:
+    return Hooks(on_loss=[lambda now, loss: loss * value if now == step else loss])
 
 
 def _kill(step: int, signal: int = signal.SIGKILL) -> Hooks:
@@ -195,8 +182,8 @@ def _crash(at: str | None = None, step: int | None = None) -> Hooks:
 
 # kind -> (builder, required settings, optional settings besides rank)
 KINDS: dict[str, tuple[Callable[..., Hooks], set[str], set[str]]] = {
-    "nan": (_nonfinite(float("nan")), {"step"}, set()),
-    "inf": (_nonfinite(float("inf")), {"step"}, set()),
+    "nan": (partial(_nonfinite, float("nan")), {"step"}, set()),
+    "inf": (partial(_nonfinite, float("inf")), {"step"}, set()),
     "kill": (_kill, {"step"}, {"signal"}),
     "slow": (_slow, {"ms"}, set()),
     "stall-save": (_stall_save, {"step"}, set()),

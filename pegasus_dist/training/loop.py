@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from functools import partial
 from pathlib import Path
 from typing import NoReturn
 
@@ -91,7 +92,7 @@ class Trainer:
         self.window = Window(self.accelerator.device)  # the loss sums since the last log
         self.last_step = self.cfg.train.max_steps  # 0: none
         self.last_save = time.monotonic()  # train.checkpoint_minutes counts from here (main process)
-        self.hooks.started(self)
+        self.hooks.run("after_start", self)
 
     def run_epochs(self, until_step: int | None = None) -> None:
         """Train to the end of the phase; the ranks wait for each other only at sync points.
@@ -121,7 +122,7 @@ class Trainer:
         self.loader.set_epoch(state.epoch, start_sample=state.samples_done)
         with progress.epoch(state.epoch, self.plan.first) as shown:
             for batch in self.loader:
-                self.hooks.micro_batch(self, batch)
+                self.hooks.run("before_micro_batch", self, batch)
                 ends_step = self.plan.micro_batch(cfg.train.grad_accum_steps)[1]
                 losses, images = self.train_step(batch, state, self.plan)
                 state.step += ends_step
@@ -212,7 +213,7 @@ class Trainer:
         """Every rank checkpoints; call it right after :meth:`_agree`, so that the weights are good."""
         folder = save_checkpoint(self.accelerator, self.state, self.cfg.to_yaml(),
                                  root=self.cfg.run_dir / "checkpoints", keep=self.cfg.train.keep_checkpoints,
-                                 before_counters=self.hooks.saving)
+                                 before_counters=partial(self.hooks.run, "during_save"))
         self.last_save = time.monotonic()
         return folder
 

@@ -62,8 +62,7 @@ class LrSchedule:
         factor = {"linear": f" x {self.global_batch}/{o.base_batch_size}",
                   "sqrt": f" x sqrt({self.global_batch}/{o.base_batch_size})",
                   "none": ""}[o.lr_scaling]
-        warmup = (f"linear warm-up over {o.warmup_steps} steps" if o.warmup_steps
-                  else "no warm-up")
+        warmup = f"linear warm-up over {o.warmup_steps} steps" if o.warmup_steps else "no warm-up"
         return (f"lr {self.peak:.3g} = optim.lr {o.lr:.3g}{factor} (optim.lr_scaling={o.lr_scaling}, "
                 f"global batch {self.global_batch}), {warmup}")
 
@@ -118,11 +117,11 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def apply_on_resume(optimizer: torch.optim.Optimizer, schedule: LrSchedule, step: int,
-                    checkpoint: Path) -> list[str]:
+                    checkpoint: Path) -> None:
     """Give an optimizer restored from ``checkpoint`` this run's hyperparameters.
 
     Else lowering ``optim.lr`` to get past a divergence would change the log
-    but not the training. Logs (and returns) every value that differs.
+    but not the training. Logs every value that differs.
     """
     optim, group = schedule.optim, optimizer.param_groups[0]
     changes = {f"optim.{key}": (old, new) for key, old, new in _changed_keys(optim, checkpoint)}
@@ -135,11 +134,9 @@ def apply_on_resume(optimizer: torch.optim.Optimizer, schedule: LrSchedule, step
         changes.setdefault("optim.weight_decay", (group["weight_decay"], optim.weight_decay))
     for g in optimizer.param_groups:
         g["lr"], g["betas"], g["weight_decay"] = schedule.at(step), tuple(optim.betas), optim.weight_decay
-    described = [f"{name} {old} -> {new}" for name, (old, new) in changes.items()]
-    if described:
+    if described := [f"{name} {old} -> {new}" for name, (old, new) in changes.items()]:
         log.warning("resuming from %s with this run's optimizer settings, not the checkpoint's: %s",
                     checkpoint, "; ".join(described))
-    return described
 
 
 def _changed_keys(optim: OptimConfig, checkpoint: Path) -> list[tuple[str, object, object]]:

@@ -49,9 +49,7 @@ class Progress:
     @contextmanager
     def epoch(self, epoch: int, batches_done: int) -> Iterator[_Epoch]:
         """Progress within epoch ``epoch`` (0-based), resumed at ``batches_done``."""
-        if not self.enabled:
-            yield _Epoch(self, epoch, batches_done, None)
-        elif self.use_bar:
+        if self.use_bar:
             with logging_redirect_tqdm(), tqdm(
                 total=self.batches, initial=batches_done, unit="batch", dynamic_ncols=True,
                 desc=f"{self.phase} epoch {epoch + 1}/{self.epochs}", file=self.stream,
@@ -61,7 +59,7 @@ class Progress:
             current = _Epoch(self, epoch, batches_done, None)
             yield current
             # Not reached when the epoch ends by an exception: its own message says why.
-            if current.step not in (None, self.logged_step):
+            if self.enabled and current.step not in (None, self.logged_step):
                 self._log_line(current)
 
     def _after_step(self, at: _Epoch, images: int) -> None:

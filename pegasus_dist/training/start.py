@@ -72,7 +72,6 @@ class _Checked:
     """What one rank read and built before the ranks agree that the phase can start."""
 
     state: TrainState
-    resume_from: Path | None = None
     loader: ShardLoader | MemoryLoader | None = None  # None: the phase is already complete
     models: Models | None = None  # not yet prepared
 
@@ -85,7 +84,7 @@ def start_phase(cfg: Config, hooks: Hooks) -> Started:
         fail_with_every_rank(err)
 
     def stage(name: str, check: Callable[[], T]) -> T:
-        return agree_on_start(accelerator, lambda: (hooks.start_stage(name), check())[1])
+        return agree_on_start(accelerator, lambda: (hooks.run("at_start_up", name), check())[1])
 
     cfg = stage("batch", lambda: _with_batch(cfg, accelerator.num_processes))
     # Before any rank reads the run folder. The main process alone chooses the checkpoint to
@@ -94,7 +93,7 @@ def start_phase(cfg: Config, hooks: Hooks) -> Started:
     resume_from, finished = broadcast_object_list(stage("lock", lambda: _lock_and_choose(cfg, accelerator)))
     schedule = LrSchedule(cfg.optim, global_batch(cfg, accelerator))
     checked = stage("checks", lambda: _check_and_build(cfg, accelerator, schedule, resume_from, finished))
-    state, resume_from = checked.state, checked.resume_from
+    state = checked.state
     if checked.loader is None:
         accelerator.end_training()
         raise RunComplete(f"{cfg.train.phase} in {cfg.run_dir} is already complete at step {state.step} "
@@ -178,7 +177,7 @@ def _check_and_build(cfg: Config, accelerator: Accelerator, schedule: LrSchedule
         state = read_state(resume_from)
         _check_phase(state, cfg, resume_from)
         if is_complete(state, cfg) and finished:
-            return _Checked(state, resume_from)
+            return _Checked(state)
         check_resumable(resume_from, enabled_adversaries(cfg))
     loader = make_loader(cfg.data, cfg.model.image_size, accelerator.process_index,
                          accelerator.num_processes, accelerator.device)
@@ -186,14 +185,15 @@ def _check_and_build(cfg: Config, accelerator: Accelerator, schedule: LrSchedule
         state = _resume_position(state, loader.num_samples, accelerator.num_processes, resume_from)
     _check_batch_fits(cfg, accelerator, loader.num_samples, loader.path)
     state = _on_data(state, cfg, loader, resume_from)
-    init = resume_from is None
-    model = _build_model(cfg, accelerator, init)
+    # A resumed run has its weights: train.init_from starts a new one only.
+    source = resolve_checkpoint(cfg.train.init_from) if resume_from is None and cfg.train.init_from else None
+    model = _build_model(cfg, accelerator, source)
     models = Models(model, build_optimizer(model.parameters(), schedule, accelerator.device))
-    adversaries = _build_adversaries(cfg, init)
+    adversaries = _build_adversaries(cfg, source)
     if adversaries is not None:
         models.adversaries = adversaries
         models.adversary_optimizer = build_optimizer(adversaries.parameters(), schedule, accelerator.device)
-    return _Checked(state, resume_from, loader, models)
+    return _Checked(state, loader, models)
 
 
 def _resume_checkpoint(cfg: Config) -> Path | None:
@@ -206,8 +206,7 @@ def _resume_checkpoint(cfg: Config) -> Path | None:
                               "run.name or use run.resume=auto")
         return None
     folder = resolve_checkpoint(cfg.run.resume)
-    problem = find_damage(folder)
-    if problem:  # the user's choice: an error, never moved aside
+    if problem := find_damage(folder):  # the user's choice: an error, never moved aside
         raise CheckpointError(f"{problem}; move that checkpoint aside to resume from the one before "
                               "(run.resume=auto does)")
     return folder
@@ -219,8 +218,7 @@ def _check_phase(state: TrainState, cfg: Config, folder: Path) -> None:
                               f"to start {cfg.train.phase} from its weights use train.init_from={folder}")
 
 
-def _resume_position(state: TrainState, num_samples: int, world_size: int,
-                     folder: Path) -> TrainState:
+def _resume_position(state: TrainState, num_samples: int, world_size: int, folder: Path) -> TrainState:
     """Where the resumed run continues, checked, so that the loop ends whatever state.json says.
 
     ``samples_done`` does not depend on the batch or the world size; an
@@ -265,12 +263,11 @@ def _on_data(state: TrainState, cfg: Config, loader: ShardLoader | MemoryLoader,
     return state.model_copy(update={"shards": shards, "data_seed": cfg.data.seed})
 
 
-def _build_model(cfg: Config, accelerator: Accelerator, init: bool) -> torch.nn.Module:
-    """The model (from train.init_from when ``init``), not yet prepared."""
+def _build_model(cfg: Config, accelerator: Accelerator, source: Path | None) -> torch.nn.Module:
+    """The model (its weights from the checkpoint ``source`` of train.init_from, if any), not yet prepared."""
     set_seed(cfg.train.seed)  # identical initial weights on every rank
     model = VAE(cfg.model)
-    if init and cfg.train.init_from:
-        source = resolve_checkpoint(cfg.train.init_from)
+    if source is not None:
         load_model_weights(model, source)
         log.info("initialised %s from %s", cfg.train.phase, source)
     if cfg.model.sync_batchnorm and accelerator.num_processes > 1:
@@ -280,19 +277,18 @@ def _build_model(cfg: Config, accelerator: Accelerator, init: bool) -> torch.nn.
     return model
 
 
-def _build_adversaries(cfg: Config, init: bool) -> Adversaries | None:
+def _build_adversaries(cfg: Config, source: Path | None) -> Adversaries | None:
     """ACAI's critic and the patch discriminator (None when both are off), not yet prepared.
 
     Seeded apart from the model, so that turning them on leaves its initial
-    weights as they were; ``train.init_from`` starts each one it holds.
+    weights as they were; ``source`` (train.init_from) starts each one it holds.
     """
     wanted = enabled_adversaries(cfg)
     if not wanted:
         return None
     set_seed(cfg.train.seed + 1)  # identical on every rank
     adversaries = Adversaries(cfg)
-    if init and cfg.train.init_from:
-        source = resolve_checkpoint(cfg.train.init_from)
+    if source is not None:
         for kind in sorted(wanted & held_adversaries(source)):
             load_model_weights(getattr(adversaries, kind), source, ADVERSARIES, prefix=f"{kind}.")
             log.info("initialised the %s from %s", KINDS[kind][0], source)
@@ -300,7 +296,6 @@ def _build_adversaries(cfg: Config, init: bool) -> Adversaries | None:
 
 
 def _prepare_run_dir(accelerator: Accelerator, cfg: Config) -> None:
-    """The main process creates the run directory and saves the resolved config."""
     if accelerator.is_main_process:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         (cfg.run_dir / "config.yaml").write_text(cfg.to_yaml())

@@ -118,8 +118,7 @@ class TrainStep:
         if self.cfg.train.on_nonfinite == "skip":
             # The opt-in price of skipping: one host sync per micro-batch, so that every
             # rank skips the update at exactly the bad step.
-            bad_ranks = nonfinite_ranks(self.accelerator, losses.total)
-            if bad_ranks:
+            if bad_ranks := nonfinite_ranks(self.accelerator, losses.total):
                 self.skip_ranks = self.skip_ranks or bad_ranks
                 losses, images = BatchLosses.zeros(x.device), 0
         else:

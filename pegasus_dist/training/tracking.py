@@ -35,8 +35,7 @@ def wandb_mode(cfg: Config) -> str:
     """
     if cfg.wandb.mode != "auto":
         return cfg.wandb.mode
-    env = os.environ.get("WANDB_MODE", "")
-    if env:
+    if env := os.environ.get("WANDB_MODE", ""):
         if env not in _WANDB_MODE_VALUES:
             raise ConfigError(f"WANDB_MODE={env} is not a W&B mode: set it to online, offline or "
                               "disabled, or unset it")
@@ -82,7 +81,15 @@ def _start(accelerator: Accelerator, cfg: Config, state: TrainState, config: dic
     except wandb.Error as err:
         if mode != "online":
             raise
-        _start_offline_instead(accelerator, cfg, state, config, err)
+        # init_trackers kept the failed WandBTracker (W&B is the only tracker: nothing else starts
+        # twice), and wandb's service still holds the run id ("run ID is in use"): clear both.
+        wandb.teardown()
+        accelerator.trackers.clear()
+        _start(accelerator, cfg, state, config, "offline")
+        folder = Path(accelerator.get_tracker("wandb", unwrap=True).dir).parent  # <folder>/files
+        log.warning("W&B could not start online (%s: %s); logging offline into %s instead: upload it "
+                    "later with `wandb sync %s` (a slow link may need a larger wandb.init_timeout_s)",
+                    type(err).__name__, _first_line(err), folder, folder)
 
 
 def _first_line(err: Exception) -> str:
@@ -98,24 +105,6 @@ def _init_kwargs(cfg: Config, state: TrainState, mode: str) -> dict[str, Any]:
         # With the server unreachable, wandb.init retries until init_timeout, then raises CommError.
         "settings": wandb.Settings(init_timeout=cfg.wandb.init_timeout_s),
     }
-
-
-def _start_offline_instead(accelerator: Accelerator, cfg: Config, state: TrainState,
-                           config: dict[str, Any], err: wandb.Error) -> None:
-    """Log offline after a failed online start (main process), with one warning line.
-
-    init_trackers kept the failed WandBTracker (W&B is the only tracker: nothing
-    else starts twice), and wandb's service still holds the run id ("run ID is
-    in use"): both are cleared first.
-    """
-    wandb.teardown()
-    accelerator.trackers.clear()
-    accelerator.init_trackers(cfg.wandb.project, config=config,
-                              init_kwargs={"wandb": _init_kwargs(cfg, state, "offline")})
-    folder = Path(accelerator.get_tracker("wandb", unwrap=True).dir).parent  # <folder>/files
-    log.warning("W&B could not start online (%s: %s); logging offline into %s instead: upload it "
-                "later with `wandb sync %s` (a slow link may need a larger wandb.init_timeout_s)",
-                type(err).__name__, _first_line(err), folder, folder)
 
 
 def _started_from(init_from: str) -> dict[str, Any]:
@@ -149,8 +138,7 @@ class MetricsLog:
         if run is not None:
             run.summary.update(values)
 
-    def log_images(self, paths: dict[str, Path], captions: dict[str, str], step: int,
-                   prefix: str) -> None:
+    def log_images(self, paths: dict[str, Path], captions: dict[str, str], step: int, prefix: str) -> None:
         """The PNG files of the sample grids as W&B images: exactly the pixels of ``samples/``."""
         run = self._wandb_run()
         if run is None or step <= self.wandb_holds_step:

@@ -89,7 +89,6 @@ class Window:
         self.steps += 1
 
     def seconds(self) -> float:
-        """Since the window began (its last reset)."""
         return time.perf_counter() - self.started
 
     def copy(self) -> Window:
