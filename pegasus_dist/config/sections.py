@@ -203,6 +203,9 @@ class TrainConfig(Section):
     grad_accum_steps: int = Field(1, ge=1)
     mixed_precision: Precision = "no"
     seed: int = 0  # model initialisation and reparameterisation noise
+    # Decay of an exponential moving average of the VAE's weights, which the grids,
+    # the evaluation and `pegasus-dist sample` then use (ema.safetensors); 0: off.
+    ema_decay: float = Field(0.0, ge=0, lt=1)
     # A checkpoint directory, or a run directory (its newest checkpoint), whose
     # model weights start this phase; the finetune phase starts from pretrain.
     init_from: str = ""

@@ -21,7 +21,7 @@ from pegasus_dist.config import Config, SamplerConfig, load_config
 from pegasus_dist.data.shards import ShardSet
 from pegasus_dist.errors import ConfigError, DataError
 from pegasus_dist.evaluation.classifier import Classifier, find_classifier, predict
-from pegasus_dist.model.saved import load_model_weights, resolve_checkpoint
+from pegasus_dist.model.saved import load_model_weights, resolve_checkpoint, sampled_weights
 from pegasus_dist.model.slerp import slerp
 from pegasus_dist.model.vae import VAE
 
@@ -269,6 +269,6 @@ def load_trained_model(checkpoint: str | Path, overrides: list[str]) -> tuple[Co
     folder = resolve_checkpoint(checkpoint)
     cfg = load_config(folder / "config.yaml", overrides)
     model = VAE(cfg.model)
-    load_model_weights(model, folder)
+    load_model_weights(model, folder, sampled_weights(folder))
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu")
     return cfg, model.to(device), folder

@@ -19,6 +19,7 @@ PREFIX = "step_"
 STATE = "state.json"
 MODEL = "model.safetensors"  # the first model prepared; Accelerate names the others model_<i>
 ADVERSARIES = "model_1.safetensors"  # the critic and patch discriminator, prepared second when on
+EMA = "ema.safetensors"  # the VAE's weights averaged over steps (train.ema_decay > 0)
 NAME = re.compile(rf"{PREFIX}(\d+)")  # and exactly checkpoint_name(N): step_00000060, not step_60
 
 
@@ -72,6 +73,11 @@ def read_weights(folder: Path, name: str = MODEL) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: {nonfinite[0]} holds NaN or Inf values; the run diverged before "
                               "it was saved: use an earlier checkpoint of the run")
     return weights
+
+
+def sampled_weights(folder: Path) -> str:
+    """The file of ``folder`` that grids and evaluations use: the moving average when the run kept one."""
+    return EMA if (folder / EMA).is_file() else MODEL
 
 
 def load_model_weights(model: torch.nn.Module, folder: Path, name: str = MODEL,

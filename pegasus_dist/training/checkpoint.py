@@ -27,12 +27,15 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, extract_model_from_parallel
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch.optim.swa_utils import AveragedModel
 
 from pegasus_dist.checksums import sums_problem, write_sums
 from pegasus_dist.errors import CheckpointError
 from pegasus_dist.model.adversaries import KINDS
 from pegasus_dist.model.saved import (
     ADVERSARIES,
+    EMA,
     MODEL,
     STATE,
     checkpoint_name,
@@ -195,13 +198,15 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(accelerator: Accelerator, state: TrainState, config_yaml: str, root: Path,
-                    keep: int, before_counters: Callable[[Path, TrainState], None] | None = None) -> Path:
+                    keep: int, before_counters: Callable[[Path, TrainState], None] | None = None,
+                    ema: AveragedModel | None = None) -> Path:
     """Every rank calls this; returns the published ``step_<N>`` folder.
 
     The main process writes ``.tmp-step_<N>/``, renames it into place and
     prunes; the others wait for its outcome (nothing belongs to one rank): a
     write that failed (a full disk, a read-only folder) is one CheckpointError
-    on every rank. ``before_counters`` (``Hooks.during_save``) runs before ``state.json``.
+    on every rank. ``before_counters`` (``Hooks.during_save``) runs before ``state.json``;
+    ``ema``, the weights' moving average, is saved as ``ema.safetensors``.
     """
     final = root / checkpoint_name(state.step)
     # Already saved at this step (the cadence saved the last step)? The main process
@@ -214,7 +219,7 @@ def save_checkpoint(accelerator: Accelerator, state: TrainState, config_yaml: st
     if accelerator.is_main_process:
         tmp = root / f".tmp-{final.name}"
         try:
-            _write(accelerator, state, config_yaml, tmp, before_counters)
+            _write(accelerator, state, config_yaml, tmp, before_counters, ema)
             os.replace(tmp, final)  # published under its final name: atomic on one filesystem
             _fsync_dir(root)
         except (OSError, RuntimeError, SafetensorError) as err:  # torch reports a full disk as a RuntimeError
@@ -228,10 +233,12 @@ def save_checkpoint(accelerator: Accelerator, state: TrainState, config_yaml: st
 
 
 def _write(accelerator: Accelerator, state: TrainState, config_yaml: str, tmp: Path,
-           before_counters: Callable[[Path, TrainState], None] | None) -> None:
+           before_counters: Callable[[Path, TrainState], None] | None, ema: AveragedModel | None) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     with accelerator.register_save_state_pre_hook(_unwrapped_weights):
         accelerator.save_state(str(tmp))
+    if ema is not None:
+        save_file(ema.module.state_dict(), tmp / EMA)
     for path in tmp.glob("random_states_*.pkl"):  # no random draw of training needs them
         path.unlink()
     if before_counters is not None:

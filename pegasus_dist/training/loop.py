@@ -213,7 +213,8 @@ class Trainer:
         """Every rank checkpoints; call it right after :meth:`_agree`, so that the weights are good."""
         folder = save_checkpoint(self.accelerator, self.state, self.cfg.to_yaml(),
                                  root=self.cfg.run_dir / "checkpoints", keep=self.cfg.train.keep_checkpoints,
-                                 before_counters=partial(self.hooks.run, "during_save"))
+                                 before_counters=partial(self.hooks.run, "during_save"),
+                                 ema=self.models.ema)
         self.last_save = time.monotonic()
         return folder
 
@@ -230,7 +231,9 @@ class Trainer:
         self._agree()  # the end of the run; a stop signal now changes nothing: the final checkpoint follows
         final = self._save()
         if self.accelerator.is_main_process:
-            model = self.accelerator.unwrap_model(self.models.model, keep_torch_compile=False)
+            ema = self.models.ema  # the averaged weights, when kept, are the ones saved for sampling
+            model = (ema.module if ema is not None
+                     else self.accelerator.unwrap_model(self.models.model, keep_torch_compile=False))
             sample_and_evaluate(self.cfg, model, self.metrics, self.state.step, final)
             mark_finished(self.cfg.run_dir, final)
         self.accelerator.wait_for_everyone()

@@ -38,6 +38,7 @@ from pegasus_dist.training.distributed import (
     convert_sync_batchnorm,
     warn_if_launcher_precision_differs,
 )
+from pegasus_dist.training.ema import build_ema, restore_ema
 from pegasus_dist.training.faults import agree_on_start, fail_with_every_rank
 from pegasus_dist.training.hooks import Hooks
 from pegasus_dist.training.lock import hold_run_lock
@@ -104,6 +105,8 @@ def start_phase(cfg: Config, hooks: Hooks) -> Started:
     if resume_from is not None:  # after prepare: load_state fills what it prepared
         stage("restore", lambda: restore_checkpoint(accelerator, resume_from))
         _continue_from(resume_from, cfg, accelerator, state, checked.loader.num_samples, models, schedule)
+        if models.ema is not None:
+            restore_ema(models.ema, resume_from)
     state.global_batch = schedule.global_batch  # what this run's checkpoints record
     start_tracking(accelerator, cfg, state, schedule.global_batch, schedule.peak)
     metrics = MetricsLog(accelerator, cfg.run_dir)
@@ -308,6 +311,8 @@ def _prepare(accelerator: Accelerator, cfg: Config, built: Models) -> Models:
     model = torch.compile(built.model) if cfg.train.compile else built.model
     model, optimizer = accelerator.prepare(model, built.optimizer)
     prepared = Models(model, optimizer)
+    if cfg.train.ema_decay:  # of the weights as built: initialised, or loaded from train.init_from
+        prepared.ema = build_ema(built.model, cfg.train.ema_decay)
     if built.adversaries is not None:
         prepared.adversaries = accelerator.prepare_model(built.adversaries)
         # Their optimizer stays unprepared: Accelerate's GradScaler, one scale per

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
+from torch.optim.swa_utils import AveragedModel
 
 from pegasus_dist.config import Config
 from pegasus_dist.data.loader import Batch
@@ -41,6 +42,7 @@ class Models:
     # Under fp16, the adversaries' own loss scale: their small gradients would
     # underflow unscaled, and the autoencoder's scaler steps its optimizer alone.
     adversary_scaler: torch.amp.GradScaler | None = None
+    ema: AveragedModel | None = None  # train.ema_decay > 0: the VAE's weights averaged (training.ema)
 
 
 @dataclass
@@ -214,6 +216,8 @@ class TrainStep:
             self.dropped.note_step()
         m.optimizer.step()
         m.optimizer.zero_grad(set_to_none=True)
+        if m.ema is not None:
+            m.ema.update_parameters(self.accelerator.unwrap_model(m.model, keep_torch_compile=False))
         if m.adversary_optimizer is not None:
             set_lr(m.adversary_optimizer, self.schedule.at(state.step))
             if m.adversary_scaler is None:
