@@ -350,3 +350,30 @@ def test_resume_continues_the_same_wandb_run_and_the_same_phase(smoke_shards, tm
     assert done.returncode == 2
     assert "is a pretrain checkpoint but this run is finetune" in done.stdout
     assert "train.init_from=" in done.stdout
+
+
+def test_a_step_out_of_memory_is_one_line_naming_the_batch_and_the_fix(smoke_shards, tmp_path, capsys,
+                                                                        monkeypatch):
+    """The fault raises what CUDA raises (torch.OutOfMemoryError) inside step 3."""
+    monkeypatch.setenv("PEGASUS_FAULT", "oom:step=3")
+    code, out = cli_here(capsys, *train_cmd(smoke_shards, tmp_path, 5)[1:])
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert code == 3 and errors == [
+        "error: out of memory at step 3 (epoch 1) (CUDA out of memory. Tried to allocate 2.00 GiB (an "
+        "injected fault, PEGASUS_FAULT)); global batch 16 = per-process batch 16 x 1 process(es) x 1 "
+        "accumulation step(s); lower data.batch_size (data.batch_size=8 train.grad_accum_steps=2 keeps "
+        "the global batch) or use train.mixed_precision=bf16"], out[-3000:]
+    assert "Traceback" not in out
+
+
+def test_the_cpu_allocator_running_out_is_read_as_out_of_memory():
+    from pegasus_dist.training.faults import out_of_memory
+
+    try:
+        torch.empty(2**50, dtype=torch.uint8)  # a petabyte: the allocator refuses, as when memory runs out
+    except RuntimeError as err:
+        refused = err
+    oom = out_of_memory(refused, "step 7 (epoch 2)", "global batch 64", 64)
+    assert oom is not None and str(oom).startswith("out of memory at step 7 (epoch 2) (")
+    assert "lower data.batch_size (data.batch_size=32 train.grad_accum_steps=2" in str(oom)
+    assert out_of_memory(RuntimeError("shape mismatch"), "step 1", "global batch 64", 64) is None

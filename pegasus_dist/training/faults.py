@@ -50,6 +50,20 @@ class TrainingError(PegasusError):
     exit_code = 3
 
 
+def out_of_memory(err: RuntimeError, where: str, batch: str, batch_size: int) -> TrainingError | None:
+    """One line for a step that ran out of device (or host) memory; None for any other error.
+
+    ``torch.OutOfMemoryError`` on CUDA; the CPU allocator raises a plain
+    RuntimeError that says it "can't allocate memory".
+    """
+    if not (isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)):
+        return None
+    half = max(1, batch_size // 2)
+    return TrainingError(f"out of memory at {where} ({str(err).splitlines()[0].rstrip('. ')}); {batch}; "
+                         f"lower data.batch_size (data.batch_size={half} train.grad_accum_steps=2 keeps "
+                         "the global batch) or use train.mixed_precision=bf16")
+
+
 class StartupError(PegasusError):
     """Some rank could not start; raised on every rank once rank 0 has printed the message."""
 

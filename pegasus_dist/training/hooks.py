@@ -12,6 +12,7 @@ separated by commas, each ``KIND:key=value:...``::
     PEGASUS_FAULT="fail:at=restore:rank=1"       rank 1 fails a start-up stage (an error to report)
     PEGASUS_FAULT="crash:at=checks:rank=1"       ... or crashes in it (a bug: RuntimeError)
     PEGASUS_FAULT="crash:step=5"                 a crash in the training loop
+    PEGASUS_FAULT="oom:step=5"                   step 5 runs out of device memory
 
 ``rank`` is the launcher's ``RANK``; without it every rank takes the fault. A faulted
 run computes the same numbers up to the fault. A new kind is a function and a line of :data:`KINDS`.
@@ -162,6 +163,15 @@ def _stall_save(step: int) -> Hooks:
     return Hooks(during_save=[stall])
 
 
+def _oom(step: int) -> Hooks:
+    """What CUDA raises when a step's activations do not fit (torch.OutOfMemoryError)."""
+    def oom(trainer: Trainer, _batch: Batch) -> None:
+        if trainer.state.step + 1 == step:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (an injected "
+                                         f"fault, {FAULT_VARIABLE})")
+    return Hooks(before_micro_batch=[oom])
+
+
 def _fail(at: str) -> Hooks:
     def fail(stage: str) -> None:
         if stage == at:
@@ -189,4 +199,5 @@ KINDS: dict[str, tuple[Callable[..., Hooks], set[str], set[str]]] = {
     "stall-save": (_stall_save, {"step"}, set()),
     "fail": (_fail, {"at"}, set()),
     "crash": (_crash, set(), {"at", "step"}),
+    "oom": (_oom, {"step"}, set()),
 }

@@ -32,6 +32,7 @@ from pegasus_dist.training.faults import (
     agree,
     describe_position,
     fail_with_every_rank,
+    out_of_memory,
 )
 from pegasus_dist.training.finish import sample_and_evaluate
 from pegasus_dist.training.hooks import Hooks, with_fault_plan
@@ -107,8 +108,14 @@ class Trainer:
                             enabled=self.accelerator.is_main_process,
                             grad_accum_steps=cfg.train.grad_accum_steps)
         with self.signals.training():
-            while self.state.epoch < cfg.train.epochs and not self._reached_last_step():
-                self._run_epoch(progress)
+            try:
+                while self.state.epoch < cfg.train.epochs and not self._reached_last_step():
+                    self._run_epoch(progress)
+            except RuntimeError as err:
+                where = f"step {self.state.step + 1} (epoch {self.state.epoch + 1})"
+                if oom := out_of_memory(err, where, self.guard.batch_description, cfg.data.batch_size):
+                    raise oom from None
+                raise
             if self.window.steps:
                 self._sync_point(log_metrics=True, checkpoint=False)
         self.stops.drain()
