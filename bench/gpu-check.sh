@@ -5,7 +5,7 @@
 #
 # Rows: the bench's rows on CUDA (loaders, device-resident start-up, trainer vs
 # bare loop, achieved TFLOP/s), then the paper recipe's model on GPU 0 in
-# bf16, fp16 (the loss scale and the updates it dropped, scaler_skipped_steps),
+# bf16, with cudnn.benchmark, fp16 (the loss scale and the updates it dropped, scaler_skipped_steps),
 # bf16 with torch.compile and channels_last followed by `pegasus-dist sample`,
 # and with two GPUs or more a 2-process NCCL run. It has not run on a GPU yet
 # (docs/performance.md says so); without one it stops at once, in one line.
@@ -43,8 +43,10 @@ train() {
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1]) if '"pretrain/loss"' in line]
 last = rows[-1]
+scale = f", loss scale {last['pretrain/loss_scale']:g}" if "pretrain/loss_scale" in last else ""
 print(f"{last['pretrain/images_per_s']:,.0f} images/s, loss {last['pretrain/loss']:.1f} at step "
-      f"{last['step']}, scaler_skipped_steps {last['pretrain/scaler_skipped_steps']}, {sys.argv[2]} s in all")
+      f"{last['step']}, scaler_skipped_steps {last['pretrain/scaler_skipped_steps']}{scale}, "
+      f"{sys.argv[2]} s in all")
 EOF
 }
 
@@ -53,6 +55,8 @@ result=$(train bf16 train.mixed_precision=bf16)
 row "bf16, 1 GPU" "$result"
 result=$(train fp16 train.mixed_precision=fp16)
 row "fp16 with loss scaling, 1 GPU" "$result"
+result=$(train cudnn train.mixed_precision=bf16 train.cudnn_benchmark=true)
+row "bf16, cudnn.benchmark, 1 GPU" "$result"
 result=$(train compiled train.mixed_precision=bf16 train.compile=true train.channels_last=true)
 row "bf16, torch.compile + channels_last, 1 GPU" "$result"
 "$BIN/pegasus-dist" sample --checkpoint "$OUT/compiled/pretrain" --out "$OUT/compiled-samples" \
@@ -64,8 +68,10 @@ if [ "$gpus" -ge 2 ]; then
     "$BIN/accelerate" launch --config_file launch/gpu-1node.yaml --num_processes 2 --main_process_port "$port" \
         pegasus_dist/train.py --config configs/smoke/pretrain.yaml "data.shards=$OUT/shards" \
         "run.output_dir=$OUT/nccl" train.max_steps=50 train.mixed_precision=bf16 wandb.mode=disabled \
+        train.ddp_bucket_view=true train.ddp_bf16_gradients=true \
         > "$OUT/nccl.log" 2>&1 || { echo "gpu-check: the 2-GPU run failed: see $OUT/nccl.log" >&2; exit 1; }
-    row "2 GPUs, one NCCL group" "$(grep -o 'world_size=2[^;]*backend=nccl' "$OUT/nccl.log" | head -n 1)"
+    row "2 GPUs, one NCCL group, DDP bucket view and bf16 gradients" \
+        "$(grep -o 'world_size=2.*bf16_gradients=True' "$OUT/nccl.log" | head -n 1)"
 fi
 
 echo

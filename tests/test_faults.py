@@ -285,6 +285,7 @@ def list_samples_before_truncation(path: Path) -> list[str]:
         # The config's own checks (train.epochs=-1, ...) are tested in this process, in test_config.
         ("data.shard_set=nowhere", "no shard set at"),
         ("train.mixed_precision=fp16", "fp16 needs a GPU"),
+        ("train.ddp_bf16_gradients=true", "train.ddp_bf16_gradients=true needs GPUs (NCCL)"),
         ("train.init_from=/nonexistent", "neither a checkpoint"),
         # More images a step than the set holds: refused, not one step an epoch at the wrong lr.
         ("data.batch_size=100000", "mix holds 470 samples; lower data.batch_size to 470 or less"),

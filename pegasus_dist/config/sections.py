@@ -228,6 +228,14 @@ class TrainConfig(Section):
     collective_timeout_s: int = Field(600, ge=1)
     cpu: bool = False  # train on the CPU even where CUDA is available
     channels_last: bool = False  # NHWC activations: faster convolutions on tensor cores
+    # GPU throughput options, off until bench/gpu-check.sh has measured them: cuDNN's
+    # autotuner; DDP's gradients as views of its buckets (no copy; the same weights,
+    # tests/test_ddp.py); bf16 gradients on the wire (NCCL; rounds every gradient).
+    # DDP's static_graph is not offered: it changed 40 % of the weights (by up to
+    # 8e-5) after 3 steps on 2 gloo processes, so N processes no longer train like one.
+    cudnn_benchmark: bool = False
+    ddp_bucket_view: bool = False
+    ddp_bf16_gradients: bool = False
     compile: bool = False  # torch.compile the model (pays off on GPUs, after a warm-up)
 
 

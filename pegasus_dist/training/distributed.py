@@ -15,7 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs, InitProcessGroupKwargs
 from torch import nn
 
 from pegasus_dist.config import Config, Precision
@@ -30,21 +30,28 @@ def build_accelerator(cfg: Config, log_with: list[str] | None = None) -> Acceler
     Without ``cpu=True``, ``accelerate launch --multi_gpu`` without CUDA starts N
     processes that each train alone; with it they form one gloo group.
     """
-    use_cpu = cfg.train.cpu or not torch.cuda.is_available()
-    if use_cpu and cfg.train.mixed_precision == "fp16":
+    t = cfg.train
+    use_cpu = t.cpu or not torch.cuda.is_available()
+    if use_cpu and t.mixed_precision == "fp16":
         raise ConfigError("train.mixed_precision=fp16 needs a GPU (loss scaling is a CUDA feature); "
                           "use bf16 or no on the CPU")
+    if use_cpu and t.ddp_bf16_gradients:
+        raise ConfigError("train.ddp_bf16_gradients=true needs GPUs (NCCL); set it to false on the CPU")
+    torch.backends.cudnn.benchmark = t.cudnn_benchmark
+    ddp = DistributedDataParallelKwargs(
+        gradient_as_bucket_view=t.ddp_bucket_view,
+        comm_hook=DDPCommunicationHookType.BF16 if t.ddp_bf16_gradients else DDPCommunicationHookType.NO)
     accelerator = Accelerator(
-        cpu=use_cpu, mixed_precision=cfg.train.mixed_precision, log_with=log_with,
-        project_dir=str(cfg.run_dir),
+        cpu=use_cpu, mixed_precision=t.mixed_precision, log_with=log_with, project_dir=str(cfg.run_dir),
         # A rank that dies must not leave the others waiting in a collective forever.
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))],
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.collective_timeout_s)), ddp],
     )
     backend = dist.get_backend() if dist.is_initialized() else "none"
     log.info("process group: world_size=%d rank=%d local_rank=%d backend=%s device=%s "
-             "distributed_type=%s mixed_precision=%s",
+             "distributed_type=%s mixed_precision=%s; DDP bucket_view=%s bf16_gradients=%s",
              accelerator.num_processes, accelerator.process_index, accelerator.local_process_index,
-             backend, accelerator.device, accelerator.distributed_type.value, accelerator.mixed_precision)
+             backend, accelerator.device, accelerator.distributed_type.value, accelerator.mixed_precision,
+             t.ddp_bucket_view, t.ddp_bf16_gradients)
     return accelerator
 
 

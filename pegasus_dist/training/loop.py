@@ -213,6 +213,8 @@ class Trainer:
             "nonfinite_skipped_steps": state.nonfinite_skipped_steps,
             "bad_samples_skipped": state.bad_samples_skipped,
         } | sums.means(self.cfg.loss)
+        if self.accelerator.scaler is not None:  # fp16: the scale beside the updates it dropped
+            row["loss_scale"] = self.accelerator.scaler.get_scale()
         self.metrics.log({f"{self.cfg.train.phase}/{k}": v for k, v in row.items()}, step=state.step)
         window.reset()
 
