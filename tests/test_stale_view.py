@@ -29,8 +29,9 @@ BOUND_S = 150  # the collectives time out after 30 s: a run that takes longer hu
 
 def two_machines(run: Trained, stale: Path, steps: int) -> list[str]:
     """Machine 0 sees the real checkpoints; machine 1 sees ``stale`` in their place. Their outputs."""
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        pytest.skip("a mount namespace per rank needs root and unshare (CI runs as root)")
+    probe = ["unshare", "-m", "true"]
+    if os.geteuid() != 0 or shutil.which("unshare") is None or subprocess.run(probe).returncode:
+        pytest.skip("a mount namespace per rank needs root, unshare and CAP_SYS_ADMIN (CI has them)")
     real, port = run.pretrain / "checkpoints", free_port()
     procs = []
     for rank in (0, 1):
