@@ -27,6 +27,7 @@ from pegasus_dist.config import load_config
 from pegasus_dist.data.manifest import load_manifest
 from pegasus_dist.errors import ConfigError
 from pegasus_dist.model.saved import latest_checkpoint, list_checkpoints
+from pegasus_dist.training.faults import TrainingError
 from pegasus_dist.training.hooks import STALLED, Hooks, fault_plan
 from pegasus_dist.training.loop import train
 
@@ -378,3 +379,15 @@ def test_the_cpu_allocator_running_out_is_read_as_out_of_memory():
     assert oom is not None and str(oom).startswith("out of memory at step 7 (epoch 2) (")
     assert "lower data.batch_size (data.batch_size=32 train.grad_accum_steps=2" in str(oom)
     assert out_of_memory(RuntimeError("shape mismatch"), "step 1", "global batch 64", 64) is None
+
+
+def test_metrics_that_cannot_be_written_end_the_run_in_one_line(smoke_shards, tmp_path):
+    """metrics.jsonl made unwritable once the run has started (here a folder in its place; a
+    full disk fails the same append): the error names the step, the file and the fix."""
+    hooks = Hooks(after_start=[lambda trainer: trainer.metrics.path.mkdir()])
+    with pytest.raises(TrainingError) as stopped:
+        train(load_config(SMOKE, tiny(smoke_shards, tmp_path, 6, "train.log_every=2")), hooks)
+    path = tmp_path / "pretrain" / "metrics.jsonl"
+    assert str(stopped.value).startswith(f"cannot append step 2 to {path}: Is a directory (")
+    assert str(stopped.value).endswith("MB free there); free space or make it writable, then run the same "
+                                       "command to resume from the last checkpoint")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from accelerate import Accelerator
 from pegasus_dist.config import Config
 from pegasus_dist.errors import ConfigError
 from pegasus_dist.model.saved import resolve_checkpoint
+from pegasus_dist.training.faults import TrainingError
 from pegasus_dist.training.state import TrainState, read_state
 
 log = logging.getLogger("pegasus_dist.training.tracking")
@@ -129,8 +131,14 @@ class MetricsLog:
         if step > self.wandb_holds_step:
             self.accelerator.log(values, step=step)
         if self.accelerator.is_main_process:
-            with self.path.open("a") as f:
-                f.write(json.dumps({"step": step, **values}) + "\n")
+            try:
+                with self.path.open("a") as f:
+                    f.write(json.dumps({"step": step, **values}) + "\n")
+            except OSError as err:  # a full disk, a folder made unwritable under the run
+                free = shutil.disk_usage(self.path.parent).free / 2**20
+                raise TrainingError(f"cannot append step {step} to {self.path}: {err.strerror or err} "
+                                    f"({free:.0f} MB free there); free space or make it writable, then run "
+                                    "the same command to resume from the last checkpoint") from None
 
     def summarize(self, values: dict[str, Any]) -> None:
         """Values that describe the run rather than a step: the W&B summary, not the history."""
