@@ -86,7 +86,8 @@ class Trainer:
         self.watch = NonfiniteWatch(self.accelerator.device)
         self.train_step = TrainStep(self.cfg, self.accelerator, self.models, self.schedule, self.watch,
                                     self.hooks)
-        self.guard = DivergenceGuard(self.schedule, batch_description(self.cfg, self.accelerator))
+        self.batch_description = batch_description(self.cfg, self.accelerator)  # for the errors
+        self.guard = DivergenceGuard(self.schedule, self.batch_description)
         self.signals = StopSignals()
         self.stops = StopPoll(self.accelerator, self.signals, self.cfg.train.collective_timeout_s)
         self.plan = EpochPlan([], whole=0)  # of the epoch in progress
@@ -113,7 +114,7 @@ class Trainer:
                     self._run_epoch(progress)
             except RuntimeError as err:
                 where = f"step {self.state.step + 1} (epoch {self.state.epoch + 1})"
-                if oom := out_of_memory(err, where, self.guard.batch_description, cfg.data.batch_size):
+                if oom := out_of_memory(err, where, self.batch_description, cfg.data.batch_size):
                     raise oom from None
                 raise
             if self.window.steps:

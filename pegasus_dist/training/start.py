@@ -103,10 +103,8 @@ def start_phase(cfg: Config, hooks: Hooks) -> Started:
     _prepare_run_dir(accelerator, cfg)
     models = _prepare(accelerator, cfg, checked.models)
     if resume_from is not None:  # after prepare: load_state fills what it prepared
-        stage("restore", lambda: restore_checkpoint(accelerator, resume_from))
+        stage("restore", lambda: _restore(accelerator, resume_from, models))
         _continue_from(resume_from, cfg, accelerator, state, checked.loader.num_samples, models, schedule)
-        if models.ema is not None:
-            restore_ema(models.ema, resume_from)
     state.global_batch = schedule.global_batch  # what this run's checkpoints record
     start_tracking(accelerator, cfg, state, schedule.global_batch, schedule.peak)
     metrics = MetricsLog(accelerator, cfg.run_dir)
@@ -323,6 +321,14 @@ def _prepare(accelerator: Accelerator, cfg: Config, built: Models) -> Models:
             prepared.adversary_scaler = torch.amp.GradScaler(accelerator.device.type)
             accelerator.register_for_checkpointing(prepared.adversary_scaler)
     return prepared
+
+
+def _restore(accelerator: Accelerator, folder: Path, models: Models) -> None:
+    """The checkpoint, then the weights' moving average: one agreed stage, so that a rank that
+    cannot read either fails together with the others."""
+    restore_checkpoint(accelerator, folder)
+    if models.ema is not None:
+        restore_ema(models.ema, folder)
 
 
 def _continue_from(folder: Path, cfg: Config, accelerator: Accelerator, state: TrainState,
