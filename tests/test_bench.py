@@ -16,20 +16,25 @@ def test_a_row_with_a_baseline_is_met_by_its_ratio_one_without_by_its_value():
     assert (Row("v", 4000.0, "images/s", target=5000).measured,
             Row("v", 4000.0, "images/s", target=5000).met) == (4000.0, False)
     assert Row("v", 4000.0, "images/s").met is None  # nothing asked of it
+    assert Row("t", 0.8, "s", target=1.0, at_most=True).met is True  # a ceiling: a time
+    assert Row("t", 1.2, "s", target=1.0, at_most=True).met is False
 
 
 def test_the_table_marks_a_missed_target_and_says_why():
     rows = [Row("fast", 3.0, "images/s", baseline=2.0, target=1.4),
             Row("slow", 4000.0, "images/s", target=5000, why="one core unpacks the archive"),
-            Row("plain", 7.5, "s")]
+            Row("plain", 7.5, "s"),
+            Row("start-up", 1.2, "s", baseline=0.4, target=2.0, at_most=True, why="hashing")]
     assert format_table(rows).splitlines() == [
         "| measurement | value | baseline | measured | target | met |",
         "|---|---:|---:|---:|---:|:-:|",
-        "| fast | 3.00 images/s | 2 images/s | 1.50x | 1.4x | yes |",
+        "| fast | 3.00 images/s | 2.00 images/s | 1.50x | 1.4x | yes |",
         "| slow | 4,000.00 images/s |  |  | 5,000 | **no** |",
         "| plain | 7.50 s |  |  |  |  |",
+        "| start-up | 1.20 s | 0.40 s | 3.00x | at most 2x | **no** |",
         "",
         "- slow: not met: one core unpacks the archive",
+        "- start-up: not met: hashing",
     ]
 
 
@@ -46,6 +51,7 @@ def test_the_harness_measures_each_row_against_the_baseline_of_the_same_run(tmp_
     assert sorted(name for name, r in by_name.items() if r["target"] is not None) == sorted([
         "prepare from the CIFAR-10 archive, per core",
         "loader: stream, 1 worker(s)", "loader: stream, 2 worker(s)", "loader: device-resident",
+        "device-resident start-up, per 100k images",
         "trainer vs bare loop, paper model, fp32, batch 128",
         "trainer vs bare loop, paper model, bf16, batch 128",
     ])
@@ -61,7 +67,7 @@ def test_the_harness_measures_each_row_against_the_baseline_of_the_same_run(tmp_
     assert fp32["baseline"] > 0 and bf16["baseline"] > 0
     assert any(name.startswith("image size 32: trainer, bf16") for name in by_name)
     # The JSON holds exactly the rows the table prints, value for value, and each table row is one of them.
-    fields = ("name", "value", "unit", "baseline", "target", "why")
+    fields = ("name", "value", "unit", "baseline", "target", "why", "at_most")
     assert format_table([Row(**{k: r[k] for k in fields}) for r in saved["rows"]]) == format_table(rows)
     table = format_table(rows)
     assert [line.split(" | ")[0].removeprefix("| ") for line in table.splitlines()

@@ -19,6 +19,7 @@ from PIL import Image
 
 from pegasus_dist.checksums import sha256_file
 from pegasus_dist.config import PrepareConfig
+from pegasus_dist.data.decoded import ARRAY, INDEX
 from pegasus_dist.data.folders import MAX_IMAGE_PIXELS, read_image_folder
 from pegasus_dist.data.manifest import load_manifest, write_manifest
 from pegasus_dist.data.prepare import prepare
@@ -134,9 +135,10 @@ def test_a_prepare_killed_anywhere_leaves_the_old_sets_or_the_new_never_both(tmp
 
 
 def rewrite_set(folder: Path, samples: list[tuple[str, np.ndarray, dict]]) -> None:
-    """Replace a set's shards by one shard of (key, image, meta) ``samples``, its manifest updated."""
+    """Replace a set's shards by one shard of (key, image, meta) ``samples``, its manifest updated
+    (and no decoded array: the next reader builds it)."""
     manifest = load_manifest(folder)
-    for path in manifest.shard_paths:
+    for path in [*manifest.shard_paths, folder / ARRAY, folder / INDEX]:
         path.unlink()
     shard = folder / "shard-000000.tar"
     write_shard(shard, samples)

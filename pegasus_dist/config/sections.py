@@ -121,10 +121,13 @@ class DataConfig(Section):
     # A checkpoint records its shard set's generation and data.seed; resuming it on
     # others (a new `prepare`, another seed) is refused unless this is true.
     resume_on_other_data: bool = False
-    # stream decodes shards as it trains; memory decodes the set once into one
-    # uint8 tensor on the device; auto takes memory when it fits memory_limit_mb.
+    # stream reads batches as it trains, in loader workers; memory holds the set
+    # once as one uint8 tensor on the device; auto takes memory when it fits memory_limit_mb.
     mode: Literal["auto", "stream", "memory"] = "auto"
     memory_limit_mb: int = Field(2048, ge=0)
+    # Read the set's decoded array (decoded.npy beside the tars, checked against
+    # them, built on first use) instead of parsing the tars: see data/decoded.py.
+    decoded: bool = True
 
 
 class ModelConfig(Section):

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pegasus_dist.config import DataConfig
+from pegasus_dist.data.decoded import Decoded
 from pegasus_dist.data.shards import ShardSample, ShardSet
 from pegasus_dist.errors import DataError
 
@@ -101,8 +102,8 @@ class _ShardStream(IterableDataset):
     """Yields this rank's batches of one epoch, split over the DataLoader's workers."""
 
     def __init__(self, shard_set: ShardSet, batch_size: int, rank: int, world_size: int,
-                 seed: int, skip_bad: bool) -> None:
-        self.shard_set, self.skip_bad = shard_set, skip_bad
+                 seed: int, skip_bad: bool, decoded: Decoded | None) -> None:
+        self.shard_set, self.skip_bad, self.decoded = shard_set, skip_bad, decoded
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         # The loader processes live across epochs (persistent workers: no fork and
         # no start-up per epoch), so the epoch to plan is shared memory that
@@ -119,11 +120,23 @@ class _ShardStream(IterableDataset):
         epoch, start_sample = self._epoch.value, self._start_sample.value
         shard_of, inside = global_sequence(self.shard_set.manifest.shard_sizes, self.seed, epoch)
         plans = rank_batches(self.shard_set.num_samples, self.world_size, self.rank,
-                             self.batch_size, start_sample)
+                             self.batch_size, start_sample)[worker::workers]
+        if self.decoded is not None:
+            yield from self._sliced(plans, shard_of, inside)
+            return
         cache = _ShardCache(self.shard_set, self.skip_bad)
-        for plan in plans[worker::workers]:
+        for plan in plans:
             samples = [cache.sample(int(shard_of[p]), int(inside[p])) for p in plan.positions]
             yield self._batch(samples, plan.offset, cache)
+
+    def _sliced(self, plans: list[BatchPlan], shard_of: np.ndarray, inside: np.ndarray) -> Iterator[Batch]:
+        """The batches as rows of the decoded array: no tar member is parsed."""
+        starts = np.concatenate([[0], np.cumsum(self.shard_set.manifest.shard_sizes)[:-1]])
+        images, keys, labels = self.decoded.images, self.decoded.keys, self.decoded.labels
+        for plan in plans:
+            rows = starts[shard_of[plan.positions]] + inside[plan.positions]
+            yield Batch(_nchw(images[rows]), [keys[r] for r in rows], [labels[r] for r in rows],
+                        plan.offset)
 
     def _batch(self, samples: list[ShardSample | None], offset: int, cache: _ShardCache) -> Batch:
         """Sample by sample: a bad one stops the run, or its slot takes a good sample's copy.
@@ -200,10 +213,12 @@ class ShardLoader:
 
     def __init__(self, shard_set: str | Path, batch_size: int, rank: int, world_size: int,
                  num_workers: int, seed: int, image_size: int, pin_memory: bool = False,
-                 skip_bad_samples: bool = False) -> None:
+                 skip_bad_samples: bool = False, decoded: bool = True) -> None:
+        """``decoded``: read the set's decoded array (built on first use) instead of its tars."""
         shards = ShardSet(shard_set, image_size)
         self.manifest, self.path, self.num_samples = shards.manifest, shards.path, shards.num_samples
-        self._dataset = _ShardStream(shards, batch_size, rank, world_size, seed, skip_bad_samples)
+        array = _decoded(shards, skip_bad_samples) if decoded else None
+        self._dataset = _ShardStream(shards, batch_size, rank, world_size, seed, skip_bad_samples, array)
         self._num_batches = len(rank_batches(self.num_samples, world_size, rank, batch_size))
         self._loader = DataLoader(self._dataset, batch_size=None, num_workers=num_workers,
                                   pin_memory=pin_memory, persistent_workers=num_workers > 0)
@@ -224,31 +239,43 @@ class ShardLoader:
             raise DataError(str(err).rstrip().rsplit("DataError: ", 1)[-1]) from None
 
 
+def _decoded(shards: ShardSet, skip_bad: bool) -> Decoded | None:
+    """The set's decoded array; with bad samples skipped, a damaged shard is read from its tar."""
+    try:
+        return shards.decoded()
+    except DataError as err:
+        if not skip_bad:
+            raise
+        log.warning("%s; reading the tars and skipping bad samples", err)
+        return None
+
+
 class MemoryLoader:
     """The device-resident mode: the whole shard set decoded once into one uint8 tensor.
 
     Batches follow the plan of :class:`ShardLoader`, drawn by indexing the
-    tensor on the device. Bad data always stops this mode, at load time. The
-    tensor keeps the decoded NHWC order, so the host holds one copy of the set
-    while it loads (none after, on a GPU); a batch is its rows seen as NCHW,
-    laid out channels-last, and the step picks the layout it trains in.
+    tensor on the device. Bad data always stops this mode, at load time. On the
+    CPU the tensor is the set's memory-mapped decoded array itself, which the
+    ranks of a node share through the page cache (without it, one decoded copy
+    per rank); a GPU gets one copy of it. The tensor keeps the decoded NHWC
+    order: a batch is its rows seen as NCHW, laid out channels-last, and the
+    step picks the layout it trains in.
     """
 
     def __init__(self, shard_set: str | Path, batch_size: int, rank: int, world_size: int,
-                 seed: int, image_size: int, device: torch.device | str = "cpu") -> None:
+                 seed: int, image_size: int, device: torch.device | str = "cpu",
+                 decoded: bool = True) -> None:
+        """``decoded``: map the set's decoded array (built on first use) instead of decoding its tars."""
         shards = ShardSet(shard_set, image_size)
         self.manifest, self.path, self.num_samples = shards.manifest, shards.path, shards.num_samples
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.device = torch.device(device)
-        images = np.empty((self.num_samples, image_size, image_size, 3), dtype=np.uint8)
-        keys, labels = [], []
-        for row, sample in enumerate(shards):  # ShardSet checks each shard's count
-            images[row] = shards.decode(sample)
-            keys.append(sample.key)
-            labels.append(sample.meta["label"])
+        found = shards.decoded() if decoded else None
+        if found is None:
+            found = shards.decode_all()
         # Object arrays: a batch's names are then one fancy index away.
-        self.keys, self.labels = np.array(keys, dtype=object), np.array(labels, dtype=object)
-        self.images = torch.from_numpy(images).to(self.device)  # N x H x W x 3
+        self.keys, self.labels = np.array(found.keys, dtype=object), np.array(found.labels, dtype=object)
+        self.images = torch.from_numpy(found.images).to(self.device)  # N x H x W x 3
         self.shard_starts = np.concatenate([[0], np.cumsum(self.manifest.shard_sizes)[:-1]])
         self._num_batches = len(rank_batches(self.num_samples, world_size, rank, batch_size))
         self.epoch, self.start_sample = 0, 0
@@ -290,12 +317,15 @@ def make_loader(cfg: DataConfig, image_size: int, rank: int, world_size: int,
         mode = "memory" if fits and cfg.on_bad_sample == "stop" else "stream"
         why = (f"{megabytes:.0f} MB {'<=' if fits else '>'} data.memory_limit_mb={cfg.memory_limit_mb}"
                + ("" if cfg.on_bad_sample == "stop" else ", and skipping bad samples needs streaming"))
-    held = (f"held once on {device}" + ("" if device.type == "cpu" else ", passing through host memory")
-            if mode == "memory" else "decoded batch by batch")
+    source = "the mapped decoded array" if cfg.decoded else "the tars, decoded"
+    held = {"memory": f"held once on {device}, from {source}" + (
+                ", shared by this node's ranks" if device.type == "cpu" and cfg.decoded else ""),
+            "stream": f"read batch by batch from {source}"}[mode]
     log.info("data: %s mode for %s (%d images, %.0f MB decoded, %s): %s",
              mode, shard_set, manifest.num_samples, megabytes, held, why)
     if mode == "memory":
-        return MemoryLoader(shard_set, cfg.batch_size, rank, world_size, cfg.seed, image_size, device)
+        return MemoryLoader(shard_set, cfg.batch_size, rank, world_size, cfg.seed, image_size, device,
+                            decoded=cfg.decoded)
     return ShardLoader(shard_set, cfg.batch_size, rank, world_size, cfg.num_workers, cfg.seed,
                        image_size, pin_memory=device.type == "cuda",
-                       skip_bad_samples=cfg.on_bad_sample == "skip")
+                       skip_bad_samples=cfg.on_bad_sample == "skip", decoded=cfg.decoded)

@@ -3,9 +3,10 @@
 All sources are loaded at the target size and concatenated; a seeded
 permutation shuffles them and sets aside ``eval_fraction`` as ``eval``. The
 rest is written as ``mix`` (every image) and ``horse_bird`` (the labelled
-horses and birds). Same inputs, same bytes. The three sets are published as
-one unit, through one ``.current`` link to a ``.generation-*`` folder (README.md,
-"Fault tolerance"), so that a held-out image of one run is never a training image of another.
+horses and birds), each with its decoded array beside the tars (``data.decoded``).
+Same inputs, same bytes. The three sets are published as one unit, through one
+``.current`` link to a ``.generation-*`` folder (README.md, "Fault tolerance"),
+so that a held-out image of one run is never a training image of another.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from filelock import FileLock, Timeout
 
 from pegasus_dist.checksums import sha256_file
 from pegasus_dist.config import PrepareConfig
+from pegasus_dist.data.decoded import write_decoded
 from pegasus_dist.data.images import SourceImages
 from pegasus_dist.data.manifest import SHARD_SETS, ShardEntry, generation_id, write_manifest
 from pegasus_dist.data.shards import write_shard
@@ -80,6 +82,8 @@ def prepare(cfg: PrepareConfig, command: str = "") -> dict[str, Path]:
             counts = {field: Counter(str(metas[i][field] or "unlabeled") for i in indices)
                       for field in ("source", "label", "split")}
             write_manifest(generation / name, name, cfg.image_size, shards[name], counts, provenance)
+            write_decoded(generation / name, [s.sha256 for s in shards[name]], images[indices],
+                          [metas[i]["key"] for i in indices], [metas[i]["label"] for i in indices])
             log.info("%s: %d samples in %d shards", name, len(indices), len(shards[name]))
         _publish(out, generation, list(sets))
     seconds = time.perf_counter() - started

@@ -23,6 +23,7 @@ from webdataset.autodecode import imagehandler, npy_loads
 from webdataset.tariterators import group_by_keys, tar_file_expander
 from webdataset.writer import TarWriter
 
+from pegasus_dist.data.decoded import Decoded, open_decoded
 from pegasus_dist.data.manifest import REPREPARE, Manifest, load_manifest
 from pegasus_dist.errors import DataError
 
@@ -170,6 +171,22 @@ class ShardSet:
             raise DataError(f"{sample.where}: image is {image.shape[1]}x{image.shape[0]} but {size}x{size} "
                             "was expected; prepare the shards at model.image_size or change model.image_size")
         return np.require(image, requirements="W")  # .npy members decode to read-only views
+
+    def decoded(self) -> Decoded | None:
+        """The whole set as one verified memory-mapped array (:mod:`pegasus_dist.data.decoded`),
+        decoded from the tars first if need be; None where it cannot be written."""
+        return open_decoded(self.manifest, self.decode_all)
+
+    def decode_all(self) -> Decoded:
+        """Every image, key and label, decoded from the tars into memory."""
+        size = self.image_size
+        images = np.empty((self.num_samples, size, size, 3), dtype=np.uint8)
+        keys, labels = [], []
+        for row, sample in enumerate(self):  # read() checks each shard's count
+            images[row] = self.decode(sample)
+            keys.append(sample.key)
+            labels.append(sample.meta["label"])
+        return Decoded(images, keys, labels)
 
     def keys_by_label(self, labels: Iterable[str]) -> dict[str, list[str]]:
         """The keys of each of ``labels``, in file order."""

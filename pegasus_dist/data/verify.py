@@ -2,7 +2,8 @@
 
 Per shard: sha256 and sample count, every image decodes at the set's size and
 has its label, no key twice; the held-out set shares the training sets'
-generation and no key with them.
+generation and no key with them; the decoded array beside the tars, when
+there is one, was decoded from these shards and is unchanged since.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from pegasus_dist.checksums import sha256_file
+from pegasus_dist.data.decoded import decoded_problem
 from pegasus_dist.data.manifest import FILENAME, HELD_OUT, SHARD_SETS
 from pegasus_dist.data.shards import ShardSet
 from pegasus_dist.errors import DataError, PegasusError
@@ -48,6 +50,9 @@ def verify_shard_set(folder: Path) -> tuple[int, list[str]]:
                         f"from the manifest's {expected}")
     if manifest.name == HELD_OUT:
         problems += _held_out_problems(shard_set, keys)
+    decoded = decoded_problem(manifest)
+    if decoded:
+        problems.append(f"{decoded}; the next run that reads {folder} rebuilds it")
     return checked, problems
 
 

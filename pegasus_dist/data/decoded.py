@@ -1,0 +1,155 @@
+"""The decoded fast path: a shard set's images as one memory-mapped uint8 array beside its tars.
+
+The tar shards stay the interchange format (plain ``webdataset.WebDataset``
+reads them). Beside them, ``decoded.npy`` holds every image of the set,
+(N, H, W, 3) uint8 in manifest order (shard after shard, file order), and
+``decoded.json`` its keys, labels, the sha256 of every shard it was decoded
+from and one sha256 over the pixels, keys and labels. ``prepare`` writes
+both; a set without them, or with a stale or damaged pair, gets them rebuilt
+from the tars on first use, under a lock so that concurrent ranks build once.
+
+Why one array per set and not one per shard: the device-resident loader then
+uses the mapped file itself as its tensor on the CPU (no copy; the ranks of a
+node share it through the page cache) and copies it once to a GPU; per-shard
+arrays would need a concatenating copy per rank.
+
+Nothing stale or damaged is read: opening checks every shard against its
+manifest sha256 (the tars stay the truth, so a damaged shard is refused as
+before) and the array and index against their own sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from filelock import FileLock
+
+from pegasus_dist.checksums import sha256_file
+from pegasus_dist.data.manifest import Manifest
+from pegasus_dist.errors import DataError
+
+log = logging.getLogger("pegasus_dist.decoded")
+
+ARRAY = "decoded.npy"
+INDEX = "decoded.json"
+LOCK = ".decoded.lock"
+FORMAT = 1
+
+
+@dataclass
+class Decoded:
+    images: np.ndarray  # (N, H, W, 3) uint8, mapped copy-on-write: the file is never written through it
+    keys: list[str]
+    labels: list[str | None]
+
+
+def write_decoded(folder: Path, shard_sums: list[str], images: np.ndarray, keys: list[str],
+                  labels: list[str | None]) -> None:
+    """Write ``folder``'s array and index, decoded from the shards of ``shard_sums`` (sha256s).
+
+    The index goes last, so a crash between leaves a pair that does not verify
+    (and is rebuilt), never one that is read.
+    """
+    images = np.ascontiguousarray(images)
+    index = {"format": FORMAT, "shape": list(images.shape), "shards": shard_sums,
+             "keys": keys, "labels": labels,
+             "sha256": _content_sha256(images, keys, labels)}
+    _atomic_write(folder / ARRAY, lambda f: np.save(f, images, allow_pickle=False))
+    _atomic_write(folder / INDEX, lambda f: f.write(json.dumps(index).encode()))
+
+
+def open_decoded(manifest: Manifest, decode_all: Callable[[], Decoded]) -> Decoded | None:
+    """The set's verified decoded array, built with ``decode_all`` (from the tars) when missing,
+    stale or damaged; None when it cannot be written here (a read-only folder, a full disk).
+
+    A shard that differs from its manifest's sha256 raises DataError naming it.
+    """
+    _check_shards(manifest)
+    folder = manifest.path
+    found, problem = _verified(folder, manifest)
+    if found is not None:
+        return found
+    try:
+        with FileLock(folder / LOCK, thread_local=False, preserve_lock_file=True):
+            found, problem = _verified(folder, manifest)  # another rank may have built it meanwhile
+            if found is None:
+                log.log(logging.INFO if problem is None else logging.WARNING,
+                        "decoding %s into %s once%s", folder, ARRAY,
+                        "" if problem is None else f" ({problem})")
+                built = decode_all()
+                write_decoded(folder, [s.sha256 for s in manifest.shards], built.images, built.keys,
+                              built.labels)
+                found, problem = _verified(folder, manifest)
+    except OSError as err:
+        log.warning("cannot write the decoded array of %s (%s); reading the tars instead",
+                    folder, err.strerror or err)
+        return None
+    if found is None:
+        raise DataError(f"{folder / ARRAY} does not verify right after it was written ({problem}); "
+                        "check the disk, then delete it and run again")
+    return found
+
+
+def decoded_problem(manifest: Manifest) -> str | None:
+    """Why the set's decoded array would not be used as it is (for `verify`); None when it
+    verifies or was never built (the next training run builds it)."""
+    if not (manifest.path / INDEX).exists() and not (manifest.path / ARRAY).exists():
+        return None
+    return _verified(manifest.path, manifest)[1]
+
+
+def _check_shards(manifest: Manifest) -> None:
+    for entry, path in zip(manifest.shards, manifest.shard_paths, strict=True):
+        if sha256_file(path) != entry.sha256:
+            raise DataError(f"shard {path} does not match the sha256 of its manifest (changed after "
+                            "`prepare` wrote it); run `pegasus-dist verify`, then re-run "
+                            "`pegasus-dist prepare`")
+
+
+def _verified(folder: Path, manifest: Manifest) -> tuple[Decoded | None, str | None]:
+    """(the decoded array, None) when it verifies; (None, why not) otherwise, why being None
+    when neither file is there."""
+    array, index_path = folder / ARRAY, folder / INDEX
+    if not index_path.exists() and not array.exists():
+        return None, None
+    try:
+        index = json.loads(index_path.read_bytes())
+        images = np.load(array, mmap_mode="c", allow_pickle=False)
+        keys, labels = index["keys"], index["labels"]
+        expected = [manifest.num_samples, manifest.image_size, manifest.image_size, 3]
+        if index["format"] != FORMAT or index["shards"] != [s.sha256 for s in manifest.shards]:
+            return None, f"{index_path} was decoded from other shards than {manifest.path}'s manifest lists"
+        if list(images.shape) != expected or images.dtype != np.uint8 or len(keys) != len(labels) \
+                or len(keys) != manifest.num_samples:
+            return None, f"{array} holds {images.dtype} {list(images.shape)}, not uint8 {expected}"
+        if _content_sha256(images, keys, labels) != index["sha256"]:
+            return None, f"{array} or {index_path} changed after they were written (sha256 differs)"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        # A missing half, a truncated array, a damaged header or index: all rebuilt.
+        return None, f"{array} or {index_path} is unreadable ({err})"
+    return Decoded(images, keys, labels), None
+
+
+def _content_sha256(images: np.ndarray, keys: list[str], labels: list[str | None]) -> str:
+    digest = hashlib.sha256(images.reshape(-1))  # a uint8 view: hashed where it lies
+    digest.update(json.dumps([keys, labels]).encode())
+    return digest.hexdigest()
+
+
+def _atomic_write(path: Path, write: Callable) -> None:
+    """``write(file)`` into a temporary file beside ``path``, then rename it over ``path``."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as f:
+            write(f)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
