@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import os
 import platform
 import subprocess
@@ -34,17 +33,27 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from bench.fixtures import REAL_CIFAR, write_cifar10_archive
-from pegasus_dist.config import Config, PrepareConfig, validated
+from bench.measure import (
+    BATCH,
+    WARMUP,
+    Row,
+    flops_per_image,
+    in_own_process,
+    loop_alone,
+    loop_rate,
+    steps_per_second,
+    synchronize,
+    train_config,
+)
+from pegasus_dist.config import Config, PrepareConfig
 from pegasus_dist.data.folders import read_image_folder
 from pegasus_dist.data.loader import MemoryLoader, ShardLoader
 from pegasus_dist.data.official import CIFAR_CLASSES
@@ -55,34 +64,13 @@ from pegasus_dist.model.vae import VAE
 from pegasus_dist.training.loop import Trainer
 
 log = logging.getLogger("bench.harness")
-T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[1]
-BATCH = 128  # per process, in every loader and training row
-WARMUP = 2  # untimed steps first: allocator, kernels, autotuning
 ROUNDS = 3  # the project's loop and the bare one, timed in turn this many times
 # The paper's recipe: 100 epochs of CIFAR-10 (60,000 images) + STL-10 (113,000: train,
 # test and unlabeled), then 300 epochs of their labelled horses and birds (2 x 6,000
 # in CIFAR-10, 2 x 1,300 in STL-10).
 PAPER_RECIPE_IMAGES = 100 * 173_000 + 300 * 14_600
 SCALING_IMAGES = 2000
-
-
-@dataclass
-class Row:
-    name: str
-    value: float
-    unit: str
-    baseline: float | None = None  # the value it is compared with, if any
-    target: float | None = None  # the ratio (or value) the issue asks for
-    why: str = ""  # what bounds it, printed when the target is missed
-
-    @property
-    def met(self) -> bool | None:
-        return None if self.target is None else self.measured >= self.target
-
-    @property
-    def measured(self) -> float:
-        return self.value / self.baseline if self.baseline else self.value
 
 
 def run_bench(images: int, steps: int, out: Path, sizes: list[int], images_from: str,
@@ -174,15 +162,9 @@ def _epoch_rate(loader: Iterable, device: torch.device, epochs: int = 3) -> floa
             images = batch.images if hasattr(batch, "images") else batch[0]
             images.to(device, non_blocking=True)
             seen += len(images)
-        _synchronize(device)
+        synchronize(device)
         rates.append(seen / (time.perf_counter() - started))
     return max(rates)
-
-
-def _synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work, so that a timing covers it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _torchvision_loader(work: Path, batch: int, workers: int) -> torch.utils.data.DataLoader:
@@ -211,9 +193,9 @@ def _trainer_rows(work: Path, steps: int, device: torch.device) -> list[Row]:
     rows = []
     for precision in ("no", "bf16"):
         label = "fp32" if precision == "no" else precision
-        cfg = _train_config(work / "shards", work / "runs", precision, device)
-        rates = _in_own_process(_loop_against_bare, cfg, steps, device, precision == "bf16")
-        flops = _flops_per_image(cfg)
+        cfg = train_config(work / "shards", work / "runs", precision, device)
+        rates = in_own_process(_loop_against_bare, cfg, steps, device, precision == "bf16")
+        flops = flops_per_image(cfg)
         rows += [
             Row(f"trainer vs bare loop, paper model, {label}, batch {BATCH}", rates.project,
                 "images/s", rates.bare, 0.95, "the loop's own work (noise, loss sums, progress "
@@ -223,30 +205,6 @@ def _trainer_rows(work: Path, steps: int, device: torch.device) -> list[Row]:
         if rates.epoch:
             rows += _recipe_rows(rates.epoch, rates.epoch_images, device)
     return rows + _adam_rows(device)
-
-
-def _train_config(shards: Path, runs: Path, precision: str, device: torch.device,
-                  image_size: int = 32) -> Config:
-    return validated(Config, {
-        "run": {"output_dir": str(runs), "name": f"bench-{precision}-{image_size}"},
-        "data": {"shards": str(shards), "batch_size": BATCH, "mode": "memory"},
-        "model": {"image_size": image_size},
-        "train": {"mixed_precision": precision, "cpu": device.type != "cuda",
-                  "checkpoint_every": 0, "checkpoint_minutes": 0},  # no checkpoint inside a timing
-        "wandb": {"mode": "disabled"},
-    })
-
-
-def _in_own_process(measure: Callable[..., T], *args: object) -> T:
-    """``measure(*args)`` in a new Python process, which ends with it.
-
-    Accelerate keeps one mixed precision per process (a second Accelerator
-    asking for another raises ValueError) and has no public reset: each
-    measured trainer therefore gets a process, as each run of a user does.
-    """
-    context = multiprocessing.get_context("spawn")  # a fork would share this process's CUDA state
-    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(measure, *args).result()
 
 
 @dataclass(frozen=True)
@@ -260,23 +218,18 @@ class _LoopRates:
 
 
 def _loop_against_bare(cfg: Config, steps: int, device: torch.device, whole_epoch: bool) -> _LoopRates:
-    """In its own process (:func:`_in_own_process`): the trainer's phase for ``cfg`` against a bare loop."""
+    """In its own process (:func:`in_own_process`): the trainer's phase for ``cfg`` against a bare loop."""
     trainer = Trainer(cfg)
     trainer.loader.set_epoch(0)
     batches = [b for _, b in zip(range(steps + WARMUP), trainer.loader, strict=False)]
     bare_step = _bare_step(cfg, device)
     # Rounds that alternate the two loops, and the best of each: a neighbour's
     # burst on a shared machine then slows both alike or neither.
-    rounds = [(_loop_rate(trainer, WARMUP, steps, device),
-               BATCH * _steps_per_second(bare_step, batches, device)) for _ in range(ROUNDS)]
+    rounds = [(loop_rate(trainer, WARMUP, steps, device),
+               BATCH * steps_per_second(bare_step, batches, device)) for _ in range(ROUNDS)]
     project, bare = (max(rates) for rates in zip(*rounds, strict=True))
-    epoch = _loop_rate(trainer, 0, len(trainer.loader), device) if whole_epoch else 0.0
+    epoch = loop_rate(trainer, 0, len(trainer.loader), device) if whole_epoch else 0.0
     return _LoopRates(project, bare, epoch, trainer.loader.num_samples)
-
-
-def _loop_alone(cfg: Config, steps: int, device: torch.device) -> float:
-    """In its own process (:func:`_in_own_process`): the trainer's rate for ``cfg``, images/s."""
-    return _loop_rate(Trainer(cfg), WARMUP, steps, device)
 
 
 def _adam_rows(device: torch.device) -> list[Row]:
@@ -287,21 +240,10 @@ def _adam_rows(device: torch.device) -> list[Row]:
     rates = {}
     for fused in (False, True):
         optimizer = torch.optim.Adam(model.parameters(), fused=fused)
-        rates[fused] = _steps_per_second(lambda _, o=optimizer: o.step(), [None] * (WARMUP + 20),
+        rates[fused] = steps_per_second(lambda _, o=optimizer: o.step(), [None] * (WARMUP + 20),
                                          device)
     return [Row("Adam step, paper model: fused vs foreach (the default)", rates[True], "steps/s",
                 rates[False])]
-
-
-def _loop_rate(trainer: Trainer, warmup: int, steps: int, device: torch.device) -> float:
-    """Images per second of the project's training loop (``Trainer.run_epochs``), after a warm-up."""
-    if warmup:
-        trainer.run_epochs(until_step=trainer.state.step + warmup)
-    _synchronize(device)
-    started = time.perf_counter()
-    trainer.run_epochs(until_step=trainer.state.step + steps)
-    _synchronize(device)
-    return steps * trainer.schedule.global_batch / (time.perf_counter() - started)
 
 
 def _recipe_rows(rate: float, epoch_images: int, device: torch.device) -> list[Row]:
@@ -313,18 +255,6 @@ def _recipe_rows(rate: float, epoch_images: int, device: torch.device) -> list[R
         rows.append(Row("  rate the recipe needs in 10 minutes", rate, "images/s", None,
                         PAPER_RECIPE_IMAGES / 600, "see docs/performance.md"))
     return rows
-
-
-def _flops_per_image(cfg: Config) -> float:
-    """Forward and backward FLOPs of one training image, counted by PyTorch's FLOP counter."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = VAE(cfg.model)
-    x = torch.rand(2, 3, cfg.model.image_size, cfg.model.image_size)
-    with FlopCounterMode(display=False) as counter:
-        out = model(x)
-        (out.logits.sum() + out.mu.sum() + out.logvar.sum()).backward()
-    return counter.get_total_flops() / len(x)
 
 
 def _bare_step(cfg: Config, device: torch.device) -> Callable:
@@ -348,17 +278,6 @@ def _bare_step(cfg: Config, device: torch.device) -> Callable:
         optimizer.zero_grad(set_to_none=True)
 
     return step
-
-
-def _steps_per_second(step: Callable, batches: list, device: torch.device) -> float:
-    for batch in batches[:WARMUP]:  # allocator, kernels
-        step(batch)
-    _synchronize(device)
-    started = time.perf_counter()
-    for batch in batches[WARMUP:]:
-        step(batch)
-    _synchronize(device)
-    return (len(batches) - WARMUP) / (time.perf_counter() - started)
 
 
 def _process_rows(work: Path, steps: int) -> list[Row]:
@@ -397,9 +316,9 @@ def _scaling_rows(pixels: np.ndarray, labels: list[int], work: Path, sizes: list
         memory = MemoryLoader(shards / "mix", BATCH, 0, 1, seed=0, image_size=size, device=device)
         rows.append(Row(f"image size {size}: device-resident start-up, per 100k images",
                         (time.perf_counter() - started) / memory.num_samples * 1e5, "s"))
-        cfg = _train_config(shards, work / "runs", "bf16", device, image_size=size)
-        rate = _in_own_process(_loop_alone, cfg, steps, device)
-        flops = _flops_per_image(cfg)
+        cfg = train_config(shards, work / "runs", "bf16", device, image_size=size)
+        rate = in_own_process(loop_alone, cfg, steps, device)
+        flops = flops_per_image(cfg)
         rows.append(Row(f"image size {size}: trainer, bf16, {flops / 1e9:.2f} GFLOP an image",
                         rate, "images/s"))
     return rows
