@@ -13,6 +13,8 @@ is one:
   (same model, batch and precision, batches already in memory), in fp32 and
   bf16, the FLOPs it achieves, and the paper's whole recipe extrapolated
   from one measured epoch;
+- the bf16 trainer eager, with channels_last and (opt-in) torch.compile, and
+  on the CPU what each achieves of the CPU's bf16 peak (bench/efficiency.py);
 - 1 process against 2 gloo processes through ``accelerate launch``;
 - how prepare, streaming, the device-resident start-up and training scale
   with the image side (32, 64, 96).
@@ -40,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.efficiency import efficiency_rows
 from bench.fixtures import REAL_CIFAR, write_cifar10_archive
 from bench.measure import (
     BATCH,
@@ -74,13 +77,14 @@ SCALING_IMAGES = 2000
 
 
 def run_bench(images: int, steps: int, out: Path, sizes: list[int], images_from: str,
-              process_steps: int) -> list[Row]:
+              process_steps: int, compile_rows: bool = False) -> list[Row]:
     """Measure every row, write ``out`` (JSON) and return the rows.
 
     ``images_from`` is ``auto`` (the real CIFAR-10 JPEGs beside the repository
     when present, else synthetic), ``synthetic`` or an image folder or
     tarball; ``sizes`` are the image sides of the scaling rows;
-    ``process_steps`` the steps of each 1- and 2-process run.
+    ``process_steps`` the steps of each 1- and 2-process run; ``compile_rows``
+    adds the torch.compile variants to the efficiency rows (bench/efficiency.py).
     """
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -92,6 +96,7 @@ def run_bench(images: int, steps: int, out: Path, sizes: list[int], images_from:
         rows += _prepare_rows(pixels, labels, work)
         rows += _loader_rows(work, device)
         rows += _trainer_rows(work, steps, device)
+        rows += efficiency_rows(work, steps, device, compile_rows)
         rows += _process_rows(work, process_steps)
         rows += _scaling_rows(pixels, labels, work, sizes, max(2, steps // 4), device)
     _write(rows, out, origin, device)
@@ -341,11 +346,16 @@ def format_table(rows: list[Row]) -> str:
     lines = ["| measurement | value | baseline | measured | target | met |",
              "|---|---:|---:|---:|---:|:-:|"]
     for r in rows:
-        baseline = f"{r.baseline:,.0f} {r.unit}" if r.baseline else ""
+        baseline = f"{_number(r.baseline)} {r.unit}" if r.baseline else ""
         measured = f"{r.measured:.2f}x" if r.baseline else ""
         target = (f"{r.target:g}x" if r.baseline else f"{r.target:,.0f}") if r.target else ""
         met = {None: "", True: "yes", False: "**no**"}[r.met]
         lines.append(f"| {r.name} | {r.value:,.2f} {r.unit} | {baseline} | {measured} | "
                      f"{target} | {met} |")
-    missed = [f"- {r.name}: not met: {r.why}" for r in rows if r.met is False]
+    missed = [f"- {r.name.strip()}: not met: {r.why}" for r in rows if r.met is False]
     return "\n".join(lines + ([""] + missed if missed else []))
+
+
+def _number(value: float) -> str:
+    """Thousands as whole numbers (22,500 images/s), small values to 3 digits (0.467 TFLOP/s)."""
+    return f"{value:,.0f}" if value >= 10 else f"{value:.3g}"
