@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -97,9 +98,13 @@ def flop_per_cycle(cpuinfo: str) -> tuple[int, str]:
     return 8, "no FMA: fp32 SSE, a 4-wide multiply and add a cycle"
 
 
-def cpu_bf16_peak() -> Peak:
-    """This machine's bf16 peak: its flags, its clock, the cores this process may use."""
-    cpuinfo = CPUINFO.read_text()
+def cpu_bf16_peak() -> Peak | None:
+    """This machine's bf16 peak: its flags, its clock, the cores this process may use; None (and
+    why, logged) off x86 Linux, where /proc/cpuinfo has no flags or clock to compute it from."""
+    cpuinfo = CPUINFO.read_text() if CPUINFO.is_file() else ""
+    if not _field(cpuinfo, "flags") or platform.machine() not in ("x86_64", "AMD64"):
+        log.warning("no x86 flags in %s: the rows against the CPU's bf16 peak are left out", CPUINFO)
+        return None
     per_cycle, unit = flop_per_cycle(cpuinfo)
     ghz, clock_from = _clock_ghz(cpuinfo)
     return Peak(len(os.sched_getaffinity(0)), ghz, clock_from, per_cycle, unit)
