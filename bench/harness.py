@@ -13,6 +13,8 @@ is one:
   (same model, batch and precision, batches already in memory), in fp32 and
   bf16, the FLOPs it achieves, and the paper's whole recipe extrapolated
   from one measured epoch;
+- the bf16 trainer eager, with channels_last and (opt-in) torch.compile, and
+  on the CPU what each achieves of the CPU's bf16 peak (bench/efficiency.py);
 - 1 process against 2 gloo processes through ``accelerate launch``;
 - how prepare, streaming, the device-resident start-up and training scale
   with the image side (32, 64, 96).
@@ -25,26 +27,35 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import os
 import platform
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.efficiency import efficiency_rows
 from bench.fixtures import REAL_CIFAR, write_cifar10_archive
-from pegasus_dist.config import Config, PrepareConfig, validated
+from bench.loaders import epoch_rate, loader_rows
+from bench.measure import (
+    BATCH,
+    WARMUP,
+    Row,
+    flops_per_image,
+    in_own_process,
+    loop_alone,
+    loop_rate,
+    steps_per_second,
+    train_config,
+)
+from pegasus_dist.config import Config, PrepareConfig
 from pegasus_dist.data.folders import read_image_folder
 from pegasus_dist.data.loader import MemoryLoader, ShardLoader
 from pegasus_dist.data.official import CIFAR_CLASSES
@@ -55,10 +66,7 @@ from pegasus_dist.model.vae import VAE
 from pegasus_dist.training.loop import Trainer
 
 log = logging.getLogger("bench.harness")
-T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[1]
-BATCH = 128  # per process, in every loader and training row
-WARMUP = 2  # untimed steps first: allocator, kernels, autotuning
 ROUNDS = 3  # the project's loop and the bare one, timed in turn this many times
 # The paper's recipe: 100 epochs of CIFAR-10 (60,000 images) + STL-10 (113,000: train,
 # test and unlabeled), then 300 epochs of their labelled horses and birds (2 x 6,000
@@ -67,35 +75,15 @@ PAPER_RECIPE_IMAGES = 100 * 173_000 + 300 * 14_600
 SCALING_IMAGES = 2000
 
 
-@dataclass
-class Row:
-    name: str
-    value: float
-    unit: str
-    baseline: float | None = None  # the value it is compared with, if any
-    target: float | None = None  # the ratio (or value) the issue asks for
-    why: str = ""  # what bounds it, printed when the target is missed
-    at_most: bool = False  # the target is a ceiling (a time), not a floor
-
-    @property
-    def met(self) -> bool | None:
-        if self.target is None:
-            return None
-        return self.measured <= self.target if self.at_most else self.measured >= self.target
-
-    @property
-    def measured(self) -> float:
-        return self.value / self.baseline if self.baseline else self.value
-
-
 def run_bench(images: int, steps: int, out: Path, sizes: list[int], images_from: str,
-              process_steps: int) -> list[Row]:
+              process_steps: int, compile_rows: bool = False) -> list[Row]:
     """Measure every row, write ``out`` (JSON) and return the rows.
 
     ``images_from`` is ``auto`` (the real CIFAR-10 JPEGs beside the repository
     when present, else synthetic), ``synthetic`` or an image folder or
     tarball; ``sizes`` are the image sides of the scaling rows;
-    ``process_steps`` the steps of each 1- and 2-process run.
+    ``process_steps`` the steps of each 1- and 2-process run; ``compile_rows``
+    adds the torch.compile variants to the efficiency rows (bench/efficiency.py).
     """
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -105,8 +93,9 @@ def run_bench(images: int, steps: int, out: Path, sizes: list[int], images_from:
         pixels, labels, origin = _images(images, images_from)
         log.info("bench images: %d from %s on %s", len(pixels), origin, device)
         rows += _prepare_rows(pixels, labels, work)
-        rows += _loader_rows(work, device)
+        rows += loader_rows(work, device)
         rows += _trainer_rows(work, steps, device)
+        rows += efficiency_rows(work, steps, device, compile_rows)
         rows += _process_rows(work, process_steps)
         rows += _scaling_rows(pixels, labels, work, sizes, max(2, steps // 4), device)
     _write(rows, out, origin, device)
@@ -141,120 +130,14 @@ def _prepare_per_core(archive: Path, count: int, out: Path, image_size: int, sha
     return count / (time.perf_counter() - started) / (os.cpu_count() or 1)
 
 
-def _loader_rows(work: Path, device: torch.device) -> list[Row]:
-    mix, batch = work / "shards" / "mix", BATCH
-    baseline = {w: _epoch_rate(_torchvision_loader(work, batch, w), device) for w in (1, 2)}
-    rows = []
-    for workers in (1, 2):
-        rate = _epoch_rate(ShardLoader(mix, batch, 0, 1, workers, seed=0, image_size=32,
-                                       pin_memory=device.type == "cuda"), device)
-        rows.append(Row(f"loader: stream, {workers} worker(s)", rate, "images/s",
-                        baseline[workers], 2.0,
-                        "each worker slices the set's memory-mapped decoded array"))
-    for workers in (1, 2):
-        rate = _epoch_rate(ShardLoader(mix, batch, 0, 1, workers, seed=0, image_size=32,
-                                       pin_memory=device.type == "cuda", decoded=False), device)
-        rows.append(Row(f"loader: stream, {workers} worker(s), parsing the tars (data.decoded=false)",
-                        rate, "images/s", baseline[workers]))
-    memory = MemoryLoader(mix, batch, 0, 1, seed=0, image_size=32, device=device)
-    rate = _epoch_rate(memory, device, epochs=20)  # an epoch takes milliseconds
-    rows.append(Row("loader: device-resident", rate, "images/s", baseline[2], 50.0,
-                    "one index_select per batch, bound by memory bandwidth"))
-    rows += [Row(f"loader: torchvision CIFAR10 baseline, {w} worker(s)", baseline[w], "images/s")
-             for w in (1, 2)]
-    return rows + _startup_rows(mix, device)
-
-
-def _startup_rows(mix: Path, device: torch.device) -> list[Row]:
-    """Device-resident start-up per 100k images: one process, two at once (the ranks of a node),
-    and decoding the tars as before the decoded array."""
-    one = _startup_seconds(mix, device, processes=1)
-    two = _startup_seconds(mix, device, processes=2)
-    tars = _startup_seconds(mix, device, processes=1, decoded=False)
-    return [
-        Row("device-resident start-up, per 100k images", one, "s", None, 1.0,
-            "each process hashes the tars and the decoded array it maps", at_most=True),
-        Row("device-resident start-up, 2 processes at once vs 1, per 100k images", two, "s", one),
-        Row("device-resident start-up, decoding the tars (data.decoded=false), per 100k images",
-            tars, "s", one),
-    ]
-
-
-def _startup_seconds(mix: Path, device: torch.device, processes: int, decoded: bool = True) -> float:
-    """Wall seconds per 100k images until ``processes`` fresh processes have each built a MemoryLoader."""
-    context = multiprocessing.get_context("spawn")  # a fork would share this process's CUDA state
-    with ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool:
-        # Every process of the pool started, with this module and torch imported, untimed.
-        list(pool.map(_settle, [0.5] * processes))
-        started = time.perf_counter()
-        counts = [pool.submit(_memory_loader_size, mix, str(device), decoded) for _ in range(processes)]
-        num_samples = [c.result() for c in counts][0]
-        return (time.perf_counter() - started) / num_samples * 1e5
-
-
-def _settle(seconds: float) -> None:
-    time.sleep(seconds)
-
-
-def _memory_loader_size(mix: Path, device: str, decoded: bool) -> int:
-    return MemoryLoader(mix, BATCH, 0, 1, seed=0, image_size=32, device=device, decoded=decoded).num_samples
-
-
-def _epoch_rate(loader: Iterable, device: torch.device, epochs: int = 3) -> float:
-    """Images per second delivered on ``device`` in the best of ``epochs`` whole epochs.
-
-    The best, because on a shared 2-core machine the others measure the
-    neighbours too; each epoch includes the loader's own start-up.
-    """
-    rates = []
-    for epoch in range(epochs):
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        started, seen = time.perf_counter(), 0
-        for batch in loader:
-            images = batch.images if hasattr(batch, "images") else batch[0]
-            images.to(device, non_blocking=True)
-            seen += len(images)
-        _synchronize(device)
-        rates.append(seen / (time.perf_counter() - started))
-    return max(rates)
-
-
-def _synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work, so that a timing covers it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _torchvision_loader(work: Path, batch: int, workers: int) -> torch.utils.data.DataLoader:
-    """What a user would otherwise write: torchvision's CIFAR10 + ToTensor + DataLoader."""
-    from torchvision.datasets import CIFAR10
-    from torchvision.transforms import ToTensor
-
-    class LocalCIFAR10(CIFAR10):  # the bench archive is not the official file: skip its md5
-        def _check_integrity(self) -> bool:
-            return True
-
-        def _load_meta(self) -> None:
-            self.classes = list(CIFAR_CLASSES)
-            self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
-
-    root = work / "torchvision"
-    if not root.exists():
-        with tarfile.open(work / "cifar-10-python.tar.gz") as tar:
-            tar.extractall(root, filter="data")
-    dataset = LocalCIFAR10(str(root), train=True, transform=ToTensor())
-    return torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers)
-
-
 def _trainer_rows(work: Path, steps: int, device: torch.device) -> list[Row]:
     """The project's loop against a bare one in fp32 and bf16, and a whole bf16 epoch."""
     rows = []
     for precision in ("no", "bf16"):
         label = "fp32" if precision == "no" else precision
-        cfg = _train_config(work / "shards", work / "runs", precision, device)
-        rates = _in_own_process(_loop_against_bare, cfg, steps, device, precision == "bf16")
-        flops = _flops_per_image(cfg)
+        cfg = train_config(work / "shards", work / "runs", precision, device)
+        rates = in_own_process(_loop_against_bare, cfg, steps, device, precision == "bf16")
+        flops = flops_per_image(cfg)
         rows += [
             Row(f"trainer vs bare loop, paper model, {label}, batch {BATCH}", rates.project,
                 "images/s", rates.bare, 0.95, "the loop's own work (noise, loss sums, progress "
@@ -264,30 +147,6 @@ def _trainer_rows(work: Path, steps: int, device: torch.device) -> list[Row]:
         if rates.epoch:
             rows += _recipe_rows(rates.epoch, rates.epoch_images, device)
     return rows + _adam_rows(device)
-
-
-def _train_config(shards: Path, runs: Path, precision: str, device: torch.device,
-                  image_size: int = 32) -> Config:
-    return validated(Config, {
-        "run": {"output_dir": str(runs), "name": f"bench-{precision}-{image_size}"},
-        "data": {"shards": str(shards), "batch_size": BATCH, "mode": "memory"},
-        "model": {"image_size": image_size},
-        "train": {"mixed_precision": precision, "cpu": device.type != "cuda",
-                  "checkpoint_every": 0, "checkpoint_minutes": 0},  # no checkpoint inside a timing
-        "wandb": {"mode": "disabled"},
-    })
-
-
-def _in_own_process(measure: Callable[..., T], *args: object) -> T:
-    """``measure(*args)`` in a new Python process, which ends with it.
-
-    Accelerate keeps one mixed precision per process (a second Accelerator
-    asking for another raises ValueError) and has no public reset: each
-    measured trainer therefore gets a process, as each run of a user does.
-    """
-    context = multiprocessing.get_context("spawn")  # a fork would share this process's CUDA state
-    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(measure, *args).result()
 
 
 @dataclass(frozen=True)
@@ -301,23 +160,18 @@ class _LoopRates:
 
 
 def _loop_against_bare(cfg: Config, steps: int, device: torch.device, whole_epoch: bool) -> _LoopRates:
-    """In its own process (:func:`_in_own_process`): the trainer's phase for ``cfg`` against a bare loop."""
+    """In its own process (:func:`in_own_process`): the trainer's phase for ``cfg`` against a bare loop."""
     trainer = Trainer(cfg)
     trainer.loader.set_epoch(0)
     batches = [b for _, b in zip(range(steps + WARMUP), trainer.loader, strict=False)]
     bare_step = _bare_step(cfg, device)
     # Rounds that alternate the two loops, and the best of each: a neighbour's
     # burst on a shared machine then slows both alike or neither.
-    rounds = [(_loop_rate(trainer, WARMUP, steps, device),
-               BATCH * _steps_per_second(bare_step, batches, device)) for _ in range(ROUNDS)]
+    rounds = [(loop_rate(trainer, WARMUP, steps, device),
+               BATCH * steps_per_second(bare_step, batches, device)) for _ in range(ROUNDS)]
     project, bare = (max(rates) for rates in zip(*rounds, strict=True))
-    epoch = _loop_rate(trainer, 0, len(trainer.loader), device) if whole_epoch else 0.0
+    epoch = loop_rate(trainer, 0, len(trainer.loader), device) if whole_epoch else 0.0
     return _LoopRates(project, bare, epoch, trainer.loader.num_samples)
-
-
-def _loop_alone(cfg: Config, steps: int, device: torch.device) -> float:
-    """In its own process (:func:`_in_own_process`): the trainer's rate for ``cfg``, images/s."""
-    return _loop_rate(Trainer(cfg), WARMUP, steps, device)
 
 
 def _adam_rows(device: torch.device) -> list[Row]:
@@ -328,21 +182,10 @@ def _adam_rows(device: torch.device) -> list[Row]:
     rates = {}
     for fused in (False, True):
         optimizer = torch.optim.Adam(model.parameters(), fused=fused)
-        rates[fused] = _steps_per_second(lambda _, o=optimizer: o.step(), [None] * (WARMUP + 20),
+        rates[fused] = steps_per_second(lambda _, o=optimizer: o.step(), [None] * (WARMUP + 20),
                                          device)
     return [Row("Adam step, paper model: fused vs foreach (the default)", rates[True], "steps/s",
                 rates[False])]
-
-
-def _loop_rate(trainer: Trainer, warmup: int, steps: int, device: torch.device) -> float:
-    """Images per second of the project's training loop (``Trainer.run_epochs``), after a warm-up."""
-    if warmup:
-        trainer.run_epochs(until_step=trainer.state.step + warmup)
-    _synchronize(device)
-    started = time.perf_counter()
-    trainer.run_epochs(until_step=trainer.state.step + steps)
-    _synchronize(device)
-    return steps * trainer.schedule.global_batch / (time.perf_counter() - started)
 
 
 def _recipe_rows(rate: float, epoch_images: int, device: torch.device) -> list[Row]:
@@ -354,18 +197,6 @@ def _recipe_rows(rate: float, epoch_images: int, device: torch.device) -> list[R
         rows.append(Row("  rate the recipe needs in 10 minutes", rate, "images/s", None,
                         PAPER_RECIPE_IMAGES / 600, "see docs/performance.md"))
     return rows
-
-
-def _flops_per_image(cfg: Config) -> float:
-    """Forward and backward FLOPs of one training image, counted by PyTorch's FLOP counter."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = VAE(cfg.model)
-    x = torch.rand(2, 3, cfg.model.image_size, cfg.model.image_size)
-    with FlopCounterMode(display=False) as counter:
-        out = model(x)
-        (out.logits.sum() + out.mu.sum() + out.logvar.sum()).backward()
-    return counter.get_total_flops() / len(x)
 
 
 def _bare_step(cfg: Config, device: torch.device) -> Callable:
@@ -389,17 +220,6 @@ def _bare_step(cfg: Config, device: torch.device) -> Callable:
         optimizer.zero_grad(set_to_none=True)
 
     return step
-
-
-def _steps_per_second(step: Callable, batches: list, device: torch.device) -> float:
-    for batch in batches[:WARMUP]:  # allocator, kernels
-        step(batch)
-    _synchronize(device)
-    started = time.perf_counter()
-    for batch in batches[WARMUP:]:
-        step(batch)
-    _synchronize(device)
-    return (len(batches) - WARMUP) / (time.perf_counter() - started)
 
 
 def _process_rows(work: Path, steps: int) -> list[Row]:
@@ -433,14 +253,14 @@ def _scaling_rows(pixels: np.ndarray, labels: list[int], work: Path, sizes: list
         rows.append(Row(f"image size {size}: prepare, per core",
                         _prepare_per_core(archive, count, shards, size, shard_size=500), "images/s"))
         stream = ShardLoader(shards / "mix", BATCH, 0, 1, 1, seed=0, image_size=size)
-        rows.append(Row(f"image size {size}: stream, 1 worker", _epoch_rate(stream, device), "images/s"))
+        rows.append(Row(f"image size {size}: stream, 1 worker", epoch_rate(stream, device), "images/s"))
         started = time.perf_counter()
         memory = MemoryLoader(shards / "mix", BATCH, 0, 1, seed=0, image_size=size, device=device)
         rows.append(Row(f"image size {size}: device-resident start-up, per 100k images",
                         (time.perf_counter() - started) / memory.num_samples * 1e5, "s"))
-        cfg = _train_config(shards, work / "runs", "bf16", device, image_size=size)
-        rate = _in_own_process(_loop_alone, cfg, steps, device)
-        flops = _flops_per_image(cfg)
+        cfg = train_config(shards, work / "runs", "bf16", device, image_size=size)
+        rate = in_own_process(loop_alone, cfg, steps, device)
+        flops = flops_per_image(cfg)
         rows.append(Row(f"image size {size}: trainer, bf16, {flops / 1e9:.2f} GFLOP an image",
                         rate, "images/s"))
     return rows
@@ -463,12 +283,17 @@ def format_table(rows: list[Row]) -> str:
     lines = ["| measurement | value | baseline | measured | target | met |",
              "|---|---:|---:|---:|---:|:-:|"]
     for r in rows:
-        baseline = f"{r.baseline:,.{0 if r.baseline >= 100 else 2}f} {r.unit}" if r.baseline else ""
+        baseline = f"{_number(r.baseline)} {r.unit}" if r.baseline else ""
         measured = f"{r.measured:.2f}x" if r.baseline else ""
         target = (f"{r.target:g}x" if r.baseline else f"{r.target:,g}") if r.target else ""
         target = f"at most {target}" if r.at_most and target else target
         met = {None: "", True: "yes", False: "**no**"}[r.met]
         lines.append(f"| {r.name} | {r.value:,.2f} {r.unit} | {baseline} | {measured} | "
                      f"{target} | {met} |")
-    missed = [f"- {r.name}: not met: {r.why}" for r in rows if r.met is False]
+    missed = [f"- {r.name.strip()}: not met: {r.why}" for r in rows if r.met is False]
     return "\n".join(lines + ([""] + missed if missed else []))
+
+
+def _number(value: float) -> str:
+    """Thousands as whole numbers (22,500 images/s), small values to 3 digits (0.467 TFLOP/s)."""
+    return f"{value:,.0f}" if value >= 10 else f"{value:.3g}"

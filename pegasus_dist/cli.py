@@ -216,11 +216,15 @@ def bench(
         help="auto (the CIFAR-10 JPEGs in ../shared/data when present, else synthetic), "
              "synthetic, or an image folder or .tar.gz")] = "auto",
     process_steps: Annotated[int, typer.Option(help="steps of the 1- and 2-process runs")] = 60,
+    compile_rows: Annotated[bool, typer.Option(
+        "--compile", help="also time train.compile=true, with and without channels_last "
+                          "(inductor compiles for about a minute a variant on 2 cores)")] = False,
     out: Annotated[Path, typer.Option(help="JSON to write")] = Path("bench/results/latest.json"),
 ) -> None:
     """Loader, trainer, prepare and process-count throughput, each against its baseline."""
     harness = _bench_module("harness")
-    rows = harness.run_bench(images, steps, out, size or [32, 64, 96], images_from, process_steps)
+    rows = harness.run_bench(images, steps, out, size or [32, 64, 96], images_from, process_steps,
+                             compile_rows)
     typer.echo(harness.format_table(rows))
     typer.echo(f"wrote {out}")
 

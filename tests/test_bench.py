@@ -6,7 +6,10 @@ import json
 
 import pytest
 
+from bench.efficiency import Peak, flop_per_cycle
 from bench.harness import Row, format_table, run_bench
+
+ZEN4 = "vendor_id\t: AuthenticAMD\ncpu family\t: 25\nflags\t\t: fpu fma avx2 avx512f avx512_bf16\n"
 
 
 def test_a_row_with_a_baseline_is_met_by_its_ratio_one_without_by_its_value():
@@ -23,19 +26,35 @@ def test_a_row_with_a_baseline_is_met_by_its_ratio_one_without_by_its_value():
 def test_the_table_marks_a_missed_target_and_says_why():
     rows = [Row("fast", 3.0, "images/s", baseline=2.0, target=1.4),
             Row("slow", 4000.0, "images/s", target=5000, why="one core unpacks the archive"),
-            Row("plain", 7.5, "s"),
+            Row("plain", 7.5, "s"), Row("  small", 0.2, "TFLOP/s", baseline=0.467, target=0.6, why="GEMM"),
             Row("start-up", 1.2, "s", baseline=0.4, target=2.0, at_most=True, why="hashing")]
     assert format_table(rows).splitlines() == [
         "| measurement | value | baseline | measured | target | met |",
         "|---|---:|---:|---:|---:|:-:|",
-        "| fast | 3.00 images/s | 2.00 images/s | 1.50x | 1.4x | yes |",
+        "| fast | 3.00 images/s | 2 images/s | 1.50x | 1.4x | yes |",
         "| slow | 4,000.00 images/s |  |  | 5,000 | **no** |",
         "| plain | 7.50 s |  |  |  |  |",
-        "| start-up | 1.20 s | 0.40 s | 3.00x | at most 2x | **no** |",
+        "|   small | 0.20 TFLOP/s | 0.467 TFLOP/s | 0.43x | 0.6x | **no** |",
+        "| start-up | 1.20 s | 0.4 s | 3.00x | at most 2x | **no** |",
         "",
         "- slow: not met: one core unpacks the archive",
+        "- small: not met: GEMM",
         "- start-up: not met: hashing",
     ]
+
+
+def test_the_bf16_peak_per_cycle_follows_the_flags_and_the_vendor():
+    assert flop_per_cycle(ZEN4) == (64, "AVX512_BF16, 1 VDPBF16PS zmm a cycle")  # 256-bit pipes
+    intel = ZEN4.replace("AuthenticAMD", "GenuineIntel").replace(": 25", ": 6")
+    assert flop_per_cycle(intel)[0] == 128  # two 512-bit FMA ports
+    assert flop_per_cycle(intel.replace("avx512_bf16", "avx512_bf16 amx_bf16"))[0] == 1024
+    assert flop_per_cycle(ZEN4.replace(" avx512f avx512_bf16", ""))[0] == 32  # fp32 AVX2 FMAs
+
+
+def test_the_peak_is_cores_times_clock_times_flop_per_cycle_and_says_so():
+    peak = Peak(cores=2, ghz=3.5, clock_from="measured", flop_per_cycle=64, unit="AVX512_BF16")
+    assert peak.tflops == pytest.approx(2 * 3.5e9 * 64 / 1e12)
+    assert peak.describe() == "2 cores x 3.50 GHz (measured) x 64 FLOP/cycle (AVX512_BF16)"
 
 
 @pytest.mark.process
@@ -54,7 +73,16 @@ def test_the_harness_measures_each_row_against_the_baseline_of_the_same_run(tmp_
         "device-resident start-up, per 100k images",
         "trainer vs bare loop, paper model, fp32, batch 128",
         "trainer vs bare loop, paper model, bf16, batch 128",
+        "  achieved bf16 of the CPU's peak, eager", "  achieved bf16 of the CPU's peak, channels_last",
     ])
+    # The efficiency rows: channels_last against eager of the same run; compile only with --compile.
+    eager = by_name["trainer, paper model, bf16, eager"]["value"]
+    assert by_name["trainer, paper model, bf16, channels_last"]["baseline"] == eager > 0
+    assert not any("compile" in name for name in by_name)
+    peak = next(r for name, r in by_name.items() if name.startswith("CPU bf16 peak: "))
+    assert by_name["  achieved bf16 of the CPU's peak, eager"]["baseline"] == peak["value"] > 0
+    outside = by_name["  share of an eager bf16 step outside convolutions and matmuls (profiler)"]
+    assert 0 < outside["value"] < 100 and outside["unit"] == "%"
     # Each loader is compared with torchvision's loader of the same run and workers.
     for name, workers in (("loader: stream, 1 worker(s)", 1), ("loader: stream, 2 worker(s)", 2),
                           ("loader: device-resident", 2)):

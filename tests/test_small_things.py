@@ -129,3 +129,22 @@ def test_the_report_shows_the_grids_of_pegasus_dist_sample(smoke_pipeline: Train
     assert shown[f"lerp ({last})"] == (step / "lerp.png").read_bytes()
     assert shown["pegasus"] == (run / "samples" / "pegasus.png").read_bytes()  # the phase's own
     assert sorted(smoke_pipeline.pretrain.rglob("*")) == shared  # the copy took every write
+
+
+def test_train_compile_without_a_cxx_compiler_trains_eager_after_one_warning(monkeypatch, caplog):
+    import torch
+
+    from pegasus_dist.config import Config, validated
+    from pegasus_dist.training.start import compile_or_eager
+
+    model, cfg = torch.nn.Linear(2, 2), validated(Config, {"train": {"compile": True}})
+    compiled = compile_or_eager(model, cfg, warn=True)  # g++ is here: compiled (lazily, at its first call)
+    assert compiled is not model and isinstance(compiled, torch.nn.Module)
+    assert compile_or_eager(model, Config(), warn=True) is model and not caplog.records  # compile off
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    assert compile_or_eager(model, cfg, warn=True) is model
+    assert compile_or_eager(model, cfg, warn=False) is model  # the other ranks: silent
+    assert [r.getMessage() for r in caplog.records] == [
+        "train.compile=true, but no C++ compiler 'no-such-compiler-here' is on PATH for torch.compile's "
+        "inductor: training eager (uncompiled) instead; install one (g++) or point $CXX at one, or set "
+        "train.compile=false to silence this"]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -306,7 +308,7 @@ def _prepare_run_dir(accelerator: Accelerator, cfg: Config) -> None:
 
 def _prepare(accelerator: Accelerator, cfg: Config, built: Models) -> Models:
     """The models wrapped for the ranks (DDP) and mixed precision, their optimizers with them."""
-    model = torch.compile(built.model) if cfg.train.compile else built.model
+    model = compile_or_eager(built.model, cfg, accelerator.is_main_process)
     model, optimizer = accelerator.prepare(model, built.optimizer)
     prepared = Models(model, optimizer)
     if cfg.train.ema_decay:  # of the weights as built: initialised, or loaded from train.init_from
@@ -321,6 +323,22 @@ def _prepare(accelerator: Accelerator, cfg: Config, built: Models) -> Models:
             prepared.adversary_scaler = torch.amp.GradScaler(accelerator.device.type)
             accelerator.register_for_checkpointing(prepared.adversary_scaler)
     return prepared
+
+
+def compile_or_eager(model: torch.nn.Module, cfg: Config, warn: bool) -> torch.nn.Module:
+    """``model`` under torch.compile when train.compile asks for it and inductor has the C++
+    compiler it builds its kernels with; else ``model`` as it is, with one warning (``warn``:
+    the main process) that names the fix, rather than a traceback at the first step."""
+    if not cfg.train.compile:
+        return model
+    compiler = os.environ.get("CXX", "g++")  # what inductor looks for on Linux
+    if shutil.which(compiler) is None:
+        if warn:
+            log.warning("train.compile=true, but no C++ compiler %r is on PATH for torch.compile's "
+                        "inductor: training eager (uncompiled) instead; install one (g++) or point "
+                        "$CXX at one, or set train.compile=false to silence this", compiler)
+        return model
+    return torch.compile(model)
 
 
 def _restore(accelerator: Accelerator, folder: Path, models: Models) -> None:

@@ -1,0 +1,115 @@
+"""What the bench's row modules share: the row, the trainer's configuration, and how a rate is timed."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+
+from pegasus_dist.config import Config, validated
+from pegasus_dist.model.vae import VAE
+from pegasus_dist.training.loop import Trainer
+
+T = TypeVar("T")
+BATCH = 128  # per process, in every loader and training row
+WARMUP = 2  # untimed steps first: allocator, kernels, autotuning
+
+
+@dataclass
+class Row:
+    name: str
+    value: float
+    unit: str
+    baseline: float | None = None  # the value it is compared with, if any
+    target: float | None = None  # the ratio (or value) the issue asks for
+    why: str = ""  # what bounds it, printed when the target is missed
+    at_most: bool = False  # the target is a ceiling (a time), not a floor
+
+    @property
+    def met(self) -> bool | None:
+        if self.target is None:
+            return None
+        return self.measured <= self.target if self.at_most else self.measured >= self.target
+
+    @property
+    def measured(self) -> float:
+        return self.value / self.baseline if self.baseline else self.value
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a timing covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_config(shards: Path, runs: Path, precision: str, device: torch.device,
+                 image_size: int = 32, **train: object) -> Config:
+    """The trainer's config for a timing; ``train`` adds train.* settings (compile, channels_last)."""
+    name = "-".join([f"bench-{precision}-{image_size}", *(k for k, v in train.items() if v)])
+    return validated(Config, {
+        "run": {"output_dir": str(runs), "name": name},
+        "data": {"shards": str(shards), "batch_size": BATCH, "mode": "memory"},
+        "model": {"image_size": image_size},
+        "train": {"mixed_precision": precision, "cpu": device.type != "cuda",
+                  "checkpoint_every": 0, "checkpoint_minutes": 0,  # no checkpoint inside a timing
+                  **train},
+        "wandb": {"mode": "disabled"},
+    })
+
+
+def in_own_process(measure: Callable[..., T], *args: object) -> T:
+    """``measure(*args)`` in a new Python process, which ends with it.
+
+    Accelerate keeps one mixed precision per process (a second Accelerator
+    asking for another raises ValueError) and has no public reset: each
+    measured trainer therefore gets a process, as each run of a user does.
+    """
+    context = multiprocessing.get_context("spawn")  # a fork would share this process's CUDA state
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(measure, *args).result()
+
+
+def loop_alone(cfg: Config, steps: int, device: torch.device) -> float:
+    """In its own process (:func:`in_own_process`): the trainer's rate for ``cfg``, images/s."""
+    return loop_rate(Trainer(cfg), WARMUP, steps, device)
+
+
+def loop_rate(trainer: Trainer, warmup: int, steps: int, device: torch.device) -> float:
+    """Images per second of the project's training loop (``Trainer.run_epochs``), after a warm-up."""
+    if warmup:
+        trainer.run_epochs(until_step=trainer.state.step + warmup)
+    synchronize(device)
+    started = time.perf_counter()
+    trainer.run_epochs(until_step=trainer.state.step + steps)
+    synchronize(device)
+    return steps * trainer.schedule.global_batch / (time.perf_counter() - started)
+
+
+def flops_per_image(cfg: Config) -> float:
+    """Forward and backward FLOPs of one training image, counted by PyTorch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = VAE(cfg.model)
+    x = torch.rand(2, 3, cfg.model.image_size, cfg.model.image_size)
+    with FlopCounterMode(display=False) as counter:
+        out = model(x)
+        (out.logits.sum() + out.mu.sum() + out.logvar.sum()).backward()
+    return counter.get_total_flops() / len(x)
+
+
+def steps_per_second(step: Callable, batches: list, device: torch.device) -> float:
+    """Calls of ``step`` per second over ``batches``, after WARMUP untimed ones."""
+    for batch in batches[:WARMUP]:  # allocator, kernels
+        step(batch)
+    synchronize(device)
+    started = time.perf_counter()
+    for batch in batches[WARMUP:]:
+        step(batch)
+    synchronize(device)
+    return (len(batches) - WARMUP) / (time.perf_counter() - started)
