@@ -4,7 +4,9 @@
 #   bench/gpu-check.sh              # writes runs/gpu-check/, prints one table at the end
 #
 # Rows: the bench's rows on CUDA (loaders, device-resident start-up, trainer vs
-# bare loop, achieved TFLOP/s), then the paper recipe's model on GPU 0 in
+# bare loop, achieved TFLOP/s, MFU against the datasheet peak, the paper recipe's projected
+# time), the smoke pipeline's two phases under torchrun on one GPU (a process group of one,
+# NCCL), then the paper recipe's model on GPU 0 in
 # bf16, with cudnn.benchmark, fp16 (the loss scale and the updates it dropped, scaler_skipped_steps),
 # bf16 with torch.compile and channels_last followed by `pegasus-dist sample`,
 # and with two GPUs or more a 2-process NCCL run. It has not run on a GPU yet
@@ -29,6 +31,36 @@ row() { rows+=("$(printf '| %s | %s |' "$1" "$2")"); }
 "$BIN/pegasus-dist" bench --images 20000 --steps 20 --process-steps 60 --out "$OUT/bench.json" \
     | tee "$OUT/bench.md"
 "$BIN/pegasus-dist" prepare --source synthetic:4000 --out "$OUT/shards"
+
+# Model FLOP utilisation: the bench's achieved bf16 TFLOP/s against the GPU's dense bf16
+# peak from NVIDIA's datasheets (TFLOP/s without sparsity: H100 SXM and H200 989, H100 NVL
+# 835, H100 PCIe 756, A100 312, L40S 362).
+mfu=$("$BIN/python" - "$OUT/bench.json" <<'EOF'
+import json, sys
+import torch
+PEAKS = {"H200": 989, "H100 NVL": 835, "H100 PCIe": 756, "H100": 989, "A100": 312, "L40S": 362}
+name = torch.cuda.get_device_name(0)
+peak = next((tflops for model, tflops in PEAKS.items() if model in name), None)
+rows = {row["name"].strip(): row for row in json.load(open(sys.argv[1]))["rows"]}
+achieved = rows["achieved, bf16"]["value"]
+recipe = next(row for key, row in rows.items() if key.startswith("paper recipe"))
+share = f"MFU {achieved / peak:.1%} of {peak} TFLOP/s" if peak else f"no datasheet peak listed for {name}"
+print(f"{achieved:.1f} TFLOP/s, {share}; paper recipe projected at {recipe['value']:,.1f} {recipe['unit']}")
+EOF
+)
+row "paper model, bf16: achieved, MFU, projected recipe" "$mfu"
+
+# One GPU under torchrun: a process group of one (NCCL), the smoke pipeline's two phases.
+for phase in pretrain finetune; do
+    init=()
+    [ "$phase" = finetune ] && init=("train.init_from=$OUT/nccl-1/pretrain")
+    "$BIN/python" -m torch.distributed.run --standalone --nproc_per_node 1 pegasus_dist/train.py \
+        --config "configs/smoke/$phase.yaml" "data.shards=$OUT/shards" "run.output_dir=$OUT/nccl-1" \
+        train.mixed_precision=bf16 wandb.mode=disabled "${init[@]}" > "$OUT/nccl-1-$phase.log" 2>&1 \
+        || { echo "gpu-check: the 1-GPU torchrun $phase failed: see $OUT/nccl-1-$phase.log" >&2; exit 1; }
+done
+row "1 GPU under torchrun, smoke pretrain + finetune" \
+    "$(grep -o 'world_size=1 .*backend=[a-z]*' "$OUT/nccl-1-pretrain.log" | head -n 1); $(find "$OUT/nccl-1" -name pegasus.png | wc -l) Pegasus grids"
 
 # One run of the paper recipe (configs/pretrain.yaml) on the synthetic set: its last logged row.
 train() {
