@@ -100,8 +100,6 @@ def open_decoded(manifest: Manifest, decode_all: Callable[[], Decoded]) -> Decod
 def decoded_problem(manifest: Manifest) -> str | None:
     """Why the set's decoded array would not be used as it is (for `verify`); None when it
     verifies or was never built (the next training run builds it)."""
-    if not (manifest.path / INDEX).exists() and not (manifest.path / ARRAY).exists():
-        return None
     return _verified(manifest.path, manifest)[1]
 
 
