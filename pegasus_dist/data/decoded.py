@@ -32,7 +32,7 @@ import numpy as np
 from filelock import FileLock
 
 from pegasus_dist.checksums import sha256_file
-from pegasus_dist.data.manifest import Manifest
+from pegasus_dist.data.manifest import Manifest, changed_shard
 from pegasus_dist.errors import DataError
 
 log = logging.getLogger("pegasus_dist.decoded")
@@ -106,9 +106,7 @@ def decoded_problem(manifest: Manifest) -> str | None:
 def _check_shards(manifest: Manifest) -> None:
     for entry, path in zip(manifest.shards, manifest.shard_paths, strict=True):
         if sha256_file(path) != entry.sha256:
-            raise DataError(f"shard {path} does not match the sha256 of its manifest (changed after "
-                            "`prepare` wrote it); run `pegasus-dist verify`, then re-run "
-                            "`pegasus-dist prepare`")
+            raise DataError(changed_shard(path))
 
 
 def _verified(folder: Path, manifest: Manifest) -> tuple[Decoded | None, str | None]:

@@ -131,7 +131,7 @@ class _ShardStream(IterableDataset):
 
     def _sliced(self, plans: list[BatchPlan], shard_of: np.ndarray, inside: np.ndarray) -> Iterator[Batch]:
         """The batches as rows of the decoded array: no tar member is parsed."""
-        starts = np.concatenate([[0], np.cumsum(self.shard_set.manifest.shard_sizes)[:-1]])
+        starts = self.shard_set.manifest.shard_starts
         images, keys, labels = self.decoded.images, self.decoded.keys, self.decoded.labels
         for plan in plans:
             rows = starts[shard_of[plan.positions]] + inside[plan.positions]
@@ -276,7 +276,6 @@ class MemoryLoader:
         # Object arrays: a batch's names are then one fancy index away.
         self.keys, self.labels = np.array(found.keys, dtype=object), np.array(found.labels, dtype=object)
         self.images = torch.from_numpy(found.images).to(self.device)  # N x H x W x 3
-        self.shard_starts = np.concatenate([[0], np.cumsum(self.manifest.shard_sizes)[:-1]])
         self._num_batches = len(rank_batches(self.num_samples, world_size, rank, batch_size))
         self.epoch, self.start_sample = 0, 0
 
@@ -290,7 +289,7 @@ class MemoryLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         shard_of, inside = global_sequence(self.manifest.shard_sizes, self.seed, self.epoch)
-        order = self.shard_starts[shard_of] + inside  # sequence position -> row of the tensor
+        order = self.manifest.shard_starts[shard_of] + inside  # sequence position -> row of the tensor
         on_device = torch.from_numpy(order).to(self.device)  # one copy per epoch
         for plan in rank_batches(self.num_samples, self.world_size, self.rank, self.batch_size,
                                  self.start_sample):

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pegasus_dist.errors import DataError
 
 FILENAME = "manifest.json"
@@ -52,9 +54,20 @@ class Manifest:
         return [s.num_samples for s in self.shards]
 
     @property
+    def shard_starts(self) -> np.ndarray:
+        """Where each shard's samples start in the set's file order (its decoded array's rows)."""
+        return np.concatenate([[0], np.cumsum(self.shard_sizes)[:-1]]).astype(np.int64)
+
+    @property
     def generation(self) -> str | None:
         """The id shared by the sets of one ``prepare`` run; None in manifests written before it."""
         return self.provenance.get("generation")
+
+
+def changed_shard(path: Path) -> str:
+    """The error of a shard whose bytes differ from its manifest's sha256."""
+    return (f"shard {path} does not match the sha256 of its manifest (changed after `prepare` "
+            "wrote it); run `pegasus-dist verify`, then re-run `pegasus-dist prepare`")
 
 
 def generation_id(provenance: dict[str, Any], shards: dict[str, list[ShardEntry]]) -> str:

@@ -24,7 +24,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from webdataset.writer import TarWriter
 
 from pegasus_dist.data.decoded import Decoded, open_decoded
-from pegasus_dist.data.manifest import REPREPARE, Manifest, load_manifest
+from pegasus_dist.data.manifest import REPREPARE, Manifest, changed_shard, load_manifest
 from pegasus_dist.errors import DataError
 
 OWNER = "pegasus"  # user and group name of every member
@@ -92,8 +92,7 @@ def iter_shard(path: Path, sha256: str | None = None) -> Iterator[ShardSample]:
         reason = str(err.args[0]).split(" @ ")[0] if err.args else type(err).__name__
         raise DataError(f"shard {path} is unreadable ({reason}); {REPREPARE} to rewrite it") from None
     if sha256 is not None and stream.digest.hexdigest() != sha256:
-        raise DataError(f"shard {path} does not match the sha256 of its manifest (changed after `prepare` "
-                        "wrote it); run `pegasus-dist verify`, then re-run `pegasus-dist prepare`")
+        raise DataError(changed_shard(path))
 
 
 class _Hashed(io.RawIOBase):
