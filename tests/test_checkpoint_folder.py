@@ -251,6 +251,14 @@ def test_a_run_name_too_long_for_a_folder_is_refused(tmp_path):
         load_config(SMOKE, [f"run.name={'é' * 128}"])
 
 
+def test_a_run_name_read_under_the_c_locale_is_measured_in_its_bytes(tmp_path):
+    """Under LC_ALL=C, Python holds "é" typed in a shell as two surrogates (PEP 383): still a name."""
+    name = b"p\xc3\xa9gase".decode("ascii", "surrogateescape")
+    assert load_config(SMOKE, [f"run.name={name}"]).run.name == name
+    (tmp_path / name).mkdir()
+    assert [p.name.encode("utf-8", "surrogateescape") for p in tmp_path.iterdir()] == [b"p\xc3\xa9gase"]
+
+
 def test_a_negative_memory_limit_is_refused():
     with pytest.raises(ConfigError, match="data.memory_limit_mb must be 0 or more"):
         load_config(SMOKE, ["data.memory_limit_mb=-5"])

@@ -140,11 +140,15 @@ def test_an_unknown_wandb_mode_is_one_line_naming_it(smoke_shards, tmp_path, mon
 
 @pytest.mark.process
 def test_any_other_wandb_start_failure_costs_only_wandb(smoke_shards, tmp_path):
-    """A non-ASCII run folder under the C locale: wandb.init raises UnicodeEncodeError."""
+    """A non-ASCII run folder under the C locale: wandb.init would raise UnicodeEncodeError, after
+    its own loggers printed tracebacks; one warning instead, naming what and the fix."""
     runs = tmp_path / "läufe"
     done, _ = train(smoke_shards, runs, {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0"},
                     "wandb.mode=offline")
     assert done.returncode == 0, done.stdout[-3000:]
     warnings = [line for line in done.stdout.splitlines() if "W&B could not start (" in line]
     assert len(warnings) == 1 and "training on without it; metrics.jsonl in " in warnings[0]
+    assert "W&B could not start (run.output_dir holds bytes that this locale's" in warnings[0]
+    assert warnings[0].endswith("run under a UTF-8 locale (LC_ALL=C.UTF-8) to log to W&B")
+    assert "Logging error" not in done.stdout and "Traceback" not in done.stdout
     assert training_steps(runs / "pretrain") == [1, 2, 3]

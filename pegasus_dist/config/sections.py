@@ -9,6 +9,7 @@ does not fit into one line naming the key.
 from __future__ import annotations
 
 import contextlib
+import os
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -52,7 +53,7 @@ def _folder_name(name: str) -> str:
     # The run folder is <output_dir>/<name>: "..", "/x" or "a/b" would write elsewhere.
     if name in ("", ".", "..") or {"/", "\0"} & set(name):
         raise ValueError("must be a plain folder name (no '/', not '.' or '..')")
-    if len(name.encode()) > NAME_MAX:
+    if len(os.fsencode(name)) > NAME_MAX:  # its bytes on disk, under any locale
         raise ValueError(f"must be at most {NAME_MAX} bytes, the most a folder name holds")
     return name
 

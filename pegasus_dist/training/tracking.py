@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,12 @@ def start_tracking(accelerator: Accelerator, cfg: Config, state: TrainState, glo
     config["launch"] = {"world_size": accelerator.num_processes, "global_batch": global_batch, "lr": lr}
     if cfg.train.init_from and state.step == 0:  # a resumed run keeps what its start recorded
         config["started_from"] = _started_from(cfg.train.init_from)
+    # W&B would fail on such a value, after its own loggers choked on it (the folder: the cwd's too)
+    if key := _not_utf8({**config, "the run folder": str(cfg.run_dir.resolve())}):
+        log.warning("W&B could not start (%s holds bytes that this locale's encoding, %s, cannot decode): "
+                    "training on without it; metrics.jsonl in %s keeps every row; run under a UTF-8 "
+                    "locale (LC_ALL=C.UTF-8) to log to W&B", key, sys.getfilesystemencoding(), cfg.run_dir)
+        return
     try:
         _start(accelerator, cfg, state, config, mode)
     except Exception as err:  # any other failure of W&B's start (a bad locale, a full disk) costs only W&B
@@ -72,6 +79,24 @@ def start_tracking(accelerator: Accelerator, cfg: Config, state: TrainState, glo
         accelerator.trackers.clear()
         log.warning("W&B could not start (%s: %s): training on without it; metrics.jsonl in %s keeps "
                     "every row", type(err).__name__, _first_line(err), cfg.run_dir)
+
+
+def _not_utf8(config: dict[str, Any], prefix: str = "") -> str | None:
+    """The first key of ``config`` whose value UTF-8 cannot hold.
+
+    Under a locale that is not UTF-8 (LC_ALL=C), Python keeps the undecodable bytes of a path or an
+    argument as surrogates (PEP 383): the files are right, but W&B can neither send nor log them.
+    """
+    for key, value in config.items():
+        if isinstance(value, dict):
+            if found := _not_utf8(value, f"{prefix}{key}."):
+                return found
+            continue
+        try:
+            json.dumps(value, ensure_ascii=False, default=str).encode()
+        except UnicodeEncodeError:
+            return f"{prefix}{key}"
+    return None
 
 
 def _start(accelerator: Accelerator, cfg: Config, state: TrainState, config: dict[str, Any],
