@@ -252,8 +252,13 @@ def _write_failure(err: Exception, final: Path, root: Path) -> str:
     previous = list_checkpoints(root)
     safe = f"{previous[-1]} is intact" if previous else "no earlier checkpoint exists"
     free = shutil.disk_usage(root).free / 2**20 if root.exists() else 0
-    return (f"cannot write checkpoint {final}: {why} ({free:.0f} MB free there); {safe}: free space or "
-            "make the run folder writable, then run the same command to resume")
+    needs = f", a checkpoint takes {_size_mb(previous[-1]):.1f} MB" if previous else ""
+    return (f"cannot write checkpoint {final}: {why} ({free:.0f} MB free there{needs}); {safe}: free "
+            "space or make the run folder writable, then run the same command to resume")
+
+
+def _size_mb(folder: Path) -> float:
+    return sum(path.stat().st_size for path in folder.iterdir()) / 2**20
 
 
 def _unwrapped_weights(models: list[torch.nn.Module], weights: list[dict], output_dir: str) -> None:

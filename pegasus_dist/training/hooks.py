@@ -13,6 +13,7 @@ separated by commas, each ``KIND:key=value:...``::
     PEGASUS_FAULT="crash:at=checks:rank=1"       ... or crashes in it (a bug: RuntimeError)
     PEGASUS_FAULT="crash:step=5"                 a crash in the training loop
     PEGASUS_FAULT="oom:step=5"                   step 5 runs out of device memory
+    PEGASUS_FAULT="fill-disk:step=5"             before step 5, a file fills the run folder's disk
 
 ``rank`` is the launcher's ``RANK``; without it every rank takes the fault. A faulted
 run computes the same numbers up to the fault. A new kind is a function and a line of :data:`KINDS`.
@@ -20,6 +21,7 @@ run computes the same numbers up to the fault. A new kind is a function and a li
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -172,6 +174,23 @@ def _oom(step: int) -> Hooks:
     return Hooks(before_micro_batch=[oom])
 
 
+def _fill_disk(step: int) -> Hooks:
+    """Before ``step``, ``<run>/filler`` grows until the disk is full; kept, as another job's file."""
+    def fill(trainer: Trainer, _batch: Batch) -> None:
+        if trainer.state.step + 1 != step:
+            return
+        chunk = bytes(2**20)
+        with (trainer.cfg.run_dir / "filler").open("wb", buffering=0) as filler:
+            with contextlib.suppress(OSError):  # ENOSPC: the disk is full, which is the fault
+                while True:
+                    filler.write(chunk)
+            chunk = bytes(4096)
+            with contextlib.suppress(OSError):  # and the last blocks of it
+                while True:
+                    filler.write(chunk)
+    return Hooks(before_micro_batch=[fill])
+
+
 def _fail(at: str) -> Hooks:
     def fail(stage: str) -> None:
         if stage == at:
@@ -200,4 +219,5 @@ KINDS: dict[str, tuple[Callable[..., Hooks], set[str], set[str]]] = {
     "fail": (_fail, {"at"}, set()),
     "crash": (_crash, set(), {"at", "step"}),
     "oom": (_oom, {"step"}, set()),
+    "fill-disk": (_fill_disk, {"step"}, set()),
 }
