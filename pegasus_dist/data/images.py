@@ -1,10 +1,7 @@
 """What every image source gives, and the steps its readers share.
 
-A source is read into memory as :class:`SourceImages` at the target size.
-Class names map onto one vocabulary, so CIFAR's "automobile" and STL-10's
-"car", and both datasets' horses and birds, land in the same class. Archives
-are read member by member and never extracted (:func:`open_tar`); a truncated
-or damaged archive is an error naming it.
+A source is read into memory as :class:`SourceImages` at the target size. Class names map
+onto one vocabulary, so CIFAR's "automobile" and STL-10's "car" land in the same class.
 """
 
 from __future__ import annotations
@@ -56,11 +53,9 @@ def canonical_class(name: str) -> str:
 
 @contextmanager
 def open_tar(path: Path) -> Iterator[tarfile.TarFile]:
-    """The archive, open for reading; a truncated or damaged one raises DataError naming it.
-
-    The errors surface while members are read: a gzip stream that ends early raises
-    EOFError (which the command line would turn into a bare "Aborted.").
-    """
+    """The archive, open for reading, never extracted; a truncated or damaged one raises
+    DataError naming it (a gzip stream that ends early raises EOFError, which the command
+    line would turn into a bare "Aborted.")."""
     try:
         with tarfile.open(path, "r:*") as tar:
             yield tar
@@ -74,8 +69,7 @@ def open_tar(path: Path) -> Iterator[tarfile.TarFile]:
 def resize_all(images: np.ndarray, size: int) -> np.ndarray:
     """Resize square images with an antialiasing filter (the paper shrank STL-10 to 32x32).
 
-    Shrinking uses BOX, which averages each output pixel's footprint exactly:
-    for 96 -> 32 a clean 3x3 mean, with no aliasing and no ringing.
+    Shrinking uses BOX: for 96 -> 32 a clean 3x3 mean, with no aliasing and no ringing.
     """
     if images.shape[1] == size:
         return images

@@ -46,9 +46,6 @@ def download_official(name: str, root: Path) -> Path:
     return root / meta["filename"]
 
 
-# --- CIFAR-10 ---------------------------------------------------------------
-
-
 class _ArrayOnlyUnpickler(pickle.Unpickler):
     """Unpickles the CIFAR-10 batches (dicts of bytes, lists and NumPy arrays), nothing else."""
 
@@ -118,9 +115,8 @@ def read_stl10(path: str | Path, image_size: int = 32, verify_checksum: bool = T
         images.append(x)
         if split == "unlabeled":
             labels += [None] * len(x)
-        else:
-            y = np.frombuffer(parts[f"{split}_y.bin"], dtype=np.uint8)
-            labels += [names[i - 1] for i in y]  # STL-10 labels run from 1 to 10
+        else:  # STL-10 labels run from 1 to 10
+            labels += [names[i - 1] for i in np.frombuffer(parts[f"{split}_y.bin"], dtype=np.uint8)]
         splits += [split] * len(x)
     return SourceImages("stl10", np.concatenate(images), labels, splits, str(path.resolve()))
 
@@ -131,9 +127,6 @@ def _stl_images(stream: io.BufferedReader, image_size: int) -> Iterator[np.ndarr
     while chunk := stream.read(image_bytes * STL_CHUNK):
         x = np.frombuffer(chunk, dtype=np.uint8).reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1)
         yield resize_all(np.ascontiguousarray(x), image_size)
-
-
-# --- shared by both ---------------------------------------------------------
 
 
 def _archive(path: str | Path, name: str, meta: dict, verify_checksum: bool) -> Path:

@@ -50,8 +50,7 @@ LOCK = ".prepare.lock"  # held while a prepare writes into the folder (a flock: 
 def prepare(cfg: PrepareConfig, command: str = "") -> dict[str, Path]:
     """Write ``mix/``, ``horse_bird/`` and ``eval/`` under ``cfg.out``; return their folders.
 
-    The sources are read first; then one ``prepare`` at a time writes into
-    ``--out`` (:func:`_writing`).
+    The sources are read first; then one ``prepare`` at a time writes into ``--out``.
     """
     started = time.perf_counter()
     sources = _unique_names([_load(spec, cfg) for spec in cfg.sources])
@@ -97,9 +96,8 @@ def prepare(cfg: PrepareConfig, command: str = "") -> dict[str, Path]:
 def _writing(out: Path) -> Iterator[None]:
     """Hold ``out``'s prepare lock, after removing what a crashed prepare left there.
 
-    A second prepare into ``out`` is refused in one line; a full disk or a
-    folder that cannot be written is one line naming the path (what was
-    half-written is removed by the next prepare).
+    A second prepare, a full disk or a folder that cannot be written is one line naming the path
+    (what was half-written is removed by the next prepare).
     """
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -115,9 +113,8 @@ def _writing(out: Path) -> Iterator[None]:
 
 def _cannot_write(err: OSError, out: Path) -> str:
     """One line for a write that failed: the path, why, and for a full disk the space left."""
-    space = ""
-    if err.errno == errno.ENOSPC:
-        space = f" ({shutil.disk_usage(out).free / 2**20:.0f} MB free there)"
+    full = err.errno == errno.ENOSPC
+    space = f" ({shutil.disk_usage(out).free / 2**20:.0f} MB free there)" if full else ""
     return (f"cannot write {err.filename or out}: {err.strerror or err}{space}; free space or make it "
             "writable, or prepare into another --out")
 
@@ -168,10 +165,8 @@ class ShardTask:
 
 
 def _write_shards(images: np.ndarray, metas: list[dict], tasks: list[ShardTask]) -> list[ShardEntry]:
-    """Encode and write every shard, on all cores when there are many images.
-
-    Forked workers inherit the images through the pool's initializer: nothing is pickled.
-    """
+    """Encode and write every shard, on all cores when there are many images; forked workers
+    inherit the images through the pool's initializer: nothing is pickled."""
     _share(images, metas)
     if len(images) < POOL_THRESHOLD:
         return [_write_one(task) for task in tasks]
@@ -198,9 +193,9 @@ def _write_one(task: ShardTask) -> ShardEntry:
 def _publish(out: Path, generation: Path, names: list[str]) -> None:
     """Make the complete sets in ``generation`` the sets of ``out``, all at once.
 
-    The commit point is one rename of a new ``.current`` link over the old. Set
-    folders of the layout before generations are all moved aside before any
-    link is made, so an interruption leaves old sets or new ones, never both.
+    The commit point is one rename of a new ``.current`` link over the old. Set folders of the
+    layout before generations are all moved aside before any link is made, so an interruption
+    leaves old sets or new ones, never both.
     """
     _replace_link(out / CURRENT, Path(generation.name))
     old_folders = [out / name for name in names if (out / name).is_dir() and not (out / name).is_symlink()]

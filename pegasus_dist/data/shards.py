@@ -65,8 +65,7 @@ class ShardSample:
 def write_shard(path: Path, samples: Iterable[tuple[str, np.ndarray, dict]]) -> None:
     """Write (key, (H, W, 3) uint8 image, meta) samples, in order, into one tar file.
 
-    Every member's owner, mode and time stamp are fixed: the same samples give the
-    same bytes. One writer per shard: ``prepare`` writes shards in parallel.
+    Every member's owner, mode and time stamp are fixed: the same samples give the same bytes.
     """
     with TarWriter(str(path), user=OWNER, group=OWNER, mode=0o444, mtime=0) as writer:
         for key, image, meta in samples:
@@ -76,9 +75,8 @@ def write_shard(path: Path, samples: Iterable[tuple[str, np.ndarray, dict]]) -> 
 def iter_shard(path: Path, sha256: str | None = None) -> Iterator[ShardSample]:
     """The samples of one shard, in file order; a damaged tar raises DataError after those before it.
 
-    With ``sha256`` (its manifest's), the file is hashed as it is read, and one
-    that differs raises DataError after its last sample: any byte changed since
-    ``prepare`` wrote it, pixels included, is found on first read.
+    With ``sha256`` (its manifest's), the file is hashed as it is read and one that differs raises
+    DataError after its last sample: any byte changed since ``prepare``, pixels included, is found.
     """
     try:
         with open(path, "rb") as f:
@@ -142,11 +140,8 @@ class ShardSet:
             yield from self.read(index)
 
     def read(self, index: int) -> Iterator[ShardSample]:
-        """The samples of shard ``index``; then DataError if they are not as many as the manifest says.
-
-        A tar cut short between two members reads as a shorter archive: its sha256 catches
-        it, and the count a manifest whose entries disagree.
-        """
+        """The samples of shard ``index``; then DataError if they are not as many as the manifest says
+        (a tar cut short between members fails its sha256; the count, a manifest that disagrees)."""
         path, expected = self.manifest.shard_paths[index], self.manifest.shard_sizes[index]
         count = 0
         for sample in iter_shard(path, self.manifest.shards[index].sha256):
@@ -172,8 +167,8 @@ class ShardSet:
         return np.require(image, requirements="W")  # .npy members decode to read-only views
 
     def decoded(self) -> Decoded | None:
-        """The whole set as one verified memory-mapped array (:mod:`pegasus_dist.data.decoded`),
-        decoded from the tars first if need be; None where it cannot be written."""
+        """The set as one verified mapped array (:mod:`.decoded`), decoded from the tars if need be;
+        None where it cannot be written."""
         return open_decoded(self.manifest, self.decode_all)
 
     def decode_all(self) -> Decoded:
@@ -191,9 +186,8 @@ class ShardSet:
         """The keys of each of ``labels``, in file order."""
         found: dict[str, list[str]] = {label: [] for label in labels}
         for sample in self:
-            label = sample.meta.get("label")
-            if label in found:
-                found[label].append(sample.key)
+            if sample.meta["label"] in found:
+                found[sample.meta["label"]].append(sample.key)
         return found
 
     def images(self, keys: Collection[str]) -> dict[str, np.ndarray]:
