@@ -44,10 +44,8 @@ class Decoded:
 
 def write_decoded(folder: Path, shard_sums: list[str], images: np.ndarray, keys: list[str],
                   labels: list[str | None]) -> None:
-    """Write ``folder``'s array and index, decoded from the shards of ``shard_sums`` (sha256s).
-
-    The index goes last: a crash between leaves a pair that does not verify and is rebuilt.
-    """
+    """Write ``folder``'s array and index, decoded from the shards of ``shard_sums`` (sha256s);
+    the index goes last, so a crash between leaves a pair that does not verify and is rebuilt."""
     images = np.ascontiguousarray(images)
     index = {"format": FORMAT, "shape": list(images.shape), "shards": shard_sums, "keys": keys,
              "labels": labels, "sha256": _content_sha256(images, keys, labels)}
@@ -128,7 +126,6 @@ def _content_sha256(images: np.ndarray, keys: list[str], labels: list[str | None
 
 
 def _atomic_write(path: Path, write: Callable) -> None:
-    """``write(file)`` into a temporary file beside ``path``, then rename it over ``path``."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(temporary, "wb") as f:

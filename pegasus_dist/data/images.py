@@ -38,11 +38,8 @@ class SourceImages:
 
 
 def canonical_class(name: str) -> str:
-    """A dataset's or folder's class name in the shared vocabulary.
-
-    NFKC, lower case, non-word runs made one "_", synonyms mapped and a plural "s"
-    dropped when that gives a vocabulary word; any other name ("馬") is its own class.
-    """
+    """A dataset's or folder's class name in the shared vocabulary: a plural "s" is dropped
+    when that gives a vocabulary word; any other name ("馬") is its own class."""
     name = unicodedata.normalize("NFKC", name).strip().casefold()
     name = re.sub(r"[\W_]+", "_", name).strip("_")
     name = SYNONYMS.get(name, name)
@@ -67,10 +64,8 @@ def open_tar(path: Path) -> Iterator[tarfile.TarFile]:
 
 
 def resize_all(images: np.ndarray, size: int) -> np.ndarray:
-    """Resize square images with an antialiasing filter (the paper shrank STL-10 to 32x32).
-
-    Shrinking uses BOX: for 96 -> 32 a clean 3x3 mean, with no aliasing and no ringing.
-    """
+    """Resize square images with an antialiasing filter (the paper shrank STL-10 to 32x32);
+    shrinking uses BOX: for 96 -> 32 a clean 3x3 mean, with no aliasing and no ringing."""
     if images.shape[1] == size:
         return images
     # Upsampling (CIFAR-10 to 64 or 96) has nothing to alias: bicubic is smoother there.

@@ -1,14 +1,12 @@
 """The training data path: exact, seeded, distributed reading of a shard set.
 
-Each epoch is planned from the manifest alone, identically on every rank: a
-seeded order of the shards and of the samples inside each (changing with the
-epoch) gives one global sequence S; S from position ``start`` on (a resumed
-epoch's trained samples) is cut into global batches of ``world_size *
-batch_size``, of which rank r takes the r-th slice (the last, shorter one split
-evenly: :func:`global_batch_sizes`); loader worker w of K takes the rank's
-batches j with j % K == w. So one process of batch 2B sees at each step what
-two of batch B see together, and a run may resume on another world size or
-batch size: it trains the rest of S, nothing twice and nothing skipped.
+Each epoch is planned from the manifest alone, identically on every rank: a seeded order
+of the shards and of the samples inside each gives one global sequence S; S from position
+``start`` on (past a resumed epoch's trained samples) is cut into global batches of
+``world_size * batch_size``, of which rank r takes the r-th slice (the last, shorter one
+split evenly), and loader worker w of K the rank's batches j with j % K == w. So one process
+of batch 2B sees at each step what two of batch B see together, and a run may resume on
+another world size or batch size: it trains the rest of S, nothing twice and nothing skipped.
 """
 
 from __future__ import annotations
@@ -246,10 +244,9 @@ def _decoded(shards: ShardSet, skip_bad: bool) -> Decoded | None:
 class MemoryLoader:
     """The device-resident mode: the whole shard set decoded once into one uint8 tensor.
 
-    Batches follow :class:`ShardLoader`'s plan, indexed on the device; bad data stops this
-    mode at load time. On the CPU the tensor is the mapped decoded array itself, which a
-    node's ranks share through the page cache (else one copy per rank); a GPU gets one
-    copy. It keeps the NHWC order: a batch is its rows seen as NCHW (channels-last).
+    Batches follow :class:`ShardLoader`'s plan; bad data stops this mode at load time. On
+    the CPU the tensor is the mapped decoded array itself, which a node's ranks share through
+    the page cache; a GPU gets one copy. A batch is NHWC rows seen as NCHW (channels-last).
     """
 
     def __init__(self, shard_set: str | Path, batch_size: int, rank: int, world_size: int,

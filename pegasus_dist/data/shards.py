@@ -10,7 +10,6 @@ not PNG (still read, from older shards): docs/performance.md ("Sample format").
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import tarfile
 from collections.abc import Collection, Iterable, Iterator
@@ -27,7 +26,6 @@ from pegasus_dist.data.decoded import Decoded, open_decoded
 from pegasus_dist.data.manifest import REPREPARE, Manifest, changed_shard, load_manifest
 from pegasus_dist.errors import DataError
 
-OWNER = "pegasus"  # user and group name of every member
 _PNG = imagehandler("rgb8")  # Pillow, to RGB
 # webdataset's decoders of what prepare writes, and of what shards before it held. Called
 # directly: its Decoder tries a chain of handlers per member, which triples the cost of a 32 px image.
@@ -63,21 +61,17 @@ class ShardSample:
 
 
 def write_shard(path: Path, samples: Iterable[tuple[str, np.ndarray, dict]]) -> None:
-    """Write (key, (H, W, 3) uint8 image, meta) samples, in order, into one tar file.
-
-    Every member's owner, mode and time stamp are fixed: the same samples give the same bytes.
-    """
-    with TarWriter(str(path), user=OWNER, group=OWNER, mode=0o444, mtime=0) as writer:
+    """Write (key, (H, W, 3) uint8 image, meta) samples, in order, into one tar file; every
+    member's owner, mode and time stamp are fixed, so the same samples give the same bytes."""
+    with TarWriter(str(path), user="pegasus", group="pegasus", mode=0o444, mtime=0) as writer:
         for key, image, meta in samples:
             writer.write({"__key__": key, "npy": image, "json": meta})
 
 
 def iter_shard(path: Path, sha256: str | None = None) -> Iterator[ShardSample]:
-    """The samples of one shard, in file order; a damaged tar raises DataError after those before it.
-
-    With ``sha256`` (its manifest's), the file is hashed as it is read and one that differs raises
-    DataError after its last sample: any byte changed since ``prepare``, pixels included, is found.
-    """
+    """The samples of one shard, in file order; a damaged tar raises DataError after those before
+    it. With ``sha256`` (its manifest's), the file is hashed as it is read, and one that differs
+    raises DataError after its last sample: any byte changed since ``prepare`` is found."""
     try:
         with open(path, "rb") as f:
             stream = _Hashed(f)
@@ -93,19 +87,16 @@ def iter_shard(path: Path, sha256: str | None = None) -> Iterator[ShardSample]:
         raise DataError(changed_shard(path))
 
 
-class _Hashed(io.RawIOBase):
-    """A binary file read through a sha256."""
+class _Hashed:
+    """A binary file read through a sha256 (tarfile's stream mode only calls ``read``)."""
 
     def __init__(self, file: BinaryIO) -> None:
         self.file, self.digest = file, hashlib.sha256()
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:
-        count = self.file.readinto(buffer)
-        self.digest.update(memoryview(buffer)[:count])
-        return count
+    def read(self, size: int = -1) -> bytes:
+        data = self.file.read(size)
+        self.digest.update(data)
+        return data
 
 
 def _shard_sample(sample: dict, path: Path) -> ShardSample:
