@@ -1,13 +1,9 @@
 """The decoded fast path: a shard set's images as one memory-mapped uint8 array beside its tars.
 
-The tars stay the interchange format and the truth. ``decoded.npy`` holds every image,
-(N, H, W, 3) uint8 in manifest order, and ``decoded.json`` its keys, labels, the sha256 of
-every shard it was decoded from and one over pixels, keys and labels. ``prepare`` writes
-both; a missing, stale or damaged pair is rebuilt from the tars on first use, under a lock
-so that concurrent ranks build once. Opening checks every shard against its manifest.
-
-One array per set, not per shard: the memory loader then uses the mapped file itself as
-its CPU tensor (shared by a node's ranks through the page cache), with no concatenating copy.
+The tars stay the truth: ``decoded.json`` records the sha256 of every shard the array was
+decoded from and one over pixels, keys and labels, and a stale or damaged pair is rebuilt on
+first use, under a lock so that concurrent ranks build once. One array per set, not per shard:
+the memory loader maps the file itself as its CPU tensor, with no concatenating copy.
 """
 
 from __future__ import annotations

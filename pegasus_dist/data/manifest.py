@@ -78,15 +78,9 @@ def generation_id(provenance: dict[str, Any], shards: dict[str, list[ShardEntry]
 def write_manifest(folder: Path, name: str, image_size: int, shards: list[ShardEntry],
                    counts: dict[str, dict[str, int]], provenance: dict[str, Any]) -> None:
     """Write ``folder/manifest.json``; sorted keys, so identical inputs give identical bytes."""
-    data = {
-        "format": FORMAT,
-        "name": name,
-        "image_size": image_size,
-        "num_samples": sum(s.num_samples for s in shards),
-        "counts": counts,
-        "shards": [vars(s) for s in shards],
-        **provenance,
-    }
+    data = {"format": FORMAT, "name": name, "image_size": image_size, "counts": counts,
+            "num_samples": sum(s.num_samples for s in shards), "shards": [vars(s) for s in shards],
+            **provenance}
     (folder / FILENAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 

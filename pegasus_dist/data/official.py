@@ -1,8 +1,7 @@
 """The official archives: CIFAR-10 python (Krizhevsky, 2009) and STL-10 binary (Coates et al., 2011).
 
-Each is checked against its published md5 unless turned off (a fixture or a
-modified copy). CIFAR-10's pickled batches go through an unpickler that
-accepts only the NumPy array types they hold.
+Each is checked against its published md5 unless turned off (a fixture or a modified copy).
+CIFAR-10's pickled batches go through an unpickler that accepts only the NumPy arrays they hold.
 """
 
 from __future__ import annotations
@@ -18,18 +17,12 @@ from torchvision.datasets.utils import calculate_md5, download_url
 from pegasus_dist.data.images import SPLITS, SourceImages, canonical_class, open_tar, resize_all
 from pegasus_dist.errors import DataError
 
-CIFAR10 = {
-    "url": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-    "filename": "cifar-10-python.tar.gz",
-    "md5": "c58f30108f718f92721af3b95e74349a",
-    "page": "https://www.cs.toronto.edu/~kriz/cifar.html",
-}
-STL10 = {
-    "url": "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz",
-    "filename": "stl10_binary.tar.gz",
-    "md5": "91f7769df0f17e558f3565bffb0c7dfb",
-    "page": "https://cs.stanford.edu/~acoates/stl10/",
-}
+CIFAR10 = {"url": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+           "filename": "cifar-10-python.tar.gz", "md5": "c58f30108f718f92721af3b95e74349a",
+           "page": "https://www.cs.toronto.edu/~kriz/cifar.html"}
+STL10 = {"url": "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz",
+         "filename": "stl10_binary.tar.gz", "md5": "91f7769df0f17e558f3565bffb0c7dfb",
+         "page": "https://cs.stanford.edu/~acoates/stl10/"}
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                  "ship", "truck")
 STL_CHUNK = 1000  # images resized per step while streaming STL-10's 2.7 GB unlabeled file

@@ -51,19 +51,14 @@ def prepare(cfg: PrepareConfig, command: str = "") -> dict[str, Path]:
     started = time.perf_counter()
     sources = _unique_names([_load(spec, cfg) for spec in cfg.sources])
     images = np.concatenate([s.images for s in sources])
-    metas = [
-        {"key": f"{s.name}-{split}-{i:07d}", "source": s.name, "index": i, "label": label,
-         "split": split}
-        for s in sources for i, (label, split) in enumerate(zip(s.labels, s.splits, strict=True))
-    ]
+    metas = [{"key": f"{s.name}-{split}-{i:07d}", "source": s.name, "index": i, "label": label,
+              "split": split}
+             for s in sources for i, (label, split) in enumerate(zip(s.labels, s.splits, strict=True))]
     sets = _split(metas, cfg)
-    provenance = {
-        "seed": cfg.seed,
-        "eval_fraction": cfg.eval_fraction,
-        "command": command,
-        "sources": [{"spec": spec, "name": s.name, "origin": s.origin, "num_images": len(s.labels)}
-                    for spec, s in zip(cfg.sources, sources, strict=True)],
-    }
+    provenance = {"seed": cfg.seed, "eval_fraction": cfg.eval_fraction, "command": command,
+                  "sources": [{"spec": spec, "name": s.name, "origin": s.origin,
+                               "num_images": len(s.labels)}
+                              for spec, s in zip(cfg.sources, sources, strict=True)]}
     out = Path(cfg.out)
     with _writing(out):
         generation = out / f"{GENERATION}{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}"

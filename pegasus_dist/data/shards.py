@@ -1,10 +1,8 @@
 """WebDataset tar shards: written by webdataset, read through one :class:`ShardSet`.
 
-A sample is two tar members with one key: ``KEY.npy`` (the (H, W, 3) uint8
-image) and ``KEY.json`` (``{"key", "source", "index", "label", "split"}``);
-keys hold no dots, since WebDataset splits a member name at its first dot.
-Plain ``webdataset.WebDataset(urls).decode()`` reads them. Why ``.npy`` and
-not PNG (still read, from older shards): docs/performance.md ("Sample format").
+A sample is ``KEY.npy`` (the (H, W, 3) uint8 image) and ``KEY.json`` (``{"key", "source",
+"index", "label", "split"}``); keys hold no dots, since WebDataset splits a member name at its
+first dot. Why ``.npy`` and not PNG (still read): docs/performance.md ("Sample format").
 """
 
 from __future__ import annotations
