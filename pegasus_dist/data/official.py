@@ -106,11 +106,9 @@ def read_stl10(path: str | Path, image_size: int = 32, verify_checksum: bool = T
             raise DataError(f"{path} has no stl10_binary/{split}_X.bin")
         x = parts[f"{split}_X.bin"]
         images.append(x)
-        if split == "unlabeled":
-            labels += [None] * len(x)
-        else:  # STL-10 labels run from 1 to 10
-            labels += [names[i - 1] for i in np.frombuffer(parts[f"{split}_y.bin"], dtype=np.uint8)]
         splits += [split] * len(x)
+        labels += ([None] * len(x) if split == "unlabeled" else  # STL-10 labels run from 1 to 10
+                   [names[i - 1] for i in np.frombuffer(parts[f"{split}_y.bin"], dtype=np.uint8)])
     return SourceImages("stl10", np.concatenate(images), labels, splits, str(path.resolve()))
 
 
@@ -123,7 +121,6 @@ def _stl_images(stream: io.BufferedReader, image_size: int) -> Iterator[np.ndarr
 
 
 def _archive(path: str | Path, name: str, meta: dict, verify_checksum: bool) -> Path:
-    """The official archive at ``path``, there and (when ``verify_checksum``) with its published md5."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{name} archive not found: {path}; download {meta['filename']} from "

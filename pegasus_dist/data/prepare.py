@@ -117,7 +117,6 @@ def _split(metas: list[dict], cfg: PrepareConfig) -> dict[str, np.ndarray]:
 
 
 def _shard_tasks(folder: Path, indices: np.ndarray, shard_size: int) -> list[ShardTask]:
-    """A new folder for a set, and one task per shard of it."""
     folder.mkdir(parents=True)
     return [ShardTask(folder / f"shard-{number:06d}.tar", indices[start : start + shard_size])
             for number, start in enumerate(range(0, len(indices), shard_size))]
@@ -190,7 +189,6 @@ def _publish(out: Path, generation: Path, names: list[str]) -> None:
 
 
 def _published(out: Path) -> Path | None:
-    """The generation folder that ``out/.current`` links to, if any."""
     link = out / CURRENT
     return out / os.readlink(link) if link.is_symlink() else None
 

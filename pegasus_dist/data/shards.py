@@ -11,7 +11,8 @@ import hashlib
 import json
 import tarfile
 from collections.abc import Collection, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import BinaryIO
 
@@ -38,24 +39,21 @@ class ShardSample:
     image_ext: str  # its extension, one of IMAGE_EXTENSIONS: how to decode it
     raw_meta: bytes  # the JSON member, parsed on first use of ``meta``
     shard: Path
-    _meta: dict | None = field(default=None, repr=False)
 
     @property
     def where(self) -> str:
         return f"{self.shard}:{self.key}"
 
-    @property
+    @cached_property
     def meta(self) -> dict:
         """The sample's JSON; a sample without a label raises DataError naming it."""
-        if self._meta is None:
-            try:
-                meta = json.loads(self.raw_meta)
-            except ValueError:
-                raise DataError(f"shard {self.shard}: {self.key}.json is not valid JSON") from None
-            if not isinstance(meta, dict) or "label" not in meta:
-                raise DataError(f"shard {self.shard}: {self.key}.json has no label field; {REPREPARE}")
-            self._meta = meta
-        return self._meta
+        try:
+            meta = json.loads(self.raw_meta)
+        except ValueError:
+            raise DataError(f"shard {self.shard}: {self.key}.json is not valid JSON") from None
+        if not isinstance(meta, dict) or "label" not in meta:
+            raise DataError(f"shard {self.shard}: {self.key}.json has no label field; {REPREPARE}")
+        return meta
 
 
 def write_shard(path: Path, samples: Iterable[tuple[str, np.ndarray, dict]]) -> None:
@@ -147,8 +145,7 @@ class ShardSet:
         except Exception as err:  # Pillow and NumPy raise many kinds for a damaged member
             raise DataError(f"{sample.where}: the image does not decode ({err}); {REPREPARE}") from None
         size = self.image_size
-        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 \
-                or image.shape[2] != 3:
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.shape[2:] != (3,):
             raise DataError(f"{sample.where}: the image is not an (H, W, 3) uint8 array; {REPREPARE}")
         if image.shape[:2] != (size, size):
             raise DataError(f"{sample.where}: image is {image.shape[1]}x{image.shape[0]} but {size}x{size} "

@@ -49,8 +49,7 @@ def verify_shard_set(folder: Path) -> tuple[int, list[str]]:
                         f"from the manifest's {expected}")
     if manifest.name == HELD_OUT:
         problems += _held_out_problems(shard_set, keys)
-    decoded = decoded_problem(manifest)
-    if decoded:
+    if decoded := decoded_problem(manifest):
         problems.append(f"{decoded}; the next run that reads {folder} rebuilds it")
     return checked, problems
 
