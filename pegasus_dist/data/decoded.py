@@ -92,8 +92,7 @@ def _check_shards(manifest: Manifest) -> None:
 
 
 def _verified(manifest: Manifest) -> tuple[Decoded | None, str | None]:
-    """(the decoded array, None) when it verifies; (None, why not) otherwise, why being None
-    when neither file is there."""
+    """(the array, None) when it verifies, else (None, why not); why is None when neither file is."""
     array, index_path = manifest.path / ARRAY, manifest.path / INDEX
     if not index_path.exists() and not array.exists():
         return None, None

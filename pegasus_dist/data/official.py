@@ -88,8 +88,7 @@ def _unpickle(raw: bytes, where: str) -> dict:
 def read_stl10(path: str | Path, image_size: int = 32, verify_checksum: bool = True) -> SourceImages:
     path = _archive(path, "stl10", STL10, verify_checksum)
     images, labels, splits = [], [], []
-    # A .tar.gz cannot seek, so read members in archive order and keep the small
-    # files; the order of the result is fixed below (train, test, unlabeled).
+    # A .tar.gz cannot seek: read members in archive order, then order them by SPLITS.
     parts: dict[str, object] = {}
     with open_tar(path) as tar:
         for member in tar:

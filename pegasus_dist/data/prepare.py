@@ -173,10 +173,9 @@ def _write_one(task: ShardTask) -> ShardEntry:
 
 
 def _publish(out: Path, generation: Path, names: list[str]) -> None:
-    """Make the complete sets in ``generation`` the sets of ``out``, all at once: the commit
-    point is one rename of a new ``.current`` link over the old. Set folders of the layout before
-    generations are all moved aside before any link is made: an interruption leaves old sets or
-    new ones, never both."""
+    """Make the sets in ``generation`` those of ``out`` at once: the commit point is one rename of
+    a new ``.current`` link over the old. Set folders of the layout before generations are moved
+    aside before any link is made: an interruption leaves old sets or new ones, never both."""
     _replace_link(out / CURRENT, Path(generation.name))
     old_folders = [out / name for name in names if (out / name).is_dir() and not (out / name).is_symlink()]
     for folder in old_folders:

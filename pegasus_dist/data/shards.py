@@ -153,8 +153,7 @@ class ShardSet:
         return np.require(image, requirements="W")  # .npy members decode to read-only views
 
     def decoded(self) -> Decoded | None:
-        """The set as one verified mapped array (:mod:`.decoded`), decoded from the tars if need be;
-        None where it cannot be written."""
+        """The set as one verified mapped array (:mod:`.decoded`); None where it cannot be written."""
         return open_decoded(self.manifest, self.decode_all)
 
     def decode_all(self) -> Decoded:
