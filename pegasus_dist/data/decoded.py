@@ -1,21 +1,9 @@
 """The decoded fast path: a shard set's images as one memory-mapped uint8 array beside its tars.
 
-The tar shards stay the interchange format (plain ``webdataset.WebDataset``
-reads them). Beside them, ``decoded.npy`` holds every image of the set,
-(N, H, W, 3) uint8 in manifest order (shard after shard, file order), and
-``decoded.json`` its keys, labels, the sha256 of every shard it was decoded
-from and one sha256 over the pixels, keys and labels. ``prepare`` writes
-both; a set without them, or with a stale or damaged pair, gets them rebuilt
-from the tars on first use, under a lock so that concurrent ranks build once.
-
-Why one array per set and not one per shard: the device-resident loader then
-uses the mapped file itself as its tensor on the CPU (no copy; the ranks of a
-node share it through the page cache) and copies it once to a GPU; per-shard
-arrays would need a concatenating copy per rank.
-
-Nothing stale or damaged is read: opening checks every shard against its
-manifest sha256 (the tars stay the truth, so a damaged shard is refused as
-before) and the array and index against their own sha256.
+The tars stay the truth: ``decoded.json`` records the sha256 of every shard the array was
+decoded from and one over pixels, keys and labels, and a stale or damaged pair is rebuilt on
+first use, under a lock so that concurrent ranks build once. One array per set, not per shard:
+the memory loader maps the file itself as its CPU tensor, with no concatenating copy.
 """
 
 from __future__ import annotations
@@ -52,15 +40,11 @@ class Decoded:
 
 def write_decoded(folder: Path, shard_sums: list[str], images: np.ndarray, keys: list[str],
                   labels: list[str | None]) -> None:
-    """Write ``folder``'s array and index, decoded from the shards of ``shard_sums`` (sha256s).
-
-    The index goes last, so a crash between leaves a pair that does not verify
-    (and is rebuilt), never one that is read.
-    """
+    """Write ``folder``'s array and index, decoded from the shards of ``shard_sums`` (sha256s);
+    the index goes last, so a crash between leaves a pair that does not verify and is rebuilt."""
     images = np.ascontiguousarray(images)
-    index = {"format": FORMAT, "shape": list(images.shape), "shards": shard_sums,
-             "keys": keys, "labels": labels,
-             "sha256": _content_sha256(images, keys, labels)}
+    index = {"format": FORMAT, "shape": list(images.shape), "shards": shard_sums, "keys": keys,
+             "labels": labels, "sha256": _content_sha256(images, keys, labels)}
     _atomic_write(folder / ARRAY, lambda f: np.save(f, images, allow_pickle=False))
     _atomic_write(folder / INDEX, lambda f: f.write(json.dumps(index).encode()))
 
@@ -68,17 +52,15 @@ def write_decoded(folder: Path, shard_sums: list[str], images: np.ndarray, keys:
 def open_decoded(manifest: Manifest, decode_all: Callable[[], Decoded]) -> Decoded | None:
     """The set's verified decoded array, built with ``decode_all`` (from the tars) when missing,
     stale or damaged; None when it cannot be written here (a read-only folder, a full disk).
-
-    A shard that differs from its manifest's sha256 raises DataError naming it.
-    """
+    A shard that differs from its manifest's sha256 raises DataError naming it."""
     _check_shards(manifest)
     folder = manifest.path
-    found, problem = _verified(folder, manifest)
+    found, problem = _verified(manifest)
     if found is not None:
         return found
     try:
         with FileLock(folder / LOCK, thread_local=False, preserve_lock_file=True):
-            found, problem = _verified(folder, manifest)  # another rank may have built it meanwhile
+            found, problem = _verified(manifest)  # another rank may have built it meanwhile
             if found is None:
                 log.log(logging.INFO if problem is None else logging.WARNING,
                         "decoding %s into %s once%s", folder, ARRAY,
@@ -86,7 +68,7 @@ def open_decoded(manifest: Manifest, decode_all: Callable[[], Decoded]) -> Decod
                 built = decode_all()
                 write_decoded(folder, [s.sha256 for s in manifest.shards], built.images, built.keys,
                               built.labels)
-                found, problem = _verified(folder, manifest)
+                found, problem = _verified(manifest)
     except OSError as err:
         log.warning("cannot write the decoded array of %s (%s); reading the tars instead",
                     folder, err.strerror or err)
@@ -100,7 +82,7 @@ def open_decoded(manifest: Manifest, decode_all: Callable[[], Decoded]) -> Decod
 def decoded_problem(manifest: Manifest) -> str | None:
     """Why the set's decoded array would not be used as it is (for `verify`); None when it
     verifies or was never built (the next training run builds it)."""
-    return _verified(manifest.path, manifest)[1]
+    return _verified(manifest)[1]
 
 
 def _check_shards(manifest: Manifest) -> None:
@@ -109,10 +91,9 @@ def _check_shards(manifest: Manifest) -> None:
             raise DataError(changed_shard(path))
 
 
-def _verified(folder: Path, manifest: Manifest) -> tuple[Decoded | None, str | None]:
-    """(the decoded array, None) when it verifies; (None, why not) otherwise, why being None
-    when neither file is there."""
-    array, index_path = folder / ARRAY, folder / INDEX
+def _verified(manifest: Manifest) -> tuple[Decoded | None, str | None]:
+    """(the array, None) when it verifies, else (None, why not); why is None when neither file is."""
+    array, index_path = manifest.path / ARRAY, manifest.path / INDEX
     if not index_path.exists() and not array.exists():
         return None, None
     try:
@@ -140,7 +121,6 @@ def _content_sha256(images: np.ndarray, keys: list[str], labels: list[str | None
 
 
 def _atomic_write(path: Path, write: Callable) -> None:
-    """``write(file)`` into a temporary file beside ``path``, then rename it over ``path``."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(temporary, "wb") as f:

@@ -1,11 +1,8 @@
 """Image folders: ``PATH/<class>/*`` or ``PATH/<split>/<class>/*``, a directory or a tar archive.
 
-Images of any size are centre-cropped to a square, resized and converted to RGB
-(a GIF gives its first frame). An archive is read in place, never extracted: a
-member named outside it (``../x.jpg``) is skipped with a warning. Files of other
-formats (HEIC, text) are counted and named in one warning per source. Images over
-:data:`MAX_IMAGE_PIXELS`, or longer than :data:`MAX_ASPECT` times their width, are
-refused before decoding.
+Images of any size are centre-cropped to a square, resized and converted to RGB (a GIF gives
+its first frame). An archive is read in place, never extracted. Files of other formats (HEIC,
+text) are named in one warning per source; oversized images are refused before decoding.
 """
 
 from __future__ import annotations
@@ -75,11 +72,8 @@ def _directory_files(root: Path) -> list[str]:
 
 
 def _archive_files(archive: Path) -> list[str]:
-    """The archive's image members, less those named outside it (skipped with one warning).
-
-    A member such as ``../../x.jpg`` or ``/abs/x.jpg`` is never read: it would
-    also hide the top folder that wraps the real images, and so their classes.
-    """
+    """The archive's files, less those named outside it (``../x.jpg``, ``/abs/x.jpg``: skipped
+    with one warning), which would also hide the top folder that wraps the real images."""
     with open_tar(archive) as tar:
         names = [m.name for m in tar if m.isfile() and not Path(m.name).name.startswith(".")]
     outside = [n for n in names if n.startswith("/") or ".." in n.split("/")]
@@ -119,12 +113,10 @@ def _read_files(root: Path, wanted: tuple[str, ...]) -> list[tuple[str, bytes]]:
     if root.is_dir():
         return [(str(root / f), (root / f).read_bytes()) for f in wanted]
     position = {f: i for i, f in enumerate(wanted)}
-    found: list[tuple[int, str, bytes]] = []
     with open_tar(root) as tar:
-        for member in tar:
-            if member.name in position and member.isfile():
-                found.append((position[member.name], f"{root}:{member.name}", tar.extractfile(member).read()))
-    return [(where, data) for _, where, data in sorted(found)]
+        found = sorted((position[m.name], f"{root}:{m.name}", tar.extractfile(m).read())
+                       for m in tar if m.name in position and m.isfile())
+    return [(where, data) for _, where, data in found]
 
 
 def _load_image(data: bytes, where: str, size: int) -> np.ndarray:

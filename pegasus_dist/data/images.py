@@ -1,10 +1,7 @@
 """What every image source gives, and the steps its readers share.
 
-A source is read into memory as :class:`SourceImages` at the target size.
-Class names map onto one vocabulary, so CIFAR's "automobile" and STL-10's
-"car", and both datasets' horses and birds, land in the same class. Archives
-are read member by member and never extracted (:func:`open_tar`); a truncated
-or damaged archive is an error naming it.
+A source is read into memory as :class:`SourceImages` at the target size. Class names map
+onto one vocabulary, so CIFAR's "automobile" and STL-10's "car" land in the same class.
 """
 
 from __future__ import annotations
@@ -41,11 +38,8 @@ class SourceImages:
 
 
 def canonical_class(name: str) -> str:
-    """A dataset's or folder's class name in the shared vocabulary.
-
-    NFKC, lower case, non-word runs made one "_", synonyms mapped and a plural "s"
-    dropped when that gives a vocabulary word; any other name ("馬") is its own class.
-    """
+    """A dataset's or folder's class name in the shared vocabulary: a plural "s" is dropped
+    when that gives a vocabulary word; any other name ("馬") is its own class."""
     name = unicodedata.normalize("NFKC", name).strip().casefold()
     name = re.sub(r"[\W_]+", "_", name).strip("_")
     name = SYNONYMS.get(name, name)
@@ -56,11 +50,9 @@ def canonical_class(name: str) -> str:
 
 @contextmanager
 def open_tar(path: Path) -> Iterator[tarfile.TarFile]:
-    """The archive, open for reading; a truncated or damaged one raises DataError naming it.
-
-    The errors surface while members are read: a gzip stream that ends early raises
-    EOFError (which the command line would turn into a bare "Aborted.").
-    """
+    """The archive, open for reading, never extracted; a truncated or damaged one raises
+    DataError naming it (a gzip stream that ends early raises EOFError, which the command
+    line would turn into a bare "Aborted.")."""
     try:
         with tarfile.open(path, "r:*") as tar:
             yield tar
@@ -72,11 +64,8 @@ def open_tar(path: Path) -> Iterator[tarfile.TarFile]:
 
 
 def resize_all(images: np.ndarray, size: int) -> np.ndarray:
-    """Resize square images with an antialiasing filter (the paper shrank STL-10 to 32x32).
-
-    Shrinking uses BOX, which averages each output pixel's footprint exactly:
-    for 96 -> 32 a clean 3x3 mean, with no aliasing and no ringing.
-    """
+    """Resize square images with an antialiasing filter (the paper shrank STL-10 to 32x32);
+    shrinking uses BOX: for 96 -> 32 a clean 3x3 mean, with no aliasing and no ringing."""
     if images.shape[1] == size:
         return images
     # Upsampling (CIFAR-10 to 64 or 96) has nothing to alias: bicubic is smoother there.

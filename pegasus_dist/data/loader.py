@@ -1,14 +1,12 @@
 """The training data path: exact, seeded, distributed reading of a shard set.
 
-Each epoch is planned from the manifest alone, identically on every rank: a
-seeded order of the shards and of the samples inside each (changing with the
-epoch) gives one global sequence S; S from position ``start`` on (a resumed
-epoch's trained samples) is cut into global batches of ``world_size *
-batch_size``, of which rank r takes the r-th slice (the last, shorter one split
-evenly: :func:`global_batch_sizes`); loader worker w of K takes the rank's
-batches j with j % K == w. So one process of batch 2B sees at each step what
-two of batch B see together, and a run may resume on another world size or
-batch size: it trains the rest of S, nothing twice and nothing skipped.
+Each epoch is planned from the manifest alone, identically on every rank: a seeded order
+of the shards and of the samples inside each gives one global sequence S; S from position
+``start`` on (past a resumed epoch's trained samples) is cut into global batches of
+``world_size * batch_size``, of which rank r takes the r-th slice (the last, shorter one
+split evenly), and loader worker w of K the rank's batches j with j % K == w. So one process
+of batch 2B sees at each step what two of batch B see together, and a run may resume on
+another world size or batch size: it trains the rest of S, nothing twice and nothing skipped.
 """
 
 from __future__ import annotations
@@ -62,10 +60,8 @@ def global_sequence(sizes: list[int], seed: int, epoch: int) -> tuple[np.ndarray
 
 def global_batch_sizes(num_samples: int, world_size: int, batch_size: int,
                        start: int = 0) -> list[int]:
-    """Samples in each global batch of the epoch from position ``start`` on, in order.
-
-    The last holds what is left, at least one per rank (less is folded into the one before).
-    """
+    """Samples in each global batch of the epoch from position ``start`` on, in order; the last
+    holds what is left, at least one per rank (less is folded into the one before)."""
     left = num_samples - start
     if left < world_size:
         held = (f"the shard set holds {num_samples} samples" if not start else
@@ -105,9 +101,8 @@ class _ShardStream(IterableDataset):
                  seed: int, skip_bad: bool, decoded: Decoded | None) -> None:
         self.shard_set, self.skip_bad, self.decoded = shard_set, skip_bad, decoded
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
-        # The loader processes live across epochs (persistent workers: no fork and
-        # no start-up per epoch), so the epoch to plan is shared memory that
-        # set_epoch writes and every worker reads when its epoch starts.
+        # Persistent workers (no fork or start-up per epoch) read the epoch to plan from
+        # shared memory that set_epoch writes.
         self._epoch = multiprocessing.RawValue("q", 0)
         self._start_sample = multiprocessing.RawValue("q", 0)
 
@@ -139,10 +134,8 @@ class _ShardStream(IterableDataset):
                         plan.offset)
 
     def _batch(self, samples: list[ShardSample | None], offset: int, cache: _ShardCache) -> Batch:
-        """Sample by sample: a bad one stops the run, or its slot takes a good sample's copy.
-
-        The batch keeps its size, so every rank still takes the same steps with the same shapes.
-        """
+        """Sample by sample: a bad one stops the run, or its slot takes a good sample's copy, so
+        the batch keeps its size and every rank takes the same steps with the same shapes."""
         found = [cache.decode(sample) for sample in samples]
         good = [sample for sample in found if sample is not None]
         pool = good or [cache.first_good()]
@@ -160,17 +153,15 @@ class _ShardCache:
     """The encoded samples of the shard being read; a worker decodes only its own batches."""
 
     def __init__(self, shard_set: ShardSet, skip_bad: bool) -> None:
-        self.shard_set = shard_set
+        self.shard_set, self.skip_bad = shard_set, skip_bad
         self.sizes = shard_set.manifest.shard_sizes
-        self.skip_bad = skip_bad
         self.index: int | None = None
         self.samples: list[ShardSample] = []
 
     def sample(self, shard: int, position: int) -> ShardSample | None:
         """The encoded sample, or None when it was lost to a damaged shard and bad ones are skipped."""
         if shard != self.index:
-            self.samples = self._read(shard)
-            self.index = shard
+            self.samples, self.index = self._read(shard), shard
         # Past the samples read: lost to damage, which _read raised or (skipping) logged once.
         return self.samples[position] if position < len(self.samples) else None
 
@@ -253,13 +244,9 @@ def _decoded(shards: ShardSet, skip_bad: bool) -> Decoded | None:
 class MemoryLoader:
     """The device-resident mode: the whole shard set decoded once into one uint8 tensor.
 
-    Batches follow the plan of :class:`ShardLoader`, drawn by indexing the
-    tensor on the device. Bad data always stops this mode, at load time. On the
-    CPU the tensor is the set's memory-mapped decoded array itself, which the
-    ranks of a node share through the page cache (without it, one decoded copy
-    per rank); a GPU gets one copy of it. The tensor keeps the decoded NHWC
-    order: a batch is its rows seen as NCHW, laid out channels-last, and the
-    step picks the layout it trains in.
+    Batches follow :class:`ShardLoader`'s plan; bad data stops this mode at load time. On
+    the CPU the tensor is the mapped decoded array itself, which a node's ranks share through
+    the page cache; a GPU gets one copy. A batch is NHWC rows seen as NCHW (channels-last).
     """
 
     def __init__(self, shard_set: str | Path, batch_size: int, rank: int, world_size: int,
@@ -270,9 +257,7 @@ class MemoryLoader:
         self.manifest, self.path, self.num_samples = shards.manifest, shards.path, shards.num_samples
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.device = torch.device(device)
-        found = shards.decoded() if decoded else None
-        if found is None:
-            found = shards.decode_all()
+        found = (shards.decoded() if decoded else None) or shards.decode_all()
         # Object arrays: a batch's names are then one fancy index away.
         self.keys, self.labels = np.array(found.keys, dtype=object), np.array(found.labels, dtype=object)
         self.images = torch.from_numpy(found.images).to(self.device)  # N x H x W x 3
@@ -295,13 +280,9 @@ class MemoryLoader:
                                  self.start_sample):
             start, stop = int(plan.positions[0]), int(plan.positions[-1]) + 1
             rows = order[start:stop]
-            yield Batch(
-                # index_select copies row by row, several times faster than images[index]
-                images=torch.index_select(self.images, 0, on_device[start:stop]).permute(0, 3, 1, 2),
-                keys=self.keys[rows].tolist(),
-                labels=self.labels[rows].tolist(),
-                offset=plan.offset,
-            )
+            # index_select copies row by row, several times faster than images[index]
+            images = torch.index_select(self.images, 0, on_device[start:stop]).permute(0, 3, 1, 2)
+            yield Batch(images, self.keys[rows].tolist(), self.labels[rows].tolist(), plan.offset)
 
 
 def make_loader(cfg: DataConfig, image_size: int, rank: int, world_size: int,

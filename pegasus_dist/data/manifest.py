@@ -1,10 +1,8 @@
 """``manifest.json``: what a shard set holds and how it was made.
 
-Image size, sample counts per source, label and split, every shard with its
-count and sha256, and the provenance; the loader plans epochs from the
-per-shard counts without scanning the tars. The sets of one ``prepare`` share
-a ``generation``, a hash of their provenance and shards: the same inputs give
-the same id, different inputs never share it.
+Image size, sample counts per source, label and split, every shard with its count and sha256
+(the loader plans epochs from them without scanning the tars), and the provenance. The sets
+of one ``prepare`` share a ``generation``, a hash of their provenance and shards.
 """
 
 from __future__ import annotations
@@ -78,20 +76,12 @@ def generation_id(provenance: dict[str, Any], shards: dict[str, list[ShardEntry]
 
 
 def write_manifest(folder: Path, name: str, image_size: int, shards: list[ShardEntry],
-                   counts: dict[str, dict[str, int]], provenance: dict[str, Any]) -> Path:
+                   counts: dict[str, dict[str, int]], provenance: dict[str, Any]) -> None:
     """Write ``folder/manifest.json``; sorted keys, so identical inputs give identical bytes."""
-    data = {
-        "format": FORMAT,
-        "name": name,
-        "image_size": image_size,
-        "num_samples": sum(s.num_samples for s in shards),
-        "counts": counts,
-        "shards": [vars(s) for s in shards],
-        **provenance,
-    }
-    path = folder / FILENAME
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    return path
+    data = {"format": FORMAT, "name": name, "image_size": image_size, "counts": counts,
+            "num_samples": sum(s.num_samples for s in shards), "shards": [vars(s) for s in shards],
+            **provenance}
+    (folder / FILENAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def load_manifest(folder: str | Path) -> Manifest:

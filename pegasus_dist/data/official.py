@@ -1,8 +1,7 @@
 """The official archives: CIFAR-10 python (Krizhevsky, 2009) and STL-10 binary (Coates et al., 2011).
 
-Each is checked against its published md5 unless turned off (a fixture or a
-modified copy). CIFAR-10's pickled batches go through an unpickler that
-accepts only the NumPy array types they hold.
+Each is checked against its published md5 unless turned off (a fixture or a modified copy).
+CIFAR-10's pickled batches go through an unpickler that accepts only the NumPy arrays they hold.
 """
 
 from __future__ import annotations
@@ -18,18 +17,12 @@ from torchvision.datasets.utils import calculate_md5, download_url
 from pegasus_dist.data.images import SPLITS, SourceImages, canonical_class, open_tar, resize_all
 from pegasus_dist.errors import DataError
 
-CIFAR10 = {
-    "url": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-    "filename": "cifar-10-python.tar.gz",
-    "md5": "c58f30108f718f92721af3b95e74349a",
-    "page": "https://www.cs.toronto.edu/~kriz/cifar.html",
-}
-STL10 = {
-    "url": "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz",
-    "filename": "stl10_binary.tar.gz",
-    "md5": "91f7769df0f17e558f3565bffb0c7dfb",
-    "page": "https://cs.stanford.edu/~acoates/stl10/",
-}
+CIFAR10 = {"url": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+           "filename": "cifar-10-python.tar.gz", "md5": "c58f30108f718f92721af3b95e74349a",
+           "page": "https://www.cs.toronto.edu/~kriz/cifar.html"}
+STL10 = {"url": "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz",
+         "filename": "stl10_binary.tar.gz", "md5": "91f7769df0f17e558f3565bffb0c7dfb",
+         "page": "https://cs.stanford.edu/~acoates/stl10/"}
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                  "ship", "truck")
 STL_CHUNK = 1000  # images resized per step while streaming STL-10's 2.7 GB unlabeled file
@@ -44,9 +37,6 @@ def download_official(name: str, root: Path) -> Path:
         raise DataError(f"could not download {meta['url']} ({err}); download {meta['filename']} "
                         f"from {meta['page']} by hand and pass {name}:PATH") from None
     return root / meta["filename"]
-
-
-# --- CIFAR-10 ---------------------------------------------------------------
 
 
 class _ArrayOnlyUnpickler(pickle.Unpickler):
@@ -98,8 +88,7 @@ def _unpickle(raw: bytes, where: str) -> dict:
 def read_stl10(path: str | Path, image_size: int = 32, verify_checksum: bool = True) -> SourceImages:
     path = _archive(path, "stl10", STL10, verify_checksum)
     images, labels, splits = [], [], []
-    # A .tar.gz cannot seek, so read members in archive order and keep the small
-    # files; the order of the result is fixed below (train, test, unlabeled).
+    # A .tar.gz cannot seek: read members in archive order, then order them by SPLITS.
     parts: dict[str, object] = {}
     with open_tar(path) as tar:
         for member in tar:
@@ -116,12 +105,9 @@ def read_stl10(path: str | Path, image_size: int = 32, verify_checksum: bool = T
             raise DataError(f"{path} has no stl10_binary/{split}_X.bin")
         x = parts[f"{split}_X.bin"]
         images.append(x)
-        if split == "unlabeled":
-            labels += [None] * len(x)
-        else:
-            y = np.frombuffer(parts[f"{split}_y.bin"], dtype=np.uint8)
-            labels += [names[i - 1] for i in y]  # STL-10 labels run from 1 to 10
         splits += [split] * len(x)
+        labels += ([None] * len(x) if split == "unlabeled" else  # STL-10 labels run from 1 to 10
+                   [names[i - 1] for i in np.frombuffer(parts[f"{split}_y.bin"], dtype=np.uint8)])
     return SourceImages("stl10", np.concatenate(images), labels, splits, str(path.resolve()))
 
 
@@ -133,11 +119,7 @@ def _stl_images(stream: io.BufferedReader, image_size: int) -> Iterator[np.ndarr
         yield resize_all(np.ascontiguousarray(x), image_size)
 
 
-# --- shared by both ---------------------------------------------------------
-
-
 def _archive(path: str | Path, name: str, meta: dict, verify_checksum: bool) -> Path:
-    """The official archive at ``path``, there and (when ``verify_checksum``) with its published md5."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{name} archive not found: {path}; download {meta['filename']} from "

@@ -1,12 +1,10 @@
 """`pegasus-dist prepare`: image sources -> the mix, horse_bird and eval shard sets.
 
-All sources are loaded at the target size and concatenated; a seeded
-permutation shuffles them and sets aside ``eval_fraction`` as ``eval``. The
-rest is written as ``mix`` (every image) and ``horse_bird`` (the labelled
-horses and birds), each with its decoded array beside the tars (``data.decoded``).
-Same inputs, same bytes. The three sets are published as one unit, through one
-``.current`` link to a ``.generation-*`` folder (README.md, "Fault tolerance"),
-so that a held-out image of one run is never a training image of another.
+A seeded permutation of all sources sets aside ``eval_fraction`` as ``eval``; the rest is
+``mix`` (every image) and ``horse_bird`` (the labelled horses and birds), each with its
+decoded array beside the tars. Same inputs, same bytes. The three sets are published as one
+unit, through one ``.current`` link to a ``.generation-*`` folder (README.md, "Fault
+tolerance"), so that a held-out image of one run is never a training image of another.
 """
 
 from __future__ import annotations
@@ -49,26 +47,18 @@ LOCK = ".prepare.lock"  # held while a prepare writes into the folder (a flock: 
 
 def prepare(cfg: PrepareConfig, command: str = "") -> dict[str, Path]:
     """Write ``mix/``, ``horse_bird/`` and ``eval/`` under ``cfg.out``; return their folders.
-
-    The sources are read first; then one ``prepare`` at a time writes into
-    ``--out`` (:func:`_writing`).
-    """
+    The sources are read first; then one ``prepare`` at a time writes into ``--out``."""
     started = time.perf_counter()
     sources = _unique_names([_load(spec, cfg) for spec in cfg.sources])
     images = np.concatenate([s.images for s in sources])
-    metas = [
-        {"key": f"{s.name}-{split}-{i:07d}", "source": s.name, "index": i, "label": label,
-         "split": split}
-        for s in sources for i, (label, split) in enumerate(zip(s.labels, s.splits, strict=True))
-    ]
+    metas = [{"key": f"{s.name}-{split}-{i:07d}", "source": s.name, "index": i, "label": label,
+              "split": split}
+             for s in sources for i, (label, split) in enumerate(zip(s.labels, s.splits, strict=True))]
     sets = _split(metas, cfg)
-    provenance = {
-        "seed": cfg.seed,
-        "eval_fraction": cfg.eval_fraction,
-        "command": command,
-        "sources": [{"spec": spec, "name": s.name, "origin": s.origin, "num_images": len(s.labels)}
-                    for spec, s in zip(cfg.sources, sources, strict=True)],
-    }
+    provenance = {"seed": cfg.seed, "eval_fraction": cfg.eval_fraction, "command": command,
+                  "sources": [{"spec": spec, "name": s.name, "origin": s.origin,
+                               "num_images": len(s.labels)}
+                              for spec, s in zip(cfg.sources, sources, strict=True)]}
     out = Path(cfg.out)
     with _writing(out):
         generation = out / f"{GENERATION}{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}"
@@ -95,12 +85,8 @@ def prepare(cfg: PrepareConfig, command: str = "") -> dict[str, Path]:
 
 @contextmanager
 def _writing(out: Path) -> Iterator[None]:
-    """Hold ``out``'s prepare lock, after removing what a crashed prepare left there.
-
-    A second prepare into ``out`` is refused in one line; a full disk or a
-    folder that cannot be written is one line naming the path (what was
-    half-written is removed by the next prepare).
-    """
+    """Hold ``out``'s prepare lock, after removing what a crashed prepare left there. A second
+    prepare, a full disk or a folder that cannot be written is one line naming the path."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         with FileLock(out / LOCK, thread_local=False, preserve_lock_file=True).acquire(blocking=False):
@@ -115,9 +101,8 @@ def _writing(out: Path) -> Iterator[None]:
 
 def _cannot_write(err: OSError, out: Path) -> str:
     """One line for a write that failed: the path, why, and for a full disk the space left."""
-    space = ""
-    if err.errno == errno.ENOSPC:
-        space = f" ({shutil.disk_usage(out).free / 2**20:.0f} MB free there)"
+    full = err.errno == errno.ENOSPC
+    space = f" ({shutil.disk_usage(out).free / 2**20:.0f} MB free there)" if full else ""
     return (f"cannot write {err.filename or out}: {err.strerror or err}{space}; free space or make it "
             "writable, or prepare into another --out")
 
@@ -132,7 +117,6 @@ def _split(metas: list[dict], cfg: PrepareConfig) -> dict[str, np.ndarray]:
 
 
 def _shard_tasks(folder: Path, indices: np.ndarray, shard_size: int) -> list[ShardTask]:
-    """A new folder for a set, and one task per shard of it."""
     folder.mkdir(parents=True)
     return [ShardTask(folder / f"shard-{number:06d}.tar", indices[start : start + shard_size])
             for number, start in enumerate(range(0, len(indices), shard_size))]
@@ -167,25 +151,18 @@ class ShardTask:
     indices: np.ndarray  # rows of the concatenated sources, in the order to write them
 
 
-def _write_shards(images: np.ndarray, metas: list[dict], tasks: list[ShardTask]) -> list[ShardEntry]:
-    """Encode and write every shard, on all cores when there are many images.
-
-    Forked workers inherit the images through the pool's initializer: nothing is pickled.
-    """
-    _share(images, metas)
-    if len(images) < POOL_THRESHOLD:
-        return [_write_one(task) for task in tasks]
-    with multiprocessing.get_context("fork").Pool(initializer=_share,
-                                                  initargs=(images, metas)) as pool:
-        return pool.map(_write_one, tasks, chunksize=1)
-
-
 _shared: tuple[np.ndarray, list[dict]] | None = None  # images and metadata, inherited by fork
 
 
-def _share(images: np.ndarray, metas: list[dict]) -> None:
+def _write_shards(images: np.ndarray, metas: list[dict], tasks: list[ShardTask]) -> list[ShardEntry]:
+    """Encode and write every shard, on all cores when there are many images; forked workers
+    inherit the images as a module global: nothing is pickled."""
     global _shared
     _shared = (images, metas)
+    if len(images) < POOL_THRESHOLD:
+        return [_write_one(task) for task in tasks]
+    with multiprocessing.get_context("fork").Pool() as pool:
+        return pool.map(_write_one, tasks, chunksize=1)
 
 
 def _write_one(task: ShardTask) -> ShardEntry:
@@ -196,12 +173,9 @@ def _write_one(task: ShardTask) -> ShardEntry:
 
 
 def _publish(out: Path, generation: Path, names: list[str]) -> None:
-    """Make the complete sets in ``generation`` the sets of ``out``, all at once.
-
-    The commit point is one rename of a new ``.current`` link over the old. Set
-    folders of the layout before generations are all moved aside before any
-    link is made, so an interruption leaves old sets or new ones, never both.
-    """
+    """Make the sets in ``generation`` those of ``out`` at once: the commit point is one rename of
+    a new ``.current`` link over the old. Set folders of the layout before generations are moved
+    aside before any link is made: an interruption leaves old sets or new ones, never both."""
     _replace_link(out / CURRENT, Path(generation.name))
     old_folders = [out / name for name in names if (out / name).is_dir() and not (out / name).is_symlink()]
     for folder in old_folders:
@@ -214,7 +188,6 @@ def _publish(out: Path, generation: Path, names: list[str]) -> None:
 
 
 def _published(out: Path) -> Path | None:
-    """The generation folder that ``out/.current`` links to, if any."""
     link = out / CURRENT
     return out / os.readlink(link) if link.is_symlink() else None
 

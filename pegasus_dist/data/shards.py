@@ -1,20 +1,18 @@
 """WebDataset tar shards: written by webdataset, read through one :class:`ShardSet`.
 
-A sample is two tar members with one key: ``KEY.npy`` (the (H, W, 3) uint8
-image) and ``KEY.json`` (``{"key", "source", "index", "label", "split"}``);
-keys hold no dots, since WebDataset splits a member name at its first dot.
-Plain ``webdataset.WebDataset(urls).decode()`` reads them. Why ``.npy`` and
-not PNG (still read, from older shards): docs/performance.md ("Sample format").
+A sample is ``KEY.npy`` (the (H, W, 3) uint8 image) and ``KEY.json`` (``{"key", "source",
+"index", "label", "split"}``); keys hold no dots, since WebDataset splits a member name at its
+first dot. Why ``.npy`` and not PNG (still read): docs/performance.md ("Sample format").
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import tarfile
 from collections.abc import Collection, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import BinaryIO
 
@@ -27,7 +25,6 @@ from pegasus_dist.data.decoded import Decoded, open_decoded
 from pegasus_dist.data.manifest import REPREPARE, Manifest, changed_shard, load_manifest
 from pegasus_dist.errors import DataError
 
-OWNER = "pegasus"  # user and group name of every member
 _PNG = imagehandler("rgb8")  # Pillow, to RGB
 # webdataset's decoders of what prepare writes, and of what shards before it held. Called
 # directly: its Decoder tries a chain of handlers per member, which triples the cost of a 32 px image.
@@ -42,44 +39,35 @@ class ShardSample:
     image_ext: str  # its extension, one of IMAGE_EXTENSIONS: how to decode it
     raw_meta: bytes  # the JSON member, parsed on first use of ``meta``
     shard: Path
-    _meta: dict | None = field(default=None, repr=False)
 
     @property
     def where(self) -> str:
         return f"{self.shard}:{self.key}"
 
-    @property
+    @cached_property
     def meta(self) -> dict:
         """The sample's JSON; a sample without a label raises DataError naming it."""
-        if self._meta is None:
-            try:
-                meta = json.loads(self.raw_meta)
-            except ValueError:
-                raise DataError(f"shard {self.shard}: {self.key}.json is not valid JSON") from None
-            if not isinstance(meta, dict) or "label" not in meta:
-                raise DataError(f"shard {self.shard}: {self.key}.json has no label field; {REPREPARE}")
-            self._meta = meta
-        return self._meta
+        try:
+            meta = json.loads(self.raw_meta)
+        except ValueError:
+            raise DataError(f"shard {self.shard}: {self.key}.json is not valid JSON") from None
+        if not isinstance(meta, dict) or "label" not in meta:
+            raise DataError(f"shard {self.shard}: {self.key}.json has no label field; {REPREPARE}")
+        return meta
 
 
 def write_shard(path: Path, samples: Iterable[tuple[str, np.ndarray, dict]]) -> None:
-    """Write (key, (H, W, 3) uint8 image, meta) samples, in order, into one tar file.
-
-    Every member's owner, mode and time stamp are fixed: the same samples give the
-    same bytes. One writer per shard: ``prepare`` writes shards in parallel.
-    """
-    with TarWriter(str(path), user=OWNER, group=OWNER, mode=0o444, mtime=0) as writer:
+    """Write (key, (H, W, 3) uint8 image, meta) samples, in order, into one tar file; every
+    member's owner, mode and time stamp are fixed, so the same samples give the same bytes."""
+    with TarWriter(str(path), user="pegasus", group="pegasus", mode=0o444, mtime=0) as writer:
         for key, image, meta in samples:
             writer.write({"__key__": key, "npy": image, "json": meta})
 
 
 def iter_shard(path: Path, sha256: str | None = None) -> Iterator[ShardSample]:
-    """The samples of one shard, in file order; a damaged tar raises DataError after those before it.
-
-    With ``sha256`` (its manifest's), the file is hashed as it is read, and one
-    that differs raises DataError after its last sample: any byte changed since
-    ``prepare`` wrote it, pixels included, is found on first read.
-    """
+    """The samples of one shard, in file order; a damaged tar raises DataError after those before
+    it. With ``sha256`` (its manifest's), the file is hashed as it is read, and one that differs
+    raises DataError after its last sample: any byte changed since ``prepare`` is found."""
     try:
         with open(path, "rb") as f:
             stream = _Hashed(f)
@@ -95,19 +83,16 @@ def iter_shard(path: Path, sha256: str | None = None) -> Iterator[ShardSample]:
         raise DataError(changed_shard(path))
 
 
-class _Hashed(io.RawIOBase):
-    """A binary file read through a sha256."""
+class _Hashed:
+    """A binary file read through a sha256 (tarfile's stream mode only calls ``read``)."""
 
     def __init__(self, file: BinaryIO) -> None:
         self.file, self.digest = file, hashlib.sha256()
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:
-        count = self.file.readinto(buffer)
-        self.digest.update(memoryview(buffer)[:count])
-        return count
+    def read(self, size: int = -1) -> bytes:
+        data = self.file.read(size)
+        self.digest.update(data)
+        return data
 
 
 def _shard_sample(sample: dict, path: Path) -> ShardSample:
@@ -142,11 +127,8 @@ class ShardSet:
             yield from self.read(index)
 
     def read(self, index: int) -> Iterator[ShardSample]:
-        """The samples of shard ``index``; then DataError if they are not as many as the manifest says.
-
-        A tar cut short between two members reads as a shorter archive: its sha256 catches
-        it, and the count a manifest whose entries disagree.
-        """
+        """The samples of shard ``index``; then DataError if they are not as many as the manifest says
+        (a tar cut short between members fails its sha256; the count, a manifest that disagrees)."""
         path, expected = self.manifest.shard_paths[index], self.manifest.shard_sizes[index]
         count = 0
         for sample in iter_shard(path, self.manifest.shards[index].sha256):
@@ -163,8 +145,7 @@ class ShardSet:
         except Exception as err:  # Pillow and NumPy raise many kinds for a damaged member
             raise DataError(f"{sample.where}: the image does not decode ({err}); {REPREPARE}") from None
         size = self.image_size
-        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 \
-                or image.shape[2] != 3:
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.shape[2:] != (3,):
             raise DataError(f"{sample.where}: the image is not an (H, W, 3) uint8 array; {REPREPARE}")
         if image.shape[:2] != (size, size):
             raise DataError(f"{sample.where}: image is {image.shape[1]}x{image.shape[0]} but {size}x{size} "
@@ -172,8 +153,7 @@ class ShardSet:
         return np.require(image, requirements="W")  # .npy members decode to read-only views
 
     def decoded(self) -> Decoded | None:
-        """The whole set as one verified memory-mapped array (:mod:`pegasus_dist.data.decoded`),
-        decoded from the tars first if need be; None where it cannot be written."""
+        """The set as one verified mapped array (:mod:`.decoded`); None where it cannot be written."""
         return open_decoded(self.manifest, self.decode_all)
 
     def decode_all(self) -> Decoded:
@@ -191,9 +171,8 @@ class ShardSet:
         """The keys of each of ``labels``, in file order."""
         found: dict[str, list[str]] = {label: [] for label in labels}
         for sample in self:
-            label = sample.meta.get("label")
-            if label in found:
-                found[label].append(sample.key)
+            if sample.meta["label"] in found:
+                found[sample.meta["label"]].append(sample.key)
         return found
 
     def images(self, keys: Collection[str]) -> dict[str, np.ndarray]:

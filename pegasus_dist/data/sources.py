@@ -1,9 +1,8 @@
 """Image sources, read into memory at the target size, named by a spec string (:func:`load_source`).
 
-``cifar10:PATH|download`` and ``stl10:PATH|download`` (the official archives,
-:mod:`.official`), ``folder:PATH`` (``PATH/[<split>/]<class>/*``, a folder or
-a tar, :mod:`.folders`) and ``synthetic:N[:SEED]`` (offline demos and tests).
-README.md, "1. Shards", lists what each holds.
+``cifar10:PATH|download`` and ``stl10:PATH|download`` (:mod:`.official`), ``folder:PATH``
+(``PATH/[<split>/]<class>/*``, a folder or a tar, :mod:`.folders`) and ``synthetic:N[:SEED]``
+(offline demos and tests). README.md, "1. Shards", lists what each holds.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """`pegasus-dist verify`: check shard sets against their manifests, reporting every problem.
 
-Per shard: sha256 and sample count, every image decodes at the set's size and
-has its label, no key twice; the held-out set shares the training sets'
-generation and no key with them; the decoded array beside the tars, when
-there is one, was decoded from these shards and is unchanged since.
+Per shard: sha256 and sample count, every image decodes at the set's size and has its label,
+no key twice; the held-out set shares the training sets' generation and no key with them; the
+decoded array, when there is one, was decoded from these shards and is unchanged since.
 """
 
 from __future__ import annotations
@@ -50,8 +49,7 @@ def verify_shard_set(folder: Path) -> tuple[int, list[str]]:
                         f"from the manifest's {expected}")
     if manifest.name == HELD_OUT:
         problems += _held_out_problems(shard_set, keys)
-    decoded = decoded_problem(manifest)
-    if decoded:
+    if decoded := decoded_problem(manifest):
         problems.append(f"{decoded}; the next run that reads {folder} rebuilds it")
     return checked, problems
 
