@@ -1,18 +1,13 @@
 """ACAI: the adversarial interpolation regulariser the paper wished for (its reference [11]).
 
-Berthelot, Raffel, Roy and Goodfellow, "Understanding and Improving
-Interpolation in Autoencoders via an Adversarial Regularizer" (ICLR 2019,
-arXiv:1807.07543), Section 3. A critic ``C`` sees decodes of latent
-interpolants ``x_a = g(a z1 + (1 - a) z2)`` with ``a`` in [0, 1/2] and learns
-to predict ``a``; the autoencoder is trained so that its interpolants fool it
-(``C(x_a) -> 0``, the value of a real reconstruction):
+Berthelot et al., ICLR 2019 (arXiv:1807.07543), Section 3: a critic ``C`` learns ``a`` from
+decodes ``x_a = g(a z1 + (1 - a) z2)``, a in [0, 1/2]; the autoencoder learns to fool it:
 
     L_critic = |C(x_a) - a|^2 + |C(gamma x + (1 - gamma) g(f(x)))|^2
     L_ae    += lambda |C(x_a)|^2
 
-Here ``z`` is the latent mean, the pairs are neighbours in the global batch
-(rows 2k and 2k + 1) and ``a`` comes from the step's generator
-(``TrainStep._noise``): the same on any number of processes.
+``z`` is the latent mean, pairs are global-batch neighbours (rows 2k, 2k + 1) and ``a`` comes
+from the step's generator (``TrainStep._noise``): the same on any number of processes.
 """
 
 from __future__ import annotations
@@ -28,9 +23,7 @@ ALPHA_MAX = 0.5
 
 class Critic(nn.Module):
     """The encoder's convolutions, then the mean of a 1-channel map: one scalar per image.
-
-    No batch norm, so that an image's output does not depend on the rest of the batch.
-    """
+    No batch norm, so that an image's output does not depend on the rest of the batch."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -47,11 +40,8 @@ class Critic(nn.Module):
 
 
 def partners(size: int, offset: int, device: torch.device) -> torch.Tensor:
-    """Each row's partner: its neighbour in the global batch (2k <-> 2k + 1), from row ``offset`` on.
-
-    A neighbour on another process is replaced by the row before; a lone row
-    pairs with itself, which :func:`interpolation_mask` leaves out.
-    """
+    """Each row's neighbour in the global batch (2k <-> 2k + 1), from row ``offset`` on; one on
+    another process is replaced by the row before, a lone row pairs with itself (masked out)."""
     rows = torch.arange(size, device=device)
     partner = ((rows + offset) ^ 1) - offset
     outside = (partner < 0) | (partner >= size)

@@ -1,8 +1,5 @@
-"""A trained model on disk: where a checkpoint's files are, and its weights loaded by name.
-
-What everything reading a trained model (the sampler, ``eval``,
-``train.init_from``) needs; writing and resuming checkpoints is ``training.checkpoint``.
-"""
+"""A trained model on disk, for its readers (sampler, ``eval``, ``train.init_from``): where a
+checkpoint's files are, its weights loaded by name; writing them is ``training.checkpoint``."""
 
 from __future__ import annotations
 
@@ -31,11 +28,8 @@ def list_checkpoints(root: Path) -> list[Path]:
     """Published checkpoints under ``root``, oldest first: only folders named exactly ``step_<N>``."""
     if not root.is_dir():
         return []
-    found = {}
-    for path in root.iterdir():
-        match = NAME.fullmatch(path.name)
-        if match and path.name == checkpoint_name(int(match[1])) and path.is_dir():
-            found[int(match[1])] = path
+    found = {int(m[1]): path for path in root.iterdir() if (m := NAME.fullmatch(path.name))
+             and path.name == checkpoint_name(int(m[1])) and path.is_dir()}
     return [found[step] for step in sorted(found)]
 
 
@@ -82,21 +76,18 @@ def sampled_weights(folder: Path) -> str:
 
 def load_model_weights(model: torch.nn.Module, folder: Path, name: str = MODEL,
                        prefix: str = "") -> None:
-    """Load ``folder/name`` (the VAE's weights, or the adversaries') into ``model``, naming any mismatch.
-
-    With ``prefix``, only the weights named ``prefix...`` (one adversary's), without it.
-    """
+    """Load ``folder/name``'s weights named ``prefix...`` (all by default; one adversary's), less
+    the prefix, into ``model``, naming any mismatch."""
     path = folder / name
-    weights = read_weights(folder, name)
-    weights = {key.removeprefix(prefix): value for key, value in weights.items() if key.startswith(prefix)}
+    weights = {key.removeprefix(prefix): value for key, value in read_weights(folder, name).items()
+               if key.startswith(prefix)}
     expected = model.state_dict()
     for name, tensor in weights.items():
         if name in expected and expected[name].shape != tensor.shape:
             raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)} but the model expects "
                                   f"{tuple(expected[name].shape)}; the checkpoint comes from a model of "
                                   "another shape: use the model section of its config.yaml")
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"{path} does not fit the model: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}")

@@ -14,18 +14,14 @@ _EPS = 1e-6
 
 
 def slerp(q1: torch.Tensor, q2: torch.Tensor, mu: torch.Tensor | float) -> torch.Tensor:
-    """Interpolate rows of ``q1`` and ``q2`` (shape (..., D)) at ``mu`` in [0, 1].
-
-    ``mu`` broadcasts against the leading dimensions; mu = 0 and 1 give q1 and q2
-    exactly. Parallel vectors interpolate linearly (the formula's limit);
-    antiparallel ones rotate through a direction orthogonal to q1, so the path
-    stays on the sphere instead of passing through zero.
-    """
+    """Interpolate rows of ``q1`` and ``q2`` (..., D) at ``mu`` in [0, 1] (broadcast on the leading
+    dimensions); mu = 0 and 1 give q1 and q2 exactly. Parallel vectors interpolate linearly (the
+    formula's limit); antiparallel ones rotate through a direction orthogonal to q1, so the path
+    stays on the sphere instead of passing through zero."""
     mu = torch.as_tensor(mu, dtype=q1.dtype, device=q1.device)
-    n1 = q1.norm(dim=-1, keepdim=True)
-    n2 = q2.norm(dim=-1, keepdim=True)
-    u1 = q1 / n1.clamp_min(torch.finfo(q1.dtype).tiny)
-    u2 = q2 / n2.clamp_min(torch.finfo(q1.dtype).tiny)
+    n1, n2 = q1.norm(dim=-1, keepdim=True), q2.norm(dim=-1, keepdim=True)
+    tiny = torch.finfo(q1.dtype).tiny
+    u1, u2 = q1 / n1.clamp_min(tiny), q2 / n2.clamp_min(tiny)
     cos = (u1 * u2).sum(dim=-1, keepdim=True).clamp(-1.0, 1.0)
     antiparallel = cos < -1 + _EPS
     # For antiparallel pairs, aim at a vector orthogonal to q1 (with q2's norm)

@@ -1,12 +1,10 @@
 """The paper's convolutional VAE (Section 1.1, Figure 1).
 
-Encoder: 4 stride-2 convolutions with batch norm and LeakyReLU, then 4 fully
-connected layers giving the latent's mean and log-variance; the decoder
-mirrors it. The paper gives no kernel sizes or widths: 4x4 kernels (each
-halves or doubles the side exactly), widths from the config. The decoder
-returns logits, trained with ``binary_cross_entropy_with_logits`` (finite in
-bf16/fp16, unlike BCE on the sigmoid) or, with ``model.likelihood=logistic``,
-as the mean of a discretized logistic with a learned ``log_scale`` per channel.
+4 stride-2 convolutions (batch norm, LeakyReLU) and 4 fully connected layers to the latent's
+mean and log-variance; the decoder mirrors it. The paper gives no kernels or widths: 4x4
+kernels halve or double the side exactly, widths come from the config. The decoder returns
+logits: BCE with logits is finite in bf16/fp16, unlike BCE on the sigmoid; with
+``model.likelihood=logistic`` they are a discretized logistic's mean (learned ``log_scale``).
 """
 
 from __future__ import annotations
@@ -106,13 +104,10 @@ class VAE(nn.Module):
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None,
                 mix: Callable[[torch.Tensor], torch.Tensor] | None = None) -> VAEOutput:
-        """Encode, sample z, decode. ``eps`` is the N(0, I) noise; drawn here when not given.
-
-        ``mix`` maps the latent means to interpolants (ACAI's), decoded in one batch with
-        the reconstructions: DDP sees one use of the model, and batch norm normalises them
-        by real latents' statistics, as at sampling time (on their own they lose the
-        contrast and colour that tell them apart, and the critic learns nothing).
-        """
+        """Encode, sample z (noise ``eps``, drawn when None), decode. ``mix`` maps the latent means
+        to ACAI's interpolants, decoded in one batch with the reconstructions: DDP sees one use of
+        the model, and batch norm normalises them by real latents' statistics, as at sampling time
+        (alone they lose the contrast and colour that tell them apart: the critic learns nothing)."""
         mu, logvar = self.encode(x)
         z = reparameterize(mu, logvar, torch.randn_like(mu) if eps is None else eps)
         if mix is None:
