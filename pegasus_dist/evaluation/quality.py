@@ -1,9 +1,7 @@
 """Whether a grid's tiles look like horses, birds, both, or a blur: scores from the project's classifier.
 
-The scores (``p_horse``, ``p_bird``, ``pegasus_score``, ``horse_bird_mass``,
-``frechet``) and the crossfade baseline are defined in README.md, "Sample
-quality". :func:`score_samples` scores every grid from its saved PNG, what a
-person sees, and writes ``quality.json`` into the samples folder.
+The scores and the crossfade baseline are defined in README.md, "Sample quality"; each grid is
+scored from its saved PNG, what a person sees.
 """
 
 from __future__ import annotations
@@ -71,10 +69,8 @@ def classified_as(classifier: Classifier, tiles: torch.Tensor, label: str) -> fl
 
 
 def read_grid(path: str | Path, tile_size: int, padding: int = GRID_PADDING) -> tuple[torch.Tensor, int]:
-    """The tiles of a grid PNG, row-major (float N x 3 x T x T in [0, 1]), and its tiles per row.
-
-    The slots after the last tile of a partial last row, all black, are left out.
-    """
+    """The tiles of a grid PNG, row-major (float N x 3 x T x T in [0, 1]), and its tiles per row;
+    the all-black slots after the last tile of a partial last row are left out."""
     with Image.open(path) as image:
         pixels = torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
     step = tile_size + padding
@@ -100,11 +96,8 @@ def crossfade(rows: list[dict], images: dict[str, torch.Tensor]) -> torch.Tensor
 
 
 def score_samples(samples: str | Path, classifier: Classifier, held_out: str | Path) -> dict:
-    """Score every grid in the folder ``samples`` and write ``samples/quality.json``.
-
-    ``held_out``: the shard set of the real horses and birds (``eval``); the crossfade's
-    images are read from the ``shard_set`` the grid's JSON names (the sampler's).
-    """
+    """Score every grid in the folder ``samples`` against the real horses and birds of ``held_out``
+    (the crossfade's from the sampler's ``shard_set``, as the grid's JSON names it) into quality.json."""
     samples = Path(samples)
     real = real_features(classifier, held_out)
     layout = _layout(samples)

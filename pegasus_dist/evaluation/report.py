@@ -84,10 +84,8 @@ def _run_section(run: Path) -> str:
 
 
 def find_grids(run: Path) -> list[tuple[str, Path]]:
-    """Each grid as (caption, PNG): the phase's own in samples/, then `pegasus-dist sample`'s.
-
-    Those in samples/step_N/ are captioned with their folder, e.g. "analogy (step_00000120)".
-    """
+    """Each grid as (caption, PNG): the phase's own in samples/, then `pegasus-dist sample`'s in
+    samples/step_N/, captioned with their folder, e.g. "analogy (step_00000120)"."""
     samples = run / "samples"
     folders = [(samples, "")] + [(folder, f" ({folder.name})")
                                  for folder in sorted(samples.glob("step_*")) if folder.is_dir()]
