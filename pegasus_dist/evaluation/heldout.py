@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ import torch
 from pegasus_dist.data.loader import ShardLoader
 from pegasus_dist.evaluation.classifier import Classifier, predict
 from pegasus_dist.model.loss import kl_to_standard_normal, reconstruction_nll
-from pegasus_dist.model.vae import VAE
+from pegasus_dist.model.vae import VAE, reparameterize
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 # A subset's values that describe the evaluation rather than measure the model.
@@ -35,14 +36,13 @@ def evaluate(model: VAE, shard_set: str | Path, batch_size: int = 256, seed: int
                          image_size=model.image_size)
     loader.set_epoch(0)
     generator = torch.Generator(device=device).manual_seed(seed)
-    rows: dict[str, list[torch.Tensor]] = {"recon": [], "kl": [], "psnr": [], "mu": [],
-                                           "seen": [], "seen_recon": []}
+    rows: defaultdict[str, list[torch.Tensor]] = defaultdict(list)
     labels: list[str | None] = []
     for batch in loader:
         x = batch.images.to(device).float().div_(255)
         mu, logvar = model.encode(x)
         eps = torch.randn(mu.shape, generator=generator, device=device)
-        logits = model.decode_logits(mu + torch.exp(0.5 * logvar) * eps)
+        logits = model.decode_logits(reparameterize(mu, logvar, eps))
         mse = (model.decode(mu) - x).pow(2).flatten(1).mean(dim=1).clamp_min(1e-10)
         rows["recon"].append(reconstruction_nll(logits, x, model.log_scale))
         rows["kl"].append(kl_to_standard_normal(mu, logvar))

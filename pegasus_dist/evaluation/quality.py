@@ -100,14 +100,15 @@ def score_samples(samples: str | Path, classifier: Classifier, held_out: str | P
     (the crossfade's from the sampler's ``shard_set``, as the grid's JSON names it) into quality.json."""
     samples = Path(samples)
     real = real_features(classifier, held_out)
-    layout = _layout(samples)
+    layouts = {name: json.loads((samples / f"{name}.json").read_text())
+               for name in (*INTERPOLATIONS, "analogy") if (samples / f"{name}.json").is_file()}
+    layout = next(iter(layouts.values()), {})  # they agree on the tiles' size and padding
     size, padding = layout.get("tile_size", classifier.image_size), layout.get("padding", GRID_PADDING)
     grids: dict[str, dict] = {}
     for name in INTERPOLATIONS:
-        if (samples / f"{name}.png").is_file() and (samples / f"{name}.json").is_file():
-            rows = json.loads((samples / f"{name}.json").read_text())
+        if (samples / f"{name}.png").is_file() and name in layouts:
             tiles, _ = read_grid(samples / f"{name}.png", size, padding)
-            baseline = crossfade(rows["rows"], _pair_images(rows, size))
+            baseline = crossfade(layouts[name]["rows"], _pair_images(layouts[name], size))
             grids[name] = {**tile_scores(classifier, tiles, real),
                            "crossfade": tile_scores(classifier, baseline, real)}
     if (samples / "reconstructions.png").is_file():
@@ -124,13 +125,6 @@ def score_samples(samples: str | Path, classifier: Classifier, held_out: str | P
                "held_out": str(held_out), "real_images": len(real), "grids": grids}
     (samples / FILENAME).write_text(json.dumps(results, indent=2) + "\n")
     return results
-
-
-def _layout(samples: Path) -> dict:
-    for name in (*INTERPOLATIONS, "analogy"):
-        if (samples / f"{name}.json").is_file():
-            return json.loads((samples / f"{name}.json").read_text())
-    return {}
 
 
 def _pair_images(layout: dict, size: int) -> dict[str, torch.Tensor]:

@@ -34,8 +34,7 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    found = list_checkpoints(root)
-    return found[-1] if found else None
+    return next(reversed(list_checkpoints(root)), None)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -17,10 +17,9 @@ from torch import nn
 
 from pegasus_dist.config import ModelConfig
 
-# The log-variance of q(z|x) is clamped, as in latent diffusion's VAE (Rombach et al. 2022):
-# exp(logvar) stays finite however far one bad update throws the encoder, so that
-# optim.DivergenceGuard names a diverging run instead of it overflowing to Inf. Healthy
-# training stays far inside: a backstop, not a parameterisation.
+# The log-variance of q(z|x) is clamped, as in latent diffusion's VAE (Rombach et al. 2022): exp(logvar)
+# stays finite however far one bad update throws the encoder, so that optim.DivergenceGuard names a
+# diverging run instead of it overflowing to Inf. Healthy training stays far inside: a backstop.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
 # The logistic likelihood's initial log-scale per channel: a scale of 0.05 on [0, 1], about
@@ -34,10 +33,8 @@ class VAEOutput:
     logits: torch.Tensor  # (B, 3, H, W) pre-sigmoid reconstruction
     mu: torch.Tensor  # (B, latent_dim)
     logvar: torch.Tensor  # (B, latent_dim)
-    # model.likelihood=logistic: the learned log-scale per colour channel, (3,)
-    log_scale: torch.Tensor | None = None
-    # ACAI (loss.acai_weight > 0): logits of the decoded latent interpolants, (B, 3, H, W)
-    mixed_logits: torch.Tensor | None = None
+    log_scale: torch.Tensor | None = None  # model.likelihood=logistic: per colour channel, (3,)
+    mixed_logits: torch.Tensor | None = None  # ACAI: logits of the decoded interpolants, (B, 3, H, W)
 
 
 def _block(resize: nn.Module, c_out: int, slope: float) -> nn.Sequential:
