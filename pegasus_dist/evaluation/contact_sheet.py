@@ -1,8 +1,7 @@
 """`pegasus-dist contact-sheet`: candidate horses and birds to choose by eye.
 
-A seeded selection of labelled images as one PNG, each tile captioned with its whole shard key,
-and a JSON of the keys for ``sampler.horse_keys`` and ``sampler.bird_keys``: the paper's author
-picked by hand.
+A seeded selection of labelled images as one PNG, each tile captioned with its whole shard key, and a
+JSON of the keys for ``sampler.horse_keys`` and ``sampler.bird_keys``: the paper's author picked by hand.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """`pegasus-dist eval`: how well a checkpoint models the held-out images.
 
-Per image of the ``eval`` shard set: negative ELBO (nats, bits/dim), its parts, PSNR and active
-latent units, for all images and for the horses and birds (with the classifier, the fractions
-recognised as their label); README.md, "Beyond the paper", says how to read them.
+Per image of the ``eval`` shard set: negative ELBO (nats, bits/dim), its parts, PSNR and active latent
+units, for all images and for the horses and birds (with the classifier, the fractions recognised as
+their label); README.md, "Beyond the paper", says how to read them.
 """
 
 from __future__ import annotations
@@ -80,17 +80,10 @@ def _summary(data: dict[str, torch.Tensor], keep: list[bool], dims: int) -> dict
         return {"images": 0}
     recon, kl = data["recon"][mask].mean().item(), data["kl"][mask].mean().item()
     nelbo = recon + kl
-    return {
-        "images": int(mask.sum()),
-        "neg_elbo_nats": nelbo,
-        "recon_nats": recon,  # BCE, or the logistic NLL (model.likelihood)
-        "kl_nats": kl,
-        "bits_per_dim": nelbo / (dims * math.log(2)),
-        "psnr_db": data["psnr"][mask].mean().item(),
-        "active_units": int((data["mu"][mask].var(dim=0) > ACTIVE_UNIT_THRESHOLD).sum()),
-        "latent_dim": int(data["mu"].shape[1]),
-        "active_unit_threshold": ACTIVE_UNIT_THRESHOLD,
-    }
+    return {"images": int(mask.sum()), "neg_elbo_nats": nelbo, "recon_nats": recon, "kl_nats": kl,
+            "bits_per_dim": nelbo / (dims * math.log(2)), "psnr_db": data["psnr"][mask].mean().item(),
+            "active_units": int((data["mu"][mask].var(dim=0) > ACTIVE_UNIT_THRESHOLD).sum()),
+            "latent_dim": int(data["mu"].shape[1]), "active_unit_threshold": ACTIVE_UNIT_THRESHOLD}
 
 
 def write_eval(metrics: dict, path: Path) -> Path:

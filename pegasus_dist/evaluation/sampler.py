@@ -1,10 +1,9 @@
 """The paper's Pegasus sampler (Section 1.4) and the grids written after each phase.
 
-Pick 8 horses and 21 birds (seeded, or ``sampler.pick=confident``), pair each
-horse with a random bird, slerp between their latent means at 8 mu in
-[0.4, 0.7] and decode: an 8x8 grid, one row per horse; beside it the
-reconstructions and the prior. ``--method`` adds linear interpolation and the
-analogy (wing vector) sampler (README.md, "Beyond the paper").
+Pick 8 horses and 21 birds (seeded, or ``sampler.pick=confident``), pair each horse with a random bird,
+slerp between their latent means at 8 mu in [0.4, 0.7] and decode: an 8x8 grid, one row per horse; beside
+it the reconstructions and the prior. ``--method`` adds linear interpolation and the analogy (wing
+vector) sampler (README.md, "Beyond the paper").
 """
 
 from __future__ import annotations

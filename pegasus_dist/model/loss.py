@@ -1,10 +1,9 @@
 """The paper's loss, Equation (1): reconstruction negative log-likelihood plus KL, per image.
 
-Summed over pixels (latent dimensions), averaged over images: independent of batch size and
-process count. Options (README.md, "Beyond the paper"): a discretized logistic likelihood
-(PixelCNN++, Salimans et al. 2017; BCE is no likelihood of 8-bit images and pulls decodes to
-grey), KL warm-up (Bowman et al. 2016) and free bits (Kingma et al. 2016, Section C.8), per
-image so that a step does not depend on how the batch is split.
+Summed over pixels (latent dimensions), averaged over images: independent of batch size and process
+count. Options (README.md, "Beyond the paper"): a discretized logistic likelihood (PixelCNN++, Salimans
+et al. 2017; BCE is no likelihood of 8-bit images and pulls decodes to grey), KL warm-up (Bowman et al.
+2016) and free bits (Kingma et al. 2016, Section C.8), per image: independent of the batch's split.
 """
 
 from __future__ import annotations

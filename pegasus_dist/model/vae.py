@@ -1,10 +1,9 @@
 """The paper's convolutional VAE (Section 1.1, Figure 1).
 
-4 stride-2 convolutions (batch norm, LeakyReLU) and 4 fully connected layers to the latent's
-mean and log-variance; the decoder mirrors it. The paper gives no kernels or widths: 4x4
-kernels halve or double the side exactly, widths come from the config. The decoder returns
-logits: BCE with logits is finite in bf16/fp16, unlike BCE on the sigmoid; with
-``model.likelihood=logistic`` they are a discretized logistic's mean (learned ``log_scale``).
+4 stride-2 convolutions (batch norm, LeakyReLU) and 4 fully connected layers to the latent's mean and
+log-variance; the decoder mirrors it. The paper gives no kernels or widths: 4x4 kernels halve or double
+the side exactly, widths come from the config. The decoder returns logits (BCE with logits is finite in
+bf16/fp16), with ``model.likelihood=logistic`` a discretized logistic's mean (learned ``log_scale``).
 """
 
 from __future__ import annotations
