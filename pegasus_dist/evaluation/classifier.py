@@ -81,8 +81,7 @@ def labelled_images(shard_set: str | Path, image_size: int) -> tuple[torch.Tenso
 
 
 def train_classifier(shards: str | Path, out: str | Path, quality: QualityConfig) -> dict:
-    """Train on ``<shards>/mix``'s labelled images, measure on ``<shards>/eval``'s, save into ``out``;
-    returns what ``classifier.json`` holds."""
+    """Train on ``<shards>/mix``'s labelled images, test on ``eval``'s, save to ``out``; its meta."""
     epochs, batch_size, seed = (quality.classifier_epochs, quality.classifier_batch_size,
                                 quality.classifier_seed)
     shards = Path(shards)

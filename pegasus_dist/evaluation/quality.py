@@ -86,8 +86,7 @@ def read_grid(path: str | Path, tile_size: int, padding: int = GRID_PADDING) -> 
 
 
 def crossfade(rows: list[dict], images: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(1 - mu) * horse + mu * bird for each row's pair and mu (``images``: uint8 (3, H, W) by key),
-    row-major, quantised as the PNGs are."""
+    """(1 - mu) * horse + mu * bird for each row's pair and mu, row-major, quantised as the PNGs are."""
     tiles = []
     for row in rows:
         horse, bird = (images[row[side]].float().div(255) for side in ("horse", "bird"))

@@ -83,8 +83,7 @@ def pick_horses_and_birds(
             chosen[label] = confident_keys(model, classifier, label, pool, count,
                                            load_images(shard_set, set(pool)))
         else:
-            picks = rng.choice(len(available), size=count, replace=False)
-            chosen[label] = [available[i] for i in picks]
+            chosen[label] = [available[i] for i in rng.choice(len(available), size=count, replace=False)]
     images = load_images(shard_set, {*chosen["horse"], *chosen["bird"]})
     horses, birds = (LabelledImages(keys, torch.stack([images[k] for k in keys])) for keys in chosen.values())
     return horses, birds
@@ -132,12 +131,10 @@ def pegasus_grid(model: VAE, horses: LabelledImages, birds: LabelledImages, cfg:
 @torch.no_grad()
 def reconstruction_grid(model: VAE, horses: LabelledImages, birds: LabelledImages) -> torch.Tensor:
     """Rows: the horses, their reconstructions, birds, their reconstructions."""
-    n = len(horses.keys)
     rows = []
-    for images in (horses.images, birds.images[:n]):
+    for images in (horses.images, birds.images[: len(horses.keys)]):
         x = _to_float(images, model)
-        mu, _ = model.encode(x)
-        rows += [x, model.decode(mu)]
+        rows += [x, model.decode(model.encode(x)[0])]
     return torch.cat(rows).float().cpu()
 
 
@@ -183,8 +180,7 @@ def analogy_grid(model: VAE, horses: LabelledImages, vector: torch.Tensor,
 
 def run_sampler(model: VAE, cfg: SamplerConfig, shards_root: str | Path, out_dir: str | Path,
                 method: str = "slerp", classifier: Classifier | None = None) -> SampleOutputs:
-    """Write the grids of ``method`` into ``out_dir`` (slerp: pegasus.png, reconstructions.png, prior.png);
-    ``classifier`` is the quality classifier that ``sampler.pick=confident`` needs."""
+    """Write the grids of ``method`` into ``out_dir``; ``sampler.pick=confident`` needs ``classifier``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     was_training = model.training
