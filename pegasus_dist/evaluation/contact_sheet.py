@@ -98,8 +98,7 @@ def draw_sheet(chosen: dict[str, list[str]], images: dict[str, np.ndarray], colu
         top += HEADER
         for i, key in enumerate(keys):
             x, y = (i % columns) * tile, top + (i // columns) * cell
-            sheet.paste(Image.fromarray(images[key]).resize((tile, tile), Image.Resampling.NEAREST),
-                        (x, y))
+            sheet.paste(Image.fromarray(images[key]).resize((tile, tile), Image.Resampling.NEAREST), (x, y))
             origins = [(x + MARGIN, y + tile + MARGIN + j * line_height) for j in range(len(lines[key]))]
             for origin, line in zip(origins, lines[key], strict=True):
                 draw.text(origin, line, fill="black", font=font)

@@ -58,8 +58,7 @@ def tile_scores(classifier: Classifier, tiles: torch.Tensor, real: torch.Tensor)
     horse, bird = probs[:, classifier.index("horse")], probs[:, classifier.index("bird")]
     return {"tiles": len(tiles), "p_horse": horse.mean().item(), "p_bird": bird.mean().item(),
             "pegasus_score": (horse * bird).sqrt().mean().item(),
-            "horse_bird_mass": (horse + bird).mean().item(),
-            "frechet": frechet_distance(feats, real)}
+            "horse_bird_mass": (horse + bird).mean().item(), "frechet": frechet_distance(feats, real)}
 
 
 def classified_as(classifier: Classifier, tiles: torch.Tensor, label: str) -> float:

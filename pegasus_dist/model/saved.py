@@ -72,8 +72,7 @@ def sampled_weights(folder: Path) -> str:
     return EMA if (folder / EMA).is_file() else MODEL
 
 
-def load_model_weights(model: torch.nn.Module, folder: Path, name: str = MODEL,
-                       prefix: str = "") -> None:
+def load_model_weights(model: torch.nn.Module, folder: Path, name: str = MODEL, prefix: str = "") -> None:
     """Load ``folder/name``'s weights named ``prefix...`` (all by default; one adversary's), less
     the prefix, into ``model``, naming any mismatch."""
     path = folder / name

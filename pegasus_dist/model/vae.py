@@ -100,10 +100,10 @@ class VAE(nn.Module):
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None,
                 mix: Callable[[torch.Tensor], torch.Tensor] | None = None) -> VAEOutput:
-        """Encode, sample z (noise ``eps``, drawn when None), decode. ``mix`` maps the latent means
-        to ACAI's interpolants, decoded in one batch with the reconstructions: DDP sees one use of
-        the model, and batch norm normalises them by real latents' statistics, as at sampling time
-        (alone they lose the contrast and colour that tell them apart: the critic learns nothing)."""
+        """Encode, sample z (noise ``eps``, drawn when None), decode. ``mix`` maps the latent means to ACAI's
+        interpolants, decoded in one batch with the reconstructions: DDP sees one use of the model, and
+        batch norm normalises them by real latents' statistics, as at sampling time (alone they lose
+        the contrast and colour that tell them apart: the critic learns nothing)."""
         mu, logvar = self.encode(x)
         z = reparameterize(mu, logvar, torch.randn_like(mu) if eps is None else eps)
         if mix is None:
