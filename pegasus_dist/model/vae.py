@@ -70,9 +70,7 @@ class VAE(nn.Module):
             *(_block(nn.Conv2d(w_in, w_out, kernel_size=4, stride=2, padding=1, bias=False), w_out, slope)
               for w_in, w_out in zip([3, *c[:-1]], c, strict=True))
         )
-        # 4 linear layers: flat -> fc[0] -> fc[1] -> fc[2] -> (mu, logvar)
         self.encoder_fc = _mlp([flat, *fc, 2 * cfg.latent_dim], slope, last_activation=False)
-        # 4 linear layers: latent -> fc[2] -> fc[1] -> fc[0] -> flat
         self.decoder_fc = _mlp([cfg.latent_dim, *fc[::-1], flat], slope, last_activation=True)
         rc = c[::-1]
         self.decoder_conv = nn.Sequential(
