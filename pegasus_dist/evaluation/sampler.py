@@ -173,8 +173,7 @@ def analogy_grid(model: VAE, horses: LabelledImages, vector: torch.Tensor,
     mu_h, _ = model.encode(_to_float(horses.images, model))
     strengths = torch.linspace(0, cfg.strength_max, cfg.num_mu, device=mu_h.device)
     z = mu_h[:, None, :] + strengths[None, :, None] * vector.to(mu_h.device)
-    rows = [{"row": i, "horse": key, "strength": strengths.tolist()}
-            for i, key in enumerate(horses.keys)]
+    rows = [{"row": i, "horse": key, "strength": strengths.tolist()} for i, key in enumerate(horses.keys)]
     return model.decode(z.flatten(0, 1)).float().cpu(), rows
 
 
@@ -198,8 +197,7 @@ def run_sampler(model: VAE, cfg: SamplerConfig, shards_root: str | Path, out_dir
                   "columns": cfg.num_mu, **layout}
         name = "pegasus" if method == "slerp" else method
         (out_dir / f"{name}.json").write_text(json.dumps(layout, indent=2) + "\n")
-    return SampleOutputs(paths=paths, captions={name: grid_caption(name, layout, cfg)
-                                                for name in paths})
+    return SampleOutputs(paths, captions={name: grid_caption(name, layout, cfg) for name in paths})
 
 
 def grid_caption(name: str, layout: dict, cfg: SamplerConfig) -> str:
