@@ -44,8 +44,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     folder = path if (path / STATE).is_file() else latest_checkpoint(path / "checkpoints")
     if folder is None:
         raise CheckpointError(f"{path} is neither a checkpoint (no state.json) nor a run folder with "
-                              "checkpoints; pass a runs/<name> folder or one of its checkpoints/step_* "
-                              "folders")
+                              "checkpoints; pass a runs/<name> folder or one of its "
+                              "checkpoints/step_* folders")
     if changed := sums_problem(folder):
         raise CheckpointError(f"{changed}; use another checkpoint of the run")
     return folder
