@@ -129,8 +129,7 @@ def _pair_images(layout: dict, size: int) -> dict[str, torch.Tensor]:
     shard_set = Path(layout.get("shard_set", ""))
     keys = {row[side] for row in layout["rows"] for side in ("horse", "bird")}
     found = load_images(ShardSet(shard_set, size), keys)
-    missing = sorted(keys - set(found))
-    if missing:
+    if missing := sorted(keys - set(found)):
         raise DataError(f"{shard_set} lacks {', '.join(missing[:3])} of the grid's pairs; score with "
                         "the shards the grid was sampled from (data.shards)")
     return found

@@ -69,8 +69,7 @@ def pick_horses_and_birds(
                                ("bird", cfg.bird_keys, cfg.num_birds)):
         available = by_label[label]
         if keys:
-            missing = sorted(set(keys) - set(available))
-            if missing:
+            if missing := sorted(set(keys) - set(available)):
                 raise DataError(f"sampler.{label}_keys: {', '.join(missing[:3])} not found among the "
                                 f"{label}s of {shard_set.path}; use keys from `pegasus-dist contact-sheet`")
             chosen[label] = list(keys)
@@ -122,10 +121,9 @@ def pegasus_grid(model: VAE, horses: LabelledImages, birds: LabelledImages, cfg:
     mus = torch.linspace(cfg.mu_start, cfg.mu_end, cfg.num_mu, device=mu_h.device)
     q1, q2, t = mu_h[:, None, :], mu_b[partners][:, None, :], mus[None, :, None]
     z = slerp(q1, q2, t) if method == "slerp" else torch.lerp(q1, q2, t)
-    images = model.decode(z.flatten(0, 1))
     rows = [{"row": i, "horse": horses.keys[i], "bird": birds.keys[j], "mu": mus.tolist()}
             for i, j in enumerate(partners.tolist())]
-    return images.float().cpu(), rows
+    return model.decode(z.flatten(0, 1)).float().cpu(), rows
 
 
 @torch.no_grad()
@@ -188,9 +186,8 @@ def run_sampler(model: VAE, cfg: SamplerConfig, shards_root: str | Path, out_dir
         images, layout = _method_grids(model, cfg, shards_root, method, classifier)
     finally:
         model.train(was_training)
-    paths = {}
+    paths = {name: out_dir / f"{name}.png" for name in images}
     for name, (batch, per_row) in images.items():
-        paths[name] = out_dir / f"{name}.png"
         save_image(batch, paths[name], nrow=per_row, padding=GRID_PADDING)
     if layout:
         layout = {"method": method, "pick": cfg.pick, "tile_size": model.image_size, "padding": GRID_PADDING,
@@ -229,10 +226,9 @@ def _method_grids(model: VAE, cfg: SamplerConfig, shards_root: str | Path, metho
     if method == "analogy":
         vector = attribute_vector(model, cfg, shards_root)
         images, rows = analogy_grid(model, horses, vector, cfg)
-        source = cfg.attribute_keys or "birds"
-        return ({"analogy": (images, cfg.num_mu)},
-                {"rows": rows, "vector": {"from": source, "minus": "other labelled classes",
-                                          "norm": vector.norm().item()}, "shard_set": shard_set})
+        about = {"from": cfg.attribute_keys or "birds", "minus": "other labelled classes",
+                 "norm": vector.norm().item()}
+        return {"analogy": (images, cfg.num_mu)}, {"rows": rows, "vector": about, "shard_set": shard_set}
     images, rows = pegasus_grid(model, horses, birds, cfg, method)
     layout = {"rows": rows, "shard_set": shard_set}
     if method == "lerp":
