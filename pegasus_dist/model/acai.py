@@ -62,8 +62,7 @@ def mix_latents(mu: torch.Tensor, partner: torch.Tensor, alpha: torch.Tensor) ->
 def critic_loss(predicted_mix: torch.Tensor, alpha: torch.Tensor, predicted_blend: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
     """Per-image mean of |C(x_a) - a|^2 + |C(gamma x + (1 - gamma) x_hat)|^2, in float32."""
-    mix = (predicted_mix.float() - alpha).pow(2) * mask
-    return (mix + predicted_blend.float().pow(2)).mean()
+    return ((predicted_mix.float() - alpha).pow(2) * mask + predicted_blend.float().pow(2)).mean()
 
 
 def fooling_loss(predicted_mix: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

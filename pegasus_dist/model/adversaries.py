@@ -59,9 +59,8 @@ class Adversaries(nn.Module):
     def forward(self, critic_input: torch.Tensor | None,
                 discriminator_input: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         """Each adversary's output for its input; None for an input of None (the adversary is off)."""
-        mix = None if critic_input is None else self.critic(critic_input)
-        patches = None if discriminator_input is None else self.discriminator(discriminator_input)
-        return mix, patches
+        return (None if critic_input is None else self.critic(critic_input),
+                None if discriminator_input is None else self.discriminator(discriminator_input))
 
 
 def enabled_adversaries(cfg: Config) -> set[str]:

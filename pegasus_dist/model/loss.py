@@ -49,8 +49,7 @@ def reconstruction_nll(logits: torch.Tensor, target: torch.Tensor,
     (the mass of the target's level, width 1/255; the first and last levels take the tails)."""
     logits, target = logits.float(), target.float()
     if log_scale is None:
-        nll = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-        return nll.flatten(1).sum(dim=1)
+        return F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).sum(dim=1)
     log_s = log_scale.float().clamp_min(LOG_SCALE_MIN)[None, :, None, None]
     inv_scale = torch.exp(-log_s)
     centered, half_level = (target - torch.sigmoid(logits)) * inv_scale, HALF_BIN * inv_scale

@@ -60,8 +60,7 @@ def read_weights(folder: Path, name: str = MODEL) -> dict[str, torch.Tensor]:
         weights = load_file(path)
     except Exception as err:  # OSError, or safetensors' own SafetensorError
         raise CheckpointError(f"cannot read {path}: {err}") from None
-    nonfinite = sorted(key for key, value in weights.items() if not torch.isfinite(value).all())
-    if nonfinite:
+    if nonfinite := sorted(key for key, value in weights.items() if not torch.isfinite(value).all()):
         raise CheckpointError(f"{path}: {nonfinite[0]} holds NaN or Inf values; the run diverged before "
                               "it was saved: use an earlier checkpoint of the run")
     return weights

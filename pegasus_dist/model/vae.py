@@ -84,13 +84,11 @@ class VAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images in [0, 1], (B, 3, H, W) -> (mu, logvar) of q(z|x), logvar clamped."""
-        h = self.encoder_fc(self.encoder_conv(x).flatten(1))
-        mu, logvar = h.chunk(2, dim=1)
+        mu, logvar = self.encoder_fc(self.encoder_conv(x).flatten(1)).chunk(2, dim=1)
         return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.decoder_fc(z).view(z.shape[0], -1, self.bottom, self.bottom)
-        return self.decoder_conv(h)
+        return self.decoder_conv(self.decoder_fc(z).view(z.shape[0], -1, self.bottom, self.bottom))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [0, 1] (the paper's sigmoid output)."""
