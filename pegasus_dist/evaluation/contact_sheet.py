@@ -83,8 +83,7 @@ def draw_sheet(chosen: dict[str, list[str]], images: dict[str, np.ndarray], colu
     """The sheet: per label a title, then its tiles in rows, each over its caption strip (as tall
     as the longest key needs, so every caption fits under its own tile)."""
     font = ImageFont.load_default()
-    lines = {key: caption_lines(key, font, tile - 2 * MARGIN) for keys in chosen.values()
-             for key in keys}
+    lines = {key: caption_lines(key, font, tile - 2 * MARGIN) for keys in chosen.values() for key in keys}
     line_height = font.getbbox("Ag_|")[3] + 1
     cell = tile + max(map(len, lines.values()), default=1) * line_height + 2 * MARGIN
     rows = {label: -(-len(keys) // columns) for label, keys in chosen.items()}

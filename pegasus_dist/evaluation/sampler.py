@@ -52,10 +52,9 @@ class SampleOutputs:
     captions: dict[str, str]  # what each grid's rows and columns show, for W&B
 
 
-def pick_horses_and_birds(
-    cfg: SamplerConfig, shards_root: str | Path, image_size: int,
-    model: VAE | None = None, classifier: Classifier | None = None,
-) -> tuple[LabelledImages, LabelledImages]:
+def pick_horses_and_birds(cfg: SamplerConfig, shards_root: str | Path, image_size: int,
+                          model: VAE | None = None, classifier: Classifier | None = None,
+                          ) -> tuple[LabelledImages, LabelledImages]:
     """The configured keys, or a seeded choice of labelled horses and birds (``cfg.pick``: with
     ``confident``, those :func:`confident_keys` ranks by ``model`` and ``classifier``)."""
     if cfg.pick == "confident" and (model is None or classifier is None):
@@ -91,8 +90,7 @@ def pick_horses_and_birds(
 @torch.no_grad()
 def confident_keys(model: VAE, classifier: Classifier, label: str, pool: list[str], count: int,
                    images: dict[str, torch.Tensor]) -> list[str]:
-    """The ``count`` keys of ``pool`` whose reconstructions, decode(encode mean), have the highest
-    classifier probability of ``label``, best first."""
+    """The ``count`` keys of ``pool`` whose reconstructions most surely classify as ``label``, best first."""
     x = _to_float(torch.stack([images[key] for key in pool]), model)
     reconstructions = torch.cat([model.decode(model.encode(chunk)[0]).float().cpu()
                                  for chunk in x.split(256)])

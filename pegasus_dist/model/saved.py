@@ -72,8 +72,7 @@ def sampled_weights(folder: Path) -> str:
 
 
 def load_model_weights(model: torch.nn.Module, folder: Path, name: str = MODEL, prefix: str = "") -> None:
-    """Load ``folder/name``'s weights named ``prefix...`` (all by default; one adversary's), less
-    the prefix, into ``model``, naming any mismatch."""
+    """Load ``folder/name``'s weights named ``prefix...`` (default: all), less the prefix, into ``model``."""
     path = folder / name
     weights = {key.removeprefix(prefix): value for key, value in read_weights(folder, name).items()
                if key.startswith(prefix)}
