@@ -20,8 +20,7 @@ from pegasus_dist.model.loss import kl_to_standard_normal, reconstruction_nll
 from pegasus_dist.model.vae import VAE, reparameterize
 
 ACTIVE_UNIT_THRESHOLD = 0.01
-# A subset's values that describe the evaluation rather than measure the model.
-DESCRIPTIVE = ("images", "latent_dim", "active_unit_threshold")
+DESCRIPTIVE = ("images", "latent_dim", "active_unit_threshold")  # they describe the evaluation, not the model
 SUBSETS = {"all": None, "horse_bird": ("horse", "bird")}
 
 

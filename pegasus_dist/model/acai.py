@@ -17,8 +17,7 @@ from torch import nn
 
 from pegasus_dist.config import ModelConfig
 
-# Predicted mixing coefficients are in [0, 1/2]: a and 1 - a give the same pair.
-ALPHA_MAX = 0.5
+ALPHA_MAX = 0.5  # predicted mixing coefficients are in [0, 1/2]: a and 1 - a give the same pair
 
 
 class Critic(nn.Module):

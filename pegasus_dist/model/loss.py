@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# Half the width of one of the 256 pixel levels on the [0, 1] scale.
-HALF_BIN = 0.5 / 255
+HALF_BIN = 0.5 / 255  # half the width of one of the 256 pixel levels on the [0, 1] scale
 # The smallest log-scale: a level is then 1/255 / exp(-7) ~ 4 scale units wide, so the
 # likelihood of the right level saturates instead of growing without bound.
 LOG_SCALE_MIN = -7.0

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-# Below this |sin(theta)| the formula loses precision; use the limits instead.
-_EPS = 1e-6
+_EPS = 1e-6  # below this |sin(theta)| the formula loses precision: the limits are used instead
 
 
 def slerp(q1: torch.Tensor, q2: torch.Tensor, mu: torch.Tensor | float) -> torch.Tensor:
