@@ -1,10 +1,7 @@
 """The project's own image classifier, the judge of sample quality (pegasus_dist.evaluation.quality).
 
-A small CNN trained by `pegasus-dist classifier` on the labelled images of
-``mix`` and measured on ``eval`` (README.md, "Sample quality"); its
-penultimate features are the space of the Fréchet distance. Saved as a folder:
-``classifier.safetensors`` (weights) and ``classifier.json`` (classes, widths,
-held-out accuracy, the shards' ``generation``).
+A small CNN trained by `pegasus-dist classifier` on ``mix``'s labelled images, measured on
+``eval`` (README.md, "Sample quality"); its penultimate features are the Fréchet distance's space.
 """
 
 from __future__ import annotations
@@ -69,14 +66,10 @@ class Classifier(nn.Module):
 def predict(classifier: Classifier, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(class probabilities (N, C), penultimate features (N, D)) of float images in [0, 1]."""
     classifier.eval()
-    probs, feats = [], []
-    for start in range(0, len(images), EVAL_BATCH):
-        f = classifier.features(images[start : start + EVAL_BATCH].float())
-        feats.append(f)
-        probs.append(classifier.head(f).softmax(dim=1))
-    if not feats:
+    if not len(images):
         return torch.empty(0, len(classifier.classes)), torch.empty(0, classifier.widths[-1])
-    return torch.cat(probs), torch.cat(feats)
+    feats = [classifier.features(chunk.float()) for chunk in images.split(EVAL_BATCH)]
+    return torch.cat([classifier.head(f).softmax(dim=1) for f in feats]), torch.cat(feats)
 
 
 def labelled_images(shard_set: str | Path, image_size: int) -> tuple[torch.Tensor, list[str]]:
@@ -88,10 +81,7 @@ def labelled_images(shard_set: str | Path, image_size: int) -> tuple[torch.Tenso
 
 
 def train_classifier(shards: str | Path, out: str | Path, quality: QualityConfig) -> dict:
-    """Train on ``<shards>/mix``'s labelled images, measure on ``<shards>/eval``'s, save into ``out``.
-
-    Epochs, batch and seed come from ``quality``. Returns what ``classifier.json`` holds.
-    """
+    """Train on ``<shards>/mix``'s labelled images, test on ``eval``'s, save to ``out``; its meta."""
     epochs, batch_size, seed = (quality.classifier_epochs, quality.classifier_batch_size,
                                 quality.classifier_seed)
     shards = Path(shards)
@@ -179,10 +169,8 @@ def save_classifier(classifier: Classifier, meta: dict, folder: str | Path) -> d
 
 
 def read_meta(folder: str | Path) -> dict | None:
-    """What ``classifier.json`` says, or None when the folder holds no classifier.
-
-    A DataError when it is damaged: the JSON unreadable, or the weights not those it lists.
-    """
+    """What ``classifier.json`` says, or None when the folder holds no classifier; a DataError
+    when it is damaged: the JSON unreadable, or the weights not those it lists."""
     folder = Path(folder)
     if not ((folder / META).is_file() and (folder / WEIGHTS).is_file()):
         return None
@@ -197,10 +185,8 @@ def read_meta(folder: str | Path) -> dict | None:
 
 
 def find_classifier(cfg: Config) -> Classifier | None:
-    """The classifier at ``quality.classifier``, or None (and one line saying why and how to create it).
-
-    A damaged one costs only the quality scores: the phase ends, its restart never repeats the error.
-    """
+    """The classifier at ``quality.classifier``, or None and one line saying why and how to create
+    it: a damaged one costs only the quality scores, so the phase ends, never failing on a restart."""
     try:
         if read_meta(cfg.classifier_dir) is not None:
             return load_classifier(cfg.classifier_dir)

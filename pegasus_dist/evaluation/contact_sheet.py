@@ -1,8 +1,7 @@
 """`pegasus-dist contact-sheet`: candidate horses and birds to choose by eye.
 
-A seeded selection of labelled images as one PNG, each tile captioned with its
-whole shard key, and a JSON of the same keys, to paste into
-``sampler.horse_keys`` and ``sampler.bird_keys`` as the paper's author picked by hand.
+A seeded selection of labelled images as one PNG, each tile captioned with its whole shard key, and a
+JSON of the keys for ``sampler.horse_keys`` and ``sampler.bird_keys``: the paper's author picked by hand.
 """
 
 from __future__ import annotations
@@ -21,8 +20,6 @@ from pegasus_dist.errors import DataError
 HEADER = 20  # pixels of title above each label's section
 MARGIN = 2  # pixels around each caption, inside its tile's strip
 BREAKS = ("-", "_", "")  # where captions break, in order of preference ("" = anywhere)
-
-
 LABELS = ("horse", "bird")  # the classes the sampler picks from
 PER_LABEL = 32
 SEED = 0
@@ -64,18 +61,12 @@ class Caption:
 
 def caption_lines(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int,
                   breaks: tuple[str, ...] = BREAKS) -> list[str]:
-    """``text`` in lines no wider than ``width`` pixels, which joined give it back.
-
-    Broken after a "-" where one fits, else after a "_", else anywhere, and
-    filled from the end, so that the tail that tells keys apart
-    (``train-0004013``) stays on one line.
-    """
+    """``text`` in lines no wider than ``width`` pixels, which joined give it back: broken after a
+    "-", else a "_", else anywhere, filled from the end so that the tail that tells keys apart
+    (``train-0004013``) stays on one line."""
     sep, finer = breaks[0], breaks[1:]
-    if sep:
-        cut = re.escape(sep)
-        pieces = re.findall(rf"[^{cut}]*{cut}|[^{cut}]+$", text)
-    else:
-        pieces = list(text)
+    cut = re.escape(sep)
+    pieces = re.findall(rf"[^{cut}]*{cut}|[^{cut}]+$", text) if sep else list(text)
     lines: list[str] = []
     for piece in reversed(pieces):
         if lines and font.getlength(piece + lines[0]) <= width:
@@ -89,29 +80,24 @@ def caption_lines(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont,
 
 def draw_sheet(chosen: dict[str, list[str]], images: dict[str, np.ndarray], columns: int,
                tile: int) -> tuple[Image.Image, list[Caption]]:
-    """The sheet: per label a title, then its tiles in rows, each over its caption strip.
-
-    The strips are as tall as the longest key needs, so every caption fits under its own tile.
-    """
+    """The sheet: per label a title, then its tiles in rows, each over its caption strip (as tall
+    as the longest key needs, so every caption fits under its own tile)."""
     font = ImageFont.load_default()
-    lines = {key: caption_lines(key, font, tile - 2 * MARGIN) for keys in chosen.values()
-             for key in keys}
+    lines = {key: caption_lines(key, font, tile - 2 * MARGIN) for keys in chosen.values() for key in keys}
     line_height = font.getbbox("Ag_|")[3] + 1
     cell = tile + max(map(len, lines.values()), default=1) * line_height + 2 * MARGIN
     rows = {label: -(-len(keys) // columns) for label, keys in chosen.items()}
     height = sum(HEADER + r * cell for r in rows.values())
     sheet = Image.new("RGB", (columns * tile, height), "white")
     draw = ImageDraw.Draw(sheet)
-    captions = []
-    top = 0
+    captions, top = [], 0
     for label, keys in chosen.items():
         draw.text((4, top + 4), f"{label}: {len(keys)} candidates (sampler.{label}_keys)",
                   fill="black", font=font)
         top += HEADER
         for i, key in enumerate(keys):
             x, y = (i % columns) * tile, top + (i // columns) * cell
-            sheet.paste(Image.fromarray(images[key]).resize((tile, tile), Image.Resampling.NEAREST),
-                        (x, y))
+            sheet.paste(Image.fromarray(images[key]).resize((tile, tile), Image.Resampling.NEAREST), (x, y))
             origins = [(x + MARGIN, y + tile + MARGIN + j * line_height) for j in range(len(lines[key]))]
             for origin, line in zip(origins, lines[key], strict=True):
                 draw.text(origin, line, fill="black", font=font)

@@ -1,14 +1,15 @@
 """`pegasus-dist eval`: how well a checkpoint models the held-out images.
 
-Per image of the ``eval`` shard set: negative ELBO (nats, bits/dim), its parts, PSNR and active
-latent units, for all images and for the horses and birds (with the classifier, the fractions
-recognised as their label); README.md, "Beyond the paper", says how to read them.
+Per image of the ``eval`` shard set: negative ELBO (nats, bits/dim), its parts, PSNR and active latent
+units, for all images and for the horses and birds (with the classifier, the fractions recognised as
+their label); README.md, "Beyond the paper", says how to read them.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -16,11 +17,10 @@ import torch
 from pegasus_dist.data.loader import ShardLoader
 from pegasus_dist.evaluation.classifier import Classifier, predict
 from pegasus_dist.model.loss import kl_to_standard_normal, reconstruction_nll
-from pegasus_dist.model.vae import VAE
+from pegasus_dist.model.vae import VAE, reparameterize
 
 ACTIVE_UNIT_THRESHOLD = 0.01
-# A subset's values that describe the evaluation rather than measure the model.
-DESCRIPTIVE = ("images", "latent_dim", "active_unit_threshold")
+DESCRIPTIVE = ("images", "latent_dim", "active_unit_threshold")  # they describe the evaluation, not the model
 SUBSETS = {"all": None, "horse_bird": ("horse", "bird")}
 
 
@@ -35,14 +35,13 @@ def evaluate(model: VAE, shard_set: str | Path, batch_size: int = 256, seed: int
                          image_size=model.image_size)
     loader.set_epoch(0)
     generator = torch.Generator(device=device).manual_seed(seed)
-    rows: dict[str, list[torch.Tensor]] = {"recon": [], "kl": [], "psnr": [], "mu": [],
-                                           "seen": [], "seen_recon": []}
+    rows: defaultdict[str, list[torch.Tensor]] = defaultdict(list)
     labels: list[str | None] = []
     for batch in loader:
         x = batch.images.to(device).float().div_(255)
         mu, logvar = model.encode(x)
         eps = torch.randn(mu.shape, generator=generator, device=device)
-        logits = model.decode_logits(mu + torch.exp(0.5 * logvar) * eps)
+        logits = model.decode_logits(reparameterize(mu, logvar, eps))
         mse = (model.decode(mu) - x).pow(2).flatten(1).mean(dim=1).clamp_min(1e-10)
         rows["recon"].append(reconstruction_nll(logits, x, model.log_scale))
         rows["kl"].append(kl_to_standard_normal(mu, logvar))
@@ -80,17 +79,10 @@ def _summary(data: dict[str, torch.Tensor], keep: list[bool], dims: int) -> dict
         return {"images": 0}
     recon, kl = data["recon"][mask].mean().item(), data["kl"][mask].mean().item()
     nelbo = recon + kl
-    return {
-        "images": int(mask.sum()),
-        "neg_elbo_nats": nelbo,
-        "recon_nats": recon,  # BCE, or the logistic NLL (model.likelihood)
-        "kl_nats": kl,
-        "bits_per_dim": nelbo / (dims * math.log(2)),
-        "psnr_db": data["psnr"][mask].mean().item(),
-        "active_units": int((data["mu"][mask].var(dim=0) > ACTIVE_UNIT_THRESHOLD).sum()),
-        "latent_dim": int(data["mu"].shape[1]),
-        "active_unit_threshold": ACTIVE_UNIT_THRESHOLD,
-    }
+    return {"images": int(mask.sum()), "neg_elbo_nats": nelbo, "recon_nats": recon, "kl_nats": kl,
+            "bits_per_dim": nelbo / (dims * math.log(2)), "psnr_db": data["psnr"][mask].mean().item(),
+            "active_units": int((data["mu"][mask].var(dim=0) > ACTIVE_UNIT_THRESHOLD).sum()),
+            "latent_dim": int(data["mu"].shape[1]), "active_unit_threshold": ACTIVE_UNIT_THRESHOLD}
 
 
 def write_eval(metrics: dict, path: Path) -> Path:

@@ -1,9 +1,7 @@
 """Whether a grid's tiles look like horses, birds, both, or a blur: scores from the project's classifier.
 
-The scores (``p_horse``, ``p_bird``, ``pegasus_score``, ``horse_bird_mass``,
-``frechet``) and the crossfade baseline are defined in README.md, "Sample
-quality". :func:`score_samples` scores every grid from its saved PNG, what a
-person sees, and writes ``quality.json`` into the samples folder.
+The scores and the crossfade baseline are defined in README.md, "Sample quality"; each grid is
+scored from its saved PNG, what a person sees.
 """
 
 from __future__ import annotations
@@ -60,8 +58,7 @@ def tile_scores(classifier: Classifier, tiles: torch.Tensor, real: torch.Tensor)
     horse, bird = probs[:, classifier.index("horse")], probs[:, classifier.index("bird")]
     return {"tiles": len(tiles), "p_horse": horse.mean().item(), "p_bird": bird.mean().item(),
             "pegasus_score": (horse * bird).sqrt().mean().item(),
-            "horse_bird_mass": (horse + bird).mean().item(),
-            "frechet": frechet_distance(feats, real)}
+            "horse_bird_mass": (horse + bird).mean().item(), "frechet": frechet_distance(feats, real)}
 
 
 def classified_as(classifier: Classifier, tiles: torch.Tensor, label: str) -> float:
@@ -71,10 +68,8 @@ def classified_as(classifier: Classifier, tiles: torch.Tensor, label: str) -> fl
 
 
 def read_grid(path: str | Path, tile_size: int, padding: int = GRID_PADDING) -> tuple[torch.Tensor, int]:
-    """The tiles of a grid PNG, row-major (float N x 3 x T x T in [0, 1]), and its tiles per row.
-
-    The slots after the last tile of a partial last row, all black, are left out.
-    """
+    """The tiles of a grid PNG, row-major (float N x 3 x T x T in [0, 1]), and its tiles per row;
+    the all-black slots after the last tile of a partial last row are left out."""
     with Image.open(path) as image:
         pixels = torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
     step = tile_size + padding
@@ -90,8 +85,7 @@ def read_grid(path: str | Path, tile_size: int, padding: int = GRID_PADDING) -> 
 
 
 def crossfade(rows: list[dict], images: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(1 - mu) * horse + mu * bird for each row's pair and mu (``images``: uint8 (3, H, W) by key),
-    row-major, quantised as the PNGs are."""
+    """(1 - mu) * horse + mu * bird for each row's pair and mu, row-major, quantised as the PNGs are."""
     tiles = []
     for row in rows:
         horse, bird = (images[row[side]].float().div(255) for side in ("horse", "bird"))
@@ -100,21 +94,19 @@ def crossfade(rows: list[dict], images: dict[str, torch.Tensor]) -> torch.Tensor
 
 
 def score_samples(samples: str | Path, classifier: Classifier, held_out: str | Path) -> dict:
-    """Score every grid in the folder ``samples`` and write ``samples/quality.json``.
-
-    ``held_out``: the shard set of the real horses and birds (``eval``); the crossfade's
-    images are read from the ``shard_set`` the grid's JSON names (the sampler's).
-    """
+    """Score every grid in the folder ``samples`` against the real horses and birds of ``held_out``
+    (the crossfade's from the sampler's ``shard_set``, as the grid's JSON names it) into quality.json."""
     samples = Path(samples)
     real = real_features(classifier, held_out)
-    layout = _layout(samples)
+    layouts = {name: json.loads((samples / f"{name}.json").read_text())
+               for name in (*INTERPOLATIONS, "analogy") if (samples / f"{name}.json").is_file()}
+    layout = next(iter(layouts.values()), {})  # they agree on the tiles' size and padding
     size, padding = layout.get("tile_size", classifier.image_size), layout.get("padding", GRID_PADDING)
     grids: dict[str, dict] = {}
     for name in INTERPOLATIONS:
-        if (samples / f"{name}.png").is_file() and (samples / f"{name}.json").is_file():
-            rows = json.loads((samples / f"{name}.json").read_text())
+        if (samples / f"{name}.png").is_file() and name in layouts:
             tiles, _ = read_grid(samples / f"{name}.png", size, padding)
-            baseline = crossfade(rows["rows"], _pair_images(rows, size))
+            baseline = crossfade(layouts[name]["rows"], _pair_images(layouts[name], size))
             grids[name] = {**tile_scores(classifier, tiles, real),
                            "crossfade": tile_scores(classifier, baseline, real)}
     if (samples / "reconstructions.png").is_file():
@@ -133,19 +125,11 @@ def score_samples(samples: str | Path, classifier: Classifier, held_out: str | P
     return results
 
 
-def _layout(samples: Path) -> dict:
-    for name in (*INTERPOLATIONS, "analogy"):
-        if (samples / f"{name}.json").is_file():
-            return json.loads((samples / f"{name}.json").read_text())
-    return {}
-
-
 def _pair_images(layout: dict, size: int) -> dict[str, torch.Tensor]:
     shard_set = Path(layout.get("shard_set", ""))
     keys = {row[side] for row in layout["rows"] for side in ("horse", "bird")}
     found = load_images(ShardSet(shard_set, size), keys)
-    missing = sorted(keys - set(found))
-    if missing:
+    if missing := sorted(keys - set(found)):
         raise DataError(f"{shard_set} lacks {', '.join(missing[:3])} of the grid's pairs; score with "
                         "the shards the grid was sampled from (data.shards)")
     return found

@@ -1,8 +1,7 @@
 """`pegasus-dist report`: one self-contained HTML page of a run's phases, for people without W&B.
 
-Per run folder: the loss curves of ``metrics.jsonl`` as inline SVG, the newest
-held-out evaluation, the grids' quality scores (``samples/quality.json``) and
-the sample grids, embedded; no external references, so it can be mailed as it is.
+Per run folder: the loss curves of ``metrics.jsonl`` as inline SVG, the newest held-out evaluation, the
+grids' quality scores and the sample grids, embedded: no external references, so it can be mailed.
 """
 
 from __future__ import annotations
@@ -21,20 +20,16 @@ PERCENT = "{:.0%}"
 # Each number's column header in words, and its format: rounded to what it means
 # (README.md, "Held-out evaluation" and "Sample quality", defines them).
 COLUMNS = {
-    "images": ("images", "{:d}"),
-    "tiles": ("tiles", "{:d}"),
+    "images": ("images", "{:d}"), "tiles": ("tiles", "{:d}"),
     "neg_elbo_nats": ("negative ELBO, nats per image", "{:,.0f}"),
     "recon_nats": ("reconstruction, nats", "{:,.0f}"),
-    "kl_nats": ("KL, nats", "{:.1f}"),
-    "bits_per_dim": ("bits per dimension", "{:.3f}"),
-    "psnr_db": ("PSNR, dB", "{:.1f}"),
-    "active_units": ("active latent units", "{:d}"),
+    "kl_nats": ("KL, nats", "{:.1f}"), "bits_per_dim": ("bits per dimension", "{:.3f}"),
+    "psnr_db": ("PSNR, dB", "{:.1f}"), "active_units": ("active latent units", "{:d}"),
     "horse_as_horse": ("real horses read as horses", PERCENT),
     "recon_horse_as_horse": ("reconstructed horses read as horses", PERCENT),
     "bird_as_bird": ("real birds read as birds", PERCENT),
     "recon_bird_as_bird": ("reconstructed birds read as birds", PERCENT),
-    "p_horse": ("mean P(horse)", "{:.2f}"),
-    "p_bird": ("mean P(bird)", "{:.2f}"),
+    "p_horse": ("mean P(horse)", "{:.2f}"), "p_bird": ("mean P(bird)", "{:.2f}"),
     "pegasus_score": ("pegasus score, mean of \u221a(P(horse) P(bird))", "{:.3f}"),
     "horse_bird_mass": ("mean P(horse) + P(bird)", "{:.2f}"),
     "frechet": ("Fr\u00e9chet distance to real horses and birds", "{:.1f}"),
@@ -84,10 +79,8 @@ def _run_section(run: Path) -> str:
 
 
 def find_grids(run: Path) -> list[tuple[str, Path]]:
-    """Each grid as (caption, PNG): the phase's own in samples/, then `pegasus-dist sample`'s.
-
-    Those in samples/step_N/ are captioned with their folder, e.g. "analogy (step_00000120)".
-    """
+    """Each grid as (caption, PNG): the phase's own in samples/, then `pegasus-dist sample`'s in
+    samples/step_N/, captioned with their folder, e.g. "analogy (step_00000120)"."""
     samples = run / "samples"
     folders = [(samples, "")] + [(folder, f" ({folder.name})")
                                  for folder in sorted(samples.glob("step_*")) if folder.is_dir()]

@@ -1,10 +1,9 @@
 """The paper's Pegasus sampler (Section 1.4) and the grids written after each phase.
 
-Pick 8 horses and 21 birds (seeded, or ``sampler.pick=confident``), pair each
-horse with a random bird, slerp between their latent means at 8 mu in
-[0.4, 0.7] and decode: an 8x8 grid, one row per horse; beside it the
-reconstructions and the prior. ``--method`` adds linear interpolation and the
-analogy (wing vector) sampler (README.md, "Beyond the paper").
+Pick 8 horses and 21 birds (seeded, or ``sampler.pick=confident``), pair each horse with a random bird,
+slerp between their latent means at 8 mu in [0.4, 0.7] and decode: an 8x8 grid, one row per horse; beside
+it the reconstructions and the prior. ``--method`` adds linear interpolation and the analogy (wing
+vector) sampler (README.md, "Beyond the paper").
 """
 
 from __future__ import annotations
@@ -53,10 +52,9 @@ class SampleOutputs:
     captions: dict[str, str]  # what each grid's rows and columns show, for W&B
 
 
-def pick_horses_and_birds(
-    cfg: SamplerConfig, shards_root: str | Path, image_size: int,
-    model: VAE | None = None, classifier: Classifier | None = None,
-) -> tuple[LabelledImages, LabelledImages]:
+def pick_horses_and_birds(cfg: SamplerConfig, shards_root: str | Path, image_size: int,
+                          model: VAE | None = None, classifier: Classifier | None = None,
+                          ) -> tuple[LabelledImages, LabelledImages]:
     """The configured keys, or a seeded choice of labelled horses and birds (``cfg.pick``: with
     ``confident``, those :func:`confident_keys` ranks by ``model`` and ``classifier``)."""
     if cfg.pick == "confident" and (model is None or classifier is None):
@@ -70,8 +68,7 @@ def pick_horses_and_birds(
                                ("bird", cfg.bird_keys, cfg.num_birds)):
         available = by_label[label]
         if keys:
-            missing = sorted(set(keys) - set(available))
-            if missing:
+            if missing := sorted(set(keys) - set(available)):
                 raise DataError(f"sampler.{label}_keys: {', '.join(missing[:3])} not found among the "
                                 f"{label}s of {shard_set.path}; use keys from `pegasus-dist contact-sheet`")
             chosen[label] = list(keys)
@@ -84,8 +81,7 @@ def pick_horses_and_birds(
             chosen[label] = confident_keys(model, classifier, label, pool, count,
                                            load_images(shard_set, set(pool)))
         else:
-            picks = rng.choice(len(available), size=count, replace=False)
-            chosen[label] = [available[i] for i in picks]
+            chosen[label] = [available[i] for i in rng.choice(len(available), size=count, replace=False)]
     images = load_images(shard_set, {*chosen["horse"], *chosen["bird"]})
     horses, birds = (LabelledImages(keys, torch.stack([images[k] for k in keys])) for keys in chosen.values())
     return horses, birds
@@ -94,8 +90,7 @@ def pick_horses_and_birds(
 @torch.no_grad()
 def confident_keys(model: VAE, classifier: Classifier, label: str, pool: list[str], count: int,
                    images: dict[str, torch.Tensor]) -> list[str]:
-    """The ``count`` keys of ``pool`` whose reconstructions, decode(encode mean), have the highest
-    classifier probability of ``label``, best first."""
+    """The ``count`` keys of ``pool`` whose reconstructions most surely classify as ``label``, best first."""
     x = _to_float(torch.stack([images[key] for key in pool]), model)
     reconstructions = torch.cat([model.decode(model.encode(chunk)[0]).float().cpu()
                                  for chunk in x.split(256)])
@@ -124,21 +119,18 @@ def pegasus_grid(model: VAE, horses: LabelledImages, birds: LabelledImages, cfg:
     mus = torch.linspace(cfg.mu_start, cfg.mu_end, cfg.num_mu, device=mu_h.device)
     q1, q2, t = mu_h[:, None, :], mu_b[partners][:, None, :], mus[None, :, None]
     z = slerp(q1, q2, t) if method == "slerp" else torch.lerp(q1, q2, t)
-    images = model.decode(z.flatten(0, 1))
     rows = [{"row": i, "horse": horses.keys[i], "bird": birds.keys[j], "mu": mus.tolist()}
             for i, j in enumerate(partners.tolist())]
-    return images.float().cpu(), rows
+    return model.decode(z.flatten(0, 1)).float().cpu(), rows
 
 
 @torch.no_grad()
 def reconstruction_grid(model: VAE, horses: LabelledImages, birds: LabelledImages) -> torch.Tensor:
     """Rows: the horses, their reconstructions, birds, their reconstructions."""
-    n = len(horses.keys)
     rows = []
-    for images in (horses.images, birds.images[:n]):
+    for images in (horses.images, birds.images[: len(horses.keys)]):
         x = _to_float(images, model)
-        mu, _ = model.encode(x)
-        rows += [x, model.decode(mu)]
+        rows += [x, model.decode(model.encode(x)[0])]
     return torch.cat(rows).float().cpu()
 
 
@@ -177,15 +169,13 @@ def analogy_grid(model: VAE, horses: LabelledImages, vector: torch.Tensor,
     mu_h, _ = model.encode(_to_float(horses.images, model))
     strengths = torch.linspace(0, cfg.strength_max, cfg.num_mu, device=mu_h.device)
     z = mu_h[:, None, :] + strengths[None, :, None] * vector.to(mu_h.device)
-    rows = [{"row": i, "horse": key, "strength": strengths.tolist()}
-            for i, key in enumerate(horses.keys)]
+    rows = [{"row": i, "horse": key, "strength": strengths.tolist()} for i, key in enumerate(horses.keys)]
     return model.decode(z.flatten(0, 1)).float().cpu(), rows
 
 
 def run_sampler(model: VAE, cfg: SamplerConfig, shards_root: str | Path, out_dir: str | Path,
                 method: str = "slerp", classifier: Classifier | None = None) -> SampleOutputs:
-    """Write the grids of ``method`` into ``out_dir`` (slerp: pegasus.png, reconstructions.png, prior.png);
-    ``classifier`` is the quality classifier that ``sampler.pick=confident`` needs."""
+    """Write the grids of ``method`` into ``out_dir``; ``sampler.pick=confident`` needs ``classifier``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     was_training = model.training
@@ -194,17 +184,15 @@ def run_sampler(model: VAE, cfg: SamplerConfig, shards_root: str | Path, out_dir
         images, layout = _method_grids(model, cfg, shards_root, method, classifier)
     finally:
         model.train(was_training)
-    paths = {}
+    paths = {name: out_dir / f"{name}.png" for name in images}
     for name, (batch, per_row) in images.items():
-        paths[name] = out_dir / f"{name}.png"
         save_image(batch, paths[name], nrow=per_row, padding=GRID_PADDING)
     if layout:
         layout = {"method": method, "pick": cfg.pick, "tile_size": model.image_size, "padding": GRID_PADDING,
                   "columns": cfg.num_mu, **layout}
         name = "pegasus" if method == "slerp" else method
         (out_dir / f"{name}.json").write_text(json.dumps(layout, indent=2) + "\n")
-    return SampleOutputs(paths=paths, captions={name: grid_caption(name, layout, cfg)
-                                                for name in paths})
+    return SampleOutputs(paths, captions={name: grid_caption(name, layout, cfg) for name in paths})
 
 
 def grid_caption(name: str, layout: dict, cfg: SamplerConfig) -> str:
@@ -236,10 +224,9 @@ def _method_grids(model: VAE, cfg: SamplerConfig, shards_root: str | Path, metho
     if method == "analogy":
         vector = attribute_vector(model, cfg, shards_root)
         images, rows = analogy_grid(model, horses, vector, cfg)
-        source = cfg.attribute_keys or "birds"
-        return ({"analogy": (images, cfg.num_mu)},
-                {"rows": rows, "vector": {"from": source, "minus": "other labelled classes",
-                                          "norm": vector.norm().item()}, "shard_set": shard_set})
+        about = {"from": cfg.attribute_keys or "birds", "minus": "other labelled classes",
+                 "norm": vector.norm().item()}
+        return {"analogy": (images, cfg.num_mu)}, {"rows": rows, "vector": about, "shard_set": shard_set}
     images, rows = pegasus_grid(model, horses, birds, cfg, method)
     layout = {"rows": rows, "shard_set": shard_set}
     if method == "lerp":

@@ -1,18 +1,13 @@
 """ACAI: the adversarial interpolation regulariser the paper wished for (its reference [11]).
 
-Berthelot, Raffel, Roy and Goodfellow, "Understanding and Improving
-Interpolation in Autoencoders via an Adversarial Regularizer" (ICLR 2019,
-arXiv:1807.07543), Section 3. A critic ``C`` sees decodes of latent
-interpolants ``x_a = g(a z1 + (1 - a) z2)`` with ``a`` in [0, 1/2] and learns
-to predict ``a``; the autoencoder is trained so that its interpolants fool it
-(``C(x_a) -> 0``, the value of a real reconstruction):
+Berthelot et al., ICLR 2019 (arXiv:1807.07543), Section 3: a critic ``C`` learns ``a`` from
+decodes ``x_a = g(a z1 + (1 - a) z2)``, a in [0, 1/2]; the autoencoder learns to fool it:
 
     L_critic = |C(x_a) - a|^2 + |C(gamma x + (1 - gamma) g(f(x)))|^2
     L_ae    += lambda |C(x_a)|^2
 
-Here ``z`` is the latent mean, the pairs are neighbours in the global batch
-(rows 2k and 2k + 1) and ``a`` comes from the step's generator
-(``TrainStep._noise``): the same on any number of processes.
+``z`` is the latent mean, pairs are global-batch neighbours (rows 2k, 2k + 1) and ``a`` comes
+from the step's generator (``TrainStep._noise``): the same on any number of processes.
 """
 
 from __future__ import annotations
@@ -22,15 +17,12 @@ from torch import nn
 
 from pegasus_dist.config import ModelConfig
 
-# Predicted mixing coefficients are in [0, 1/2]: a and 1 - a give the same pair.
-ALPHA_MAX = 0.5
+ALPHA_MAX = 0.5  # predicted mixing coefficients are in [0, 1/2]: a and 1 - a give the same pair
 
 
 class Critic(nn.Module):
     """The encoder's convolutions, then the mean of a 1-channel map: one scalar per image.
-
-    No batch norm, so that an image's output does not depend on the rest of the batch.
-    """
+    No batch norm, so that an image's output does not depend on the rest of the batch."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -47,11 +39,8 @@ class Critic(nn.Module):
 
 
 def partners(size: int, offset: int, device: torch.device) -> torch.Tensor:
-    """Each row's partner: its neighbour in the global batch (2k <-> 2k + 1), from row ``offset`` on.
-
-    A neighbour on another process is replaced by the row before; a lone row
-    pairs with itself, which :func:`interpolation_mask` leaves out.
-    """
+    """Each row's neighbour in the global batch (2k <-> 2k + 1), from row ``offset`` on; one on
+    another process is replaced by the row before, a lone row pairs with itself (masked out)."""
     rows = torch.arange(size, device=device)
     partner = ((rows + offset) ^ 1) - offset
     outside = (partner < 0) | (partner >= size)
@@ -72,8 +61,7 @@ def mix_latents(mu: torch.Tensor, partner: torch.Tensor, alpha: torch.Tensor) ->
 def critic_loss(predicted_mix: torch.Tensor, alpha: torch.Tensor, predicted_blend: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
     """Per-image mean of |C(x_a) - a|^2 + |C(gamma x + (1 - gamma) x_hat)|^2, in float32."""
-    mix = (predicted_mix.float() - alpha).pow(2) * mask
-    return (mix + predicted_blend.float().pow(2)).mean()
+    return ((predicted_mix.float() - alpha).pow(2) * mask + predicted_blend.float().pow(2)).mean()
 
 
 def fooling_loss(predicted_mix: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -1,14 +1,12 @@
 """The networks trained against the autoencoder: ACAI's critic and a patch discriminator.
 
-The patch discriminator is VAE-GAN's adversarial loss on decodes (Larsen et
-al. 2016, arXiv:1512.09300) as pix2pix's PatchGAN (Isola et al. 2017,
-arXiv:1611.07004), with the hinge losses of SAGAN (arXiv:1805.08318):
+The patch discriminator: VAE-GAN's loss on decodes (arXiv:1512.09300) as pix2pix's PatchGAN
+(arXiv:1611.07004), with SAGAN's hinge losses (arXiv:1805.08318):
 
     L_D = mean(relu(1 - D(x))) + mean(relu(1 + D(x_hat)))
     L_G = -mean(D(x_hat))                  (in the autoencoder's loss, times loss.patch_gan_weight)
 
-Both live in :class:`Adversaries`: one more prepared model, one Adam, one
-checkpoint file (``critic.*`` and ``discriminator.*``).
+Both live in :class:`Adversaries`: one prepared model, one Adam, one checkpoint file.
 """
 
 from __future__ import annotations
@@ -26,11 +24,8 @@ KINDS = {"critic": ("ACAI critic", "loss.acai_weight"),
 
 
 class PatchDiscriminator(nn.Module):
-    """A real/fake score for every patch: ACAI's critic one stride-2 layer shallower, without its mean.
-
-    A 32 px image then gets 4 x 4 scores, each seeing about 22 px; no batch
-    norm, as in the critic, so that a score does not depend on the rest of the batch.
-    """
+    """A real/fake score per patch: ACAI's critic one stride-2 layer shallower, without its mean
+    (a 32 px image gets 4 x 4 scores, each seeing about 22 px)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -64,9 +59,8 @@ class Adversaries(nn.Module):
     def forward(self, critic_input: torch.Tensor | None,
                 discriminator_input: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         """Each adversary's output for its input; None for an input of None (the adversary is off)."""
-        mix = None if critic_input is None else self.critic(critic_input)
-        patches = None if discriminator_input is None else self.discriminator(discriminator_input)
-        return mix, patches
+        return (None if critic_input is None else self.critic(critic_input),
+                None if discriminator_input is None else self.discriminator(discriminator_input))
 
 
 def enabled_adversaries(cfg: Config) -> set[str]:

@@ -1,12 +1,9 @@
 """The paper's loss, Equation (1): reconstruction negative log-likelihood plus KL, per image.
 
-Both terms are summed over pixels (resp. latent dimensions) and averaged over
-the batch's images, so they do not depend on the batch size or the process
-count. The options (README.md, "Beyond the paper"): a discretized logistic
-likelihood (Salimans et al. 2017, PixelCNN++; BCE on [0, 1] is not a
-likelihood of 8-bit images and pulls decodes to grey), KL warm-up (Bowman et
-al. 2016) and free bits (Kingma et al. 2016, Section C.8), applied per image
-rather than per batch so that a step does not depend on how the batch is split.
+Summed over pixels (latent dimensions), averaged over images: independent of batch size and process
+count. Options (README.md, "Beyond the paper"): a discretized logistic likelihood (PixelCNN++, Salimans
+et al. 2017; BCE is no likelihood of 8-bit images and pulls decodes to grey), KL warm-up (Bowman et al.
+2016) and free bits (Kingma et al. 2016, Section C.8), per image: independent of the batch's split.
 """
 
 from __future__ import annotations
@@ -16,8 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# Half the width of one of the 256 pixel levels on the [0, 1] scale.
-HALF_BIN = 0.5 / 255
+HALF_BIN = 0.5 / 255  # half the width of one of the 256 pixel levels on the [0, 1] scale
 # The smallest log-scale: a level is then 1/255 / exp(-7) ~ 4 scale units wide, so the
 # likelihood of the right level saturates instead of growing without bound.
 LOG_SCALE_MIN = -7.0
@@ -47,17 +43,12 @@ def kl_per_dimension(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 def reconstruction_nll(logits: torch.Tensor, target: torch.Tensor,
                        log_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-image sum over pixels of -log p(x|z), (B,), in float32.
-
-    ``log_scale`` None: the paper's BCE on [0, 1]. Otherwise a discretized
-    logistic of mean sigmoid(logits) and scale exp(log_scale) per channel: the
-    probability of the target's pixel level, its interval of width 1/255 (the
-    first and last levels take the tails), computed in log space.
-    """
+    """Per-image sum over pixels of -log p(x|z), (B,), in float32: the paper's BCE (``log_scale``
+    None) or a discretized logistic of mean sigmoid(logits), scale exp(log_scale) per channel
+    (the mass of the target's level, width 1/255; the first and last levels take the tails)."""
     logits, target = logits.float(), target.float()
     if log_scale is None:
-        nll = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-        return nll.flatten(1).sum(dim=1)
+        return F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).sum(dim=1)
     log_s = log_scale.float().clamp_min(LOG_SCALE_MIN)[None, :, None, None]
     inv_scale = torch.exp(-log_s)
     centered, half_level = (target - torch.sigmoid(logits)) * inv_scale, HALF_BIN * inv_scale
@@ -74,13 +65,8 @@ def reconstruction_nll(logits: torch.Tensor, target: torch.Tensor,
 
 def vae_loss(logits: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
              beta: float = 1.0, free_bits: float = 0.0, log_scale: torch.Tensor | None = None) -> LossTerms:
-    """Per-image mean of (pixel NLL summed over pixels) + beta * KL.
-
-    ``log_scale`` chooses the likelihood (:func:`reconstruction_nll`). With
-    ``free_bits`` > 0 the KL in the total counts each dimension as at
-    least that many nats. Computed in float32 whatever the autocast
-    precision: the sums run over thousands of pixels, which bf16 would round badly.
-    """
+    """Per-image mean of pixel NLL + beta * KL, each KL dimension counting at least ``free_bits``
+    nats in the total; float32 whatever the autocast: bf16 would round sums of thousands badly."""
     recon = reconstruction_nll(logits, target, log_scale).mean()
     mu, logvar = mu.float(), logvar.float()
     per_dim = kl_per_dimension(mu, logvar)

@@ -1,8 +1,5 @@
-"""A trained model on disk: where a checkpoint's files are, and its weights loaded by name.
-
-What everything reading a trained model (the sampler, ``eval``,
-``train.init_from``) needs; writing and resuming checkpoints is ``training.checkpoint``.
-"""
+"""A trained model on disk, for its readers (sampler, ``eval``, ``train.init_from``): where a
+checkpoint's files are, its weights loaded by name; writing them is ``training.checkpoint``."""
 
 from __future__ import annotations
 
@@ -31,17 +28,13 @@ def list_checkpoints(root: Path) -> list[Path]:
     """Published checkpoints under ``root``, oldest first: only folders named exactly ``step_<N>``."""
     if not root.is_dir():
         return []
-    found = {}
-    for path in root.iterdir():
-        match = NAME.fullmatch(path.name)
-        if match and path.name == checkpoint_name(int(match[1])) and path.is_dir():
-            found[int(match[1])] = path
+    found = {int(m[1]): path for path in root.iterdir() if (m := NAME.fullmatch(path.name))
+             and path.name == checkpoint_name(int(m[1])) and path.is_dir()}
     return [found[step] for step in sorted(found)]
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    found = list_checkpoints(root)
-    return found[-1] if found else None
+    return next(reversed(list_checkpoints(root)), None)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -50,10 +43,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     folder = path if (path / STATE).is_file() else latest_checkpoint(path / "checkpoints")
     if folder is None:
-        raise CheckpointError(
-            f"{path} is neither a checkpoint (no state.json) nor a run folder with checkpoints; "
-            "pass a runs/<name> folder or one of its checkpoints/step_* folders"
-        )
+        raise CheckpointError(f"{path} is neither a checkpoint (no state.json) nor a run folder with "
+                              "checkpoints; pass a runs/<name> folder or one of its "
+                              "checkpoints/step_* folders")
     if changed := sums_problem(folder):
         raise CheckpointError(f"{changed}; use another checkpoint of the run")
     return folder
@@ -68,8 +60,7 @@ def read_weights(folder: Path, name: str = MODEL) -> dict[str, torch.Tensor]:
         weights = load_file(path)
     except Exception as err:  # OSError, or safetensors' own SafetensorError
         raise CheckpointError(f"cannot read {path}: {err}") from None
-    nonfinite = sorted(key for key, value in weights.items() if not torch.isfinite(value).all())
-    if nonfinite:
+    if nonfinite := sorted(key for key, value in weights.items() if not torch.isfinite(value).all()):
         raise CheckpointError(f"{path}: {nonfinite[0]} holds NaN or Inf values; the run diverged before "
                               "it was saved: use an earlier checkpoint of the run")
     return weights
@@ -80,23 +71,18 @@ def sampled_weights(folder: Path) -> str:
     return EMA if (folder / EMA).is_file() else MODEL
 
 
-def load_model_weights(model: torch.nn.Module, folder: Path, name: str = MODEL,
-                       prefix: str = "") -> None:
-    """Load ``folder/name`` (the VAE's weights, or the adversaries') into ``model``, naming any mismatch.
-
-    With ``prefix``, only the weights named ``prefix...`` (one adversary's), without it.
-    """
+def load_model_weights(model: torch.nn.Module, folder: Path, name: str = MODEL, prefix: str = "") -> None:
+    """Load ``folder/name``'s weights named ``prefix...`` (default: all), less the prefix, into ``model``."""
     path = folder / name
-    weights = read_weights(folder, name)
-    weights = {key.removeprefix(prefix): value for key, value in weights.items() if key.startswith(prefix)}
+    weights = {key.removeprefix(prefix): value for key, value in read_weights(folder, name).items()
+               if key.startswith(prefix)}
     expected = model.state_dict()
     for name, tensor in weights.items():
         if name in expected and expected[name].shape != tensor.shape:
             raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)} but the model expects "
                                   f"{tuple(expected[name].shape)}; the checkpoint comes from a model of "
                                   "another shape: use the model section of its config.yaml")
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"{path} does not fit the model: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}")

@@ -1,12 +1,9 @@
 """The paper's convolutional VAE (Section 1.1, Figure 1).
 
-Encoder: 4 stride-2 convolutions with batch norm and LeakyReLU, then 4 fully
-connected layers giving the latent's mean and log-variance; the decoder
-mirrors it. The paper gives no kernel sizes or widths: 4x4 kernels (each
-halves or doubles the side exactly), widths from the config. The decoder
-returns logits, trained with ``binary_cross_entropy_with_logits`` (finite in
-bf16/fp16, unlike BCE on the sigmoid) or, with ``model.likelihood=logistic``,
-as the mean of a discretized logistic with a learned ``log_scale`` per channel.
+4 stride-2 convolutions (batch norm, LeakyReLU) and 4 fully connected layers to the latent's mean and
+log-variance; the decoder mirrors it. The paper gives no kernels or widths: 4x4 kernels halve or double
+the side exactly, widths come from the config. The decoder returns logits (BCE with logits is finite in
+bf16/fp16), with ``model.likelihood=logistic`` a discretized logistic's mean (learned ``log_scale``).
 """
 
 from __future__ import annotations
@@ -19,10 +16,9 @@ from torch import nn
 
 from pegasus_dist.config import ModelConfig
 
-# The log-variance of q(z|x) is clamped, as in latent diffusion's VAE (Rombach et al. 2022):
-# exp(logvar) stays finite however far one bad update throws the encoder, so that
-# optim.DivergenceGuard names a diverging run instead of it overflowing to Inf. Healthy
-# training stays far inside: a backstop, not a parameterisation.
+# The log-variance of q(z|x) is clamped, as in latent diffusion's VAE (Rombach et al. 2022): exp(logvar)
+# stays finite however far one bad update throws the encoder, so that optim.DivergenceGuard names a
+# diverging run instead of it overflowing to Inf. Healthy training stays far inside: a backstop.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
 # The logistic likelihood's initial log-scale per channel: a scale of 0.05 on [0, 1], about
@@ -36,10 +32,8 @@ class VAEOutput:
     logits: torch.Tensor  # (B, 3, H, W) pre-sigmoid reconstruction
     mu: torch.Tensor  # (B, latent_dim)
     logvar: torch.Tensor  # (B, latent_dim)
-    # model.likelihood=logistic: the learned log-scale per colour channel, (3,)
-    log_scale: torch.Tensor | None = None
-    # ACAI (loss.acai_weight > 0): logits of the decoded latent interpolants, (B, 3, H, W)
-    mixed_logits: torch.Tensor | None = None
+    log_scale: torch.Tensor | None = None  # model.likelihood=logistic: per colour channel, (3,)
+    mixed_logits: torch.Tensor | None = None  # ACAI: logits of the decoded interpolants, (B, 3, H, W)
 
 
 def _block(resize: nn.Module, c_out: int, slope: float) -> nn.Sequential:
@@ -76,9 +70,7 @@ class VAE(nn.Module):
             *(_block(nn.Conv2d(w_in, w_out, kernel_size=4, stride=2, padding=1, bias=False), w_out, slope)
               for w_in, w_out in zip([3, *c[:-1]], c, strict=True))
         )
-        # 4 linear layers: flat -> fc[0] -> fc[1] -> fc[2] -> (mu, logvar)
         self.encoder_fc = _mlp([flat, *fc, 2 * cfg.latent_dim], slope, last_activation=False)
-        # 4 linear layers: latent -> fc[2] -> fc[1] -> fc[0] -> flat
         self.decoder_fc = _mlp([cfg.latent_dim, *fc[::-1], flat], slope, last_activation=True)
         rc = c[::-1]
         self.decoder_conv = nn.Sequential(
@@ -92,13 +84,11 @@ class VAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images in [0, 1], (B, 3, H, W) -> (mu, logvar) of q(z|x), logvar clamped."""
-        h = self.encoder_fc(self.encoder_conv(x).flatten(1))
-        mu, logvar = h.chunk(2, dim=1)
+        mu, logvar = self.encoder_fc(self.encoder_conv(x).flatten(1)).chunk(2, dim=1)
         return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.decoder_fc(z).view(z.shape[0], -1, self.bottom, self.bottom)
-        return self.decoder_conv(h)
+        return self.decoder_conv(self.decoder_fc(z).view(z.shape[0], -1, self.bottom, self.bottom))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [0, 1] (the paper's sigmoid output)."""
@@ -106,13 +96,10 @@ class VAE(nn.Module):
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None,
                 mix: Callable[[torch.Tensor], torch.Tensor] | None = None) -> VAEOutput:
-        """Encode, sample z, decode. ``eps`` is the N(0, I) noise; drawn here when not given.
-
-        ``mix`` maps the latent means to interpolants (ACAI's), decoded in one batch with
-        the reconstructions: DDP sees one use of the model, and batch norm normalises them
-        by real latents' statistics, as at sampling time (on their own they lose the
-        contrast and colour that tell them apart, and the critic learns nothing).
-        """
+        """Encode, sample z (noise ``eps``, drawn when None), decode. ``mix`` maps the latent means to ACAI's
+        interpolants, decoded in one batch with the reconstructions: DDP sees one use of the model, and
+        batch norm normalises them by real latents' statistics, as at sampling time (alone they lose
+        the contrast and colour that tell them apart: the critic learns nothing)."""
         mu, logvar = self.encode(x)
         z = reparameterize(mu, logvar, torch.randn_like(mu) if eps is None else eps)
         if mix is None:
