@@ -1,12 +1,9 @@
 """Atomic, safe checkpoints on Accelerate's ``save_state`` and ``load_state``.
 
-A checkpoint is a folder ``<run>/checkpoints/step_<N>/``: what ``save_state``
-writes, plus ``config.yaml``, ``state.json`` and, last, ``SHA256SUMS`` with the
-sha256 of every other file (README.md lists the files). No file depends on the
-number of processes. A checkpoint whose bytes changed after it was written is
-damaged, like one cut short: resume skips it and moves it aside. The parts
-that stay ours around ``save_state``/``load_state``, and the test that shows
-why, are in docs/performance.md ("Hand-written parts that stay").
+A checkpoint ``<run>/checkpoints/step_<N>/`` is what ``save_state`` writes, plus ``config.yaml``,
+``state.json`` and, last, ``SHA256SUMS`` of every other file (README.md), whatever the process
+count. One whose bytes changed is damaged, like one cut short: resume skips it and moves it
+aside. Why the parts around ``save_state``/``load_state`` stay ours: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -56,13 +53,10 @@ FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
 def newest_intact_checkpoint(root: Path, move_damaged: bool) -> Path | None:
-    """The newest checkpoint under ``root`` whose files all read; newer damaged ones are skipped.
+    """The newest checkpoint under ``root`` whose files all read (``run.resume=auto``).
 
-    ``run.resume=auto`` resumes from it, so that a requeue gets past a damaged
-    checkpoint. Every rank makes the same read-only choice; only the main
-    process (``move_damaged``) renames a damaged folder to
-    ``damaged-step_N-<time>``, where pruning never looks. A rank that checks a
-    folder while it is being moved finds its files gone: damaged too.
+    So a requeue gets past a damaged one: only the main process (``move_damaged``) renames it to
+    ``damaged-step_N-<time>``, where pruning never looks; a rank checking it meanwhile finds it gone.
     """
     moved: list[str] = []
     for folder in reversed(list_checkpoints(root)):
@@ -86,10 +80,8 @@ def _warn_moved(moved: list[str], then: str) -> None:
 def find_damage(folder: Path) -> str | None:
     """Why ``folder`` cannot be resumed from, or None when every file of it reads whole.
 
-    Reads, never unpickles: every file against ``SHA256SUMS`` (none added),
-    ``state.json`` and ``config.yaml``, safetensors headers and lengths, zip
-    CRCs, and the model's weights, which must be finite. An older layout is
-    refused in one line, not moved aside.
+    Reads, never unpickles: sums, safetensors headers, zip CRCs, finite weights. An older layout
+    is refused in one line, not moved aside.
     """
     _refuse_older_layout(folder)
     try:
@@ -189,24 +181,13 @@ def prune(root: Path, keep: int) -> None:
         shutil.rmtree(path)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(accelerator: Accelerator, state: TrainState, config_yaml: str, root: Path,
                     keep: int, before_counters: Callable[[Path, TrainState], None] | None = None,
                     ema: AveragedModel | None = None) -> Path:
     """Every rank calls this; returns the published ``step_<N>`` folder.
 
-    The main process writes ``.tmp-step_<N>/``, renames it into place and
-    prunes; the others wait for its outcome (nothing belongs to one rank): a
-    write that failed (a full disk, a read-only folder) is one CheckpointError
-    on every rank. ``before_counters`` (``Hooks.during_save``) runs before ``state.json``;
-    ``ema``, the weights' moving average, is saved as ``ema.safetensors``.
+    The main process writes ``.tmp-step_<N>/``, renames it into place and prunes; a failed write
+    (a full disk) is one CheckpointError on every rank. ``before_counters``: ``Hooks.during_save``.
     """
     final = root / checkpoint_name(state.step)
     # Already saved at this step (the cadence saved the last step)? The main process
@@ -221,7 +202,11 @@ def save_checkpoint(accelerator: Accelerator, state: TrainState, config_yaml: st
         try:
             _write(accelerator, state, config_yaml, tmp, before_counters, ema)
             os.replace(tmp, final)  # published under its final name: atomic on one filesystem
-            _fsync_dir(root)
+            fd = os.open(root, os.O_RDONLY)  # the rename survives a power cut once the folder is synced
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         except (OSError, RuntimeError, SafetensorError) as err:  # torch reports a full disk as a RuntimeError
             shutil.rmtree(tmp, ignore_errors=True)
             failure = _write_failure(err, final, root)
@@ -262,10 +247,9 @@ def _unwrapped_weights(models: list[torch.nn.Module], weights: list[dict], outpu
 
 
 def restore_checkpoint(accelerator: Accelerator, folder: Path) -> None:
-    """Load ``folder`` into what ``accelerator`` prepared or registered; every rank reads it whole.
+    """Load ``folder`` into what ``accelerator`` prepared (call :func:`check_resumable` first).
 
-    Call :func:`check_resumable` first. Every file but the weights is loaded
-    weights-only: a pickled object is refused, never run.
+    Every file but the weights is loaded weights-only: a pickled object is refused, never run.
     """
     try:
         with accelerator.register_load_state_pre_hook(_load_unwrapped_weights), _weights_only():

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs, InitProcessGroupKwargs
 from torch import nn
+from torch.distributed.nn.functional import all_reduce
 
 from pegasus_dist.config import Config, Precision
 from pegasus_dist.errors import ConfigError
@@ -72,22 +73,6 @@ def warn_if_launcher_precision_differs(cfg: Config) -> None:
                 launcher, cfg.train.mixed_precision, fix)
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks; the gradient of a sum is the summed gradient, sent back to every rank."""
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        out = tensor.clone()
-        dist.all_reduce(out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics cover the batches of all ranks.
 
@@ -102,7 +87,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         xf = x.float()
         count = torch.full((1,), xf.numel() / channels, device=x.device)
         local = torch.cat([xf.sum((0, 2, 3)), xf.square().sum((0, 2, 3)), count])
-        stats = _AllReduceSum.apply(local)
+        stats = all_reduce(local)  # differentiable: its backward sums the gradients over ranks
         total = stats[-1]
         mean = stats[:channels] / total
         var = (stats[channels : 2 * channels] / total - mean.square()).clamp_min(0)

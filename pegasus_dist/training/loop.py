@@ -1,12 +1,9 @@
 """The training loop: one phase (pretrain or finetune) of the paper's VAE.
 
-Every process runs it (``pegasus_dist/train.py`` is the entry; README.md,
-"Running distributed", says who does what). A step never waits for the
-device: the ranks read the losses and agree on faults only at sync points
-(:meth:`Trainer._sync_point`). Read it in order: :func:`train` builds a
-:class:`Trainer` (start-up and resume: :mod:`.start`), whose
-:meth:`Trainer.run_epochs` feeds each micro-batch to the step (:mod:`.step`)
-and whose :meth:`Trainer.finish` writes the final checkpoint, grids and evaluation.
+Every process runs it (README.md, "Running distributed"). A step never waits for the device:
+the ranks read the losses and agree on faults only at sync points (:meth:`Trainer._sync_point`).
+:func:`train` builds a :class:`Trainer` (:mod:`.start`), whose :meth:`Trainer.run_epochs` feeds
+each micro-batch to the step (:mod:`.step`) and whose :meth:`Trainer.finish` ends the phase.
 """
 
 from __future__ import annotations
@@ -49,11 +46,7 @@ log = logging.getLogger("pegasus_dist.training.loop")
 
 
 def train(cfg: Config, hooks: Hooks | None = None) -> Path:
-    """Run one phase to its end and return the run directory.
-
-    A phase already complete returns at once. Raises :class:`Preempted` after
-    checkpointing when a stop signal arrived. ``hooks``: see :mod:`.hooks`.
-    """
+    """Run one phase to its end and return the run directory; :class:`Preempted` on a stop signal."""
     try:
         hooks = with_fault_plan(hooks)
     except ConfigError as err:
@@ -97,10 +90,7 @@ class Trainer:
         self.hooks.run("after_start", self)
 
     def run_epochs(self, until_step: int | None = None) -> None:
-        """Train to the end of the phase; the ranks wait for each other only at sync points.
-
-        ``until_step`` stops at that step instead of ``train.max_steps`` (the benchmark times the loop so).
-        """
+        """Train to the end of the phase, or to ``until_step`` (the benchmark times the loop so)."""
         cfg = self.cfg
         self.last_step = until_step or cfg.train.max_steps
         self.models.model.train()
@@ -160,13 +150,9 @@ class Trainer:
         return bool(self.last_step) and self.state.step >= self.last_step
 
     def _sync_point(self, log_metrics: bool, checkpoint: bool) -> None:
-        """Agree on faults, then log the window and checkpoint, or stop for a requeue.
-
-        Every train.log_every steps, at checkpoints, epoch ends, the run's end, and a stop signal.
-        """
+        """Agree on faults, then log the window and checkpoint, or stop for a requeue."""
         agreement = self._agree()
-        # Before the window resets:
-        diverged = self.guard.check(self.accelerator, self.window, self.state.step)
+        diverged = self.guard.check(self.accelerator, self.window, self.state.step)  # before the reset
         if log_metrics:
             self._log_window()
         if diverged:  # in the warm-up; before any checkpoint, after logging what diverged
@@ -177,8 +163,7 @@ class Trainer:
             self._save()
 
     def _agree(self) -> Agreement:
-        """Whether any rank asked to stop and a timed checkpoint is due; raises if a loss was
-        NaN/Inf since the last sync point.
+        """Whether to stop or save; raises if a loss was NaN/Inf since the last sync point.
 
         Called before every checkpoint, so that weights updated after a NaN/Inf are never saved.
         """
