@@ -55,8 +55,8 @@ FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 def newest_intact_checkpoint(root: Path, move_damaged: bool) -> Path | None:
     """The newest checkpoint under ``root`` whose files all read (``run.resume=auto``).
 
-    So a requeue gets past a damaged one: only the main process (``move_damaged``) renames it to
-    ``damaged-step_N-<time>``, where pruning never looks; a rank checking it meanwhile finds it gone.
+    So a requeue gets past a damaged one: only the main process (``move_damaged``) renames it
+    ``damaged-step_N-<time>``, where pruning never looks; a rank checking it then finds it gone.
     """
     moved: list[str] = []
     for folder in reversed(list_checkpoints(root)):
@@ -202,7 +202,7 @@ def save_checkpoint(accelerator: Accelerator, state: TrainState, config_yaml: st
         try:
             _write(accelerator, state, config_yaml, tmp, before_counters, ema)
             os.replace(tmp, final)  # published under its final name: atomic on one filesystem
-            fd = os.open(root, os.O_RDONLY)  # the rename survives a power cut once the folder is synced
+            fd = os.open(root, os.O_RDONLY)  # the rename survives a power cut once root is synced
             try:
                 os.fsync(fd)
             finally:

@@ -183,7 +183,7 @@ def describe_position(step: int, epoch: int, batch: int, ranks: list[int]) -> st
 
 
 def agree(accelerator: Accelerator, stop_requested: bool, watch: NonfiniteWatch, save_due: bool) -> Agreement:
-    """One gather and one host read, at sync points only; the main process's ``save_due`` decides."""
+    """One gather and one host read, at sync points only; the main process's save_due decides."""
     first_bad = watch.first_bad
     local = torch.stack([first_bad.new_full((), int(stop_requested)), first_bad,
                          first_bad.new_full((), int(save_due))])
@@ -207,7 +207,7 @@ def agree_on_start(accelerator: Accelerator, checks: Callable[[], T]) -> T:
 
     ``checks`` must hold no collective: a rank that fails early would meet the others' in the
     wrong one. On a failure rank 0 prints one line naming the ranks and every rank raises
-    :class:`StartupError`; a crash (not a :class:`PegasusError`) re-raises its own, for its traceback.
+    :class:`StartupError`; a crash (no :class:`PegasusError`) re-raises its own, for its traceback.
     """
     try:
         result, failure = checks(), None

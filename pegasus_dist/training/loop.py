@@ -46,7 +46,7 @@ log = logging.getLogger("pegasus_dist.training.loop")
 
 
 def train(cfg: Config, hooks: Hooks | None = None) -> Path:
-    """Run one phase to its end and return the run directory; :class:`Preempted` on a stop signal."""
+    """Run one phase to its end and return the run directory; :class:`Preempted` on a stop."""
     try:
         hooks = with_fault_plan(hooks)
     except ConfigError as err:
@@ -152,7 +152,8 @@ class Trainer:
     def _sync_point(self, log_metrics: bool, checkpoint: bool) -> None:
         """Agree on faults, then log the window and checkpoint, or stop for a requeue."""
         agreement = self._agree()
-        diverged = self.guard.check(self.accelerator, self.window, self.state.step)  # before the reset
+        # Before the window resets:
+        diverged = self.guard.check(self.accelerator, self.window, self.state.step)
         if log_metrics:
             self._log_window()
         if diverged:  # in the warm-up; before any checkpoint, after logging what diverged
