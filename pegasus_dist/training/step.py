@@ -1,10 +1,8 @@
 """The training step: forward, loss, the adversaries, backward, and the optimizer step.
 
-:class:`TrainStep` trains one micro-batch; an optimizer step takes
-``train.grad_accum_steps`` of them (the epoch's last step may take fewer),
-where they stand in the epoch is the :class:`EpochPlan`. Nothing here waits
-for the device, so the host queues the next step while this one runs; only
-``train.on_nonfinite=skip`` reads every loss.
+:class:`TrainStep` trains one micro-batch of the :class:`EpochPlan`. Nothing here waits for the
+device, so the host queues the next step while this one runs; only ``train.on_nonfinite=skip``
+reads every loss.
 """
 
 from __future__ import annotations
@@ -67,18 +65,14 @@ class EpochPlan:
         return self.first + self.done + 1
 
     def micro_batch(self, accum: int) -> tuple[int, bool]:
-        """(index of the next micro-batch within its optimizer step, whether it ends the step).
+        """(index of the next micro-batch in its optimizer step, whether it ends the step).
 
-        The epoch's last batch always ends a step, so a checkpoint resumes at a step's start.
-        """
+        The epoch's last batch always ends a step, so a checkpoint resumes at a step's start."""
         return self.done % accum, (self.done + 1) % accum == 0 or self.done + 1 == len(self.sizes)
 
     def loss_weight(self, count: int, world_size: int, accum: int) -> float:
-        """The factor on the next micro-batch's per-image mean loss in the step's gradient.
-
-        count * world_size / (images in the step's global batch): after DDP's average
-        the gradient is the mean over every image of the step, shorter last step included.
-        """
+        """The factor on the next micro-batch's per-image mean loss: after DDP's average the
+        gradient is the mean over every image of the step, shorter last step included."""
         first = self.done - self.micro_batch(accum)[0]
         return count * world_size / sum(self.sizes[first : first + accum])
 
@@ -164,10 +158,8 @@ class TrainStep:
 
     def _fooling_terms(self, mixed: torch.Tensor | None, decoded: torch.Tensor, pairs: torch.Tensor | None,
                        zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The autoencoder's terms against the critic and the discriminator (``zero`` for one that is off).
-
-        Through detached parameters, outside DDP: gradients reach the images, never the adversaries.
-        """
+        """The autoencoder's terms against the critic and the discriminator (``zero`` when off),
+        through detached parameters outside DDP: gradients reach the images, not the adversaries."""
         adversaries = self.accelerator.unwrap_model(self.models.adversaries)
         frozen = {name: value.detach() for name, value in adversaries.named_parameters()}
         with self.accelerator.autocast():
@@ -179,10 +171,9 @@ class TrainStep:
     def _adversaries_backward(self, x: torch.Tensor, mixed: torch.Tensor | None, decoded: torch.Tensor,
                               alpha: torch.Tensor | None, pairs: torch.Tensor | None, weight: float,
                               ends_step: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The critic's and the discriminator's losses on detached decodes, backpropagated into them alone.
+        """The critic's and discriminator's losses on detached decodes, backpropagated into them.
 
-        One forward of the prepared adversaries per micro-batch, so that DDP sees one use of them.
-        """
+        One forward of the prepared adversaries per micro-batch, so that DDP sees one use."""
         adversaries, decoded = self.models.adversaries, decoded.detach()
         critic_input = discriminator_input = None
         if mixed is not None:
@@ -243,13 +234,10 @@ class TrainStep:
 
     def _noise(self, offset: int, size: int, index: int,
                step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The reparameterisation noise of this rank's rows of micro-batch ``index`` of the step,
-        and with ACAI their mixing coefficients in [0, 1/2].
+        """The noise (and ACAI's mixing coefficients) of this rank's rows of micro-batch ``index``.
 
-        Drawn for the step's whole global batch from a generator seeded by the step, then
-        sliced: an image's noise does not depend on the process count or accumulation,
-        and a resumed run draws the same.
-        """
+        Drawn for the step's global batch from a generator seeded by the step, then sliced: an
+        image's noise depends on neither the process count nor accumulation, nor on a resume."""
         cfg, device = self.cfg, self.accelerator.device
         generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + step)
         # Twice the global batch covers a last batch of batch_size + 1 per rank, and
