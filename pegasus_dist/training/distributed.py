@@ -26,11 +26,8 @@ log = logging.getLogger("pegasus_dist.training.distributed")
 
 
 def build_accelerator(cfg: Config, log_with: list[str] | None = None) -> Accelerator:
-    """One Accelerator for the run, on the CPU when there is no GPU or when asked.
-
-    Without ``cpu=True``, ``accelerate launch --multi_gpu`` without CUDA starts N
-    processes that each train alone; with it they form one gloo group.
-    """
+    """One Accelerator for the run, on the CPU when there is no GPU (``cpu=True``: else
+    ``accelerate launch --multi_gpu`` without CUDA starts N processes that each train alone)."""
     t = cfg.train
     use_cpu = t.cpu or not torch.cuda.is_available()
     if use_cpu and t.mixed_precision == "fp16":
@@ -57,11 +54,8 @@ def build_accelerator(cfg: Config, log_with: list[str] | None = None) -> Acceler
 
 
 def warn_if_launcher_precision_differs(cfg: Config) -> None:
-    """Say so when ``accelerate launch --mixed_precision X`` asks for what the config does not use.
-
-    train.mixed_precision wins over the launcher's ACCELERATE_MIXED_PRECISION; "no"
-    is what launch/ and slurm/ pass to leave the choice to the config.
-    """
+    """Say so when ``accelerate launch --mixed_precision X`` asks for what the config does not use;
+    "no" is what launch/ and slurm/ pass to leave the choice to the config."""
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if launcher in ("no", cfg.train.mixed_precision):
         return

@@ -1,9 +1,7 @@
 """A rank ends when its launcher dies.
 
-torchrun puts each rank in a session of its own, so a killed ``accelerate
-launch`` would leave its ranks running with parent 1. A launched rank asks
-for SIGTERM when its launcher dies (README.md, "Fault tolerance"); a run
-started from a shell keeps running when the shell ends.
+torchrun puts each rank in a session of its own, so a killed ``accelerate launch`` would leave
+its ranks running with parent 1 (README.md, "Fault tolerance"). A shell's run outlives the shell.
 """
 
 from __future__ import annotations
@@ -29,10 +27,7 @@ LAUNCHERS = (b"accelerate", b"torchrun", b"torch.distributed.run")
 
 
 def end_with_launcher() -> None:
-    """Call first thing in a training process: SIGTERM to this process when its launcher dies.
-
-    Does nothing for a process that no launcher started (see :data:`LAUNCHER_ENV`).
-    """
+    """Call first thing in a launched training process: SIGTERM to it when its launcher dies."""
     if not any(name in os.environ for name in LAUNCHER_ENV):
         return
     parent = os.getppid()
@@ -67,10 +62,8 @@ def _start_polling(parent: int) -> None:
 
 
 def _adopted_by_init(parent: int) -> bool:
-    """Whether parent pid 1 means the launcher died, rather than that PID 1 is the launcher.
-
-    In a container whose command is ``accelerate launch``, the launcher is PID 1.
-    """
+    """Whether parent pid 1 means the launcher died, rather than that PID 1 is the launcher (as in
+    a container whose command is ``accelerate launch``)."""
     if parent != 1:
         return False
     if not sys.platform.startswith("linux"):

@@ -1,8 +1,7 @@
 """Where a phase stands: ``state.json`` in each checkpoint, and ``finished.json`` in the run folder.
 
-``state.json`` is read before the models exist (to choose and check the
-checkpoint to resume from) and validated as the config is, by pydantic: a bad
-field is one line naming the file and the field.
+``state.json`` is read before the models exist (to choose the checkpoint to resume) and
+validated by pydantic, as the config is.
 """
 
 from __future__ import annotations
@@ -52,10 +51,7 @@ class _OlderStateFile(TrainState):
 
 
 def is_complete(state: TrainState, cfg: Config) -> bool:
-    """Whether a phase at ``state`` has nothing left to train under ``cfg``.
-
-    The one definition of "done"; raising either limit in the config makes it train on.
-    """
+    """Whether a phase at ``state`` has nothing left to train under ``cfg`` (the one definition)."""
     max_steps_reached = bool(cfg.train.max_steps) and state.step >= cfg.train.max_steps
     return state.epoch >= cfg.train.epochs or max_steps_reached
 
@@ -66,11 +62,8 @@ def mark_finished(run_dir: Path, checkpoint: Path) -> None:
 
 
 def is_finished(run_dir: Path, checkpoint: Path) -> bool:
-    """Whether :func:`mark_finished` was reached for ``checkpoint``.
-
-    A run killed after its final checkpoint is complete, not finished: a restart
-    only does the end-of-run work.
-    """
+    """Whether :func:`mark_finished` was reached for ``checkpoint``: a run killed after its final
+    checkpoint is complete, not finished, and a restart only does the end-of-run work."""
     try:
         return json.loads((run_dir / FINISHED).read_text()).get("checkpoint") == checkpoint.name
     except (OSError, ValueError, AttributeError):

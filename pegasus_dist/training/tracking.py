@@ -31,10 +31,8 @@ _WANDB_MODE_VALUES = {"online": "online", "offline": "offline", "disabled": "dis
 
 
 def wandb_mode(cfg: Config) -> str:
-    """The W&B mode of this run: online, offline or disabled (the one place that decides).
-
-    wandb.init gets it explicitly, so wandb's own reading of ``WANDB_MODE`` never disagrees.
-    """
+    """The W&B mode of this run, the one place that decides: wandb.init gets it explicitly, so that
+    wandb's own reading of ``WANDB_MODE`` never disagrees."""
     if cfg.wandb.mode != "auto":
         return cfg.wandb.mode
     if env := os.environ.get("WANDB_MODE", ""):
@@ -155,11 +153,8 @@ class MetricsLog:
                  for name, path in paths.items()}, step=step)
 
     def resume(self, step: int) -> None:
-        """Continue the logs of a run resumed from its checkpoint of ``step`` (main process).
-
-        The rows after ``step`` leave metrics.jsonl (they are recomputed); the rows
-        after W&B's ``run.step`` are logged again from it (offline ``run.step`` is 0).
-        """
+        """Continue the logs of a run resumed at ``step``: the rows after it leave metrics.jsonl
+        (recomputed); those after W&B's ``run.step`` (offline: 0) are logged again from it."""
         if not self.accelerator.is_main_process:
             return
         rows = self._keep_rows_up_to(step)
