@@ -56,8 +56,7 @@ def newest_intact_checkpoint(root: Path, move_damaged: bool) -> Path | None:
     """The newest checkpoint under ``root`` whose files all read (``run.resume=auto``).
 
     So a requeue gets past a damaged one: only the main process (``move_damaged``) renames it
-    ``damaged-step_N-<time>``, where pruning never looks; a rank checking it then finds it gone.
-    """
+    ``damaged-step_N-<time>``, where pruning never looks; a rank checking it then finds it gone."""
     moved: list[str] = []
     for folder in reversed(list_checkpoints(root)):
         problem = find_damage(folder)
@@ -81,8 +80,7 @@ def find_damage(folder: Path) -> str | None:
     """Why ``folder`` cannot be resumed from, or None when every file of it reads whole.
 
     Reads, never unpickles: sums, safetensors headers, zip CRCs, finite weights. An older layout
-    is refused in one line, not moved aside.
-    """
+    is refused in one line, not moved aside."""
     _refuse_older_layout(folder)
     try:
         parse_state(folder / STATE)
@@ -249,8 +247,7 @@ def _unwrapped_weights(models: list[torch.nn.Module], weights: list[dict], outpu
 def restore_checkpoint(accelerator: Accelerator, folder: Path) -> None:
     """Load ``folder`` into what ``accelerator`` prepared (call :func:`check_resumable` first).
 
-    Every file but the weights is loaded weights-only: a pickled object is refused, never run.
-    """
+    Every file but the weights is loaded weights-only: a pickled object is refused, never run."""
     try:
         with accelerator.register_load_state_pre_hook(_load_unwrapped_weights), _weights_only():
             accelerator.load_state(str(folder))

@@ -71,8 +71,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics cover the batches of all ranks.
 
     Sums of x and x^2 and the count are all-reduced differentiably: the result and
-    its gradient equal one process's holding the whole global batch. Any backend.
-    """
+    its gradient equal one process's holding the whole global batch. Any backend."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):

@@ -53,8 +53,7 @@ class TrainingError(PegasusError):
 def out_of_memory(err: RuntimeError, where: str, batch: str, batch_size: int) -> TrainingError | None:
     """One line for a step that ran out of memory; None for any other error.
 
-    The CPU allocator raises a plain RuntimeError that says it "can't allocate memory".
-    """
+    The CPU allocator raises a plain RuntimeError that says it "can't allocate memory"."""
     if not (isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)):
         return None
     half = max(1, batch_size // 2)
@@ -77,8 +76,7 @@ class StopSignals:
     """SIGUSR1/SIGTERM/SIGHUP/SIGINT in the training loop: recorded, so that the ranks stop together.
 
     A second SIGTERM, SIGHUP or SIGINT, or one outside :meth:`training`, ends the process at once:
-    no run outlives a second one. SIGUSR1 outside the loop changes nothing: the run is ending.
-    """
+    no run outlives a second one. SIGUSR1 outside the loop changes nothing: the run is ending."""
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -121,8 +119,7 @@ class StopPoll:
     """Whether any rank received a stop signal, agreed every optimizer step without waiting.
 
     Each step posts an async all-reduce (max) of its flag on a CPU gloo group and reads the one
-    posted a step before, which every rank has posted by then (DDP keeps them within a step).
-    """
+    posted a step before, which every rank has posted by then (DDP keeps them within a step)."""
 
     LAG = 1  # steps between posting a flag and reading the agreed value
 
@@ -234,8 +231,7 @@ def agree_on_start(accelerator: Accelerator, checks: Callable[[], T]) -> T:
 def fail_with_every_rank(err: PegasusError) -> NoReturn:
     """Raise ``err``, found before the ranks formed a group, once agreed.
 
-    The others may wait in :func:`agree_on_start`: meet them there with the default config.
-    """
+    The others may wait in :func:`agree_on_start`: meet them there with the default config."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         agree_on_start(build_accelerator(Config()), lambda: _raise(err))
     raise err

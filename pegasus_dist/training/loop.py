@@ -166,8 +166,7 @@ class Trainer:
     def _agree(self) -> Agreement:
         """Whether to stop or save; raises if a loss was NaN/Inf since the last sync point.
 
-        Called before every checkpoint, so that weights updated after a NaN/Inf are never saved.
-        """
+        Called before every checkpoint, so that weights updated after a NaN/Inf are never saved."""
         minutes = self.cfg.train.checkpoint_minutes
         save_due = bool(minutes) and time.monotonic() - self.last_save >= 60 * minutes
         agreement = agree(self.accelerator, self.signals.received is not None, self.watch, save_due)

@@ -84,8 +84,7 @@ class DroppedUpdates:
 
     A fused optimizer is stepped even on an overflow (GradScaler hands it ``found_inf`` and the
     kernel drops the update), so Accelerate's ``optimizer_step_was_skipped`` stays False; an
-    unfused one is not stepped. Both count as steps asked for minus updates made (on the device).
-    """
+    unfused one is not stepped. Both count as steps asked for minus updates made (on the device)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
         self.asked = 0
