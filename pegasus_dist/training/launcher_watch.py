@@ -33,8 +33,7 @@ def end_with_launcher() -> None:
     parent = os.getppid()
     if not _ask_kernel_for_sigterm():
         _start_polling(parent)
-    # The launcher may have died before the request above (while this process imported
-    # its modules): then no signal will come, and the parent is already init.
+    # The launcher may have died before the request (while this process imported): no signal.
     if os.getppid() != parent or _adopted_by_init(parent):
         log.error("the launcher of this process is gone (parent is now pid %d): exiting", os.getppid())
         os.kill(os.getpid(), signal.SIGTERM)

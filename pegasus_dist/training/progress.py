@@ -1,8 +1,7 @@
 """Where a training phase stands, shown on the main process only.
 
-On a terminal a tqdm bar per epoch. Elsewhere (a SLURM log, CI, a pipe), where
-a bar would write every redraw into the file, a log line every ``PLAIN_EVERY_S``
-seconds and at each epoch's end:
+On a terminal a tqdm bar per epoch. Elsewhere (a SLURM log, a pipe), where a bar would write
+every redraw into the file, a log line every ``PLAIN_EVERY_S`` seconds and at each epoch's end:
 
     pretrain: epoch 2/10, batch 40/94, step 134/940, 1,530 images/s, ETA 0:08:47
 """

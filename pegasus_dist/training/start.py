@@ -299,8 +299,7 @@ def _prepare(accelerator: Accelerator, cfg: Config, built: Models) -> Models:
         prepared.ema = build_ema(built.model, cfg.train.ema_decay)
     if built.adversaries is not None:
         prepared.adversaries = accelerator.prepare_model(built.adversaries)
-        # Their optimizer stays unprepared: Accelerate's GradScaler, one scale per
-        # step, belongs to the autoencoder's. Under fp16 they get a scaler of their own.
+        # Unprepared: Accelerate's GradScaler is the autoencoder's; fp16 gives them their own.
         prepared.adversary_optimizer = built.adversary_optimizer
         accelerator.register_for_checkpointing(built.adversary_optimizer)
         if accelerator.scaler is not None:

@@ -37,8 +37,7 @@ class Models:
     optimizer: torch.optim.Optimizer
     adversaries: torch.nn.Module | None = None
     adversary_optimizer: torch.optim.Optimizer | None = None
-    # Under fp16, the adversaries' own loss scale: their small gradients would
-    # underflow unscaled, and the autoencoder's scaler steps its optimizer alone.
+    # fp16: the adversaries' own loss scale, lest their small gradients underflow.
     adversary_scaler: torch.amp.GradScaler | None = None
     ema: AveragedModel | None = None  # train.ema_decay > 0: the VAE's weights averaged (training.ema)
 
@@ -92,8 +91,7 @@ class TrainStep:
                  watch: NonfiniteWatch, hooks: Hooks) -> None:
         self.cfg, self.accelerator, self.models = cfg, accelerator, models
         self.schedule, self.watch, self.hooks = schedule, watch, hooks
-        # train.on_nonfinite=skip: the ranks whose loss was NaN/Inf in the optimizer
-        # step in progress; the whole step is skipped at its last micro-batch.
+        # train.on_nonfinite=skip: the ranks with a NaN/Inf loss in the step (skipped at its end).
         self.skip_ranks: list[int] = []
         # fp16 only: the updates GradScaler dropped (an overflow), counted on the device.
         self.dropped = (DroppedUpdates(models.optimizer, accelerator.device)
@@ -112,8 +110,7 @@ class TrainStep:
         losses = self._forward_backward(x, batch.offset, eps, alpha, weight, ends_step, state.step)
         images = x.shape[0]
         if self.cfg.train.on_nonfinite == "skip":
-            # The opt-in price of skipping: one host sync per micro-batch, so that every
-            # rank skips the update at exactly the bad step.
+            # The opt-in price: one host sync per micro-batch, so every rank skips the same step.
             if bad_ranks := nonfinite_ranks(self.accelerator, losses.total):
                 self.skip_ranks = self.skip_ranks or bad_ranks
                 losses, images = BatchLosses.zeros(x.device), 0
@@ -240,8 +237,7 @@ class TrainStep:
         image's noise depends on neither the process count nor accumulation, nor on a resume."""
         cfg, device = self.cfg, self.accelerator.device
         generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + step)
-        # Twice the global batch covers a last batch of batch_size + 1 per rank, and
-        # the shape, like the global batch, does not depend on the world size.
+        # Covers a last batch of batch_size + 1 per rank, in a shape independent of the world size.
         rows = 2 * self.schedule.global_batch
         noise = torch.randn(rows, cfg.model.latent_dim, generator=generator, device=device)
         # Drawn after the noise, so that turning ACAI on leaves the noise as it was.

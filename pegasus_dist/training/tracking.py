@@ -121,8 +121,7 @@ class MetricsLog:
     def __init__(self, accelerator: Accelerator, run_dir: Path) -> None:
         self.accelerator = accelerator
         self.path = run_dir / "metrics.jsonl"
-        # The W&B run already holds every step up to this one (set by resume): rows
-        # up to it would go back in steps, which W&B ignores, or repeat ones it has.
+        # The last step the W&B run holds (set by resume): rows up to it are not logged there again.
         self.wandb_holds_step = -1
 
     def log(self, values: dict[str, float], step: int) -> None:

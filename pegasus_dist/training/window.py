@@ -1,8 +1,7 @@
 """The loss terms of a micro-batch, and their sums over a log window, by name.
 
-The terms stay on the device; at a sync point a window is reduced over the
-ranks with one all-reduce and one host read (:func:`reduce_windows`), in the
-order of :data:`SUMS`, the one place that order is defined.
+The terms stay on the device; at a sync point a window is reduced over the ranks with one
+all-reduce and one host read (:func:`reduce_windows`), in the order of :data:`SUMS`.
 """
 
 from __future__ import annotations
@@ -37,8 +36,7 @@ class BatchLosses:
 TERMS = tuple(f.name for f in fields(BatchLosses))
 # A window's sums, in the order they travel in its one all-reduce.
 SUMS = (*TERMS, "images", "bad_samples")
-# The name each term is logged under (W&B and metrics.jsonl), and the loss
-# weight that must be on for it to be logged at all.
+# The name each term is logged under, and the loss weight that must be on for it to be logged.
 LOGGED = {"total": "loss", "recon": "recon", "kl": "kl", "critic": "acai_critic", "fooling": "acai_fooling",
           "discriminator": "patch_gan_discriminator", "generator": "patch_gan_generator"}
 WEIGHT = {"critic": "acai_weight", "fooling": "acai_weight",
