@@ -40,7 +40,7 @@ from pegasus_dist.model.saved import (
     load_model_weights,
     read_weights,
 )
-from pegasus_dist.training.state import TrainState, parse_state
+from pegasus_dist.training.state import MOVE_ASIDE, TrainState, parse_state
 
 log = logging.getLogger("pegasus_dist.training.checkpoint")
 
@@ -256,8 +256,8 @@ def restore_checkpoint(accelerator: Accelerator, folder: Path) -> None:
         raise CheckpointError(f"refusing to load a file of {folder}: {why.strip().rstrip('.')}; only "
                               "tensors and plain containers are accepted") from None
     except (OSError, RuntimeError) as err:  # a file missing or cut short, in a checkpoint named in run.resume
-        raise CheckpointError(f"cannot load {folder}: {str(err).splitlines()[0]}; move that checkpoint "
-                              "aside to resume from the one before (run.resume=auto does)") from None
+        why = str(err).splitlines()[0]
+        raise CheckpointError(f"cannot load {folder}: {why}; {MOVE_ASIDE}") from None
 
 
 def _load_unwrapped_weights(models: list[torch.nn.Module], input_dir: str) -> None:

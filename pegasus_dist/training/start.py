@@ -42,7 +42,7 @@ from pegasus_dist.training.faults import agree_on_start, fail_with_every_rank
 from pegasus_dist.training.hooks import Hooks
 from pegasus_dist.training.lock import hold_run_lock
 from pegasus_dist.training.optim import LrSchedule, apply_on_resume, build_optimizer, scaled_lr
-from pegasus_dist.training.state import TrainState, is_complete, is_finished, read_state
+from pegasus_dist.training.state import MOVE_ASIDE, TrainState, is_complete, is_finished, read_state
 from pegasus_dist.training.step import Models
 from pegasus_dist.training.tracking import MetricsLog, new_run_id, start_tracking, tracker_names
 
@@ -200,8 +200,7 @@ def _resume_checkpoint(cfg: Config) -> Path | None:
         return None
     folder = resolve_checkpoint(cfg.run.resume)
     if problem := find_damage(folder):  # the user's choice: an error, never moved aside
-        raise CheckpointError(f"{problem}; move that checkpoint aside to resume from the one before "
-                              "(run.resume=auto does)")
+        raise CheckpointError(f"{problem}; {MOVE_ASIDE}")
     return folder
 
 

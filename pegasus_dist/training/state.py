@@ -17,6 +17,7 @@ from pegasus_dist.errors import CheckpointError
 from pegasus_dist.model.saved import STATE
 
 FINISHED = "finished.json"  # in the run folder, written last by a phase that ended
+MOVE_ASIDE = "move that checkpoint aside to resume from the one before (run.resume=auto does)"
 Count = Annotated[int, Field(ge=0)]
 # Fields of older state.json files, checked and dropped: their checkpoints cannot be resumed
 # (:func:`pegasus_dist.training.checkpoint.check_resumable`), but their weights start runs (train.init_from).
@@ -75,8 +76,7 @@ def read_state(folder: Path) -> TrainState:
     try:
         return parse_state(folder / STATE)
     except CheckpointError as err:
-        raise CheckpointError(f"{err}; move that checkpoint aside to resume from the one before "
-                              "(run.resume=auto does)") from None
+        raise CheckpointError(f"{err}; {MOVE_ASIDE}") from None
 
 
 def parse_state(path: Path) -> TrainState:
