@@ -280,7 +280,6 @@ def _weights_only() -> Iterator[None]:
     try:
         yield
     finally:
-        if before is None:
-            del os.environ[FORCE_WEIGHTS_ONLY]
-        else:
+        del os.environ[FORCE_WEIGHTS_ONLY]
+        if before is not None:
             os.environ[FORCE_WEIGHTS_ONLY] = before

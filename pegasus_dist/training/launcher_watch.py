@@ -51,12 +51,10 @@ def _ask_kernel_for_sigterm() -> bool:
 
 def _start_polling(parent: int) -> None:
     """The fallback: a daemon thread that sends SIGTERM once the parent pid changes."""
-
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(POLL_S)
         os.kill(os.getpid(), signal.SIGTERM)
-
     threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
 

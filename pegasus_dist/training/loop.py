@@ -193,7 +193,7 @@ class Trainer:
         state.bad_samples_skipped += int(sums.bad_samples)
         row = {
             "lr": self.models.optimizer.param_groups[0]["lr"],
-            "images_per_s": sums.images / window.seconds(),
+            "images_per_s": sums.images / (time.perf_counter() - window.started),
             "epoch": state.epoch + state.samples_done / self.loader.num_samples,
             "scaler_skipped_steps": state.scaler_skipped_steps,
             "nonfinite_skipped_steps": state.nonfinite_skipped_steps,

@@ -77,7 +77,7 @@ class Window:
         self.images = 0
         self.bad_samples = 0
         self.steps = 0  # micro-batches added
-        self.started = time.perf_counter()
+        self.started = time.perf_counter()  # for the window's images per second
 
     def add(self, terms: BatchLosses, images: int, bad_samples: int) -> None:
         # The terms in the order of TERMS, one tensor: one device operation.
@@ -85,9 +85,6 @@ class Window:
         self.images += images
         self.bad_samples += bad_samples
         self.steps += 1
-
-    def seconds(self) -> float:
-        return time.perf_counter() - self.started
 
     def copy(self) -> Window:
         """This window as it is now, its sums copied on the device (no host read)."""
