@@ -51,7 +51,7 @@ T = TypeVar("T")
 
 
 class RunComplete(Exception):  # noqa: N818 (not an error: there is nothing left to do)
-    """The checkpoint to resume from already ends the phase (:func:`checkpoint.is_complete`)."""
+    """The checkpoint to resume from already ends the phase (:func:`.state.is_complete`)."""
 
 
 @dataclass
