@@ -57,23 +57,19 @@ def newest_intact_checkpoint(root: Path, move_damaged: bool) -> Path | None:
 
     So a requeue gets past a damaged one: only the main process (``move_damaged``) renames it
     ``damaged-step_N-<time>``, where pruning never looks; a rank checking it then finds it gone."""
-    moved: list[str] = []
+    moved, found = [], None
     for folder in reversed(list_checkpoints(root)):
-        problem = find_damage(folder)
-        if problem is None:
-            _warn_moved(moved, f"resuming from {folder}")
-            return folder
+        if (problem := find_damage(folder)) is None:
+            found = folder
+            break
         if move_damaged:
             aside = root / f"{DAMAGED}{folder.name}-{time.strftime('%Y%m%dT%H%M%S')}"
             folder.rename(aside)
             moved.append(f"{folder} is damaged ({problem}), moved to {aside}")
-    _warn_moved(moved, "no complete checkpoint is left: starting from the beginning")
-    return None
-
-
-def _warn_moved(moved: list[str], then: str) -> None:
     if moved:
-        log.warning("%s; %s", "; ".join(moved), then)
+        log.warning("%s; %s", "; ".join(moved), f"resuming from {found}" if found
+                    else "no complete checkpoint is left: starting from the beginning")
+    return found
 
 
 def find_damage(folder: Path) -> str | None:

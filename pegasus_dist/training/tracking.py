@@ -76,8 +76,13 @@ def _start(accelerator: Accelerator, cfg: Config, state: TrainState, config: dic
            mode: str) -> None:
     """wandb.init through Accelerate (main process only); offline instead when an online start fails."""
     try:
-        accelerator.init_trackers(cfg.wandb.project, config=config,
-                                  init_kwargs={"wandb": _init_kwargs(cfg, state, mode)})
+        accelerator.init_trackers(cfg.wandb.project, config=config, init_kwargs={"wandb": {
+            "mode": mode, "dir": str(cfg.run_dir.resolve()), "id": state.wandb_run_id,
+            "resume": "allow", "entity": cfg.wandb.entity or None, "name": cfg.wandb_name,
+            "group": cfg.wandb_group, "tags": cfg.wandb.tags or None, "job_type": cfg.train.phase,
+            # A server out of reach: wandb.init retries until init_timeout, then raises CommError.
+            "settings": wandb.Settings(init_timeout=cfg.wandb.init_timeout_s),
+        }})
     except wandb.Error as err:
         if mode != "online":
             raise
@@ -94,17 +99,6 @@ def _start(accelerator: Accelerator, cfg: Config, state: TrainState, config: dic
 
 def _first_line(err: Exception) -> str:
     return str(err).splitlines()[0] if str(err) else type(err).__name__
-
-
-def _init_kwargs(cfg: Config, state: TrainState, mode: str) -> dict[str, Any]:
-    """The arguments of wandb.init, through Accelerate's WandBTracker."""
-    return {
-        "mode": mode, "dir": str(cfg.run_dir.resolve()), "id": state.wandb_run_id, "resume": "allow",
-        "entity": cfg.wandb.entity or None, "name": cfg.wandb_name, "group": cfg.wandb_group,
-        "tags": cfg.wandb.tags or None, "job_type": cfg.train.phase,
-        # With the server unreachable, wandb.init retries until init_timeout, then raises CommError.
-        "settings": wandb.Settings(init_timeout=cfg.wandb.init_timeout_s),
-    }
 
 
 def _started_from(init_from: str) -> dict[str, Any]:
