@@ -2,8 +2,6 @@
 
 Every process runs it (README.md, "Running distributed"). A step never waits for the device:
 the ranks read the losses and agree on faults only at sync points (:meth:`Trainer._sync_point`).
-:func:`train` builds a :class:`Trainer` (:mod:`.start`), whose :meth:`Trainer.run_epochs` feeds
-each micro-batch to the step (:mod:`.step`) and whose :meth:`Trainer.finish` ends the phase.
 """
 
 from __future__ import annotations

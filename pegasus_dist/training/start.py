@@ -266,9 +266,8 @@ def _build_model(cfg: Config, accelerator: Accelerator, source: Path | None) -> 
 
 
 def _build_adversaries(cfg: Config, source: Path | None) -> Adversaries | None:
-    """ACAI's critic and the patch discriminator (None when both are off), not yet prepared.
-
-    Seeded apart, so that turning them on leaves the model's initial weights as they were."""
+    """ACAI's critic and the patch discriminator (None when both are off), not yet prepared;
+    seeded apart, so that turning them on leaves the model's initial weights as they were."""
     wanted = enabled_adversaries(cfg)
     if not wanted:
         return None
