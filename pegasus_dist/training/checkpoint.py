@@ -1,12 +1,9 @@
 """Atomic, safe checkpoints on Accelerate's ``save_state`` and ``load_state``.
 
-A checkpoint is a folder ``<run>/checkpoints/step_<N>/``: what ``save_state``
-writes, plus ``config.yaml``, ``state.json`` and, last, ``SHA256SUMS`` with the
-sha256 of every other file (README.md lists the files). No file depends on the
-number of processes. A checkpoint whose bytes changed after it was written is
-damaged, like one cut short: resume skips it and moves it aside. The parts
-that stay ours around ``save_state``/``load_state``, and the test that shows
-why, are in docs/performance.md ("Hand-written parts that stay").
+A checkpoint ``<run>/checkpoints/step_<N>/`` is what ``save_state`` writes, plus ``config.yaml``,
+``state.json`` and, last, ``SHA256SUMS`` of every other file (README.md), whatever the process
+count. One whose bytes changed is damaged, like one cut short: resume skips it and moves it
+aside. Why the parts around ``save_state``/``load_state`` stay ours: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -43,7 +40,7 @@ from pegasus_dist.model.saved import (
     load_model_weights,
     read_weights,
 )
-from pegasus_dist.training.state import TrainState, parse_state
+from pegasus_dist.training.state import MOVE_ASIDE, TrainState, parse_state
 
 log = logging.getLogger("pegasus_dist.training.checkpoint")
 
@@ -56,41 +53,30 @@ FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
 def newest_intact_checkpoint(root: Path, move_damaged: bool) -> Path | None:
-    """The newest checkpoint under ``root`` whose files all read; newer damaged ones are skipped.
+    """The newest checkpoint under ``root`` whose files all read (``run.resume=auto``).
 
-    ``run.resume=auto`` resumes from it, so that a requeue gets past a damaged
-    checkpoint. Every rank makes the same read-only choice; only the main
-    process (``move_damaged``) renames a damaged folder to
-    ``damaged-step_N-<time>``, where pruning never looks. A rank that checks a
-    folder while it is being moved finds its files gone: damaged too.
-    """
-    moved: list[str] = []
+    So a requeue gets past a damaged one: only the main process (``move_damaged``) renames it
+    ``damaged-step_N-<time>``, where pruning never looks; a rank checking it then finds it gone."""
+    moved, found = [], None
     for folder in reversed(list_checkpoints(root)):
-        problem = find_damage(folder)
-        if problem is None:
-            _warn_moved(moved, f"resuming from {folder}")
-            return folder
+        if (problem := find_damage(folder)) is None:
+            found = folder
+            break
         if move_damaged:
             aside = root / f"{DAMAGED}{folder.name}-{time.strftime('%Y%m%dT%H%M%S')}"
             folder.rename(aside)
             moved.append(f"{folder} is damaged ({problem}), moved to {aside}")
-    _warn_moved(moved, "no complete checkpoint is left: starting from the beginning")
-    return None
-
-
-def _warn_moved(moved: list[str], then: str) -> None:
     if moved:
-        log.warning("%s; %s", "; ".join(moved), then)
+        log.warning("%s; %s", "; ".join(moved), f"resuming from {found}" if found
+                    else "no complete checkpoint is left: starting from the beginning")
+    return found
 
 
 def find_damage(folder: Path) -> str | None:
     """Why ``folder`` cannot be resumed from, or None when every file of it reads whole.
 
-    Reads, never unpickles: every file against ``SHA256SUMS`` (none added),
-    ``state.json`` and ``config.yaml``, safetensors headers and lengths, zip
-    CRCs, and the model's weights, which must be finite. An older layout is
-    refused in one line, not moved aside.
-    """
+    Reads, never unpickles: sums, safetensors headers, zip CRCs, finite weights. An older layout
+    is refused in one line, not moved aside."""
     _refuse_older_layout(folder)
     try:
         parse_state(folder / STATE)
@@ -189,24 +175,13 @@ def prune(root: Path, keep: int) -> None:
         shutil.rmtree(path)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(accelerator: Accelerator, state: TrainState, config_yaml: str, root: Path,
                     keep: int, before_counters: Callable[[Path, TrainState], None] | None = None,
                     ema: AveragedModel | None = None) -> Path:
     """Every rank calls this; returns the published ``step_<N>`` folder.
 
-    The main process writes ``.tmp-step_<N>/``, renames it into place and
-    prunes; the others wait for its outcome (nothing belongs to one rank): a
-    write that failed (a full disk, a read-only folder) is one CheckpointError
-    on every rank. ``before_counters`` (``Hooks.during_save``) runs before ``state.json``;
-    ``ema``, the weights' moving average, is saved as ``ema.safetensors``.
+    The main process writes ``.tmp-step_<N>/``, renames it into place and prunes; a failed write
+    (a full disk) is one CheckpointError on every rank. ``before_counters``: ``Hooks.during_save``.
     """
     final = root / checkpoint_name(state.step)
     # Already saved at this step (the cadence saved the last step)? The main process
@@ -221,7 +196,11 @@ def save_checkpoint(accelerator: Accelerator, state: TrainState, config_yaml: st
         try:
             _write(accelerator, state, config_yaml, tmp, before_counters, ema)
             os.replace(tmp, final)  # published under its final name: atomic on one filesystem
-            _fsync_dir(root)
+            fd = os.open(root, os.O_RDONLY)  # the rename survives a power cut once root is synced
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         except (OSError, RuntimeError, SafetensorError) as err:  # torch reports a full disk as a RuntimeError
             shutil.rmtree(tmp, ignore_errors=True)
             failure = _write_failure(err, final, root)
@@ -267,11 +246,9 @@ def _unwrapped_weights(models: list[torch.nn.Module], weights: list[dict], outpu
 
 
 def restore_checkpoint(accelerator: Accelerator, folder: Path) -> None:
-    """Load ``folder`` into what ``accelerator`` prepared or registered; every rank reads it whole.
+    """Load ``folder`` into what ``accelerator`` prepared (call :func:`check_resumable` first).
 
-    Call :func:`check_resumable` first. Every file but the weights is loaded
-    weights-only: a pickled object is refused, never run.
-    """
+    Every file but the weights is loaded weights-only: a pickled object is refused, never run."""
     try:
         with accelerator.register_load_state_pre_hook(_load_unwrapped_weights), _weights_only():
             accelerator.load_state(str(folder))
@@ -280,8 +257,8 @@ def restore_checkpoint(accelerator: Accelerator, folder: Path) -> None:
         raise CheckpointError(f"refusing to load a file of {folder}: {why.strip().rstrip('.')}; only "
                               "tensors and plain containers are accepted") from None
     except (OSError, RuntimeError) as err:  # a file missing or cut short, in a checkpoint named in run.resume
-        raise CheckpointError(f"cannot load {folder}: {str(err).splitlines()[0]}; move that checkpoint "
-                              "aside to resume from the one before (run.resume=auto does)") from None
+        why = str(err).splitlines()[0]
+        raise CheckpointError(f"cannot load {folder}: {why}; {MOVE_ASIDE}") from None
 
 
 def _load_unwrapped_weights(models: list[torch.nn.Module], input_dir: str) -> None:
@@ -304,7 +281,6 @@ def _weights_only() -> Iterator[None]:
     try:
         yield
     finally:
-        if before is None:
-            del os.environ[FORCE_WEIGHTS_ONLY]
-        else:
+        del os.environ[FORCE_WEIGHTS_ONLY]
+        if before is not None:
             os.environ[FORCE_WEIGHTS_ONLY] = before

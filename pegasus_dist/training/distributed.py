@@ -17,6 +17,7 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs, InitProcessGroupKwargs
 from torch import nn
+from torch.distributed.nn.functional import all_reduce
 
 from pegasus_dist.config import Config, Precision
 from pegasus_dist.errors import ConfigError
@@ -25,11 +26,8 @@ log = logging.getLogger("pegasus_dist.training.distributed")
 
 
 def build_accelerator(cfg: Config, log_with: list[str] | None = None) -> Accelerator:
-    """One Accelerator for the run, on the CPU when there is no GPU or when asked.
-
-    Without ``cpu=True``, ``accelerate launch --multi_gpu`` without CUDA starts N
-    processes that each train alone; with it they form one gloo group.
-    """
+    """One Accelerator for the run, on the CPU when there is no GPU (``cpu=True``: else
+    ``accelerate launch --multi_gpu`` without CUDA starts N processes that each train alone)."""
     t = cfg.train
     use_cpu = t.cpu or not torch.cuda.is_available()
     if use_cpu and t.mixed_precision == "fp16":
@@ -56,11 +54,8 @@ def build_accelerator(cfg: Config, log_with: list[str] | None = None) -> Acceler
 
 
 def warn_if_launcher_precision_differs(cfg: Config) -> None:
-    """Say so when ``accelerate launch --mixed_precision X`` asks for what the config does not use.
-
-    train.mixed_precision wins over the launcher's ACCELERATE_MIXED_PRECISION; "no"
-    is what launch/ and slurm/ pass to leave the choice to the config.
-    """
+    """Say so when ``accelerate launch --mixed_precision X`` asks for what the config does not use;
+    "no" is what launch/ and slurm/ pass to leave the choice to the config."""
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if launcher in ("no", cfg.train.mixed_precision):
         return
@@ -72,28 +67,11 @@ def warn_if_launcher_precision_differs(cfg: Config) -> None:
                 launcher, cfg.train.mixed_precision, fix)
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks; the gradient of a sum is the summed gradient, sent back to every rank."""
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        out = tensor.clone()
-        dist.all_reduce(out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics cover the batches of all ranks.
 
     Sums of x and x^2 and the count are all-reduced differentiably: the result and
-    its gradient equal one process's holding the whole global batch. Any backend.
-    """
+    its gradient equal one process's holding the whole global batch. Any backend."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
@@ -102,7 +80,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         xf = x.float()
         count = torch.full((1,), xf.numel() / channels, device=x.device)
         local = torch.cat([xf.sum((0, 2, 3)), xf.square().sum((0, 2, 3)), count])
-        stats = _AllReduceSum.apply(local)
+        stats = all_reduce(local)  # differentiable: its backward sums the gradients over ranks
         total = stats[-1]
         mean = stats[:channels] / total
         var = (stats[channels : 2 * channels] / total - mean.square()).clamp_min(0)

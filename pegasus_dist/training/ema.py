@@ -1,10 +1,8 @@
 """An exponential moving average of the VAE's weights (``train.ema_decay``), what the grids show.
 
-Averaged weights sample sharper than the last step's (Karras et al. 2024, "Analyzing
-and Improving the Training Dynamics of Diffusion Models", Section 3; Yazıcı et al.
-2019 for GANs). Each rank keeps the same average of the same weights, updated after
-every optimizer step; it is saved beside the model as ``ema.safetensors``, which
-the sampler and ``eval`` then read, and restored on resume, to the bit.
+Averaged weights sample sharper than the last step's (Karras et al. 2024, "Analyzing and
+Improving the Training Dynamics of Diffusion Models", Section 3; Yazıcı et al. 2019 for GANs).
+Every rank keeps the same average, saved as ``ema.safetensors`` and restored to the bit.
 """
 
 from __future__ import annotations

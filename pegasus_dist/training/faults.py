@@ -51,11 +51,9 @@ class TrainingError(PegasusError):
 
 
 def out_of_memory(err: RuntimeError, where: str, batch: str, batch_size: int) -> TrainingError | None:
-    """One line for a step that ran out of device (or host) memory; None for any other error.
+    """One line for a step that ran out of memory; None for any other error.
 
-    ``torch.OutOfMemoryError`` on CUDA; the CPU allocator raises a plain
-    RuntimeError that says it "can't allocate memory".
-    """
+    The CPU allocator raises a plain RuntimeError that says it "can't allocate memory"."""
     if not (isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)):
         return None
     half = max(1, batch_size // 2)
@@ -77,10 +75,8 @@ class StartupError(PegasusError):
 class StopSignals:
     """SIGUSR1/SIGTERM/SIGHUP/SIGINT in the training loop: recorded, so that the ranks stop together.
 
-    A SIGTERM, SIGHUP or SIGINT when a stop is already pending, or outside
-    :meth:`training`, ends the process at once (SIGINT as Python's KeyboardInterrupt):
-    no run outlives a second one. SIGUSR1 outside the loop changes nothing: the run is ending.
-    """
+    A second SIGTERM, SIGHUP or SIGINT, or one outside :meth:`training`, ends the process at once:
+    no run outlives a second one. SIGUSR1 outside the loop changes nothing: the run is ending."""
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -122,10 +118,8 @@ class StopSignals:
 class StopPoll:
     """Whether any rank received a stop signal, agreed every optimizer step without waiting.
 
-    Each step posts an async all-reduce (max) of this rank's flag on a CPU gloo
-    group and reads the one posted a step before, which every rank has posted by
-    then (DDP keeps them within a step of each other).
-    """
+    Each step posts an async all-reduce (max) of its flag on a CPU gloo group and reads the one
+    posted a step before, which every rank has posted by then (DDP keeps them within a step)."""
 
     LAG = 1  # steps between posting a flag and reading the agreed value
 
@@ -156,14 +150,11 @@ class StopPoll:
 
 
 class NonfiniteWatch:
-    """This rank's first step with a NaN/Inf loss since the last sync point, noted on the device.
-
-    The step's (epoch, batch) stays on the host so that the error can name it.
-    """
+    """This rank's first step with a NaN/Inf loss since the last sync point, noted on the device."""
 
     def __init__(self, device: torch.device) -> None:
         self.first_bad = torch.full((), NO_STEP, dtype=torch.int64, device=device)
-        # (epoch, batch) of each step recorded since the ranks last found every loss finite.
+        # (epoch, batch) of each step since the last sync point, on the host, for the error.
         self.positions: dict[int, tuple[int, int]] = {}
 
     def record(self, step: int, epoch: int, batch: int, loss: torch.Tensor) -> None:
@@ -189,10 +180,7 @@ def describe_position(step: int, epoch: int, batch: int, ranks: list[int]) -> st
 
 
 def agree(accelerator: Accelerator, stop_requested: bool, watch: NonfiniteWatch, save_due: bool) -> Agreement:
-    """One gather over the ranks and one host read: call it at sync points only.
-
-    ``save_due`` counts on the main process only: one clock decides for every rank.
-    """
+    """One gather and one host read, at sync points only; the main process's save_due decides."""
     first_bad = watch.first_bad
     local = torch.stack([first_bad.new_full((), int(stop_requested)), first_bad,
                          first_bad.new_full((), int(save_due))])
@@ -214,11 +202,9 @@ def nonfinite_ranks(accelerator: Accelerator, loss: torch.Tensor) -> list[int]:
 def agree_on_start(accelerator: Accelerator, checks: Callable[[], T]) -> T:
     """Run this rank's start-up ``checks``, then agree with every rank on how they went.
 
-    ``checks`` must hold no collective: a rank that fails early would meet the
-    others' in the wrong one. On a failure rank 0 prints one line naming the
-    ranks and every rank raises :class:`StartupError` with the first failure's
-    exit code; a crash (not a :class:`PegasusError`) re-raises its own exception
-    so that its traceback shows where.
+    ``checks`` must hold no collective: a rank that fails early would meet the others' in the
+    wrong one. On a failure rank 0 prints one line naming the ranks and every rank raises
+    :class:`StartupError`; a crash (no :class:`PegasusError`) re-raises its own, for its traceback.
     """
     try:
         result, failure = checks(), None
@@ -243,11 +229,9 @@ def agree_on_start(accelerator: Accelerator, checks: Callable[[], T]) -> T:
 
 
 def fail_with_every_rank(err: PegasusError) -> NoReturn:
-    """Raise ``err``, a failure found before the ranks formed a group (the config), once agreed.
+    """Raise ``err``, found before the ranks formed a group, once agreed.
 
-    The other ranks may be waiting in :func:`agree_on_start`: meet them there
-    with the default config, so that every rank ends with one line and one code.
-    """
+    The others may wait in :func:`agree_on_start`: meet them there with the default config."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         agree_on_start(build_accelerator(Config()), lambda: _raise(err))
     raise err

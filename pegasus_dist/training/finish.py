@@ -32,10 +32,8 @@ def sample_and_evaluate(cfg: Config, model: torch.nn.Module, metrics: MetricsLog
 
 def _evaluate(cfg: Config, model: torch.nn.Module, metrics: MetricsLog, step: int, checkpoint: Path,
               classifier: Classifier | None) -> None:
-    """Held-out metrics of the final model, logged and written to eval/<checkpoint>.json.
-
-    With the quality classifier, also the scores of the phase's grids (samples/quality.json).
-    """
+    """Held-out metrics of the final model (eval/<checkpoint>.json) and, with the classifier, the
+    scores of the phase's grids (samples/quality.json)."""
     held_out = Path(cfg.data.shards) / cfg.eval.shard_set
     if not (held_out / "manifest.json").is_file():
         log.warning("no held-out set at %s: skipping the evaluation", held_out)

@@ -50,18 +50,15 @@ STALLED = "stalled-save"  # the file in the run folder that says a save is stall
 class Hooks:
     """Callbacks at named points of a run; each one is optional."""
 
-    # Inside each agreed start-up stage (START_STAGES), on every rank: an exception
-    # raised here is one rank's start-up failure, agreed on by every rank.
+    # In each start-up stage (START_STAGES), on every rank: a raise is that rank's agreed failure.
     at_start_up: list[Callable[[str], None]] = field(default_factory=list)
     # Once start-up is done, with the trainer (model prepared, checkpoint restored).
     after_start: list[Callable[[Trainer], None]] = field(default_factory=list)
     # Before each micro-batch is trained; trainer.state.step + 1 is the step in progress.
     before_micro_batch: list[Callable[[Trainer, Batch], None]] = field(default_factory=list)
-    # The micro-batch's total loss before its backward, with the step in progress
-    # (from 1): returns the loss to backpropagate.
+    # (the step in progress from 1, the micro-batch's loss) -> the loss to backpropagate.
     on_loss: list[Callable[[int, torch.Tensor], torch.Tensor]] = field(default_factory=list)
-    # On the main process, while a checkpoint is written: its temporary folder holds
-    # the weights, and no state.json yet marks it complete.
+    # On the main process mid-save: the temporary folder holds the weights but no state.json.
     during_save: list[Callable[[Path, TrainState], None]] = field(default_factory=list)
 
     def __add__(self, other: Hooks) -> Hooks:

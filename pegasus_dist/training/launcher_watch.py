@@ -1,9 +1,7 @@
 """A rank ends when its launcher dies.
 
-torchrun puts each rank in a session of its own, so a killed ``accelerate
-launch`` would leave its ranks running with parent 1. A launched rank asks
-for SIGTERM when its launcher dies (README.md, "Fault tolerance"); a run
-started from a shell keeps running when the shell ends.
+torchrun puts each rank in a session of its own, so a killed ``accelerate launch`` would leave
+its ranks running with parent 1 (README.md, "Fault tolerance"). A shell's run outlives the shell.
 """
 
 from __future__ import annotations
@@ -29,17 +27,13 @@ LAUNCHERS = (b"accelerate", b"torchrun", b"torch.distributed.run")
 
 
 def end_with_launcher() -> None:
-    """Call first thing in a training process: SIGTERM to this process when its launcher dies.
-
-    Does nothing for a process that no launcher started (see :data:`LAUNCHER_ENV`).
-    """
+    """Call first thing in a launched training process: SIGTERM to it when its launcher dies."""
     if not any(name in os.environ for name in LAUNCHER_ENV):
         return
     parent = os.getppid()
     if not _ask_kernel_for_sigterm():
         _start_polling(parent)
-    # The launcher may have died before the request above (while this process imported
-    # its modules): then no signal will come, and the parent is already init.
+    # The launcher may have died before the request (while this process imported): no signal.
     if os.getppid() != parent or _adopted_by_init(parent):
         log.error("the launcher of this process is gone (parent is now pid %d): exiting", os.getppid())
         os.kill(os.getpid(), signal.SIGTERM)
@@ -57,20 +51,16 @@ def _ask_kernel_for_sigterm() -> bool:
 
 def _start_polling(parent: int) -> None:
     """The fallback: a daemon thread that sends SIGTERM once the parent pid changes."""
-
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(POLL_S)
         os.kill(os.getpid(), signal.SIGTERM)
-
     threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
 
 def _adopted_by_init(parent: int) -> bool:
-    """Whether parent pid 1 means the launcher died, rather than that PID 1 is the launcher.
-
-    In a container whose command is ``accelerate launch``, the launcher is PID 1.
-    """
+    """Whether parent pid 1 means the launcher died, rather than that PID 1 is the launcher (as in
+    a container whose command is ``accelerate launch``)."""
     if parent != 1:
         return False
     if not sys.platform.startswith("linux"):

@@ -1,9 +1,8 @@
 """One run at a time in a run folder: an exclusive ``filelock`` on ``<run>/.lock``.
 
-Two trainings in one folder would prune and resume from each other's
-checkpoints. The lock is a ``flock``, which the kernel drops when its process
-dies, SIGKILL included; the file is never deleted (``preserve_lock_file``), so
-two runs never lock two different files. README.md, "Fault tolerance".
+Two trainings in one folder would prune and resume from each other's checkpoints. The kernel
+drops a ``flock`` when its process dies, SIGKILL included; the file is never deleted
+(``preserve_lock_file``), so two runs never lock two different files.
 """
 
 from __future__ import annotations
@@ -32,10 +31,8 @@ class RunFolderInUse(PegasusError):  # noqa: N818 (reads as the message it carri
 
 
 def hold_run_lock(run_dir: Path) -> None:
-    """Lock ``run_dir`` (creating it) for this process, or raise :class:`RunFolderInUse`.
-
-    Holding it already is fine: e.g. the pretrain and finetune of one pipeline in one process.
-    """
+    """Lock ``run_dir`` (creating it), or raise :class:`RunFolderInUse`; holding it already is fine
+    (the pretrain and finetune of one pipeline in one process)."""
     key = run_dir.resolve()
     if key in _held:
         return

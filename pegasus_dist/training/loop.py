@@ -1,12 +1,7 @@
 """The training loop: one phase (pretrain or finetune) of the paper's VAE.
 
-Every process runs it (``pegasus_dist/train.py`` is the entry; README.md,
-"Running distributed", says who does what). A step never waits for the
-device: the ranks read the losses and agree on faults only at sync points
-(:meth:`Trainer._sync_point`). Read it in order: :func:`train` builds a
-:class:`Trainer` (start-up and resume: :mod:`.start`), whose
-:meth:`Trainer.run_epochs` feeds each micro-batch to the step (:mod:`.step`)
-and whose :meth:`Trainer.finish` writes the final checkpoint, grids and evaluation.
+Every process runs it (README.md, "Running distributed"). A step never waits for the device:
+the ranks read the losses and agree on faults only at sync points (:meth:`Trainer._sync_point`).
 """
 
 from __future__ import annotations
@@ -43,17 +38,13 @@ from pegasus_dist.training.progress import Progress
 from pegasus_dist.training.start import RunComplete, batch_description, start_phase
 from pegasus_dist.training.state import mark_finished
 from pegasus_dist.training.step import EpochPlan, TrainStep
-from pegasus_dist.training.window import Window, reduce_windows
+from pegasus_dist.training.window import Window, means, reduce_windows
 
 log = logging.getLogger("pegasus_dist.training.loop")
 
 
 def train(cfg: Config, hooks: Hooks | None = None) -> Path:
-    """Run one phase to its end and return the run directory.
-
-    A phase already complete returns at once. Raises :class:`Preempted` after
-    checkpointing when a stop signal arrived. ``hooks``: see :mod:`.hooks`.
-    """
+    """Run one phase to its end and return the run directory; :class:`Preempted` on a stop."""
     try:
         hooks = with_fault_plan(hooks)
     except ConfigError as err:
@@ -97,10 +88,7 @@ class Trainer:
         self.hooks.run("after_start", self)
 
     def run_epochs(self, until_step: int | None = None) -> None:
-        """Train to the end of the phase; the ranks wait for each other only at sync points.
-
-        ``until_step`` stops at that step instead of ``train.max_steps`` (the benchmark times the loop so).
-        """
+        """Train to the end of the phase, or to ``until_step`` (the benchmark times the loop so)."""
         cfg = self.cfg
         self.last_step = until_step or cfg.train.max_steps
         self.models.model.train()
@@ -160,10 +148,7 @@ class Trainer:
         return bool(self.last_step) and self.state.step >= self.last_step
 
     def _sync_point(self, log_metrics: bool, checkpoint: bool) -> None:
-        """Agree on faults, then log the window and checkpoint, or stop for a requeue.
-
-        Every train.log_every steps, at checkpoints, epoch ends, the run's end, and a stop signal.
-        """
+        """Agree on faults, then log the window and checkpoint, or stop for a requeue."""
         agreement = self._agree()
         # Before the window resets:
         diverged = self.guard.check(self.accelerator, self.window, self.state.step)
@@ -177,11 +162,9 @@ class Trainer:
             self._save()
 
     def _agree(self) -> Agreement:
-        """Whether any rank asked to stop and a timed checkpoint is due; raises if a loss was
-        NaN/Inf since the last sync point.
+        """Whether to stop or save; raises if a loss was NaN/Inf since the last sync point.
 
-        Called before every checkpoint, so that weights updated after a NaN/Inf are never saved.
-        """
+        Called before every checkpoint, so that weights updated after a NaN/Inf are never saved."""
         minutes = self.cfg.train.checkpoint_minutes
         save_due = bool(minutes) and time.monotonic() - self.last_save >= 60 * minutes
         agreement = agree(self.accelerator, self.signals.received is not None, self.watch, save_due)
@@ -205,15 +188,15 @@ class Trainer:
         """Reduce the window's sums over all ranks (one all-reduce, one host read) and log per-image means."""
         state, window = self.state, self.window
         sums = reduce_windows(self.accelerator, window)[0]
-        state.bad_samples_skipped += int(sums.bad_samples)
+        state.bad_samples_skipped += int(sums["bad_samples"])
         row = {
             "lr": self.models.optimizer.param_groups[0]["lr"],
-            "images_per_s": sums.images / window.seconds(),
+            "images_per_s": sums["images"] / (time.perf_counter() - window.started),
             "epoch": state.epoch + state.samples_done / self.loader.num_samples,
             "scaler_skipped_steps": state.scaler_skipped_steps,
             "nonfinite_skipped_steps": state.nonfinite_skipped_steps,
             "bad_samples_skipped": state.bad_samples_skipped,
-        } | sums.means(self.cfg.loss)
+        } | means(sums, self.cfg.loss)
         if self.accelerator.scaler is not None:  # fp16: the scale beside the updates it dropped
             row["loss_scale"] = self.accelerator.scaler.get_scale()
         self.metrics.log({f"{self.cfg.train.phase}/{k}": v for k, v in row.items()}, step=state.step)

@@ -73,8 +73,7 @@ def build_optimizer(parameters: Iterable[torch.nn.Parameter], schedule: LrSchedu
     return torch.optim.Adam(
         parameters, lr=schedule.at(0), betas=tuple(schedule.optim.betas),
         weight_decay=schedule.optim.weight_decay,
-        # One kernel for all parameters: on the CPU too, where it is several times
-        # faster than the default (the "Adam step" row of `pegasus-dist bench`).
+        # One kernel for all parameters: several times faster on the CPU too (`pegasus-dist bench`).
         fused=device.type in ("cpu", "cuda"),
     )
 
@@ -82,12 +81,9 @@ def build_optimizer(parameters: Iterable[torch.nn.Parameter], schedule: LrSchedu
 class DroppedUpdates:
     """Counts the updates fp16's GradScaler dropped after an overflow, without waiting for the device.
 
-    A fused optimizer (Adam(fused=True), built here on CUDA and the CPU) is stepped
-    even on an overflow: GradScaler hands it ``found_inf`` and the kernel drops the
-    update, so Accelerate's ``optimizer_step_was_skipped`` stays False. An unfused
-    one is not stepped at all. Both are counted as steps asked for minus updates
-    made, the latter summed on the device and read at sync points only.
-    """
+    A fused optimizer is stepped even on an overflow (GradScaler hands it ``found_inf`` and the
+    kernel drops the update), so Accelerate's ``optimizer_step_was_skipped`` stays False; an
+    unfused one is not stepped. Both count as steps asked for minus updates made (on the device)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
         self.asked = 0
@@ -118,10 +114,9 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def apply_on_resume(optimizer: torch.optim.Optimizer, schedule: LrSchedule, step: int,
                     checkpoint: Path) -> None:
-    """Give an optimizer restored from ``checkpoint`` this run's hyperparameters.
+    """Give an optimizer restored from ``checkpoint`` this run's hyperparameters, logging changes.
 
-    Else lowering ``optim.lr`` to get past a divergence would change the log
-    but not the training. Logs every value that differs.
+    Else lowering ``optim.lr`` to get past a divergence would change the log but not the training.
     """
     optim, group = schedule.optim, optimizer.param_groups[0]
     changes = {f"optim.{key}": (old, new) for key, old, new in _changed_keys(optim, checkpoint)}
@@ -154,11 +149,8 @@ def _same(a: object, b: object) -> bool:
 
 
 class DivergenceGuard:
-    """Stops a run whose loss or KL grows by orders of magnitude during the warm-up.
-
-    Against the first step's loss, at each sync point through the warm-up (at
-    least GUARDED_STEPS), reduced over the ranks so that every rank agrees.
-    """
+    """Stops a run whose loss or KL grows 100-fold over the first step's during the warm-up
+    (at least GUARDED_STEPS), checked at sync points and reduced over the ranks."""
 
     def __init__(self, schedule: LrSchedule, batch_description: str) -> None:
         self.schedule = schedule
@@ -174,17 +166,15 @@ class DivergenceGuard:
             self.first, self.first_step = window.copy(), step
 
     def check(self, accelerator: Accelerator, window: Window, step: int) -> TrainingError | None:
-        """At a sync point: the error to stop with when the loss has grown 100-fold, else None.
-
-        Returned, not raised, so that the trainer can log the window first.
-        """
+        """The error to stop with, or None; returned, so that the trainer logs the window first."""
         if self.first is None or self.checked_through >= self.until:
             return None
         self.checked_through = step
         first, now = reduce_windows(accelerator, self.first, window)
-        if not (first.images and now.images):
+        if not (first["images"] and now["images"]):
             return None
-        reference, loss, kl = first.total / first.images, now.total / now.images, now.kl / now.images
+        reference = first["total"] / first["images"]
+        loss, kl = now["total"] / now["images"], now["kl"] / now["images"]
         limit = DIVERGENCE_FACTOR * abs(reference)
         if loss > limit or kl > limit:
             return TrainingError(f"diverging: the loss went from {reference:.4g} at step {self.first_step} "

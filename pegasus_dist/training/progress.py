@@ -1,8 +1,7 @@
 """Where a training phase stands, shown on the main process only.
 
-On a terminal a tqdm bar per epoch. Elsewhere (a SLURM log, CI, a pipe), where
-a bar would write every redraw into the file, a log line every ``PLAIN_EVERY_S``
-seconds and at each epoch's end:
+On a terminal a tqdm bar per epoch. Elsewhere (a SLURM log, a pipe), where a bar would write
+every redraw into the file, a log line every ``PLAIN_EVERY_S`` seconds and at each epoch's end:
 
     pretrain: epoch 2/10, batch 40/94, step 134/940, 1,530 images/s, ETA 0:08:47
 """
@@ -30,8 +29,7 @@ class Progress:
 
     def __init__(self, phase: str, epochs: int, batches_per_epoch: int, max_steps: int,
                  enabled: bool, stream: TextIO | None = None,
-                 clock: Callable[[], float] = time.monotonic,
-                 every_s: float = PLAIN_EVERY_S, grad_accum_steps: int = 1) -> None:
+                 clock: Callable[[], float] = time.monotonic, grad_accum_steps: int = 1) -> None:
         self.phase, self.epochs, self.batches = phase, epochs, batches_per_epoch
         # Steps count optimizer steps, each of up to grad_accum_steps batches (micro-batches).
         self.accum = grad_accum_steps
@@ -40,8 +38,7 @@ class Progress:
         self.enabled = enabled
         self.stream = stream if stream is not None else sys.stderr
         self.use_bar = enabled and self.stream.isatty()
-        self.clock, self.every_s = clock, every_s
-        self.started = clock()
+        self.clock, self.started = clock, clock()
         self.steps_done = 0  # batches trained by this process, for the ETA
         self.logged_step: int | None = None
         self._reset_window()
@@ -69,7 +66,7 @@ class Progress:
         self.window_images += images
         if at.bar is not None:
             at.bar.update()
-        elif self.clock() - self.window_started >= self.every_s:
+        elif self.clock() - self.window_started >= PLAIN_EVERY_S:
             self._log_line(at)
 
     def _reset_window(self) -> None:

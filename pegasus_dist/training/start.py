@@ -1,10 +1,7 @@
 """Start-up and resume: what a phase needs before its first step, agreed by every rank.
 
-:func:`start_phase` runs the start-up in stages (``hooks.START_STAGES``), each
-of which may fail on one rank alone; every rank agrees on each
-(:func:`pegasus_dist.training.faults.agree_on_start`) before W&B starts. A
-resumed run continues at its epoch's ``samples_done`` whatever its process
-count or batch (README.md, "Fault tolerance").
+:func:`start_phase` runs it in stages (``hooks.START_STAGES``), each of which may fail on one
+rank alone and is agreed by every rank (:func:`.faults.agree_on_start`) before W&B starts.
 """
 
 from __future__ import annotations
@@ -45,7 +42,7 @@ from pegasus_dist.training.faults import agree_on_start, fail_with_every_rank
 from pegasus_dist.training.hooks import Hooks
 from pegasus_dist.training.lock import hold_run_lock
 from pegasus_dist.training.optim import LrSchedule, apply_on_resume, build_optimizer, scaled_lr
-from pegasus_dist.training.state import TrainState, is_complete, is_finished, read_state
+from pegasus_dist.training.state import MOVE_ASIDE, TrainState, is_complete, is_finished, read_state
 from pegasus_dist.training.step import Models
 from pegasus_dist.training.tracking import MetricsLog, new_run_id, start_tracking, tracker_names
 
@@ -54,7 +51,7 @@ T = TypeVar("T")
 
 
 class RunComplete(Exception):  # noqa: N818 (not an error: there is nothing left to do)
-    """The checkpoint to resume from already ends the phase (:func:`checkpoint.is_complete`)."""
+    """The checkpoint to resume from already ends the phase (:func:`.state.is_complete`)."""
 
 
 @dataclass
@@ -147,11 +144,8 @@ def _with_batch(cfg: Config, world_size: int) -> Config:
 
 
 def _lock_and_choose(cfg: Config, accelerator: Accelerator) -> list:
-    """On the main process: lock the run folder for the run (:mod:`lock`), then [the checkpoint
-    to resume (``run.resume``) or None, whether the phase finished at it]; [None, False] elsewhere.
-
-    The first write into the run folder: one that cannot be written is one line here.
-    """
+    """On the main process: lock the run folder (its first write), then [the checkpoint to resume
+    or None, whether the phase finished at it]; [None, False] elsewhere."""
     if not accelerator.is_main_process:
         return [None, False]
     try:
@@ -165,11 +159,7 @@ def _lock_and_choose(cfg: Config, accelerator: Accelerator) -> list:
 
 def _check_and_build(cfg: Config, accelerator: Accelerator, schedule: LrSchedule,
                      resume_from: Path | None, finished: bool) -> _Checked:
-    """This rank's start-up checks, each of which may fail on this rank alone.
-
-    Nothing here may wait for the other ranks, so the checkpoint is only
-    checked: it is restored after ``accelerator.prepare``.
-    """
+    """This rank's start-up checks; none waits for the others, so the checkpoint is only checked."""
     state = TrainState(phase=cfg.train.phase, wandb_run_id=new_run_id())
     if resume_from is not None:
         if not accelerator.is_main_process and not resume_from.is_dir():
@@ -210,8 +200,7 @@ def _resume_checkpoint(cfg: Config) -> Path | None:
         return None
     folder = resolve_checkpoint(cfg.run.resume)
     if problem := find_damage(folder):  # the user's choice: an error, never moved aside
-        raise CheckpointError(f"{problem}; move that checkpoint aside to resume from the one before "
-                              "(run.resume=auto does)")
+        raise CheckpointError(f"{problem}; {MOVE_ASIDE}")
     return folder
 
 
@@ -222,11 +211,7 @@ def _check_phase(state: TrainState, cfg: Config, folder: Path) -> None:
 
 
 def _resume_position(state: TrainState, num_samples: int, world_size: int, folder: Path) -> TrainState:
-    """Where the resumed run continues, checked, so that the loop ends whatever state.json says.
-
-    ``samples_done`` does not depend on the batch or the world size; an
-    epoch trained to its end continues with the next one.
-    """
+    """Where the resumed run continues, checked, so that the loop ends whatever state.json says."""
     done = state.samples_done
     if done > num_samples:
         raise CheckpointError(f"{folder / 'state.json'}: samples_done {done} is past the end of the epoch "
@@ -281,11 +266,8 @@ def _build_model(cfg: Config, accelerator: Accelerator, source: Path | None) -> 
 
 
 def _build_adversaries(cfg: Config, source: Path | None) -> Adversaries | None:
-    """ACAI's critic and the patch discriminator (None when both are off), not yet prepared.
-
-    Seeded apart from the model, so that turning them on leaves its initial
-    weights as they were; ``source`` (train.init_from) starts each one it holds.
-    """
+    """ACAI's critic and the patch discriminator (None when both are off), not yet prepared;
+    seeded apart, so that turning them on leaves the model's initial weights as they were."""
     wanted = enabled_adversaries(cfg)
     if not wanted:
         return None
@@ -315,8 +297,7 @@ def _prepare(accelerator: Accelerator, cfg: Config, built: Models) -> Models:
         prepared.ema = build_ema(built.model, cfg.train.ema_decay)
     if built.adversaries is not None:
         prepared.adversaries = accelerator.prepare_model(built.adversaries)
-        # Their optimizer stays unprepared: Accelerate's GradScaler, one scale per
-        # step, belongs to the autoencoder's. Under fp16 they get a scaler of their own.
+        # Unprepared: Accelerate's GradScaler is the autoencoder's; fp16 gives them their own.
         prepared.adversary_optimizer = built.adversary_optimizer
         accelerator.register_for_checkpointing(built.adversary_optimizer)
         if accelerator.scaler is not None:
@@ -326,9 +307,8 @@ def _prepare(accelerator: Accelerator, cfg: Config, built: Models) -> Models:
 
 
 def compile_or_eager(model: torch.nn.Module, cfg: Config, warn: bool) -> torch.nn.Module:
-    """``model`` under torch.compile when train.compile asks for it and inductor has the C++
-    compiler it builds its kernels with; else ``model`` as it is, with one warning (``warn``:
-    the main process) that names the fix, rather than a traceback at the first step."""
+    """``model`` under torch.compile when asked for and inductor has a C++ compiler; else as it is,
+    with one warning (``warn``) rather than a traceback at the first step."""
     if not cfg.train.compile:
         return model
     compiler = os.environ.get("CXX", "g++")  # what inductor looks for on Linux
@@ -342,8 +322,7 @@ def compile_or_eager(model: torch.nn.Module, cfg: Config, warn: bool) -> torch.n
 
 
 def _restore(accelerator: Accelerator, folder: Path, models: Models) -> None:
-    """The checkpoint, then the weights' moving average: one agreed stage, so that a rank that
-    cannot read either fails together with the others."""
+    """The checkpoint, then the weights' moving average: one agreed stage."""
     restore_checkpoint(accelerator, folder)
     if models.ema is not None:
         restore_ema(models.ema, folder)
@@ -351,8 +330,7 @@ def _restore(accelerator: Accelerator, folder: Path, models: Models) -> None:
 
 def _continue_from(folder: Path, cfg: Config, accelerator: Accelerator, state: TrainState,
                    num_samples: int, models: Models, schedule: LrSchedule) -> None:
-    """Where the restored run goes on, said once (and what a changed global batch changes);
-    the restored optimizer takes this run's settings."""
+    """Say where the restored run goes on; the restored optimizer takes this run's settings."""
     log.info("resumed from %s: epoch %d, %d of its %d samples trained, step %d",
              folder, state.epoch + 1, state.samples_done, num_samples, state.step)
     old, new = state.global_batch, schedule.global_batch

@@ -1,8 +1,7 @@
 """Where a phase stands: ``state.json`` in each checkpoint, and ``finished.json`` in the run folder.
 
-``state.json`` is read before the models exist (to choose and check the
-checkpoint to resume from) and validated as the config is, by pydantic: a bad
-field is one line naming the file and the field.
+``state.json`` is read before the models exist (to choose the checkpoint to resume) and
+validated by pydantic, as the config is.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from pegasus_dist.errors import CheckpointError
 from pegasus_dist.model.saved import STATE
 
 FINISHED = "finished.json"  # in the run folder, written last by a phase that ended
+MOVE_ASIDE = "move that checkpoint aside to resume from the one before (run.resume=auto does)"
 Count = Annotated[int, Field(ge=0)]
 # Fields of older state.json files, checked and dropped: their checkpoints cannot be resumed
 # (:func:`pegasus_dist.training.checkpoint.check_resumable`), but their weights start runs (train.init_from).
@@ -52,10 +52,7 @@ class _OlderStateFile(TrainState):
 
 
 def is_complete(state: TrainState, cfg: Config) -> bool:
-    """Whether a phase at ``state`` has nothing left to train under ``cfg``.
-
-    The one definition of "done"; raising either limit in the config makes it train on.
-    """
+    """Whether a phase at ``state`` has nothing left to train under ``cfg`` (the one definition)."""
     max_steps_reached = bool(cfg.train.max_steps) and state.step >= cfg.train.max_steps
     return state.epoch >= cfg.train.epochs or max_steps_reached
 
@@ -66,11 +63,8 @@ def mark_finished(run_dir: Path, checkpoint: Path) -> None:
 
 
 def is_finished(run_dir: Path, checkpoint: Path) -> bool:
-    """Whether :func:`mark_finished` was reached for ``checkpoint``.
-
-    A run killed after its final checkpoint is complete, not finished: a restart
-    only does the end-of-run work.
-    """
+    """Whether :func:`mark_finished` was reached for ``checkpoint``: a run killed after its final
+    checkpoint is complete, not finished, and a restart only does the end-of-run work."""
     try:
         return json.loads((run_dir / FINISHED).read_text()).get("checkpoint") == checkpoint.name
     except (OSError, ValueError, AttributeError):
@@ -82,8 +76,7 @@ def read_state(folder: Path) -> TrainState:
     try:
         return parse_state(folder / STATE)
     except CheckpointError as err:
-        raise CheckpointError(f"{err}; move that checkpoint aside to resume from the one before "
-                              "(run.resume=auto does)") from None
+        raise CheckpointError(f"{err}; {MOVE_ASIDE}") from None
 
 
 def parse_state(path: Path) -> TrainState:

@@ -1,10 +1,8 @@
 """The training step: forward, loss, the adversaries, backward, and the optimizer step.
 
-:class:`TrainStep` trains one micro-batch; an optimizer step takes
-``train.grad_accum_steps`` of them (the epoch's last step may take fewer),
-where they stand in the epoch is the :class:`EpochPlan`. Nothing here waits
-for the device, so the host queues the next step while this one runs; only
-``train.on_nonfinite=skip`` reads every loss.
+:class:`TrainStep` trains one micro-batch of the :class:`EpochPlan`. Nothing here waits for the
+device, so the host queues the next step while this one runs; only ``train.on_nonfinite=skip``
+reads every loss.
 """
 
 from __future__ import annotations
@@ -39,8 +37,7 @@ class Models:
     optimizer: torch.optim.Optimizer
     adversaries: torch.nn.Module | None = None
     adversary_optimizer: torch.optim.Optimizer | None = None
-    # Under fp16, the adversaries' own loss scale: their small gradients would
-    # underflow unscaled, and the autoencoder's scaler steps its optimizer alone.
+    # fp16: the adversaries' own loss scale, lest their small gradients underflow.
     adversary_scaler: torch.amp.GradScaler | None = None
     ema: AveragedModel | None = None  # train.ema_decay > 0: the VAE's weights averaged (training.ema)
 
@@ -67,18 +64,14 @@ class EpochPlan:
         return self.first + self.done + 1
 
     def micro_batch(self, accum: int) -> tuple[int, bool]:
-        """(index of the next micro-batch within its optimizer step, whether it ends the step).
+        """(index of the next micro-batch in its optimizer step, whether it ends the step).
 
-        The epoch's last batch always ends a step, so a checkpoint resumes at a step's start.
-        """
+        The epoch's last batch always ends a step, so a checkpoint resumes at a step's start."""
         return self.done % accum, (self.done + 1) % accum == 0 or self.done + 1 == len(self.sizes)
 
     def loss_weight(self, count: int, world_size: int, accum: int) -> float:
-        """The factor on the next micro-batch's per-image mean loss in the step's gradient.
-
-        count * world_size / (images in the step's global batch): after DDP's average
-        the gradient is the mean over every image of the step, shorter last step included.
-        """
+        """The factor on the next micro-batch's per-image mean loss: after DDP's average the
+        gradient is the mean over every image of the step, shorter last step included."""
         first = self.done - self.micro_batch(accum)[0]
         return count * world_size / sum(self.sizes[first : first + accum])
 
@@ -98,8 +91,7 @@ class TrainStep:
                  watch: NonfiniteWatch, hooks: Hooks) -> None:
         self.cfg, self.accelerator, self.models = cfg, accelerator, models
         self.schedule, self.watch, self.hooks = schedule, watch, hooks
-        # train.on_nonfinite=skip: the ranks whose loss was NaN/Inf in the optimizer
-        # step in progress; the whole step is skipped at its last micro-batch.
+        # train.on_nonfinite=skip: the ranks with a NaN/Inf loss in the step (skipped at its end).
         self.skip_ranks: list[int] = []
         # fp16 only: the updates GradScaler dropped (an overflow), counted on the device.
         self.dropped = (DroppedUpdates(models.optimizer, accelerator.device)
@@ -118,8 +110,7 @@ class TrainStep:
         losses = self._forward_backward(x, batch.offset, eps, alpha, weight, ends_step, state.step)
         images = x.shape[0]
         if self.cfg.train.on_nonfinite == "skip":
-            # The opt-in price of skipping: one host sync per micro-batch, so that every
-            # rank skips the update at exactly the bad step.
+            # The opt-in price: one host sync per micro-batch, so every rank skips the same step.
             if bad_ranks := nonfinite_ranks(self.accelerator, losses.total):
                 self.skip_ranks = self.skip_ranks or bad_ranks
                 losses, images = BatchLosses.zeros(x.device), 0
@@ -164,10 +155,8 @@ class TrainStep:
 
     def _fooling_terms(self, mixed: torch.Tensor | None, decoded: torch.Tensor, pairs: torch.Tensor | None,
                        zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The autoencoder's terms against the critic and the discriminator (``zero`` for one that is off).
-
-        Through detached parameters, outside DDP: gradients reach the images, never the adversaries.
-        """
+        """The autoencoder's terms against the critic and the discriminator (``zero`` when off),
+        through detached parameters outside DDP: gradients reach the images, not the adversaries."""
         adversaries = self.accelerator.unwrap_model(self.models.adversaries)
         frozen = {name: value.detach() for name, value in adversaries.named_parameters()}
         with self.accelerator.autocast():
@@ -179,10 +168,9 @@ class TrainStep:
     def _adversaries_backward(self, x: torch.Tensor, mixed: torch.Tensor | None, decoded: torch.Tensor,
                               alpha: torch.Tensor | None, pairs: torch.Tensor | None, weight: float,
                               ends_step: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The critic's and the discriminator's losses on detached decodes, backpropagated into them alone.
+        """The critic's and discriminator's losses on detached decodes, backpropagated into them.
 
-        One forward of the prepared adversaries per micro-batch, so that DDP sees one use of them.
-        """
+        One forward of the prepared adversaries per micro-batch, so that DDP sees one use."""
         adversaries, decoded = self.models.adversaries, decoded.detach()
         critic_input = discriminator_input = None
         if mixed is not None:
@@ -243,17 +231,13 @@ class TrainStep:
 
     def _noise(self, offset: int, size: int, index: int,
                step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The reparameterisation noise of this rank's rows of micro-batch ``index`` of the step,
-        and with ACAI their mixing coefficients in [0, 1/2].
+        """The noise (and ACAI's mixing coefficients) of this rank's rows of micro-batch ``index``.
 
-        Drawn for the step's whole global batch from a generator seeded by the step, then
-        sliced: an image's noise does not depend on the process count or accumulation,
-        and a resumed run draws the same.
-        """
+        Drawn for the step's global batch from a generator seeded by the step, then sliced: an
+        image's noise depends on neither the process count nor accumulation, nor on a resume."""
         cfg, device = self.cfg, self.accelerator.device
         generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + step)
-        # Twice the global batch covers a last batch of batch_size + 1 per rank, and
-        # the shape, like the global batch, does not depend on the world size.
+        # Covers a last batch of batch_size + 1 per rank, in a shape independent of the world size.
         rows = 2 * self.schedule.global_batch
         noise = torch.randn(rows, cfg.model.latent_dim, generator=generator, device=device)
         # Drawn after the noise, so that turning ACAI on leaves the noise as it was.

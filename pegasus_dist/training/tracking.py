@@ -32,10 +32,8 @@ _WANDB_MODE_VALUES = {"online": "online", "offline": "offline", "disabled": "dis
 
 
 def wandb_mode(cfg: Config) -> str:
-    """The W&B mode of this run: online, offline or disabled (the one place that decides).
-
-    wandb.init gets it explicitly, so wandb's own reading of ``WANDB_MODE`` never disagrees.
-    """
+    """The W&B mode of this run, the one place that decides: wandb.init gets it explicitly, so that
+    wandb's own reading of ``WANDB_MODE`` never disagrees."""
     if cfg.wandb.mode != "auto":
         return cfg.wandb.mode
     if env := os.environ.get("WANDB_MODE", ""):
@@ -103,8 +101,13 @@ def _start(accelerator: Accelerator, cfg: Config, state: TrainState, config: dic
            mode: str) -> None:
     """wandb.init through Accelerate (main process only); offline instead when an online start fails."""
     try:
-        accelerator.init_trackers(cfg.wandb.project, config=config,
-                                  init_kwargs={"wandb": _init_kwargs(cfg, state, mode)})
+        accelerator.init_trackers(cfg.wandb.project, config=config, init_kwargs={"wandb": {
+            "mode": mode, "dir": str(cfg.run_dir.resolve()), "id": state.wandb_run_id,
+            "resume": "allow", "entity": cfg.wandb.entity or None, "name": cfg.wandb_name,
+            "group": cfg.wandb_group, "tags": cfg.wandb.tags or None, "job_type": cfg.train.phase,
+            # A server out of reach: wandb.init retries until init_timeout, then raises CommError.
+            "settings": wandb.Settings(init_timeout=cfg.wandb.init_timeout_s),
+        }})
     except wandb.Error as err:
         if mode != "online":
             raise
@@ -123,17 +126,6 @@ def _first_line(err: Exception) -> str:
     return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
-def _init_kwargs(cfg: Config, state: TrainState, mode: str) -> dict[str, Any]:
-    """The arguments of wandb.init, through Accelerate's WandBTracker."""
-    return {
-        "mode": mode, "dir": str(cfg.run_dir.resolve()), "id": state.wandb_run_id, "resume": "allow",
-        "entity": cfg.wandb.entity or None, "name": cfg.wandb_name, "group": cfg.wandb_group,
-        "tags": cfg.wandb.tags or None, "job_type": cfg.train.phase,
-        # With the server unreachable, wandb.init retries until init_timeout, then raises CommError.
-        "settings": wandb.Settings(init_timeout=cfg.wandb.init_timeout_s),
-    }
-
-
 def _started_from(init_from: str) -> dict[str, Any]:
     """The checkpoint that ``train.init_from`` names, and the W&B run that wrote it."""
     folder = resolve_checkpoint(init_from)
@@ -148,8 +140,7 @@ class MetricsLog:
     def __init__(self, accelerator: Accelerator, run_dir: Path) -> None:
         self.accelerator = accelerator
         self.path = run_dir / "metrics.jsonl"
-        # The W&B run already holds every step up to this one (set by resume): rows
-        # up to it would go back in steps, which W&B ignores, or repeat ones it has.
+        # The last step the W&B run holds (set by resume): rows up to it are not logged there again.
         self.wandb_holds_step = -1
 
     def log(self, values: dict[str, float], step: int) -> None:
@@ -180,11 +171,8 @@ class MetricsLog:
                  for name, path in paths.items()}, step=step)
 
     def resume(self, step: int) -> None:
-        """Continue the logs of a run resumed from its checkpoint of ``step`` (main process).
-
-        The rows after ``step`` leave metrics.jsonl (they are recomputed); the rows
-        after W&B's ``run.step`` are logged again from it (offline ``run.step`` is 0).
-        """
+        """Continue the logs of a run resumed at ``step``: the rows after it leave metrics.jsonl
+        (recomputed); those after W&B's ``run.step`` (offline: 0) are logged again from it."""
         if not self.accelerator.is_main_process:
             return
         rows = self._keep_rows_up_to(step)

@@ -1,8 +1,7 @@
 """The loss terms of a micro-batch, and their sums over a log window, by name.
 
-The terms stay on the device; at a sync point a window is reduced over the
-ranks with one all-reduce and one host read (:func:`reduce_windows`), in the
-order of :data:`SUMS`, the one place that order is defined.
+The terms stay on the device; at a sync point a window is reduced over the ranks with one
+all-reduce and one host read (:func:`reduce_windows`), in the order of :data:`SUMS`.
 """
 
 from __future__ import annotations
@@ -37,34 +36,20 @@ class BatchLosses:
 TERMS = tuple(f.name for f in fields(BatchLosses))
 # A window's sums, in the order they travel in its one all-reduce.
 SUMS = (*TERMS, "images", "bad_samples")
-# The name each term is logged under (W&B and metrics.jsonl), and the loss
-# weight that must be on for it to be logged at all.
+# The name each term is logged under, and the loss weight that must be on for it to be logged.
 LOGGED = {"total": "loss", "recon": "recon", "kl": "kl", "critic": "acai_critic", "fooling": "acai_fooling",
           "discriminator": "patch_gan_discriminator", "generator": "patch_gan_generator"}
 WEIGHT = {"critic": "acai_weight", "fooling": "acai_weight",
           "discriminator": "patch_gan_weight", "generator": "patch_gan_weight"}
 
 
-@dataclass(frozen=True)
-class Sums:
-    """A window's sums over every rank: the terms image-weighted, then images and bad samples."""
-
-    total: float
-    recon: float
-    kl: float
-    critic: float
-    fooling: float
-    discriminator: float
-    generator: float
-    images: float
-    bad_samples: float
-
-    def means(self, loss: LossConfig) -> dict[str, float]:
-        """Per-image means by logged name; the adversaries' only when they train; none without images."""
-        if not self.images:
-            return {}
-        return {LOGGED[term]: getattr(self, term) / self.images for term in TERMS
-                if term not in WEIGHT or getattr(loss, WEIGHT[term])}
+def means(sums: dict[str, float], loss: LossConfig) -> dict[str, float]:
+    """Per-image means of a window's ``sums`` by logged name; the adversaries' only when they
+    train; none without images."""
+    if not sums["images"]:
+        return {}
+    return {LOGGED[term]: sums[term] / sums["images"] for term in TERMS
+            if term not in WEIGHT or getattr(loss, WEIGHT[term])}
 
 
 class Window:
@@ -79,7 +64,7 @@ class Window:
         self.images = 0
         self.bad_samples = 0
         self.steps = 0  # micro-batches added
-        self.started = time.perf_counter()
+        self.started = time.perf_counter()  # for the window's images per second
 
     def add(self, terms: BatchLosses, images: int, bad_samples: int) -> None:
         # The terms in the order of TERMS, one tensor: one device operation.
@@ -88,9 +73,6 @@ class Window:
         self.bad_samples += bad_samples
         self.steps += 1
 
-    def seconds(self) -> float:
-        return time.perf_counter() - self.started
-
     def copy(self) -> Window:
         """This window as it is now, its sums copied on the device (no host read)."""
         kept = Window.__new__(Window)
@@ -98,9 +80,10 @@ class Window:
         return kept
 
 
-def reduce_windows(accelerator: Accelerator, *windows: Window) -> list[Sums]:
-    """Each window's sums over every rank: one all-reduce and one host read for all of them."""
+def reduce_windows(accelerator: Accelerator, *windows: Window) -> list[dict[str, float]]:
+    """Each window's sums over every rank, by the names of :data:`SUMS`: one all-reduce and one
+    host read for all of them."""
     losses = torch.stack([w.losses for w in windows])
     counts = losses.new_tensor([[w.images, w.bad_samples] for w in windows])
     rows = accelerator.reduce(torch.cat([losses, counts], dim=1), reduction="sum").tolist()
-    return [Sums(**dict(zip(SUMS, row, strict=True))) for row in rows]
+    return [dict(zip(SUMS, row, strict=True)) for row in rows]
