@@ -67,25 +67,22 @@ class Section(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _yaml_1_1(cls, value: Any, info: ValidationInfo) -> Any:
-        return _from_yaml_1_1(value, cls.model_fields[info.field_name].annotation)
+        """Undo YAML 1.1's readings of 3e-4 (no dot) as a string, `no` as false, nothing as null."""
+        hint = cls.model_fields[info.field_name].annotation
+        if hint is float and isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return float(value)
+        if hint is str and value is None:
+            return ""
+        if value is False and "no" in typing.get_args(hint):
+            return "no"
+        return value
 
     @classmethod
     def key(cls, loc: tuple[int | str, ...]) -> str:
         """How a message names the key at ``loc``: ``model.channels[2]``."""
         rest = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc[1:])
         return f"{loc[0]}{rest}" if loc else ""
-
-
-def _from_yaml_1_1(value: Any, hint: Any) -> Any:
-    """What YAML 1.1 reads otherwise than a key means: 3e-4 (no dot) a string, `no` false, nothing null."""
-    if hint is float and isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            return float(value)
-    if hint is str and value is None:
-        return ""
-    if value is False and "no" in typing.get_args(hint):
-        return "no"
-    return value
 
 
 class RunConfig(Section):
