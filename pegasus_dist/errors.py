@@ -1,8 +1,6 @@
 """Errors a person can act on, and the requested stop that is not an error.
 
-Every error that is the user's to fix (a config key, a missing file, a corrupt
-shard) is a :class:`PegasusError`. The CLI prints its message on one line and
-exits with its ``exit_code`` instead of showing a traceback.
+The CLI prints a :class:`PegasusError` as one line and exits with its ``exit_code``, no traceback.
 """
 
 # sysexits.h EX_TEMPFAIL: "try again later". The exit code of a run stopped for a requeue.

@@ -1,10 +1,7 @@
 """`pegasus-dist pipeline`: sources -> shards -> pretrain -> finetune -> report, resumable.
 
-The stages of README's "First run on real data" in one process, each skipped
-or continued where an interrupted pipeline stopped: shards (kept when prepared
-from the same inputs), the quality classifier (kept when trained on these
-shards), pretrain and finetune (resumed by ``run.resume=auto``; a complete
-phase returns at once), then the HTML report of both runs.
+README's "First run on real data" in one process; a rerun keeps shards prepared from the same
+inputs and a classifier trained on them, and resumes the phases (``run.resume=auto``).
 """
 
 from __future__ import annotations
@@ -55,8 +52,7 @@ def run_pipeline(sources: list[str], config_dir: Path, overrides: list[str],
 def load_phases(config_dir: Path, overrides: list[str]) -> tuple[Config, Config]:
     """The two phases' configs; finetune starts from the pretrain run, both read one shard folder."""
     paths = [config_dir / f"{phase}.yaml" for phase in PHASES]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
+    if missing := [str(p) for p in paths if not p.is_file()]:
         raise ConfigError(f"--config-dir {config_dir} must hold {' and '.join(p.name for p in paths)}; "
                           f"missing {', '.join(missing)}")
     pretrain_cfg = load_config(paths[0], overrides)

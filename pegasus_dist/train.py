@@ -1,7 +1,6 @@
 """The entry point every launcher runs: ``accelerate launch pegasus_dist/train.py --config ...``.
 
-``python pegasus_dist/train.py`` and ``pegasus-dist train`` run the same
-:func:`pegasus_dist.training.loop.main`; tests inject faults into it with ``PEGASUS_FAULT``.
+The same :func:`pegasus_dist.training.loop.main` as ``pegasus-dist train``.
 """
 
 from pegasus_dist.training.loop import main

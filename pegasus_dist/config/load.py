@@ -18,8 +18,6 @@ from pegasus_dist.config.sections import Config, Section
 from pegasus_dist.errors import ConfigError
 
 S = TypeVar("S", bound=Section)
-
-
 Origins = dict[tuple[str, ...], Path]  # (section,) and (section, key) -> the file that set it
 
 
