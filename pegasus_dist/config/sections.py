@@ -134,9 +134,8 @@ class ModelConfig(Section):
     # a 3x3 convolution: no checkerboard of overlapping 4x4 transposed kernels; Odena, Dumoulin
     # and Olah 2016, "Deconvolution and Checkerboard Artifacts", Distill).
     upsample: Literal["transpose", "resize"] = "transpose"
-    # p(x|z): bernoulli (the paper's BCE on [0, 1]) or logistic, a discretized logistic
-    # over the 256 pixel levels with a learned scale per colour channel (PixelCNN++,
-    # Salimans et al. 2017, with one component): a proper likelihood of 8-bit images.
+    # p(x|z): bernoulli (the paper's BCE on [0, 1]) or logistic, a proper likelihood of 8-bit
+    # images (PixelCNN++'s discretized logistic, Salimans et al. 2017; a learned scale per colour).
     likelihood: Literal["bernoulli", "logistic"] = "bernoulli"
 
 
@@ -154,9 +153,8 @@ class LossConfig(Section):
     acai_weight: float = Field(0.0, ge=0)
     # gamma of the critic's regulariser: it sees gamma x + (1 - gamma) x_hat, target 0.
     acai_gamma: float = Field(0.2, ge=0, le=1)
-    # Weight of the patch discriminator's hinge term -mean D(x_hat) on reconstructions
-    # (model/adversaries.py: VAE-GAN's adversarial loss on decodes); 0: off. Like
-    # acai_weight, ~ 0.1 x 3 x H x W (300 at 32 px) is the order of a loss averaged over pixels.
+    # Weight of the patch discriminator's hinge term -mean D(x_hat) (model/adversaries.py, after
+    # VAE-GAN); 0: off. Like acai_weight, 0.1 x 3 x H x W (300 at 32 px) is a per-pixel 0.1.
     patch_gan_weight: float = Field(0.0, ge=0)
 
 
@@ -165,10 +163,9 @@ class OptimConfig(Section):
 
     lr: float = Field(1e-3, gt=0)  # the learning rate at a global batch of `base_batch_size`
     base_batch_size: int = Field(128, ge=1)
-    # How lr follows the global batch G (per-process batch x processes x
-    # train.grad_accum_steps): sqrt uses lr * sqrt(G / base_batch_size), the rule
-    # for Adam (Malladi et al. 2022); linear uses lr * G / base_batch_size (Goyal
-    # et al.'s rule for SGD: Adam diverges with it at G=1024); none keeps lr.
+    # How lr follows the global batch G: sqrt uses lr * sqrt(G / base_batch_size), the rule for
+    # Adam (Malladi et al. 2022); linear uses lr * G / base_batch_size (Goyal et al.'s rule for
+    # SGD: Adam diverges with it at G=1024); none keeps lr.
     lr_scaling: Literal["linear", "sqrt", "none"] = "sqrt"
     # Steps of linear warm-up from lr/warmup_steps to the scaled lr (Goyal et al. 2017); 0: off.
     # 200 is Goyal's 5 epochs at the SLURM scripts' largest global batch (4096 on the 173k mix).
@@ -212,14 +209,12 @@ class TrainConfig(Section):
     collective_timeout_s: int = Field(600, ge=1)  # a collective's wait for a missing rank
     cpu: bool = False  # train on the CPU even where CUDA is available
     channels_last: bool = False  # NHWC activations: faster convolutions on tensor cores
-    # GPU throughput options, off until bench/gpu-check.sh has measured them: cuDNN's
-    # autotuner; DDP's gradients as views of its buckets (no copy; the same weights,
-    # tests/test_ddp.py); bf16 gradients on the wire (NCCL; rounds every gradient).
-    # DDP's static_graph is not offered: it changed 40 % of the weights (by up to
-    # 8e-5) after 3 steps on 2 gloo processes, so N processes no longer train like one.
-    cudnn_benchmark: bool = False
-    ddp_bucket_view: bool = False
-    ddp_bf16_gradients: bool = False
+    # GPU throughput options, off until bench/gpu-check.sh has measured them. DDP's static_graph
+    # is not offered: it changed 40 % of the weights (by up to 8e-5) after 3 steps on 2 gloo
+    # processes, so N processes no longer train like one.
+    cudnn_benchmark: bool = False  # cuDNN's autotuner
+    ddp_bucket_view: bool = False  # gradients as views of DDP's buckets: no copy, the same weights
+    ddp_bf16_gradients: bool = False  # bf16 gradients on the wire (NCCL): rounds every gradient
     compile: bool = False  # torch.compile the model (pays off on GPUs, after a warm-up)
 
 
