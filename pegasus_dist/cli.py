@@ -271,9 +271,9 @@ def _run_pipeline(sources: list[str], config_dir: Path, reprepare: bool, overrid
     from pegasus_dist.pipeline import run_pipeline
 
     # A stop signal ends it with exit 75 (console.exit_on_user_error); the same command resumes.
-    outputs = run_pipeline(sources, config_dir, overrides, reprepare, _command_line())
-    typer.echo(f"Pegasus grid: {outputs.pegasus}")
-    typer.echo(f"report: {outputs.report}")
+    pegasus, report = run_pipeline(sources, config_dir, overrides, reprepare, _command_line())
+    typer.echo(f"Pegasus grid: {pegasus}")
+    typer.echo(f"report: {report}")
 
 
 def _command_line() -> str:

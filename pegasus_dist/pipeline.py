@@ -7,7 +7,6 @@ inputs and a classifier trained on them, and resumes the phases (``run.resume=au
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 from pegasus_dist.config import Config, PrepareConfig, load_config
@@ -24,15 +23,9 @@ PHASES = ("pretrain", "finetune")  # the config files a --config-dir holds, in r
 PATH_SOURCES = ("cifar10", "stl10", "folder")  # source kinds whose argument is a file or folder
 
 
-@dataclass
-class PipelineOutputs:
-    pegasus: Path  # the finetuned model's Pegasus grid
-    report: Path  # the HTML page of both phases
-
-
 def run_pipeline(sources: list[str], config_dir: Path, overrides: list[str],
-                 reprepare: bool = False, command: str = "") -> PipelineOutputs:
-    """Run every stage that is not done yet."""
+                 reprepare: bool = False, command: str = "") -> tuple[Path, Path]:
+    """Run every stage that is not done yet; the finetuned model's Pegasus grid and the report."""
     pretrain_cfg, finetune_cfg = load_phases(config_dir, overrides)
     shards = PrepareConfig(sources=sources, out=pretrain_cfg.data.shards,
                            image_size=pretrain_cfg.model.image_size)
@@ -45,8 +38,8 @@ def run_pipeline(sources: list[str], config_dir: Path, overrides: list[str],
         train(cfg)  # resumes from the newest checkpoint; returns at once when the phase is complete
     out = Path(finetune_cfg.run.output_dir) / "report.html"
     log.info("pipeline 5/5: report -> %s", out)
-    return PipelineOutputs(pegasus=finetune_cfg.run_dir / "samples" / "pegasus.png",
-                           report=write_report([pretrain_cfg.run_dir, finetune_cfg.run_dir], out))
+    report = write_report([pretrain_cfg.run_dir, finetune_cfg.run_dir], out)
+    return finetune_cfg.run_dir / "samples" / "pegasus.png", report
 
 
 def load_phases(config_dir: Path, overrides: list[str]) -> tuple[Config, Config]:
