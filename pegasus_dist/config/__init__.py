@@ -7,7 +7,6 @@ from pegasus_dist.config.load import load_config, problem, validated
 from pegasus_dist.config.sections import (
     Config,
     DataConfig,
-    EvalConfig,
     LossConfig,
     ModelConfig,
     OptimConfig,
@@ -15,12 +14,8 @@ from pegasus_dist.config.sections import (
     Precision,
     PrepareConfig,
     QualityConfig,
-    RunConfig,
     SamplerConfig,
-    TrainConfig,
-    WandbConfig,
 )
 
-__all__ = ["Config", "DataConfig", "EvalConfig", "LossConfig", "ModelConfig", "OptimConfig", "Phase",
-           "Precision", "PrepareConfig", "QualityConfig", "RunConfig", "SamplerConfig", "TrainConfig",
-           "WandbConfig", "load_config", "problem", "validated"]
+__all__ = ["Config", "DataConfig", "LossConfig", "ModelConfig", "OptimConfig", "Phase", "Precision",
+           "PrepareConfig", "QualityConfig", "SamplerConfig", "load_config", "problem", "validated"]
