@@ -29,7 +29,7 @@ def write_sums(folder: Path) -> None:
 def read_sums(folder: Path) -> dict[str, str] | None:
     """File name -> sha256 from ``folder/SHA256SUMS``, None without one (written before them).
 
-    ValueError: the file is unreadable or a line is not ``<64 hex>  <name>``."""
+    Raises ValueError when it is unreadable or a line is not ``<64 hex>  <name>``."""
     try:
         text = (folder / SUMS).read_text(encoding="ascii")
     except FileNotFoundError:
