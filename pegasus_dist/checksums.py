@@ -1,8 +1,5 @@
-"""sha256 digests of files, and a folder's ``SHA256SUMS`` in the format of coreutils' ``sha256sum``.
-
-A checkpoint lists its files in ``SHA256SUMS``, so ``sha256sum -c SHA256SUMS`` checks it from a
-shell too; a shard set's manifest keeps its own digests, also from :func:`sha256_file`.
-"""
+"""sha256 digests of files, and a folder's ``SHA256SUMS`` as coreutils' ``sha256sum`` writes it,
+so that ``sha256sum -c SHA256SUMS`` checks a checkpoint from a shell too."""
 
 from __future__ import annotations
 
@@ -55,11 +52,8 @@ def sums_problem(folder: Path, names: list[str] | None = None) -> str | None:
         return str(err)
     if sums is None:
         return None
-    if names is None:
-        present = {p.name for p in folder.iterdir() if p.is_file()} - {SUMS}
-        if extra := sorted(present - sums.keys()):
-            return f"{folder / extra[0]} is not listed in {folder / SUMS}"
-    for name in sorted(sums) if names is None else names:
+    unlisted = sorted({p.name for p in folder.iterdir() if p.is_file()} - {SUMS} - sums.keys())
+    for name in unlisted + sorted(sums) if names is None else names:
         path = folder / name
         if name not in sums:
             return f"{path} is not listed in {folder / SUMS}"

@@ -1,7 +1,4 @@
-"""Errors a person can act on, and the requested stop that is not an error.
-
-The CLI prints a :class:`PegasusError` as one line and exits with its ``exit_code``, no traceback.
-"""
+"""Errors a person can act on (printed as one line, exit ``exit_code``), and a requested stop."""
 
 REQUEUE_EXIT_CODE = 75  # a run stopped for a requeue: sysexits.h EX_TEMPFAIL, "try again later"
 

@@ -1,8 +1,5 @@
-"""`pegasus-dist pipeline`: sources -> shards -> pretrain -> finetune -> report, resumable.
-
-README's "First run on real data" in one process; a rerun keeps shards prepared from the same
-inputs and a classifier trained on them, and resumes the phases (``run.resume=auto``).
-"""
+"""`pegasus-dist pipeline`: sources -> shards -> pretrain -> finetune -> report in one process; a
+rerun keeps shards and a classifier made from the same inputs and resumes the phases."""
 
 from __future__ import annotations
 

@@ -1,7 +1,4 @@
-"""The one typed configuration of a run: a YAML chain, then ``section.key=value`` overrides.
-
-Loaded and validated by :mod:`.load`; every default lives in :mod:`.sections`.
-"""
+"""A run's one typed configuration: validated by :mod:`.load`, every default in :mod:`.sections`."""
 
 from pegasus_dist.config.load import load_config, problem, validated
 from pegasus_dist.config.sections import (

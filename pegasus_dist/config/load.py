@@ -1,8 +1,5 @@
-"""YAML files and ``section.key=value`` overrides into one validated :class:`Config`.
-
-pydantic's error becomes one :class:`ConfigError` line naming the key, the
-file that set it and what the value must be, with a "did you mean".
-"""
+"""YAML files and ``section.key=value`` overrides into one validated :class:`Config`; pydantic's
+error becomes one :class:`ConfigError` line: the key, the file that set it, a "did you mean"."""
 
 from __future__ import annotations
 

@@ -1,7 +1,4 @@
-"""The sections of a run's one typed configuration; every default lives here and nowhere else.
-
-A key's comment says what it does, its type and bounds what values it takes.
-"""
+"""The sections of a run's typed configuration, every default; comments say what a key does."""
 
 from __future__ import annotations
 
