@@ -98,9 +98,8 @@ class DataConfig(Section):
     shards: str = "shards"  # the folder that `pegasus-dist prepare` wrote
     shard_set: str = Field("mix", min_length=1)  # a subfolder of `shards`: mix or horse_bird
     batch_size: int = Field(128, ge=1)  # per process; the global batch is this times the world size
-    # Images per optimizer step whatever the world size (0: off), over batch_size: the per-process
-    # batch is this / (processes x train.grad_accum_steps), which must divide evenly. A run
-    # then resumes on another number of processes with the same global batch, so the same steps.
+    # Images per optimizer step on any world size (0: off), over batch_size: the per-process batch is
+    # this / (processes x train.grad_accum_steps), exactly, so a resume on N processes takes the same steps.
     global_batch_size: int = Field(0, ge=0)
     num_workers: int = Field(2, ge=0)  # loader processes per training process
     seed: int = 0  # seeds the per-epoch shuffle, identical on every rank
@@ -124,8 +123,7 @@ class ModelConfig(Section):
     fc_dims: FcWidths = Field(default_factory=lambda: [512, 512, 256])
     latent_dim: int = Field(128, ge=1)
     leaky_slope: float = 0.2
-    # Batch norm over the global batch: N processes with batch B compute what 1 with N*B does.
-    sync_batchnorm: bool = False
+    sync_batchnorm: bool = False  # batch norm over the global batch: N processes of B compute as 1 of N*B
     # How the decoder doubles the side: transpose (the paper's) or resize (nearest-neighbour, then
     # a 3x3 convolution: no checkerboard of overlapping 4x4 transposed kernels; Odena, Dumoulin
     # and Olah 2016, "Deconvolution and Checkerboard Artifacts", Distill).
@@ -139,10 +137,8 @@ class LossConfig(Section):
     """Equation (1): summed pixel BCE plus beta times the closed-form KL (2), and what sharpens it."""
 
     beta: float = Field(1.0, ge=0)
-    # Optimizer steps over which beta grows linearly from 0 (KL warm-up); 0: beta from the start.
-    kl_warmup_steps: int = Field(0, ge=0)
-    # Nats per latent dimension and image below which the KL is not charged (free bits); 0: off.
-    free_bits: float = Field(0.0, ge=0)
+    kl_warmup_steps: int = Field(0, ge=0)  # steps over which beta grows linearly from 0 (KL warm-up)
+    free_bits: float = Field(0.0, ge=0)  # nats per latent dimension and image the KL does not charge
     # ACAI's lambda (model/acai.py): weight of |C(x_a)|^2, the critic's guess of decoded
     # interpolants' mixing coefficient, in the per-image loss; 0: off. The BCE here sums over
     # 3 x H x W pixels where ACAI's MSE averages: 0.5 x 3 x H x W (1,536 at 32 px) is ACAI's 0.5.
@@ -187,8 +183,7 @@ class TrainConfig(Section):
     # Decay of a moving average of the VAE's weights (ema.safetensors) that the grids, the
     # evaluation and `pegasus-dist sample` use; 0: off.
     ema_decay: float = Field(0.0, ge=0, lt=1)
-    # A checkpoint or run directory (its newest) whose weights start this phase (finetune's).
-    init_from: str = ""
+    init_from: str = ""  # a checkpoint or run directory (its newest) whose weights start this phase
     # Steps between logged (rank-reduced) metrics, the sync points where the ranks check for
     # NaN/Inf losses: steps in between never wait for the device (stop signals: agreed each step).
     log_every: int = Field(10, ge=1)
@@ -198,9 +193,8 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(0, ge=0)
     checkpoint_minutes: float = Field(10.0, ge=0)
     keep_checkpoints: int = Field(3, ge=1)
-    # A NaN/Inf loss on any rank. stop: at the next sync point, before any checkpoint, naming the
-    # first bad step and the last good checkpoint. skip: every rank skips that step's update,
-    # at the price of one host sync per step.
+    # A NaN/Inf loss on any rank. stop: at the next sync point, before any checkpoint, naming the first
+    # bad step and the last good checkpoint. skip: every rank skips that update (a host sync a step).
     on_nonfinite: Literal["stop", "skip"] = "stop"
     collective_timeout_s: int = Field(600, ge=1)  # a collective's wait for a missing rank
     cpu: bool = False  # train on the CPU even where CUDA is available
@@ -263,8 +257,7 @@ class EvalConfig(Section):
 class QualityConfig(Section):
     """The project's own judge of the grids (evaluation.classifier, evaluation.quality)."""
 
-    # `pegasus-dist classifier`'s folder; empty: <run.output_dir>/classifier (both phases').
-    classifier: str = ""
+    classifier: str = ""  # `pegasus-dist classifier`'s folder; empty: <run.output_dir>/classifier
     # 5 epochs reach 70 % held-out accuracy; about 26 s an epoch of CIFAR-10's 58,800 on 2 cores.
     classifier_epochs: int = Field(5, ge=1)
     classifier_batch_size: int = Field(128, ge=2)  # batch norm needs two images
