@@ -227,9 +227,8 @@ class SamplerConfig(Section):
     attribute_shard_set: str = "mix"
     attribute_samples: int = Field(2000, ge=1)  # at most this many images per side of the mean
     strength_max: float = 2.0  # the analogy grid adds 0 .. strength_max times the vector
-    # When horse_keys/bird_keys are empty: random (seeded), or confident: those of a seeded
-    # pool whose reconstructions the classifier recognises best. Curation, which flatters
-    # the grid: compare models on random (README.md, "Sample quality").
+    # Empty horse_keys/bird_keys: random (seeded), or confident: the seeded pool's best recognised
+    # reconstructions, a curation that flatters the grid: compare models on random (README.md).
     pick: Literal["random", "confident"] = "random"
     pick_pool: int = Field(256, ge=1)  # candidates per class that pick=confident reconstructs and scores
 
