@@ -1,9 +1,5 @@
-"""sha256 digests of files, and a folder's ``SHA256SUMS`` in the format of coreutils' ``sha256sum``.
-
-A checkpoint lists every file it publishes in ``SHA256SUMS``, so that
-``sha256sum -c SHA256SUMS`` checks it from a shell too. A shard set's manifest
-keeps its own digests (``data.manifest``); both hash with :func:`sha256_file`.
-"""
+"""sha256 digests of files, and a folder's ``SHA256SUMS`` as coreutils' ``sha256sum`` writes it,
+so that ``sha256sum -c SHA256SUMS`` checks a checkpoint from a shell too."""
 
 from __future__ import annotations
 
@@ -28,10 +24,9 @@ def write_sums(folder: Path) -> None:
 
 
 def read_sums(folder: Path) -> dict[str, str] | None:
-    """File name -> sha256 from ``folder/SHA256SUMS``; None when there is none (written before them).
+    """File name -> sha256 from ``folder/SHA256SUMS``, None without one (written before them).
 
-    Raises ValueError when the file is unreadable or a line is not ``<64 hex>  <name>``.
-    """
+    Raises ValueError when it is unreadable or a line is not ``<64 hex>  <name>``."""
     try:
         text = (folder / SUMS).read_text(encoding="ascii")
     except FileNotFoundError:
@@ -50,21 +45,15 @@ def read_sums(folder: Path) -> dict[str, str] | None:
 def sums_problem(folder: Path, names: list[str] | None = None) -> str | None:
     """Why ``folder`` does not match its ``SHA256SUMS``, or None (also when it has none).
 
-    With ``names``, only those files are checked; without, every file, and a
-    file that the list does not name (one added after the fact) is a problem too.
-    """
+    Only ``names`` if given; else every file, and one the list does not name is a problem too."""
     try:
         sums = read_sums(folder)
     except ValueError as err:
         return str(err)
     if sums is None:
         return None
-    if names is None:
-        present = {p.name for p in folder.iterdir() if p.is_file()} - {SUMS}
-        extra = sorted(present - sums.keys())
-        if extra:
-            return f"{folder / extra[0]} is not listed in {folder / SUMS}"
-    for name in sorted(sums) if names is None else names:
+    unlisted = sorted({p.name for p in folder.iterdir() if p.is_file()} - {SUMS} - sums.keys())
+    for name in unlisted + sorted(sums) if names is None else names:
         path = folder / name
         if name not in sums:
             return f"{path} is not listed in {folder / SUMS}"

@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
+from pegasus_dist import __version__
 from pegasus_dist.config import PrepareConfig, SamplerConfig, load_config, validated
 from pegasus_dist.console import exit_on_user_error, setup_logging
 from pegasus_dist.errors import ConfigError, DataError
@@ -42,8 +43,6 @@ REPREPARE_HELP = "rewrite the shards at data.shards when they were prepared from
 
 def _print_version(asked: bool) -> None:
     if asked:
-        from pegasus_dist import __version__
-
         typer.echo(f"pegasus-dist {__version__}")
         raise typer.Exit()
 
@@ -272,9 +271,9 @@ def _run_pipeline(sources: list[str], config_dir: Path, reprepare: bool, overrid
     from pegasus_dist.pipeline import run_pipeline
 
     # A stop signal ends it with exit 75 (console.exit_on_user_error); the same command resumes.
-    outputs = run_pipeline(sources, config_dir, overrides, reprepare, _command_line())
-    typer.echo(f"Pegasus grid: {outputs.pegasus}")
-    typer.echo(f"report: {outputs.report}")
+    pegasus, report = run_pipeline(sources, config_dir, overrides, reprepare, _command_line())
+    typer.echo(f"Pegasus grid: {pegasus}")
+    typer.echo(f"report: {report}")
 
 
 def _command_line() -> str:

@@ -36,9 +36,7 @@ def print_error(message: str) -> None:
 def exit_on_user_error(fn: Callable[[], T]) -> T:
     """Run ``fn``; a :class:`PegasusError` becomes ``error: ...`` on stderr and its exit code.
 
-    A :class:`Preempted` stop exits with its code (75) too, so that whoever
-    started the process can requeue it; Ctrl-C with 130 (128 + SIGINT), in one line.
-    """
+    :class:`Preempted` exits with 75 (whoever started it may requeue it), Ctrl-C with 130."""
     try:
         return fn()
     except PegasusError as err:

@@ -1,20 +1,13 @@
-"""Errors a person can act on, and the requested stop that is not an error.
+"""Errors a person can act on (printed as one line, exit ``exit_code``), and a requested stop."""
 
-Every error that is the user's to fix (a config key, a missing file, a corrupt
-shard) is a :class:`PegasusError`. The CLI prints its message on one line and
-exits with its ``exit_code`` instead of showing a traceback.
-"""
-
-# sysexits.h EX_TEMPFAIL: "try again later". The exit code of a run stopped for a requeue.
-REQUEUE_EXIT_CODE = 75
+REQUEUE_EXIT_CODE = 75  # a run stopped for a requeue: sysexits.h EX_TEMPFAIL, "try again later"
 
 
 class PegasusError(Exception):
     """A problem with the user's input; the message names the thing and the fix."""
 
     exit_code = 2
-    # True once the message is printed, e.g. once by rank 0 for every rank of a run.
-    reported = False
+    reported = False  # True once printed, e.g. by rank 0 for every rank of a run
 
 
 class ConfigError(PegasusError):

@@ -1,16 +1,9 @@
-"""`pegasus-dist pipeline`: sources -> shards -> pretrain -> finetune -> report, resumable.
-
-The stages of README's "First run on real data" in one process, each skipped
-or continued where an interrupted pipeline stopped: shards (kept when prepared
-from the same inputs), the quality classifier (kept when trained on these
-shards), pretrain and finetune (resumed by ``run.resume=auto``; a complete
-phase returns at once), then the HTML report of both runs.
-"""
+"""`pegasus-dist pipeline`: sources -> shards -> pretrain -> finetune -> report in one process; a
+rerun keeps shards and a classifier made from the same inputs and resumes the phases."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 from pegasus_dist.config import Config, PrepareConfig, load_config
@@ -27,15 +20,9 @@ PHASES = ("pretrain", "finetune")  # the config files a --config-dir holds, in r
 PATH_SOURCES = ("cifar10", "stl10", "folder")  # source kinds whose argument is a file or folder
 
 
-@dataclass
-class PipelineOutputs:
-    pegasus: Path  # the finetuned model's Pegasus grid
-    report: Path  # the HTML page of both phases
-
-
 def run_pipeline(sources: list[str], config_dir: Path, overrides: list[str],
-                 reprepare: bool = False, command: str = "") -> PipelineOutputs:
-    """Run every stage that is not done yet."""
+                 reprepare: bool = False, command: str = "") -> tuple[Path, Path]:
+    """Run every stage that is not done yet; the finetuned model's Pegasus grid and the report."""
     pretrain_cfg, finetune_cfg = load_phases(config_dir, overrides)
     shards = PrepareConfig(sources=sources, out=pretrain_cfg.data.shards,
                            image_size=pretrain_cfg.model.image_size)
@@ -48,15 +35,14 @@ def run_pipeline(sources: list[str], config_dir: Path, overrides: list[str],
         train(cfg)  # resumes from the newest checkpoint; returns at once when the phase is complete
     out = Path(finetune_cfg.run.output_dir) / "report.html"
     log.info("pipeline 5/5: report -> %s", out)
-    return PipelineOutputs(pegasus=finetune_cfg.run_dir / "samples" / "pegasus.png",
-                           report=write_report([pretrain_cfg.run_dir, finetune_cfg.run_dir], out))
+    report = write_report([pretrain_cfg.run_dir, finetune_cfg.run_dir], out)
+    return finetune_cfg.run_dir / "samples" / "pegasus.png", report
 
 
 def load_phases(config_dir: Path, overrides: list[str]) -> tuple[Config, Config]:
     """The two phases' configs; finetune starts from the pretrain run, both read one shard folder."""
     paths = [config_dir / f"{phase}.yaml" for phase in PHASES]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
+    if missing := [str(p) for p in paths if not p.is_file()]:
         raise ConfigError(f"--config-dir {config_dir} must hold {' and '.join(p.name for p in paths)}; "
                           f"missing {', '.join(missing)}")
     pretrain_cfg = load_config(paths[0], overrides)

@@ -1,8 +1,4 @@
-"""The entry point every launcher runs: ``accelerate launch pegasus_dist/train.py --config ...``.
-
-``python pegasus_dist/train.py`` and ``pegasus-dist train`` run the same
-:func:`pegasus_dist.training.loop.main`; tests inject faults into it with ``PEGASUS_FAULT``.
-"""
+"""``accelerate launch pegasus_dist/train.py --config ...``: the main of ``pegasus-dist train``."""
 
 from pegasus_dist.training.loop import main
 

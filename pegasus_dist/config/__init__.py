@@ -1,13 +1,9 @@
-"""The one typed configuration of a run: a YAML chain, then ``section.key=value`` overrides.
-
-Loaded and validated by :mod:`.load`; every default lives in :mod:`.sections`.
-"""
+"""A run's one typed configuration: validated by :mod:`.load`, every default in :mod:`.sections`."""
 
 from pegasus_dist.config.load import load_config, problem, validated
 from pegasus_dist.config.sections import (
     Config,
     DataConfig,
-    EvalConfig,
     LossConfig,
     ModelConfig,
     OptimConfig,
@@ -15,12 +11,8 @@ from pegasus_dist.config.sections import (
     Precision,
     PrepareConfig,
     QualityConfig,
-    RunConfig,
     SamplerConfig,
-    TrainConfig,
-    WandbConfig,
 )
 
-__all__ = ["Config", "DataConfig", "EvalConfig", "LossConfig", "ModelConfig", "OptimConfig", "Phase",
-           "Precision", "PrepareConfig", "QualityConfig", "RunConfig", "SamplerConfig", "TrainConfig",
-           "WandbConfig", "load_config", "problem", "validated"]
+__all__ = ["Config", "DataConfig", "LossConfig", "ModelConfig", "OptimConfig", "Phase", "Precision",
+           "PrepareConfig", "QualityConfig", "SamplerConfig", "load_config", "problem", "validated"]

@@ -1,8 +1,5 @@
-"""YAML files and ``section.key=value`` overrides into one validated :class:`Config`.
-
-pydantic's error becomes one :class:`ConfigError` line naming the key, the
-file that set it and what the value must be, with a "did you mean".
-"""
+"""YAML files and ``section.key=value`` overrides into one validated :class:`Config`; pydantic's
+error becomes one :class:`ConfigError` line: the key, the file that set it, a "did you mean"."""
 
 from __future__ import annotations
 
@@ -18,8 +15,6 @@ from pegasus_dist.config.sections import Config, Section
 from pegasus_dist.errors import ConfigError
 
 S = TypeVar("S", bound=Section)
-
-
 Origins = dict[tuple[str, ...], Path]  # (section,) and (section, key) -> the file that set it
 
 

@@ -1,10 +1,4 @@
-"""The sections of the one typed configuration of a run, as pydantic models.
-
-Defaults live only here: the CLI and the trainer read them from these classes
-and nowhere else. Each key's comment says what it does; its type and bounds say
-what values it takes, and :mod:`pegasus_dist.config.load` turns a value that
-does not fit into one line naming the key.
-"""
+"""The sections of a run's typed configuration, every default; comments say what a key does."""
 
 from __future__ import annotations
 
@@ -71,7 +65,16 @@ class Section(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _yaml_1_1(cls, value: Any, info: ValidationInfo) -> Any:
-        return _from_yaml_1_1(value, cls.model_fields[info.field_name].annotation)
+        """Undo YAML 1.1's readings of 3e-4 (no dot) as a string, `no` as false, nothing as null."""
+        hint = cls.model_fields[info.field_name].annotation
+        if hint is float and isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return float(value)
+        if hint is str and value is None:
+            return ""
+        if value is False and "no" in typing.get_args(hint):
+            return "no"
+        return value
 
     @classmethod
     def key(cls, loc: tuple[int | str, ...]) -> str:
@@ -80,26 +83,13 @@ class Section(BaseModel):
         return f"{loc[0]}{rest}" if loc else ""
 
 
-def _from_yaml_1_1(value: Any, hint: Any) -> Any:
-    """What YAML 1.1 reads otherwise than a key means: 3e-4 (no dot) a string, `no` false, nothing null."""
-    if hint is float and isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            return float(value)
-    if hint is str and value is None:
-        return ""
-    if value is False and "no" in typing.get_args(hint):
-        return "no"
-    return value
-
-
 class RunConfig(Section):
     """Where a run writes: ``<output_dir>/<name>/``."""
 
     output_dir: str = "runs"
     name: Annotated[str, AfterValidator(_folder_name)] = "pretrain"
-    # "auto": continue from the newest checkpoint in the run directory if there
-    # is one; "never": refuse to reuse a run directory that has checkpoints;
-    # or a path to one checkpoint directory to resume from.
+    # auto: continue from the run directory's newest checkpoint if any; never: refuse a run
+    # directory that has checkpoints; or the path of one checkpoint directory to resume.
     resume: str = "auto"
 
 
@@ -109,26 +99,21 @@ class DataConfig(Section):
     shards: str = "shards"  # the folder that `pegasus-dist prepare` wrote
     shard_set: str = Field("mix", min_length=1)  # a subfolder of `shards`: mix or horse_bird
     batch_size: int = Field(128, ge=1)  # per process; the global batch is this times the world size
-    # Images per optimizer step, whatever the world size: when set (not 0) it wins
-    # over batch_size, and the per-process batch is global_batch_size / (processes x
-    # train.grad_accum_steps), which must divide evenly. A run then resumes on
-    # another number of processes with the same global batch, so the same steps.
+    # Images per optimizer step on any world size (0: off), over batch_size: the per-process batch is
+    # this / (processes x train.grad_accum_steps), exactly, so a resume on N processes takes the same steps.
     global_batch_size: int = Field(0, ge=0)
     num_workers: int = Field(2, ge=0)  # loader processes per training process
     seed: int = 0  # seeds the per-epoch shuffle, identical on every rank
-    # A corrupt shard or sample: stop naming the file, or skip it (its slot in
-    # the batch takes a copy of a good sample) and count it in the logs.
+    # A corrupt shard or sample: stop naming the file, or skip it (a copy of a good sample
+    # takes its slot in the batch) and count it in the logs.
     on_bad_sample: Literal["stop", "skip"] = "stop"
-    # A checkpoint records its shard set's generation and data.seed; resuming it on
-    # others (a new `prepare`, another seed) is refused unless this is true.
+    # Resume a checkpoint on another shard generation (a new `prepare`) or data.seed; else refused.
     resume_on_other_data: bool = False
-    # stream reads batches as it trains, in loader workers; memory holds the set
-    # once as one uint8 tensor on the device; auto takes memory when it fits memory_limit_mb.
+    # stream reads batches in loader workers; memory holds the set as one uint8 tensor on
+    # the device; auto takes memory when the set fits memory_limit_mb.
     mode: Literal["auto", "stream", "memory"] = "auto"
     memory_limit_mb: int = Field(2048, ge=0)
-    # Read the set's decoded array (decoded.npy beside the tars, checked against
-    # them, built on first use) instead of parsing the tars: see data/decoded.py.
-    decoded: bool = True
+    decoded: bool = True  # read the set's checked decoded.npy, not the tars (data/decoded.py)
 
 
 class ModelConfig(Section):
@@ -139,17 +124,13 @@ class ModelConfig(Section):
     fc_dims: FcWidths = Field(default_factory=lambda: [512, 512, 256])
     latent_dim: int = Field(128, ge=1)
     leaky_slope: float = 0.2
-    # Batch norm over the global batch instead of each process's share; makes
-    # N processes with batch B compute exactly what 1 process with N*B does.
-    sync_batchnorm: bool = False
-    # How the decoder doubles the side: transpose (the paper's transposed convolutions)
-    # or resize (nearest-neighbour upsampling then a 3x3 convolution, which cannot
-    # leave the checkerboard of overlapping 4x4 transposed kernels: Odena, Dumoulin and
-    # Olah 2016, "Deconvolution and Checkerboard Artifacts", Distill).
+    sync_batchnorm: bool = False  # batch norm over the global batch: N processes of B compute as 1 of N*B
+    # How the decoder doubles the side: transpose (the paper's) or resize (nearest-neighbour, then
+    # a 3x3 convolution: no checkerboard of overlapping 4x4 transposed kernels; Odena, Dumoulin
+    # and Olah 2016, "Deconvolution and Checkerboard Artifacts", Distill).
     upsample: Literal["transpose", "resize"] = "transpose"
-    # p(x|z): bernoulli (the paper's BCE on [0, 1]) or logistic, a discretized logistic
-    # over the 256 pixel levels with a learned scale per colour channel (PixelCNN++,
-    # Salimans et al. 2017, with one component): a proper likelihood of 8-bit images.
+    # p(x|z): bernoulli (the paper's BCE on [0, 1]) or logistic, a proper likelihood of 8-bit
+    # images (PixelCNN++'s discretized logistic, Salimans et al. 2017; a learned scale per colour).
     likelihood: Literal["bernoulli", "logistic"] = "bernoulli"
 
 
@@ -157,20 +138,16 @@ class LossConfig(Section):
     """Equation (1): summed pixel BCE plus beta times the closed-form KL (2), and what sharpens it."""
 
     beta: float = Field(1.0, ge=0)
-    # Optimizer steps over which beta grows linearly from 0 (KL warm-up); 0: beta from the start.
-    kl_warmup_steps: int = Field(0, ge=0)
-    # Nats per latent dimension and image below which the KL is not charged (free bits); 0: off.
-    free_bits: float = Field(0.0, ge=0)
-    # ACAI's lambda (model/acai.py): weight of |C(x_a)|^2, the critic's guess of the
-    # mixing coefficient of decoded interpolants, in the autoencoder's per-image loss; 0: off.
-    # The loss here sums BCE over 3 x H x W pixels where ACAI's mean squared error averages
-    # over them: lambda ~ 0.5 x 3 x H x W (1,536 at 32 px) is the order of ACAI's 0.5.
+    kl_warmup_steps: int = Field(0, ge=0)  # steps over which beta grows linearly from 0 (KL warm-up)
+    free_bits: float = Field(0.0, ge=0)  # nats per latent dimension and image the KL does not charge
+    # ACAI's lambda (model/acai.py): weight of |C(x_a)|^2, the critic's guess of decoded
+    # interpolants' mixing coefficient, in the per-image loss; 0: off. The BCE here sums over
+    # 3 x H x W pixels where ACAI's MSE averages: 0.5 x 3 x H x W (1,536 at 32 px) is ACAI's 0.5.
     acai_weight: float = Field(0.0, ge=0)
     # gamma of the critic's regulariser: it sees gamma x + (1 - gamma) x_hat, target 0.
     acai_gamma: float = Field(0.2, ge=0, le=1)
-    # Weight of the patch discriminator's hinge term -mean D(x_hat) on reconstructions
-    # (model/adversaries.py: VAE-GAN's adversarial loss on decodes); 0: off. Like
-    # acai_weight, ~ 0.1 x 3 x H x W (300 at 32 px) is the order of a loss averaged over pixels.
+    # Weight of the patch discriminator's hinge term -mean D(x_hat) (model/adversaries.py, after
+    # VAE-GAN); 0: off. Like acai_weight, 0.1 x 3 x H x W (300 at 32 px) is a per-pixel 0.1.
     patch_gan_weight: float = Field(0.0, ge=0)
 
 
@@ -179,14 +156,12 @@ class OptimConfig(Section):
 
     lr: float = Field(1e-3, gt=0)  # the learning rate at a global batch of `base_batch_size`
     base_batch_size: int = Field(128, ge=1)
-    # How lr follows the global batch G (per-process batch x processes x
-    # train.grad_accum_steps): sqrt uses lr * sqrt(G / base_batch_size), the rule
-    # for Adam (Malladi et al. 2022); linear uses lr * G / base_batch_size (Goyal
-    # et al.'s rule for SGD: Adam diverges with it at G=1024); none keeps lr.
+    # How lr follows the global batch G: sqrt uses lr * sqrt(G / base_batch_size), the rule for
+    # Adam (Malladi et al. 2022); linear uses lr * G / base_batch_size (Goyal et al.'s rule for
+    # SGD: Adam diverges with it at G=1024); none keeps lr.
     lr_scaling: Literal["linear", "sqrt", "none"] = "sqrt"
-    # Optimizer steps of linear warm-up from lr/warmup_steps to the scaled lr
-    # (Goyal et al. 2017); 0 disables it. 200 is Goyal's 5 epochs at the largest
-    # global batch the SLURM scripts launch (4 nodes: 4096 on the 173,000-image mix).
+    # Steps of linear warm-up from lr/warmup_steps to the scaled lr (Goyal et al. 2017); 0: off.
+    # 200 is Goyal's 5 epochs at the SLURM scripts' largest global batch (4096 on the 173k mix).
     warmup_steps: int = Field(200, ge=0)
     betas: Annotated[list[float], AfterValidator(_betas)] = Field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
@@ -201,45 +176,36 @@ class TrainConfig(Section):
     phase: Phase = "pretrain"
     epochs: int = Field(100, ge=1)
     max_steps: int = Field(0, ge=0)  # stop after this many optimizer steps; 0 runs all epochs
-    # Micro-batches of data.batch_size per optimizer step, their gradients summed
-    # without a DDP all-reduce in between: a small machine reproduces a larger
-    # global batch. Steps (max_steps, log_every, checkpoint_every) count optimizer steps.
+    # Micro-batches per optimizer step, gradients summed without an all-reduce in between: a
+    # small machine reproduces a larger global batch. max_steps and *_every count optimizer steps.
     grad_accum_steps: int = Field(1, ge=1)
     mixed_precision: Precision = "no"
     seed: int = 0  # model initialisation and reparameterisation noise
-    # Decay of an exponential moving average of the VAE's weights, which the grids,
-    # the evaluation and `pegasus-dist sample` then use (ema.safetensors); 0: off.
+    # Decay of a moving average of the VAE's weights (ema.safetensors) that the grids, the
+    # evaluation and `pegasus-dist sample` use; 0: off.
     ema_decay: float = Field(0.0, ge=0, lt=1)
-    # A checkpoint directory, or a run directory (its newest checkpoint), whose
-    # model weights start this phase; the finetune phase starts from pretrain.
-    init_from: str = ""
-    # Steps between logged (rank-reduced) metrics. Also the sync points where
-    # the ranks check for NaN/Inf losses: steps in between never wait for the
-    # device. (Stop signals are agreed on every step, without waiting.)
+    init_from: str = ""  # a checkpoint or run directory (its newest) whose weights start this phase
+    # Steps between logged (rank-reduced) metrics, the sync points where the ranks check for
+    # NaN/Inf losses: steps in between never wait for the device (stop signals: agreed each step).
     log_every: int = Field(10, ge=1)
-    # Checkpoints: every checkpoint_every steps (0: none by steps) and at the first
-    # sync point checkpoint_minutes after the last one (0: none by time, e.g. for
-    # runs that must save at the same steps however fast they go); always at the
-    # phase's end and on a stop signal. Minutes are timed by the main process alone.
+    # Checkpoints every checkpoint_every steps (0: none) and at the first sync point
+    # checkpoint_minutes after the last, timed by the main process (0: none, so that they fall
+    # on the same steps however fast a run goes); always at the phase's end and on a stop signal.
     checkpoint_every: int = Field(0, ge=0)
     checkpoint_minutes: float = Field(10.0, ge=0)
     keep_checkpoints: int = Field(3, ge=1)
-    # A NaN/Inf loss on any rank. stop: at the next sync point, before any checkpoint,
-    # naming the first bad step and the last good checkpoint. skip: that step's update
-    # is skipped on every rank, at the price of one host sync per step.
+    # A NaN/Inf loss on any rank. stop: at the next sync point, before any checkpoint, naming the first
+    # bad step and the last good checkpoint. skip: every rank skips that update (a host sync a step).
     on_nonfinite: Literal["stop", "skip"] = "stop"
-    # Seconds a collective may wait for a missing rank before every rank fails.
-    collective_timeout_s: int = Field(600, ge=1)
+    collective_timeout_s: int = Field(600, ge=1)  # a collective's wait for a missing rank
     cpu: bool = False  # train on the CPU even where CUDA is available
     channels_last: bool = False  # NHWC activations: faster convolutions on tensor cores
-    # GPU throughput options, off until bench/gpu-check.sh has measured them: cuDNN's
-    # autotuner; DDP's gradients as views of its buckets (no copy; the same weights,
-    # tests/test_ddp.py); bf16 gradients on the wire (NCCL; rounds every gradient).
-    # DDP's static_graph is not offered: it changed 40 % of the weights (by up to
-    # 8e-5) after 3 steps on 2 gloo processes, so N processes no longer train like one.
-    cudnn_benchmark: bool = False
-    ddp_bucket_view: bool = False
-    ddp_bf16_gradients: bool = False
+    # GPU throughput options, off until bench/gpu-check.sh has measured them. DDP's static_graph
+    # is not offered: it changed 40 % of the weights (by up to 8e-5) after 3 steps on 2 gloo
+    # processes, so N processes no longer train like one.
+    cudnn_benchmark: bool = False  # cuDNN's autotuner
+    ddp_bucket_view: bool = False  # gradients as views of DDP's buckets: no copy, the same weights
+    ddp_bf16_gradients: bool = False  # bf16 gradients on the wire (NCCL): rounds every gradient
     compile: bool = False  # torch.compile the model (pays off on GPUs, after a warm-up)
 
 
@@ -255,18 +221,15 @@ class SamplerConfig(Section):
     mu_end: float = Field(0.7, ge=0, le=1)
     num_mu: int = Field(8, ge=1)
     seed: int = 0
-    # `pegasus-dist sample --method`: slerp (the paper's, with reconstructions
-    # and prior samples), lerp, analogy (the "wing vector") or prior.
+    # slerp (the paper's, with reconstructions and prior samples), lerp, analogy or prior.
     method: Literal["slerp", "lerp", "analogy", "prior"] = "slerp"
-    # The wing vector: mean latent of these keys (empty: of every bird) minus
-    # the mean latent of the other labelled classes, read from this shard set.
+    # The wing vector: mean latent of these keys (empty: every bird) minus the other classes'.
     attribute_keys: list[str] = Field(default_factory=list)
     attribute_shard_set: str = "mix"
     attribute_samples: int = Field(2000, ge=1)  # at most this many images per side of the mean
     strength_max: float = 2.0  # the analogy grid adds 0 .. strength_max times the vector
-    # When horse_keys/bird_keys are empty: random (seeded), or confident: those of a seeded
-    # pool whose reconstructions the classifier recognises best. Curation, which flatters
-    # the grid: compare models on random (README.md, "Sample quality").
+    # Empty horse_keys/bird_keys: random (seeded), or confident: the seeded pool's best recognised
+    # reconstructions, a curation that flatters the grid: compare models on random (README.md).
     pick: Literal["random", "confident"] = "random"
     pick_pool: int = Field(256, ge=1)  # candidates per class that pick=confident reconstructs and scores
 
@@ -294,11 +257,8 @@ class EvalConfig(Section):
 class QualityConfig(Section):
     """The project's own judge of the grids (evaluation.classifier, evaluation.quality)."""
 
-    # The classifier's folder (`pegasus-dist classifier` writes it); empty:
-    # <run.output_dir>/classifier, which both phases of a pipeline share.
-    classifier: str = ""
-    # About 26 s an epoch of the 58,800 CIFAR-10 images on 2 idle CPU cores (several
-    # times that on a busy one); 5 epochs reach 70 % held-out accuracy.
+    classifier: str = ""  # `pegasus-dist classifier`'s folder; empty: <run.output_dir>/classifier
+    # 5 epochs reach 70 % held-out accuracy; about 26 s an epoch of CIFAR-10's 58,800 on 2 cores.
     classifier_epochs: int = Field(5, ge=1)
     classifier_batch_size: int = Field(128, ge=2)  # batch norm needs two images
     classifier_seed: int = Field(0, ge=0)  # initialisation, epoch order and augmentation draws
@@ -307,17 +267,16 @@ class QualityConfig(Section):
 class WandbConfig(Section):
     """Weights & Biases through Accelerate's tracker."""
 
-    # auto: WANDB_MODE if set, else online with WANDB_API_KEY, else offline; any other
-    # value wins over WANDB_MODE. README.md, "W&B" (and the offline fallback).
+    # auto: WANDB_MODE if set, else online with WANDB_API_KEY, else offline; any other value
+    # wins over WANDB_MODE (README.md, "W&B").
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
-    # How long an online start may wait for the W&B server before falling back to
-    # offline (wandb's own init_timeout, 90 s by default, then a crash); a slow link
-    # may need more. Overrides WANDB_INIT_TIMEOUT.
+    # Seconds an online start waits for the server before falling back to offline (wandb's own
+    # timeout: 90 s, then a crash); over WANDB_INIT_TIMEOUT. A slow link may need more.
     init_timeout_s: float = Field(30.0, gt=0)
     project: str = "pegasus-dist"
     entity: str = ""
-    # Empty: the group is run.output_dir's name, so that both phases of a pipeline
-    # share it (runs/smoke -> smoke), the name <group>/<run.name> (smoke/pretrain).
+    # Empty: the group is run.output_dir's name, which both phases share (runs/smoke -> smoke),
+    # the name <group>/<run.name> (smoke/pretrain).
     name: str = ""
     group: str = ""
     tags: list[str] = Field(default_factory=list)
