@@ -25,7 +25,6 @@ def write_sums(folder: Path) -> None:
 
 def read_sums(folder: Path) -> dict[str, str] | None:
     """File name -> sha256 from ``folder/SHA256SUMS``, None without one (written before them).
-
     Raises ValueError when it is unreadable or a line is not ``<64 hex>  <name>``."""
     try:
         text = (folder / SUMS).read_text(encoding="ascii")
@@ -43,9 +42,8 @@ def read_sums(folder: Path) -> dict[str, str] | None:
 
 
 def sums_problem(folder: Path, names: list[str] | None = None) -> str | None:
-    """Why ``folder`` does not match its ``SHA256SUMS``, or None (also when it has none).
-
-    Only ``names`` if given; else every file, and one the list does not name is a problem too."""
+    """Why ``folder`` does not match its ``SHA256SUMS``, or None (also when it has none). Only
+    ``names`` if given; else every file, and one the list does not name is a problem too."""
     try:
         sums = read_sums(folder)
     except ValueError as err:
