@@ -106,8 +106,7 @@ class DataConfig(Section):
     # A corrupt shard or sample: stop naming the file, or skip it (a copy of a good sample
     # takes its slot in the batch) and count it in the logs.
     on_bad_sample: Literal["stop", "skip"] = "stop"
-    # Resume a checkpoint on another shard generation (a new `prepare`) or data.seed; else refused.
-    resume_on_other_data: bool = False
+    resume_on_other_data: bool = False  # resume across a new `prepare` or data.seed; else refused
     # stream reads batches in loader workers; memory holds the set as one uint8 tensor on
     # the device; auto takes memory when the set fits memory_limit_mb.
     mode: Literal["auto", "stream", "memory"] = "auto"
