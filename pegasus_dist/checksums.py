@@ -50,8 +50,10 @@ def sums_problem(folder: Path, names: list[str] | None = None) -> str | None:
         return str(err)
     if sums is None:
         return None
-    unlisted = sorted({p.name for p in folder.iterdir() if p.is_file()} - {SUMS} - sums.keys())
-    for name in unlisted + sorted(sums) if names is None else names:
+    if names is None:
+        unlisted = {p.name for p in folder.iterdir() if p.is_file()} - {SUMS} - sums.keys()
+        names = sorted(unlisted) + sorted(sums)
+    for name in names:
         path = folder / name
         if name not in sums:
             return f"{path} is not listed in {folder / SUMS}"
