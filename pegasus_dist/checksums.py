@@ -25,7 +25,6 @@ def write_sums(folder: Path) -> None:
 
 def read_sums(folder: Path) -> dict[str, str] | None:
     """File name -> sha256 from ``folder/SHA256SUMS``, None without one (written before them).
-
     Raises ValueError when it is unreadable or a line is not ``<64 hex>  <name>``."""
     try:
         text = (folder / SUMS).read_text(encoding="ascii")
@@ -43,17 +42,18 @@ def read_sums(folder: Path) -> dict[str, str] | None:
 
 
 def sums_problem(folder: Path, names: list[str] | None = None) -> str | None:
-    """Why ``folder`` does not match its ``SHA256SUMS``, or None (also when it has none).
-
-    Only ``names`` if given; else every file, and one the list does not name is a problem too."""
+    """Why ``folder`` does not match its ``SHA256SUMS``, or None (also when it has none). Only
+    ``names`` if given; else every file, and one the list does not name is a problem too."""
     try:
         sums = read_sums(folder)
     except ValueError as err:
         return str(err)
     if sums is None:
         return None
-    unlisted = sorted({p.name for p in folder.iterdir() if p.is_file()} - {SUMS} - sums.keys())
-    for name in unlisted + sorted(sums) if names is None else names:
+    if names is None:
+        unlisted = {p.name for p in folder.iterdir() if p.is_file()} - {SUMS} - sums.keys()
+        names = sorted(unlisted) + sorted(sums)
+    for name in names:
         path = folder / name
         if name not in sums:
             return f"{path} is not listed in {folder / SUMS}"

@@ -34,9 +34,8 @@ def print_error(message: str) -> None:
 
 
 def exit_on_user_error(fn: Callable[[], T]) -> T:
-    """Run ``fn``; a :class:`PegasusError` becomes ``error: ...`` on stderr and its exit code.
-
-    :class:`Preempted` exits with 75 (whoever started it may requeue it), Ctrl-C with 130."""
+    """Run ``fn``; a :class:`PegasusError` becomes ``error: ...`` on stderr and its exit code,
+    :class:`Preempted` exit 75 (whoever started it may requeue it), Ctrl-C exit 130."""
     try:
         return fn()
     except PegasusError as err:

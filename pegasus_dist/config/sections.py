@@ -107,8 +107,7 @@ class DataConfig(Section):
     # A corrupt shard or sample: stop naming the file, or skip it (a copy of a good sample
     # takes its slot in the batch) and count it in the logs.
     on_bad_sample: Literal["stop", "skip"] = "stop"
-    # Resume a checkpoint on another shard generation (a new `prepare`) or data.seed; else refused.
-    resume_on_other_data: bool = False
+    resume_on_other_data: bool = False  # resume across a new `prepare` or data.seed; else refused
     # stream reads batches in loader workers; memory holds the set as one uint8 tensor on
     # the device; auto takes memory when the set fits memory_limit_mb.
     mode: Literal["auto", "stream", "memory"] = "auto"
@@ -125,9 +124,8 @@ class ModelConfig(Section):
     latent_dim: int = Field(128, ge=1)
     leaky_slope: float = 0.2
     sync_batchnorm: bool = False  # batch norm over the global batch: N processes of B compute as 1 of N*B
-    # How the decoder doubles the side: transpose (the paper's) or resize (nearest-neighbour, then
-    # a 3x3 convolution: no checkerboard of overlapping 4x4 transposed kernels; Odena, Dumoulin
-    # and Olah 2016, "Deconvolution and Checkerboard Artifacts", Distill).
+    # How the decoder doubles the side: transpose (the paper's) or resize, nearest-neighbour then a 3x3
+    # convolution: no checkerboard of overlapping 4x4 transposed kernels (Odena et al. 2016, Distill).
     upsample: Literal["transpose", "resize"] = "transpose"
     # p(x|z): bernoulli (the paper's BCE on [0, 1]) or logistic, a proper likelihood of 8-bit
     # images (PixelCNN++'s discretized logistic, Salimans et al. 2017; a learned scale per colour).
@@ -200,9 +198,8 @@ class TrainConfig(Section):
     collective_timeout_s: int = Field(600, ge=1)  # a collective's wait for a missing rank
     cpu: bool = False  # train on the CPU even where CUDA is available
     channels_last: bool = False  # NHWC activations: faster convolutions on tensor cores
-    # GPU throughput options, off until bench/gpu-check.sh has measured them. DDP's static_graph
-    # is not offered: it changed 40 % of the weights (by up to 8e-5) after 3 steps on 2 gloo
-    # processes, so N processes no longer train like one.
+    # GPU throughput options, off until bench/gpu-check.sh measures them. No DDP static_graph: it changed
+    # 40 % of the weights (by up to 8e-5) after 3 steps on 2 gloo processes: N no longer train like one.
     cudnn_benchmark: bool = False  # cuDNN's autotuner
     ddp_bucket_view: bool = False  # gradients as views of DDP's buckets: no copy, the same weights
     ddp_bf16_gradients: bool = False  # bf16 gradients on the wire (NCCL): rounds every gradient
