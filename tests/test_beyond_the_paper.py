@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -142,8 +143,10 @@ def test_report_shows_both_phases(smoke_pipeline, tmp_path, capsys):
     code, out = cli_here(capsys, "report", str(smoke_pipeline.root), "--out", str(tmp_path / "report.html"))
     assert code == 0, out
     page = (tmp_path / "report.html").read_text()
-    assert "<h2>pretrain (pretrain)</h2>" in page and "<h2>finetune (finetune)</h2>" in page
+    assert page.index("<h2>pretrain</h2>") < page.index("<h2>finetune</h2>")  # in the order they train
     assert page.count("<polyline") == 6  # loss, BCE and KL for each phase
+    ends = re.findall(r"font-size='10'>([^<]+)</text><text x='2'", page)  # each curve's highest value
+    assert len(ends) == 6 and all(re.fullmatch(r"[\d,]+|\d+(\.\d+)?", end) for end in ends), ends
     for run in (smoke_pipeline.pretrain, smoke_pipeline.finetune):  # each grid, as the PNG holds it
         for grid in ("pegasus", "reconstructions", "prior"):
             png = base64.b64encode((run / "samples" / f"{grid}.png").read_bytes()).decode()

@@ -132,7 +132,7 @@ def embedded(page: str, png: Path) -> bool:
 
 def assert_report(page: str, runs: list[Path]) -> None:
     for run in runs:
-        assert f"<h2>{run.name} (" in page
+        assert f"<h2>{run.name}" in page
         for grid in ("pegasus", "reconstructions", "prior"):
             assert embedded(page, run / "samples" / f"{grid}.png"), f"{run}: {grid} not in report"
         assert "held-out evaluation" in page

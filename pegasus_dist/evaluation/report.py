@@ -43,13 +43,15 @@ STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1240px}svg{background
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
-    """Run folders (holding metrics.jsonl) among ``paths`` and directly inside them."""
+    """Run folders (holding metrics.jsonl) among ``paths`` and directly inside them, those inside
+    one folder in the order they train (pretrain, then finetune)."""
     runs = []
     for path in paths:
         if (path / "metrics.jsonl").is_file():
             runs.append(path)
         else:
-            runs += sorted(p.parent for p in path.glob("*/metrics.jsonl"))
+            found = sorted(p.parent for p in path.glob("*/metrics.jsonl"))
+            runs += sorted(found, key=lambda run: _phase(_rows(run), run) != "pretrain")
     if not runs:
         raise DataError(f"no run folder (with metrics.jsonl) at or under "
                         f"{', '.join(map(str, paths))}; pass e.g. runs/pretrain runs/finetune")
@@ -66,15 +68,24 @@ def write_report(paths: list[Path], out: Path) -> Path:
     return out
 
 
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def _phase(rows: list[dict], run: Path) -> str:
+    return next((k.split("/")[0] for row in rows for k in row if k.endswith("/loss")), run.name)
+
+
 def _run_section(run: Path) -> str:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
-    phase = next((k.split("/")[0] for row in rows for k in row if k.endswith("/loss")), run.name)
+    rows = _rows(run)
+    phase = _phase(rows, run)
+    title = run.name if run.name == phase else f"{run.name} ({phase})"
     charts = "".join(_chart(title, [(r["step"], r[key]) for r in rows if (key := f"{phase}/{name}") in r])
                      for name, title in CURVES.items())
     grids = "".join(f"<figure style='display:inline-block'><img src='data:image/png;base64,"
                     f"{base64.b64encode(path.read_bytes()).decode()}'><figcaption>{html.escape(caption)}"
                     "</figcaption></figure>" for caption, path in find_grids(run))
-    return (f"<h2>{html.escape(run.name)} ({html.escape(phase)})</h2><div>{charts}</div>"
+    return (f"<h2>{html.escape(title)}</h2><div>{charts}</div>"
             f"{_eval_table(run)}{_quality_table(run)}<div>{grids}</div>")
 
 
@@ -102,10 +113,15 @@ def _chart(name: str, points: list[tuple[float, float]]) -> str:
     line = " ".join(scale(x, y) for x, y in points)
     return (f"<svg width='{WIDTH}' height='{HEIGHT}'><text x='{PAD}' y='16'>{name}, nats per image"
             f"</text><polyline fill='none' stroke='#2060c0' stroke-width='1.5' points='{line}'/>"
-            f"<text x='2' y='{PAD}' font-size='10'>{y1:.4g}</text>"
-            f"<text x='2' y='{HEIGHT - PAD}' font-size='10'>{y0:.4g}</text>"
+            f"<text x='2' y='{PAD}' font-size='10'>{_axis(y1)}</text>"
+            f"<text x='2' y='{HEIGHT - PAD}' font-size='10'>{_axis(y0)}</text>"
             f"<text x='{PAD}' y='{HEIGHT - 8}' font-size='10'>step {x0:g}</text>"
             f"<text x='{WIDTH - PAD - 40}' y='{HEIGHT - 8}' font-size='10'>{x1:g}</text></svg>")
+
+
+def _axis(value: float) -> str:
+    """A curve's end value as a person reads it: 20,770 nats, not 2.077e+04; 0.18 kept."""
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
 def _eval_table(run: Path) -> str:
