@@ -30,7 +30,7 @@ from pegasus_dist.model.saved import (
 )
 from pegasus_dist.model.vae import VAE
 from pegasus_dist.training.checkpoint import check_resumable, newest_intact_checkpoint, save_checkpoint
-from pegasus_dist.training.state import TrainState, read_state
+from pegasus_dist.training.state import FINISHED, TrainState, is_finished, read_state
 from pegasus_dist.training.tracking import MetricsLog
 
 
@@ -337,3 +337,18 @@ def test_sample_and_eval_refuse_a_checkpoint_whose_config_changed(tmp_path):
     config.write_text(config.read_text().replace("seed: 0", "seed: 1", 1))  # still a valid config
     with pytest.raises(CheckpointError, match=f"{config} does not match its sha256"):
         resolve_checkpoint(folder)
+
+
+@pytest.mark.parametrize("damage", [b"\0" * 40, b'["a list"]', b'{"checkpoint": "step_0'])
+def test_a_damaged_finished_json_redoes_the_end_of_the_phase_and_says_so(tmp_path, caplog, damage):
+    """finished.json is the one file of the run folder that steers a restart: unreadable, the
+    restart redoes the phase's end (grids, held-out evaluation) rather than skip it, in one warning."""
+    (tmp_path / FINISHED).write_text(json.dumps({"checkpoint": "step_00000006"}))
+    assert is_finished(tmp_path, tmp_path / "step_00000006") and not caplog.text
+    (tmp_path / FINISHED).write_bytes(damage)
+    assert not is_finished(tmp_path, tmp_path / "step_00000006")
+    assert f"{tmp_path / FINISHED} is unreadable (" in caplog.text
+    assert "doing the end of the phase again" in caplog.text
+    caplog.clear()
+    (tmp_path / FINISHED).unlink()  # a run that never finished: nothing to say
+    assert not is_finished(tmp_path, tmp_path / "step_00000006") and not caplog.text

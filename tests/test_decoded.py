@@ -99,6 +99,12 @@ def rename_a_key(shard_set):
     (shard_set / INDEX).write_text(json.dumps(index))
 
 
+def drop_a_label(shard_set):
+    index = json.loads((shard_set / INDEX).read_text())
+    index["labels"].pop()
+    (shard_set / INDEX).write_text(json.dumps(index))
+
+
 def nul_index(shard_set):
     (shard_set / INDEX).write_bytes(b"\0" * 100)
 
@@ -117,6 +123,7 @@ def missing_index(shard_set):
     (flip_pixels, "changed after they were written"),
     (truncate, "unreadable"),
     (rename_a_key, "changed after they were written"),
+    (drop_a_label, "keys and"),
     (nul_index, "unreadable"),
     (stale, "decoded from other shards"),
     (missing_index, "unreadable"),

@@ -103,9 +103,11 @@ def _verified(manifest: Manifest) -> tuple[Decoded | None, str | None]:
         expected = [manifest.num_samples, manifest.image_size, manifest.image_size, 3]
         if index["format"] != FORMAT or index["shards"] != [s.sha256 for s in manifest.shards]:
             return None, f"{index_path} was decoded from other shards than {manifest.path}'s manifest lists"
-        if list(images.shape) != expected or images.dtype != np.uint8 or len(keys) != len(labels) \
-                or len(keys) != manifest.num_samples:
+        if list(images.shape) != expected or images.dtype != np.uint8:
             return None, f"{array} holds {images.dtype} {list(images.shape)}, not uint8 {expected}"
+        if not len(keys) == len(labels) == manifest.num_samples:
+            return None, (f"{index_path} lists {len(keys)} keys and {len(labels)} labels, not "
+                          f"{manifest.num_samples}")
         if _content_sha256(images, keys, labels) != index["sha256"]:
             return None, f"{array} or {index_path} changed after they were written (sha256 differs)"
     except (OSError, ValueError, KeyError, TypeError) as err:

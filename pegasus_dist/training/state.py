@@ -7,6 +7,7 @@ validated by pydantic, as the config is.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pegasus_dist.config import Config, Phase, problem
 from pegasus_dist.errors import CheckpointError
 from pegasus_dist.model.saved import STATE
+
+log = logging.getLogger("pegasus_dist.training.state")
 
 FINISHED = "finished.json"  # in the run folder, written last by a phase that ended
 MOVE_ASIDE = "move that checkpoint aside to resume from the one before (run.resume=auto does)"
@@ -65,9 +68,14 @@ def mark_finished(run_dir: Path, checkpoint: Path) -> None:
 def is_finished(run_dir: Path, checkpoint: Path) -> bool:
     """Whether :func:`mark_finished` was reached for ``checkpoint``: a run killed after its final
     checkpoint is complete, not finished, and a restart only does the end-of-run work."""
+    path = run_dir / FINISHED
     try:
-        return json.loads((run_dir / FINISHED).read_text()).get("checkpoint") == checkpoint.name
-    except (OSError, ValueError, AttributeError):
+        return json.loads(path.read_text()).get("checkpoint") == checkpoint.name
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, AttributeError) as err:  # damaged: the end-of-run work is redone
+        log.warning("%s is unreadable (%s): doing the end of the phase again (grids, held-out "
+                    "evaluation)", path, str(err).splitlines()[0] if str(err) else type(err).__name__)
         return False
 
 
