@@ -9,9 +9,14 @@ from __future__ import annotations
 import base64
 import html
 import json
+import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pegasus_dist.errors import DataError
+
+log = logging.getLogger("pegasus_dist.evaluation.report")
 
 CURVES = {"loss": "loss", "recon": "reconstruction", "kl": "KL"}  # logged name: chart title
 GRIDS = ("pegasus", "reconstructions", "prior", "lerp", "analogy")
@@ -69,7 +74,19 @@ def write_report(paths: list[Path], out: Path) -> Path:
 
 
 def _rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+    """metrics.jsonl's rows; damaged lines are left out with one warning, as a resume cuts them."""
+    path, rows = run / "metrics.jsonl", []
+    lines = [line for line in path.read_bytes().decode(errors="replace").splitlines() if line]
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    if len(rows) < len(lines):
+        log.warning("%s: left %d damaged line(s) out of the curves", path, len(lines) - len(rows))
+    return rows
 
 
 def _phase(rows: list[dict], run: Path) -> str:
@@ -79,13 +96,14 @@ def _phase(rows: list[dict], run: Path) -> str:
 def _run_section(run: Path) -> str:
     rows = _rows(run)
     phase = _phase(rows, run)
-    title = run.name if run.name == phase else f"{run.name} ({phase})"
-    charts = "".join(_chart(title, [(r["step"], r[key]) for r in rows if (key := f"{phase}/{name}") in r])
+    heading = run.name if run.name == phase else f"{run.name} ({phase})"
+    charts = "".join(_chart(title, [(r["step"], r[key]) for r in rows
+                                    if isinstance(r.get(key := f"{phase}/{name}"), (int, float))])
                      for name, title in CURVES.items())
     grids = "".join(f"<figure style='display:inline-block'><img src='data:image/png;base64,"
                     f"{base64.b64encode(path.read_bytes()).decode()}'><figcaption>{html.escape(caption)}"
                     "</figcaption></figure>" for caption, path in find_grids(run))
-    return (f"<h2>{html.escape(title)}</h2><div>{charts}</div>"
+    return (f"<h2>{html.escape(heading)}</h2><div>{charts}</div>"
             f"{_eval_table(run)}{_quality_table(run)}<div>{grids}</div>")
 
 
@@ -124,17 +142,29 @@ def _axis(value: float) -> str:
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
+def _from_file(path: Path, render: Callable[[Any], str]) -> str:
+    """``render`` of ``path``'s JSON; a damaged file is one line on the page and one warning, so
+    that the rest of the report is still written."""
+    try:
+        return render(json.loads(path.read_bytes()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration) as err:
+        why = f"{path} is unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        log.warning("%s: left out of the report", why)
+        return f"<p>{html.escape(why)}: left out of this report.</p>"
+
+
 def _eval_table(run: Path) -> str:
     evals = sorted((run / "eval").glob("*.json"))
-    if not evals:
-        return ""
-    metrics = json.loads(evals[-1].read_text())
+    return _from_file(evals[-1], lambda metrics: _eval_html(evals[-1], metrics)) if evals else ""
+
+
+def _eval_html(path: Path, metrics: dict) -> str:
     first = next(iter(metrics.values()))
     # Every subset's names: the horses and birds have the classifier's fractions as well.
     names = [k for k in dict.fromkeys(k for values in metrics.values() for k in values)
              if k not in ("latent_dim", "active_unit_threshold")]
     rows = [(ROWS.get(subset, subset), values) for subset, values in metrics.items()]
-    return (f"<p>The held-out evaluation of {html.escape(evals[-1].stem)} (latent size "
+    return (f"<p>The held-out evaluation of {html.escape(path.stem)} (latent size "
             f"{first.get('latent_dim')}; a unit is active when its mean varies by more than "
             f"{first.get('active_unit_threshold')}):</p>" + _table("subset", names, rows))
 
@@ -142,9 +172,10 @@ def _eval_table(run: Path) -> str:
 def _quality_table(run: Path) -> str:
     """One row per scored grid and one per baseline (crossfade, originals), from samples/quality.json."""
     path = run / "samples" / "quality.json"
-    if not path.is_file():
-        return ""
-    results = json.loads(path.read_text())
+    return _from_file(path, _quality_html) if path.is_file() else ""
+
+
+def _quality_html(results: dict) -> str:
     rows = []
     for grid, values in results["grids"].items():
         rows.append((f"{grid} grid", values))

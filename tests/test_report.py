@@ -1,0 +1,35 @@
+"""The HTML report of a run folder whose files were damaged after the run: the rest is still written."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from pegasus_dist.evaluation.report import write_report
+
+ROWS = [{"step": step, "pretrain/loss": 2000.0 - step, "pretrain/recon": 1990.0 - step,
+         "pretrain/kl": 10.0 + step / 100} for step in range(10, 60, 10)]
+
+
+def run_folder(tmp_path):
+    run = tmp_path / "pretrain"
+    (run / "eval").mkdir(parents=True)
+    (run / "samples").mkdir()
+    lines = [json.dumps(row) for row in ROWS]
+    lines[2] = lines[2][:20] + "\x00\x7f garbage"  # damaged bytes in the middle of the history
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (run / "eval" / "step_00000050.json").write_bytes(b'{"all": {"images": 10,\x00\x00')
+    (run / "samples" / "quality.json").write_text('["not", "the scores"]')
+    return run
+
+
+def test_damaged_files_cost_their_own_table_with_a_line_saying_why(tmp_path, caplog):
+    run = run_folder(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="pegasus_dist.evaluation.report"):
+        page = write_report([run], tmp_path / "report.html").read_text()
+    assert page.count("<polyline") == 3  # loss, reconstruction and KL, from the 4 good rows
+    assert f"{run / 'eval' / 'step_00000050.json'} is unreadable (JSONDecodeError: " in page
+    assert f"{run / 'samples' / 'quality.json'} is unreadable (" in page
+    assert page.count("left out of this report.") == 2
+    assert f"{run / 'metrics.jsonl'}: left 1 damaged line(s) out of the curves" in caplog.text
+    assert caplog.text.count("left out of the report") == 2
