@@ -14,7 +14,7 @@ from torchvision.utils import save_image
 
 from pegasus_dist.config import load_config
 from pegasus_dist.data.shards import ShardSet
-from pegasus_dist.errors import ConfigError
+from pegasus_dist.errors import ConfigError, DataError
 from pegasus_dist.evaluation.classifier import labelled_images, load_classifier, predict
 from pegasus_dist.evaluation.quality import (
     crossfade,
@@ -103,6 +103,26 @@ def test_the_crossfade_is_of_exactly_the_pairs_and_mus_of_pegasus_json(judge, qu
     grid = results["grids"]["pegasus"]
     assert grid["tiles"] == 6 and grid["crossfade"] == {k: v for k, v in grid.items() if k != "crossfade"}
     assert json.loads((tmp_path / "quality.json").read_text()) == results
+
+
+@pytest.mark.parametrize(("name", "damage", "why"), [
+    ("pegasus.json", b'{"rows": [{"horse": "a", "bird": "b", "mu": [0.4', "is unreadable (JSONDecodeError: "),
+    ("pegasus.json", b'{"rows": [{"horse": "a", "bird": "b", "mu": ["x"]}]}', "is not a grid layout"),
+    ("pegasus.json", b'{"rows": [{"row": 0}]}', "is unreadable (KeyError: "),
+    ("pegasus.png", b"\x89PNG\r\n\x1a\n" + bytes(64), "is unreadable ("),
+])
+def test_a_damaged_grid_or_layout_is_one_line_naming_it(judge, quality_shards, tmp_path, name, damage, why):
+    """`score` (and the end of a phase) reads grids written earlier: damage is refused by name."""
+    save_image(torch.rand(6, 3, 32, 32), tmp_path / "pegasus.png", nrow=3, padding=2)
+    keys = sorted(s.key for s in ShardSet(quality_shards / "horse_bird"))
+    rows = [{"row": 0, "horse": keys[0], "bird": keys[1], "mu": [0.4, 0.5, 0.6]}]
+    (tmp_path / "pegasus.json").write_text(json.dumps({"tile_size": 32, "padding": 2, "rows": rows,
+                                                       "shard_set": str(quality_shards / "horse_bird")}))
+    (tmp_path / name).write_bytes(damage)
+    with pytest.raises(DataError) as refused:
+        score_samples(tmp_path, judge, quality_shards / "eval")
+    assert str(refused.value).startswith(f"{tmp_path / name} ") and why in str(refused.value)
+    assert str(refused.value).endswith("write the grids again with `pegasus-dist sample --checkpoint RUN`")
 
 
 @pytest.mark.process

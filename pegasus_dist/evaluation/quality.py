@@ -67,11 +67,17 @@ def classified_as(classifier: Classifier, tiles: torch.Tensor, label: str) -> fl
     return (probs.argmax(dim=1) == classifier.index(label)).float().mean().item()
 
 
+REWRITE = "write the grids again with `pegasus-dist sample --checkpoint RUN`"
+
+
 def read_grid(path: str | Path, tile_size: int, padding: int = GRID_PADDING) -> tuple[torch.Tensor, int]:
     """The tiles of a grid PNG, row-major (float N x 3 x T x T in [0, 1]), and its tiles per row;
     the all-black slots after the last tile of a partial last row are left out."""
-    with Image.open(path) as image:
-        pixels = torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+    try:
+        with Image.open(path) as image:
+            pixels = torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+    except (OSError, ValueError) as err:  # a damaged PNG: PIL raises OSError or ValueError
+        raise DataError(f"{path} is unreadable ({err}); {REWRITE}") from None
     step = tile_size + padding
     (rows, rest_h), (cols, rest_w) = (divmod(side - padding, step) for side in pixels.shape[1:])
     if rows < 1 or cols < 1 or rest_h or rest_w:
@@ -98,7 +104,7 @@ def score_samples(samples: str | Path, classifier: Classifier, held_out: str | P
     (the crossfade's from the sampler's ``shard_set``, as the grid's JSON names it) into quality.json."""
     samples = Path(samples)
     real = real_features(classifier, held_out)
-    layouts = {name: json.loads((samples / f"{name}.json").read_text())
+    layouts = {name: _layout(samples / f"{name}.json", crossfaded=name in INTERPOLATIONS)
                for name in (*INTERPOLATIONS, "analogy") if (samples / f"{name}.json").is_file()}
     layout = next(iter(layouts.values()), {})  # they agree on the tiles' size and padding
     size, padding = layout.get("tile_size", classifier.image_size), layout.get("padding", GRID_PADDING)
@@ -116,13 +122,27 @@ def score_samples(samples: str | Path, classifier: Classifier, held_out: str | P
         if (samples / f"{name}.png").is_file():
             grids[name] = tile_scores(classifier, read_grid(samples / f"{name}.png", size, padding)[0], real)
     if not grids:
-        raise DataError(f"{samples} holds no sampler grid (pegasus.png, reconstructions.png, ...); "
-                        "write them with `pegasus-dist sample --checkpoint RUN`")
+        raise DataError(f"{samples} holds no sampler grid (pegasus.png, reconstructions.png, ...); {REWRITE}")
     accuracy = classifier.meta.get("held_out", {}).get("accuracy")
     results = {"classifier": {"path": classifier.meta.get("path", ""), "held_out_accuracy": accuracy},
                "held_out": str(held_out), "real_images": len(real), "grids": grids}
     (samples / FILENAME).write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def _layout(path: Path, crossfaded: bool) -> dict:
+    """A grid's JSON as the sampler writes it: a horse per row and, to be ``crossfaded``, its bird
+    and mu; one line when damaged."""
+    try:
+        layout = json.loads(path.read_bytes())
+        rows = layout["rows"]
+        if all(isinstance(row["horse"], str) for row in rows) and (not crossfaded or all(
+                isinstance(row["bird"], str) and all(isinstance(mu, float) for mu in row["mu"])
+                for row in rows)):
+            return layout
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise DataError(f"{path} is unreadable ({type(err).__name__}: {err}); {REWRITE}") from None
+    raise DataError(f"{path} is not a grid layout of the sampler (rows of a horse, a bird and mu); {REWRITE}")
 
 
 def _pair_images(layout: dict, size: int) -> dict[str, torch.Tensor]:
