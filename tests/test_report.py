@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
+
+import torch
+from torchvision.utils import save_image
 
 from pegasus_dist.evaluation.report import write_report
 
@@ -20,16 +24,21 @@ def run_folder(tmp_path):
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     (run / "eval" / "step_00000050.json").write_bytes(b'{"all": {"images": 10,\x00\x00')
     (run / "samples" / "quality.json").write_text('["not", "the scores"]')
-    return run
+    save_image(torch.rand(4, 3, 8, 8), run / "samples" / "prior.png")
+    good = (run / "samples" / "prior.png").read_bytes()
+    (run / "samples" / "pegasus.png").write_bytes(good[: len(good) // 2])  # cut short
+    return run, good
 
 
 def test_damaged_files_cost_their_own_table_with_a_line_saying_why(tmp_path, caplog):
-    run = run_folder(tmp_path)
+    run, good = run_folder(tmp_path)
     with caplog.at_level(logging.WARNING, logger="pegasus_dist.evaluation.report"):
         page = write_report([run], tmp_path / "report.html").read_text()
     assert page.count("<polyline") == 3  # loss, reconstruction and KL, from the 4 good rows
     assert f"{run / 'eval' / 'step_00000050.json'} is unreadable (JSONDecodeError: " in page
     assert f"{run / 'samples' / 'quality.json'} is unreadable (" in page
-    assert page.count("left out of this report.") == 2
+    assert f"{run / 'samples' / 'pegasus.png'} is unreadable (" in page  # not a broken image
+    assert base64.b64encode(good).decode() in page  # the good grid is there
+    assert page.count("left out of this report.") == 3
     assert f"{run / 'metrics.jsonl'}: left 1 damaged line(s) out of the curves" in caplog.text
-    assert caplog.text.count("left out of the report") == 2
+    assert caplog.text.count("left out of the report") == 3

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from pegasus_dist.errors import DataError
 
 log = logging.getLogger("pegasus_dist.evaluation.report")
@@ -100,11 +102,23 @@ def _run_section(run: Path) -> str:
     charts = "".join(_chart(title, [(r["step"], r[key]) for r in rows
                                     if isinstance(r.get(key := f"{phase}/{name}"), (int, float))])
                      for name, title in CURVES.items())
-    grids = "".join(f"<figure style='display:inline-block'><img src='data:image/png;base64,"
-                    f"{base64.b64encode(path.read_bytes()).decode()}'><figcaption>{html.escape(caption)}"
-                    "</figcaption></figure>" for caption, path in find_grids(run))
+    grids = "".join(_figure(caption, path) for caption, path in find_grids(run))
     return (f"<h2>{html.escape(heading)}</h2><div>{charts}</div>"
             f"{_eval_table(run)}{_quality_table(run)}<div>{grids}</div>")
+
+
+def _figure(caption: str, path: Path) -> str:
+    """The grid embedded as its PNG bytes; a damaged PNG is a line saying so, not a broken image."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # decodes every pixel: a cut or changed stream fails here
+    except (OSError, ValueError) as err:
+        why = f"{path} is unreadable ({err})"
+        log.warning("%s: left out of the report", why)
+        return f"<p>{html.escape(why)}: left out of this report.</p>"
+    return (f"<figure style='display:inline-block'><img src='data:image/png;base64,"
+            f"{base64.b64encode(path.read_bytes()).decode()}'><figcaption>{html.escape(caption)}"
+            "</figcaption></figure>")
 
 
 def find_grids(run: Path) -> list[tuple[str, Path]]:
