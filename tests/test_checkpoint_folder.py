@@ -331,6 +331,16 @@ def test_damaged_bytes_in_metrics_jsonl_are_cut_back_to_the_last_good_row(tmp_pa
         in caplog.text
 
 
+def test_a_metrics_history_cut_short_says_where_it_now_ends(tmp_path, caplog):
+    """Half of the file gone (a copy cut short, a truncation): the rows after the cut are lost, and
+    the one warning says how many rows are kept."""
+    rows = "".join(json.dumps({"step": step, "pretrain/loss": 1.0 / step}) + "\n" for step in range(1, 9))
+    (tmp_path / "metrics.jsonl").write_text(rows[: len(rows) // 2])
+    MetricsLog(Accelerator(cpu=True), tmp_path).resume(8)
+    assert f"{tmp_path / 'metrics.jsonl'}: line 5 is not a metrics row; keeping the 4 rows before it" \
+        in caplog.text
+
+
 def test_sample_and_eval_refuse_a_checkpoint_whose_config_changed(tmp_path):
     (folder,) = save_steps(tmp_path, 3)
     config = folder / "config.yaml"

@@ -200,9 +200,9 @@ class MetricsLog:
                 row = json.loads(line)
                 row_step = row["step"]
             except (json.JSONDecodeError, TypeError, KeyError):
-                if number < len(lines):  # the last line may be cut off by a kill: not worth a word
-                    log.warning("%s: line %d is not a metrics row; keeping the %d rows before it",
-                                self.path, number, len(kept))
+                # Also a cut last line: a file cut short loses the rows after it, which only this says.
+                log.warning("%s: line %d is not a metrics row; keeping the %d rows before it",
+                            self.path, number, len(kept))
                 break
             if row_step > step:
                 break  # rows are appended in step order: all the rest come later too
