@@ -38,7 +38,7 @@ from pegasus_dist.training.progress import Progress
 from pegasus_dist.training.start import RunComplete, batch_description, start_phase
 from pegasus_dist.training.state import mark_finished
 from pegasus_dist.training.step import EpochPlan, TrainStep
-from pegasus_dist.training.window import Window, means, reduce_windows
+from pegasus_dist.training.window import Window, reduce_windows
 
 log = logging.getLogger("pegasus_dist.training.loop")
 
@@ -188,15 +188,15 @@ class Trainer:
         """Reduce the window's sums over all ranks (one all-reduce, one host read) and log per-image means."""
         state, window = self.state, self.window
         sums = reduce_windows(self.accelerator, window)[0]
-        state.bad_samples_skipped += int(sums["bad_samples"])
+        state.bad_samples_skipped += int(sums.bad_samples)
         row = {
             "lr": self.models.optimizer.param_groups[0]["lr"],
-            "images_per_s": sums["images"] / (time.perf_counter() - window.started),
+            "images_per_s": sums.images / (time.perf_counter() - window.started),
             "epoch": state.epoch + state.samples_done / self.loader.num_samples,
             "scaler_skipped_steps": state.scaler_skipped_steps,
             "nonfinite_skipped_steps": state.nonfinite_skipped_steps,
             "bad_samples_skipped": state.bad_samples_skipped,
-        } | means(sums, self.cfg.loss)
+        } | sums.means(self.cfg.loss)
         if self.accelerator.scaler is not None:  # fp16: the scale beside the updates it dropped
             row["loss_scale"] = self.accelerator.scaler.get_scale()
         self.metrics.log({f"{self.cfg.train.phase}/{k}": v for k, v in row.items()}, step=state.step)

@@ -171,10 +171,9 @@ class DivergenceGuard:
             return None
         self.checked_through = step
         first, now = reduce_windows(accelerator, self.first, window)
-        if not (first["images"] and now["images"]):
+        if not (first.images and now.images):
             return None
-        reference = first["total"] / first["images"]
-        loss, kl = now["total"] / now["images"], now["kl"] / now["images"]
+        reference, loss, kl = first.total / first.images, now.total / now.images, now.kl / now.images
         limit = DIVERGENCE_FACTOR * abs(reference)
         if loss > limit or kl > limit:
             return TrainingError(f"diverging: the loss went from {reference:.4g} at step {self.first_step} "

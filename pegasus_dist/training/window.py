@@ -43,13 +43,26 @@ WEIGHT = {"critic": "acai_weight", "fooling": "acai_weight",
           "discriminator": "patch_gan_weight", "generator": "patch_gan_weight"}
 
 
-def means(sums: dict[str, float], loss: LossConfig) -> dict[str, float]:
-    """Per-image means of a window's ``sums`` by logged name; the adversaries' only when they
-    train; none without images."""
-    if not sums["images"]:
-        return {}
-    return {LOGGED[term]: sums[term] / sums["images"] for term in TERMS
-            if term not in WEIGHT or getattr(loss, WEIGHT[term])}
+@dataclass(frozen=True)
+class Sums:
+    """A window's sums over every rank: the terms image-weighted, then images and bad samples."""
+
+    total: float
+    recon: float
+    kl: float
+    critic: float
+    fooling: float
+    discriminator: float
+    generator: float
+    images: float
+    bad_samples: float
+
+    def means(self, loss: LossConfig) -> dict[str, float]:
+        """Per-image means by logged name; the adversaries' only when they train; none without images."""
+        if not self.images:
+            return {}
+        return {LOGGED[term]: getattr(self, term) / self.images for term in TERMS
+                if term not in WEIGHT or getattr(loss, WEIGHT[term])}
 
 
 class Window:
@@ -80,10 +93,9 @@ class Window:
         return kept
 
 
-def reduce_windows(accelerator: Accelerator, *windows: Window) -> list[dict[str, float]]:
-    """Each window's sums over every rank, by the names of :data:`SUMS`: one all-reduce and one
-    host read for all of them."""
+def reduce_windows(accelerator: Accelerator, *windows: Window) -> list[Sums]:
+    """Each window's sums over every rank: one all-reduce and one host read for all of them."""
     losses = torch.stack([w.losses for w in windows])
     counts = losses.new_tensor([[w.images, w.bad_samples] for w in windows])
     rows = accelerator.reduce(torch.cat([losses, counts], dim=1), reduction="sum").tolist()
-    return [dict(zip(SUMS, row, strict=True)) for row in rows]
+    return [Sums(**dict(zip(SUMS, row, strict=True))) for row in rows]
