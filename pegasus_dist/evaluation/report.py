@@ -50,15 +50,13 @@ STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1240px}svg{background
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
-    """Run folders (holding metrics.jsonl) among ``paths`` and directly inside them, those inside
-    one folder in the order they train (pretrain, then finetune)."""
+    """Run folders (holding metrics.jsonl) among ``paths`` and directly inside them."""
     runs = []
     for path in paths:
         if (path / "metrics.jsonl").is_file():
             runs.append(path)
         else:
-            found = sorted(p.parent for p in path.glob("*/metrics.jsonl"))
-            runs += sorted(found, key=lambda run: _phase(_rows(run), run) != "pretrain")
+            runs += sorted(p.parent for p in path.glob("*/metrics.jsonl"))
     if not runs:
         raise DataError(f"no run folder (with metrics.jsonl) at or under "
                         f"{', '.join(map(str, paths))}; pass e.g. runs/pretrain runs/finetune")
@@ -66,7 +64,10 @@ def find_runs(paths: list[Path]) -> list[Path]:
 
 
 def write_report(paths: list[Path], out: Path) -> Path:
-    sections = [_run_section(run) for run in find_runs(paths)]
+    """One page of the runs at or under ``paths``, in the order they train (pretrain first)."""
+    histories = {run: _rows(run) for run in find_runs(paths)}
+    order = sorted(histories, key=lambda run: _phase(histories[run], run) != "pretrain")
+    sections = [_run_section(run, histories[run]) for run in order]
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>pegasus-dist report</title>"
             f"<style>{STYLE}</style></head><body><h1>pegasus-dist report</h1>" + "".join(sections)
             + "</body></html>\n")
@@ -95,8 +96,7 @@ def _phase(rows: list[dict], run: Path) -> str:
     return next((k.split("/")[0] for row in rows for k in row if k.endswith("/loss")), run.name)
 
 
-def _run_section(run: Path) -> str:
-    rows = _rows(run)
+def _run_section(run: Path, rows: list[dict]) -> str:
     phase = _phase(rows, run)
     heading = run.name if run.name == phase else f"{run.name} ({phase})"
     charts = "".join(_chart(title, [(r["step"], r[key]) for r in rows
