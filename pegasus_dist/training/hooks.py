@@ -176,15 +176,11 @@ def _fill_disk(step: int) -> Hooks:
     def fill(trainer: Trainer, _batch: Batch) -> None:
         if trainer.state.step + 1 != step:
             return
-        chunk = bytes(2**20)
         with (trainer.cfg.run_dir / "filler").open("wb", buffering=0) as filler:
-            with contextlib.suppress(OSError):  # ENOSPC: the disk is full, which is the fault
-                while True:
-                    filler.write(chunk)
-            chunk = bytes(4096)
-            with contextlib.suppress(OSError):  # and the last blocks of it
-                while True:
-                    filler.write(chunk)
+            for chunk in (bytes(2**20), bytes(4096)):  # megabytes, then the last blocks
+                with contextlib.suppress(OSError):  # ENOSPC: the disk is full, which is the fault
+                    while True:
+                        filler.write(chunk)
     return Hooks(before_micro_batch=[fill])
 
 
