@@ -103,6 +103,17 @@ def test_overrides_parse_yaml_values():
     assert cfg.train.init_from == "" and cfg.train.cpu is True
 
 
+def test_an_override_list_the_locale_could_not_decode_names_the_locale():
+    """Under LC_ALL=C Python reads the UTF-8 bytes of `café` as surrogates, which YAML refuses:
+    the fix is the locale, not the list, while a name in such bytes stays a plain string."""
+    undecoded = "caf\udcc3\udca9"  # os.fsdecode(b"caf\xc3\xa9") under LC_ALL=C
+    with pytest.raises(ConfigError, match=r"^override wandb.tags: .* run under a UTF-8 locale"):
+        load_config(None, [f"wandb.tags=[{undecoded}]"])
+    assert load_config(None, [f"run.name={undecoded}"]).run.name == undecoded
+    with pytest.raises(ConfigError, match=r"^wandb.tags .*must be a list"):
+        load_config(None, ["wandb.tags=[a, b"])  # plain broken YAML: the value as it was
+
+
 def test_an_unquoted_no_is_the_choice_no():
     assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
 

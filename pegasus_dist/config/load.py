@@ -127,6 +127,11 @@ def _apply_override(raw: dict[str, Any], origins: Origins, item: str) -> None:
     try:
         value = yaml.safe_load(text) if text else ""
     except yaml.YAMLError:
+        # A list or mapping with bytes the locale could not decode (LC_ALL=C): YAML refuses
+        # them, and the text alone would be refused as "must be a list", misleadingly.
+        if text[:1] in "[{" and text != text.encode(errors="replace").decode():
+            raise ConfigError(f"override {key}: its value holds bytes that the locale cannot decode; "
+                              "run under a UTF-8 locale (e.g. LC_ALL=C.UTF-8)") from None
         value = text
     *sections, leaf = key.split(".")
     node = raw

@@ -22,8 +22,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pegasus_dist.checksums import sha256_file
 from pegasus_dist.config import DataConfig
 from pegasus_dist.data.decoded import Decoded
+from pegasus_dist.data.manifest import changed_shard
 from pegasus_dist.data.shards import ShardSample, ShardSet
 from pegasus_dist.errors import DataError
 
@@ -188,8 +190,13 @@ class _ShardCache:
                         "run `pegasus-dist verify` and re-run `pegasus-dist prepare`")
 
     def _read(self, shard: int) -> list[ShardSample]:
-        """The shard's samples; with bad ones skipped, those before a damage or a shortfall."""
+        """The shard's samples; with bad ones skipped, those before a damage or a shortfall, and
+        none of a shard changed since `prepare`: any of its samples may be the changed bytes."""
         samples: list[ShardSample] = []
+        entry, path = self.shard_set.manifest.shards[shard], self.shard_set.manifest.shard_paths[shard]
+        if self.skip_bad and sha256_file(path) != entry.sha256:  # hashed whole before any is used
+            log.warning("%s; skipping all %d of its samples", changed_shard(path), entry.num_samples)
+            return samples
         try:
             samples.extend(self.shard_set.read(shard))
         except DataError as err:
