@@ -8,12 +8,13 @@ import re
 from types import SimpleNamespace
 
 import pytest
-from helpers import SMOKE, TINY_ARGS
+from helpers import SMOKE, TINY_ARGS, training_rows
 
 from bench.efficiency import Peak, flop_per_cycle
 from bench.harness import Row, format_table, run_bench
 from bench.profile_step import StepProfile, waits_us, with_device_work
 from bench.profile_step import main as profile_main
+from bench.sync_debug import main as sync_debug_main
 
 ZEN4 = "vendor_id\t: AuthenticAMD\ncpu family\t: 25\nflags\t\t: fpu fma avx2 avx512f avx512_bf16\n"
 
@@ -153,14 +154,19 @@ def test_the_host_time_leaves_out_the_calls_that_wait_for_the_device():
     assert waits_us(events) == 770.0
 
 
-def _profile_lines(capsys, *args: str) -> list[str]:
-    """``python -m bench.profile_step ARGS`` in this process: its printed lines (its log kept out)."""
+def _in_process(main, *args: str) -> None:
+    """``main(ARGS)`` of a bench module in this process; the test's logging set up again after."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level  # it sets logging up on the captured stderr
     try:
-        profile_main(list(args))
+        main(list(args))
     finally:
         root.handlers[:], root.level = handlers, level
+
+
+def _profile_lines(capsys, *args: str) -> list[str]:
+    """``python -m bench.profile_step ARGS`` in this process: its printed lines (its log kept out)."""
+    _in_process(profile_main, *args)
     return capsys.readouterr().out.splitlines()
 
 
@@ -191,3 +197,19 @@ def test_the_step_profile_refuses_shards_too_small_for_one_epoch(smoke_shards, c
     assert error.startswith(f"error: {smoke_shards} holds ") and error.endswith(
         "fewer than the 2752 that 20 steps at batch 64 need in one epoch: prepare more (pegasus-dist "
         "prepare --source synthetic:N), pass fewer --steps, or leave --shards out"), error
+
+
+@pytest.mark.slow  # trains the tiny model 2 steps, then 2 more, in this process
+def test_the_sync_debug_wrapper_trains_and_the_same_command_resumes(smoke_shards, tmp_path, capsys):
+    """On the CPU the mode cannot be set (it is CUDA's): what gpu-check.sh's row relies on besides it."""
+    def run(steps: int) -> str:
+        _in_process(sync_debug_main, "--config", SMOKE, f"data.shards={smoke_shards}",
+                    f"run.output_dir={tmp_path}", f"train.max_steps={steps}", "data.batch_size=16",
+                    "wandb.mode=disabled", *TINY_ARGS)
+        return capsys.readouterr().err
+
+    assert "resumed from" not in run(2)
+    assert training_rows(tmp_path / "pretrain")[-1]["step"] == 2
+    resumed = re.findall(r"resumed from (\S+): .*, step (\d+)$", run(4), re.MULTILINE)
+    assert resumed == [(str(tmp_path / "pretrain/checkpoints/step_00000002"), "2")]
+    assert [row["step"] for row in training_rows(tmp_path / "pretrain")][-1] == 4
