@@ -4,7 +4,9 @@ For each ``--batch`` (images per process): the bench's trainer of the paper mode
 (:func:`bench.measure.train_config`, the one `pegasus-dist bench` times; with ``--config``
 that config's model, losses and optimizer, the bench setting the data, the precision and
 no checkpoints), WARMUP untimed steps, ``--steps`` steps timed without the profiler, then
-as many under it, all in one epoch of synthetic images. It prints one line a batch:
+as many under it, all in one epoch of synthetic images. The loop's sync points (a host
+read every ``train.log_every`` steps, 10 here, and one as each run of steps ends) are
+part of what is measured, as in training. It prints one line a batch:
 
 - kernels a step: the CUDA kernels the device ran (CUDA only);
 - ops a step: the aten operators called from Python or autograd (those nested in another
