@@ -1,23 +1,30 @@
 #!/usr/bin/env bash
-# What only a GPU can show, in one command on one GPU machine (about 5 minutes):
+# What only a GPU can show, in one command on one GPU machine (about 5 minutes, estimated: never timed):
 #
 #   bench/gpu-check.sh              # writes runs/gpu-check/, prints one table at the end
 #
 # Rows: the bench's rows on CUDA (loaders, device-resident start-up, trainer vs
 # bare loop, achieved TFLOP/s, MFU against the datasheet peak, the paper recipe's projected
 # time), the smoke pipeline's two phases under torchrun on one GPU (a process group of one,
-# NCCL), then the paper recipe's model on GPU 0 in
+# NCCL), torch.profiler over 20 steps of the paper model's trainer in bf16 at 128 and at
+# 1024 images per GPU (kernels, ops, host and device ms a step: bench/profile_step.py),
+# then the paper recipe's model on GPU 0 in
 # bf16, with cudnn.benchmark, fp16 (the loss scale and the updates it dropped, scaler_skipped_steps),
 # bf16 with torch.compile and channels_last followed by `pegasus-dist sample`,
-# and with two GPUs or more a 2-process NCCL run. It has not run on a GPU yet
-# (docs/performance.md says so); without one it stops at once, in one line.
+# the reference recipe (configs/reference/pretrain.yaml: ACAI, the patch discriminator, the
+# logistic likelihood) in bf16 under torch.cuda.set_sync_debug_mode("warn") then resumed
+# (the synchronising calls warned, the step it resumed from: bench/sync_debug.py) and in fp16
+# (the loss scale beside scaler_skipped_steps), and with two GPUs or more a 2-process NCCL run.
+# It has not run on a GPU yet (docs/performance.md says so); without one it stops at once, in one line.
 #
-# Environment: OUT [runs/gpu-check], BIN [.venv/bin], STEPS [300] steps a run.
+# Environment: OUT [runs/gpu-check], BIN [.venv/bin], STEPS [300] steps a run,
+# SYNC_STEPS [20] steps of the sync-debug run before its resume (to twice as many).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu-check}
 BIN=${BIN:-.venv/bin}
 STEPS=${STEPS:-300}
+SYNC_STEPS=${SYNC_STEPS:-20}
 
 gpus=$("$BIN/python" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 if [ "$gpus" = 0 ]; then
@@ -62,12 +69,21 @@ done
 row "1 GPU under torchrun, smoke pretrain + finetune" \
     "$(grep -o 'world_size=1 .*backend=[a-z]*' "$OUT/nccl-1-pretrain.log" | head -n 1); $(find "$OUT/nccl-1" -name pegasus.png | wc -l) Pegasus grids"
 
-# One run of the paper recipe (configs/pretrain.yaml) on the synthetic set: its last logged row.
+# torch.profiler, 20 steps of the paper model's trainer in bf16 at each batch, on synthetic images of
+# its own: is a step bound by kernel launches (host ms above device ms)? One line a batch size.
+profile=$("$BIN/python" -m bench.profile_step --batch 128 --batch 1024 --steps 20 --precision bf16 \
+    2> "$OUT/profile.log") || { echo "gpu-check: the profiler run failed: see $OUT/profile.log" >&2; exit 1; }
+while IFS= read -r line; do
+    row "torch.profiler, paper model, bf16, ${line%%:*} per GPU" "${line#*: }"
+done <<< "$profile"
+
+# One run of a recipe (CONFIG: the paper's configs/pretrain.yaml, or the reference one) on the
+# synthetic set at batch 128: its last logged row. Usage: train NAME CONFIG [overrides...]
 train() {
-    local name=$1
-    shift
+    local name=$1 config=$2
+    shift 2
     local started=$SECONDS
-    "$BIN/pegasus-dist" train --config configs/pretrain.yaml "data.shards=$OUT/shards" \
+    "$BIN/pegasus-dist" train --config "$config" "data.shards=$OUT/shards" \
         "run.output_dir=$OUT/$name" "train.max_steps=$STEPS" train.log_every=50 data.batch_size=128 \
         wandb.mode=disabled "$@" > "$OUT/$name.log" 2>&1 \
         || { echo "gpu-check: the $name run failed: see $OUT/$name.log" >&2; exit 1; }
@@ -83,18 +99,46 @@ EOF
 }
 
 # Each result is assigned first: a failed run then stops the script (set -e), not just its row.
-result=$(train bf16 train.mixed_precision=bf16)
+paper=configs/pretrain.yaml
+result=$(train bf16 "$paper" train.mixed_precision=bf16)
 row "bf16, 1 GPU" "$result"
-result=$(train fp16 train.mixed_precision=fp16)
+result=$(train fp16 "$paper" train.mixed_precision=fp16)
 row "fp16 with loss scaling, 1 GPU" "$result"
-result=$(train cudnn train.mixed_precision=bf16 train.cudnn_benchmark=true)
+result=$(train cudnn "$paper" train.mixed_precision=bf16 train.cudnn_benchmark=true)
 row "bf16, cudnn.benchmark, 1 GPU" "$result"
-result=$(train compiled train.mixed_precision=bf16 train.compile=true train.channels_last=true)
+result=$(train compiled "$paper" train.mixed_precision=bf16 train.compile=true train.channels_last=true)
 row "bf16, torch.compile + channels_last, 1 GPU" "$result"
 "$BIN/pegasus-dist" sample --checkpoint "$OUT/compiled/pretrain" --out "$OUT/compiled-samples" \
     > "$OUT/sample.log" 2>&1 || { echo "gpu-check: sampling the compiled run failed: see $OUT/sample.log" >&2; exit 1; }
 row "pegasus-dist sample of the compiled run" \
     "$(find "$OUT/compiled-samples" -name '*.png' | wc -l) grids in $OUT/compiled-samples"
+
+# The reference recipe (ACAI, the patch discriminator, the logistic likelihood) in bf16 with every
+# synchronising CUDA call warned (bench/sync_debug.py), to SYNC_STEPS, then the same run to twice as
+# many: it must resume from SYNC_STEPS. Start-up, checkpoints, sampling and evaluation warn too.
+reference=configs/reference/pretrain.yaml
+sync_debug() {
+    "$BIN/python" -m bench.sync_debug --config "$reference" "data.shards=$OUT/shards" \
+        "run.output_dir=$OUT/sync-debug" "train.max_steps=$1" train.log_every=10 data.batch_size=128 \
+        train.mixed_precision=bf16 wandb.mode=disabled > "$OUT/sync-debug-$1.log" 2>&1 \
+        || { echo "gpu-check: the sync-debug run to step $1 failed: see $OUT/sync-debug-$1.log" >&2; exit 1; }
+}
+sync_debug "$SYNC_STEPS"
+sync_debug "$((2 * SYNC_STEPS))"
+logs=("$OUT/sync-debug-$SYNC_STEPS.log" "$OUT/sync-debug-$((2 * SYNC_STEPS)).log")
+resumed=$(sed -n 's/.*resumed from .*, step \([0-9]*\)$/\1/p' "${logs[1]}")
+[ "$resumed" = "$SYNC_STEPS" ] || { echo "gpu-check: the sync-debug run did not resume from step" \
+    "$SYNC_STEPS (resumed from: ${resumed:-none}): see ${logs[1]}" >&2; exit 1; }
+ended=$(sed -n 's/.* done at step \([0-9]*\): .*/\1/p' "${logs[1]}")
+# Each place that warned (Python's file:line, or C++'s for a warning from autograd's threads), counted.
+places=$OUT/sync-debug-places.txt
+cat "${logs[@]}" | { grep 'called a synchronizing CUDA operation' || true; } \
+    | sed -e 's/: UserWarning: .*//' -e 's/^\[W[^]]* \([^ ]*\)\] Warning: .*/\1/' | sort | uniq -c | sort -rn > "$places"
+warned=$(awk '{ n += $1 } END { print n + 0 }' "$places")
+row "reference recipe, bf16, set_sync_debug_mode(\"warn\"), 1 GPU" "$warned synchronising calls warned in 2 runs \
+of $SYNC_STEPS steps, at $(wc -l < "$places") places ($places); resumed from step $resumed, done at step $ended"
+result=$(train fp16-reference "$reference" train.mixed_precision=fp16)
+row "reference recipe, fp16 with loss scaling, 1 GPU" "$result"
 if [ "$gpus" -ge 2 ]; then
     port=$((20000 + RANDOM % 20000))
     "$BIN/accelerate" launch --config_file launch/gpu-1node.yaml --num_processes 2 --main_process_port "$port" \

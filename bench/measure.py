@@ -49,18 +49,23 @@ def synchronize(device: torch.device) -> None:
 
 
 def train_config(shards: Path, runs: Path, precision: str, device: torch.device,
-                 image_size: int = 32, **train: object) -> Config:
-    """The trainer's config for a timing; ``train`` adds train.* settings (compile, channels_last)."""
+                 image_size: int = 32, batch: int = BATCH, base: Config | None = None,
+                 **train: object) -> Config:
+    """The trainer's config for a timing: ``base`` (the defaults, the paper model, when None) with the
+    bench's settings over it; ``train`` adds train.* settings (compile, channels_last)."""
     name = "-".join([f"bench-{precision}-{image_size}", *(k for k, v in train.items() if v)])
-    return validated(Config, {
+    raw = base.model_dump() if base else {}
+    for section, values in {
         "run": {"output_dir": str(runs), "name": name},
-        "data": {"shards": str(shards), "batch_size": BATCH, "mode": "memory"},
+        "data": {"shards": str(shards), "batch_size": batch, "mode": "memory"},
         "model": {"image_size": image_size},
         "train": {"mixed_precision": precision, "cpu": device.type != "cuda",
                   "checkpoint_every": 0, "checkpoint_minutes": 0,  # no checkpoint inside a timing
                   **train},
         "wandb": {"mode": "disabled"},
-    })
+    }.items():
+        raw[section] = raw.get(section, {}) | values
+    return validated(Config, raw)
 
 
 def in_own_process(measure: Callable[..., T], *args: object) -> T:

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
+from types import SimpleNamespace
 
 import pytest
+from helpers import SMOKE, TINY_ARGS, training_rows
 
 from bench.efficiency import Peak, flop_per_cycle
 from bench.harness import Row, format_table, run_bench
+from bench.profile_step import StepProfile, waits_us, with_device_work
+from bench.profile_step import main as profile_main
+from bench.sync_debug import main as sync_debug_main
 
 ZEN4 = "vendor_id\t: AuthenticAMD\ncpu family\t: 25\nflags\t\t: fpu fma avx2 avx512f avx512_bf16\n"
 
@@ -113,3 +120,96 @@ def test_the_gpu_check_stops_in_one_line_without_a_gpu():
     assert done.returncode == 2, done.stdout
     assert done.stdout.strip() == ("gpu-check: no CUDA GPU is visible to torch (torch.cuda.device_count() "
                                    "is 0): run it on a GPU machine")
+
+
+# bench/profile_step.py: what gpu-check.sh's profiler rows print. The device events exist on CUDA only:
+# their arithmetic is checked here on events shaped as torch.profiler's (activity type, name, duration).
+PROFILED = StepProfile(batch=128, steps=2, device="cuda", precision="bf16", ops=600, host_ms=4.0, wall_ms=4.5)
+
+
+def _event(activity: str, name: str, us: float) -> SimpleNamespace:
+    return SimpleNamespace(activity_type=activity, name=name,
+                           time_range=SimpleNamespace(elapsed_us=lambda: us))
+
+
+def test_the_device_rows_count_kernels_and_sum_the_device_work_per_step():
+    events = [_event("kernel", "void gemm", 300.0), _event("kernel", "void elementwise", 100.0),
+              _event("gpu_memcpy", "Memcpy DtoH", 40.0), _event("gpu_memset", "Memset", 10.0),
+              _event("gpu_user_annotation", "ProfilerStep", 5000.0),  # a span over kernels, not work
+              _event("cuda_runtime", "cudaLaunchKernel", 8.0)]
+    found = with_device_work(PROFILED, events)
+    assert (found.kernels, found.device_ms) == (1.0, pytest.approx(0.225))  # 2 kernels, 450 us, in 2 steps
+    assert found.describe() == ("batch 128: 1 kernels/step, 600 ops/step, host 4.00 ms/step, device 0.23 "
+                                "ms/step; 4.50 ms/step without the profiler (2 steps, cuda, bf16)")
+    with pytest.raises(RuntimeError, match="no CUDA kernel in the profile .*gpu_memcpy"):
+        with_device_work(PROFILED, events[2:])
+
+
+def test_the_host_time_leaves_out_the_calls_that_wait_for_the_device():
+    events = [_event("cuda_runtime", "cudaStreamSynchronize", 700.0),
+              _event("cuda_runtime", "cudaMemcpyAsync", 50.0),  # to pageable memory: waits for the copy
+              _event("cuda_driver", "cuStreamSynchronize", 20.0),
+              _event("cuda_runtime", "cudaLaunchKernel", 8.0),  # issuing work: host time
+              _event("cpu_op", "aten::_local_scalar_dense", 760.0)]  # the op around a wait: host time
+    assert waits_us(events) == 770.0
+
+
+def _in_process(main, *args: str) -> None:
+    """``main(ARGS)`` of a bench module in this process; the test's logging set up again after."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level  # it sets logging up on the captured stderr
+    try:
+        main(list(args))
+    finally:
+        root.handlers[:], root.level = handlers, level
+
+
+def _profile_lines(capsys, *args: str) -> list[str]:
+    """``python -m bench.profile_step ARGS`` in this process: its printed lines (its log kept out)."""
+    _in_process(profile_main, *args)
+    return capsys.readouterr().out.splitlines()
+
+
+PROFILE_LINE = re.compile(r"batch (?P<batch>\d+): (?P<ops>[\d,]+) ops/step, host (?P<host>[\d.]+) ms/step "
+                          r"\(device ms only measured on CUDA\); (?P<wall>[\d.]+) ms/step without the "
+                          r"profiler \(3 steps, cpu, no\)")
+
+
+@pytest.mark.slow  # trains the tiny model 8 steps at each of two batch sizes, in this process
+def test_the_step_profile_counts_ops_and_host_time_at_each_batch_size(capsys):
+    lines = _profile_lines(capsys, "--device", "cpu", "--precision", "no", "--batch", "4", "--batch", "8",
+                           "--steps", "3", "--config", SMOKE, *TINY_ARGS)
+    found = [PROFILE_LINE.fullmatch(line) for line in lines]
+    assert all(found) and [int(m["batch"]) for m in found] == [4, 8], lines
+    ops = [int(m["ops"].replace(",", "")) for m in found]
+    # The same model and step: as many operators at either batch size, give or take the odd one.
+    assert min(ops) > 50 and max(ops) / min(ops) < 1.5, lines
+    assert all(float(m["host"]) > 0 and float(m["wall"]) > 0 for m in found), lines
+
+
+@pytest.mark.slow  # starts the tiny model's trainer in this process
+def test_the_step_profile_refuses_shards_too_small_for_one_epoch(smoke_shards, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        _profile_lines(capsys, "--device", "cpu", "--precision", "no", "--batch", "64", "--steps", "20",
+                       "--shards", str(smoke_shards), "--config", SMOKE, *TINY_ARGS)
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"error: {smoke_shards} holds ") and error.endswith(
+        "fewer than the 2752 that 20 steps at batch 64 need in one epoch: prepare more (pegasus-dist "
+        "prepare --source synthetic:N), pass fewer --steps, or leave --shards out"), error
+
+
+@pytest.mark.slow  # trains the tiny model 2 steps, then 2 more, in this process
+def test_the_sync_debug_wrapper_trains_and_the_same_command_resumes(smoke_shards, tmp_path, capsys):
+    """On the CPU the mode cannot be set (it is CUDA's): what gpu-check.sh's row relies on besides it."""
+    def run(steps: int) -> str:
+        _in_process(sync_debug_main, "--config", SMOKE, f"data.shards={smoke_shards}",
+                    f"run.output_dir={tmp_path}", f"train.max_steps={steps}", "data.batch_size=16",
+                    "wandb.mode=disabled", *TINY_ARGS)
+        return capsys.readouterr().err
+
+    assert "resumed from" not in run(2)
+    assert training_rows(tmp_path / "pretrain")[-1]["step"] == 2
+    resumed = re.findall(r"resumed from (\S+): .*, step (\d+)$", run(4), re.MULTILINE)
+    assert resumed == [(str(tmp_path / "pretrain/checkpoints/step_00000002"), "2")]
+    assert [row["step"] for row in training_rows(tmp_path / "pretrain")][-1] == 4
