@@ -1,4 +1,5 @@
-"""The patch discriminator (pegasus_dist/model/adversaries.py): patch scores, hinge losses, it learns."""
+"""The patch discriminator (pegasus_dist/model/adversaries.py): patch scores, hinge losses, feature
+matching, it learns."""
 
 from __future__ import annotations
 
@@ -11,7 +12,12 @@ from helpers import launch
 from safetensors.torch import load_file
 
 from pegasus_dist.config import ModelConfig
-from pegasus_dist.model.adversaries import PatchDiscriminator, discriminator_loss, generator_loss
+from pegasus_dist.model.adversaries import (
+    PatchDiscriminator,
+    discriminator_loss,
+    feature_matching_loss,
+    generator_loss,
+)
 
 # relu(1 - c) + relu(1 + c) >= 2 for any constant score c: what a discriminator that learned nothing pays.
 CHANCE = 2.0
@@ -20,8 +26,32 @@ CHANCE = 2.0
 def test_the_discriminator_scores_4x4_patches_of_a_32px_image_independently_of_the_batch():
     discriminator = PatchDiscriminator(ModelConfig(channels=[8, 8, 8, 8]))
     x = torch.rand(4, 3, 32, 32)
-    assert discriminator(x).shape == (4, 1, 4, 4)
-    assert torch.allclose(discriminator(x[:1]), discriminator(x)[:1], atol=1e-6)  # no batch norm
+    assert discriminator(x)[0].shape == (4, 1, 4, 4)
+    assert torch.allclose(discriminator(x[:1])[0], discriminator(x)[0][:1], atol=1e-6)  # no batch norm
+
+
+def test_feature_matching_pulls_decodes_toward_the_real_images_in_the_discriminators_features():
+    """Real images and decodes share one forward (reals first); only the decodes get gradients."""
+    torch.manual_seed(0)
+    discriminator = PatchDiscriminator(ModelConfig(channels=[8, 8, 8, 8]))
+    frozen = {name: value.detach() for name, value in discriminator.named_parameters()}
+    real = torch.rand(4, 3, 32, 32)
+    fake = torch.rand(4, 3, 32, 32, requires_grad=True)
+
+    def matching(decodes: torch.Tensor) -> torch.Tensor:
+        _, hidden = torch.func.functional_call(discriminator, frozen, (torch.cat([real, decodes]),),
+                                               {"features": True})
+        return feature_matching_loss(hidden, len(real))
+
+    assert matching(real).item() == 0
+    apart = [(f - r).abs().mean() for f, r in zip(discriminator(fake, True)[1], discriminator(real, True)[1],
+                                                  strict=True)]
+    assert len(apart) == 3 and matching(fake).item() == pytest.approx(torch.stack(apart).mean().item())
+    before = matching(fake)
+    before.backward()
+    assert all(p.grad is None for p in discriminator.parameters())  # trained by its own loss only
+    moved = (fake - 0.01 * fake.grad.sign()).detach()
+    assert matching(moved).item() < 0.99 * before.item()
 
 
 def test_hinge_losses():
@@ -38,13 +68,16 @@ def test_the_discriminator_learns_and_is_checkpointed(smoke_shards, tmp_path):
     # A small weight, so that the autoencoder hardly fights back and what is measured is the discriminator.
     launch(1, [f"data.shards={smoke_shards}", f"run.output_dir={tmp_path}", "train.max_steps=120",
                "train.epochs=100", "optim.warmup_steps=0", "loss.patch_gan_weight=1",
+               "loss.feature_matching_weight=1",
                "wandb.mode=disabled", "train.log_every=10"])
     run = tmp_path / "pretrain"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     discriminator = [r["pretrain/patch_gan_discriminator"] for r in rows
                      if "pretrain/patch_gan_discriminator" in r]
     generator = [r["pretrain/patch_gan_generator"] for r in rows if "pretrain/patch_gan_generator" in r]
-    assert len(discriminator) == len(generator) == 12
+    matching = [r["pretrain/feature_matching"] for r in rows if "pretrain/feature_matching" in r]
+    assert len(discriminator) == len(generator) == len(matching) == 12
+    assert all(m > 0 for m in matching)  # decodes are never their images, in the features either
     assert all(map(math.isfinite, discriminator + generator))
     assert sum(discriminator[-3:]) / 3 < 0.8 * CHANCE, discriminator
     assert sum(generator[-3:]) / 3 > 0, generator  # the decodes score as fake: D(x_hat) < 0

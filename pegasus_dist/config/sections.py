@@ -147,6 +147,17 @@ class LossConfig(Section):
     # Weight of the patch discriminator's hinge term -mean D(x_hat) (model/adversaries.py, after
     # VAE-GAN); 0: off. Like acai_weight, 0.1 x 3 x H x W (300 at 32 px) is a per-pixel 0.1.
     patch_gan_weight: float = Field(0.0, ge=0)
+    # Weight of feature matching: the L1 distance between the discriminator's hidden activations of
+    # an image and of its reconstruction (model/adversaries.py); 0: off. 3 x H x W (3,072 at 32 px)
+    # weighs a per-feature distance of 1 like a per-pixel nat of the reconstruction.
+    feature_matching_weight: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _matching_needs_the_discriminator(self) -> LossConfig:
+        if self.feature_matching_weight and not self.patch_gan_weight:
+            raise ConfigError("loss.feature_matching_weight measures distances in the patch discriminator's "
+                              "features: turn it on too (loss.patch_gan_weight > 0, e.g. 300)")
+        return self
 
 
 class OptimConfig(Section):

@@ -6,6 +6,11 @@ The patch discriminator: VAE-GAN's loss on decodes (arXiv:1512.09300) as pix2pix
     L_D = mean(relu(1 - D(x))) + mean(relu(1 + D(x_hat)))
     L_G = -mean(D(x_hat))                  (in the autoencoder's loss, times loss.patch_gan_weight)
 
+Feature matching, VAE-GAN's learned similarity (Larsen et al. 2016, arXiv:1512.09300, Section 2.2)
+with pix2pixHD's L1 over every hidden layer (Wang et al. 2018, arXiv:1711.11585, Eq. 4):
+
+    L_FM = mean over layers l of mean |D_l(x) - D_l(x_hat)|    (times loss.feature_matching_weight)
+
 Both live in :class:`Adversaries`: one prepared model, one Adam, one checkpoint file.
 """
 
@@ -31,14 +36,25 @@ class PatchDiscriminator(nn.Module):
         super().__init__()
         self.net = acai.Critic(cfg.model_copy(update={"channels": cfg.channels[:-1] or cfg.channels})).net
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1], (B, 3, H, W) -> patch scores (B, 1, h, w); positive reads as real."""
-        return self.net(x)
+    def forward(self, x: torch.Tensor, features: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Images in [0, 1], (B, 3, H, W) -> (patch scores (B, 1, h, w), positive reads as real; the
+        hidden layers' activations when ``features``, else [])."""
+        hidden = []
+        for layer in self.net:
+            x = layer(x)
+            if features and isinstance(layer, nn.LeakyReLU):
+                hidden.append(x)
+        return x, hidden
 
 
 def discriminator_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     """The discriminator's hinge loss over the patch scores of real images and decodes, in float32."""
     return F.relu(1 - real.float()).mean() + F.relu(1 + fake.float()).mean()
+
+
+def feature_matching_loss(hidden: list[torch.Tensor], count: int) -> torch.Tensor:
+    """L_FM of the first ``count`` rows (real images) against the rest (their decodes), in float32."""
+    return torch.stack([(f[count:].float() - f[:count].float()).abs().mean() for f in hidden]).mean()
 
 
 def generator_loss(fake: torch.Tensor) -> torch.Tensor:
@@ -56,11 +72,13 @@ class Adversaries(nn.Module):
         self.critic = acai.Critic(cfg.model) if "critic" in on else None
         self.discriminator = PatchDiscriminator(cfg.model) if "discriminator" in on else None
 
-    def forward(self, critic_input: torch.Tensor | None,
-                discriminator_input: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        """Each adversary's output for its input; None for an input of None (the adversary is off)."""
-        return (None if critic_input is None else self.critic(critic_input),
-                None if discriminator_input is None else self.discriminator(discriminator_input))
+    def forward(self, critic_input: torch.Tensor | None, discriminator_input: torch.Tensor | None,
+                features: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None, list]:
+        """Each adversary's output for its input (None for an input of None: the adversary is off),
+        and the discriminator's hidden activations when ``features``."""
+        patches, hidden = (None, []) if discriminator_input is None else self.discriminator(
+            discriminator_input, features)
+        return None if critic_input is None else self.critic(critic_input), patches, hidden
 
 
 def enabled_adversaries(cfg: Config) -> set[str]:

@@ -18,7 +18,7 @@ from torch.optim.swa_utils import AveragedModel
 from pegasus_dist.config import Config
 from pegasus_dist.data.loader import Batch
 from pegasus_dist.model import acai
-from pegasus_dist.model.adversaries import discriminator_loss, generator_loss
+from pegasus_dist.model.adversaries import discriminator_loss, feature_matching_loss, generator_loss
 from pegasus_dist.model.loss import kl_weight, vae_loss
 from pegasus_dist.training.faults import NonfiniteWatch, describe_position, nonfinite_ranks
 from pegasus_dist.training.hooks import Hooks
@@ -128,7 +128,7 @@ class TrainStep:
         pairs = acai.partners(x.shape[0], offset, x.device) if loss.acai_weight else None
         mix = None if pairs is None else (lambda mu: acai.mix_latents(mu, pairs, alpha))
         zero = torch.zeros((), device=x.device)
-        fooling = generator = critic = discriminator = zero
+        fooling = generator = matching = critic = discriminator = zero
         # DDP all-reduces the gradients only in the backward of the step's last micro-batch.
         with contextlib.nullcontext() if ends_step else self.accelerator.no_sync(m.model):
             out = m.model(x, eps, mix)  # Accelerate's prepare() already runs forward under autocast
@@ -140,30 +140,33 @@ class TrainStep:
                 # The decodes both adversaries see: interpolants (ACAI) and reconstructions.
                 mixed = None if pairs is None else torch.sigmoid(out.mixed_logits)
                 decoded = torch.sigmoid(out.logits)
-                fooling, generator = self._fooling_terms(mixed, decoded, pairs, zero)
-                if pairs is not None:
-                    total = total + loss.acai_weight * fooling
-                if loss.patch_gan_weight:
-                    total = total + loss.patch_gan_weight * generator
+                fooling, generator, matching = self._fooling_terms(x, mixed, decoded, pairs, zero)
+                total = (total + loss.acai_weight * fooling + loss.patch_gan_weight * generator
+                         + loss.feature_matching_weight * matching)
             total = self.hooks.loss(step + 1, total)
             self.accelerator.backward(total * weight)
         if m.adversaries is not None:
             critic, discriminator = self._adversaries_backward(x, mixed, decoded, alpha, pairs, weight,
                                                                ends_step)
         return BatchLosses(*(t.detach() for t in (total, terms.recon, terms.kl, critic, fooling,
-                                                  discriminator, generator)))
+                                                  discriminator, generator, matching)))
 
-    def _fooling_terms(self, mixed: torch.Tensor | None, decoded: torch.Tensor, pairs: torch.Tensor | None,
-                       zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The autoencoder's terms against the critic and the discriminator (``zero`` when off),
-        through detached parameters outside DDP: gradients reach the images, not the adversaries."""
+    def _fooling_terms(self, x: torch.Tensor, mixed: torch.Tensor | None, decoded: torch.Tensor,
+                       pairs: torch.Tensor | None, zero: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The autoencoder's terms against the critic, the discriminator and in its features (``zero``
+        when off), through detached parameters outside DDP: gradients reach the decodes, not the
+        adversaries. Feature matching sees the real images in the same forward, as its targets."""
         adversaries = self.accelerator.unwrap_model(self.models.adversaries)
         frozen = {name: value.detach() for name, value in adversaries.named_parameters()}
+        loss, n = self.cfg.loss, x.shape[0]
+        judged = torch.cat([x, decoded]) if loss.feature_matching_weight else decoded
         with self.accelerator.autocast():
-            predicted_mix, patches = torch.func.functional_call(
-                adversaries, frozen, (mixed, decoded if self.cfg.loss.patch_gan_weight else None))
+            predicted_mix, patches, hidden = torch.func.functional_call(
+                adversaries, frozen, (mixed, judged if loss.patch_gan_weight else None),
+                {"features": bool(loss.feature_matching_weight)})
         fooling = zero if pairs is None else acai.fooling_loss(predicted_mix, acai.interpolation_mask(pairs))
-        return fooling, zero if patches is None else generator_loss(patches)
+        generator = zero if patches is None else generator_loss(patches[-n:])
+        return fooling, generator, feature_matching_loss(hidden, n) if hidden else zero
 
     def _adversaries_backward(self, x: torch.Tensor, mixed: torch.Tensor | None, decoded: torch.Tensor,
                               alpha: torch.Tensor | None, pairs: torch.Tensor | None, weight: float,
@@ -179,7 +182,7 @@ class TrainStep:
             discriminator_input = torch.cat([x, decoded])
         critic = discriminator = torch.zeros((), device=x.device)
         with contextlib.nullcontext() if ends_step else self.accelerator.no_sync(adversaries):
-            predicted, patches = adversaries(critic_input, discriminator_input)
+            predicted, patches, _ = adversaries(critic_input, discriminator_input)
             if predicted is not None:
                 predicted_mix, predicted_blend = predicted.split(x.shape[0])
                 critic = acai.critic_loss(predicted_mix, alpha, predicted_blend,

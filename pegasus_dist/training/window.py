@@ -26,6 +26,7 @@ class BatchLosses:
     fooling: torch.Tensor  # the autoencoder's term against the critic
     discriminator: torch.Tensor  # the patch discriminator's loss
     generator: torch.Tensor  # the autoencoder's term against the discriminator
+    matching: torch.Tensor  # feature matching: the reconstruction in the discriminator's features
 
     @classmethod
     def zeros(cls, device: torch.device) -> BatchLosses:
@@ -38,9 +39,10 @@ TERMS = tuple(f.name for f in fields(BatchLosses))
 SUMS = (*TERMS, "images", "bad_samples")
 # The name each term is logged under, and the loss weight that must be on for it to be logged.
 LOGGED = {"total": "loss", "recon": "recon", "kl": "kl", "critic": "acai_critic", "fooling": "acai_fooling",
-          "discriminator": "patch_gan_discriminator", "generator": "patch_gan_generator"}
-WEIGHT = {"critic": "acai_weight", "fooling": "acai_weight",
-          "discriminator": "patch_gan_weight", "generator": "patch_gan_weight"}
+          "discriminator": "patch_gan_discriminator", "generator": "patch_gan_generator",
+          "matching": "feature_matching"}
+WEIGHT = {"critic": "acai_weight", "fooling": "acai_weight", "discriminator": "patch_gan_weight",
+          "generator": "patch_gan_weight", "matching": "feature_matching_weight"}
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class Sums:
     fooling: float
     discriminator: float
     generator: float
+    matching: float
     images: float
     bad_samples: float
 
