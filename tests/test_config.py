@@ -140,8 +140,8 @@ def test_resolved_config_round_trips():
         (["model.upsample=bilinear"], "model.upsample must be one of transpose, resize"),
         (["model.likelihood=gaussian"], "model.likelihood must be one of bernoulli, logistic"),
         (["loss.patch_gan_weight=-1"], "loss.patch_gan_weight must be 0 or more, got -1"),
-        (["loss.feature_matching_weight=3072"], "loss.feature_matching_weight measures distances in the patch "
-                                                "discriminator's features: turn it on too"),
+        (["loss.feature_matching_weight=3072"],
+         "loss.feature_matching_weight measures distances in the patch discriminator's features: turn it on"),
         (["loss.acai_gamma=2"], "loss.acai_gamma must be at most 1, got 2"),
         (["optim.lr=0"], "optim.lr must be positive, got 0"),
         (["optim.betas=[0.9]"], "optim.betas must be two numbers in [0, 1), got [0.9]"),
