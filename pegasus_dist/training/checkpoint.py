@@ -217,7 +217,8 @@ def _write(accelerator: Accelerator, state: TrainState, config_yaml: str, tmp: P
     with accelerator.register_save_state_pre_hook(_unwrapped_weights):
         accelerator.save_state(str(tmp))
     if ema is not None:
-        save_file(ema.module.state_dict(), tmp / EMA)
+        # Contiguous: safetensors refuses the strided weights of train.channels_last.
+        save_file({name: value.contiguous() for name, value in ema.module.state_dict().items()}, tmp / EMA)
     for path in tmp.glob("random_states_*.pkl"):  # no random draw of training needs them
         path.unlink()
     if before_counters is not None:
