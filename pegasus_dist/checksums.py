@@ -41,15 +41,16 @@ def read_sums(folder: Path) -> dict[str, str] | None:
     return sums
 
 
-def sums_problem(folder: Path, names: list[str] | None = None) -> str | None:
-    """Why ``folder`` does not match its ``SHA256SUMS``, or None (also when it has none). Only
-    ``names`` if given; else every file, and one the list does not name is a problem too."""
+def sums_problem(folder: Path, names: list[str] | None = None, required: bool = False) -> str | None:
+    """Why ``folder`` does not match its ``SHA256SUMS``, or None (also when it has none, unless
+    ``required``). Only ``names`` if given; else every file, and one the list does not name is a problem
+    too."""
     try:
         sums = read_sums(folder)
     except ValueError as err:
         return str(err)
     if sums is None:
-        return None
+        return f"{folder / SUMS} is missing (removed after the checkpoint was written)" if required else None
     if names is None:
         unlisted = {p.name for p in folder.iterdir() if p.is_file()} - {SUMS} - sums.keys()
         names = sorted(unlisted) + sorted(sums)

@@ -184,3 +184,11 @@ def losses(run: Path) -> dict[int, float]:
 def shard_keys(shard_set: Path) -> list[str]:
     """The key of every sample of a shard set, in shard order."""
     return [s.key for s in ShardSet(shard_set)]
+
+
+def written_before_checksums(checkpoint: Path) -> None:
+    """``checkpoint`` as versions before checksums left it: no SHA256SUMS, no ``sums`` in state.json."""
+    (checkpoint / "SHA256SUMS").unlink()
+    state = json.loads((checkpoint / "state.json").read_text())
+    del state["sums"]
+    (checkpoint / "state.json").write_text(json.dumps(state))

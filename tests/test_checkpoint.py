@@ -203,14 +203,14 @@ def test_state_json_holds_every_counter_by_name_and_reads_back(tmp_path):
     assert json.loads((tmp_path / "state.json").read_text()) == {
         "phase": "pretrain", "epoch": 1, "samples_done": 64, "global_batch": 32, "step": 9,
         "scaler_skipped_steps": 1, "nonfinite_skipped_steps": 2, "bad_samples_skipped": 3,
-        "wandb_run_id": "r1", "shards": "mix@0123456789abcdef", "data_seed": 5}
+        "wandb_run_id": "r1", "shards": "mix@0123456789abcdef", "data_seed": 5, "sums": True}
     assert read_state(tmp_path) == state
 
 
 def test_an_older_state_json_is_read_without_its_batches_done(tmp_path):
     """Older versions counted batches_done: checked like every counter, then dropped."""
     (tmp_path / "state.json").write_text('{"phase": "pretrain", "epoch": 2, "batches_done": 7}')
-    assert read_state(tmp_path) == TrainState(phase="pretrain", epoch=2)
+    assert read_state(tmp_path) == TrainState(phase="pretrain", epoch=2, sums=False)  # nor a SHA256SUMS
     (tmp_path / "state.json").write_text('{"phase": "pretrain", "batches_done": -7}')
     with pytest.raises(CheckpointError, match="field batches_done must be a whole number, 0 or more, got -7"):
         read_state(tmp_path)

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from helpers import SMOKE, TINY, Trained, cli_here
+from helpers import SMOKE, TINY, Trained, cli_here, written_before_checksums
 from processes import BIN, REPO, run_bounded
 from safetensors.torch import load_file, save_file
 
+from pegasus_dist.checksums import write_sums
 from pegasus_dist.config import Config, LossConfig, load_config
 from pegasus_dist.errors import CheckpointError, ConfigError
 from pegasus_dist.model.adversaries import Adversaries
@@ -117,6 +118,9 @@ DAMAGES = {
         pickle.dumps(os.system)),
     "a file added": lambda c: (c / "extra.pkl").write_bytes(pickle.dumps({})),
     "SHA256SUMS damaged": lambda c: (c / "SHA256SUMS").write_text("not a checksum line\n"),
+    "SHA256SUMS removed": lambda c: (c / "SHA256SUMS").unlink(),
+    "SHA256SUMS removed, weights flipped": lambda c: ((c / "SHA256SUMS").unlink(),
+                                                      _flip(c / "model.safetensors")),
     "config.yaml of NUL bytes": lambda c: (c / "config.yaml").write_bytes(b"\0" * 64),
     "config.yaml a YAML list": lambda c: (c / "config.yaml").write_text("- 1\n- 2\n"),
 }
@@ -162,15 +166,25 @@ def test_weights_saved_with_nan_are_moved_aside(tmp_path, caplog):
     name = next(key for key, value in tensors.items() if value.is_floating_point())
     tensors[name].view(-1)[0] = float("nan")  # as a run that diverged between sync points would save it
     save_file(tensors, weights)
-    (newer / "SHA256SUMS").unlink()  # the checksums would catch the edit; the finite check must too
+    write_sums(newer)  # listed as saved: the finite check, not the checksums, must catch it
     assert newest_intact_checkpoint(tmp_path, move_damaged=True) == older
     assert "holds NaN or Inf values" in caplog.text
 
 
-def test_a_checkpoint_written_before_checksums_still_resumes(tmp_path):
+def test_a_checkpoint_written_before_checksums_still_resumes_and_starts_runs(tmp_path):
+    (folder,) = save_steps(tmp_path, 3)
+    written_before_checksums(folder)
+    assert newest_intact_checkpoint(tmp_path, move_damaged=True) == folder
+    load_model_weights(VAE(TINY), folder)  # train.init_from, sample and eval
+
+
+def test_sample_eval_and_init_from_refuse_a_checkpoint_whose_checksums_were_removed(tmp_path):
     (folder,) = save_steps(tmp_path, 3)
     (folder / "SHA256SUMS").unlink()
-    assert newest_intact_checkpoint(tmp_path, move_damaged=True) == folder
+    for load in (resolve_checkpoint, lambda f: load_model_weights(VAE(TINY), f)):
+        with pytest.raises(CheckpointError, match=r"SHA256SUMS is missing \(removed after the checkpoint "
+                                                  r"was written\); use another checkpoint of the run"):
+            load(folder)
 
 
 def test_sample_eval_and_init_from_refuse_changed_weights_naming_the_file(tmp_path):

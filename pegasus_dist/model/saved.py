@@ -3,6 +3,7 @@ checkpoint's files are, its weights loaded by name; writing them is ``training.c
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -46,15 +47,24 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"{path} is neither a checkpoint (no state.json) nor a run folder with "
                               "checkpoints; pass a runs/<name> folder or one of its "
                               "checkpoints/step_* folders")
-    if changed := sums_problem(folder):
+    if changed := sums_problem(folder, required=written_with_sums(folder)):
         raise CheckpointError(f"{changed}; use another checkpoint of the run")
     return folder
+
+
+def written_with_sums(folder: Path) -> bool:
+    """Whether ``folder``'s state.json says a ``SHA256SUMS`` was written (versions before it wrote
+    none, and their checkpoints load unchecked): then its loss is damage, not age."""
+    try:
+        return json.loads((folder / STATE).read_text()).get("sums") is True
+    except (OSError, ValueError, AttributeError):  # refused where state.json is parsed
+        return False
 
 
 def read_weights(folder: Path, name: str = MODEL) -> dict[str, torch.Tensor]:
     """The tensors of ``folder/name``, checked: sha256 (``SHA256SUMS``), format, every value finite."""
     path = folder / name
-    if changed := sums_problem(folder, [name]):
+    if changed := sums_problem(folder, [name], required=written_with_sums(folder)):
         raise CheckpointError(f"{changed}; use another checkpoint of the run")
     try:
         weights = load_file(path)

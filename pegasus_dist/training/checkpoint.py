@@ -79,9 +79,9 @@ def find_damage(folder: Path) -> str | None:
     is refused in one line, not moved aside."""
     _refuse_older_layout(folder)
     try:
-        parse_state(folder / STATE)
+        state = parse_state(folder / STATE)
         _check_config(folder / CONFIG)
-        if changed := sums_problem(folder):
+        if changed := sums_problem(folder, required=state.sums):
             raise CheckpointError(changed)
         for path in _files(folder):
             (_check_safetensors if path.suffix == ".safetensors" else _check_zip)(path)

@@ -48,6 +48,7 @@ class TrainState(BaseModel):
     wandb_run_id: str = ""
     shards: str = ""  # the shard set trained on, <set>@<generation> ("": not recorded)
     data_seed: int | None = None  # data.seed, which orders every epoch (None: not recorded)
+    sums: bool = True  # written with a SHA256SUMS, so one missing is damage (absent: an older version)
 
 
 class _OlderStateFile(TrainState):
@@ -96,7 +97,7 @@ def parse_state(path: Path) -> TrainState:
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} holds a {type(raw).__name__}, not an object of fields")
     try:
-        state = _OlderStateFile.model_validate(raw)
+        state = _OlderStateFile.model_validate({"sums": False} | raw)
     except ValidationError as err:
         error = err.errors()[0]
         field = error["loc"][0]
