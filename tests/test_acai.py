@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -72,40 +73,54 @@ def test_the_critic_learns_and_its_state_is_checkpointed(smoke_shards, tmp_path)
 BOTH_3_STEPS = ["train.max_steps=3", "model.sync_batchnorm=true", "optim.lr_scaling=none", *BOTH]
 ADVERSARY_LOSSES = ("pretrain/loss", "pretrain/acai_critic", "pretrain/acai_fooling",
                     "pretrain/patch_gan_discriminator", "pretrain/patch_gan_generator")
+# The discriminator's weight: fixed, or VQGAN's adaptive weight (its gradients averaged over the ranks).
+WEIGHTINGS = {"fixed": [], "adaptive": ["loss.patch_gan_weight=0.8", "loss.patch_gan_adaptive=true"]}
 
 
-@pytest.fixture(scope="module")
-def one_process(smoke_shards, tmp_path_factory) -> Path:
+@dataclass
+class OneProcess:
+    run: Path  # its pretrain folder
+    weighting: list[str]  # its overrides of WEIGHTINGS
+
+    def losses(self) -> tuple[str, ...]:
+        """The logged losses to compare, with the adaptive weight when it is on."""
+        return (*ADVERSARY_LOSSES, *["pretrain/patch_gan_adaptive_weight"] * bool(self.weighting))
+
+
+@pytest.fixture(scope="module", params=list(WEIGHTINGS))
+def one_process(request, smoke_shards, tmp_path_factory) -> OneProcess:
     """3 steps of one process, batch 16, with ACAI and the patch discriminator: the reference run."""
-    root = tmp_path_factory.mktemp("acai-one")
-    launch(1, [f"data.shards={smoke_shards}", *BOTH_3_STEPS, f"run.output_dir={root}", "data.batch_size=16"])
-    return root / "pretrain"
+    root = tmp_path_factory.mktemp(f"acai-one-{request.param}")
+    weighting = WEIGHTINGS[request.param]
+    launch(1, [f"data.shards={smoke_shards}", *BOTH_3_STEPS, *weighting, f"run.output_dir={root}",
+               "data.batch_size=16"])
+    return OneProcess(root / "pretrain", weighting)
 
 
 @pytest.mark.process
 def test_two_processes_with_acai_and_the_patch_discriminator_train_like_one(smoke_shards, tmp_path,
                                                                               one_process):
-    launch(2, [f"data.shards={smoke_shards}", *BOTH_3_STEPS, f"run.output_dir={tmp_path}",
-               "data.batch_size=8"])
+    launch(2, [f"data.shards={smoke_shards}", *BOTH_3_STEPS, *one_process.weighting,
+               f"run.output_dir={tmp_path}", "data.batch_size=8"])
     # The tolerance of tests/test_ddp.py: all but 1 in 10,000 values within 1e-5, none past steps x lr.
     for name in ("model.safetensors", "model_1.safetensors"):
         two, one = (load_file(run / "checkpoints/step_00000003" / name)
-                    for run in (tmp_path / "pretrain", one_process))
+                    for run in (tmp_path / "pretrain", one_process.run))
         diffs = torch.cat([(two[k].float() - v.float()).abs().flatten() for k, v in one.items()])
         assert (diffs > 1e-5).float().mean() < 1e-4, name
         assert diffs.max() <= 3 * 1e-3, name
-    for key in ADVERSARY_LOSSES:
-        assert rows(tmp_path / "pretrain", key) == pytest.approx(rows(one_process, key),
+    for key in one_process.losses():
+        assert rows(tmp_path / "pretrain", key) == pytest.approx(rows(one_process.run, key),
                                                                  rel=1e-4, abs=1e-7), key
 
 
 @pytest.mark.process
 def test_acai_and_the_patch_discriminator_in_bf16_train_like_fp32(smoke_shards, tmp_path, one_process):
-    launch(1, [f"data.shards={smoke_shards}", *BOTH_3_STEPS, f"run.output_dir={tmp_path}",
-               "data.batch_size=16", "train.mixed_precision=bf16"])
+    launch(1, [f"data.shards={smoke_shards}", *BOTH_3_STEPS, *one_process.weighting,
+               f"run.output_dir={tmp_path}", "data.batch_size=16", "train.mixed_precision=bf16"])
     # bf16 keeps 8 bits of mantissa: each logged loss within 2% of the fp32 run's (0.6% seen).
-    for key in ADVERSARY_LOSSES:
-        bf16, fp32 = rows(tmp_path / "pretrain", key), rows(one_process, key)
+    for key in one_process.losses():
+        bf16, fp32 = rows(tmp_path / "pretrain", key), rows(one_process.run, key)
         assert len(bf16) == len(fp32) == 3, key
         assert bf16 == pytest.approx(fp32, rel=0.02, abs=1e-4), key
 

@@ -14,10 +14,13 @@ from safetensors.torch import load_file
 from pegasus_dist.config import ModelConfig
 from pegasus_dist.model.adversaries import (
     PatchDiscriminator,
+    adaptive_weight,
     discriminator_loss,
     feature_matching_loss,
     generator_loss,
 )
+from pegasus_dist.model.loss import vae_loss
+from pegasus_dist.model.vae import VAE
 
 # relu(1 - c) + relu(1 + c) >= 2 for any constant score c: what a discriminator that learned nothing pays.
 CHANCE = 2.0
@@ -61,6 +64,39 @@ def test_hinge_losses():
     assert discriminator_loss(-sure, sure).item() == 8  # 4 + 4: fooled both ways
     fake = torch.tensor([[[[1.0, -3.0]]]])
     assert generator_loss(fake).item() == 1.0  # minus the mean score of the decodes
+
+
+def test_the_adaptive_weight_gives_the_hinge_term_the_likelihoods_pull_on_the_last_layer():
+    torch.manual_seed(0)
+    tiny = ModelConfig(channels=[4, 4, 8, 8], fc_dims=[16, 16, 8], latent_dim=4)
+    vae, discriminator = VAE(tiny).eval(), PatchDiscriminator(tiny)  # eval: batch norm per image
+    last = vae.last_layer()
+    assert last.shape[0] == 3 or last.shape[1] == 3  # the layer that writes RGB
+
+    def terms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = vae(x, torch.zeros(len(x), tiny.latent_dim))
+        recon = vae_loss(out.logits, x, out.mu, out.logvar).recon
+        # Scores 1,000 times a fresh discriminator's, as a trained one's: its gradient at the last
+        # layer (1e-2 here) well above VQGAN's floor of 1e-4 on the denominator.
+        return recon, 1000 * generator_loss(discriminator(torch.sigmoid(out.logits))[0])
+
+    def grad(term: torch.Tensor) -> torch.Tensor:
+        return torch.autograd.grad(term, last, retain_graph=True)[0]
+
+    x = torch.rand(8, 3, 32, 32)
+    recon, generator = terms(x)
+    weight = adaptive_weight(recon, generator, last)
+    assert not weight.requires_grad
+    # Equal pulls, but for the floor's share: 1e-4 of the 1e-2.
+    assert grad(weight * generator).norm().item() == pytest.approx(grad(recon).norm().item(), rel=0.011)
+    # The likelihood in other units (nats per pixel): the weight follows, the balance holds.
+    per_pixel = adaptive_weight(recon / 3072, generator, last)
+    assert per_pixel.item() == pytest.approx(weight.item() / 3072, rel=1e-4)
+    # Two ranks with half the batch each, their gradients averaged: the whole batch's weight.
+    other = torch.stack([grad(t).flatten() for t in terms(x[4:])])
+    halves = adaptive_weight(*terms(x[:4]), last, average=lambda mine: (mine + other) / 2)
+    assert halves.item() == pytest.approx(weight.item(), rel=1e-4)
+    assert adaptive_weight(*terms(x[:4]), last).item() != pytest.approx(weight.item(), rel=1e-2)
 
 
 @pytest.mark.process

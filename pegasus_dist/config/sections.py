@@ -151,12 +151,18 @@ class LossConfig(Section):
     # an image and of its reconstruction (model/adversaries.py); 0: off. 3 x H x W (3,072 at 32 px)
     # weighs a per-feature distance of 1 like a per-pixel nat of the reconstruction.
     feature_matching_weight: float = Field(0.0, ge=0)
+    # VQGAN's adaptive weight (Esser et al. 2021, arXiv:2012.09841, Eq. 7): patch_gan_weight then
+    # multiplies the ratio of the reconstruction's gradient norm at the decoder's last layer to the
+    # hinge term's, so it is of the order of 1 (VQGAN: 0.8), not 300. The reference run's fixed 300
+    # stood at 0.55-0.87 of that ratio at its checkpoints (docs/reference-run.md, seventh round).
+    patch_gan_adaptive: bool = False
 
     @model_validator(mode="after")
-    def _matching_needs_the_discriminator(self) -> LossConfig:
-        if self.feature_matching_weight and not self.patch_gan_weight:
-            raise ConfigError("loss.feature_matching_weight measures distances in the patch discriminator's "
-                              "features: turn it on too (loss.patch_gan_weight > 0, e.g. 300)")
+    def _discriminator_terms_need_the_discriminator(self) -> LossConfig:
+        for key in ("feature_matching_weight", "patch_gan_adaptive"):
+            if getattr(self, key) and not self.patch_gan_weight:
+                raise ConfigError(f"loss.{key} works on the patch discriminator: turn it on too (loss."
+                                  "patch_gan_weight > 0: e.g. 300, or 0.8 with loss.patch_gan_adaptive)")
         return self
 
 

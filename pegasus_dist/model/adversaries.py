@@ -11,10 +11,17 @@ with pix2pixHD's L1 over every hidden layer (Wang et al. 2018, arXiv:1711.11585,
 
     L_FM = mean over layers l of mean |D_l(x) - D_l(x_hat)|    (times loss.feature_matching_weight)
 
+VQGAN's adaptive weight (Esser et al. 2021, arXiv:2012.09841, Eq. 7), with ``loss.patch_gan_adaptive``,
+puts L_G in the autoencoder's loss as loss.patch_gan_weight times
+
+    lambda = ||grad_L recon|| / (||grad_L L_G|| + 1e-4),  L the decoder's last layer, lambda <= 1e4
+
 Both live in :class:`Adversaries`: one prepared model, one Adam, one checkpoint file.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +30,8 @@ from torch import nn
 from pegasus_dist.config import Config, ModelConfig
 from pegasus_dist.model import acai
 
+# VQGAN's floor on the adaptive weight's denominator and ceiling on the weight.
+ADAPTIVE_EPS, ADAPTIVE_MAX = 1e-4, 1e4
 # Each adversary: what it is, for messages, and the config key that turns it on.
 KINDS = {"critic": ("ACAI critic", "loss.acai_weight"),
          "discriminator": ("patch discriminator", "loss.patch_gan_weight")}
@@ -60,6 +69,17 @@ def feature_matching_loss(hidden: list[torch.Tensor], count: int) -> torch.Tenso
 def generator_loss(fake: torch.Tensor) -> torch.Tensor:
     """The autoencoder's term before its weight: minus the mean patch score of its decodes."""
     return -fake.float().mean()
+
+
+def adaptive_weight(recon: torch.Tensor, generator: torch.Tensor, last_layer: torch.Tensor,
+                    average: Callable[[torch.Tensor], torch.Tensor] = lambda grads: grads) -> torch.Tensor:
+    """VQGAN's lambda, detached: the gradient norms of ``recon`` and ``generator`` at ``last_layer``,
+    after ``average`` (in training, the mean over the ranks: one process's lambda for the same global
+    batch). The graph is kept for the backward of the whole loss."""
+    grads = torch.stack([torch.autograd.grad(term, last_layer, retain_graph=True)[0].float().flatten()
+                         for term in (recon, generator)])
+    recon_norm, generator_norm = average(grads).norm(dim=1)
+    return (recon_norm / (generator_norm + ADAPTIVE_EPS)).clamp(max=ADAPTIVE_MAX).detach()
 
 
 class Adversaries(nn.Module):

@@ -82,6 +82,11 @@ class VAE(nn.Module):
         self.log_scale = (nn.Parameter(torch.full((3,), LOG_SCALE_INIT))
                           if cfg.likelihood == "logistic" else None)
 
+    def last_layer(self) -> nn.Parameter:
+        """The weight of the layer that writes the RGB logits, where VQGAN's adaptive weight is taken."""
+        last = self.decoder_conv[-1]
+        return (last[-1] if isinstance(last, nn.Sequential) else last).weight
+
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images in [0, 1], (B, 3, H, W) -> (mu, logvar) of q(z|x), logvar clamped."""
         mu, logvar = self.encoder_fc(self.encoder_conv(x).flatten(1)).chunk(2, dim=1)

@@ -8,6 +8,7 @@ reads every loss.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -18,7 +19,12 @@ from torch.optim.swa_utils import AveragedModel
 from pegasus_dist.config import Config
 from pegasus_dist.data.loader import Batch
 from pegasus_dist.model import acai
-from pegasus_dist.model.adversaries import discriminator_loss, feature_matching_loss, generator_loss
+from pegasus_dist.model.adversaries import (
+    adaptive_weight,
+    discriminator_loss,
+    feature_matching_loss,
+    generator_loss,
+)
 from pegasus_dist.model.loss import kl_weight, vae_loss
 from pegasus_dist.training.faults import NonfiniteWatch, describe_position, nonfinite_ranks
 from pegasus_dist.training.hooks import Hooks
@@ -128,7 +134,7 @@ class TrainStep:
         pairs = acai.partners(x.shape[0], offset, x.device) if loss.acai_weight else None
         mix = None if pairs is None else (lambda mu: acai.mix_latents(mu, pairs, alpha))
         zero = torch.zeros((), device=x.device)
-        fooling = generator = matching = critic = discriminator = zero
+        fooling = generator = matching = critic = discriminator = generator_weight = zero
         # DDP all-reduces the gradients only in the backward of the step's last micro-batch.
         with contextlib.nullcontext() if ends_step else self.accelerator.no_sync(m.model):
             out = m.model(x, eps, mix)  # Accelerate's prepare() already runs forward under autocast
@@ -141,7 +147,8 @@ class TrainStep:
                 mixed = None if pairs is None else torch.sigmoid(out.mixed_logits)
                 decoded = torch.sigmoid(out.logits)
                 fooling, generator, matching = self._fooling_terms(x, mixed, decoded, pairs, zero)
-                total = (total + loss.acai_weight * fooling + loss.patch_gan_weight * generator
+                generator_weight = self._generator_weight(terms.recon, generator)
+                total = (total + loss.acai_weight * fooling + generator_weight * generator
                          + loss.feature_matching_weight * matching)
             total = self.hooks.loss(step + 1, total)
             self.accelerator.backward(total * weight)
@@ -149,7 +156,17 @@ class TrainStep:
             critic, discriminator = self._adversaries_backward(x, mixed, decoded, alpha, pairs, weight,
                                                                ends_step)
         return BatchLosses(*(t.detach() for t in (total, terms.recon, terms.kl, critic, fooling,
-                                                  discriminator, generator, matching)))
+                                                  discriminator, generator, matching, generator_weight)))
+
+    def _generator_weight(self, recon: torch.Tensor, generator: torch.Tensor) -> torch.Tensor:
+        """loss.patch_gan_weight, times VQGAN's adaptive weight with loss.patch_gan_adaptive: the
+        discriminator's pull on the decoder in proportion to the likelihood's, whatever their scales."""
+        loss = self.cfg.loss
+        if not loss.patch_gan_adaptive:
+            return torch.full_like(generator, loss.patch_gan_weight)  # on the device: no copy per step
+        model = self.accelerator.unwrap_model(self.models.model, keep_torch_compile=False)
+        average = functools.partial(self.accelerator.reduce, reduction="mean")
+        return loss.patch_gan_weight * adaptive_weight(recon, generator, model.last_layer(), average)
 
     def _fooling_terms(self, x: torch.Tensor, mixed: torch.Tensor | None, decoded: torch.Tensor,
                        pairs: torch.Tensor | None, zero: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -27,6 +27,7 @@ class BatchLosses:
     discriminator: torch.Tensor  # the patch discriminator's loss
     generator: torch.Tensor  # the autoencoder's term against the discriminator
     matching: torch.Tensor  # feature matching: the reconstruction in the discriminator's features
+    generator_weight: torch.Tensor  # the weight ``generator`` got (loss.patch_gan_adaptive)
 
     @classmethod
     def zeros(cls, device: torch.device) -> BatchLosses:
@@ -40,9 +41,10 @@ SUMS = (*TERMS, "images", "bad_samples")
 # The name each term is logged under, and the loss weight that must be on for it to be logged.
 LOGGED = {"total": "loss", "recon": "recon", "kl": "kl", "critic": "acai_critic", "fooling": "acai_fooling",
           "discriminator": "patch_gan_discriminator", "generator": "patch_gan_generator",
-          "matching": "feature_matching"}
+          "matching": "feature_matching", "generator_weight": "patch_gan_adaptive_weight"}
 WEIGHT = {"critic": "acai_weight", "fooling": "acai_weight", "discriminator": "patch_gan_weight",
-          "generator": "patch_gan_weight", "matching": "feature_matching_weight"}
+          "generator": "patch_gan_weight", "matching": "feature_matching_weight",
+          "generator_weight": "patch_gan_adaptive"}
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class Sums:
     discriminator: float
     generator: float
     matching: float
+    generator_weight: float
     images: float
     bad_samples: float
 
