@@ -28,12 +28,13 @@ declare -A VARIANTS=(
   [acai-logistic-patch-gan-resize]="loss.acai_weight=1536 model.likelihood=logistic loss.patch_gan_weight=300 model.upsample=resize"
   [acai-logistic-patch-gan-resize-fm]="loss.acai_weight=1536 model.likelihood=logistic loss.patch_gan_weight=300 model.upsample=resize loss.feature_matching_weight=3072"
   [acai-logistic-patch-gan-resize-adaptive]="loss.acai_weight=1536 model.likelihood=logistic loss.patch_gan_weight=0.8 loss.patch_gan_adaptive=true model.upsample=resize"
+  [logistic-patch-gan-resize]="loss.acai_weight=0 model.likelihood=logistic loss.patch_gan_weight=300 model.upsample=resize"
   [acai-logistic-ema]="loss.acai_weight=1536 model.likelihood=logistic train.ema_decay=0.999"
   [wide]="model.channels=[64,128,256,512] model.fc_dims=[512,512,256] model.latent_dim=128"
 )
 ORDER=(vae free-bits beta-0.25 acai acai-free-bits acai-resize acai-logistic acai-logistic-patch-gan
        acai-logistic-patch-gan-resize acai-logistic-patch-gan-resize-fm acai-logistic-patch-gan-resize-adaptive
-       acai-logistic-ema wide)
+       logistic-patch-gan-resize acai-logistic-ema wide)
 
 for name in "${@:-${ORDER[@]}}"; do
   [[ -v "VARIANTS[$name]" ]] || { echo "unknown variant $name; known: ${ORDER[*]}" >&2; exit 2; }

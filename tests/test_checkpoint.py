@@ -207,6 +207,12 @@ def test_state_json_holds_every_counter_by_name_and_reads_back(tmp_path):
     assert read_state(tmp_path) == state
 
 
+def test_a_checkpoint_of_a_run_resumed_from_before_checksums_requires_its_sums(tmp_path):
+    older = TrainState(phase="pretrain", step=3, sums=False)  # as parsed from such a checkpoint
+    checkpoint.write_counters(tmp_path, older, "")
+    assert read_state(tmp_path).sums
+
+
 def test_an_older_state_json_is_read_without_its_batches_done(tmp_path):
     """Older versions counted batches_done: checked like every counter, then dropped."""
     (tmp_path / "state.json").write_text('{"phase": "pretrain", "epoch": 2, "batches_done": 7}')

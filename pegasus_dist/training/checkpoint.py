@@ -164,7 +164,8 @@ def _check_zip(path: Path) -> None:
 def write_counters(folder: Path, state: TrainState, config_yaml: str) -> None:
     """The files of ours in a checkpoint: ``config.yaml``, ``state.json``, then ``SHA256SUMS`` of them all."""
     (folder / CONFIG).write_text(config_yaml)
-    (folder / STATE).write_text(json.dumps(state.model_dump(), indent=2) + "\n")
+    # sums: this writer always writes SHA256SUMS, also when the run resumed an older checkpoint.
+    (folder / STATE).write_text(json.dumps(state.model_dump() | {"sums": True}, indent=2) + "\n")
     write_sums(folder)
 
 
