@@ -14,7 +14,8 @@
 # the reference recipe (configs/reference/pretrain.yaml: ACAI, the patch discriminator, the
 # logistic likelihood) in bf16 under torch.cuda.set_sync_debug_mode("warn") then resumed
 # (the synchronising calls warned, the step it resumed from: bench/sync_debug.py) and in fp16
-# (the loss scale beside scaler_skipped_steps), and with two GPUs or more a 2-process NCCL run.
+# (the loss scale beside scaler_skipped_steps), also with VQGAN's adaptive weight (its gradients
+# taken under the loss scale), and with two GPUs or more a 2-process NCCL run.
 # It has not run on a GPU yet (docs/performance.md says so); without one it stops at once, in one line.
 #
 # Environment: OUT [runs/gpu-check], BIN [.venv/bin], STEPS [300] steps a run,
@@ -92,6 +93,8 @@ import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1]) if '"pretrain/loss"' in line]
 last = rows[-1]
 scale = f", loss scale {last['pretrain/loss_scale']:g}" if "pretrain/loss_scale" in last else ""
+if "pretrain/patch_gan_adaptive_weight" in last:  # the weight the discriminator's term got
+    scale += f", adaptive weight {last['pretrain/patch_gan_adaptive_weight']:.0f}"
 print(f"{last['pretrain/images_per_s']:,.0f} images/s, loss {last['pretrain/loss']:.1f} at step "
       f"{last['step']}, scaler_skipped_steps {last['pretrain/scaler_skipped_steps']}{scale}, "
       f"{sys.argv[2]} s in all")
@@ -139,6 +142,9 @@ row "reference recipe, bf16, set_sync_debug_mode(\"warn\"), 1 GPU" "$warned sync
 of $SYNC_STEPS steps, at $(wc -l < "$places") places ($places); resumed from step $resumed, done at step $ended"
 result=$(train fp16-reference "$reference" train.mixed_precision=fp16)
 row "reference recipe, fp16 with loss scaling, 1 GPU" "$result"
+result=$(train fp16-adaptive "$reference" train.mixed_precision=fp16 loss.patch_gan_weight=0.8 \
+    loss.patch_gan_adaptive=true)
+row "reference recipe with VQGAN's adaptive weight, fp16, 1 GPU" "$result"
 if [ "$gpus" -ge 2 ]; then
     port=$((20000 + RANDOM % 20000))
     "$BIN/accelerate" launch --config_file launch/gpu-1node.yaml --num_processes 2 --main_process_port "$port" \

@@ -97,6 +97,10 @@ def test_the_adaptive_weight_gives_the_hinge_term_the_likelihoods_pull_on_the_la
     halves = adaptive_weight(*terms(x[:4]), last, average=lambda mine: (mine + other) / 2)
     assert halves.item() == pytest.approx(weight.item(), rel=1e-4)
     assert adaptive_weight(*terms(x[:4]), last).item() != pytest.approx(weight.item(), rel=1e-2)
+    # Scaled alike (fp16's loss scale), the same weight but for the floor's share; overflowed, 0, not NaN.
+    scaled = adaptive_weight(65536 * recon, 65536 * generator, last)
+    assert scaled.item() == pytest.approx(weight.item(), rel=0.011)
+    assert adaptive_weight(recon * math.inf, generator * math.inf, last).item() == 0
 
 
 @pytest.mark.process

@@ -75,11 +75,13 @@ def adaptive_weight(recon: torch.Tensor, generator: torch.Tensor, last_layer: to
                     average: Callable[[torch.Tensor], torch.Tensor] = lambda grads: grads) -> torch.Tensor:
     """VQGAN's lambda, detached: the gradient norms of ``recon`` and ``generator`` at ``last_layer``,
     after ``average`` (in training, the mean over the ranks: one process's lambda for the same global
-    batch). The graph is kept for the backward of the whole loss."""
+    batch). The graph is kept for the backward of the whole loss. Gradients that overflowed (fp16,
+    a step its loss scaler drops) give 0, never NaN: a NaN here would stop the run as a NaN loss."""
     grads = torch.stack([torch.autograd.grad(term, last_layer, retain_graph=True)[0].float().flatten()
                          for term in (recon, generator)])
     recon_norm, generator_norm = average(grads).norm(dim=1)
-    return (recon_norm / (generator_norm + ADAPTIVE_EPS)).clamp(max=ADAPTIVE_MAX).detach()
+    ratio = (recon_norm / (generator_norm + ADAPTIVE_EPS)).clamp(max=ADAPTIVE_MAX)
+    return ratio.nan_to_num(nan=0.0).detach()
 
 
 class Adversaries(nn.Module):

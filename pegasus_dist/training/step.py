@@ -166,7 +166,9 @@ class TrainStep:
             return torch.full_like(generator, loss.patch_gan_weight)  # on the device: no copy per step
         model = self.accelerator.unwrap_model(self.models.model, keep_torch_compile=False)
         average = functools.partial(self.accelerator.reduce, reduction="mean")
-        return loss.patch_gan_weight * adaptive_weight(recon, generator, model.last_layer(), average)
+        scaler = self.accelerator.scaler  # fp16: both scaled, lest small gradients flush to zero
+        terms = (recon, generator) if scaler is None else (scaler.scale(recon), scaler.scale(generator))
+        return loss.patch_gan_weight * adaptive_weight(*terms, model.last_layer(), average)
 
     def _fooling_terms(self, x: torch.Tensor, mixed: torch.Tensor | None, decoded: torch.Tensor,
                        pairs: torch.Tensor | None, zero: torch.Tensor) -> tuple[torch.Tensor, ...]:
