@@ -55,18 +55,24 @@ def test_a_missing_classifier_names_its_path_and_the_command(tmp_path):
     assert "pegasus-dist classifier --config" in message
 
 
-@pytest.mark.parametrize("damage", ["flipped", "truncated"])
+@pytest.mark.parametrize("damage", ["flipped", "truncated", "flipped, its sha256 removed"])
 def test_a_damaged_classifier_is_refused_by_name_and_costs_a_phase_only_its_scores(
         quality_classifier, tmp_path, damage, caplog):
     folder = tmp_path / "classifier"
     shutil.copytree(quality_classifier[0], folder)
-    assert json.loads((folder / META).read_text())["weights_sha256"] == sha256_file(folder / WEIGHTS)
+    meta = json.loads((folder / META).read_text())
+    assert meta["weights_sha256"] == sha256_file(folder / WEIGHTS)
     raw = (folder / WEIGHTS).read_bytes()
     middle = len(raw) // 2
-    (folder / WEIGHTS).write_bytes(raw[:middle] + bytes(b ^ 0xFF for b in raw[middle : middle + 16])
-                                   + raw[middle + 16 :] if damage == "flipped" else raw[:middle])
+    (folder / WEIGHTS).write_bytes(raw[:middle] if damage == "truncated" else raw[:middle] + bytes(
+        b ^ 0xFF for b in raw[middle : middle + 16]) + raw[middle + 16 :])
     refused = (f"{folder / WEIGHTS} does not match the sha256 in {folder / META}; re-create it with "
                "`pegasus-dist classifier --config CONFIG`")
+    if damage.endswith("removed"):
+        del meta["weights_sha256"]
+        (folder / META).write_text(json.dumps(meta))
+        refused = (f"{folder / META} lists no weights_sha256 to check {folder / WEIGHTS} by; re-create it "
+                   "with `pegasus-dist classifier --config CONFIG`")
     with pytest.raises(DataError) as err:
         load_classifier(folder)
     assert str(err.value) == refused

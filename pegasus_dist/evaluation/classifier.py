@@ -170,7 +170,7 @@ def save_classifier(classifier: Classifier, meta: dict, folder: str | Path) -> d
 
 def read_meta(folder: str | Path) -> dict | None:
     """What ``classifier.json`` says, or None when the folder holds no classifier; a DataError
-    when it is damaged: the JSON unreadable, or the weights not those it lists."""
+    when it is damaged: the JSON unreadable, no sha256 in it, or the weights not those it lists."""
     folder = Path(folder)
     if not ((folder / META).is_file() and (folder / WEIGHTS).is_file()):
         return None
@@ -179,7 +179,9 @@ def read_meta(folder: str | Path) -> dict | None:
         expected = meta.get("weights_sha256")
     except (OSError, ValueError, AttributeError) as err:
         raise DataError(f"{folder / META} is unreadable ({err}); {RECREATE}") from None
-    if expected is not None and sha256_file(folder / WEIGHTS) != expected:
+    if expected is None:  # what save_classifier always writes: weights that cannot be checked are not used
+        raise DataError(f"{folder / META} lists no weights_sha256 to check {folder / WEIGHTS} by; {RECREATE}")
+    if sha256_file(folder / WEIGHTS) != expected:
         raise DataError(f"{folder / WEIGHTS} does not match the sha256 in {folder / META}; {RECREATE}")
     return meta
 
