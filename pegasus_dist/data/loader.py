@@ -198,7 +198,7 @@ class _ShardCache:
             log.warning("%s; skipping all %d of its samples", changed_shard(path), entry.num_samples)
             return samples
         try:
-            samples.extend(self.shard_set.read(shard))
+            samples.extend(self.shard_set.read(shard, hashed=not self.skip_bad))  # skipping: hashed above
         except DataError as err:
             if not self.skip_bad or len(samples) > self.sizes[shard]:
                 raise
