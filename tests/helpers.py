@@ -24,9 +24,11 @@ from pegasus_dist.data.shards import ShardSet
 
 SCRIPTS = Path(__file__).parent / "scripts"
 SMOKE = str(REPO / "configs/smoke/pretrain.yaml")
-TINY = ModelConfig(channels=[4, 4, 8, 8], fc_dims=[16, 16, 8], latent_dim=4)  # milliseconds a step
-PIPELINE_STEPS = 60  # each phase's in the shared pipeline: at lr 0.01 the tiny model's grids show images
-# (at 40, on one thread, its wing-vector grid shows the same horse in every row)
+TINY = ModelConfig(channels=[8, 8, 16, 16], fc_dims=[32, 32, 16], latent_dim=8)  # milliseconds a step
+# Each phase's steps in the shared pipeline. At lr 0.01 the tiny model's finetune grid shows a
+# different picture in each row, in both memory layouts: rows 16-27 grey levels apart (median),
+# where half the channels, 4 latent dimensions and 60 steps drew rows 0.0-0.1 apart in pretraining.
+PIPELINE_STEPS = 300
 TINY_ARGS = [f"model.{key}={str(getattr(TINY, key)).replace(' ', '')}"  # TINY as command-line overrides
              for key in ("channels", "fc_dims", "latent_dim")]
 
@@ -69,11 +71,22 @@ def grid_tiles(png: Path, tile: int, padding: int) -> np.ndarray:
 
 
 def assert_tiles_show_images(tiles: np.ndarray, png: Path) -> None:
-    """What a person sees at a glance: no blank or one-colour tile, and no two tiles alike."""
+    """What a person sees at a glance: no blank or one-colour tile, and no row drawn twice.
+
+    Rows are compared, not tiles: neighbouring tiles of a slerp row are decoded from
+    latents a few hundredths of mu apart and can round to the same bytes in a sound
+    grid. A sampler that draws one pair or one latent into two rows repeats the row.
+    """
     flat = tiles.reshape(-1, *tiles.shape[2:]).astype(float)
     flat_std = flat.reshape(len(flat), -1).std(axis=1)
     assert flat_std.min() > 10, f"{png}: tile {flat_std.argmin()} is nearly one colour ({flat_std.min():.1f})"
-    assert len({t.tobytes() for t in flat}) == len(flat), f"{png}: some tiles are identical"
+    assert min(rows_apart(tiles)) > 0, f"{png}: two rows are identical"
+
+
+def rows_apart(tiles: np.ndarray) -> list[float]:
+    """The mean absolute difference, in grey levels, between every two rows of a grid's tiles."""
+    rows = tiles.astype(float).reshape(len(tiles), -1)
+    return [np.abs(rows[a] - rows[b]).mean() for a in range(len(rows)) for b in range(a + 1, len(rows))]
 
 
 def assert_pegasus_layout(samples: Path, labels: dict[str, str]) -> dict:

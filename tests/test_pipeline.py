@@ -17,6 +17,7 @@ from helpers import (
     grid_tiles,
     labels_of,
     overrides,
+    rows_apart,
     run_cli,
 )
 from PIL import Image
@@ -48,6 +49,8 @@ def test_the_pipeline_trains_both_phases_and_its_grid_blends_real_horses_into_bi
     tiles = grid_tiles(finetune / "samples/pegasus.png", 32, 2).astype(float)
     ends = np.abs(tiles[:, 0] - tiles[:, -1]).mean(axis=(1, 2, 3))
     assert (ends > 5).all(), f"rows whose mu = 0.4 and 0.7 tiles look alike: {ends.round(1)}"
+    # ... and each row shows its own pair, not one picture drawn eight times.
+    assert np.median(rows_apart(tiles)) > 5, f"the rows look alike: {np.median(rows_apart(tiles)):.1f}"
 
 
 def test_the_sample_command_redraws_the_grid_of_the_run(smoke_pipeline, tmp_path, capsys):
