@@ -23,34 +23,21 @@ def write_sums(folder: Path) -> None:
     (folder / SUMS).write_text("".join(f"{sha256_file(p)}  {p.name}\n" for p in files))
 
 
-def read_sums(folder: Path) -> dict[str, str] | None:
-    """File name -> sha256 from ``folder/SHA256SUMS``, None without one (written before them).
-    Raises ValueError when it is unreadable or a line is not ``<64 hex>  <name>``."""
+def sums_problem(folder: Path, names: list[str] | None = None, required: bool = False) -> str | None:
+    """Why ``folder`` does not match its ``SHA256SUMS``, or None (also without one, unless ``required``).
+    Only ``names`` if given; else every file, and a file the list does not name is a problem too."""
     try:
         text = (folder / SUMS).read_text(encoding="ascii")
     except FileNotFoundError:
-        return None
+        return f"{folder / SUMS} is missing (removed after the checkpoint was written)" if required else None
     except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"{folder / SUMS} is unreadable ({err})") from None
+        return f"{folder / SUMS} is unreadable ({err})"
     sums = {}
     for number, line in enumerate(text.splitlines(), 1):
         digest, sep, name = line.partition("  ")
         if not sep or len(digest) != 64 or set(digest) - set("0123456789abcdef") or "/" in name:
-            raise ValueError(f"{folder / SUMS} line {number} is not '<sha256>  <file name>'")
+            return f"{folder / SUMS} line {number} is not '<sha256>  <file name>'"
         sums[name] = digest
-    return sums
-
-
-def sums_problem(folder: Path, names: list[str] | None = None, required: bool = False) -> str | None:
-    """Why ``folder`` does not match its ``SHA256SUMS``, or None (also when it has none, unless
-    ``required``). Only ``names`` if given; else every file, and one the list does not name is a problem
-    too."""
-    try:
-        sums = read_sums(folder)
-    except ValueError as err:
-        return str(err)
-    if sums is None:
-        return f"{folder / SUMS} is missing (removed after the checkpoint was written)" if required else None
     if names is None:
         unlisted = {p.name for p in folder.iterdir() if p.is_file()} - {SUMS} - sums.keys()
         names = sorted(unlisted) + sorted(sums)

@@ -34,23 +34,18 @@ def validated(cls: type[S], raw: Any, origins: Origins | None = None) -> S:
         raise ConfigError(_one_line(err, cls, origins)) from None
 
 
-def _one_line(err: ValidationError, root: type[Section], origins: Origins | None = None) -> str:
+def _one_line(err: ValidationError, root: type[Section], origins: Origins | None) -> str:
     """The first of pydantic's errors (an unknown key before the others) as one line."""
     error = min(err.errors(), key=lambda e: e["type"] not in ("extra_forbidden", "invalid_key"))
     loc = error["loc"]
     origin = (origins or {}).get(tuple(map(str, loc[:2])))  # (section,) for a section itself
     where = f"{origin}: " if origin else ""
     if error["type"] in ("extra_forbidden", "invalid_key"):
-        return f"{where}unknown config key {root.key(loc)}{_known(root, loc)}"
+        names = list(_section_at(root, loc).model_fields)
+        near = difflib.get_close_matches(str(loc[-1]), names, n=1)
+        known = f"did you mean {root.key((*loc[:-1], near[0]))}?" if near else f"known: {', '.join(names)}"
+        return f"{where}unknown config key {root.key(loc)}; {known}"
     return f"{where}{root.key(loc) or 'config'} {problem(error, root)}, got {error['input']!r}"
-
-
-def _known(root: type[BaseModel], loc: tuple[int | str, ...]) -> str:
-    """"; did you mean model.latent_dim?" for an unknown key at ``loc``, else the known keys."""
-    names = list(_section_at(root, loc).model_fields)
-    near = difflib.get_close_matches(str(loc[-1]), names, n=1)
-    prefix = "".join(f"{part}." for part in loc[:-1])
-    return f"; did you mean {prefix}{near[0]}?" if near else f"; known: {', '.join(names)}"
 
 
 def _section_at(root: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel]:
