@@ -202,12 +202,13 @@ def _recipe_rows(rate: float, epoch_images: int, device: torch.device) -> list[R
 def _bare_step(cfg: Config, device: torch.device) -> Callable:
     """The loop a user would write by hand: same model, Adam, BCE + KL, gradient clip."""
     torch.manual_seed(cfg.train.seed)
-    model = VAE(cfg.model).to(device)
+    layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model = VAE(cfg.model).to(device, memory_format=layout)
     # The trainer's fused Adam and clip, so that the ratio measures the loop, not the optimizer.
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, fused=True)
 
     def step(batch) -> None:
-        x = batch.images.to(device).contiguous().float().div_(255)  # NCHW, as the trainer makes it
+        x = batch.images.to(device).contiguous(memory_format=layout).float().div_(255)  # as the trainer's
         with torch.autocast(device.type, dtype=torch.bfloat16,
                             enabled=cfg.train.mixed_precision == "bf16"):
             out = model(x)
