@@ -274,8 +274,7 @@ def _build_adversaries(cfg: Config, source: Path | None) -> Adversaries | None:
 def _prepare(accelerator: Accelerator, cfg: Config, built: Models) -> Models:
     """The models wrapped for the ranks (DDP) and mixed precision, their optimizers with them."""
     model = compile_or_eager(built.model, cfg, accelerator.is_main_process)
-    model, optimizer = accelerator.prepare(model, built.optimizer)
-    prepared = Models(model, optimizer)
+    prepared = Models(*accelerator.prepare(model, built.optimizer))
     if cfg.train.ema_decay:  # of the weights as built: initialised, or loaded from train.init_from
         prepared.ema = build_ema(built.model, cfg.train.ema_decay)
     if built.adversaries is not None:
