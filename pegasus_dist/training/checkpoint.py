@@ -40,6 +40,7 @@ from pegasus_dist.model.saved import (
     load_model_weights,
     read_weights,
 )
+from pegasus_dist.training.ema import restore_ema
 from pegasus_dist.training.state import MOVE_ASIDE, TrainState, parse_state
 
 log = logging.getLogger("pegasus_dist.training.checkpoint")
@@ -169,13 +170,6 @@ def write_counters(folder: Path, state: TrainState, config_yaml: str) -> None:
     write_sums(folder)
 
 
-def prune(root: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints and stale temporary folders."""
-    stale = list_checkpoints(root)[:-keep] + [p for p in root.iterdir() if p.name.startswith(".tmp-")]
-    for path in stale:
-        shutil.rmtree(path)
-
-
 def save_checkpoint(accelerator: Accelerator, state: TrainState, config_yaml: str, root: Path,
                     keep: int, before_counters: Callable[[Path, TrainState], None] | None = None,
                     ema: AveragedModel | None = None) -> Path:
@@ -205,8 +199,9 @@ def save_checkpoint(accelerator: Accelerator, state: TrainState, config_yaml: st
         except (OSError, RuntimeError, SafetensorError) as err:  # torch reports a full disk as a RuntimeError
             shutil.rmtree(tmp, ignore_errors=True)
             failure = _write_failure(err, final, root)
-        else:
-            prune(root, keep)
+        else:  # all but the newest ``keep`` checkpoints, and stale temporary folders
+            for stale in [*list_checkpoints(root)[:-keep], *root.glob(".tmp-*")]:
+                shutil.rmtree(stale)
     if failure := broadcast_object_list([failure])[0]:
         raise CheckpointError(failure)
     return final
@@ -233,13 +228,10 @@ def _write_failure(err: Exception, final: Path, root: Path) -> str:
     previous = list_checkpoints(root)
     safe = f"{previous[-1]} is intact" if previous else "no earlier checkpoint exists"
     free = shutil.disk_usage(root).free / 2**20 if root.exists() else 0
-    needs = f", a checkpoint takes {_size_mb(previous[-1]):.1f} MB" if previous else ""
+    size = sum(path.stat().st_size for path in previous[-1].iterdir()) / 2**20 if previous else 0
+    needs = f", a checkpoint takes {size:.1f} MB" if previous else ""
     return (f"cannot write checkpoint {final}: {why} ({free:.0f} MB free there{needs}); {safe}: free "
             "space or make the run folder writable, then run the same command to resume")
-
-
-def _size_mb(folder: Path) -> float:
-    return sum(path.stat().st_size for path in folder.iterdir()) / 2**20
 
 
 def _unwrapped_weights(models: list[torch.nn.Module], weights: list[dict], output_dir: str) -> None:
@@ -247,8 +239,8 @@ def _unwrapped_weights(models: list[torch.nn.Module], weights: list[dict], outpu
     weights[:] = [_unwrap(model).state_dict() for model in models]
 
 
-def restore_checkpoint(accelerator: Accelerator, folder: Path) -> None:
-    """Load ``folder`` into what ``accelerator`` prepared (call :func:`check_resumable` first).
+def restore_checkpoint(accelerator: Accelerator, folder: Path, ema: AveragedModel | None = None) -> None:
+    """Load ``folder`` into what ``accelerator`` prepared, and ``ema`` (call :func:`check_resumable` first).
 
     Every file but the weights is loaded weights-only: a pickled object is refused, never run."""
     try:
@@ -261,6 +253,8 @@ def restore_checkpoint(accelerator: Accelerator, folder: Path) -> None:
     except (OSError, RuntimeError) as err:  # a file missing or cut short, in a checkpoint named in run.resume
         why = str(err).splitlines()[0]
         raise CheckpointError(f"cannot load {folder}: {why}; {MOVE_ASIDE}") from None
+    if ema is not None:
+        restore_ema(ema, folder)
 
 
 def _load_unwrapped_weights(models: list[torch.nn.Module], input_dir: str) -> None:

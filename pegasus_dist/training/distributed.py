@@ -84,21 +84,17 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         total = stats[-1]
         mean = stats[:channels] / total
         var = (stats[channels : 2 * channels] / total - mean.square()).clamp_min(0)
-        self._update_running_stats(mean.detach(), var.detach(), total.detach())
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1 / float(self.num_batches_tracked)
+                unbiased = var * total / (total - 1).clamp_min(1)
+                self.running_mean.mul_(1 - m).add_(mean, alpha=m)
+                self.running_var.mul_(1 - m).add_(unbiased, alpha=m)
         y = (xf - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
         if self.affine:
             y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
         return y.to(x.dtype)
-
-    @torch.no_grad()
-    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> None:
-        if not self.track_running_stats:
-            return
-        self.num_batches_tracked += 1
-        m = self.momentum if self.momentum is not None else 1 / float(self.num_batches_tracked)
-        unbiased = var * n / (n - 1).clamp_min(1)
-        self.running_mean.mul_(1 - m).add_(mean, alpha=m)
-        self.running_var.mul_(1 - m).add_(unbiased, alpha=m)
 
 
 def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:

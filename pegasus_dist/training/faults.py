@@ -210,8 +210,7 @@ def agree_on_start(accelerator: Accelerator, checks: Callable[[], T]) -> T:
         result, failure = checks(), None
     except Exception as err:  # agreed on below, then raised again on this rank
         result, failure = None, err
-    outcome = None if failure is None else _outcome(failure)
-    outcomes = gather_object([outcome])
+    outcomes = gather_object([None if failure is None else _outcome(failure)])
     failed = [(rank, *o) for rank, o in enumerate(outcomes) if o is not None]
     if not failed:
         return result

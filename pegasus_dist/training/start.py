@@ -37,7 +37,7 @@ from pegasus_dist.training.distributed import (
     convert_sync_batchnorm,
     warn_if_launcher_precision_differs,
 )
-from pegasus_dist.training.ema import build_ema, restore_ema
+from pegasus_dist.training.ema import build_ema
 from pegasus_dist.training.faults import agree_on_start, fail_with_every_rank
 from pegasus_dist.training.hooks import Hooks
 from pegasus_dist.training.lock import hold_run_lock
@@ -67,15 +67,6 @@ class Started:
     metrics: MetricsLog
 
 
-@dataclass
-class _Checked:
-    """What one rank read and built before the ranks agree that the phase can start."""
-
-    state: TrainState
-    loader: ShardLoader | MemoryLoader | None = None  # None: the phase is already complete
-    models: Models | None = None  # not yet prepared
-
-
 def start_phase(cfg: Config, hooks: Hooks) -> Started:
     """Everything the loop needs, once every rank passed its start-up checks; :class:`RunComplete` if done."""
     try:
@@ -92,18 +83,21 @@ def start_phase(cfg: Config, hooks: Hooks) -> Started:
     # filesystem apart could split into "complete" and "training", and hang).
     resume_from, finished = broadcast_object_list(stage("lock", lambda: _lock_and_choose(cfg, accelerator)))
     schedule = LrSchedule(cfg.optim, global_batch(cfg, accelerator))
-    checked = stage("checks", lambda: _check_and_build(cfg, accelerator, schedule, resume_from, finished))
-    state = checked.state
-    if checked.loader is None:
+    state, loader, built = stage(
+        "checks", lambda: _check_and_build(cfg, accelerator, schedule, resume_from, finished))
+    if loader is None:
         accelerator.end_training()
         raise RunComplete(f"{cfg.train.phase} in {cfg.run_dir} is already complete at step {state.step} "
                           f"(train.epochs={cfg.train.epochs}, train.max_steps={cfg.train.max_steps}; "
                           f"checkpoint {resume_from}); raise train.epochs or train.max_steps to train on")
-    _prepare_run_dir(accelerator, cfg)
-    models = _prepare(accelerator, cfg, checked.models)
+    if accelerator.is_main_process:  # the lock stage created the run folder
+        (cfg.run_dir / "config.yaml").write_text(cfg.to_yaml())
+        warn_if_launcher_precision_differs(cfg)
+    accelerator.wait_for_everyone()
+    models = _prepare(accelerator, cfg, built)
     if resume_from is not None:  # after prepare: load_state fills what it prepared
-        stage("restore", lambda: _restore(accelerator, resume_from, models))
-        _continue_from(resume_from, cfg, accelerator, state, checked.loader.num_samples, models, schedule)
+        stage("restore", lambda: restore_checkpoint(accelerator, resume_from, models.ema))
+        _continue_from(resume_from, cfg, accelerator, state, loader.num_samples, models, schedule)
     state.global_batch = schedule.global_batch  # what this run's checkpoints record
     start_tracking(accelerator, cfg, state, schedule.global_batch, schedule.peak)
     metrics = MetricsLog(accelerator, cfg.run_dir)
@@ -111,12 +105,11 @@ def start_phase(cfg: Config, hooks: Hooks) -> Started:
         metrics.resume(state.step)  # the rows after the checkpoint are recomputed
     log.info(
         "%s: %s parameters, %d samples in %s, world_size=%d, %s, %d batches per epoch; %s, grad clip %s",
-        cfg.train.phase, f"{num_parameters(models.model):,}", checked.loader.num_samples,
-        checked.loader.path, accelerator.num_processes, batch_description(cfg, accelerator),
-        len(checked.loader), schedule.describe(),
+        cfg.train.phase, f"{num_parameters(models.model):,}", loader.num_samples, loader.path,
+        accelerator.num_processes, batch_description(cfg, accelerator), len(loader), schedule.describe(),
         f"{cfg.optim.grad_clip:g}" if cfg.optim.grad_clip else "off",
     )
-    return Started(cfg, accelerator, models, checked.loader, state, schedule, metrics)
+    return Started(cfg, accelerator, models, loader, state, schedule, metrics)
 
 
 def global_batch(cfg: Config, accelerator: Accelerator) -> int:
@@ -157,9 +150,10 @@ def _lock_and_choose(cfg: Config, accelerator: Accelerator) -> list:
     return [resume_from, resume_from is not None and is_finished(cfg.run_dir, resume_from)]
 
 
-def _check_and_build(cfg: Config, accelerator: Accelerator, schedule: LrSchedule,
-                     resume_from: Path | None, finished: bool) -> _Checked:
-    """This rank's start-up checks; none waits for the others, so the checkpoint is only checked."""
+def _check_and_build(cfg: Config, accelerator: Accelerator, schedule: LrSchedule, resume_from: Path | None,
+                     finished: bool) -> tuple[TrainState, ShardLoader | MemoryLoader | None, Models | None]:
+    """This rank's start-up checks, then its loader and its models, not yet prepared (None, None: the
+    phase is already complete); none waits for the others, so the checkpoint is only checked."""
     state = TrainState(phase=cfg.train.phase, wandb_run_id=new_run_id())
     if resume_from is not None:
         if not accelerator.is_main_process and not resume_from.is_dir():
@@ -168,9 +162,12 @@ def _check_and_build(cfg: Config, accelerator: Accelerator, schedule: LrSchedule
                                   "node mounts; a shared filesystem that lags (NFS) shows it seconds "
                                   "later: run the same command again")
         state = read_state(resume_from)
-        _check_phase(state, cfg, resume_from)
+        if state.phase != cfg.train.phase:
+            raise CheckpointError(f"{resume_from} is a {state.phase} checkpoint but this run is "
+                                  f"{cfg.train.phase}; to start {cfg.train.phase} from its weights use "
+                                  f"train.init_from={resume_from}")
         if is_complete(state, cfg) and finished:
-            return _Checked(state)
+            return state, None, None
         check_resumable(resume_from, enabled_adversaries(cfg))
     loader = make_loader(cfg.data, cfg.model.image_size, accelerator.process_index,
                          accelerator.num_processes, accelerator.device)
@@ -186,7 +183,7 @@ def _check_and_build(cfg: Config, accelerator: Accelerator, schedule: LrSchedule
     if adversaries is not None:
         models.adversaries = adversaries
         models.adversary_optimizer = build_optimizer(adversaries.parameters(), schedule, accelerator.device)
-    return _Checked(state, loader, models)
+    return state, loader, models
 
 
 def _resume_checkpoint(cfg: Config) -> Path | None:
@@ -202,12 +199,6 @@ def _resume_checkpoint(cfg: Config) -> Path | None:
     if problem := find_damage(folder):  # the user's choice: an error, never moved aside
         raise CheckpointError(f"{problem}; {MOVE_ASIDE}")
     return folder
-
-
-def _check_phase(state: TrainState, cfg: Config, folder: Path) -> None:
-    if state.phase != cfg.train.phase:
-        raise CheckpointError(f"{folder} is a {state.phase} checkpoint but this run is {cfg.train.phase}; "
-                              f"to start {cfg.train.phase} from its weights use train.init_from={folder}")
 
 
 def _resume_position(state: TrainState, num_samples: int, world_size: int, folder: Path) -> TrainState:
@@ -280,19 +271,10 @@ def _build_adversaries(cfg: Config, source: Path | None) -> Adversaries | None:
     return adversaries
 
 
-def _prepare_run_dir(accelerator: Accelerator, cfg: Config) -> None:
-    if accelerator.is_main_process:
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        (cfg.run_dir / "config.yaml").write_text(cfg.to_yaml())
-        warn_if_launcher_precision_differs(cfg)
-    accelerator.wait_for_everyone()
-
-
 def _prepare(accelerator: Accelerator, cfg: Config, built: Models) -> Models:
     """The models wrapped for the ranks (DDP) and mixed precision, their optimizers with them."""
     model = compile_or_eager(built.model, cfg, accelerator.is_main_process)
-    model, optimizer = accelerator.prepare(model, built.optimizer)
-    prepared = Models(model, optimizer)
+    prepared = Models(*accelerator.prepare(model, built.optimizer))
     if cfg.train.ema_decay:  # of the weights as built: initialised, or loaded from train.init_from
         prepared.ema = build_ema(built.model, cfg.train.ema_decay)
     if built.adversaries is not None:
@@ -319,13 +301,6 @@ def compile_or_eager(model: torch.nn.Module, cfg: Config, warn: bool) -> torch.n
                         "$CXX at one, or set train.compile=false to silence this", compiler)
         return model
     return torch.compile(model)
-
-
-def _restore(accelerator: Accelerator, folder: Path, models: Models) -> None:
-    """The checkpoint, then the weights' moving average: one agreed stage."""
-    restore_checkpoint(accelerator, folder)
-    if models.ema is not None:
-        restore_ema(models.ema, folder)
 
 
 def _continue_from(folder: Path, cfg: Config, accelerator: Accelerator, state: TrainState,

@@ -57,8 +57,7 @@ class _OlderStateFile(TrainState):
 
 def is_complete(state: TrainState, cfg: Config) -> bool:
     """Whether a phase at ``state`` has nothing left to train under ``cfg`` (the one definition)."""
-    max_steps_reached = bool(cfg.train.max_steps) and state.step >= cfg.train.max_steps
-    return state.epoch >= cfg.train.epochs or max_steps_reached
+    return state.epoch >= cfg.train.epochs or 0 < cfg.train.max_steps <= state.step
 
 
 def mark_finished(run_dir: Path, checkpoint: Path) -> None:
