@@ -9,6 +9,7 @@ explodes during the warm-up, before its first checkpoint.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -163,7 +164,7 @@ class DivergenceGuard:
     def note_step(self, window: Window, step: int) -> None:
         """After each optimizer step; keeps the first step's sums (no host read)."""
         if self.first is None:
-            self.first, self.first_step = window.copy(), step
+            self.first, self.first_step = copy.deepcopy(window), step  # its sums copied on the device
 
     def check(self, accelerator: Accelerator, window: Window, step: int) -> TrainingError | None:
         """The error to stop with, or None; returned, so that the trainer logs the window first."""

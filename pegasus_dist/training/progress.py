@@ -25,7 +25,7 @@ log = logging.getLogger("pegasus_dist.training.progress")
 
 
 class Progress:
-    """One phase's progress: :meth:`epoch` opens an epoch, whose ``update`` follows each step."""
+    """One phase's progress: :meth:`epoch` opens an epoch, then :meth:`update` follows each step."""
 
     def __init__(self, phase: str, epochs: int, batches_per_epoch: int, max_steps: int,
                  enabled: bool, stream: TextIO | None = None,
@@ -44,62 +44,52 @@ class Progress:
         self._reset_window()
 
     @contextmanager
-    def epoch(self, epoch: int, batches_done: int) -> Iterator[_Epoch]:
+    def epoch(self, epoch: int, batches_done: int) -> Iterator[Progress]:
         """Progress within epoch ``epoch`` (0-based), resumed at ``batches_done``."""
+        self.current_epoch, self.batches_done = epoch, batches_done
+        self.step: int | None = None  # None until a step is taken in this epoch
         if self.use_bar:
             with logging_redirect_tqdm(), tqdm(
                 total=self.batches, initial=batches_done, unit="batch", dynamic_ncols=True,
                 desc=f"{self.phase} epoch {epoch + 1}/{self.epochs}", file=self.stream,
-            ) as bar:
-                yield _Epoch(self, epoch, batches_done, bar)
+            ) as self.bar:
+                yield self
         else:
-            current = _Epoch(self, epoch, batches_done, None)
-            yield current
+            yield self
             # Not reached when the epoch ends by an exception: its own message says why.
-            if self.enabled and current.step not in (None, self.logged_step):
-                self._log_line(current)
+            if self.enabled and self.step not in (None, self.logged_step):
+                self._log_line()
 
-    def _after_step(self, at: _Epoch, images: int) -> None:
+    def update(self, step: int, images: int) -> None:
+        """After each step: ``step`` is the global step now, ``images`` those of all ranks."""
         if not self.enabled:
             return
+        self.step = step
+        self.batches_done += 1
         self.steps_done += 1
         self.window_images += images
-        if at.bar is not None:
-            at.bar.update()
+        if self.use_bar:
+            self.bar.update()
         elif self.clock() - self.window_started >= PLAIN_EVERY_S:
-            self._log_line(at)
+            self._log_line()
 
     def _reset_window(self) -> None:
         self.window_started = self.clock()
         self.window_images = 0
 
-    def _log_line(self, at: _Epoch) -> None:
+    def _log_line(self) -> None:
         now = self.clock()
         rate = self.window_images / max(now - self.window_started, 1e-9)
         log.info("%s: epoch %d/%d, batch %d/%d, step %d/%d, %s images/s, ETA %s",
-                 self.phase, at.epoch + 1, self.epochs, at.batches_done, self.batches,
-                 at.step, self.last_step, f"{rate:,.0f}", self._eta(at.step, now))
-        self.logged_step = at.step
+                 self.phase, self.current_epoch + 1, self.epochs, self.batches_done, self.batches,
+                 self.step, self.last_step, f"{rate:,.0f}", self._eta(now))
+        self.logged_step = self.step
         self._reset_window()
 
-    def _eta(self, step: int, now: float) -> str:
+    def _eta(self, now: float) -> str:
         """Time left at this process's mean pace so far (sync points and checkpoints included)."""
         if not self.steps_done:
             return "unknown"
-        batches_left = max(self.last_step - step, 0) * self.accum
+        batches_left = max(self.last_step - self.step, 0) * self.accum
         left = batches_left * (now - self.started) / self.steps_done
         return str(timedelta(seconds=round(left)))
-
-
-class _Epoch:
-    """The handle :meth:`Progress.epoch` yields."""
-
-    def __init__(self, progress: Progress, epoch: int, batches_done: int, bar: tqdm | None) -> None:
-        self.progress, self.epoch, self.batches_done, self.bar = progress, epoch, batches_done, bar
-        self.step: int | None = None  # None until a step is taken in this epoch
-
-    def update(self, step: int, images: int) -> None:
-        """After each step: ``step`` is the global step now, ``images`` those of all ranks."""
-        self.step = step
-        self.batches_done += 1
-        self.progress._after_step(self, images)

@@ -194,11 +194,9 @@ class TrainStep:
 
         One forward of the prepared adversaries per micro-batch, so that DDP sees one use."""
         adversaries, decoded = self.models.adversaries, decoded.detach()
-        critic_input = discriminator_input = None
-        if mixed is not None:
-            critic_input = torch.cat([mixed.detach(), acai.blend(x, decoded, self.cfg.loss.acai_gamma)])
-        if self.cfg.loss.patch_gan_weight:
-            discriminator_input = torch.cat([x, decoded])
+        critic_input = (None if mixed is None else
+                        torch.cat([mixed.detach(), acai.blend(x, decoded, self.cfg.loss.acai_gamma)]))
+        discriminator_input = torch.cat([x, decoded]) if self.cfg.loss.patch_gan_weight else None
         critic = discriminator = torch.zeros((), device=x.device)
         with contextlib.nullcontext() if ends_step else self.accelerator.no_sync(adversaries):
             predicted, patches, _ = adversaries(critic_input, discriminator_input)

@@ -158,14 +158,12 @@ class MetricsLog:
 
     def summarize(self, values: dict[str, Any]) -> None:
         """Values that describe the run rather than a step: the W&B summary, not the history."""
-        run = self._wandb_run()
-        if run is not None:
+        if (run := self._wandb_run()) is not None:
             run.summary.update(values)
 
     def log_images(self, paths: dict[str, Path], captions: dict[str, str], step: int, prefix: str) -> None:
         """The PNG files of the sample grids as W&B images: exactly the pixels of ``samples/``."""
-        run = self._wandb_run()
-        if run is None or step <= self.wandb_holds_step:
+        if (run := self._wandb_run()) is None or step <= self.wandb_holds_step:
             return
         run.log({f"{prefix}/{name}": wandb.Image(str(path), caption=captions[name])
                  for name, path in paths.items()}, step=step)

@@ -92,12 +92,6 @@ class Window:
         self.bad_samples += bad_samples
         self.steps += 1
 
-    def copy(self) -> Window:
-        """This window as it is now, its sums copied on the device (no host read)."""
-        kept = Window.__new__(Window)
-        kept.__dict__.update(self.__dict__, losses=self.losses.clone())
-        return kept
-
 
 def reduce_windows(accelerator: Accelerator, *windows: Window) -> list[Sums]:
     """Each window's sums over every rank: one all-reduce and one host read for all of them."""
