@@ -12,7 +12,6 @@ another world size or batch size: it trains the rest of S, nothing twice and not
 from __future__ import annotations
 
 import logging
-import math
 import multiprocessing
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -71,12 +70,10 @@ def global_batch_sizes(num_samples: int, world_size: int, batch_size: int,
         raise DataError(f"{held}, fewer than the {world_size} processes; "
                         "prepare more data or launch fewer processes")
     step = world_size * batch_size
-    num_global = math.ceil(left / step)
-    last = left - (num_global - 1) * step
-    if last < world_size:  # too few to give every rank one: fold into the batch before
-        num_global -= 1
-        last += step
-    return [step] * (num_global - 1) + [last]
+    full, last = divmod(left, step)
+    if last < world_size and full:  # too few (or none) to give every rank one: fold into the batch before
+        full, last = full - 1, last + step
+    return [step] * full + [last]
 
 
 def rank_batches(num_samples: int, world_size: int, rank: int, batch_size: int,
@@ -116,7 +113,7 @@ class _ShardStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         epoch, start_sample = self._epoch.value, self._start_sample.value
         shard_of, inside = global_sequence(self.shard_set.manifest.shard_sizes, self.seed, epoch)
-        plans = rank_batches(self.shard_set.num_samples, self.world_size, self.rank,
+        plans = rank_batches(self.shard_set.manifest.num_samples, self.world_size, self.rank,
                              self.batch_size, start_sample)[worker::workers]
         if self.decoded is not None:
             yield from self._sliced(plans, shard_of, inside)
@@ -156,7 +153,6 @@ class _ShardCache:
 
     def __init__(self, shard_set: ShardSet, skip_bad: bool) -> None:
         self.shard_set, self.skip_bad = shard_set, skip_bad
-        self.sizes = shard_set.manifest.shard_sizes
         self.index: int | None = None
         self.samples: list[ShardSample] = []
 
@@ -181,7 +177,7 @@ class _ShardCache:
 
     def first_good(self) -> tuple[str, np.ndarray, str | None]:
         """The first readable sample of the set, to stand in for a batch that is all bad."""
-        for shard, size in enumerate(self.sizes):
+        for shard, size in enumerate(self.shard_set.manifest.shard_sizes):
             for position in range(size):
                 found = self.decode(self.sample(shard, position))
                 if found is not None:
@@ -200,9 +196,9 @@ class _ShardCache:
         try:
             samples.extend(self.shard_set.read(shard, hashed=not self.skip_bad))  # skipping: hashed above
         except DataError as err:
-            if not self.skip_bad or len(samples) > self.sizes[shard]:
+            if not self.skip_bad or len(samples) > entry.num_samples:
                 raise
-            log.warning("%s; skipping its %d unread samples", err, self.sizes[shard] - len(samples))
+            log.warning("%s; skipping its %d unread samples", err, entry.num_samples - len(samples))
         return samples
 
 
@@ -214,7 +210,7 @@ class ShardLoader:
                  skip_bad_samples: bool = False, decoded: bool = True) -> None:
         """``decoded``: read the set's decoded array (built on first use) instead of its tars."""
         shards = ShardSet(shard_set, image_size)
-        self.manifest, self.path, self.num_samples = shards.manifest, shards.path, shards.num_samples
+        self.manifest, self.path, self.num_samples = shards.manifest, shards.path, shards.manifest.num_samples
         array = _decoded(shards, skip_bad_samples) if decoded else None
         self._dataset = _ShardStream(shards, batch_size, rank, world_size, seed, skip_bad_samples, array)
         self._num_batches = len(rank_batches(self.num_samples, world_size, rank, batch_size))
@@ -261,7 +257,7 @@ class MemoryLoader:
                  decoded: bool = True) -> None:
         """``decoded``: map the set's decoded array (built on first use) instead of decoding its tars."""
         shards = ShardSet(shard_set, image_size)
-        self.manifest, self.path, self.num_samples = shards.manifest, shards.path, shards.num_samples
+        self.manifest, self.path, self.num_samples = shards.manifest, shards.path, shards.manifest.num_samples
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.device = torch.device(device)
         found = (shards.decoded() if decoded else None) or shards.decode_all()

@@ -117,10 +117,6 @@ class ShardSet:
                             f"{image_size}; set model.image_size={self.image_size} or prepare shards with "
                             f"--image-size {image_size}")
 
-    @property
-    def num_samples(self) -> int:
-        return self.manifest.num_samples
-
     def __iter__(self) -> Iterator[ShardSample]:
         """Every sample, shard after shard, in file order."""
         for index in range(len(self.manifest.shards)):
@@ -160,7 +156,7 @@ class ShardSet:
     def decode_all(self) -> Decoded:
         """Every image, key and label, decoded from the tars into memory."""
         size = self.image_size
-        images = np.empty((self.num_samples, size, size, 3), dtype=np.uint8)
+        images = np.empty((self.manifest.num_samples, size, size, 3), dtype=np.uint8)
         keys, labels = [], []
         for row, sample in enumerate(self):  # read() checks each shard's count
             images[row] = self.decode(sample)
