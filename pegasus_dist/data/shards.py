@@ -40,10 +40,6 @@ class ShardSample:
     raw_meta: bytes  # the JSON member, parsed on first use of ``meta``
     shard: Path
 
-    @property
-    def where(self) -> str:
-        return f"{self.shard}:{self.key}"
-
     @cached_property
     def meta(self) -> dict:
         """The sample's JSON; a sample without a label raises DataError naming it."""
@@ -137,15 +133,16 @@ class ShardSet:
 
     def decode(self, sample: ShardSample) -> np.ndarray:
         """The sample's (H, W, 3) uint8 image, checked against the set's image size."""
+        where = f"{sample.shard}:{sample.key}"
         try:
             image = _DECODERS[sample.image_ext](sample.image)
         except Exception as err:  # Pillow and NumPy raise many kinds for a damaged member
-            raise DataError(f"{sample.where}: the image does not decode ({err}); {REPREPARE}") from None
+            raise DataError(f"{where}: the image does not decode ({err}); {REPREPARE}") from None
         size = self.image_size
         if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.shape[2:] != (3,):
-            raise DataError(f"{sample.where}: the image is not an (H, W, 3) uint8 array; {REPREPARE}")
+            raise DataError(f"{where}: the image is not an (H, W, 3) uint8 array; {REPREPARE}")
         if image.shape[:2] != (size, size):
-            raise DataError(f"{sample.where}: image is {image.shape[1]}x{image.shape[0]} but {size}x{size} "
+            raise DataError(f"{where}: image is {image.shape[1]}x{image.shape[0]} but {size}x{size} "
                             "was expected; prepare the shards at model.image_size or change model.image_size")
         return np.require(image, requirements="W")  # .npy members decode to read-only views
 
