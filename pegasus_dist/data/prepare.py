@@ -172,11 +172,10 @@ def _publish(out: Path, generation: Path, names: list[str]) -> None:
     a new ``.current`` link over the old. Set folders of the layout before generations are moved
     aside before any link is made: an interruption leaves old sets or new ones, never both."""
     _replace_link(out / CURRENT, Path(generation.name))
-    old_folders = [out / name for name in names if (out / name).is_dir() and not (out / name).is_symlink()]
-    for folder in old_folders:
-        aside = out / f".replaced-{folder.name}"
-        shutil.rmtree(aside, ignore_errors=True)
-        folder.rename(aside)
+    for folder, aside in ((out / name, out / f".replaced-{name}") for name in names):
+        if folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(aside, ignore_errors=True)
+            folder.rename(aside)
     for name in names:
         _replace_link(out / name, Path(CURRENT) / name)
     _remove_stale(out, keep=generation)

@@ -122,13 +122,13 @@ class ShardSet:
         """The samples of shard ``index``; then DataError if they are not as many as the manifest says
         (a tar cut short between members fails its sha256; the count, a manifest that disagrees).
         ``hashed=False``: the caller checked the file's sha256 already; it is not hashed again."""
-        path, expected = self.manifest.shard_paths[index], self.manifest.shard_sizes[index]
+        entry, path = self.manifest.shards[index], self.manifest.shard_paths[index]
         count = 0
-        for sample in iter_shard(path, self.manifest.shards[index].sha256 if hashed else None):
+        for sample in iter_shard(path, entry.sha256 if hashed else None):
             count += 1
             yield sample
-        if count != expected:
-            raise DataError(f"shard {path} holds {count} samples but its manifest says {expected}; "
+        if count != entry.num_samples:
+            raise DataError(f"shard {path} holds {count} samples but its manifest says {entry.num_samples}; "
                             f"{REPREPARE}")
 
     def decode(self, sample: ShardSample) -> np.ndarray:
