@@ -122,17 +122,7 @@ class _ShardStream(IterableDataset):
             return
         cache = _ShardCache(self.shard_set, self.skip_bad)
         for plan in plans:
-            yield self._batch([cache.sample(int(row)) for row in order[plan.positions]], plan.offset, cache)
-
-    def _batch(self, samples: list[ShardSample | None], offset: int, cache: _ShardCache) -> Batch:
-        """Sample by sample: a bad one stops the run, or its slot takes a good sample's copy, so
-        the batch keeps its size and every rank takes the same steps with the same shapes."""
-        found = [cache.decode(sample) for sample in samples]
-        good = [sample for sample in found if sample is not None]
-        pool = good or [cache.first_good()]
-        filled = [s if s is not None else pool[i % len(pool)] for i, s in enumerate(found)]
-        keys, images, labels = zip(*filled, strict=True)
-        return Batch(_nchw(np.stack(images)), list(keys), list(labels), offset, len(found) - len(good))
+            yield cache.batch(order[plan.positions], plan.offset)
 
 
 def _nchw(pixels: np.ndarray) -> torch.Tensor:
@@ -141,7 +131,7 @@ def _nchw(pixels: np.ndarray) -> torch.Tensor:
 
 
 class _ShardCache:
-    """The encoded samples of the shard being read; a worker decodes only its own batches."""
+    """A worker's batches from the tars: it holds the encoded samples of the shard being read."""
 
     def __init__(self, shard_set: ShardSet, skip_bad: bool) -> None:
         self.shard_set, self.skip_bad = shard_set, skip_bad
@@ -149,20 +139,26 @@ class _ShardCache:
         self.index: int | None = None
         self.samples: list[ShardSample] = []
 
-    def sample(self, row: int) -> ShardSample | None:
-        """The encoded sample of ``row`` of the set's file order, or None when it was lost to a
-        damaged shard and bad ones are skipped."""
+    def batch(self, rows: np.ndarray, offset: int) -> Batch:
+        """Sample by sample: a bad one stops the run, or its slot takes a good sample's copy, so
+        the batch keeps its size and every rank takes the same steps with the same shapes."""
+        found = [self._item(int(row)) for row in rows]
+        good = [sample for sample in found if sample is not None]
+        pool = good or [self._first_good()]
+        filled = [s if s is not None else pool[i % len(pool)] for i, s in enumerate(found)]
+        keys, images, labels = zip(*filled, strict=True)
+        return Batch(_nchw(np.stack(images)), list(keys), list(labels), offset, len(found) - len(good))
+
+    def _item(self, row: int) -> tuple[str, np.ndarray, str | None] | None:
+        """(key, image, label) of ``row`` of the set's file order, or None for a bad sample (one
+        that does not decode, or was lost to a damaged shard) when bad ones are skipped."""
         shard = int(np.searchsorted(self.starts, row, side="right")) - 1
         if shard != self.index:
             self.samples, self.index = self._read(shard), shard
         position = row - self.starts[shard]
-        # Past the samples read: lost to damage, which _read raised or (skipping) logged once.
-        return self.samples[position] if position < len(self.samples) else None
-
-    def decode(self, sample: ShardSample | None) -> tuple[str, np.ndarray, str | None] | None:
-        """(key, image, label), or None for a bad sample when bad ones are skipped."""
-        if sample is None:
+        if position >= len(self.samples):  # lost to damage, which _read raised or (skipping) logged once
             return None
+        sample = self.samples[position]
         try:
             return sample.key, self.shard_set.decode(sample), sample.meta["label"]
         except DataError as err:
@@ -171,10 +167,10 @@ class _ShardCache:
             log.warning("skipping a bad sample: %s", err)
             return None
 
-    def first_good(self) -> tuple[str, np.ndarray, str | None]:
+    def _first_good(self) -> tuple[str, np.ndarray, str | None]:
         """The first readable sample of the set, to stand in for a batch that is all bad."""
         for row in range(self.shard_set.manifest.num_samples):
-            found = self.decode(self.sample(row))
+            found = self._item(row)
             if found is not None:
                 return found
         raise DataError(f"no sample of {self.shard_set.path} is readable; "
