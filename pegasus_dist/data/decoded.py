@@ -38,11 +38,10 @@ class Decoded:
     labels: list[str | None]
 
 
-def write_decoded(folder: Path, shard_sums: list[str], images: np.ndarray, keys: list[str],
-                  labels: list[str | None]) -> None:
+def write_decoded(folder: Path, shard_sums: list[str], decoded: Decoded) -> None:
     """Write ``folder``'s array and index, decoded from the shards of ``shard_sums`` (sha256s);
     the index goes last, so a crash between leaves a pair that does not verify and is rebuilt."""
-    images = np.ascontiguousarray(images)
+    images, keys, labels = np.ascontiguousarray(decoded.images), decoded.keys, decoded.labels
     index = {"format": FORMAT, "shape": list(images.shape), "shards": shard_sums, "keys": keys,
              "labels": labels, "sha256": _content_sha256(images, keys, labels)}
     _atomic_write(folder / ARRAY, lambda f: np.save(f, images, allow_pickle=False))
@@ -53,22 +52,21 @@ def open_decoded(manifest: Manifest, decode_all: Callable[[], Decoded]) -> Decod
     """The set's verified decoded array, built with ``decode_all`` (from the tars) when missing,
     stale or damaged; None when it cannot be written here (a read-only folder, a full disk).
     A shard that differs from its manifest's sha256 raises DataError naming it."""
-    _check_shards(manifest)
+    for entry, path in zip(manifest.shards, manifest.shard_paths, strict=True):
+        if sha256_file(path) != entry.sha256:
+            raise DataError(changed_shard(path))
     folder = manifest.path
-    found, problem = _verified(manifest)
+    found, problem = verified_decoded(manifest)
     if found is not None:
         return found
     try:
         with FileLock(folder / LOCK, thread_local=False, preserve_lock_file=True):
-            found, problem = _verified(manifest)  # another rank may have built it meanwhile
+            found, problem = verified_decoded(manifest)  # another rank may have built it meanwhile
             if found is None:
-                log.log(logging.INFO if problem is None else logging.WARNING,
-                        "decoding %s into %s once%s", folder, ARRAY,
-                        "" if problem is None else f" ({problem})")
-                built = decode_all()
-                write_decoded(folder, [s.sha256 for s in manifest.shards], built.images, built.keys,
-                              built.labels)
-                found, problem = _verified(manifest)
+                log.log(logging.INFO if problem is None else logging.WARNING, "decoding %s into %s once%s",
+                        folder, ARRAY, "" if problem is None else f" ({problem})")
+                write_decoded(folder, [s.sha256 for s in manifest.shards], decode_all())
+                found, problem = verified_decoded(manifest)
     except OSError as err:
         log.warning("cannot write the decoded array of %s (%s); reading the tars instead",
                     folder, err.strerror or err)
@@ -79,20 +77,9 @@ def open_decoded(manifest: Manifest, decode_all: Callable[[], Decoded]) -> Decod
     return found
 
 
-def decoded_problem(manifest: Manifest) -> str | None:
-    """Why the set's decoded array would not be used as it is (for `verify`); None when it
-    verifies or was never built (the next training run builds it)."""
-    return _verified(manifest)[1]
-
-
-def _check_shards(manifest: Manifest) -> None:
-    for entry, path in zip(manifest.shards, manifest.shard_paths, strict=True):
-        if sha256_file(path) != entry.sha256:
-            raise DataError(changed_shard(path))
-
-
-def _verified(manifest: Manifest) -> tuple[Decoded | None, str | None]:
-    """(the array, None) when it verifies, else (None, why not); why is None when neither file is."""
+def verified_decoded(manifest: Manifest) -> tuple[Decoded | None, str | None]:
+    """(the array, None) when it verifies, else (None, why it would not be used as it is); why is
+    None when neither file is (never built: the next training run builds it)."""
     array, index_path = manifest.path / ARRAY, manifest.path / INDEX
     if not index_path.exists() and not array.exists():
         return None, None

@@ -93,13 +93,10 @@ def _classify(files: list[str], root: Path) -> list[tuple[str, str, str]]:
     has_splits = {p[0] for p in parts} <= set(SPLITS) and min(len(p) for p in parts) >= 3
     entries = []
     for file, p in zip(files, parts, strict=True):
-        if has_splits:
-            split, cls = p[0], p[1]
-        elif len(p) >= 2:
-            split, cls = "train", p[0]
-        else:
+        if not has_splits and len(p) < 2:
             raise DataError(f"{root}/{file} is not inside a class folder; "
                             f"expected {root}/<class>/*.png|jpg")
+        split, cls = (p[0], p[1]) if has_splits else ("train", p[0])
         label = canonical_class(cls)
         if not label:
             raise DataError(f"{root}/{file}: the class folder {cls!r} has no letter or digit; "
@@ -112,11 +109,10 @@ def _read_files(root: Path, wanted: tuple[str, ...]) -> list[tuple[str, bytes]]:
     """(where, bytes) of each file, in the order of ``wanted``; one pass over an archive."""
     if root.is_dir():
         return [(str(root / f), (root / f).read_bytes()) for f in wanted]
-    position = {f: i for i, f in enumerate(wanted)}
+    names = set(wanted)
     with open_tar(root) as tar:
-        found = sorted((position[m.name], f"{root}:{m.name}", tar.extractfile(m).read())
-                       for m in tar if m.name in position and m.isfile())
-    return [(where, data) for _, where, data in found]
+        found = {m.name: tar.extractfile(m).read() for m in tar if m.isfile() and m.name in names}
+    return [(f"{root}:{name}", found[name]) for name in wanted]
 
 
 def _load_image(data: bytes, where: str, size: int) -> np.ndarray:

@@ -12,7 +12,6 @@ another world size or batch size: it trains the rest of S, nothing twice and not
 from __future__ import annotations
 
 import logging
-import math
 import multiprocessing
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pegasus_dist.checksums import sha256_file
 from pegasus_dist.config import DataConfig
 from pegasus_dist.data.decoded import Decoded
-from pegasus_dist.data.manifest import changed_shard
+from pegasus_dist.data.manifest import Manifest, changed_shard
 from pegasus_dist.data.shards import ShardSample, ShardSet
 from pegasus_dist.errors import DataError
 
@@ -51,13 +50,12 @@ class BatchPlan:
     offset: int
 
 
-def global_sequence(sizes: list[int], seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-    """(shard index, index inside the shard) of every sample, in this epoch's order."""
+def global_sequence(manifest: Manifest, seed: int, epoch: int) -> np.ndarray:
+    """Every sample's row in the set's file order (its decoded array's), in this epoch's order."""
+    sizes, starts = manifest.shard_sizes, manifest.shard_starts
     shard_order = np.random.default_rng([seed, epoch]).permutation(len(sizes))
-    shards = [np.full(sizes[s], s) for s in shard_order]
-    inside = [np.random.default_rng([seed, epoch, int(s)]).permutation(sizes[s])
-              for s in shard_order]
-    return np.concatenate(shards), np.concatenate(inside)
+    return np.concatenate([starts[s] + np.random.default_rng([seed, epoch, int(s)]).permutation(sizes[s])
+                           for s in shard_order])
 
 
 def global_batch_sizes(num_samples: int, world_size: int, batch_size: int,
@@ -71,12 +69,10 @@ def global_batch_sizes(num_samples: int, world_size: int, batch_size: int,
         raise DataError(f"{held}, fewer than the {world_size} processes; "
                         "prepare more data or launch fewer processes")
     step = world_size * batch_size
-    num_global = math.ceil(left / step)
-    last = left - (num_global - 1) * step
-    if last < world_size:  # too few to give every rank one: fold into the batch before
-        num_global -= 1
-        last += step
-    return [step] * (num_global - 1) + [last]
+    full, last = divmod(left, step)
+    if last < world_size and full:  # too few (or none) to give every rank one: fold into the batch before
+        full, last = full - 1, last + step
+    return [step] * full + [last]
 
 
 def rank_batches(num_samples: int, world_size: int, rank: int, batch_size: int,
@@ -103,47 +99,30 @@ class _ShardStream(IterableDataset):
                  seed: int, skip_bad: bool, decoded: Decoded | None) -> None:
         self.shard_set, self.skip_bad, self.decoded = shard_set, skip_bad, decoded
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
-        # Persistent workers (no fork or start-up per epoch) read the epoch to plan from
-        # shared memory that set_epoch writes.
-        self._epoch = multiprocessing.RawValue("q", 0)
-        self._start_sample = multiprocessing.RawValue("q", 0)
+        # Persistent workers (no fork or start-up per epoch) read the epoch to plan, and the
+        # position to start at, from shared memory that set_epoch writes.
+        self._epoch_and_start = multiprocessing.RawArray("q", 2)
 
     def set_epoch(self, epoch: int, start_sample: int) -> None:
-        self._epoch.value, self._start_sample.value = epoch, start_sample
+        self._epoch_and_start[:] = [epoch, start_sample]
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        epoch, start_sample = self._epoch.value, self._start_sample.value
-        shard_of, inside = global_sequence(self.shard_set.manifest.shard_sizes, self.seed, epoch)
-        plans = rank_batches(self.shard_set.num_samples, self.world_size, self.rank,
+        epoch, start_sample = self._epoch_and_start
+        order = global_sequence(self.shard_set.manifest, self.seed, epoch)
+        plans = rank_batches(self.shard_set.manifest.num_samples, self.world_size, self.rank,
                              self.batch_size, start_sample)[worker::workers]
-        if self.decoded is not None:
-            yield from self._sliced(plans, shard_of, inside)
+        if self.decoded is not None:  # rows of the decoded array: no tar member is parsed
+            images, keys, labels = self.decoded.images, self.decoded.keys, self.decoded.labels
+            for plan in plans:
+                rows = order[plan.positions]
+                yield Batch(_nchw(images[rows]), [keys[r] for r in rows], [labels[r] for r in rows],
+                            plan.offset)
             return
         cache = _ShardCache(self.shard_set, self.skip_bad)
         for plan in plans:
-            samples = [cache.sample(int(shard_of[p]), int(inside[p])) for p in plan.positions]
-            yield self._batch(samples, plan.offset, cache)
-
-    def _sliced(self, plans: list[BatchPlan], shard_of: np.ndarray, inside: np.ndarray) -> Iterator[Batch]:
-        """The batches as rows of the decoded array: no tar member is parsed."""
-        starts = self.shard_set.manifest.shard_starts
-        images, keys, labels = self.decoded.images, self.decoded.keys, self.decoded.labels
-        for plan in plans:
-            rows = starts[shard_of[plan.positions]] + inside[plan.positions]
-            yield Batch(_nchw(images[rows]), [keys[r] for r in rows], [labels[r] for r in rows],
-                        plan.offset)
-
-    def _batch(self, samples: list[ShardSample | None], offset: int, cache: _ShardCache) -> Batch:
-        """Sample by sample: a bad one stops the run, or its slot takes a good sample's copy, so
-        the batch keeps its size and every rank takes the same steps with the same shapes."""
-        found = [cache.decode(sample) for sample in samples]
-        good = [sample for sample in found if sample is not None]
-        pool = good or [cache.first_good()]
-        filled = [s if s is not None else pool[i % len(pool)] for i, s in enumerate(found)]
-        keys, images, labels = zip(*filled, strict=True)
-        return Batch(_nchw(np.stack(images)), list(keys), list(labels), offset, len(found) - len(good))
+            yield cache.batch(order[plan.positions], plan.offset)
 
 
 def _nchw(pixels: np.ndarray) -> torch.Tensor:
@@ -152,25 +131,34 @@ def _nchw(pixels: np.ndarray) -> torch.Tensor:
 
 
 class _ShardCache:
-    """The encoded samples of the shard being read; a worker decodes only its own batches."""
+    """A worker's batches from the tars: it holds the encoded samples of the shard being read."""
 
     def __init__(self, shard_set: ShardSet, skip_bad: bool) -> None:
         self.shard_set, self.skip_bad = shard_set, skip_bad
-        self.sizes = shard_set.manifest.shard_sizes
+        self.starts = shard_set.manifest.shard_starts
         self.index: int | None = None
         self.samples: list[ShardSample] = []
 
-    def sample(self, shard: int, position: int) -> ShardSample | None:
-        """The encoded sample, or None when it was lost to a damaged shard and bad ones are skipped."""
+    def batch(self, rows: np.ndarray, offset: int) -> Batch:
+        """Sample by sample: a bad one stops the run, or its slot takes a good sample's copy, so
+        the batch keeps its size and every rank takes the same steps with the same shapes."""
+        found = [self._item(int(row)) for row in rows]
+        good = [sample for sample in found if sample is not None]
+        pool = good or [self._first_good()]
+        filled = [s if s is not None else pool[i % len(pool)] for i, s in enumerate(found)]
+        keys, images, labels = zip(*filled, strict=True)
+        return Batch(_nchw(np.stack(images)), list(keys), list(labels), offset, len(found) - len(good))
+
+    def _item(self, row: int) -> tuple[str, np.ndarray, str | None] | None:
+        """(key, image, label) of ``row`` of the set's file order, or None for a bad sample (one
+        that does not decode, or was lost to a damaged shard) when bad ones are skipped."""
+        shard = int(np.searchsorted(self.starts, row, side="right")) - 1
         if shard != self.index:
             self.samples, self.index = self._read(shard), shard
-        # Past the samples read: lost to damage, which _read raised or (skipping) logged once.
-        return self.samples[position] if position < len(self.samples) else None
-
-    def decode(self, sample: ShardSample | None) -> tuple[str, np.ndarray, str | None] | None:
-        """(key, image, label), or None for a bad sample when bad ones are skipped."""
-        if sample is None:
+        position = row - self.starts[shard]
+        if position >= len(self.samples):  # lost to damage, which _read raised or (skipping) logged once
             return None
+        sample = self.samples[position]
         try:
             return sample.key, self.shard_set.decode(sample), sample.meta["label"]
         except DataError as err:
@@ -179,13 +167,12 @@ class _ShardCache:
             log.warning("skipping a bad sample: %s", err)
             return None
 
-    def first_good(self) -> tuple[str, np.ndarray, str | None]:
+    def _first_good(self) -> tuple[str, np.ndarray, str | None]:
         """The first readable sample of the set, to stand in for a batch that is all bad."""
-        for shard, size in enumerate(self.sizes):
-            for position in range(size):
-                found = self.decode(self.sample(shard, position))
-                if found is not None:
-                    return found
+        for row in range(self.shard_set.manifest.num_samples):
+            found = self._item(row)
+            if found is not None:
+                return found
         raise DataError(f"no sample of {self.shard_set.path} is readable; "
                         "run `pegasus-dist verify` and re-run `pegasus-dist prepare`")
 
@@ -200,9 +187,9 @@ class _ShardCache:
         try:
             samples.extend(self.shard_set.read(shard, hashed=not self.skip_bad))  # skipping: hashed above
         except DataError as err:
-            if not self.skip_bad or len(samples) > self.sizes[shard]:
+            if not self.skip_bad or len(samples) > entry.num_samples:
                 raise
-            log.warning("%s; skipping its %d unread samples", err, self.sizes[shard] - len(samples))
+            log.warning("%s; skipping its %d unread samples", err, entry.num_samples - len(samples))
         return samples
 
 
@@ -214,7 +201,7 @@ class ShardLoader:
                  skip_bad_samples: bool = False, decoded: bool = True) -> None:
         """``decoded``: read the set's decoded array (built on first use) instead of its tars."""
         shards = ShardSet(shard_set, image_size)
-        self.manifest, self.path, self.num_samples = shards.manifest, shards.path, shards.num_samples
+        self.manifest, self.path, self.num_samples = shards.manifest, shards.path, shards.manifest.num_samples
         array = _decoded(shards, skip_bad_samples) if decoded else None
         self._dataset = _ShardStream(shards, batch_size, rank, world_size, seed, skip_bad_samples, array)
         self._num_batches = len(rank_batches(self.num_samples, world_size, rank, batch_size))
@@ -261,7 +248,7 @@ class MemoryLoader:
                  decoded: bool = True) -> None:
         """``decoded``: map the set's decoded array (built on first use) instead of decoding its tars."""
         shards = ShardSet(shard_set, image_size)
-        self.manifest, self.path, self.num_samples = shards.manifest, shards.path, shards.num_samples
+        self.manifest, self.path, self.num_samples = shards.manifest, shards.path, shards.manifest.num_samples
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.device = torch.device(device)
         found = (shards.decoded() if decoded else None) or shards.decode_all()
@@ -280,8 +267,7 @@ class MemoryLoader:
         return self._num_batches
 
     def __iter__(self) -> Iterator[Batch]:
-        shard_of, inside = global_sequence(self.manifest.shard_sizes, self.seed, self.epoch)
-        order = self.manifest.shard_starts[shard_of] + inside  # sequence position -> row of the tensor
+        order = global_sequence(self.manifest, self.seed, self.epoch)  # sequence position -> tensor row
         on_device = torch.from_numpy(order).to(self.device)  # one copy per epoch
         for plan in rank_batches(self.num_samples, self.world_size, self.rank, self.batch_size,
                                  self.start_sample):

@@ -28,7 +28,7 @@ from filelock import FileLock, Timeout
 
 from pegasus_dist.checksums import sha256_file
 from pegasus_dist.config import PrepareConfig
-from pegasus_dist.data.decoded import write_decoded
+from pegasus_dist.data.decoded import Decoded, write_decoded
 from pegasus_dist.data.images import SourceImages
 from pegasus_dist.data.manifest import SHARD_SETS, ShardEntry, generation_id, write_manifest
 from pegasus_dist.data.shards import write_shard
@@ -72,8 +72,8 @@ def prepare(cfg: PrepareConfig, command: str = "") -> dict[str, Path]:
             counts = {field: Counter(str(metas[i][field] or "unlabeled") for i in indices)
                       for field in ("source", "label", "split")}
             write_manifest(generation / name, name, cfg.image_size, shards[name], counts, provenance)
-            write_decoded(generation / name, [s.sha256 for s in shards[name]], images[indices],
-                          [metas[i]["key"] for i in indices], [metas[i]["label"] for i in indices])
+            write_decoded(generation / name, [s.sha256 for s in shards[name]], Decoded(
+                images[indices], [metas[i]["key"] for i in indices], [metas[i]["label"] for i in indices]))
             log.info("%s: %d samples in %d shards", name, len(indices), len(shards[name]))
         _publish(out, generation, list(sets))
     seconds = time.perf_counter() - started
@@ -96,15 +96,10 @@ def _writing(out: Path) -> Iterator[None]:
         raise DataError(f"{out} is being written by another `pegasus-dist prepare`; wait for it to "
                         "end, or prepare into another --out") from None
     except OSError as err:
-        raise DataError(_cannot_write(err, out)) from None
-
-
-def _cannot_write(err: OSError, out: Path) -> str:
-    """One line for a write that failed: the path, why, and for a full disk the space left."""
-    full = err.errno == errno.ENOSPC
-    space = f" ({shutil.disk_usage(out).free / 2**20:.0f} MB free there)" if full else ""
-    return (f"cannot write {err.filename or out}: {err.strerror or err}{space}; free space or make it "
-            "writable, or prepare into another --out")
+        full = err.errno == errno.ENOSPC  # then the message says the space left
+        space = f" ({shutil.disk_usage(out).free / 2**20:.0f} MB free there)" if full else ""
+        raise DataError(f"cannot write {err.filename or out}: {err.strerror or err}{space}; free space "
+                        "or make it writable, or prepare into another --out") from None
 
 
 def _split(metas: list[dict], cfg: PrepareConfig) -> dict[str, np.ndarray]:
@@ -177,11 +172,10 @@ def _publish(out: Path, generation: Path, names: list[str]) -> None:
     a new ``.current`` link over the old. Set folders of the layout before generations are moved
     aside before any link is made: an interruption leaves old sets or new ones, never both."""
     _replace_link(out / CURRENT, Path(generation.name))
-    old_folders = [out / name for name in names if (out / name).is_dir() and not (out / name).is_symlink()]
-    for folder in old_folders:
-        aside = out / f".replaced-{folder.name}"
-        shutil.rmtree(aside, ignore_errors=True)
-        folder.rename(aside)
+    for folder, aside in ((out / name, out / f".replaced-{name}") for name in names):
+        if folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(aside, ignore_errors=True)
+            folder.rename(aside)
     for name in names:
         _replace_link(out / name, Path(CURRENT) / name)
     _remove_stale(out, keep=generation)

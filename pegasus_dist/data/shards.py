@@ -40,10 +40,6 @@ class ShardSample:
     raw_meta: bytes  # the JSON member, parsed on first use of ``meta``
     shard: Path
 
-    @property
-    def where(self) -> str:
-        return f"{self.shard}:{self.key}"
-
     @cached_property
     def meta(self) -> dict:
         """The sample's JSON; a sample without a label raises DataError naming it."""
@@ -117,10 +113,6 @@ class ShardSet:
                             f"{image_size}; set model.image_size={self.image_size} or prepare shards with "
                             f"--image-size {image_size}")
 
-    @property
-    def num_samples(self) -> int:
-        return self.manifest.num_samples
-
     def __iter__(self) -> Iterator[ShardSample]:
         """Every sample, shard after shard, in file order."""
         for index in range(len(self.manifest.shards)):
@@ -130,26 +122,27 @@ class ShardSet:
         """The samples of shard ``index``; then DataError if they are not as many as the manifest says
         (a tar cut short between members fails its sha256; the count, a manifest that disagrees).
         ``hashed=False``: the caller checked the file's sha256 already; it is not hashed again."""
-        path, expected = self.manifest.shard_paths[index], self.manifest.shard_sizes[index]
+        entry, path = self.manifest.shards[index], self.manifest.shard_paths[index]
         count = 0
-        for sample in iter_shard(path, self.manifest.shards[index].sha256 if hashed else None):
+        for sample in iter_shard(path, entry.sha256 if hashed else None):
             count += 1
             yield sample
-        if count != expected:
-            raise DataError(f"shard {path} holds {count} samples but its manifest says {expected}; "
+        if count != entry.num_samples:
+            raise DataError(f"shard {path} holds {count} samples but its manifest says {entry.num_samples}; "
                             f"{REPREPARE}")
 
     def decode(self, sample: ShardSample) -> np.ndarray:
         """The sample's (H, W, 3) uint8 image, checked against the set's image size."""
+        where = f"{sample.shard}:{sample.key}"
         try:
             image = _DECODERS[sample.image_ext](sample.image)
         except Exception as err:  # Pillow and NumPy raise many kinds for a damaged member
-            raise DataError(f"{sample.where}: the image does not decode ({err}); {REPREPARE}") from None
+            raise DataError(f"{where}: the image does not decode ({err}); {REPREPARE}") from None
         size = self.image_size
         if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.shape[2:] != (3,):
-            raise DataError(f"{sample.where}: the image is not an (H, W, 3) uint8 array; {REPREPARE}")
+            raise DataError(f"{where}: the image is not an (H, W, 3) uint8 array; {REPREPARE}")
         if image.shape[:2] != (size, size):
-            raise DataError(f"{sample.where}: image is {image.shape[1]}x{image.shape[0]} but {size}x{size} "
+            raise DataError(f"{where}: image is {image.shape[1]}x{image.shape[0]} but {size}x{size} "
                             "was expected; prepare the shards at model.image_size or change model.image_size")
         return np.require(image, requirements="W")  # .npy members decode to read-only views
 
@@ -160,7 +153,7 @@ class ShardSet:
     def decode_all(self) -> Decoded:
         """Every image, key and label, decoded from the tars into memory."""
         size = self.image_size
-        images = np.empty((self.num_samples, size, size, 3), dtype=np.uint8)
+        images = np.empty((self.manifest.num_samples, size, size, 3), dtype=np.uint8)
         keys, labels = [], []
         for row, sample in enumerate(self):  # read() checks each shard's count
             images[row] = self.decode(sample)

@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from pegasus_dist.checksums import sha256_file
-from pegasus_dist.data.decoded import decoded_problem
+from pegasus_dist.data.decoded import verified_decoded
 from pegasus_dist.data.manifest import FILENAME, HELD_OUT, SHARD_SETS
 from pegasus_dist.data.shards import ShardSet
 from pegasus_dist.errors import DataError, PegasusError
@@ -49,7 +49,7 @@ def verify_shard_set(folder: Path) -> tuple[int, list[str]]:
                         f"from the manifest's {expected}")
     if manifest.name == HELD_OUT:
         problems += _held_out_problems(shard_set, keys)
-    if decoded := decoded_problem(manifest):
+    if decoded := verified_decoded(manifest)[1]:
         problems.append(f"{decoded}; the next run that reads {folder} rebuilds it")
     return checked, problems
 
