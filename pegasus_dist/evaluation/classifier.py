@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save_model
 from torch import nn
 
 from pegasus_dist.checksums import sha256_file
@@ -158,9 +158,8 @@ def save_classifier(classifier: Classifier, meta: dict, folder: str | Path) -> d
     """Save atomically: weights, then ``classifier.json`` with their sha256 (what it returns) last."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in classifier.state_dict().items()}
     tmp = folder / f".{WEIGHTS}.tmp"
-    save_file(state, tmp)
+    save_model(classifier, tmp, force_contiguous=True)  # channels_last weights, saved contiguous
     meta = {**meta, "weights_sha256": sha256_file(tmp)}
     os.replace(tmp, folder / WEIGHTS)
     (folder / f".{META}.tmp").write_text(json.dumps(meta, indent=2) + "\n")
@@ -192,11 +191,10 @@ def find_classifier(cfg: Config) -> Classifier | None:
     try:
         if read_meta(cfg.classifier_dir) is not None:
             return load_classifier(cfg.classifier_dir)
+        log.info("no classifier at %s: skipping the quality scores; "
+                 "`pegasus-dist classifier --config CONFIG` creates it", cfg.classifier_dir)
     except DataError as err:
         log.warning("skipping the quality scores: %s", err)
-        return None
-    log.info("no classifier at %s: skipping the quality scores; "
-             "`pegasus-dist classifier --config CONFIG` creates it", cfg.classifier_dir)
     return None
 
 

@@ -103,8 +103,10 @@ def _run_section(run: Path, rows: list[dict]) -> str:
                                     if isinstance(r.get(key := f"{phase}/{name}"), (int, float))])
                      for name, title in CURVES.items())
     grids = "".join(_figure(caption, path) for caption, path in find_grids(run))
-    return (f"<h2>{html.escape(heading)}</h2><div>{charts}</div>"
-            f"{_eval_table(run)}{_quality_table(run)}<div>{grids}</div>")
+    newest = max((run / "eval").glob("*.json"), default=None)
+    tables = (_from_file(newest, lambda metrics: _eval_html(newest, metrics))
+              + _from_file(run / "samples" / "quality.json", _quality_html))
+    return f"<h2>{html.escape(heading)}</h2><div>{charts}</div>{tables}<div>{grids}</div>"
 
 
 def _figure(caption: str, path: Path) -> str:
@@ -113,9 +115,7 @@ def _figure(caption: str, path: Path) -> str:
         with Image.open(path) as image:
             image.load()  # decodes every pixel: a cut or changed stream fails here
     except (OSError, ValueError) as err:
-        why = f"{path} is unreadable ({err})"
-        log.warning("%s: left out of the report", why)
-        return f"<p>{html.escape(why)}: left out of this report.</p>"
+        return _left_out(f"{path} is unreadable ({err})")
     return (f"<figure style='display:inline-block'><img src='data:image/png;base64,"
             f"{base64.b64encode(path.read_bytes()).decode()}'><figcaption>{html.escape(caption)}"
             "</figcaption></figure>")
@@ -156,20 +156,21 @@ def _axis(value: float) -> str:
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
-def _from_file(path: Path, render: Callable[[Any], str]) -> str:
-    """``render`` of ``path``'s JSON; a damaged file is one line on the page and one warning, so
-    that the rest of the report is still written."""
+def _left_out(why: str) -> str:
+    """A damaged file is one line on the page and one warning, so that the rest of the report is
+    still written."""
+    log.warning("%s: left out of the report", why)
+    return f"<p>{html.escape(why)}: left out of this report.</p>"
+
+
+def _from_file(path: Path | None, render: Callable[[Any], str]) -> str:
+    """``render`` of ``path``'s JSON; "" when there is no such file."""
+    if path is None or not path.is_file():
+        return ""
     try:
         return render(json.loads(path.read_bytes()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration) as err:
-        why = f"{path} is unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
-        log.warning("%s: left out of the report", why)
-        return f"<p>{html.escape(why)}: left out of this report.</p>"
-
-
-def _eval_table(run: Path) -> str:
-    evals = sorted((run / "eval").glob("*.json"))
-    return _from_file(evals[-1], lambda metrics: _eval_html(evals[-1], metrics)) if evals else ""
+        return _left_out(f"{path} is unreadable ({type(err).__name__}: {(str(err).splitlines() or [''])[0]})")
 
 
 def _eval_html(path: Path, metrics: dict) -> str:
@@ -183,13 +184,8 @@ def _eval_html(path: Path, metrics: dict) -> str:
             f"{first.get('active_unit_threshold')}):</p>" + _table("subset", names, rows))
 
 
-def _quality_table(run: Path) -> str:
-    """One row per scored grid and one per baseline (crossfade, originals), from samples/quality.json."""
-    path = run / "samples" / "quality.json"
-    return _from_file(path, _quality_html) if path.is_file() else ""
-
-
 def _quality_html(results: dict) -> str:
+    """One row per scored grid and one per baseline (crossfade, originals), from samples/quality.json."""
     rows = []
     for grid, values in results["grids"].items():
         rows.append((f"{grid} grid", values))

@@ -47,25 +47,25 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"{path} is neither a checkpoint (no state.json) nor a run folder with "
                               "checkpoints; pass a runs/<name> folder or one of its "
                               "checkpoints/step_* folders")
-    if changed := sums_problem(folder, required=written_with_sums(folder)):
-        raise CheckpointError(f"{changed}; use another checkpoint of the run")
+    _check_sums(folder)
     return folder
 
 
-def written_with_sums(folder: Path) -> bool:
-    """Whether ``folder``'s state.json says a ``SHA256SUMS`` was written (versions before it wrote
-    none, and their checkpoints load unchecked): then its loss is damage, not age."""
+def _check_sums(folder: Path, names: list[str] | None = None) -> None:
+    """Check ``folder``'s files (or ``names``) by its ``SHA256SUMS``, required once state.json says one
+    was written (older checkpoints have none and load unchecked): then its loss is damage, not age."""
     try:
-        return json.loads((folder / STATE).read_text()).get("sums") is True
+        required = json.loads((folder / STATE).read_text()).get("sums") is True
     except (OSError, ValueError, AttributeError):  # refused where state.json is parsed
-        return False
+        required = False
+    if changed := sums_problem(folder, names, required):
+        raise CheckpointError(f"{changed}; use another checkpoint of the run")
 
 
 def read_weights(folder: Path, name: str = MODEL) -> dict[str, torch.Tensor]:
     """The tensors of ``folder/name``, checked: sha256 (``SHA256SUMS``), format, every value finite."""
     path = folder / name
-    if changed := sums_problem(folder, [name], required=written_with_sums(folder)):
-        raise CheckpointError(f"{changed}; use another checkpoint of the run")
+    _check_sums(folder, [name])
     try:
         weights = load_file(path)
     except Exception as err:  # OSError, or safetensors' own SafetensorError
