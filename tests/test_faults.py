@@ -305,7 +305,7 @@ def test_a_run_folder_that_cannot_be_written_is_one_line(smoke_shards, tmp_path,
 
 
 def test_a_checkpoint_of_another_model_shape_exits_2(smoke_shards, tmp_path, checkpointed_run, capsys):
-    code, out = cli_here(capsys, *train_cmd(smoke_shards, tmp_path, 2, "model.latent_dim=8",
+    code, out = cli_here(capsys, *train_cmd(smoke_shards, tmp_path, 2, "model.latent_dim=4",
                                             f"train.init_from={checkpointed_run.pretrain}")[1:])
     assert code == 2, out[-2000:]
     errors = [line for line in out.splitlines() if line.startswith("error: ")]
