@@ -221,6 +221,13 @@ def test_verify_finds_each_kind_of_damage(tmp_path):
     assert any("b.json has no label field" in p for p in problems)
 
     shard = load_manifest(tmp_path / "mix").shard_paths[1]
+    changed = bytearray(shard.read_bytes())
+    changed[700] ^= 0xFF  # a byte of the first image: the tar still reads, its sha256 differs
+    shard.write_bytes(bytes(changed))
+    _, problems = verify_shard_set(tmp_path / "mix")
+    # Said once, not again by the sample read that follows the whole-file check.
+    assert [p for p in problems if str(shard) in p] == [f"{shard}: sha256 differs from "
+                                                        f"{tmp_path}/mix/manifest.json"]
     shard.write_bytes(shard.read_bytes()[:3000])  # truncated
     _, problems = verify_shard_set(tmp_path / "mix")
     assert any("sha256 differs" in p for p in problems)

@@ -190,3 +190,43 @@ def test_the_real_cifar10_jpegs_through_the_image_folder_source():
     assert src.splits.count("train") == 50000 and src.splits.count("test") == 10000
     assert src.labels.count("horse") == 6000 and src.labels.count("bird") == 6000
     assert src.labels.count("car") == 6000  # CIFAR's "automobile"
+
+
+def _with_member(source: Path, out: Path, name: str, data: bytes | None) -> Path:
+    """A copy of the tar.gz ``source`` with member ``name`` replaced by ``data`` (None: left out)."""
+    with tarfile.open(source) as old, tarfile.open(out, "w:gz") as new:
+        for member in old:
+            if member.name != name:
+                new.addfile(member, old.extractfile(member))
+        if data is not None:
+            add_member(new, name, data)
+    return out
+
+
+@pytest.mark.parametrize("name, data, says", [
+    ("stl10_binary/train_y.bin", None, "has no stl10_binary/train_y.bin"),
+    ("stl10_binary/train_y.bin", bytes([7]), "train_y.bin: 1 labels for 2 images"),
+    ("stl10_binary/test_y.bin", bytes([11]), "test_y.bin: label 11 is outside 1..10"),
+    ("stl10_binary/test_y.bin", bytes([0]), "test_y.bin: label 0 is outside 1..10"),
+    ("stl10_binary/unlabeled_X.bin", b"\0" * 1000, "unlabeled_X.bin: 1,000 bytes are not whole 3x96x96"),
+])
+def test_a_damaged_stl10_member_is_refused_by_name(tmp_path, name, data, says):
+    write_stl_archive(tmp_path / "stl10_binary.tar.gz")
+    damaged = _with_member(tmp_path / "stl10_binary.tar.gz", tmp_path / "damaged.tar.gz", name, data)
+    with pytest.raises(DataError, match=says):
+        read_stl10(damaged, verify_checksum=False)
+
+
+@pytest.mark.parametrize("batch, says", [
+    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [7]}, "1 labels for 2 images"),
+    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [7, 10]}, "label 10 is outside 0..9"),
+    ({b"data": np.zeros((2, 3000), np.uint8), b"labels": [7, 2]}, "6,000 bytes are not whole 3x32x32"),
+    ({b"labels": [7, 2]}, "has no data or labels"),
+    ([1, 2], "refusing to load .a list, not a dict"),
+])
+def test_a_damaged_cifar10_batch_is_refused_by_name(tmp_path, batch, says):
+    write_cifar_archive(tmp_path / "cifar.tar.gz")
+    damaged = _with_member(tmp_path / "cifar.tar.gz", tmp_path / "damaged.tar.gz",
+                           "cifar-10-batches-py/data_batch_3", pickle.dumps(batch, protocol=2))
+    with pytest.raises(DataError, match=f"data_batch_3.*{says}"):
+        read_cifar10(damaged, verify_checksum=False)

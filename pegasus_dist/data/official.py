@@ -66,10 +66,13 @@ def read_cifar10(path: str | Path, image_size: int = 32, verify_checksum: bool =
         if member not in raw:
             raise DataError(f"{path} has no cifar-10-batches-py/{member}: "
                             "not the CIFAR-10 python archive")
-        batch = _unpickle(raw[member], f"{path}:{member}")
-        data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        where = f"{path}:{member}"
+        batch = _unpickle(raw[member], where)
+        if b"data" not in batch or b"labels" not in batch:
+            raise DataError(f"{where} has no data or labels: not a CIFAR-10 batch")
+        data = _image_rows(np.asarray(batch[b"data"], dtype=np.uint8).tobytes(), (3, 32, 32), where)
         images.append(data.transpose(0, 2, 3, 1))
-        labels += [canonical_class(CIFAR_CLASSES[i]) for i in batch[b"labels"]]
+        labels += _class_names(np.asarray(batch[b"labels"]), len(data), CIFAR_CLASSES, 0, where)
         splits += ["test" if member == "test_batch" else "train"] * len(data)
     return SourceImages("cifar10", resize_all(np.concatenate(images), image_size), labels,
                         splits, str(path.resolve()))
@@ -79,6 +82,8 @@ def _unpickle(raw: bytes, where: str) -> dict:
     """A batch dict with bytes keys, whether it was written by Python 2 (bytes) or 3 (str)."""
     try:
         batch = _ArrayOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
+        if not isinstance(batch, dict):
+            raise ValueError(f"a {type(batch).__name__}, not a dict")
         return {k.encode() if isinstance(k, str) else k: v for k, v in batch.items()}
     except (pickle.UnpicklingError, EOFError, ValueError) as err:
         raise DataError(f"{where}: refusing to load ({err}); "
@@ -94,29 +99,52 @@ def read_stl10(path: str | Path, image_size: int = 32, verify_checksum: bool = T
         for member in tar:
             name = member.name.rsplit("/", 1)[-1]
             if name.endswith("_X.bin"):
-                parts[name] = np.concatenate(list(_stl_images(tar.extractfile(member), image_size)))
+                where = f"{path}:{member.name}"
+                parts[name] = np.concatenate(list(_stl_images(tar.extractfile(member), image_size, where)))
             elif name.endswith("_y.bin") or name == "class_names.txt":
                 parts[name] = tar.extractfile(member).read()
     if "class_names.txt" not in parts:
         raise DataError(f"{path} has no stl10_binary/class_names.txt: not the STL-10 binary archive")
-    names = [canonical_class(n) for n in parts["class_names.txt"].decode().split()]
+    names = parts["class_names.txt"].decode(errors="replace").split()
     for split in SPLITS:
-        if f"{split}_X.bin" not in parts:
-            raise DataError(f"{path} has no stl10_binary/{split}_X.bin")
+        for needed in [f"{split}_X.bin"] + ([f"{split}_y.bin"] if split != "unlabeled" else []):
+            if needed not in parts:
+                raise DataError(f"{path} has no stl10_binary/{needed}: not the STL-10 binary archive")
         x = parts[f"{split}_X.bin"]
         images.append(x)
         splits += [split] * len(x)
         labels += ([None] * len(x) if split == "unlabeled" else  # STL-10 labels run from 1 to 10
-                   [names[i - 1] for i in np.frombuffer(parts[f"{split}_y.bin"], dtype=np.uint8)])
+                   _class_names(np.frombuffer(parts[f"{split}_y.bin"], dtype=np.uint8), len(x), names, 1,
+                                f"{path}:stl10_binary/{split}_y.bin"))
     return SourceImages("stl10", np.concatenate(images), labels, splits, str(path.resolve()))
 
 
-def _stl_images(stream: io.BufferedReader, image_size: int) -> Iterator[np.ndarray]:
+def _stl_images(stream: io.BufferedReader, image_size: int, where: str) -> Iterator[np.ndarray]:
     """Chunks of images from an STL-10 ``*_X.bin``: column-major 3x96x96 uint8 each."""
-    image_bytes = 3 * 96 * 96
-    while chunk := stream.read(image_bytes * STL_CHUNK):
-        x = np.frombuffer(chunk, dtype=np.uint8).reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1)
+    while chunk := stream.read(3 * 96 * 96 * STL_CHUNK):
+        x = _image_rows(chunk, (3, 96, 96), where).transpose(0, 3, 2, 1)
         yield resize_all(np.ascontiguousarray(x), image_size)
+
+
+def _image_rows(raw: bytes, shape: tuple[int, int, int], where: str) -> np.ndarray:
+    """``raw`` as whole images of ``shape``: a member cut short or padded is refused by name."""
+    size = int(np.prod(shape))
+    if not raw or len(raw) % size:
+        raise DataError(f"{where}: {len(raw):,} bytes are not whole {'x'.join(map(str, shape))} images "
+                        "(a truncated or altered archive); download it again")
+    return np.frombuffer(raw, dtype=np.uint8).reshape(-1, *shape)
+
+
+def _class_names(ids: np.ndarray, count: int, names: tuple[str, ...] | list[str], first: int,
+                 where: str) -> list[str]:
+    """The class of each of ``count`` images from ids numbered from ``first``, checked against both."""
+    if ids.ndim != 1 or len(ids) != count:
+        raise DataError(f"{where}: {ids.size:,} labels for {count:,} images; download the archive again")
+    last = first + len(names) - 1
+    if (outside := ids[(ids < first) | (ids > last)]).size:
+        raise DataError(f"{where}: label {outside[0]} is outside {first}..{last} ({len(names)} classes); "
+                        "download the archive again")
+    return [canonical_class(names[int(i) - first]) for i in ids]
 
 
 def _archive(path: str | Path, name: str, meta: dict, verify_checksum: bool) -> Path:
