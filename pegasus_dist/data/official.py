@@ -70,7 +70,7 @@ def read_cifar10(path: str | Path, image_size: int = 32, verify_checksum: bool =
         batch = _unpickle(raw[member], where)
         if b"data" not in batch or b"labels" not in batch:
             raise DataError(f"{where} has no data or labels: not a CIFAR-10 batch")
-        data = _image_rows(np.asarray(batch[b"data"], dtype=np.uint8).tobytes(), (3, 32, 32), where)
+        data = _image_rows(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1), (3, 32, 32), where)
         images.append(data.transpose(0, 2, 3, 1))
         labels += _class_names(np.asarray(batch[b"labels"]), len(data), CIFAR_CLASSES, 0, where)
         splits += ["test" if member == "test_batch" else "train"] * len(data)
@@ -122,17 +122,17 @@ def read_stl10(path: str | Path, image_size: int = 32, verify_checksum: bool = T
 def _stl_images(stream: io.BufferedReader, image_size: int, where: str) -> Iterator[np.ndarray]:
     """Chunks of images from an STL-10 ``*_X.bin``: column-major 3x96x96 uint8 each."""
     while chunk := stream.read(3 * 96 * 96 * STL_CHUNK):
-        x = _image_rows(chunk, (3, 96, 96), where).transpose(0, 3, 2, 1)
+        x = _image_rows(np.frombuffer(chunk, dtype=np.uint8), (3, 96, 96), where).transpose(0, 3, 2, 1)
         yield resize_all(np.ascontiguousarray(x), image_size)
 
 
-def _image_rows(raw: bytes, shape: tuple[int, int, int], where: str) -> np.ndarray:
-    """``raw`` as whole images of ``shape``: a member cut short or padded is refused by name."""
-    size = int(np.prod(shape))
-    if not raw or len(raw) % size:
-        raise DataError(f"{where}: {len(raw):,} bytes are not whole {'x'.join(map(str, shape))} images "
+def _image_rows(flat: np.ndarray, shape: tuple[int, int, int], where: str) -> np.ndarray:
+    """The uint8 values ``flat`` as whole images of ``shape`` (a view): a member cut short or padded
+    is refused by name."""
+    if not flat.size or flat.size % int(np.prod(shape)):
+        raise DataError(f"{where}: {flat.size:,} bytes are not whole {'x'.join(map(str, shape))} images "
                         "(a truncated or altered archive); download it again")
-    return np.frombuffer(raw, dtype=np.uint8).reshape(-1, *shape)
+    return flat.reshape(-1, *shape)
 
 
 def _class_names(ids: np.ndarray, count: int, names: tuple[str, ...] | list[str], first: int,
