@@ -5,6 +5,9 @@
 #
 #   pegasus-dist prepare --source folder:../shared/data/cifar10-jpg.tar.gz --out shards/cifar10-jpg
 #   pegasus-dist classifier --config configs/reference/pretrain.yaml
+#   # the perceptual variants' own network: another seed and depth than the judge above
+#   pegasus-dist classifier --config configs/reference/pretrain.yaml quality.classifier=runs/reference/perceptual \
+#       quality.classifier_seed=1 'quality.classifier_widths=[32,64,128,256]'
 #   bench/variants.sh                 # every variant; or name some: bench/variants.sh vae acai
 #
 # Writes runs/variants/<name>/{pretrain,finetune}; each phase's grids are scored
@@ -28,12 +31,15 @@ declare -A VARIANTS=(
   [acai-logistic-patch-gan-resize]="loss.acai_weight=1536 model.likelihood=logistic loss.patch_gan_weight=300 model.upsample=resize"
   [acai-logistic-patch-gan-resize-fm]="loss.acai_weight=1536 model.likelihood=logistic loss.patch_gan_weight=300 model.upsample=resize loss.feature_matching_weight=3072"
   [acai-logistic-patch-gan-resize-adaptive]="loss.acai_weight=1536 model.likelihood=logistic loss.patch_gan_weight=0.8 loss.patch_gan_adaptive=true model.upsample=resize"
+  [acai-logistic-patch-gan-resize-perceptual]="loss.acai_weight=1536 model.likelihood=logistic loss.patch_gan_weight=300 model.upsample=resize loss.perceptual_weight=9216 loss.perceptual_network=runs/reference/perceptual"
+  [acai-logistic-patch-gan-resize-perceptual-3072]="loss.acai_weight=1536 model.likelihood=logistic loss.patch_gan_weight=300 model.upsample=resize loss.perceptual_weight=3072 loss.perceptual_network=runs/reference/perceptual"
   [logistic-patch-gan-resize]="loss.acai_weight=0 model.likelihood=logistic loss.patch_gan_weight=300 model.upsample=resize"
   [acai-logistic-ema]="loss.acai_weight=1536 model.likelihood=logistic train.ema_decay=0.999"
   [wide]="model.channels=[64,128,256,512] model.fc_dims=[512,512,256] model.latent_dim=128"
 )
 ORDER=(vae free-bits beta-0.25 acai acai-free-bits acai-resize acai-logistic acai-logistic-patch-gan
        acai-logistic-patch-gan-resize acai-logistic-patch-gan-resize-fm acai-logistic-patch-gan-resize-adaptive
+       acai-logistic-patch-gan-resize-perceptual acai-logistic-patch-gan-resize-perceptual-3072
        logistic-patch-gan-resize acai-logistic-ema wide)
 
 for name in "${@:-${ORDER[@]}}"; do

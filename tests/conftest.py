@@ -58,7 +58,7 @@ class ProcessInFastTier(RuntimeError):
 
 # Fixtures that cost a tier: a test that uses one is in the full tier, whatever it does itself.
 FIXTURE_TIERS = {"smoke_pipeline": "process", "_checkpointed_run": "process",  # CLI runs
-                 "quality_classifier": "slow"}  # trains the classifier, in this process
+                 "quality_classifier": "slow", "perceptual_network": "slow"}  # train a classifier here
 
 
 def pytest_collection_modifyitems(items):
@@ -184,6 +184,17 @@ def quality_classifier(quality_shards, tmp_path_factory):
     quality = QualityConfig(classifier_epochs=3, classifier_batch_size=64)
     return _made_once(tmp_path_factory, "classifier",
                       lambda folder: train_classifier(quality_shards, folder, quality))
+
+
+@pytest.fixture(scope="session")
+def perceptual_network(smoke_shards, tmp_path_factory) -> Path:
+    """A classifier of another seed and depth than the judge's, for loss.perceptual_network (a second)."""
+    from pegasus_dist.evaluation.classifier import train_classifier
+
+    quality = QualityConfig(classifier_epochs=1, classifier_batch_size=64, classifier_seed=1,
+                            classifier_widths=[8, 16, 16, 16])
+    return _made_once(tmp_path_factory, "perceptual",
+                      lambda folder: train_classifier(smoke_shards, folder, quality))[0]
 
 
 def _trained(tmp_path_factory, name: str, command: list[str], overrides: list[str]) -> Trained:

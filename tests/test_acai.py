@@ -1,7 +1,8 @@
 """ACAI (pegasus_dist/model/acai.py) in the trainer: the critic learns, DDP keeps it identical, bf16 runs.
 
 Where a test holds for both adversaries (pegasus_dist/model/adversaries.py), it runs
-the patch discriminator beside the critic (``BOTH``).
+the patch discriminator beside the critic (``BOTH``); with its adaptive weight, the perceptual loss
+(pegasus_dist/training/perceptual.py) too.
 """
 
 from __future__ import annotations
@@ -73,8 +74,11 @@ def test_the_critic_learns_and_its_state_is_checkpointed(smoke_shards, tmp_path)
 BOTH_3_STEPS = ["train.max_steps=3", "model.sync_batchnorm=true", "optim.lr_scaling=none", *BOTH]
 ADVERSARY_LOSSES = ("pretrain/loss", "pretrain/acai_critic", "pretrain/acai_fooling",
                     "pretrain/patch_gan_discriminator", "pretrain/patch_gan_generator")
-# The discriminator's weight: fixed, or VQGAN's adaptive weight (its gradients averaged over the ranks).
-WEIGHTINGS = {"fixed": [], "adaptive": ["loss.patch_gan_weight=0.8", "loss.patch_gan_adaptive=true"]}
+# The discriminator's weight: fixed, or VQGAN's adaptive weight (its gradients averaged over the
+# ranks), with the perceptual loss beside it (its network: the perceptual_network fixture).
+WEIGHTINGS = {"fixed": [],
+              "adaptive+perceptual": ["loss.patch_gan_weight=0.8", "loss.patch_gan_adaptive=true",
+                                      "loss.perceptual_weight=30"]}
 
 
 @dataclass
@@ -83,15 +87,18 @@ class OneProcess:
     weighting: list[str]  # its overrides of WEIGHTINGS
 
     def losses(self) -> tuple[str, ...]:
-        """The logged losses to compare, with the adaptive weight when it is on."""
-        return (*ADVERSARY_LOSSES, *["pretrain/patch_gan_adaptive_weight"] * bool(self.weighting))
+        """The logged losses to compare, with the adaptive weight and the perceptual loss when on."""
+        return (*ADVERSARY_LOSSES,
+                *["pretrain/patch_gan_adaptive_weight", "pretrain/perceptual"] * bool(self.weighting))
 
 
 @pytest.fixture(scope="module", params=list(WEIGHTINGS))
-def one_process(request, smoke_shards, tmp_path_factory) -> OneProcess:
+def one_process(request, smoke_shards, perceptual_network, tmp_path_factory) -> OneProcess:
     """3 steps of one process, batch 16, with ACAI and the patch discriminator: the reference run."""
     root = tmp_path_factory.mktemp(f"acai-one-{request.param}")
     weighting = WEIGHTINGS[request.param]
+    if weighting:
+        weighting = [*weighting, f"loss.perceptual_network={perceptual_network}"]
     launch(1, [f"data.shards={smoke_shards}", *BOTH_3_STEPS, *weighting, f"run.output_dir={root}",
                "data.batch_size=16"])
     return OneProcess(root / "pretrain", weighting)

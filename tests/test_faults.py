@@ -48,11 +48,15 @@ def train_cmd(shards: Path, runs: Path, steps: int, *extra: str) -> list[str]:
     return [str(BIN / "pegasus-dist"), "train", "--config", SMOKE, *tiny(shards, runs, steps, *extra)]
 
 
-# The adversaries with VQGAN's adaptive weight: the fixed weight's path and the gradients it takes.
+# The adversaries with VQGAN's adaptive weight: the fixed weight's path and the gradients it takes;
+# and the perceptual loss, in its frozen network's features.
 @pytest.mark.parametrize("extra", [[], ["loss.acai_weight=100", "loss.patch_gan_weight=0.8",
-                                        "loss.patch_gan_adaptive=true"]],
-                         ids=["vae", "acai+adaptive_patch_gan"])
-def test_sigkill_mid_epoch_then_resume_gives_bit_equal_losses(smoke_shards, tmp_path, extra):
+                                        "loss.patch_gan_adaptive=true", "loss.perceptual_weight=30"]],
+                         ids=["vae", "acai+adaptive_patch_gan+perceptual"])
+def test_sigkill_mid_epoch_then_resume_gives_bit_equal_losses(smoke_shards, perceptual_network, tmp_path,
+                                                              extra):
+    if extra:
+        extra = [*extra, f"loss.perceptual_network={perceptual_network}"]
     # 470 samples / 16 = 30 batches an epoch: steps 1..24 stay inside epoch 1.
     ref = run_bounded(train_cmd(smoke_shards, tmp_path / "ref", 24, *extra), timeout=300)
     assert ref.returncode == 0, ref.stdout[-3000:]
@@ -72,7 +76,7 @@ def test_sigkill_mid_epoch_then_resume_gives_bit_equal_losses(smoke_shards, tmp_
     assert losses(run) == losses(tmp_path / "ref" / "pretrain")  # to the bit, every step
     if extra:  # the adversaries too: their losses, the adaptive weight and their final weights
         for key in ("pretrain/acai_critic", "pretrain/patch_gan_discriminator",
-                    "pretrain/patch_gan_adaptive_weight"):
+                    "pretrain/patch_gan_adaptive_weight", "pretrain/perceptual"):
             logged = [{r["step"]: r[key] for r in training_rows(folder)}
                       for folder in (run, tmp_path / "ref" / "pretrain")]
             assert logged[0] == logged[1], key

@@ -156,6 +156,13 @@ class LossConfig(Section):
     # hinge term's, so it is of the order of 1 (VQGAN: 0.8), not 300. The reference run's fixed 300
     # stood at 0.55-0.87 of that ratio at its checkpoints (docs/reference-run.md, seventh round).
     patch_gan_adaptive: bool = False
+    # Weight of a perceptual loss (DFC-VAE, Hou et al. 2017, arXiv:1610.00291): the L1 distance
+    # between an image's and its reconstruction's activations in every block of a frozen classifier
+    # (training/perceptual.py); 0: off. Like feature_matching_weight, 3 x H x W is a per-pixel nat.
+    perceptual_weight: float = Field(0.0, ge=0)
+    # The frozen classifier's folder, trained by `pegasus-dist classifier` with another seed and
+    # quality.classifier_widths than the judge's: the network that scores grids is never trained against.
+    perceptual_network: str = ""
 
     @model_validator(mode="after")
     def _discriminator_terms_need_the_discriminator(self) -> LossConfig:
@@ -163,6 +170,10 @@ class LossConfig(Section):
             if getattr(self, key) and not self.patch_gan_weight:
                 raise ConfigError(f"loss.{key} works on the patch discriminator: turn it on too (loss."
                                   "patch_gan_weight > 0: e.g. 300, or 0.8 with loss.patch_gan_adaptive)")
+        if self.perceptual_weight and not self.perceptual_network:
+            raise ConfigError("loss.perceptual_weight needs loss.perceptual_network: the folder of a "
+                              "classifier trained for it (`pegasus-dist classifier quality.classifier=DIR "
+                              "quality.classifier_seed=1 quality.classifier_widths=[32,64,128,256]`)")
         return self
 
 
@@ -278,6 +289,10 @@ class QualityConfig(Section):
     classifier_epochs: int = Field(5, ge=1)
     classifier_batch_size: int = Field(128, ge=2)  # batch norm needs two images
     classifier_seed: int = Field(0, ge=0)  # initialisation, epoch order and augmentation draws
+    # Channels of its conv blocks (3 x 3 conv, batch norm, ReLU, 2 x 2 max-pool each), one block per
+    # halving of the image: at most log2(model.image_size) of them.
+    classifier_widths: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [32, 64, 128],
+                                                                 min_length=1, max_length=8)
 
 
 class WandbConfig(Section):
@@ -311,6 +326,19 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     quality: QualityConfig = Field(default_factory=QualityConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+    @model_validator(mode="after")
+    def _classifiers_fit(self) -> Config:
+        if 2 ** len(self.quality.classifier_widths) > self.model.image_size:
+            raise ConfigError(f"quality.classifier_widths has {len(self.quality.classifier_widths)} blocks, "
+                              f"each halving the image: {self.model.image_size} px allows at most "
+                              f"{self.model.image_size.bit_length() - 1}")
+        network = self.loss.perceptual_network
+        if self.loss.perceptual_weight and Path(network).resolve() == self.classifier_dir.resolve():
+            raise ConfigError(f"loss.perceptual_network ({network}) is quality.classifier, the judge of the "
+                              "grids, which is never trained against: train another for the loss with "
+                              "`pegasus-dist classifier quality.classifier=DIR quality.classifier_seed=1`")
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(), sort_keys=False)

@@ -26,7 +26,6 @@ from pegasus_dist.errors import DataError
 log = logging.getLogger("pegasus_dist.evaluation.classifier")
 
 WEIGHTS, META = "classifier.safetensors", "classifier.json"
-WIDTHS = (32, 64, 128)
 SHIFT = 2  # pixels of random translation (zero padding), the usual CIFAR augmentation
 LR = 3e-3  # Adam's peak rate under the one-cycle schedule: few epochs need a high, decaying rate
 EVAL_BATCH = 512
@@ -34,9 +33,10 @@ RECREATE = "re-create it with `pegasus-dist classifier --config CONFIG`"  # the 
 
 
 class Classifier(nn.Module):
-    """Images in [0, 1] (N, 3, H, W) -> logits over ``classes``; ``features`` gives the pooled vector."""
+    """Images in [0, 1] (N, 3, H, W) -> logits over ``classes``; ``features`` gives the pooled vector,
+    ``activations`` each block's, the perceptual loss's space (training/perceptual.py)."""
 
-    def __init__(self, classes: list[str], widths: tuple[int, ...] = WIDTHS, image_size: int = 32) -> None:
+    def __init__(self, classes: list[str], widths: tuple[int, ...], image_size: int) -> None:
         super().__init__()
         self.classes, self.widths, self.image_size = list(classes), tuple(widths), image_size
         self.meta: dict = {}  # classifier.json, once loaded
@@ -50,6 +50,15 @@ class Classifier(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body((x - 0.5) / 0.25).mean(dim=(2, 3))
+
+    def activations(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each block's ReLU output, before its pooling: from edges at full size to parts at 1/4."""
+        found, x = [], (x - 0.5) / 0.25
+        for layer in self.body:
+            x = layer(x)
+            if isinstance(layer, nn.ReLU):
+                found.append(x)
+        return found
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -93,7 +102,7 @@ def train_classifier(shards: str | Path, out: str | Path, quality: QualityConfig
     classes = sorted(set(labels))
     targets = torch.tensor([classes.index(label) for label in labels])
     torch.manual_seed(seed)
-    model = Classifier(classes, WIDTHS, size).to(memory_format=torch.channels_last)
+    model = Classifier(classes, tuple(quality.classifier_widths), size).to(memory_format=torch.channels_last)
     steps_per_epoch = -(-len(targets) // batch_size)
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, LR, total_steps=epochs * steps_per_epoch)
@@ -119,7 +128,7 @@ def train_classifier(shards: str | Path, out: str | Path, quality: QualityConfig
             correct += int((logits.argmax(dim=1) == targets[rows]).sum())
         log.info("classifier epoch %d/%d: loss %.3f, training accuracy %.3f (%.0f s)", epoch + 1, epochs,
                  total / len(targets), correct / len(targets), time.perf_counter() - started)
-    meta = {"classes": classes, "widths": list(WIDTHS), "image_size": size, "epochs": epochs,
+    meta = {"classes": classes, "widths": quality.classifier_widths, "image_size": size, "epochs": epochs,
             "batch_size": batch_size, "seed": seed, "trained_on": str(manifest.path),
             "training_images": len(targets), "generation": manifest.generation,
             "training_seconds": round(time.perf_counter() - started, 1),

@@ -42,6 +42,7 @@ from pegasus_dist.training.faults import agree_on_start, fail_with_every_rank
 from pegasus_dist.training.hooks import Hooks
 from pegasus_dist.training.lock import hold_run_lock
 from pegasus_dist.training.optim import LrSchedule, apply_on_resume, build_optimizer, scaled_lr
+from pegasus_dist.training.perceptual import load_perceptual_network
 from pegasus_dist.training.state import MOVE_ASIDE, TrainState, is_complete, is_finished, read_state
 from pegasus_dist.training.step import Models
 from pegasus_dist.training.tracking import MetricsLog, new_run_id, start_tracking, tracker_names
@@ -183,6 +184,7 @@ def _check_and_build(cfg: Config, accelerator: Accelerator, schedule: LrSchedule
     if adversaries is not None:
         models.adversaries = adversaries
         models.adversary_optimizer = build_optimizer(adversaries.parameters(), schedule, accelerator.device)
+    models.perceptual = load_perceptual_network(cfg, accelerator.device)
     return state, loader, models
 
 
@@ -274,7 +276,7 @@ def _build_adversaries(cfg: Config, source: Path | None) -> Adversaries | None:
 def _prepare(accelerator: Accelerator, cfg: Config, built: Models) -> Models:
     """The models wrapped for the ranks (DDP) and mixed precision, their optimizers with them."""
     model = compile_or_eager(built.model, cfg, accelerator.is_main_process)
-    prepared = Models(*accelerator.prepare(model, built.optimizer))
+    prepared = Models(*accelerator.prepare(model, built.optimizer), perceptual=built.perceptual)
     if cfg.train.ema_decay:  # of the weights as built: initialised, or loaded from train.init_from
         prepared.ema = build_ema(built.model, cfg.train.ema_decay)
     if built.adversaries is not None:

@@ -18,6 +18,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from pegasus_dist.config import Config
 from pegasus_dist.data.loader import Batch
+from pegasus_dist.evaluation.classifier import Classifier
 from pegasus_dist.model import acai
 from pegasus_dist.model.adversaries import (
     adaptive_weight,
@@ -29,6 +30,7 @@ from pegasus_dist.model.loss import kl_weight, vae_loss
 from pegasus_dist.training.faults import NonfiniteWatch, describe_position, nonfinite_ranks
 from pegasus_dist.training.hooks import Hooks
 from pegasus_dist.training.optim import DroppedUpdates, LrSchedule, set_lr
+from pegasus_dist.training.perceptual import perceptual_loss
 from pegasus_dist.training.state import TrainState
 from pegasus_dist.training.window import BatchLosses
 
@@ -46,6 +48,7 @@ class Models:
     # fp16: the adversaries' own loss scale, lest their small gradients underflow.
     adversary_scaler: torch.amp.GradScaler | None = None
     ema: AveragedModel | None = None  # train.ema_decay > 0: the VAE's weights averaged (training.ema)
+    perceptual: Classifier | None = None  # loss.perceptual_weight > 0: its frozen classifier
 
 
 @dataclass
@@ -134,7 +137,7 @@ class TrainStep:
         pairs = acai.partners(x.shape[0], offset, x.device) if loss.acai_weight else None
         mix = None if pairs is None else (lambda mu: acai.mix_latents(mu, pairs, alpha))
         zero = torch.zeros((), device=x.device)
-        fooling = generator = matching = critic = discriminator = generator_weight = zero
+        fooling = generator = matching = critic = discriminator = generator_weight = perceptual = zero
         # DDP all-reduces the gradients only in the backward of the step's last micro-batch.
         with contextlib.nullcontext() if ends_step else self.accelerator.no_sync(m.model):
             out = m.model(x, eps, mix)  # Accelerate's prepare() already runs forward under autocast
@@ -150,13 +153,18 @@ class TrainStep:
                 generator_weight = self._generator_weight(terms.recon, generator)
                 total = (total + loss.acai_weight * fooling + generator_weight * generator
                          + loss.feature_matching_weight * matching)
+            if m.perceptual is not None:
+                with self.accelerator.autocast():
+                    perceptual = perceptual_loss(m.perceptual, x, torch.sigmoid(out.logits))
+                total = total + loss.perceptual_weight * perceptual
             total = self.hooks.loss(step + 1, total)
             self.accelerator.backward(total * weight)
         if m.adversaries is not None:
             critic, discriminator = self._adversaries_backward(x, mixed, decoded, alpha, pairs, weight,
                                                                ends_step)
         return BatchLosses(*(t.detach() for t in (total, terms.recon, terms.kl, critic, fooling,
-                                                  discriminator, generator, matching, generator_weight)))
+                                                  discriminator, generator, matching, generator_weight,
+                                                  perceptual)))
 
     def _generator_weight(self, recon: torch.Tensor, generator: torch.Tensor) -> torch.Tensor:
         """loss.patch_gan_weight, times VQGAN's adaptive weight with loss.patch_gan_adaptive: the

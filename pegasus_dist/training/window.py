@@ -28,6 +28,7 @@ class BatchLosses:
     generator: torch.Tensor  # the autoencoder's term against the discriminator
     matching: torch.Tensor  # feature matching: the reconstruction in the discriminator's features
     generator_weight: torch.Tensor  # the weight ``generator`` got (loss.patch_gan_adaptive)
+    perceptual: torch.Tensor  # the reconstruction in a frozen classifier's features (training.perceptual)
 
     @classmethod
     def zeros(cls, device: torch.device) -> BatchLosses:
@@ -41,10 +42,11 @@ SUMS = (*TERMS, "images", "bad_samples")
 # The name each term is logged under, and the loss weight that must be on for it to be logged.
 LOGGED = {"total": "loss", "recon": "recon", "kl": "kl", "critic": "acai_critic", "fooling": "acai_fooling",
           "discriminator": "patch_gan_discriminator", "generator": "patch_gan_generator",
-          "matching": "feature_matching", "generator_weight": "patch_gan_adaptive_weight"}
+          "matching": "feature_matching", "generator_weight": "patch_gan_adaptive_weight",
+          "perceptual": "perceptual"}
 WEIGHT = {"critic": "acai_weight", "fooling": "acai_weight", "discriminator": "patch_gan_weight",
           "generator": "patch_gan_weight", "matching": "feature_matching_weight",
-          "generator_weight": "patch_gan_adaptive"}
+          "generator_weight": "patch_gan_adaptive", "perceptual": "perceptual_weight"}
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class Sums:
     generator: float
     matching: float
     generator_weight: float
+    perceptual: float
     images: float
     bad_samples: float
 

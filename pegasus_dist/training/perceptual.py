@@ -1,0 +1,45 @@
+"""The perceptual loss (loss.perceptual_weight): reconstructions judged in a frozen classifier's features.
+
+DFC-VAE (Hou et al. 2017, arXiv:1610.00291) replaces pixel distances by distances in a pretrained
+network's hidden layers, so that a decode is pulled towards what makes the image recognisable
+rather than towards the blur that minimises a per-pixel loss. Here the network is one of the
+project's own classifiers, trained separately from the one that judges the grids.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from pegasus_dist.config import Config
+from pegasus_dist.errors import ConfigError
+from pegasus_dist.evaluation.classifier import Classifier, load_classifier, read_meta
+from pegasus_dist.model.adversaries import feature_matching_loss
+
+log = logging.getLogger("pegasus_dist.training.perceptual")
+
+
+def load_perceptual_network(cfg: Config, device: torch.device) -> Classifier | None:
+    """The frozen network of loss.perceptual_network on ``device`` (None when the loss is off);
+    refused when it holds the judge's weights, wherever they were copied to."""
+    if not cfg.loss.perceptual_weight:
+        return None
+    network = load_classifier(cfg.loss.perceptual_network)
+    judge = read_meta(cfg.classifier_dir)
+    if judge is not None and judge["weights_sha256"] == network.meta["weights_sha256"]:
+        raise ConfigError(f"loss.perceptual_network ({cfg.loss.perceptual_network}) holds the weights of "
+                          f"quality.classifier ({cfg.classifier_dir}), the judge of the grids, which is "
+                          "never trained against: train another with `pegasus-dist classifier "
+                          "quality.classifier=DIR quality.classifier_seed=1`")
+    log.info("perceptual loss in the features of %s (widths %s, seed %s, weights sha256 %s)",
+             cfg.loss.perceptual_network, network.meta["widths"], network.meta.get("seed"),
+             network.meta["weights_sha256"][:12])
+    layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    return network.requires_grad_(False).to(device, memory_format=layout)
+
+
+def perceptual_loss(network: Classifier, x: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
+    """Mean over the network's blocks of the mean L1 distance between the activations of ``x`` and
+    of ``decoded``, in float32; the gradient reaches ``decoded`` only (the network is frozen)."""
+    return feature_matching_loss(network.activations(torch.cat([x, decoded])), x.shape[0])
