@@ -146,6 +146,8 @@ def classifier(
 def score(
     samples: Annotated[Path, typer.Argument(help="a samples folder (RUN/samples or RUN/samples/step_N)")],
     config: Annotated[Path, typer.Option(help="YAML config: quality.classifier, data.shards, eval")],
+    out: Annotated[Path | None, typer.Option(
+        help="JSON to write, e.g. another classifier's scores [default: SAMPLES/quality.json]")] = None,
     overrides: Overrides = None,
 ) -> None:
     """Score a samples folder's grids and their crossfade baselines with the classifier -> quality.json."""
@@ -153,9 +155,10 @@ def score(
     from pegasus_dist.evaluation.quality import score_run_samples, summary_line
 
     cfg = load_config(config, overrides or [])
-    results = score_run_samples(cfg, samples, load_classifier(cfg.classifier_dir))
+    out = out or samples / "quality.json"
+    results = score_run_samples(cfg, samples, load_classifier(cfg.classifier_dir), out)
     typer.echo(json.dumps(results["grids"], indent=2))
-    typer.echo(f"{summary_line(results)} -> {samples / 'quality.json'}")
+    typer.echo(f"{summary_line(results)} -> {out}")
 
 
 @app.command("eval")

@@ -172,7 +172,7 @@ def test_confident_picks_reconstruct_more_recognisably_than_random(trained_run, 
 
 
 @pytest.mark.process
-def test_the_sample_command_scores_what_it_wrote(trained_run, tmp_path, capsys):
+def test_the_sample_command_scores_what_it_wrote(trained_run, perceptual_network, tmp_path, capsys):
     run, overrides, _ = trained_run
     code, out = cli_here(capsys, "sample", "--checkpoint", str(run), "--out", str(tmp_path), *overrides[-1:],
                          "sampler.pick=confident")
@@ -180,6 +180,15 @@ def test_the_sample_command_scores_what_it_wrote(trained_run, tmp_path, capsys):
     assert json.loads((tmp_path / "pegasus.json").read_text())["pick"] == "confident"
     scores = json.loads((tmp_path / "quality.json").read_text())["grids"]["pegasus"]
     assert f"pegasus score {scores['pegasus_score']:.2f}" in out
+    # The same grids by a second classifier (a perceptual loss's network), beside the judge's scores.
+    judged = (tmp_path / "quality.json").read_bytes()
+    code, out = cli_here(capsys, "score", str(tmp_path), "--config", str(run / "config.yaml"),
+                         "--out", str(tmp_path / "second.json"), f"quality.classifier={perceptual_network}")
+    assert code == 0, out
+    second = json.loads((tmp_path / "second.json").read_text())
+    assert second["classifier"]["path"] == str(perceptual_network)
+    assert second["grids"]["pegasus"]["pegasus_score"] != scores["pegasus_score"]
+    assert (tmp_path / "quality.json").read_bytes() == judged
 
 
 @pytest.mark.parametrize(("override", "message"), [

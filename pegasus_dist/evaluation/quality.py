@@ -99,9 +99,11 @@ def crossfade(rows: list[dict], images: dict[str, torch.Tensor]) -> torch.Tensor
     return torch.stack(tiles).mul(255).add(0.5).clamp(0, 255).floor().div(255)
 
 
-def score_samples(samples: str | Path, classifier: Classifier, held_out: str | Path) -> dict:
+def score_samples(samples: str | Path, classifier: Classifier, held_out: str | Path,
+                  out: Path | None = None) -> dict:
     """Score every grid in the folder ``samples`` against the real horses and birds of ``held_out``
-    (the crossfade's from the sampler's ``shard_set``, as the grid's JSON names it) into quality.json."""
+    (the crossfade's from the sampler's ``shard_set``, as the grid's JSON names it) into ``out``
+    (default: the folder's quality.json)."""
     samples = Path(samples)
     real = real_features(classifier, held_out)
     layouts = {name: _layout(samples / f"{name}.json", crossfaded=name in INTERPOLATIONS)
@@ -126,7 +128,7 @@ def score_samples(samples: str | Path, classifier: Classifier, held_out: str | P
     accuracy = classifier.meta.get("held_out", {}).get("accuracy")
     results = {"classifier": {"path": classifier.meta.get("path", ""), "held_out_accuracy": accuracy},
                "held_out": str(held_out), "real_images": len(real), "grids": grids}
-    (samples / FILENAME).write_text(json.dumps(results, indent=2) + "\n")
+    (out or samples / FILENAME).write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
@@ -170,9 +172,10 @@ def _reconstruction_scores(classifier: Classifier, tiles: torch.Tensor, per_row:
                               predict(classifier, torch.cat([horses, bird_images]))[1], real)}}
 
 
-def score_run_samples(cfg: Config, samples: str | Path, classifier: Classifier) -> dict:
+def score_run_samples(cfg: Config, samples: str | Path, classifier: Classifier,
+                      out: Path | None = None) -> dict:
     """:func:`score_samples` against the config's held-out set (``data.shards``/``eval.shard_set``)."""
-    return score_samples(samples, classifier, Path(cfg.data.shards) / cfg.eval.shard_set)
+    return score_samples(samples, classifier, Path(cfg.data.shards) / cfg.eval.shard_set, out)
 
 
 def flatten(results: dict) -> dict[str, float]:
