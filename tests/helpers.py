@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import time
 from collections.abc import Callable
@@ -205,3 +206,30 @@ def written_before_checksums(checkpoint: Path) -> None:
     state = json.loads((checkpoint / "state.json").read_text())
     del state["sums"]
     (checkpoint / "state.json").write_text(json.dumps(state))
+
+
+DELETE = object()  # a field's damage: removed
+
+
+def with_field(data: object, where: str, value: object) -> object:
+    """A deep copy of JSON ``data`` whose field ``where`` ("shards[0].sha256", "" for the whole
+    file) is ``value``, or removed for DELETE."""
+    data = json.loads(json.dumps(data))
+    if not where:
+        return value
+    *path, last = [int(part) if part.isdigit() else part for part in re.findall(r"\w+", where)]
+    node = data
+    for part in path:
+        node = node[part]
+    if value is DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return data
+
+
+def field_words(where: str, value: object) -> str:
+    """How a one-line refusal names the field ``where`` that :func:`with_field` set to ``value``."""
+    if not where:
+        return " holds "  # "x.json holds [], not an object of fields"
+    return f"has no field {where};" if value is DELETE else f"field {where} "

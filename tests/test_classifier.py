@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import cli_here
+from helpers import DELETE, cli_here, field_words, with_field
 from processes import REPO
 
 from pegasus_dist.checksums import sha256_file
@@ -17,12 +17,14 @@ from pegasus_dist.errors import DataError
 from pegasus_dist.evaluation.classifier import (
     META,
     WEIGHTS,
+    Classifier,
     augment,
     find_classifier,
     held_out_accuracy,
     labelled_images,
     load_classifier,
     predict,
+    save_classifier,
 )
 
 
@@ -78,6 +80,58 @@ def test_a_damaged_classifier_is_refused_by_name_and_costs_a_phase_only_its_scor
     assert str(err.value) == refused
     cfg = load_config(REPO / "configs/smoke/pretrain.yaml", [f"quality.classifier={folder}"])
     assert find_classifier(cfg) is None and f"skipping the quality scores: {refused}" in caplog.text
+
+
+# Any field that is read, of another type, out of range or missing: (where, its damaged value).
+META_DAMAGE = [("classes", DELETE), ("classes", "bird"), ("classes", []), ("classes[1]", 3), ("widths", None),
+               ("widths", DELETE), ("widths", []), ("widths[0]", 0), ("widths[1]", "8"), ("widths[1]", 8.0),
+               ("image_size", DELETE), ("image_size", -32), ("image_size", True), ("image_size", "32"),
+               ("held_out", DELETE), ("held_out", [0.9]), ("held_out.accuracy", "high"), ("generation", 3),
+               ("weights_sha256", 5)]
+WHOLE_FILE_DAMAGE = [[], 5, None, "classifier", False]
+RECREATE = "; re-create it with `pegasus-dist classifier --config CONFIG`"
+
+
+@pytest.fixture
+def small_classifier(tmp_path):
+    """An untrained classifier of two classes saved as `pegasus-dist classifier` saves one: (folder, meta)."""
+    meta = {"classes": ["bird", "horse"], "widths": [4, 8], "image_size": 32, "generation": "g",
+            "held_out": {"images": 10, "accuracy": 0.5}, "epochs": 0}
+    folder = tmp_path / "classifier"
+    return folder, save_classifier(Classifier(meta["classes"], (4, 8), 32), meta, folder)
+
+
+@pytest.mark.parametrize(("where", "value"), [*META_DAMAGE, *(("", v) for v in WHOLE_FILE_DAMAGE)])
+def test_a_classifier_json_field_of_another_type_is_refused_in_one_line_and_costs_only_the_scores(
+        small_classifier, where, value, caplog):
+    folder, meta = small_classifier
+    assert load_classifier(folder).classes == ["bird", "horse"]  # undamaged, it loads
+    (folder / META).write_text(json.dumps(with_field(meta, where, value)))
+    with pytest.raises(DataError) as refused:
+        load_classifier(folder)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(str(folder / META)) and message.endswith(RECREATE)
+    assert field_words(where, value) in message
+    cfg = load_config(REPO / "configs/smoke/pretrain.yaml", [f"quality.classifier={folder}"])
+    assert find_classifier(cfg) is None and f"skipping the quality scores: {message}" in caplog.text
+
+
+# Fields of the right type that describe another network than the weights saved.
+MISFITS = [("widths[1]", 9, "size mismatch for body.4.weight"),
+           ("classes", ["a", "b", "c"], "size mismatch for head")]
+
+
+@pytest.mark.parametrize(("where", "value", "mismatch"), MISFITS)
+def test_a_classifier_json_that_does_not_fit_its_weights_is_refused_in_one_line(
+        small_classifier, where, value, mismatch):
+    folder, meta = small_classifier
+    (folder / META).write_text(json.dumps(with_field(meta, where, value)))
+    with pytest.raises(DataError) as refused:
+        load_classifier(folder)
+    message = str(refused.value)
+    assert "\n" not in message and message.endswith(RECREATE)
+    assert message.startswith(f"cannot load {folder / WEIGHTS} as {META} describes it (")
+    assert mismatch in message
 
 
 def test_augmentation_flips_and_shifts_each_image_without_changing_it_otherwise():

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from helpers import DELETE, cli_here, field_words, with_field
 from PIL import Image
 
 from pegasus_dist.checksums import sha256_file
@@ -20,6 +21,7 @@ from pegasus_dist.data.manifest import load_manifest, write_manifest
 from pegasus_dist.data.prepare import prepare
 from pegasus_dist.data.shards import ShardSet, iter_shard, write_shard
 from pegasus_dist.data.sources import synthetic
+from pegasus_dist.data.verify import verify_shard_set
 from pegasus_dist.errors import DataError
 
 SOURCES = ["synthetic:150:1", "synthetic:90:2"]
@@ -158,6 +160,38 @@ def test_a_manifest_whose_count_disagrees_with_its_shards_is_refused(tmp_path):
                                   f"list {manifest['num_samples']}; re-run `pegasus-dist prepare`")
 
 
+# Any field that is read, of another type, out of range or missing: (where, its damaged value).
+MANIFEST_DAMAGE = [("num_samples", "50"), ("num_samples", None), ("num_samples", -1), ("num_samples", 48.0),
+                   ("num_samples", DELETE), ("image_size", 0), ("image_size", "32"), ("name", 5),
+                   ("name", DELETE), ("counts", DELETE), ("counts.label", []), ("counts.label.horse", "3"),
+                   ("shards", {}), ("shards", DELETE), ("shards[0]", "shard-000000.tar"),
+                   ("shards[0].sha256", DELETE), ("shards[1].num_samples", "40"), ("shards[0].bytes", True),
+                   ("shards[0].name", None), ("shards[0].extra", 1), ("sources", "synthetic:480"),
+                   ("sources[0].spec", DELETE), ("sources[0].origin", 7), ("generation", 7), ("seed", "0"),
+                   ("eval_fraction", "0.1"), ("command", [])]
+WHOLE_FILE_DAMAGE = [[], 5, None, "manifest", True]
+
+
+@pytest.mark.parametrize(("where", "value"), [*MANIFEST_DAMAGE, *(("", v) for v in WHOLE_FILE_DAMAGE)])
+def test_a_manifest_field_of_another_type_is_refused_by_every_reader_in_one_line(
+        smoke_shards, tmp_path, capsys, where, value):
+    good = json.loads((smoke_shards / "mix" / "manifest.json").read_text())
+    path = tmp_path / "mix" / "manifest.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(with_field(good, where, value)))
+    with pytest.raises(DataError) as refused:
+        load_manifest(tmp_path / "mix")
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(str(path))
+    assert message.endswith("; re-run `pegasus-dist prepare`")
+    assert field_words(where, value) in message
+    assert verify_shard_set(tmp_path / "mix") == (0, [message])  # verify reports it as the set's problem
+    code, printed = cli_here(capsys, "verify", str(tmp_path))
+    assert code != 0 and f"  problem: {message}" in printed.splitlines(), printed
+    assert printed.splitlines()[-1].endswith("1 shard set(s) failed verification; "
+                                             "re-run `pegasus-dist prepare`")
+
+
 def test_pixels_changed_after_prepare_stop_every_reader_naming_the_shard(tmp_path):
     make(tmp_path)
     shard = load_manifest(tmp_path / "mix").shard_paths[1]
@@ -207,7 +241,7 @@ def test_empty_or_missing_sets(tmp_path):
 
 
 def test_verify_finds_each_kind_of_damage(tmp_path):
-    from pegasus_dist.data.verify import find_shard_sets, verify_shard_set
+    from pegasus_dist.data.verify import find_shard_sets
 
     make(tmp_path)
     assert [p.name for p in find_shard_sets(tmp_path)] == ["eval", "horse_bird", "mix"]

@@ -1,6 +1,6 @@
 """A run's one typed configuration: validated by :mod:`.load`, every default in :mod:`.sections`."""
 
-from pegasus_dist.config.load import load_config, problem, validated
+from pegasus_dist.config.load import field_problem, load_config, problem, validated
 from pegasus_dist.config.sections import (
     Config,
     DataConfig,
@@ -15,4 +15,5 @@ from pegasus_dist.config.sections import (
 )
 
 __all__ = ["Config", "DataConfig", "LossConfig", "ModelConfig", "OptimConfig", "Phase", "Precision",
-           "PrepareConfig", "QualityConfig", "SamplerConfig", "load_config", "problem", "validated"]
+           "PrepareConfig", "QualityConfig", "SamplerConfig", "field_problem", "load_config", "problem",
+           "validated"]

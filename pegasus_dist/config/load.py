@@ -4,6 +4,7 @@ error becomes one :class:`ConfigError` line: the key, the file that set it, a "d
 from __future__ import annotations
 
 import difflib
+import json
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -79,6 +80,20 @@ def problem(error: dict[str, Any], root: type[BaseModel]) -> str:
     if kind in ("string_too_short", "too_short"):
         return "must not be empty"
     return error["msg"].lower()
+
+
+def field_problem(path: Path, err: ValidationError, root: type[BaseModel]) -> str:
+    """The first of pydantic's errors in the JSON file ``path`` (validated into ``root``) as one
+    line naming the file and the field: "x.json: field shards[0].bytes must be 0 or more, got -1"."""
+    error = err.errors()[0]
+    loc, got = error["loc"], json.dumps(error["input"], default=repr)  # as the file spells it: null
+    got = got if len(got) <= 60 else got[:57] + "..."
+    if not loc:  # the whole file: a list, a number, a string
+        return f"{path} holds {got}, not an object of fields"
+    if error["type"] == "missing":
+        return f"{path} has no field {Section.key(loc)}"
+    reason = "is not a known field" if error["type"] == "extra_forbidden" else problem(error, root)
+    return f"{path}: field {Section.key(loc)} {reason}, got {got}"
 
 
 def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], Origins]:

@@ -11,10 +11,12 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pegasus_dist.config import field_problem
 from pegasus_dist.errors import DataError
 
 FILENAME = "manifest.json"
@@ -23,6 +25,7 @@ SHARD_SETS = ("mix", "horse_bird", "eval")  # what `prepare` writes side by side
 HELD_OUT = "eval"  # the set training never sees
 REPREPARE = "re-run `pegasus-dist prepare`"  # the fix of a damaged shard set
 PROVENANCE = ("seed", "eval_fraction", "command", "sources", "generation")
+Count = Annotated[int, Field(ge=0)]
 
 
 @dataclass
@@ -62,6 +65,37 @@ class Manifest:
         return self.provenance.get("generation")
 
 
+class _Fields(BaseModel):
+    """The fields of ``manifest.json`` that are read, each of its type: strict, so "50" is no count."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class _ShardFields(_Fields):
+    name: str
+    num_samples: Count
+    sha256: str
+    bytes: Count
+
+
+class _SourceFields(_Fields, extra="allow"):  # name, num_images: recorded, never read
+    spec: str
+    origin: str | None
+
+
+class _ManifestFile(_Fields, extra="allow"):  # format, and fields a later version may add
+    name: str
+    image_size: Annotated[int, Field(gt=0)]
+    num_samples: Count
+    counts: dict[str, dict[str, Count]]
+    shards: list[_ShardFields]
+    seed: int | None = None  # the provenance, absent from the oldest manifests
+    eval_fraction: float | None = None
+    command: str = ""
+    sources: list[_SourceFields] = []
+    generation: str | None = None
+
+
 def changed_shard(path: Path) -> str:
     """The error of a shard whose bytes differ from its manifest's sha256."""
     return (f"shard {path} does not match the sha256 of its manifest (changed after `prepare` "
@@ -93,12 +127,16 @@ def load_manifest(folder: str | Path) -> Manifest:
                         f"`pegasus-dist prepare --out {folder.parent}` or fix data.shards/shard_set")
     try:
         data = json.loads(path.read_text())
-        manifest = Manifest(path=folder, name=data["name"], image_size=int(data["image_size"]),
-                            num_samples=int(data["num_samples"]), counts=data["counts"],
-                            shards=[ShardEntry(**entry) for entry in data["shards"]],
-                            provenance={k: data[k] for k in PROVENANCE if k in data})
-    except (ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError) as err:  # a bad encoding is a ValueError too
         raise DataError(f"{path} is not a valid manifest ({err}); {REPREPARE}") from None
+    try:
+        fields = _ManifestFile.model_validate(data)
+    except ValidationError as err:
+        raise DataError(f"{field_problem(path, err, _ManifestFile)}; {REPREPARE}") from None
+    manifest = Manifest(path=folder, name=fields.name, image_size=fields.image_size,
+                        num_samples=fields.num_samples, counts=fields.counts,
+                        shards=[ShardEntry(**entry.model_dump()) for entry in fields.shards],
+                        provenance={k: data[k] for k in PROVENANCE if k in data})
     if sum(manifest.shard_sizes) != manifest.num_samples:
         raise DataError(f"{path} says num_samples {manifest.num_samples} but its shards list "
                         f"{sum(manifest.shard_sizes)}; re-run `pegasus-dist prepare`")

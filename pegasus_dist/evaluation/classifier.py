@@ -11,14 +11,16 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file, save_model
 from torch import nn
 
 from pegasus_dist.checksums import sha256_file
-from pegasus_dist.config import Config, QualityConfig
+from pegasus_dist.config import Config, QualityConfig, field_problem
 from pegasus_dist.data.loader import MemoryLoader
 from pegasus_dist.data.manifest import load_manifest
 from pegasus_dist.errors import DataError
@@ -30,6 +32,24 @@ SHIFT = 2  # pixels of random translation (zero padding), the usual CIFAR augmen
 LR = 3e-3  # Adam's peak rate under the one-cycle schedule: few epochs need a high, decaying rate
 EVAL_BATCH = 512
 RECREATE = "re-create it with `pegasus-dist classifier --config CONFIG`"  # the fix of a damaged classifier
+Positive = Annotated[int, Field(gt=0)]
+
+
+class _HeldOut(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")  # images, per_class: recorded, never read back
+    accuracy: float | None = None  # None: no held-out image of a known class
+
+
+class _MetaFields(BaseModel):
+    """The fields of ``classifier.json`` that are read, each of its type: strict, so "32" is no size."""
+
+    model_config = ConfigDict(strict=True, extra="allow")  # epochs, seed...: recorded, never read back
+    classes: list[str] = Field(min_length=1)
+    widths: list[Positive] = Field(min_length=1)
+    image_size: Positive
+    held_out: _HeldOut
+    generation: str | None = None  # of the shards it was trained on: the pipeline reuses it on those
+    weights_sha256: str | None = None  # None is refused by read_meta, in words of its own
 
 
 class Classifier(nn.Module):
@@ -178,14 +198,17 @@ def save_classifier(classifier: Classifier, meta: dict, folder: str | Path) -> d
 
 def read_meta(folder: str | Path) -> dict | None:
     """What ``classifier.json`` says, or None when the folder holds no classifier; a DataError
-    when it is damaged: the JSON unreadable, no sha256 in it, or the weights not those it lists."""
+    when it is damaged: the JSON unreadable, a field missing or of another type, no sha256 in
+    it, or the weights not those it lists."""
     folder = Path(folder)
     if not ((folder / META).is_file() and (folder / WEIGHTS).is_file()):
         return None
     try:
         meta = json.loads((folder / META).read_text())
-        expected = meta.get("weights_sha256")
-    except (OSError, ValueError, AttributeError) as err:
+        expected = _MetaFields.model_validate(meta).weights_sha256
+    except ValidationError as err:  # before ValueError, its base class
+        raise DataError(f"{field_problem(folder / META, err, _MetaFields)}; {RECREATE}") from None
+    except (OSError, ValueError) as err:  # a bad encoding is a ValueError too
         raise DataError(f"{folder / META} is unreadable ({err}); {RECREATE}") from None
     if expected is None:  # what save_classifier always writes: weights that cannot be checked are not used
         raise DataError(f"{folder / META} lists no weights_sha256 to check {folder / WEIGHTS} by; {RECREATE}")
@@ -213,11 +236,13 @@ def load_classifier(folder: str | Path) -> Classifier:
     if meta is None:
         raise DataError(f"no classifier at {folder} ({META} + {WEIGHTS}); create it with "
                         "`pegasus-dist classifier --config CONFIG` (it goes to quality.classifier)")
-    classifier = Classifier(meta["classes"], tuple(meta["widths"]), meta["image_size"])
     weights = Path(folder) / WEIGHTS
-    try:
+    try:  # the weights are those saved (their sha256): a mismatch is classes or widths damaged
+        classifier = Classifier(meta["classes"], tuple(meta["widths"]), meta["image_size"])
         classifier.load_state_dict(load_file(weights))
-    except Exception as err:  # OSError, safetensors' SafetensorError, a shape or key mismatch
-        raise DataError(f"cannot load {weights} ({str(err).splitlines()[0]}); {RECREATE}") from None
+    except Exception as err:  # OSError, SafetensorError, a shape or key mismatch, a size too large
+        detail = " ".join(str(err).split())  # torch's mismatch is several lines
+        detail = detail if len(detail) <= 200 else detail[:197] + "..."
+        raise DataError(f"cannot load {weights} as {META} describes it ({detail}); {RECREATE}") from None
     classifier.meta = {**meta, "path": str(folder)}
     return classifier.eval()
