@@ -1,4 +1,4 @@
-"""Edge cases of run and checkpoint folders: strays, bad state.json, damage, run names, metrics.jsonl."""
+"""Edge cases of run and checkpoint folders: strays, bad state.json, damage, run names."""
 
 from __future__ import annotations
 
@@ -32,7 +32,6 @@ from pegasus_dist.model.saved import (
 from pegasus_dist.model.vae import VAE
 from pegasus_dist.training.checkpoint import check_resumable, newest_intact_checkpoint, save_checkpoint
 from pegasus_dist.training.state import FINISHED, TrainState, is_finished, read_state
-from pegasus_dist.training.tracking import MetricsLog
 
 
 def save_steps(root: Path, *steps: int) -> list[Path]:
@@ -333,26 +332,6 @@ def test_resuming_on_another_data_seed_is_refused_naming_both_unless_allowed(che
     assert code == 0, out[-3000:]
     assert "continuing on these (data.resume_on_other_data=true)" in out
     assert read_state(checkpointed_run.pretrain / "checkpoints/step_00000009").data_seed == 1
-
-
-def test_damaged_bytes_in_metrics_jsonl_are_cut_back_to_the_last_good_row(tmp_path, caplog):
-    rows = [json.dumps({"step": step, "pretrain/loss": 1.0 / step}) + "\n" for step in (1, 2, 4, 5)]
-    (tmp_path / "metrics.jsonl").write_bytes("".join(rows[:2]).encode() + b"\xff\xfe\x00garbage\n"
-                                             + "".join(rows[2:]).encode())
-    MetricsLog(Accelerator(cpu=True), tmp_path).resume(5)
-    assert (tmp_path / "metrics.jsonl").read_text() == "".join(rows[:2])
-    assert f"{tmp_path / 'metrics.jsonl'}: line 3 is not a metrics row; keeping the 2 rows before it" \
-        in caplog.text
-
-
-def test_a_metrics_history_cut_short_says_where_it_now_ends(tmp_path, caplog):
-    """Half of the file gone (a copy cut short, a truncation): the rows after the cut are lost, and
-    the one warning says how many rows are kept."""
-    rows = "".join(json.dumps({"step": step, "pretrain/loss": 1.0 / step}) + "\n" for step in range(1, 9))
-    (tmp_path / "metrics.jsonl").write_text(rows[: len(rows) // 2])
-    MetricsLog(Accelerator(cpu=True), tmp_path).resume(8)
-    assert f"{tmp_path / 'metrics.jsonl'}: line 5 is not a metrics row; keeping the 4 rows before it" \
-        in caplog.text
 
 
 def test_sample_and_eval_refuse_a_checkpoint_whose_config_changed(tmp_path):
