@@ -1,4 +1,4 @@
-"""Edge cases of run and checkpoint folders: strays, bad state.json, damage, run names, metrics.jsonl."""
+"""Edge cases of run and checkpoint folders: strays, bad state.json, damage, run names."""
 
 from __future__ import annotations
 
@@ -30,22 +30,34 @@ from pegasus_dist.model.saved import (
     resolve_checkpoint,
 )
 from pegasus_dist.model.vae import VAE
-from pegasus_dist.training.checkpoint import check_resumable, newest_intact_checkpoint, save_checkpoint
+from pegasus_dist.training.checkpoint import (
+    check_resumable,
+    find_damage,
+    newest_intact_checkpoint,
+    save_checkpoint,
+)
+from pegasus_dist.training.ema import build_ema
 from pegasus_dist.training.state import FINISHED, TrainState, is_finished, read_state
-from pegasus_dist.training.tracking import MetricsLog
 
 
 def save_steps(root: Path, *steps: int) -> list[Path]:
-    """Checkpoints of a run with both adversaries: every kind of file a checkpoint can hold."""
+    """Checkpoints after an Adam step, with adversaries, average and (fp16's) scalers: every kind of file."""
     accelerator = Accelerator(cpu=True)
     model = VAE(TINY)
     adversaries = Adversaries(Config(model=TINY, loss=LossConfig(acai_weight=1, patch_gan_weight=1)))
-    accelerator.prepare(model, torch.optim.Adam(model.parameters(), lr=1e-3))
+    optimizers = [torch.optim.Adam(module.parameters(), lr=1e-3) for module in (model, adversaries)]
+    accelerator.prepare(model, optimizers[0])
     accelerator.prepare_model(adversaries)
-    accelerator.register_for_checkpointing(torch.optim.Adam(adversaries.parameters(), lr=1e-3))
+    accelerator.register_for_checkpointing(optimizers[1])
+    accelerator.scaler = torch.amp.GradScaler("cpu")
+    accelerator.register_for_checkpointing(torch.amp.GradScaler("cpu"))
+    for module, optimizer in zip((model, adversaries), optimizers, strict=True):
+        for param in module.parameters():
+            param.grad = torch.ones_like(param)
+        optimizer.step()
     config = Config(model=TINY).to_yaml()
     return [save_checkpoint(accelerator, TrainState(phase="pretrain", step=step), config, root,
-                            keep=len(steps)) for step in steps]
+                            keep=len(steps), ema=build_ema(model, 0.9)) for step in steps]
 
 
 def test_only_exact_step_names_are_checkpoints(tmp_path):
@@ -116,6 +128,9 @@ DAMAGES = {
     "another step in state.json": lambda c: (c / "state.json").write_text('{"phase": "pretrain", "step": 7}'),
     "a pickle planted for Adam": lambda c: (c / "custom_checkpoint_0.pkl").write_bytes(
         pickle.dumps(os.system)),
+    "a pickled object in Adam's zip, sums rewritten": lambda c: (
+        torch.save({"state": {0: {"exp_avg": os.system}}, "param_groups": []}, c / "optimizer.bin"),
+        write_sums(c)),
     "a file added": lambda c: (c / "extra.pkl").write_bytes(pickle.dumps({})),
     "SHA256SUMS damaged": lambda c: (c / "SHA256SUMS").write_text("not a checksum line\n"),
     "SHA256SUMS removed": lambda c: (c / "SHA256SUMS").unlink(),
@@ -159,16 +174,41 @@ def test_sha256sums_lists_every_file_as_sha256sum_writes_it(tmp_path):
     assert (folder / "SHA256SUMS").read_text() == expected
 
 
-def test_weights_saved_with_nan_are_moved_aside(tmp_path, caplog):
+def _spoil(path: Path, value: float) -> str:
+    """``value`` in ``path``'s last float (of a tensor; a scaler's scale), saved; its name in a message."""
+    if path.suffix == ".safetensors":
+        tensors = load_file(path)
+        name = [key for key, tensor in tensors.items() if tensor.is_floating_point()][-1]
+        tensors[name].view(-1)[0] = value
+        save_file(tensors, path)
+        return name
+    state = torch.load(path, weights_only=True)
+    if "state" in state:  # an Adam: its last parameter's second moment
+        last = max(state["state"])
+        state["state"][last]["exp_avg_sq"].view(-1)[0] = value
+        name = f"state.{last}.exp_avg_sq"
+    else:
+        state["scale"], name = value, "scale"
+    torch.save(state, path)
+    return name
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("-inf")])
+@pytest.mark.parametrize("file", ["model.safetensors", "ema.safetensors", "model_1.safetensors",
+                                  "optimizer.bin", "custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl",
+                                  "scaler.pt"])
+def test_a_nan_or_inf_saved_in_any_file_moves_the_checkpoint_aside(tmp_path, caplog, file, value):
+    """As a run diverged between sync points saves it: resumed, it would stop again, and a requeue loop."""
     older, newer = save_steps(tmp_path, 3, 6)
-    weights = newer / "model.safetensors"
-    tensors = load_file(weights)
-    name = next(key for key, value in tensors.items() if value.is_floating_point())
-    tensors[name].view(-1)[0] = float("nan")  # as a run that diverged between sync points would save it
-    save_file(tensors, weights)
+    name = _spoil(newer / file, value)
     write_sums(newer)  # listed as saved: the finite check, not the checksums, must catch it
+    problem = (f"{newer / file}: {name} holds NaN or Inf values (saved after the run diverged, or changed "
+               "before its sha256 was written)")
+    assert find_damage(newer) == problem  # run.resume=<it> refuses it in this line
     assert newest_intact_checkpoint(tmp_path, move_damaged=True) == older
-    assert "holds NaN or Inf values" in caplog.text
+    (aside,) = tmp_path.glob("damaged-step_00000006-*")
+    (warning,) = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+    assert warning == f"{newer} is damaged ({problem}), moved to {aside}; resuming from {older}"
 
 
 def test_a_checkpoint_written_before_checksums_still_resumes_and_starts_runs(tmp_path):
@@ -333,26 +373,6 @@ def test_resuming_on_another_data_seed_is_refused_naming_both_unless_allowed(che
     assert code == 0, out[-3000:]
     assert "continuing on these (data.resume_on_other_data=true)" in out
     assert read_state(checkpointed_run.pretrain / "checkpoints/step_00000009").data_seed == 1
-
-
-def test_damaged_bytes_in_metrics_jsonl_are_cut_back_to_the_last_good_row(tmp_path, caplog):
-    rows = [json.dumps({"step": step, "pretrain/loss": 1.0 / step}) + "\n" for step in (1, 2, 4, 5)]
-    (tmp_path / "metrics.jsonl").write_bytes("".join(rows[:2]).encode() + b"\xff\xfe\x00garbage\n"
-                                             + "".join(rows[2:]).encode())
-    MetricsLog(Accelerator(cpu=True), tmp_path).resume(5)
-    assert (tmp_path / "metrics.jsonl").read_text() == "".join(rows[:2])
-    assert f"{tmp_path / 'metrics.jsonl'}: line 3 is not a metrics row; keeping the 2 rows before it" \
-        in caplog.text
-
-
-def test_a_metrics_history_cut_short_says_where_it_now_ends(tmp_path, caplog):
-    """Half of the file gone (a copy cut short, a truncation): the rows after the cut are lost, and
-    the one warning says how many rows are kept."""
-    rows = "".join(json.dumps({"step": step, "pretrain/loss": 1.0 / step}) + "\n" for step in range(1, 9))
-    (tmp_path / "metrics.jsonl").write_text(rows[: len(rows) // 2])
-    MetricsLog(Accelerator(cpu=True), tmp_path).resume(8)
-    assert f"{tmp_path / 'metrics.jsonl'}: line 5 is not a metrics row; keeping the 4 rows before it" \
-        in caplog.text
 
 
 def test_sample_and_eval_refuse_a_checkpoint_whose_config_changed(tmp_path):

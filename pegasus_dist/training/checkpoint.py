@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import pickle
 import shutil
@@ -38,7 +39,6 @@ from pegasus_dist.model.saved import (
     checkpoint_name,
     list_checkpoints,
     load_model_weights,
-    read_weights,
 )
 from pegasus_dist.training.ema import restore_ema
 from pegasus_dist.training.state import MOVE_ASIDE, TrainState, parse_state
@@ -76,8 +76,9 @@ def newest_intact_checkpoint(root: Path, move_damaged: bool) -> Path | None:
 def find_damage(folder: Path) -> str | None:
     """Why ``folder`` cannot be resumed from, or None when every file of it reads whole.
 
-    Reads, never unpickles: sums, safetensors headers, zip CRCs, finite weights. An older layout
-    is refused in one line, not moved aside."""
+    Reads, never unpickles: sums, safetensors headers, zip CRCs, then every float of every file
+    finite (torch files loaded weights-only, as a resume loads them). An older layout is refused in
+    one line, not moved aside."""
     _refuse_older_layout(folder)
     try:
         state = parse_state(folder / STATE)
@@ -86,7 +87,7 @@ def find_damage(folder: Path) -> str | None:
             raise CheckpointError(changed)
         for path in _files(folder):
             (_check_safetensors if path.suffix == ".safetensors" else _check_zip)(path)
-        read_weights(folder)
+            _check_finite(path)
     except CheckpointError as err:
         return str(err)
     return None
@@ -160,6 +161,47 @@ def _check_zip(path: Path) -> None:
         raise CheckpointError(f"{path}: {err}") from None
     if bad is not None:
         raise CheckpointError(f"{path}: member {bad} fails its CRC check")
+
+
+def _check_finite(path: Path) -> None:
+    """Raises naming the first NaN or Inf of ``path`` (weights, their average, an Adam, a loss scaler):
+    resumed, it would stop the run again at its next step, and a requeued job would loop. Reads a
+    tensor at a time (safetensors), or memory-mapped and weights-only (torch files: a pickled object is
+    refused, never run)."""
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(path, framework="pt") as weights:
+                bad = next((name for name in weights.keys()  # noqa: SIM118 (not a dict)
+                            if not _finite(weights.get_tensor(name))), None)
+        else:
+            bad = _first_nonfinite(torch.load(path, map_location="cpu", weights_only=True, mmap=True), "")
+    except pickle.UnpicklingError as err:  # weights_only refuses anything but tensors and containers
+        raise CheckpointError(f"{path}: refusing to load it ({_pickled(err)}); only tensors and plain "
+                              "containers are accepted") from None
+    except Exception as err:  # torch reports a malformed file in many types
+        why = (str(err).splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"cannot read {path}: {why}") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: {bad} holds NaN or Inf values (saved after the run diverged, or "
+                              "changed before its sha256 was written)")
+
+
+def _finite(value: object) -> bool:
+    if isinstance(value, torch.Tensor):
+        return not value.is_floating_point() or bool(torch.isfinite(value).all())
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def _first_nonfinite(value: object, where: str) -> str | None:
+    """The dotted name of the first NaN or Inf in a loaded state (``state.3.exp_avg_sq``), or None."""
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None if _finite(value) else where
+    return next((bad for key, item in items
+                 if (bad := _first_nonfinite(item, f"{where}.{key}" if where else str(key)))), None)
 
 
 def write_counters(folder: Path, state: TrainState, config_yaml: str) -> None:
@@ -247,14 +289,19 @@ def restore_checkpoint(accelerator: Accelerator, folder: Path, ema: AveragedMode
         with accelerator.register_load_state_pre_hook(_load_unwrapped_weights), _weights_only():
             accelerator.load_state(str(folder))
     except pickle.UnpicklingError as err:  # what weights_only raises for anything but tensors and containers
-        why = next((line for line in str(err).splitlines() if "GLOBAL" in line), "a pickled object")
-        raise CheckpointError(f"refusing to load a file of {folder}: {why.strip().rstrip('.')}; only "
+        raise CheckpointError(f"refusing to load a file of {folder}: {_pickled(err)}; only "
                               "tensors and plain containers are accepted") from None
     except (OSError, RuntimeError) as err:  # a file missing or cut short, in a checkpoint named in run.resume
         why = str(err).splitlines()[0]
         raise CheckpointError(f"cannot load {folder}: {why}; {MOVE_ASIDE}") from None
     if ema is not None:
         restore_ema(ema, folder)
+
+
+def _pickled(err: pickle.UnpicklingError) -> str:
+    """What weights_only refused, from its many-line message: the line naming the object."""
+    why = next((line for line in str(err).splitlines() if "GLOBAL" in line), "a pickled object")
+    return why.strip().rstrip(".")
 
 
 def _load_unwrapped_weights(models: list[torch.nn.Module], input_dir: str) -> None:

@@ -194,15 +194,12 @@ class MetricsLog:
         kept = []
         lines = self.path.read_bytes().decode(errors="replace").splitlines()
         for number, line in enumerate(lines, 1):
-            try:
-                row = json.loads(line)
-                row_step = row["step"]
-            except (json.JSONDecodeError, TypeError, KeyError):
+            if (row := _metrics_row(line)) is None:
                 # Also a cut last line: a file cut short loses the rows after it, which only this says.
                 log.warning("%s: line %d is not a metrics row; keeping the %d rows before it",
                             self.path, number, len(kept))
                 break
-            if row_step > step:
+            if row["step"] > step:
                 break  # rows are appended in step order: all the rest come later too
             kept.append(row)
         tmp = self.path.with_suffix(".jsonl.tmp")
@@ -217,3 +214,19 @@ class MetricsLog:
             return None
         return self.accelerator.get_tracker("wandb", unwrap=True)
 
+
+def _metrics_row(line: str) -> dict[str, Any] | None:
+    """``line`` as :meth:`MetricsLog.log` writes it, or None: a JSON object of a whole-number ``step``,
+    0 or more, and numbers (NaN included: a diverged loss). Anything else is damage, which a resume
+    would compare with its step or replay to W&B."""
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError):  # not JSON; or nested past what the parser takes
+        return None
+    if not isinstance(row, dict) or not _is_number(step := row.get("step"), whole=True) or step < 0:
+        return None
+    return row if all(_is_number(value) for value in row.values()) else None
+
+
+def _is_number(value: object, whole: bool = False) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int if whole else (int, float))
