@@ -54,14 +54,16 @@ class TrainingError(PegasusError):
     exit_code = 3
 
 
-def out_of_memory(err: RuntimeError, where: str, batch: str, batch_size: int) -> TrainingError | None:
-    """One line for a step that ran out of memory; None for any other error.
+def out_of_memory(err: Exception, where: str, batch: str, batch_size: int) -> TrainingError | None:
+    """One line for a step (or its batch) that ran out of memory; None for any other error.
 
-    The CPU allocator raises a plain RuntimeError that says it "can't allocate memory"."""
-    if not (isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)):
+    The CPU allocator raises a plain RuntimeError that says it "can't allocate memory"; NumPy
+    and Python, in the loader or the step, a MemoryError."""
+    if not (isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(err)):
         return None
     half = max(1, batch_size // 2)
-    return TrainingError(f"out of memory at {where} ({str(err).splitlines()[0].rstrip('. ')}); {batch}; "
+    reason = str(err).splitlines()[0].rstrip(". ") if str(err) else type(err).__name__
+    return TrainingError(f"out of memory at {where} ({reason}); {batch}; "
                          f"lower data.batch_size (data.batch_size={half} train.grad_accum_steps=2 keeps "
                          "the global batch) or use train.mixed_precision=bf16")
 
