@@ -6,12 +6,15 @@ project's own commands and files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
+import resource
+import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,6 +123,21 @@ def run_cli(*args: str, timeout: float = 300) -> str:
     done = run_bounded([str(BIN / "pegasus-dist"), *args], timeout)
     assert done.returncode == 0, done.stdout[-6000:]
     return done.stdout
+
+
+@contextlib.contextmanager
+def files_capped_at(size: int) -> Iterator[None]:
+    """Writes past ``size`` bytes fail in this process (EFBIG), as a file finds no room on a full disk.
+
+    As root, whom permissions never stop, this is how a fast test makes a write fail midway."""
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel ends the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, limits[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
 
 
 def cli_here(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import tarfile
 import warnings
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from filelock import FileLock
-from helpers import cli_here
+from helpers import cli_here, error_lines, files_capped_at
 from PIL import Image
 
 from pegasus_dist.checksums import sha256_file
@@ -132,6 +133,50 @@ def test_a_prepare_killed_anywhere_leaves_the_old_sets_or_the_new_never_both(tmp
     hidden = sorted(p.name for p in (tmp_path / f"root{at - 1}").iterdir() if p.name.startswith("."))
     assert len(hidden) == 3 and hidden[0] == ".current" and hidden[1].startswith(".generation-")
     assert hidden[2] == ".prepare.lock"  # kept, so that two prepares never lock two different files
+
+
+def prepare_here(capsys: pytest.CaptureFixture, out: Path, seed: int) -> tuple[int, str]:
+    """`pegasus-dist prepare` of make()'s sources in this process: its exit code and output."""
+    return cli_here(capsys, "prepare", "--source", "synthetic:200", "--out", str(out), "--shard-size",
+                    "40", "--eval-fraction", "0.1", "--seed", str(seed))
+
+
+def generations(out: Path) -> list[Path]:
+    return sorted(out.glob(".generation-*"))
+
+
+def test_an_out_folder_that_cannot_be_made_is_one_line_naming_it(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")  # as root, what a read-only folder is to anyone else
+    out = tmp_path / "a-file" / "shards"
+    code, output = prepare_here(capsys, out, seed=0)
+    assert code == 2, output[-3000:]
+    assert error_lines(output) == [f"error: cannot write {out}: Not a directory; make {out} writable, "
+                                   "or prepare into another --out"], output[-3000:]
+    assert "Traceback" not in output
+
+
+def test_a_prepare_out_of_room_keeps_the_old_sets_and_leaves_nothing_for_the_retry(tmp_path, capsys):
+    """A write that fails midway (a full disk): one line with the space there and the space needed,
+    the published sets untouched, the unfinished generation removed, and the retry publishes."""
+    out = tmp_path / "shards"
+    make(out, seed=0)
+    (old,), before = generations(out), published(out)
+    with files_capped_at(20_000):  # the first shard's tar is 200 KB
+        code, output = prepare_here(capsys, out, seed=1)
+    assert code == 2, output[-3000:]
+    (line,) = error_lines(output)
+    needed = re.fullmatch(rf"error: cannot write {out}: File too large \(\d+ MB free there, these sets "
+                          r"take about (\d+\.\d) MB\); free space, or prepare into another --out", line)
+    assert needed, line
+    assert "Traceback" not in output
+    assert published(out) == before and generations(out) == [old]  # nothing of the failed one left
+
+    code, output = prepare_here(capsys, out, seed=1)
+    assert code == 0, output[-3000:]
+    assert published(out) not in (before, {name: None for name in SETS})
+    (new,) = generations(out)
+    taken = sum(path.stat().st_size for path in new.rglob("*") if path.is_file()) / 2**20
+    assert 0.9 < float(needed[1]) / taken < 1.1, (needed[1], taken)  # the space it named
 
 
 def rewrite_set(folder: Path, samples: list[tuple[str, np.ndarray, dict]]) -> None:

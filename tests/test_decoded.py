@@ -15,7 +15,7 @@ import pytest
 from helpers import start
 
 from pegasus_dist.config import PrepareConfig
-from pegasus_dist.data.decoded import ARRAY, INDEX, LOCK
+from pegasus_dist.data.decoded import ARRAY, INDEX, LOCK, Decoded, open_decoded
 from pegasus_dist.data.loader import MemoryLoader, ShardLoader
 from pegasus_dist.data.prepare import prepare
 from pegasus_dist.data.shards import ShardSet, iter_shard
@@ -161,6 +161,29 @@ def test_where_the_array_cannot_be_written_the_tars_are_read(shard_set, caplog):
         assert_same_batches(batches(ShardLoader(shard_set, 4, 0, 1, 0, seed=3, image_size=32)), tars)
     assert "reading the tars instead" in caplog.text
     assert not (shard_set / ARRAY).exists()
+
+
+def test_a_set_too_large_to_decode_at_once_is_one_line_naming_the_fix(shard_set):
+    """The build holds the whole set in memory: NumPy's own refusal (a petabyte, past any machine's
+    address space), raised where the build allocates, is one line, and leaves the set readable."""
+    tars = from_tars(shard_set)
+    for name in (ARRAY, INDEX):
+        (shard_set / name).unlink()
+    manifest = ShardSet(shard_set).manifest
+
+    def too_large() -> Decoded:
+        return Decoded(np.empty((2**40, 32, 32, 3), dtype=np.uint8), [], [])
+
+    with pytest.raises(DataError) as refused:
+        open_decoded(manifest, too_large)
+    megabytes = manifest.num_samples * 3 * 32 * 32 / 2**20
+    assert str(refused.value) == (
+        f"out of memory decoding {shard_set} into {ARRAY}, {megabytes:.0f} MB at once (Unable to allocate "
+        "3.00 PiB for an array with shape (1099511627776, 32, 32, 3) and data type uint8); set "
+        "data.mode=stream data.decoded=false to read its tars batch by batch")
+    assert not (shard_set / ARRAY).exists()
+    assert_same_batches(from_tars(shard_set), tars)  # the fix it names reads the set
+    assert open_decoded(manifest, ShardSet(shard_set).decode_all) is not None  # the lock was let go
 
 
 def test_a_damaged_shard_is_refused_even_with_a_good_array(shard_set, caplog):

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import SMOKE, TINY_ARGS, cli_here, losses, overrides, start, training_rows, wait_until
@@ -363,6 +364,19 @@ def test_a_step_out_of_memory_is_one_line_naming_the_batch_and_the_fix(smoke_sha
         "accumulation step(s); lower data.batch_size (data.batch_size=8 train.grad_accum_steps=2 keeps "
         "the global batch) or use train.mixed_precision=bf16"], out[-3000:]
     assert "Traceback" not in out
+
+
+def test_host_memory_running_out_in_a_step_or_its_batch_is_the_same_one_line(smoke_shards, tmp_path):
+    """NumPy's own refusal (a petabyte), where the loader assembles a batch or a step allocates."""
+    def refuse(trainer, _batch) -> None:
+        if trainer.state.step + 1 == 3:
+            np.empty(2**50, dtype=np.uint8)
+
+    with pytest.raises(TrainingError) as stopped:
+        train(load_config(SMOKE, tiny(smoke_shards, tmp_path, 5)), Hooks(before_micro_batch=[refuse]))
+    assert str(stopped.value).startswith(  # and the fix, as for CUDA's above
+        "out of memory at step 3 (epoch 1) (Unable to allocate 1.00 PiB for an array with shape "
+        "(1125899906842624,) and data type uint8); global batch 16 = per-process batch 16 x 1 process(es)")
 
 
 def test_the_cpu_allocator_running_out_is_read_as_out_of_memory():

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -164,8 +166,19 @@ def test_a_bad_config_exits_with_one_line(smoke_shards, tmp_path, entry, code):
     assert_no_traceback_of_ours(done.stdout)
 
 
+def cpu_limit_passed(pid: int) -> None:
+    """Lower ``pid``'s soft CPU-time limit below what it has used, as `prlimit --cpu` would: the
+    kernel sends SIGXCPU at once and then every CPU second (the hard limit, its SIGKILL, is kept)."""
+    hard = resource.prlimit(pid, resource.RLIMIT_CPU)[1]
+    resource.prlimit(pid, resource.RLIMIT_CPU, (1, hard))  # its start-up alone takes seconds
+
+
 @pytest.mark.process
-def test_pegasus_dist_train_stopped_by_a_signal_exits_75(smoke_shards, tmp_path):
+@pytest.mark.parametrize(("stop", "received"), [
+    (lambda proc: proc.send_signal(signal.SIGUSR1), "SIGUSR1"),
+    (lambda proc: cpu_limit_passed(proc.pid), "SIGXCPU"),  # then again, every CPU second
+], ids=["SIGUSR1", "CPU-time limit"])
+def test_pegasus_dist_train_stopped_by_a_signal_exits_75(smoke_shards, tmp_path, stop, received):
     proc = subprocess.Popen([str(BIN / "pegasus-dist"), "train", "--config", SMOKE,
                              *overrides(smoke_shards, tmp_path, 100_000, "train.epochs=10000", *TINY_ARGS)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -174,14 +187,16 @@ def test_pegasus_dist_train_stopped_by_a_signal_exits_75(smoke_shards, tmp_path)
     deadline = time.monotonic() + 120
     while not metrics.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)  # until its first logged step
-    proc.send_signal(signal.SIGUSR1)
+    stop(proc)
     try:
         out, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 75, out[-3000:]
-    assert "stopped by signal at step" in out
+    assert f"received {received}: stopping with a checkpoint within two steps" in out, out[-3000:]
+    step = int(re.search(r"stopped by signal at step (\d+)", out)[1])
+    assert (tmp_path / f"pretrain/checkpoints/step_{step:08d}/SHA256SUMS").is_file()
     assert_no_traceback_of_ours(out)
 
 

@@ -51,7 +51,8 @@ def write_decoded(folder: Path, shard_sums: list[str], decoded: Decoded) -> None
 def open_decoded(manifest: Manifest, decode_all: Callable[[], Decoded]) -> Decoded | None:
     """The set's verified decoded array, built with ``decode_all`` (from the tars) when missing,
     stale or damaged; None when it cannot be written here (a read-only folder, a full disk).
-    A shard that differs from its manifest's sha256 raises DataError naming it."""
+    A shard that differs from its manifest's sha256, or a set too large to build in memory,
+    raises DataError naming it."""
     for entry, path in zip(manifest.shards, manifest.shard_paths, strict=True):
         if sha256_file(path) != entry.sha256:
             raise DataError(changed_shard(path))
@@ -71,6 +72,12 @@ def open_decoded(manifest: Manifest, decode_all: Callable[[], Decoded]) -> Decod
         log.warning("cannot write the decoded array of %s (%s); reading the tars instead",
                     folder, err.strerror or err)
         return None
+    except MemoryError as err:  # the build holds the whole set at once
+        megabytes = manifest.num_samples * 3 * manifest.image_size**2 / 2**20
+        reason = str(err).splitlines()[0] if str(err) else "MemoryError"
+        raise DataError(f"out of memory decoding {folder} into {ARRAY}, {megabytes:.0f} MB at once "
+                        f"({reason}); set data.mode=stream data.decoded=false to read its tars batch "
+                        "by batch") from None
     if found is None:
         raise DataError(f"{folder / ARRAY} does not verify right after it was written ({problem}); "
                         "check the disk, then delete it and run again")

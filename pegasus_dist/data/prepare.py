@@ -43,6 +43,7 @@ POOL_THRESHOLD = 2000
 CURRENT = ".current"  # the link to the published generation folder
 GENERATION = ".generation-"  # the prefix of generation folders
 LOCK = ".prepare.lock"  # held while a prepare writes into the folder (a flock: gone with its process)
+TAR_OVERHEAD = 2048  # bytes a sample's tar takes beyond its pixels: 2 headers, the JSON, the padding
 
 
 def prepare(cfg: PrepareConfig, command: str = "") -> dict[str, Path]:
@@ -60,8 +61,7 @@ def prepare(cfg: PrepareConfig, command: str = "") -> dict[str, Path]:
                                "num_images": len(s.labels)}
                               for spec, s in zip(cfg.sources, sources, strict=True)]}
     out = Path(cfg.out)
-    with _writing(out):
-        generation = out / f"{GENERATION}{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}"
+    with _writing(out, _bytes_needed(sets, cfg.image_size)) as generation:
         tasks = {name: _shard_tasks(generation / name, idx, cfg.shard_size)
                  for name, idx in sets.items()}
         entries = iter(_write_shards(images, metas, [t for ts in tasks.values() for t in ts]))
@@ -84,22 +84,47 @@ def prepare(cfg: PrepareConfig, command: str = "") -> dict[str, Path]:
 
 
 @contextmanager
-def _writing(out: Path) -> Iterator[None]:
-    """Hold ``out``'s prepare lock, after removing what a crashed prepare left there. A second
+def _writing(out: Path, needed: int) -> Iterator[Path]:
+    """Hold ``out``'s prepare lock, after removing what a crashed prepare left there, and give the
+    new generation's folder, removed again if the prepare fails before publishing it. A second
     prepare, a full disk or a folder that cannot be written is one line naming the path."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         with FileLock(out / LOCK, thread_local=False, preserve_lock_file=True).acquire(blocking=False):
             _remove_stale(out, keep=_published(out))
-            yield
+            generation = out / f"{GENERATION}{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}"
+            try:
+                yield generation
+            except Exception:  # what a kill leaves behind, the next prepare removes first
+                if _published(out) != generation:  # the commit point was not reached
+                    shutil.rmtree(generation, ignore_errors=True)
+                raise
     except Timeout:
         raise DataError(f"{out} is being written by another `pegasus-dist prepare`; wait for it to "
                         "end, or prepare into another --out") from None
     except OSError as err:
-        full = err.errno == errno.ENOSPC  # then the message says the space left
-        space = f" ({shutil.disk_usage(out).free / 2**20:.0f} MB free there)" if full else ""
-        raise DataError(f"cannot write {err.filename or out}: {err.strerror or err}{space}; free space "
-                        "or make it writable, or prepare into another --out") from None
+        raise DataError(_write_error(err, out, needed)) from None
+
+
+def _write_error(err: OSError, out: Path, needed: int) -> str:
+    """The line for a write under ``out`` that failed; when a file found no room (a full disk, a
+    quota, a file size limit), with the space left there and the space the sets take."""
+    where = f"cannot write {err.filename or out}: {err.strerror or err}"
+    if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return f"{where}; make {out} writable, or prepare into another --out"
+    try:
+        existing = next(path for path in (out, *out.parents) if path.is_dir())
+        free = f"{shutil.disk_usage(existing).free / 2**20:.0f} MB free there, "
+    except OSError:
+        free = ""
+    return (f"{where} ({free}these sets take about {needed / 2**20:.1f} MB); free space, "
+            "or prepare into another --out")
+
+
+def _bytes_needed(sets: dict[str, np.ndarray], image_size: int) -> int:
+    """About what the sets take on disk: each image in its tar and in the decoded array, plus
+    per sample its JSON member and the tar's two headers and padding."""
+    return sum(len(indices) for indices in sets.values()) * (2 * image_size**2 * 3 + TAR_OVERHEAD)
 
 
 def _split(metas: list[dict], cfg: PrepareConfig) -> dict[str, np.ndarray]:

@@ -34,10 +34,14 @@ from pegasus_dist.training.distributed import build_accelerator
 log = logging.getLogger("pegasus_dist.training.faults")
 T = TypeVar("T")
 
-# SIGHUP: a dropped ssh connection; SIGINT: Ctrl-C.
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
-# The ones that, a second time or outside the loop, end the process at once (as with no handler).
+# Warnings that an end is coming: SIGUSR1, the SLURM jobs' time-limit warning (--signal=B:USR1@120);
+# SIGUSR2, another site's --signal choice and LSF's run limit (bsub -W, SIGKILL 10 minutes later);
+# SIGXCPU, a soft CPU-time limit reached (ulimit -St, LSF's CPULIMIT), sent again every CPU second
+# until the hard limit's SIGKILL. Requests to end: SIGTERM; SIGHUP, a dropped ssh connection;
+# SIGINT, Ctrl-C. Every one of them, in the training loop, means "checkpoint and stop".
+WARNING_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGXCPU)
 ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+STOP_SIGNALS = WARNING_SIGNALS + ENDING_SIGNALS
 # A SIGTERM this soon after the first is the same request: a launcher killed with
 # several threads sends its ranks the parent-death signal once per thread.
 SAME_REQUEST_S = 1.0
@@ -50,14 +54,16 @@ class TrainingError(PegasusError):
     exit_code = 3
 
 
-def out_of_memory(err: RuntimeError, where: str, batch: str, batch_size: int) -> TrainingError | None:
-    """One line for a step that ran out of memory; None for any other error.
+def out_of_memory(err: Exception, where: str, batch: str, batch_size: int) -> TrainingError | None:
+    """One line for a step (or its batch) that ran out of memory; None for any other error.
 
-    The CPU allocator raises a plain RuntimeError that says it "can't allocate memory"."""
-    if not (isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)):
+    The CPU allocator raises a plain RuntimeError that says it "can't allocate memory"; NumPy
+    and Python, in the loader or the step, a MemoryError."""
+    if not (isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(err)):
         return None
     half = max(1, batch_size // 2)
-    return TrainingError(f"out of memory at {where} ({str(err).splitlines()[0].rstrip('. ')}); {batch}; "
+    reason = str(err).splitlines()[0].rstrip(". ") if str(err) else type(err).__name__
+    return TrainingError(f"out of memory at {where} ({reason}); {batch}; "
                          f"lower data.batch_size (data.batch_size={half} train.grad_accum_steps=2 keeps "
                          "the global batch) or use train.mixed_precision=bf16")
 
@@ -73,10 +79,12 @@ class StartupError(PegasusError):
 
 
 class StopSignals:
-    """SIGUSR1/SIGTERM/SIGHUP/SIGINT in the training loop: recorded, so that the ranks stop together.
+    """A stop signal (:data:`STOP_SIGNALS`) in the training loop: recorded, so that the ranks stop together.
 
-    A second SIGTERM, SIGHUP or SIGINT, or one outside :meth:`training`, ends the process at once:
-    no run outlives a second one. SIGUSR1 outside the loop changes nothing: the run is ending."""
+    A second ending signal (SIGTERM, SIGHUP, SIGINT), or one outside :meth:`training`, ends the
+    process at once, as with no handler: no run outlives a second one. A warning never does: sent
+    again it changes nothing (SIGXCPU repeats while the checkpoint is written), and after the loop
+    neither, since the run is ending."""
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -111,8 +119,11 @@ class StopSignals:
             self.received, self._received_at = signum, now
 
     def restore(self) -> None:
+        """The handlers from before the run; once a signal stopped it, the warnings stay ignored:
+        they come again while the process ends (SIGXCPU every CPU second), with nothing to ask."""
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            ignored = self.received is not None and sig in WARNING_SIGNALS
+            signal.signal(sig, signal.SIG_IGN if ignored else handler)
 
 
 class StopPoll:

@@ -100,7 +100,7 @@ class Trainer:
             try:
                 while self.state.epoch < cfg.train.epochs and not self._reached_last_step():
                     self._run_epoch(progress)
-            except RuntimeError as err:
+            except (RuntimeError, MemoryError) as err:
                 where = f"step {self.state.step + 1} (epoch {self.state.epoch + 1})"
                 if oom := out_of_memory(err, where, self.batch_description, cfg.data.batch_size):
                     raise oom from None
