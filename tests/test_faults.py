@@ -49,15 +49,12 @@ def train_cmd(shards: Path, runs: Path, steps: int, *extra: str) -> list[str]:
     return [str(BIN / "pegasus-dist"), "train", "--config", SMOKE, *tiny(shards, runs, steps, *extra)]
 
 
-# The adversaries with VQGAN's adaptive weight: the fixed weight's path and the gradients it takes;
-# and the perceptual loss, in its frozen network's features.
 @pytest.mark.parametrize("extra", [[], ["loss.acai_weight=100", "loss.patch_gan_weight=0.8",
                                         "loss.patch_gan_adaptive=true", "loss.perceptual_weight=30"]],
-                         ids=["vae", "acai+adaptive_patch_gan+perceptual"])
+                         ids=["vae", "acai+adaptive_patch_gan+perceptual"])  # the gradients they take
 def test_sigkill_mid_epoch_then_resume_gives_bit_equal_losses(smoke_shards, perceptual_network, tmp_path,
                                                               extra):
-    if extra:
-        extra = [*extra, f"loss.perceptual_network={perceptual_network}"]
+    extra = [*extra, f"loss.perceptual_network={perceptual_network}"] if extra else []
     # 470 samples / 16 = 30 batches an epoch: steps 1..24 stay inside epoch 1.
     ref = run_bounded(train_cmd(smoke_shards, tmp_path / "ref", 24, *extra), timeout=300)
     assert ref.returncode == 0, ref.stdout[-3000:]
@@ -66,8 +63,7 @@ def test_sigkill_mid_epoch_then_resume_gives_bit_equal_losses(smoke_shards, perc
     # The killed run is slowed down (100 ms a step, same numbers) so the kill lands mid-run.
     proc = start(with_fault("slow:ms=100", cmd))
     run = tmp_path / "cut" / "pretrain"
-    wait_until(lambda: (run / "metrics.jsonl").exists()
-               and len(losses(run)) >= 13, proc, 120)
+    wait_until(lambda: (run / "metrics.jsonl").exists() and len(losses(run)) >= 13, proc, 120)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert latest_checkpoint(run / "checkpoints").name in ("step_00000008", "step_00000016")
