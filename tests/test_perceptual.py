@@ -17,7 +17,7 @@ from pegasus_dist.training.perceptual import load_perceptual_network, perceptual
 
 def saved_classifier(folder, seed: int) -> None:
     torch.manual_seed(seed)
-    meta = {"classes": ["bird", "horse"], "widths": [4, 8], "image_size": 32, "seed": seed}
+    meta = {"classes": ["bird", "horse"], "widths": [4, 8], "image_size": 32, "seed": seed, "held_out": {}}
     save_classifier(Classifier(meta["classes"], (4, 8), 32), meta, folder)
 
 
