@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import pickle
 import re
-import resource
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 from accelerate import Accelerator
-from helpers import SMOKE, TINY, Trained, cli_here, written_before_checksums
+from helpers import SMOKE, TINY, Trained, cli_here, files_capped_at, written_before_checksums
 from processes import BIN, REPO, run_bounded
 from safetensors.torch import load_file, save_file
 
@@ -236,19 +233,6 @@ def test_sample_eval_and_init_from_refuse_changed_weights_naming_the_file(tmp_pa
     assert str(refused.value) == (f"{folder / 'model.safetensors'} does not match its sha256 in "
                                   f"{folder / 'SHA256SUMS'} (changed after it was written); use another "
                                   "checkpoint of the run")
-
-
-@contextlib.contextmanager
-def files_capped_at(size: int):
-    """Writes past ``size`` bytes fail in this process (EFBIG), as they would on a full disk."""
-    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel ends the process
-    resource.setrlimit(resource.RLIMIT_FSIZE, (size, limits[1]))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
-        signal.signal(signal.SIGXFSZ, handler)
 
 
 def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_one_before(tmp_path):
