@@ -17,7 +17,9 @@ from processes import BIN, REPO, run_bounded
 from safetensors.torch import load_file, save_file
 
 from pegasus_dist.checksums import write_sums
-from pegasus_dist.config import Config, LossConfig, load_config
+from pegasus_dist.config import Config, LossConfig, PrepareConfig, load_config
+from pegasus_dist.data.manifest import load_manifest
+from pegasus_dist.data.prepare import prepare
 from pegasus_dist.errors import CheckpointError, ConfigError
 from pegasus_dist.model.adversaries import Adversaries
 from pegasus_dist.model.saved import (
@@ -343,20 +345,28 @@ def test_a_requeue_gets_past_a_damaged_newest_checkpoint_on_every_rank(checkpoin
             "after it was written)") in errors[0]
 
 
-def test_resuming_on_another_data_seed_is_refused_naming_both_unless_allowed(checkpointed_run, capsys):
-    train = ["train", "--config", SMOKE, *checkpointed_run.overrides, "train.max_steps=9", "data.seed=1"]
+@pytest.mark.parametrize("other", ["seed", "shards"])
+def test_resuming_on_other_data_is_refused_naming_both_unless_allowed(checkpointed_run, smoke_shards, capsys,
+                                                                       tmp_path, other):
+    trained = f"mix@{load_manifest(smoke_shards / 'mix').generation}"
+    if other == "shards":  # a new `prepare` of the same sources: another generation
+        prepare(PrepareConfig(out=str(tmp_path), sources=["synthetic:480"], shard_size=50, seed=1), "tests")
+    change = ["data.seed=1"] if other == "seed" else [f"data.shards={tmp_path}"]
+    reads = f"mix@{load_manifest(tmp_path / 'mix').generation}" if other == "shards" else trained
+    train = ["train", "--config", SMOKE, *checkpointed_run.overrides, "train.max_steps=9", *change]
     newest = checkpointed_run.pretrain / "checkpoints/step_00000006"
     code, out = cli_here(capsys, *train)  # the console script, in this process
     errors = [line for line in out.splitlines() if line.startswith("error: ")]
     assert code == 2 and len(errors) == 1, out[-3000:]
-    assert f"{newest} was trained on shards mix@" in errors[0]
-    assert "with data.seed=0, this run reads mix@" in errors[0]
-    assert ("with data.seed=1; resume on the same shards and seed, or set data.resume_on_other_data=true"
-            in errors[0])
+    seed = 1 if other == "seed" else 0
+    assert (f"{newest} was trained on shards {trained} with data.seed=0, this run reads {reads} with "
+            f"data.seed={seed}; resume on the same shards and seed, or set data.resume_on_other_data=true"
+            in errors[0]), errors[0]
     code, out = cli_here(capsys, *train, "data.resume_on_other_data=true")
     assert code == 0, out[-3000:]
     assert "continuing on these (data.resume_on_other_data=true)" in out
-    assert read_state(checkpointed_run.pretrain / "checkpoints/step_00000009").data_seed == 1
+    state = read_state(checkpointed_run.pretrain / "checkpoints/step_00000009")
+    assert (state.shards, state.data_seed) == (reads, seed)
 
 
 def test_sample_and_eval_refuse_a_checkpoint_whose_config_changed(tmp_path):
