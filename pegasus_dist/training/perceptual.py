@@ -25,7 +25,13 @@ def load_perceptual_network(cfg: Config, device: torch.device) -> Classifier | N
     refused when it holds the judge's weights, wherever they were copied to."""
     if not cfg.loss.perceptual_weight:
         return None
-    network = load_classifier(cfg.loss.perceptual_network)
+    folder = cfg.loss.perceptual_network
+    if read_meta(folder) is None:
+        raise ConfigError(f"loss.perceptual_network={folder} holds no classifier; train one for the loss, "
+                          "another than the judge: `pegasus-dist classifier --config CONFIG "
+                          f"quality.classifier={folder} quality.classifier_seed=1 "
+                          "'quality.classifier_widths=[32,64,128,256]'`")
+    network = load_classifier(folder)
     judge = read_meta(cfg.classifier_dir)
     if judge is not None and judge["weights_sha256"] == network.meta["weights_sha256"]:
         raise ConfigError(f"loss.perceptual_network ({cfg.loss.perceptual_network}) holds the weights of "
