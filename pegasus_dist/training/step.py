@@ -145,17 +145,19 @@ class TrainStep:
                              beta=kl_weight(loss.beta, loss.kl_warmup_steps, step),
                              free_bits=loss.free_bits, log_scale=out.log_scale)
             total = terms.total
+            # The reconstructions, in pixels, that the adversaries and the perceptual loss judge.
+            judged = m.adversaries is not None or m.perceptual is not None
+            decoded = torch.sigmoid(out.logits) if judged else None
             if m.adversaries is not None:
-                # The decodes both adversaries see: interpolants (ACAI) and reconstructions.
+                # The interpolants (ACAI) the critic sees beside them.
                 mixed = None if pairs is None else torch.sigmoid(out.mixed_logits)
-                decoded = torch.sigmoid(out.logits)
                 fooling, generator, matching = self._fooling_terms(x, mixed, decoded, pairs, zero)
                 generator_weight = self._generator_weight(terms.recon, generator)
                 total = (total + loss.acai_weight * fooling + generator_weight * generator
                          + loss.feature_matching_weight * matching)
             if m.perceptual is not None:
                 with self.accelerator.autocast():
-                    perceptual = perceptual_loss(m.perceptual, x, torch.sigmoid(out.logits))
+                    perceptual = perceptual_loss(m.perceptual, x, decoded)
                 total = total + loss.perceptual_weight * perceptual
             total = self.hooks.loss(step + 1, total)
             self.accelerator.backward(total * weight)
