@@ -63,7 +63,10 @@ def start_tracking(accelerator: Accelerator, cfg: Config, state: TrainState, glo
     config = cfg.model_dump()
     config["launch"] = {"world_size": accelerator.num_processes, "global_batch": global_batch, "lr": lr}
     if cfg.train.init_from and state.step == 0:  # a resumed run keeps what its start recorded
-        config["started_from"] = _started_from(cfg.train.init_from)
+        folder = resolve_checkpoint(cfg.train.init_from)
+        source = read_state(folder)
+        config["started_from"] = {"checkpoint": str(folder.resolve()), "phase": source.phase,
+                                  "step": source.step, "wandb_run_id": source.wandb_run_id}
     # W&B would fail on such a value, after its own loggers choked on it (the folder: the cwd's too)
     if key := _not_utf8({**config, "the run folder": str(cfg.run_dir.resolve())}):
         log.warning("W&B could not start (%s holds bytes that this locale's encoding, %s, cannot decode): "
@@ -120,14 +123,6 @@ def _start(accelerator: Accelerator, cfg: Config, state: TrainState, config: dic
 
 def _first_line(err: Exception) -> str:
     return str(err).splitlines()[0] if str(err) else type(err).__name__
-
-
-def _started_from(init_from: str) -> dict[str, Any]:
-    """The checkpoint that ``train.init_from`` names, and the W&B run that wrote it."""
-    folder = resolve_checkpoint(init_from)
-    state = read_state(folder)
-    return {"checkpoint": str(folder.resolve()), "phase": state.phase, "step": state.step,
-            "wandb_run_id": state.wandb_run_id}
 
 
 class MetricsLog:
