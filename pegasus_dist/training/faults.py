@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -132,13 +131,11 @@ class StopPoll:
     Each step posts an async all-reduce (max) of its flag on a CPU gloo group and reads the one
     posted a step before, which every rank has posted by then (DDP keeps them within a step)."""
 
-    LAG = 1  # steps between posting a flag and reading the agreed value
-
     def __init__(self, accelerator: Accelerator, signals: StopSignals, timeout_s: int) -> None:
         self.signals = signals
         self.group = (dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
                       if accelerator.num_processes > 1 else None)
-        self.pending: deque[tuple[torch.Tensor, dist.Work]] = deque()
+        self.pending: tuple[torch.Tensor, dist.Work] | None = None  # the flag posted a step before
 
     def after_step(self) -> bool:
         """Every rank calls this after every optimizer step: True on every rank at the same step."""
@@ -147,17 +144,17 @@ class StopPoll:
             return local
         flag = torch.tensor([int(local)])
         work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
-        self.pending.append((flag, work))
-        if len(self.pending) <= self.LAG:
+        posted, self.pending = self.pending, (flag, work)
+        if posted is None:
             return False
-        flag, work = self.pending.popleft()
-        work.wait()
-        return bool(flag.item())
+        posted[1].wait()
+        return bool(posted[0].item())
 
     def drain(self) -> None:
-        """Wait for the flags still in flight; every rank posted the same ones, so none blocks."""
-        while self.pending:
-            self.pending.popleft()[1].wait()
+        """Wait for the flag still in flight; every rank posted the same one, so none blocks."""
+        if self.pending is not None:
+            self.pending[1].wait()
+            self.pending = None
 
 
 class NonfiniteWatch:
@@ -242,12 +239,11 @@ def fail_with_every_rank(err: PegasusError) -> NoReturn:
     """Raise ``err``, found before the ranks formed a group, once agreed.
 
     The others may wait in :func:`agree_on_start`: meet them there with the default config."""
+    def fail() -> NoReturn:
+        raise err
+
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        agree_on_start(build_accelerator(Config()), lambda: _raise(err))
-    raise err
-
-
-def _raise(err: Exception) -> NoReturn:
+        agree_on_start(build_accelerator(Config()), fail)
     raise err
 
 

@@ -75,10 +75,6 @@ class Hooks:
         return loss
 
 
-class InjectedFault(PegasusError):
-    """A start-up failure that a fault plan asked for (``fail``): reported like any user error."""
-
-
 def with_fault_plan(hooks: Hooks | None) -> Hooks:
     """``hooks`` plus the fault plan of ``PEGASUS_FAULT``, if set."""
     return fault_plan(os.environ.get(FAULT_VARIABLE, "")) + (hooks or Hooks())
@@ -185,9 +181,10 @@ def _fill_disk(step: int) -> Hooks:
 
 
 def _fail(at: str) -> Hooks:
+    """A start-up stage that fails as with a user's error (a PegasusError), reported like one."""
     def fail(stage: str) -> None:
         if stage == at:
-            raise InjectedFault(f"an injected fault in the start-up stage {at} ({FAULT_VARIABLE})")
+            raise PegasusError(f"an injected fault in the start-up stage {at} ({FAULT_VARIABLE})")
     return Hooks(at_start_up=[fail])
 
 

@@ -150,8 +150,7 @@ class Trainer:
     def _sync_point(self, log_metrics: bool, checkpoint: bool) -> None:
         """Agree on faults, then log the window and checkpoint, or stop for a requeue."""
         agreement = self._agree()
-        # Before the window resets:
-        diverged = self.guard.check(self.accelerator, self.window, self.state.step)
+        diverged = self.guard.check(self.accelerator, self.window, self.state.step)  # before the reset
         if log_metrics:
             self._log_window()
         if diverged:  # in the warm-up; before any checkpoint, after logging what diverged
@@ -169,20 +168,15 @@ class Trainer:
         save_due = bool(minutes) and time.monotonic() - self.last_save >= 60 * minutes
         agreement = agree(self.accelerator, self.signals.received is not None, self.watch, save_due)
         self.state.scaler_skipped_steps += self.train_step.dropped_updates()
-        if agreement.first_bad_step is not None:
-            raise self._nonfinite_error(agreement)
+        if (step := agreement.first_bad_step) is not None:
+            last = newest_intact_checkpoint(self.cfg.run_dir / "checkpoints", move_damaged=False)
+            where = describe_position(step, *self.watch.positions[step], agreement.bad_ranks)
+            raise TrainingError(f"non-finite loss at {where} (found at step {self.state.step}); last "
+                                f"good checkpoint: {last or 'none yet'}; {self.schedule.describe()}; lower "
+                                "optim.lr (a resumed run applies it) or optim.grad_clip, or set "
+                                "train.on_nonfinite=skip to skip such steps")
         self.watch.positions.clear()
         return agreement
-
-    def _nonfinite_error(self, agreement: Agreement) -> TrainingError:
-        step = agreement.first_bad_step
-        epoch, batch = self.watch.positions[step]
-        last = newest_intact_checkpoint(self.cfg.run_dir / "checkpoints", move_damaged=False)
-        where = describe_position(step, epoch, batch, agreement.bad_ranks)
-        return TrainingError(f"non-finite loss at {where} (found at step {self.state.step}); last good "
-                             f"checkpoint: {last or 'none yet'}; {self.schedule.describe()}; lower "
-                             "optim.lr (a resumed run applies it) or optim.grad_clip, or set "
-                             "train.on_nonfinite=skip to skip such steps")
 
     def _log_window(self) -> None:
         """Reduce the window's sums over all ranks (one all-reduce, one host read) and log per-image means."""

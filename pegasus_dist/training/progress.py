@@ -88,8 +88,6 @@ class Progress:
 
     def _eta(self, now: float) -> str:
         """Time left at this process's mean pace so far (sync points and checkpoints included)."""
-        if not self.steps_done:
-            return "unknown"
         batches_left = max(self.last_step - self.step, 0) * self.accum
         left = batches_left * (now - self.started) / self.steps_done
         return str(timedelta(seconds=round(left)))

@@ -224,40 +224,35 @@ class TrainStep:
     def _optimizer_step(self, state: TrainState, plan: EpochPlan) -> None:
         """The update at the end of an optimizer step, or its skip on every rank alike."""
         m = self.models
-        if self.skip_ranks:
-            self._skip_update(state, plan)
-            return
-        set_lr(m.optimizer, self.schedule.at(state.step))
-        if self.cfg.optim.grad_clip:
-            self.accelerator.clip_grad_norm_(m.model.parameters(), self.cfg.optim.grad_clip)
-        if self.dropped is not None:
-            self.dropped.note_step()
-        m.optimizer.step()
+        if self.skip_ranks:  # train.on_nonfinite=skip: this step's gradients are dropped, and counted
+            state.nonfinite_skipped_steps += 1
+            where = describe_position(state.step + 1, state.epoch + 1, plan.batch_number(), self.skip_ranks)
+            log.warning("non-finite loss at %s: update skipped (%d so far)", where,
+                        state.nonfinite_skipped_steps)
+            self.skip_ranks = []
+        else:
+            set_lr(m.optimizer, self.schedule.at(state.step))
+            if self.cfg.optim.grad_clip:
+                self.accelerator.clip_grad_norm_(m.model.parameters(), self.cfg.optim.grad_clip)
+            if self.dropped is not None:
+                self.dropped.note_step()
+            m.optimizer.step()
+            if m.ema is not None:
+                m.ema.update_parameters(self.accelerator.unwrap_model(m.model, keep_torch_compile=False))
+            if m.adversary_optimizer is not None:
+                set_lr(m.adversary_optimizer, self.schedule.at(state.step))
+                if m.adversary_scaler is None:
+                    m.adversary_optimizer.step()
+                else:
+                    m.adversary_scaler.step(m.adversary_optimizer)
+                    m.adversary_scaler.update()
         m.optimizer.zero_grad(set_to_none=True)
-        if m.ema is not None:
-            m.ema.update_parameters(self.accelerator.unwrap_model(m.model, keep_torch_compile=False))
         if m.adversary_optimizer is not None:
-            set_lr(m.adversary_optimizer, self.schedule.at(state.step))
-            if m.adversary_scaler is None:
-                m.adversary_optimizer.step()
-            else:
-                m.adversary_scaler.step(m.adversary_optimizer)
-                m.adversary_scaler.update()
             m.adversary_optimizer.zero_grad(set_to_none=True)
 
     def dropped_updates(self) -> int:
         """fp16's updates dropped by the loss scaler since the last call; 0 otherwise (a host read)."""
         return 0 if self.dropped is None else self.dropped.take()
-
-    def _skip_update(self, state: TrainState, plan: EpochPlan) -> None:
-        """train.on_nonfinite=skip: drop this step's gradients on every rank alike, and count it."""
-        self.models.optimizer.zero_grad(set_to_none=True)
-        if self.models.adversary_optimizer is not None:
-            self.models.adversary_optimizer.zero_grad(set_to_none=True)
-        state.nonfinite_skipped_steps += 1
-        where = describe_position(state.step + 1, state.epoch + 1, plan.batch_number(), self.skip_ranks)
-        log.warning("non-finite loss at %s: update skipped (%d so far)", where, state.nonfinite_skipped_steps)
-        self.skip_ranks = []
 
     def _noise(self, offset: int, size: int, index: int,
                step: int) -> tuple[torch.Tensor, torch.Tensor | None]:

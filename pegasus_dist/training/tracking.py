@@ -63,7 +63,10 @@ def start_tracking(accelerator: Accelerator, cfg: Config, state: TrainState, glo
     config = cfg.model_dump()
     config["launch"] = {"world_size": accelerator.num_processes, "global_batch": global_batch, "lr": lr}
     if cfg.train.init_from and state.step == 0:  # a resumed run keeps what its start recorded
-        config["started_from"] = _started_from(cfg.train.init_from)
+        folder = resolve_checkpoint(cfg.train.init_from)
+        source = read_state(folder)
+        config["started_from"] = {"checkpoint": str(folder.resolve()), "phase": source.phase,
+                                  "step": source.step, "wandb_run_id": source.wandb_run_id}
     # W&B would fail on such a value, after its own loggers choked on it (the folder: the cwd's too)
     if key := _not_utf8({**config, "the run folder": str(cfg.run_dir.resolve())}):
         log.warning("W&B could not start (%s holds bytes that this locale's encoding, %s, cannot decode): "
@@ -86,14 +89,10 @@ def _not_utf8(config: dict[str, Any], prefix: str = "") -> str | None:
     argument as surrogates (PEP 383): the files are right, but W&B can neither send nor log them.
     """
     for key, value in config.items():
-        if isinstance(value, dict):
-            if found := _not_utf8(value, f"{prefix}{key}."):
-                return found
-            continue
         try:
             json.dumps(value, ensure_ascii=False, default=str).encode()
-        except UnicodeEncodeError:
-            return f"{prefix}{key}"
+        except UnicodeEncodeError:  # a section: the key in it, else the section (one of its keys)
+            return (isinstance(value, dict) and _not_utf8(value, f"{prefix}{key}.")) or f"{prefix}{key}"
     return None
 
 
@@ -124,14 +123,6 @@ def _start(accelerator: Accelerator, cfg: Config, state: TrainState, config: dic
 
 def _first_line(err: Exception) -> str:
     return str(err).splitlines()[0] if str(err) else type(err).__name__
-
-
-def _started_from(init_from: str) -> dict[str, Any]:
-    """The checkpoint that ``train.init_from`` names, and the W&B run that wrote it."""
-    folder = resolve_checkpoint(init_from)
-    state = read_state(folder)
-    return {"checkpoint": str(folder.resolve()), "phase": state.phase, "step": state.step,
-            "wandb_run_id": state.wandb_run_id}
 
 
 class MetricsLog:
@@ -174,8 +165,7 @@ class MetricsLog:
         if not self.accelerator.is_main_process:
             return
         rows = self._keep_rows_up_to(step)
-        run = self._wandb_run()
-        if run is None:
+        if (run := self._wandb_run()) is None:
             return
         self.wandb_holds_step = run.step - 1
         missing = [row for row in rows if row["step"] > self.wandb_holds_step]
@@ -209,10 +199,8 @@ class MetricsLog:
 
     def _wandb_run(self) -> wandb.Run | None:
         """The W&B run on the main process; None on the others or with W&B disabled."""
-        if not (self.accelerator.is_main_process
-                and any(t.name == "wandb" for t in self.accelerator.trackers)):
-            return None
-        return self.accelerator.get_tracker("wandb", unwrap=True)
+        on = self.accelerator.is_main_process and any(t.name == "wandb" for t in self.accelerator.trackers)
+        return self.accelerator.get_tracker("wandb", unwrap=True) if on else None
 
 
 def _metrics_row(line: str) -> dict[str, Any] | None:
@@ -223,10 +211,6 @@ def _metrics_row(line: str) -> dict[str, Any] | None:
         row = json.loads(line)
     except (ValueError, RecursionError):  # not JSON; or nested past what the parser takes
         return None
-    if not isinstance(row, dict) or not _is_number(step := row.get("step"), whole=True) or step < 0:
-        return None
-    return row if all(_is_number(value) for value in row.values()) else None
-
-
-def _is_number(value: object, whole: bool = False) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int if whole else (int, float))
+    # json.loads makes exactly int, float and bool: type() keeps bools out.
+    numbers = isinstance(row, dict) and all(type(value) in (int, float) for value in row.values())
+    return row if numbers and type(row.get("step")) is int and row["step"] >= 0 else None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, fields
+from types import SimpleNamespace
 
 import torch
 from accelerate import Accelerator
@@ -39,38 +40,24 @@ class BatchLosses:
 TERMS = tuple(f.name for f in fields(BatchLosses))
 # A window's sums, in the order they travel in its one all-reduce.
 SUMS = (*TERMS, "images", "bad_samples")
-# The name each term is logged under, and the loss weight that must be on for it to be logged.
-LOGGED = {"total": "loss", "recon": "recon", "kl": "kl", "critic": "acai_critic", "fooling": "acai_fooling",
+# The name a term is logged under when not its own, and the loss weight that must be on for it to be logged.
+LOGGED = {"total": "loss", "critic": "acai_critic", "fooling": "acai_fooling",
           "discriminator": "patch_gan_discriminator", "generator": "patch_gan_generator",
-          "matching": "feature_matching", "generator_weight": "patch_gan_adaptive_weight",
-          "perceptual": "perceptual"}
+          "matching": "feature_matching", "generator_weight": "patch_gan_adaptive_weight"}
 WEIGHT = {"critic": "acai_weight", "fooling": "acai_weight", "discriminator": "patch_gan_weight",
           "generator": "patch_gan_weight", "matching": "feature_matching_weight",
           "generator_weight": "patch_gan_adaptive", "perceptual": "perceptual_weight"}
 
 
-@dataclass(frozen=True)
-class Sums:
-    """A window's sums over every rank: the terms image-weighted, then images and bad samples."""
-
-    total: float
-    recon: float
-    kl: float
-    critic: float
-    fooling: float
-    discriminator: float
-    generator: float
-    matching: float
-    generator_weight: float
-    perceptual: float
-    images: float
-    bad_samples: float
+class Sums(SimpleNamespace):
+    """A window's sums over every rank, an attribute per name of :data:`SUMS`: the terms
+    image-weighted, then images and bad samples."""
 
     def means(self, loss: LossConfig) -> dict[str, float]:
         """Per-image means by logged name; the adversaries' only when they train; none without images."""
         if not self.images:
             return {}
-        return {LOGGED[term]: getattr(self, term) / self.images for term in TERMS
+        return {LOGGED.get(term, term): getattr(self, term) / self.images for term in TERMS
                 if term not in WEIGHT or getattr(loss, WEIGHT[term])}
 
 
