@@ -54,10 +54,9 @@ FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
 def newest_intact_checkpoint(root: Path, move_damaged: bool) -> Path | None:
-    """The newest checkpoint under ``root`` whose files all read (``run.resume=auto``).
-
-    So a requeue gets past a damaged one: only the main process (``move_damaged``) renames it
-    ``damaged-step_N-<time>``, where pruning never looks; a rank checking it then finds it gone."""
+    """The newest checkpoint under ``root`` whose files all read (``run.resume=auto``). So a requeue gets
+    past a damaged one, only the main process (``move_damaged``) renames it ``damaged-step_N-<time>``,
+    where pruning never looks; a rank checking it then finds it gone."""
     moved, found = [], None
     for folder in reversed(list_checkpoints(root)):
         if (problem := find_damage(folder)) is None:
@@ -74,11 +73,8 @@ def newest_intact_checkpoint(root: Path, move_damaged: bool) -> Path | None:
 
 
 def find_damage(folder: Path) -> str | None:
-    """Why ``folder`` cannot be resumed from, or None when every file of it reads whole.
-
-    Reads, never unpickles: sums, safetensors headers, zip CRCs, then every float of every file
-    finite (torch files loaded weights-only, as a resume loads them). An older layout is refused in
-    one line, not moved aside."""
+    """Why ``folder`` cannot be resumed from, or None when every file of it reads whole and finite
+    (never unpickled). An older layout is refused in one line, not moved aside."""
     _refuse_older_layout(folder)
     try:
         state = parse_state(folder / STATE)
@@ -161,9 +157,7 @@ def _check_zip(path: Path) -> None:
 
 def _check_finite(path: Path) -> None:
     """Raises naming the first NaN or Inf of ``path`` (weights, their average, an Adam, a loss scaler):
-    resumed, it would stop the run again at its next step, and a requeued job would loop. Reads a
-    tensor at a time (safetensors), or memory-mapped and weights-only (torch files: a pickled object is
-    refused, never run)."""
+    resumed, it would stop the run again at its next step, and a requeued job would loop."""
     try:
         if path.suffix == ".safetensors":
             with safe_open(path, framework="pt") as weights:
@@ -204,11 +198,9 @@ def write_counters(folder: Path, state: TrainState, config_yaml: str) -> None:
 def save_checkpoint(accelerator: Accelerator, state: TrainState, config_yaml: str, root: Path,
                     keep: int, before_counters: Callable[[Path, TrainState], None] | None = None,
                     ema: AveragedModel | None = None) -> Path:
-    """Every rank calls this; returns the published ``step_<N>`` folder.
-
-    The main process writes ``.tmp-step_<N>/``, renames it into place and prunes; a failed write
-    (a full disk) is one CheckpointError on every rank. ``before_counters``: ``Hooks.during_save``.
-    """
+    """Every rank calls this; returns the published ``step_<N>`` folder. The main process writes
+    ``.tmp-step_<N>/``, renames it into place and prunes; a failed write (a full disk) is one
+    CheckpointError on every rank. ``before_counters``: ``Hooks.during_save``."""
     final = root / checkpoint_name(state.step)
     # Already saved at this step (the cadence saved the last step)? The main process
     # decides for every rank: a rank that read another answer from a shared filesystem
@@ -272,7 +264,6 @@ def _unwrapped_weights(models: list[torch.nn.Module], weights: list[dict], outpu
 
 def restore_checkpoint(accelerator: Accelerator, folder: Path, ema: AveragedModel | None = None) -> None:
     """Load ``folder`` into what ``accelerator`` prepared, and ``ema`` (call :func:`check_resumable` first).
-
     Every file but the weights is loaded weights-only, even where Accelerate asks for
     ``weights_only=False``: a pickled object is refused, never run."""
     try:
