@@ -37,8 +37,7 @@ GUARDED_STEPS = 100
 def scaled_lr(optim: OptimConfig, global_batch: int) -> float:
     """The learning rate for ``global_batch``, following ``optim.lr_scaling``."""
     ratio = global_batch / optim.base_batch_size
-    factor = {"linear": ratio, "sqrt": ratio**0.5, "none": 1.0}[optim.lr_scaling]
-    return optim.lr * factor
+    return optim.lr * {"linear": ratio, "sqrt": ratio**0.5, "none": 1.0}[optim.lr_scaling]
 
 
 @dataclass(frozen=True)
@@ -71,12 +70,9 @@ class LrSchedule:
 def build_optimizer(parameters: Iterable[torch.nn.Parameter], schedule: LrSchedule,
                     device: torch.device) -> torch.optim.Adam:
     """Adam at the rate of the first step; the trainer sets the rate again before every step."""
-    return torch.optim.Adam(
-        parameters, lr=schedule.at(0), betas=tuple(schedule.optim.betas),
-        weight_decay=schedule.optim.weight_decay,
-        # One kernel for all parameters: several times faster on the CPU too (`pegasus-dist bench`).
-        fused=device.type in ("cpu", "cuda"),
-    )
+    # fused: one kernel for all parameters, several times faster on the CPU too (`pegasus-dist bench`).
+    return torch.optim.Adam(parameters, lr=schedule.at(0), betas=tuple(schedule.optim.betas),
+                            weight_decay=schedule.optim.weight_decay, fused=device.type in ("cpu", "cuda"))
 
 
 class DroppedUpdates:
@@ -115,32 +111,23 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def apply_on_resume(optimizer: torch.optim.Optimizer, schedule: LrSchedule, step: int,
                     checkpoint: Path) -> None:
-    """Give an optimizer restored from ``checkpoint`` this run's hyperparameters, logging changes.
-
-    Else lowering ``optim.lr`` to get past a divergence would change the log but not the training.
-    """
+    """Give an optimizer restored from ``checkpoint`` this run's hyperparameters, logging changes:
+    else lowering ``optim.lr`` to get past a divergence would change the log but not the training."""
     optim, group = schedule.optim, optimizer.param_groups[0]
-    changes = {f"optim.{key}": (old, new) for key, old, new in _changed_keys(optim, checkpoint)}
+    # Its config.yaml is a mapping of sections: checkpoint.find_damage checked it before the resume.
+    # What the restored optimizer holds comes before what that file says (the same, unless edited).
+    saved = yaml.safe_load((checkpoint / "config.yaml").read_text()).get("optim", {})
+    saved |= {"betas": list(group["betas"]), "weight_decay": group["weight_decay"]}
+    changes = {f"optim.{key}": (saved[key], value) for key, value in vars(optim).items()
+               if key in saved and not _same(saved[key], value)}
     # The restored rate is the one of the checkpoint's last step: compare at that step.
     if step and not _same(group["lr"], schedule.at(step - 1)):
         changes[f"lr at step {step}"] = (f"{group['lr']:.3g}", f"{schedule.at(step - 1):.3g}")
-    if list(group["betas"]) != optim.betas:
-        changes.setdefault("optim.betas", (list(group["betas"]), optim.betas))
-    if group["weight_decay"] != optim.weight_decay:
-        changes.setdefault("optim.weight_decay", (group["weight_decay"], optim.weight_decay))
     for g in optimizer.param_groups:
         g["lr"], g["betas"], g["weight_decay"] = schedule.at(step), tuple(optim.betas), optim.weight_decay
     if described := [f"{name} {old} -> {new}" for name, (old, new) in changes.items()]:
         log.warning("resuming from %s with this run's optimizer settings, not the checkpoint's: %s",
                     checkpoint, "; ".join(described))
-
-
-def _changed_keys(optim: OptimConfig, checkpoint: Path) -> list[tuple[str, object, object]]:
-    """The optim.* keys whose value in the checkpoint's config.yaml differs from this run's."""
-    path = checkpoint / "config.yaml"
-    saved = (yaml.safe_load(path.read_text()) or {}).get("optim", {}) if path.is_file() else {}
-    return [(key, saved[key], value) for key, value in vars(optim).items()
-            if key in saved and not _same(saved[key], value)]
 
 
 def _same(a: object, b: object) -> bool:
