@@ -63,8 +63,7 @@ def warn_if_launcher_precision_differs(cfg: Config) -> None:
     fix = (f"to train in {launcher} pass train.mixed_precision={launcher}" if launcher in choices
            else f"train.mixed_precision takes {', '.join(choices)}")
     log.warning("accelerate launch --mixed_precision %s is not used: this run trains with "
-                "train.mixed_precision=%s from its config; %s",
-                launcher, cfg.train.mixed_precision, fix)
+                "train.mixed_precision=%s from its config; %s", launcher, cfg.train.mixed_precision, fix)
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
@@ -80,10 +79,9 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         xf = x.float()
         count = torch.full((1,), xf.numel() / channels, device=x.device)
         local = torch.cat([xf.sum((0, 2, 3)), xf.square().sum((0, 2, 3)), count])
-        stats = all_reduce(local)  # differentiable: its backward sums the gradients over ranks
-        total = stats[-1]
-        mean = stats[:channels] / total
-        var = (stats[channels : 2 * channels] / total - mean.square()).clamp_min(0)
+        sums, squares, total = all_reduce(local).split([channels, channels, 1])  # differentiable
+        mean = sums / total
+        var = (squares / total - mean.square()).clamp_min(0)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
