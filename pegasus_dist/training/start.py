@@ -312,12 +312,9 @@ def _continue_from(folder: Path, cfg: Config, accelerator: Accelerator, state: T
              folder, state.epoch + 1, state.samples_done, num_samples, state.step)
     old, new = state.global_batch, schedule.global_batch
     if accelerator.is_main_process and old and old != new:
-        log.warning(
-            "the global batch changed on resume: %d -> %d; lr %.3g -> %.3g (optim.lr_scaling=%s); "
-            "steps per epoch %d -> %d; epoch %d continues at sample %d of %d, so nothing is "
-            "repeated or skipped",
-            old, new, scaled_lr(cfg.optim, old), schedule.peak, cfg.optim.lr_scaling,
-            math.ceil(num_samples / old), math.ceil(num_samples / new),
-            state.epoch + 1, state.samples_done, num_samples,
-        )
+        log.warning("the global batch changed on resume: %d -> %d; lr %.3g -> %.3g (optim.lr_scaling=%s); "
+                    "steps per epoch %d -> %d; epoch %d continues at sample %d of %d, so nothing is "
+                    "repeated or skipped", old, new, scaled_lr(cfg.optim, old), schedule.peak,
+                    cfg.optim.lr_scaling, math.ceil(num_samples / old), math.ceil(num_samples / new),
+                    state.epoch + 1, state.samples_done, num_samples)
     apply_on_resume(models.optimizer, schedule, state.step, folder)
