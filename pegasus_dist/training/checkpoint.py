@@ -81,11 +81,16 @@ def find_damage(folder: Path) -> str | None:
         _check_config(folder / CONFIG)
         if changed := sums_problem(folder, required=state.sums):
             raise CheckpointError(changed)
-        for path in _files(folder):
-            (_tensor_names if path.suffix == ".safetensors" else _check_zip)(path)
+        # The weights and optimizer, which every checkpoint has, and whatever else torch or safetensors wrote.
+        found = {path for path in folder.iterdir() if path.suffix in (".safetensors", ".bin", ".pt", ".pkl")}
+        for path in sorted(found | {folder / MODEL, folder / OPTIMIZER}):
+            if path.suffix != ".safetensors":  # safe_open checks a safetensors header (_check_finite)
+                _check_zip(path)
             _check_finite(path)
     except CheckpointError as err:
         return str(err)
+    except OSError as err:  # e.g. moved aside by the main process meanwhile
+        return f"{folder}: {err}"
     return None
 
 
@@ -97,15 +102,6 @@ def _check_config(path: Path) -> None:
         raise CheckpointError(f"{path} is unreadable ({str(err).splitlines()[0]})") from None
     if not isinstance(saved, dict) or not all(isinstance(section, dict) for section in saved.values()):
         raise CheckpointError(f"{path} is not a config: a YAML mapping of sections")
-
-
-def _files(folder: Path) -> list[Path]:
-    """The weights and optimizer, which every checkpoint has, and whatever else torch or safetensors wrote."""
-    try:
-        found = {path for path in folder.iterdir() if path.suffix in (".safetensors", ".bin", ".pt", ".pkl")}
-    except OSError as err:  # e.g. moved aside by the main process meanwhile
-        raise CheckpointError(f"{folder}: {err}") from None
-    return sorted(found | {folder / MODEL, folder / OPTIMIZER})
 
 
 def _refuse_older_layout(folder: Path) -> None:
@@ -132,14 +128,11 @@ def check_resumable(folder: Path, wanted: set[str]) -> None:
 def held_adversaries(folder: Path) -> set[str]:
     """The adversaries whose weights ``folder`` holds, by their names' first part (``critic.*``)."""
     path = folder / ADVERSARIES
-    return {name.split(".", 1)[0] for name in _tensor_names(path)} if path.is_file() else set()
-
-
-def _tensor_names(path: Path) -> list[str]:
-    """Raises unless the header reads and the file is as long as the header says."""
-    try:
+    if not path.is_file():
+        return set()
+    try:  # safe_open checks that the file is as long as its header says
         with safe_open(path, framework="pt") as weights:
-            return list(weights.keys())
+            return {name.split(".", 1)[0] for name in weights.keys()}  # noqa: SIM118 (not a dict)
     except (OSError, SafetensorError) as err:
         raise CheckpointError(f"{path}: {err}") from None
 
@@ -205,8 +198,7 @@ def save_checkpoint(accelerator: Accelerator, state: TrainState, config_yaml: st
     # Already saved at this step (the cadence saved the last step)? The main process
     # decides for every rank: a rank that read another answer from a shared filesystem
     # would skip the broadcast below, and the ranks' collectives would go out of step.
-    already = [final.exists() if accelerator.is_main_process else None]
-    if broadcast_object_list(already)[0]:
+    if broadcast_object_list([final.exists() if accelerator.is_main_process else None])[0]:
         return final
     failure = None
     if accelerator.is_main_process:
@@ -274,8 +266,7 @@ def restore_checkpoint(accelerator: Accelerator, folder: Path, ema: AveragedMode
         raise CheckpointError(f"refusing to load a file of {folder}: {_pickled(err)}; only "
                               "tensors and plain containers are accepted") from None
     except (OSError, RuntimeError) as err:  # a file missing or cut short, in a checkpoint named in run.resume
-        why = str(err).splitlines()[0]
-        raise CheckpointError(f"cannot load {folder}: {why}; {MOVE_ASIDE}") from None
+        raise CheckpointError(f"cannot load {folder}: {str(err).splitlines()[0]}; {MOVE_ASIDE}") from None
     if ema is not None:
         restore_ema(ema, folder)
 
