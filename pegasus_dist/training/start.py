@@ -104,12 +104,10 @@ def start_phase(cfg: Config, hooks: Hooks) -> Started:
     metrics = MetricsLog(accelerator, cfg.run_dir)
     if resume_from is not None:
         metrics.resume(state.step)  # the rows after the checkpoint are recomputed
-    log.info(
-        "%s: %s parameters, %d samples in %s, world_size=%d, %s, %d batches per epoch; %s, grad clip %s",
-        cfg.train.phase, f"{num_parameters(models.model):,}", loader.num_samples, loader.path,
-        accelerator.num_processes, batch_description(cfg, accelerator), len(loader), schedule.describe(),
-        f"{cfg.optim.grad_clip:g}" if cfg.optim.grad_clip else "off",
-    )
+    log.info("%s: %s parameters, %d samples in %s, world_size=%d, %s, %d batches per epoch; %s, grad clip %s",
+             cfg.train.phase, f"{num_parameters(models.model):,}", loader.num_samples, loader.path,
+             accelerator.num_processes, batch_description(cfg, accelerator), len(loader), schedule.describe(),
+             f"{cfg.optim.grad_clip:g}" if cfg.optim.grad_clip else "off")
     return Started(cfg, accelerator, models, loader, state, schedule, metrics)
 
 
@@ -221,8 +219,7 @@ def _resume_position(state: TrainState, num_samples: int, world_size: int, folde
 
 def _check_batch_fits(cfg: Config, accelerator: Accelerator, num_samples: int, path: Path) -> None:
     """One line when a step wants more images than the set holds (its lr scaled for a batch never seen)."""
-    wanted = global_batch(cfg, accelerator)
-    if wanted > num_samples:
+    if global_batch(cfg, accelerator) > num_samples:
         most = max(1, num_samples // (accelerator.num_processes * cfg.train.grad_accum_steps))
         raise ConfigError(f"{batch_description(cfg, accelerator)}, but {path} holds {num_samples} samples; "
                           f"lower data.batch_size to {most} or less (or data.global_batch_size)")
