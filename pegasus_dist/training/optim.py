@@ -1,10 +1,9 @@
 """The optimizer and what keeps it stable from one GPU to many nodes.
 
-The learning rate follows the global batch by ``optim.lr_scaling``: sqrt by
-default (Malladi et al. 2022, for adaptive optimizers); linear (Goyal et al.
-2017, for SGD) makes Adam diverge at a global batch of 1024 (docs/scaling.md).
-A linear warm-up leads to it; :class:`DivergenceGuard` stops a run whose loss
-explodes during the warm-up, before its first checkpoint.
+The learning rate follows the global batch by ``optim.lr_scaling``: sqrt by default (Malladi et al.
+2022, for adaptive optimizers); linear (Goyal et al. 2017, for SGD) makes Adam diverge at a global
+batch of 1024 (docs/scaling.md). A linear warm-up leads to it; :class:`DivergenceGuard` stops a run
+whose loss explodes during the warm-up, before its first checkpoint.
 """
 
 from __future__ import annotations
@@ -25,10 +24,9 @@ from pegasus_dist.training.window import Window, reduce_windows
 
 log = logging.getLogger("pegasus_dist.training.optim")
 
-# "Orders of magnitude": a loss (or KL) 100 times the first step's loss. Healthy
-# training of the paper model moves it by about 15 % in its first 30 steps (2410 ->
-# 2065 at batch 128 on CIFAR-10); the diverging linear rule reached 170 and 6e6 times
-# its first loss in one step at global batches 1024 and 4096 (docs/scaling.md).
+# "Orders of magnitude": a loss (or KL) 100 times the first step's loss. Healthy training of the paper model
+# moves it by about 15 % in its first 30 steps (2410 -> 2065 at batch 128 on CIFAR-10); the diverging linear
+# rule reached 170 and 6e6 times its first loss in one step at global batches 1024 and 4096 (docs/scaling.md).
 DIVERGENCE_FACTOR = 100.0
 # Steps watched when the warm-up is shorter (or off): the linear rule diverged in 1-3 steps.
 GUARDED_STEPS = 100
