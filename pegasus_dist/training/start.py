@@ -136,8 +136,8 @@ def _with_batch(cfg: Config, world_size: int) -> Config:
 
 
 def _lock_and_choose(cfg: Config, accelerator: Accelerator) -> list:
-    """On the main process: lock the run folder (its first write), then [the checkpoint to resume
-    or None, whether the phase finished at it]; [None, False] elsewhere."""
+    """On the main process: lock the run folder (its first write), then [the checkpoint to resume by
+    ``run.resume`` or None, whether the phase finished at it]; [None, False] elsewhere."""
     if not accelerator.is_main_process:
         return [None, False]
     try:
@@ -145,7 +145,17 @@ def _lock_and_choose(cfg: Config, accelerator: Accelerator) -> list:
     except OSError as err:
         raise ConfigError(f"cannot write the run folder {cfg.run_dir}: {err.strerror or err}; make it "
                           "writable, or set run.output_dir to a folder that is") from None
-    resume_from = _resume_checkpoint(cfg)
+    resume_from = None
+    if cfg.run.resume == "auto":  # damaged checkpoints skipped (and moved aside)
+        resume_from = newest_intact_checkpoint(cfg.run_dir / "checkpoints", move_damaged=True)
+    elif cfg.run.resume == "never":
+        if latest_checkpoint(cfg.run_dir / "checkpoints") is not None:
+            raise ConfigError(f"run.resume=never but {cfg.run_dir} already has checkpoints; choose another "
+                              "run.name or use run.resume=auto")
+    else:
+        resume_from = resolve_checkpoint(cfg.run.resume)
+        if problem := find_damage(resume_from):  # the user's choice: an error, never moved aside
+            raise CheckpointError(f"{problem}; {MOVE_ASIDE}")
     return [resume_from, resume_from is not None and is_finished(cfg.run_dir, resume_from)]
 
 
@@ -184,21 +194,6 @@ def _check_and_build(cfg: Config, accelerator: Accelerator, schedule: LrSchedule
         models.adversary_optimizer = build_optimizer(adversaries.parameters(), schedule, accelerator.device)
     models.perceptual = load_perceptual_network(cfg, accelerator.device)
     return state, loader, models
-
-
-def _resume_checkpoint(cfg: Config) -> Path | None:
-    """The checkpoint to continue from, by ``run.resume``; ``auto`` skips (and moves aside) damaged ones."""
-    if cfg.run.resume == "auto":
-        return newest_intact_checkpoint(cfg.run_dir / "checkpoints", move_damaged=True)
-    if cfg.run.resume == "never":
-        if latest_checkpoint(cfg.run_dir / "checkpoints") is not None:
-            raise ConfigError(f"run.resume=never but {cfg.run_dir} already has checkpoints; choose another "
-                              "run.name or use run.resume=auto")
-        return None
-    folder = resolve_checkpoint(cfg.run.resume)
-    if problem := find_damage(folder):  # the user's choice: an error, never moved aside
-        raise CheckpointError(f"{problem}; {MOVE_ASIDE}")
-    return folder
 
 
 def _resume_position(state: TrainState, num_samples: int, world_size: int, folder: Path) -> TrainState:
