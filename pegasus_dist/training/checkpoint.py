@@ -54,8 +54,8 @@ FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
 def newest_intact_checkpoint(root: Path, move_damaged: bool) -> Path | None:
-    """The newest checkpoint under ``root`` whose files all read (``run.resume=auto``). So a requeue gets
-    past a damaged one, only the main process (``move_damaged``) renames it ``damaged-step_N-<time>``,
+    """The newest checkpoint under ``root`` whose files all read (``run.resume=auto``), so that a requeue
+    gets past a damaged one: only the main process (``move_damaged``) renames it ``damaged-step_N-<time>``,
     where pruning never looks; a rank checking it then finds it gone."""
     moved, found = [], None
     for folder in reversed(list_checkpoints(root)):
