@@ -8,7 +8,6 @@ aside. Why the parts around ``save_state``/``load_state`` stay ours: docs/perfor
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -17,8 +16,9 @@ import pickle
 import shutil
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 import yaml
@@ -49,15 +49,14 @@ CONFIG = "config.yaml"
 OPTIMIZER = "optimizer.bin"
 OLDER_OPTIMIZER = "optimizer.pt"  # of the versions before save_state, refused in one line
 DAMAGED = "damaged-"  # the prefix of a damaged checkpoint moved aside; never pruned
-# torch honours it over a torch.load(weights_only=False) call (:func:`_weights_only`).
+# torch honours it over a torch.load(weights_only=False) call (:func:`restore_checkpoint`).
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
 def newest_intact_checkpoint(root: Path, move_damaged: bool) -> Path | None:
-    """The newest checkpoint under ``root`` whose files all read (``run.resume=auto``).
-
-    So a requeue gets past a damaged one: only the main process (``move_damaged``) renames it
-    ``damaged-step_N-<time>``, where pruning never looks; a rank checking it then finds it gone."""
+    """The newest checkpoint under ``root`` whose files all read (``run.resume=auto``), so that a requeue
+    gets past a damaged one: only the main process (``move_damaged``) renames it ``damaged-step_N-<time>``,
+    where pruning never looks; a rank checking it then finds it gone."""
     moved, found = [], None
     for folder in reversed(list_checkpoints(root)):
         if (problem := find_damage(folder)) is None:
@@ -74,22 +73,24 @@ def newest_intact_checkpoint(root: Path, move_damaged: bool) -> Path | None:
 
 
 def find_damage(folder: Path) -> str | None:
-    """Why ``folder`` cannot be resumed from, or None when every file of it reads whole.
-
-    Reads, never unpickles: sums, safetensors headers, zip CRCs, then every float of every file
-    finite (torch files loaded weights-only, as a resume loads them). An older layout is refused in
-    one line, not moved aside."""
+    """Why ``folder`` cannot be resumed from, or None when every file of it reads whole and finite
+    (never unpickled). An older layout is refused in one line, not moved aside."""
     _refuse_older_layout(folder)
     try:
         state = parse_state(folder / STATE)
         _check_config(folder / CONFIG)
         if changed := sums_problem(folder, required=state.sums):
             raise CheckpointError(changed)
-        for path in _files(folder):
-            (_check_safetensors if path.suffix == ".safetensors" else _check_zip)(path)
+        # The weights and optimizer, which every checkpoint has, and whatever else torch or safetensors wrote.
+        found = {path for path in folder.iterdir() if path.suffix in (".safetensors", ".bin", ".pt", ".pkl")}
+        for path in sorted(found | {folder / MODEL, folder / OPTIMIZER}):
+            if path.suffix != ".safetensors":  # safe_open checks a safetensors header (_check_finite)
+                _check_zip(path)
             _check_finite(path)
     except CheckpointError as err:
         return str(err)
+    except OSError as err:  # e.g. moved aside by the main process meanwhile
+        return f"{folder}: {err}"
     return None
 
 
@@ -101,15 +102,6 @@ def _check_config(path: Path) -> None:
         raise CheckpointError(f"{path} is unreadable ({str(err).splitlines()[0]})") from None
     if not isinstance(saved, dict) or not all(isinstance(section, dict) for section in saved.values()):
         raise CheckpointError(f"{path} is not a config: a YAML mapping of sections")
-
-
-def _files(folder: Path) -> list[Path]:
-    """The weights and optimizer, which every checkpoint has, and whatever else torch or safetensors wrote."""
-    try:
-        found = {path for path in folder.iterdir() if path.suffix in (".safetensors", ".bin", ".pt", ".pkl")}
-    except OSError as err:  # e.g. moved aside by the main process meanwhile
-        raise CheckpointError(f"{folder}: {err}") from None
-    return sorted(found | {folder / MODEL, folder / OPTIMIZER})
 
 
 def _refuse_older_layout(folder: Path) -> None:
@@ -138,16 +130,9 @@ def held_adversaries(folder: Path) -> set[str]:
     path = folder / ADVERSARIES
     if not path.is_file():
         return set()
-    _check_safetensors(path)
-    with safe_open(path, framework="pt") as weights:
-        return {name.split(".", 1)[0] for name in weights.keys()}  # noqa: SIM118 (not a dict)
-
-
-def _check_safetensors(path: Path) -> None:
-    """Raises unless the header reads and the file is as long as the header says."""
-    try:
-        with safe_open(path, framework="pt"):
-            pass
+    try:  # safe_open checks that the file is as long as its header says
+        with safe_open(path, framework="pt") as weights:
+            return {name.split(".", 1)[0] for name in weights.keys()}  # noqa: SIM118 (not a dict)
     except (OSError, SafetensorError) as err:
         raise CheckpointError(f"{path}: {err}") from None
 
@@ -165,16 +150,14 @@ def _check_zip(path: Path) -> None:
 
 def _check_finite(path: Path) -> None:
     """Raises naming the first NaN or Inf of ``path`` (weights, their average, an Adam, a loss scaler):
-    resumed, it would stop the run again at its next step, and a requeued job would loop. Reads a
-    tensor at a time (safetensors), or memory-mapped and weights-only (torch files: a pickled object is
-    refused, never run)."""
+    resumed, it would stop the run again at its next step, and a requeued job would loop."""
     try:
         if path.suffix == ".safetensors":
             with safe_open(path, framework="pt") as weights:
                 bad = next((name for name in weights.keys()  # noqa: SIM118 (not a dict)
-                            if not _finite(weights.get_tensor(name))), None)
+                            if _first_nonfinite(weights.get_tensor(name), name)), None)
         else:
-            bad = _first_nonfinite(torch.load(path, map_location="cpu", weights_only=True, mmap=True), "")
+            bad = _first_nonfinite(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
     except pickle.UnpicklingError as err:  # weights_only refuses anything but tensors and containers
         raise CheckpointError(f"{path}: refusing to load it ({_pickled(err)}); only tensors and plain "
                               "containers are accepted") from None
@@ -186,22 +169,15 @@ def _check_finite(path: Path) -> None:
                               "changed before its sha256 was written)")
 
 
-def _finite(value: object) -> bool:
-    if isinstance(value, torch.Tensor):
-        return not value.is_floating_point() or bool(torch.isfinite(value).all())
-    return not isinstance(value, float) or math.isfinite(value)
-
-
-def _first_nonfinite(value: object, where: str) -> str | None:
+def _first_nonfinite(value: object, where: str = "") -> str | None:
     """The dotted name of the first NaN or Inf in a loaded state (``state.3.exp_avg_sq``), or None."""
-    if isinstance(value, dict):
-        items = value.items()
-    elif isinstance(value, (list, tuple)):
-        items = enumerate(value)
-    else:
-        return None if _finite(value) else where
-    return next((bad for key, item in items
-                 if (bad := _first_nonfinite(item, f"{where}.{key}" if where else str(key)))), None)
+    if isinstance(value, dict | list | tuple):
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        return next((bad for key, item in items
+                     if (bad := _first_nonfinite(item, f"{where}.{key}" if where else str(key)))), None)
+    if isinstance(value, torch.Tensor):
+        return None if not value.is_floating_point() or torch.isfinite(value).all() else where
+    return None if not isinstance(value, float) or math.isfinite(value) else where
 
 
 def write_counters(folder: Path, state: TrainState, config_yaml: str) -> None:
@@ -215,17 +191,14 @@ def write_counters(folder: Path, state: TrainState, config_yaml: str) -> None:
 def save_checkpoint(accelerator: Accelerator, state: TrainState, config_yaml: str, root: Path,
                     keep: int, before_counters: Callable[[Path, TrainState], None] | None = None,
                     ema: AveragedModel | None = None) -> Path:
-    """Every rank calls this; returns the published ``step_<N>`` folder.
-
-    The main process writes ``.tmp-step_<N>/``, renames it into place and prunes; a failed write
-    (a full disk) is one CheckpointError on every rank. ``before_counters``: ``Hooks.during_save``.
-    """
+    """Every rank calls this; returns the published ``step_<N>`` folder. The main process writes
+    ``.tmp-step_<N>/``, renames it into place and prunes; a failed write (a full disk) is one
+    CheckpointError on every rank. ``before_counters``: ``Hooks.during_save``."""
     final = root / checkpoint_name(state.step)
     # Already saved at this step (the cadence saved the last step)? The main process
     # decides for every rank: a rank that read another answer from a shared filesystem
     # would skip the broadcast below, and the ranks' collectives would go out of step.
-    already = [final.exists() if accelerator.is_main_process else None]
-    if broadcast_object_list(already)[0]:
+    if broadcast_object_list([final.exists() if accelerator.is_main_process else None])[0]:
         return final
     failure = None
     if accelerator.is_main_process:
@@ -278,22 +251,22 @@ def _write_failure(err: Exception, final: Path, root: Path) -> str:
 
 def _unwrapped_weights(models: list[torch.nn.Module], weights: list[dict], output_dir: str) -> None:
     """``save_state``'s pre-hook: the weights of the models inside DDP and torch.compile."""
-    weights[:] = [_unwrap(model).state_dict() for model in models]
+    weights[:] = [extract_model_from_parallel(m, keep_torch_compile=False).state_dict() for m in models]
 
 
 def restore_checkpoint(accelerator: Accelerator, folder: Path, ema: AveragedModel | None = None) -> None:
     """Load ``folder`` into what ``accelerator`` prepared, and ``ema`` (call :func:`check_resumable` first).
-
-    Every file but the weights is loaded weights-only: a pickled object is refused, never run."""
+    Every file but the weights is loaded weights-only, even where Accelerate asks for
+    ``weights_only=False``: a pickled object is refused, never run."""
     try:
-        with accelerator.register_load_state_pre_hook(_load_unwrapped_weights), _weights_only():
+        with (accelerator.register_load_state_pre_hook(_load_unwrapped_weights),
+              mock.patch.dict(os.environ, {FORCE_WEIGHTS_ONLY: "1"})):  # restored on leaving
             accelerator.load_state(str(folder))
     except pickle.UnpicklingError as err:  # what weights_only raises for anything but tensors and containers
         raise CheckpointError(f"refusing to load a file of {folder}: {_pickled(err)}; only "
                               "tensors and plain containers are accepted") from None
     except (OSError, RuntimeError) as err:  # a file missing or cut short, in a checkpoint named in run.resume
-        why = str(err).splitlines()[0]
-        raise CheckpointError(f"cannot load {folder}: {why}; {MOVE_ASIDE}") from None
+        raise CheckpointError(f"cannot load {folder}: {str(err).splitlines()[0]}; {MOVE_ASIDE}") from None
     if ema is not None:
         restore_ema(ema, folder)
 
@@ -304,26 +277,9 @@ def _pickled(err: pickle.UnpicklingError) -> str:
     return why.strip().rstrip(".")
 
 
-def _load_unwrapped_weights(models: list[torch.nn.Module], input_dir: str) -> None:
+def _load_unwrapped_weights(models: list[torch.nn.Module], folder: str) -> None:
     """``load_state``'s pre-hook: each model's weights through :func:`load_model_weights`, none left to it."""
     for index, model in enumerate(models):
         name = MODEL.replace(".", f"_{index}.") if index else MODEL  # as save_state names them
-        load_model_weights(_unwrap(model), Path(input_dir), name)
+        load_model_weights(extract_model_from_parallel(model, keep_torch_compile=False), Path(folder), name)
     models.clear()
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return extract_model_from_parallel(model, keep_torch_compile=False)
-
-
-@contextlib.contextmanager
-def _weights_only() -> Iterator[None]:
-    """Every torch.load inside is weights-only, even where Accelerate asks for ``weights_only=False``."""
-    before = os.environ.get(FORCE_WEIGHTS_ONLY)
-    os.environ[FORCE_WEIGHTS_ONLY] = "1"
-    try:
-        yield
-    finally:
-        del os.environ[FORCE_WEIGHTS_ONLY]
-        if before is not None:
-            os.environ[FORCE_WEIGHTS_ONLY] = before

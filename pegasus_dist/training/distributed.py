@@ -1,8 +1,7 @@
 """Process-group setup and what makes N processes compute what one process does.
 
-With ``model.sync_batchnorm`` the batch-norm statistics are taken over the
-global batch: torch's ``SyncBatchNorm`` runs only on GPUs, so on the CPU
-(gloo) :class:`GlobalBatchNorm2d` all-reduces the sums.
+With ``model.sync_batchnorm`` the batch-norm statistics are taken over the global batch: torch's
+``SyncBatchNorm`` runs only on GPUs, so on the CPU (gloo) :class:`GlobalBatchNorm2d` all-reduces the sums.
 """
 
 from __future__ import annotations
@@ -63,8 +62,7 @@ def warn_if_launcher_precision_differs(cfg: Config) -> None:
     fix = (f"to train in {launcher} pass train.mixed_precision={launcher}" if launcher in choices
            else f"train.mixed_precision takes {', '.join(choices)}")
     log.warning("accelerate launch --mixed_precision %s is not used: this run trains with "
-                "train.mixed_precision=%s from its config; %s",
-                launcher, cfg.train.mixed_precision, fix)
+                "train.mixed_precision=%s from its config; %s", launcher, cfg.train.mixed_precision, fix)
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
@@ -80,10 +78,9 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         xf = x.float()
         count = torch.full((1,), xf.numel() / channels, device=x.device)
         local = torch.cat([xf.sum((0, 2, 3)), xf.square().sum((0, 2, 3)), count])
-        stats = all_reduce(local)  # differentiable: its backward sums the gradients over ranks
-        total = stats[-1]
-        mean = stats[:channels] / total
-        var = (stats[channels : 2 * channels] / total - mean.square()).clamp_min(0)
+        sums, squares, total = all_reduce(local).split([channels, channels, 1])  # differentiable
+        mean = sums / total
+        var = (squares / total - mean.square()).clamp_min(0)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
@@ -101,12 +98,8 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     """Swap every BatchNorm2d for a global-batch one: torch's on GPU, ours elsewhere."""
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    for name, child in model.named_children():
-        if type(child) is nn.BatchNorm2d:
-            sync = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum,
-                                     child.affine, child.track_running_stats)
-            sync.load_state_dict(child.state_dict())
-            setattr(model, name, sync)
-        else:
-            convert_sync_batchnorm(child, device)
+    for module in model.modules():
+        if type(module) is nn.BatchNorm2d:
+            # In place, as torch.nn.utils.parametrize does: its parameters and buffers stay, forward changes.
+            module.__class__ = GlobalBatchNorm2d
     return model

@@ -1,5 +1,4 @@
-"""The end of a phase, on the main process: the sample grids and the held-out evaluation of its
-final model."""
+"""The end of a phase (main process): the sample grids and the held-out evaluation of its final model."""
 
 from __future__ import annotations
 

@@ -31,8 +31,8 @@ def end_with_launcher() -> None:
     if not any(name in os.environ for name in LAUNCHER_ENV):
         return
     parent = os.getppid()
-    if not _ask_kernel_for_sigterm():
-        _start_polling(parent)
+    if not _ask_kernel_for_sigterm():  # the fallback: a daemon thread that watches the parent pid
+        threading.Thread(target=_end_orphaned, args=(parent,), name="launcher-watch", daemon=True).start()
     # The launcher may have died before the request (while this process imported): no signal.
     if os.getppid() != parent or _adopted_by_init(parent):
         log.error("the launcher of this process is gone (parent is now pid %d): exiting", os.getppid())
@@ -49,13 +49,10 @@ def _ask_kernel_for_sigterm() -> bool:
     return True
 
 
-def _start_polling(parent: int) -> None:
-    """The fallback: a daemon thread that sends SIGTERM once the parent pid changes."""
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(POLL_S)
-        os.kill(os.getpid(), signal.SIGTERM)
-    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+def _end_orphaned(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(POLL_S)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _adopted_by_init(parent: int) -> bool:

@@ -56,8 +56,7 @@ def hold_run_lock(run_dir: Path) -> None:
 
 def release_run_lock(run_dir: Path) -> None:
     """Let another run use ``run_dir``; nothing to do when this process does not hold it."""
-    lock = _held.pop(run_dir.resolve(), None)
-    if lock is not None:
+    if (lock := _held.pop(run_dir.resolve(), None)) is not None:
         lock.release()
 
 

@@ -1,10 +1,9 @@
 """The optimizer and what keeps it stable from one GPU to many nodes.
 
-The learning rate follows the global batch by ``optim.lr_scaling``: sqrt by
-default (Malladi et al. 2022, for adaptive optimizers); linear (Goyal et al.
-2017, for SGD) makes Adam diverge at a global batch of 1024 (docs/scaling.md).
-A linear warm-up leads to it; :class:`DivergenceGuard` stops a run whose loss
-explodes during the warm-up, before its first checkpoint.
+The learning rate follows the global batch by ``optim.lr_scaling``: sqrt by default (Malladi et al.
+2022, for adaptive optimizers); linear (Goyal et al. 2017, for SGD) makes Adam diverge at a global
+batch of 1024 (docs/scaling.md). A linear warm-up leads to it; :class:`DivergenceGuard` stops a run
+whose loss explodes during the warm-up, before its first checkpoint.
 """
 
 from __future__ import annotations
@@ -25,10 +24,9 @@ from pegasus_dist.training.window import Window, reduce_windows
 
 log = logging.getLogger("pegasus_dist.training.optim")
 
-# "Orders of magnitude": a loss (or KL) 100 times the first step's loss. Healthy
-# training of the paper model moves it by about 15 % in its first 30 steps (2410 ->
-# 2065 at batch 128 on CIFAR-10); the diverging linear rule reached 170 and 6e6 times
-# its first loss in one step at global batches 1024 and 4096 (docs/scaling.md).
+# "Orders of magnitude": a loss (or KL) 100 times the first step's loss. Healthy training of the paper model
+# moves it by about 15 % in its first 30 steps (2410 -> 2065 at batch 128 on CIFAR-10); the diverging linear
+# rule reached 170 and 6e6 times its first loss in one step at global batches 1024 and 4096 (docs/scaling.md).
 DIVERGENCE_FACTOR = 100.0
 # Steps watched when the warm-up is shorter (or off): the linear rule diverged in 1-3 steps.
 GUARDED_STEPS = 100
@@ -37,8 +35,7 @@ GUARDED_STEPS = 100
 def scaled_lr(optim: OptimConfig, global_batch: int) -> float:
     """The learning rate for ``global_batch``, following ``optim.lr_scaling``."""
     ratio = global_batch / optim.base_batch_size
-    factor = {"linear": ratio, "sqrt": ratio**0.5, "none": 1.0}[optim.lr_scaling]
-    return optim.lr * factor
+    return optim.lr * {"linear": ratio, "sqrt": ratio**0.5, "none": 1.0}[optim.lr_scaling]
 
 
 @dataclass(frozen=True)
@@ -71,12 +68,9 @@ class LrSchedule:
 def build_optimizer(parameters: Iterable[torch.nn.Parameter], schedule: LrSchedule,
                     device: torch.device) -> torch.optim.Adam:
     """Adam at the rate of the first step; the trainer sets the rate again before every step."""
-    return torch.optim.Adam(
-        parameters, lr=schedule.at(0), betas=tuple(schedule.optim.betas),
-        weight_decay=schedule.optim.weight_decay,
-        # One kernel for all parameters: several times faster on the CPU too (`pegasus-dist bench`).
-        fused=device.type in ("cpu", "cuda"),
-    )
+    # fused: one kernel for all parameters, several times faster on the CPU too (`pegasus-dist bench`).
+    return torch.optim.Adam(parameters, lr=schedule.at(0), betas=tuple(schedule.optim.betas),
+                            weight_decay=schedule.optim.weight_decay, fused=device.type in ("cpu", "cuda"))
 
 
 class DroppedUpdates:
@@ -115,32 +109,23 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def apply_on_resume(optimizer: torch.optim.Optimizer, schedule: LrSchedule, step: int,
                     checkpoint: Path) -> None:
-    """Give an optimizer restored from ``checkpoint`` this run's hyperparameters, logging changes.
-
-    Else lowering ``optim.lr`` to get past a divergence would change the log but not the training.
-    """
+    """Give an optimizer restored from ``checkpoint`` this run's hyperparameters, logging changes:
+    else lowering ``optim.lr`` to get past a divergence would change the log but not the training."""
     optim, group = schedule.optim, optimizer.param_groups[0]
-    changes = {f"optim.{key}": (old, new) for key, old, new in _changed_keys(optim, checkpoint)}
+    # Its config.yaml is a mapping of sections: checkpoint.find_damage checked it before the resume.
+    # What the restored optimizer holds comes before what that file says (the same, unless edited).
+    saved = yaml.safe_load((checkpoint / "config.yaml").read_text()).get("optim", {})
+    saved |= {"betas": list(group["betas"]), "weight_decay": group["weight_decay"]}
+    changes = {f"optim.{key}": (saved[key], value) for key, value in vars(optim).items()
+               if key in saved and not _same(saved[key], value)}
     # The restored rate is the one of the checkpoint's last step: compare at that step.
     if step and not _same(group["lr"], schedule.at(step - 1)):
         changes[f"lr at step {step}"] = (f"{group['lr']:.3g}", f"{schedule.at(step - 1):.3g}")
-    if list(group["betas"]) != optim.betas:
-        changes.setdefault("optim.betas", (list(group["betas"]), optim.betas))
-    if group["weight_decay"] != optim.weight_decay:
-        changes.setdefault("optim.weight_decay", (group["weight_decay"], optim.weight_decay))
     for g in optimizer.param_groups:
         g["lr"], g["betas"], g["weight_decay"] = schedule.at(step), tuple(optim.betas), optim.weight_decay
     if described := [f"{name} {old} -> {new}" for name, (old, new) in changes.items()]:
         log.warning("resuming from %s with this run's optimizer settings, not the checkpoint's: %s",
                     checkpoint, "; ".join(described))
-
-
-def _changed_keys(optim: OptimConfig, checkpoint: Path) -> list[tuple[str, object, object]]:
-    """The optim.* keys whose value in the checkpoint's config.yaml differs from this run's."""
-    path = checkpoint / "config.yaml"
-    saved = (yaml.safe_load(path.read_text()) or {}).get("optim", {}) if path.is_file() else {}
-    return [(key, saved[key], value) for key, value in vars(optim).items()
-            if key in saved and not _same(saved[key], value)]
 
 
 def _same(a: object, b: object) -> bool:

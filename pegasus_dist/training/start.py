@@ -104,12 +104,10 @@ def start_phase(cfg: Config, hooks: Hooks) -> Started:
     metrics = MetricsLog(accelerator, cfg.run_dir)
     if resume_from is not None:
         metrics.resume(state.step)  # the rows after the checkpoint are recomputed
-    log.info(
-        "%s: %s parameters, %d samples in %s, world_size=%d, %s, %d batches per epoch; %s, grad clip %s",
-        cfg.train.phase, f"{num_parameters(models.model):,}", loader.num_samples, loader.path,
-        accelerator.num_processes, batch_description(cfg, accelerator), len(loader), schedule.describe(),
-        f"{cfg.optim.grad_clip:g}" if cfg.optim.grad_clip else "off",
-    )
+    log.info("%s: %s parameters, %d samples in %s, world_size=%d, %s, %d batches per epoch; %s, grad clip %s",
+             cfg.train.phase, f"{num_parameters(models.model):,}", loader.num_samples, loader.path,
+             accelerator.num_processes, batch_description(cfg, accelerator), len(loader), schedule.describe(),
+             f"{cfg.optim.grad_clip:g}" if cfg.optim.grad_clip else "off")
     return Started(cfg, accelerator, models, loader, state, schedule, metrics)
 
 
@@ -138,8 +136,8 @@ def _with_batch(cfg: Config, world_size: int) -> Config:
 
 
 def _lock_and_choose(cfg: Config, accelerator: Accelerator) -> list:
-    """On the main process: lock the run folder (its first write), then [the checkpoint to resume
-    or None, whether the phase finished at it]; [None, False] elsewhere."""
+    """On the main process: lock the run folder (its first write), then [the checkpoint to resume by
+    ``run.resume`` or None, whether the phase finished at it]; [None, False] elsewhere."""
     if not accelerator.is_main_process:
         return [None, False]
     try:
@@ -147,7 +145,17 @@ def _lock_and_choose(cfg: Config, accelerator: Accelerator) -> list:
     except OSError as err:
         raise ConfigError(f"cannot write the run folder {cfg.run_dir}: {err.strerror or err}; make it "
                           "writable, or set run.output_dir to a folder that is") from None
-    resume_from = _resume_checkpoint(cfg)
+    resume_from = None
+    if cfg.run.resume == "auto":  # damaged checkpoints skipped (and moved aside)
+        resume_from = newest_intact_checkpoint(cfg.run_dir / "checkpoints", move_damaged=True)
+    elif cfg.run.resume == "never":
+        if latest_checkpoint(cfg.run_dir / "checkpoints") is not None:
+            raise ConfigError(f"run.resume=never but {cfg.run_dir} already has checkpoints; choose another "
+                              "run.name or use run.resume=auto")
+    else:
+        resume_from = resolve_checkpoint(cfg.run.resume)
+        if problem := find_damage(resume_from):  # the user's choice: an error, never moved aside
+            raise CheckpointError(f"{problem}; {MOVE_ASIDE}")
     return [resume_from, resume_from is not None and is_finished(cfg.run_dir, resume_from)]
 
 
@@ -188,21 +196,6 @@ def _check_and_build(cfg: Config, accelerator: Accelerator, schedule: LrSchedule
     return state, loader, models
 
 
-def _resume_checkpoint(cfg: Config) -> Path | None:
-    """The checkpoint to continue from, by ``run.resume``; ``auto`` skips (and moves aside) damaged ones."""
-    if cfg.run.resume == "auto":
-        return newest_intact_checkpoint(cfg.run_dir / "checkpoints", move_damaged=True)
-    if cfg.run.resume == "never":
-        if latest_checkpoint(cfg.run_dir / "checkpoints") is not None:
-            raise ConfigError(f"run.resume=never but {cfg.run_dir} already has checkpoints; choose another "
-                              "run.name or use run.resume=auto")
-        return None
-    folder = resolve_checkpoint(cfg.run.resume)
-    if problem := find_damage(folder):  # the user's choice: an error, never moved aside
-        raise CheckpointError(f"{problem}; {MOVE_ASIDE}")
-    return folder
-
-
 def _resume_position(state: TrainState, num_samples: int, world_size: int, folder: Path) -> TrainState:
     """Where the resumed run continues, checked, so that the loop ends whatever state.json says."""
     done = state.samples_done
@@ -221,8 +214,7 @@ def _resume_position(state: TrainState, num_samples: int, world_size: int, folde
 
 def _check_batch_fits(cfg: Config, accelerator: Accelerator, num_samples: int, path: Path) -> None:
     """One line when a step wants more images than the set holds (its lr scaled for a batch never seen)."""
-    wanted = global_batch(cfg, accelerator)
-    if wanted > num_samples:
+    if global_batch(cfg, accelerator) > num_samples:
         most = max(1, num_samples // (accelerator.num_processes * cfg.train.grad_accum_steps))
         raise ConfigError(f"{batch_description(cfg, accelerator)}, but {path} holds {num_samples} samples; "
                           f"lower data.batch_size to {most} or less (or data.global_batch_size)")
@@ -312,12 +304,9 @@ def _continue_from(folder: Path, cfg: Config, accelerator: Accelerator, state: T
              folder, state.epoch + 1, state.samples_done, num_samples, state.step)
     old, new = state.global_batch, schedule.global_batch
     if accelerator.is_main_process and old and old != new:
-        log.warning(
-            "the global batch changed on resume: %d -> %d; lr %.3g -> %.3g (optim.lr_scaling=%s); "
-            "steps per epoch %d -> %d; epoch %d continues at sample %d of %d, so nothing is "
-            "repeated or skipped",
-            old, new, scaled_lr(cfg.optim, old), schedule.peak, cfg.optim.lr_scaling,
-            math.ceil(num_samples / old), math.ceil(num_samples / new),
-            state.epoch + 1, state.samples_done, num_samples,
-        )
+        log.warning("the global batch changed on resume: %d -> %d; lr %.3g -> %.3g (optim.lr_scaling=%s); "
+                    "steps per epoch %d -> %d; epoch %d continues at sample %d of %d, so nothing is "
+                    "repeated or skipped", old, new, scaled_lr(cfg.optim, old), schedule.peak,
+                    cfg.optim.lr_scaling, math.ceil(num_samples / old), math.ceil(num_samples / new),
+                    state.epoch + 1, state.samples_done, num_samples)
     apply_on_resume(models.optimizer, schedule, state.step, folder)
