@@ -8,6 +8,7 @@ aside. Why the parts around ``save_state``/``load_state`` stay ours: docs/perfor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -16,9 +17,8 @@ import pickle
 import shutil
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from unittest import mock
 
 import torch
 import yaml
@@ -49,7 +49,7 @@ CONFIG = "config.yaml"
 OPTIMIZER = "optimizer.bin"
 OLDER_OPTIMIZER = "optimizer.pt"  # of the versions before save_state, refused in one line
 DAMAGED = "damaged-"  # the prefix of a damaged checkpoint moved aside; never pruned
-# torch honours it over a torch.load(weights_only=False) call (:func:`restore_checkpoint`).
+# torch honours it over a torch.load(weights_only=False) call (:func:`_weights_only`).
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
@@ -259,8 +259,7 @@ def restore_checkpoint(accelerator: Accelerator, folder: Path, ema: AveragedMode
     Every file but the weights is loaded weights-only, even where Accelerate asks for
     ``weights_only=False``: a pickled object is refused, never run."""
     try:
-        with (accelerator.register_load_state_pre_hook(_load_unwrapped_weights),
-              mock.patch.dict(os.environ, {FORCE_WEIGHTS_ONLY: "1"})):  # restored on leaving
+        with accelerator.register_load_state_pre_hook(_load_unwrapped_weights), _weights_only():
             accelerator.load_state(str(folder))
     except pickle.UnpicklingError as err:  # what weights_only raises for anything but tensors and containers
         raise CheckpointError(f"refusing to load a file of {folder}: {_pickled(err)}; only "
@@ -283,3 +282,16 @@ def _load_unwrapped_weights(models: list[torch.nn.Module], folder: str) -> None:
         name = MODEL.replace(".", f"_{index}.") if index else MODEL  # as save_state names them
         load_model_weights(extract_model_from_parallel(model, keep_torch_compile=False), Path(folder), name)
     models.clear()
+
+
+@contextlib.contextmanager
+def _weights_only() -> Iterator[None]:
+    """Every torch.load inside is weights-only, even where Accelerate asks for ``weights_only=False``."""
+    before = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        yield
+    finally:
+        del os.environ[FORCE_WEIGHTS_ONLY]
+        if before is not None:
+            os.environ[FORCE_WEIGHTS_ONLY] = before

@@ -98,8 +98,12 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     """Swap every BatchNorm2d for a global-batch one: torch's on GPU, ours elsewhere."""
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    for module in model.modules():
-        if type(module) is nn.BatchNorm2d:
-            # In place, as torch.nn.utils.parametrize does: its parameters and buffers stay, forward changes.
-            module.__class__ = GlobalBatchNorm2d
+    for name, child in model.named_children():
+        if type(child) is nn.BatchNorm2d:
+            sync = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum,
+                                     child.affine, child.track_running_stats)
+            sync.load_state_dict(child.state_dict())
+            setattr(model, name, sync)
+        else:
+            convert_sync_batchnorm(child, device)
     return model
