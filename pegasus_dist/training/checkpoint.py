@@ -81,16 +81,12 @@ def find_damage(folder: Path) -> str | None:
         _check_config(folder / CONFIG)
         if changed := sums_problem(folder, required=state.sums):
             raise CheckpointError(changed)
-        # The weights and optimizer, which every checkpoint has, and whatever else torch or safetensors wrote.
-        found = {path for path in folder.iterdir() if path.suffix in (".safetensors", ".bin", ".pt", ".pkl")}
-        for path in sorted(found | {folder / MODEL, folder / OPTIMIZER}):
+        for path in _files(folder):
             if path.suffix != ".safetensors":  # safe_open checks a safetensors header (_check_finite)
                 _check_zip(path)
             _check_finite(path)
     except CheckpointError as err:
         return str(err)
-    except OSError as err:  # e.g. moved aside by the main process meanwhile
-        return f"{folder}: {err}"
     return None
 
 
@@ -102,6 +98,15 @@ def _check_config(path: Path) -> None:
         raise CheckpointError(f"{path} is unreadable ({str(err).splitlines()[0]})") from None
     if not isinstance(saved, dict) or not all(isinstance(section, dict) for section in saved.values()):
         raise CheckpointError(f"{path} is not a config: a YAML mapping of sections")
+
+
+def _files(folder: Path) -> list[Path]:
+    """The weights and optimizer, which every checkpoint has, and whatever else torch or safetensors wrote."""
+    try:
+        found = {path for path in folder.iterdir() if path.suffix in (".safetensors", ".bin", ".pt", ".pkl")}
+    except OSError as err:  # e.g. moved aside by the main process meanwhile
+        raise CheckpointError(f"{folder}: {err}") from None
+    return sorted(found | {folder / MODEL, folder / OPTIMIZER})
 
 
 def _refuse_older_layout(folder: Path) -> None:
