@@ -18,6 +18,11 @@ INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports a job stopped by
 def setup_logging() -> None:
     """INFO on the main process (rank 0 by torchrun/accelerate's RANK), warnings elsewhere."""
     rank = int(os.environ.get("RANK", "0"))
+    # A stream closed at start (`2>&-`) is None: /dev/null instead, opened on the free descriptor,
+    # so that no file of the run takes it and receives what C libraries write to stderr.
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115 (the process's, open to its end)
     for stream in (sys.stdout, sys.stderr):  # a path the locale cannot encode (LC_ALL=C): escaped
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="backslashreplace")

@@ -228,3 +228,13 @@ def test_no_arguments_is_one_usage_error():
     assert error_lines(launched.stdout) == ["error: the following arguments are required: --config"]
     assert lines[lines.index(error_lines(launched.stdout)[0]) + 1] == USAGE
     assert_no_traceback_of_ours(launched.stdout)
+
+
+@pytest.mark.process
+def test_a_run_started_with_its_output_closed_trains_to_its_end(smoke_shards, tmp_path):
+    """`pegasus-dist train ... >&- 2>&-`, as a daemon may start it: nothing to print to, a whole phase."""
+    train = [str(BIN / "pegasus-dist"), "train", "--config", SMOKE,
+             *overrides(smoke_shards, tmp_path, 1, *TINY_ARGS)]
+    done = run_bounded(["sh", "-c", 'exec "$@" >&- 2>&-', "sh", *train], timeout=180)
+    assert done.returncode == 0 and done.stdout == ""
+    assert (tmp_path / "pretrain" / "finished.json").is_file()
