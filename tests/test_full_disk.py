@@ -1,4 +1,5 @@
-"""A disk that fills up in the middle of training (issue 21), on a real full filesystem.
+"""A disk that fills up in the middle of training (issue 21), on a real full filesystem, and a run
+folder removed under its run.
 
 The run folder is a 20 MB tmpfs in a mount namespace of the test's own (``unshare -m``);
 ``PEGASUS_FAULT=fill-disk`` fills it before a step, as another job on the node would. The run
@@ -14,8 +15,13 @@ import shutil
 import subprocess
 
 import pytest
-from helpers import BIN, SMOKE, TINY_ARGS, error_lines
+from helpers import BIN, SMOKE, TINY_ARGS, error_lines, overrides
 from processes import run_bounded
+
+from pegasus_dist.config import load_config
+from pegasus_dist.training.faults import TrainingError
+from pegasus_dist.training.hooks import Hooks
+from pegasus_dist.training.loop import train
 
 pytestmark = pytest.mark.process
 
@@ -52,3 +58,17 @@ def test_a_full_disk_stops_in_one_line_and_the_same_command_resumes(smoke_shards
     assert second.rstrip().endswith("second run: exit 0"), second[-4000:]
     assert f"resumed from {runs}/pretrain/checkpoints/step_00000005" in second
     assert "pretrain done at step 30" in second
+
+
+def test_a_run_folder_removed_under_the_run_is_one_line(smoke_shards, tmp_path):
+    """`rm -rf` of the run folder after step 2: the next write into it (step 3's metrics row) ends
+    the run in one line naming the file, not in a traceback of the error and of its report."""
+    def remove(trainer, _batch) -> None:
+        if trainer.state.step == 2 and trainer.cfg.run_dir.exists():
+            shutil.rmtree(trainer.cfg.run_dir)
+    cfg = load_config(SMOKE, overrides(smoke_shards, tmp_path, 6, *TINY_ARGS))
+    with pytest.raises(TrainingError) as stopped:
+        train(cfg, Hooks(before_micro_batch=[remove]))
+    assert str(stopped.value).startswith(f"cannot write {cfg.run_dir}: No such file or directory; "), \
+        stopped.value
+    assert str(stopped.value).endswith("run the same command to resume from the last checkpoint it holds")

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from types import FrameType
 from typing import NoReturn, TypeVar
 
@@ -65,6 +66,16 @@ def out_of_memory(err: Exception, where: str, batch: str, batch_size: int) -> Tr
     return TrainingError(f"out of memory at {where} ({reason}); {batch}; "
                          f"lower data.batch_size (data.batch_size={half} train.grad_accum_steps=2 keeps "
                          "the global batch) or use train.mixed_precision=bf16")
+
+
+def run_folder_lost(err: OSError, run_dir: Path) -> TrainingError | None:
+    """One line for a file of ``run_dir`` that cannot be written (the folder removed, made read-only
+    or full under the run); None for an error elsewhere, which is no fault of the run folder's."""
+    if err.filename is None or not Path(err.filename).resolve().is_relative_to(run_dir.resolve()):
+        return None
+    return TrainingError(f"cannot write {err.filename}: {err.strerror or err}; the run folder {run_dir} "
+                         "was removed, made read-only or filled under the run: put it right, then run the "
+                         "same command to resume from the last checkpoint it holds")
 
 
 class StartupError(PegasusError):

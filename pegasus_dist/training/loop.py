@@ -28,6 +28,7 @@ from pegasus_dist.training.faults import (
     describe_position,
     fail_with_every_rank,
     out_of_memory,
+    run_folder_lost,
 )
 from pegasus_dist.training.finish import sample_and_evaluate
 from pegasus_dist.training.hooks import Hooks, with_fault_plan
@@ -58,6 +59,10 @@ def train(cfg: Config, hooks: Hooks | None = None) -> Path:
     try:
         trainer.run_epochs()
         trainer.finish()
+    except OSError as err:
+        if (lost := run_folder_lost(err, cfg.run_dir)) is None:
+            raise
+        raise lost from None
     finally:
         trainer.signals.restore()
         release_run_lock(cfg.run_dir)  # taken by the main process at start-up
