@@ -137,7 +137,8 @@ def held_adversaries(folder: Path) -> set[str]:
         return set()
     try:  # safe_open checks that the file is as long as its header says
         with safe_open(path, framework="pt") as weights:
-            return {name.split(".", 1)[0] for name in weights.keys()}  # noqa: SIM118 (not a dict)
+            # Names of no adversary are left to the load, which refuses them naming the file.
+            return {name.split(".", 1)[0] for name in weights.keys()} & KINDS.keys()  # noqa: SIM118
     except (OSError, SafetensorError) as err:
         raise CheckpointError(f"{path}: {err}") from None
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pegasus_dist.config import Config, Phase, problem
 from pegasus_dist.errors import CheckpointError
-from pegasus_dist.model.saved import STATE
+from pegasus_dist.model.saved import NAME, STATE, checkpoint_name
 
 log = logging.getLogger("pegasus_dist.training.state")
 
@@ -104,4 +104,7 @@ def parse_state(path: Path) -> TrainState:
             raise CheckpointError(f"{path} has no field {field}") from None
         reason = WORDS.get(error["type"]) or problem(error, TrainState)
         raise CheckpointError(f"{path}: field {field} {reason}, got {error['input']!r}") from None
+    if NAME.fullmatch(path.parent.name) and path.parent.name != checkpoint_name(state.step):
+        raise CheckpointError(f"{path}: field step is {state.step}, not its folder's: a state.json of "
+                              "another checkpoint")
     return TrainState.model_validate(state.model_dump(exclude=OLDER_FIELDS))
