@@ -250,3 +250,13 @@ def test_a_state_json_of_another_step_is_refused(tmp_path):
     checkpoint.write_counters(folder, TrainState(phase="pretrain", step=3), "")
     with pytest.raises(CheckpointError, match="state.json: field step is 3, not its folder's"):
         read_state(folder)
+
+
+def test_a_state_of_other_fields_is_refused_in_one_line(tmp_path):
+    """Whole and finite, of other parameter groups (SHA256SUMS rewritten): Adam's own ValueError once."""
+    accelerator, _, _ = _setup()
+    folder = save_checkpoint(accelerator, TrainState(phase="pretrain", step=1), "", tmp_path, keep=1)
+    torch.save({"state": {}, "param_groups": []}, folder / "optimizer.bin")
+    write_sums(folder)
+    with pytest.raises(CheckpointError, match=f"cannot load {folder}: ValueError .*parameter groups"):
+        restore_checkpoint(_setup()[0], folder)

@@ -130,6 +130,11 @@ DAMAGES = {
     "a pickled object in Adam's zip, sums rewritten": lambda c: (
         torch.save({"state": {0: {"exp_avg": os.system}}, "param_groups": []}, c / "optimizer.bin"),
         write_sums(c)),
+    "a state.json of another step, sums rewritten": lambda c: (
+        (c / "state.json").write_text('{"phase": "pretrain", "step": 3}'), write_sums(c)),
+    "a list for Adam, sums rewritten": lambda c: (torch.save([1, 2], c / "optimizer.bin"), write_sums(c)),
+    "no fields in the critic's Adam, sums rewritten": lambda c: (
+        torch.save({}, c / "custom_checkpoint_0.pkl"), write_sums(c)),
     "a file added": lambda c: (c / "extra.pkl").write_bytes(pickle.dumps({})),
     "SHA256SUMS damaged": lambda c: (c / "SHA256SUMS").write_text("not a checksum line\n"),
     "SHA256SUMS removed": lambda c: (c / "SHA256SUMS").unlink(),
