@@ -128,7 +128,7 @@ def find_grids(run: Path) -> list[tuple[str, Path]]:
     folders = [(samples, "")] + [(folder, f" ({folder.name})")
                                  for folder in sorted(samples.glob("step_*")) if folder.is_dir()]
     return [(name + suffix, path) for folder, suffix in folders for name in GRIDS
-            if (path := folder / f"{name}.png").is_file()]
+            if (path := folder / f"{name}.png").exists()]
 
 
 def _chart(name: str, points: list[tuple[float, float]]) -> str:
@@ -165,7 +165,7 @@ def _left_out(why: str) -> str:
 
 def _from_file(path: Path | None, render: Callable[[Any], str]) -> str:
     """``render`` of ``path``'s JSON; "" when there is no such file."""
-    if path is None or not path.is_file():
+    if path is None or not path.exists():  # a folder in its place is damage, said on the page
         return ""
     try:
         return render(json.loads(path.read_bytes()))
