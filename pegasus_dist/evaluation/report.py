@@ -79,7 +79,7 @@ def write_report(paths: list[Path], out: Path) -> Path:
 def _rows(run: Path) -> list[dict]:
     """metrics.jsonl's rows; damaged lines are left out with one warning, as a resume cuts them."""
     path, rows = run / "metrics.jsonl", []
-    lines = [line for line in path.read_bytes().decode(errors="replace").splitlines() if line]
+    lines = [line for line in path.read_bytes().splitlines() if line]  # each decoded strictly
     for line in lines:
         try:
             row = json.loads(line)
