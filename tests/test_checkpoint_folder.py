@@ -382,7 +382,8 @@ def test_sample_and_eval_refuse_a_checkpoint_whose_config_changed(tmp_path):
         resolve_checkpoint(folder)
 
 
-@pytest.mark.parametrize("damage", [b"\0" * 40, b'["a list"]', b'{"checkpoint": "step_0'])
+@pytest.mark.parametrize("damage", [b"\0" * 40, b'["a list"]', b'{"checkpoint": "step_0', b"{}", b"null",
+                                    b'"text"'])
 def test_a_damaged_finished_json_redoes_the_end_of_the_phase_and_says_so(tmp_path, caplog, damage):
     """finished.json is the one file of the run folder that steers a restart: unreadable, the
     restart redoes the phase's end (grids, held-out evaluation) rather than skip it, in one warning."""

@@ -70,10 +70,10 @@ def is_finished(run_dir: Path, checkpoint: Path) -> bool:
     checkpoint is complete, not finished, and a restart only does the end-of-run work."""
     path = run_dir / FINISHED
     try:
-        return json.loads(path.read_text()).get("checkpoint") == checkpoint.name
+        return json.loads(path.read_text())["checkpoint"] == checkpoint.name
     except FileNotFoundError:
         return False
-    except (OSError, ValueError, AttributeError) as err:  # damaged: the end-of-run work is redone
+    except (OSError, ValueError, LookupError, TypeError) as err:  # damaged: the end-of-run work is redone
         log.warning("%s is unreadable (%s): doing the end of the phase again (grids, held-out "
                     "evaluation)", path, str(err).splitlines()[0] if str(err) else type(err).__name__)
         return False
