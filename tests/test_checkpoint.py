@@ -15,11 +15,14 @@ from accelerate import Accelerator
 from accelerate.checkpointing import load_custom_state
 from accelerate.utils import ProjectConfiguration
 from helpers import TINY
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
+from pegasus_dist.checksums import write_sums
 from pegasus_dist.config import ModelConfig
 from pegasus_dist.errors import CheckpointError
 from pegasus_dist.model.saved import (
+    ADVERSARIES,
+    MODEL,
     latest_checkpoint,
     list_checkpoints,
     load_model_weights,
@@ -220,3 +223,40 @@ def test_an_older_state_json_is_read_without_its_batches_done(tmp_path):
     (tmp_path / "state.json").write_text('{"phase": "pretrain", "batches_done": -7}')
     with pytest.raises(CheckpointError, match="field batches_done must be a whole number, 0 or more, got -7"):
         read_state(tmp_path)
+
+
+def test_weights_of_another_dtype_are_refused_not_cast(tmp_path):
+    """A float16 copy of the weights with its SHA256SUMS rewritten: load_state_dict would cast it silently."""
+    accelerator, _, _ = _setup()
+    folder = save_checkpoint(accelerator, TrainState(phase="pretrain", step=1), "", tmp_path, keep=1)
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(folder / MODEL).items()},
+              folder / MODEL)
+    write_sums(folder)
+    with pytest.raises(CheckpointError, match=f"{folder / MODEL}: .* is torch.float16, not"):
+        load_model_weights(VAE(TINY), folder)
+
+
+def test_weights_of_no_adversary_are_refused_in_one_line(tmp_path):
+    save_file({"critic.w": torch.zeros(2), "extra.w": torch.zeros(2)}, tmp_path / ADVERSARIES)
+    checkpoint.check_resumable(tmp_path, {"critic"})  # a KeyError once
+    with pytest.raises(CheckpointError, match=r"does not fit the model: .* unexpected \[.*'extra.w'\]"):
+        load_model_weights(torch.nn.Module(), tmp_path, ADVERSARIES)
+
+
+def test_a_state_json_of_another_step_is_refused(tmp_path):
+    """Copied from another checkpoint, SHA256SUMS rewritten: the run would train those steps again."""
+    folder = tmp_path / "step_00000006"
+    folder.mkdir()
+    checkpoint.write_counters(folder, TrainState(phase="pretrain", step=3), "")
+    with pytest.raises(CheckpointError, match="state.json: field step is 3, not its folder's"):
+        read_state(folder)
+
+
+def test_a_state_of_other_fields_is_refused_in_one_line(tmp_path):
+    """Whole and finite, of other parameter groups (SHA256SUMS rewritten): Adam's own ValueError once."""
+    accelerator, _, _ = _setup()
+    folder = save_checkpoint(accelerator, TrainState(phase="pretrain", step=1), "", tmp_path, keep=1)
+    torch.save({"state": {}, "param_groups": []}, folder / "optimizer.bin")
+    write_sums(folder)
+    with pytest.raises(CheckpointError, match=f"cannot load {folder}: ValueError .*parameter groups"):
+        restore_checkpoint(_setup()[0], folder)

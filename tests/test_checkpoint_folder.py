@@ -130,6 +130,11 @@ DAMAGES = {
     "a pickled object in Adam's zip, sums rewritten": lambda c: (
         torch.save({"state": {0: {"exp_avg": os.system}}, "param_groups": []}, c / "optimizer.bin"),
         write_sums(c)),
+    "a state.json of another step, sums rewritten": lambda c: (
+        (c / "state.json").write_text('{"phase": "pretrain", "step": 3}'), write_sums(c)),
+    "a list for Adam, sums rewritten": lambda c: (torch.save([1, 2], c / "optimizer.bin"), write_sums(c)),
+    "no fields in the critic's Adam, sums rewritten": lambda c: (
+        torch.save({}, c / "custom_checkpoint_0.pkl"), write_sums(c)),
     "a file added": lambda c: (c / "extra.pkl").write_bytes(pickle.dumps({})),
     "SHA256SUMS damaged": lambda c: (c / "SHA256SUMS").write_text("not a checksum line\n"),
     "SHA256SUMS removed": lambda c: (c / "SHA256SUMS").unlink(),
@@ -377,7 +382,8 @@ def test_sample_and_eval_refuse_a_checkpoint_whose_config_changed(tmp_path):
         resolve_checkpoint(folder)
 
 
-@pytest.mark.parametrize("damage", [b"\0" * 40, b'["a list"]', b'{"checkpoint": "step_0'])
+@pytest.mark.parametrize("damage", [b"\0" * 40, b'["a list"]', b'{"checkpoint": "step_0', b"{}", b"null",
+                                    b'"text"'])
 def test_a_damaged_finished_json_redoes_the_end_of_the_phase_and_says_so(tmp_path, caplog, damage):
     """finished.json is the one file of the run folder that steers a restart: unreadable, the
     restart redoes the phase's end (grids, held-out evaluation) rather than skip it, in one warning."""

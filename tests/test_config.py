@@ -184,6 +184,9 @@ def test_missing_file_and_bad_yaml(tmp_path):
     (tmp_path / "bad.yaml").write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "bad.yaml")
+    (tmp_path / "bad.yaml").write_bytes(b"train:\n  epochs: \xff\xfe\n")  # bytes flipped on disk
+    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML: 'utf-8' codec"):
+        load_config(tmp_path / "bad.yaml")
 
 
 def test_without_a_file_the_defaults_are_the_recipes_pretrain_model():

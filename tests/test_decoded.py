@@ -93,6 +93,10 @@ def truncate(shard_set):
     array.write_bytes(array.read_bytes()[:-3000])
 
 
+def empty_array(shard_set):
+    (shard_set / ARRAY).write_bytes(b"")
+
+
 def rename_a_key(shard_set):
     index = json.loads((shard_set / INDEX).read_text())
     index["keys"][0] += "x"
@@ -122,6 +126,7 @@ def missing_index(shard_set):
 @pytest.mark.parametrize(("damage", "why"), [
     (flip_pixels, "changed after they were written"),
     (truncate, "unreadable"),
+    (empty_array, "unreadable"),
     (rename_a_key, "changed after they were written"),
     (drop_a_label, "keys and"),
     (nul_index, "unreadable"),

@@ -25,6 +25,17 @@ def test_damaged_bytes_in_metrics_jsonl_are_cut_back_to_the_last_good_row(tmp_pa
         in caplog.text
 
 
+def test_bytes_flipped_inside_a_name_are_damage_not_a_row_of_another_name(tmp_path, caplog):
+    """Decoded with errors="replace", the line was JSON: a row of "pretrain/\ufffd..." kept, unsaid."""
+    rows = _rows(1, 2, 4, 5)
+    flipped = rows[2].encode().replace(b"loss", bytes(b ^ 0xFF for b in b"loss"))
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes("".join(rows[:2]).encode() + flipped + "".join(rows[3:]).encode())
+    MetricsLog(Accelerator(cpu=True), tmp_path).resume(5)
+    assert (tmp_path / "metrics.jsonl").read_text() == "".join(rows[:2])
+    assert "line 3 is not a metrics row" in caplog.text
+
+
 # Lines that decode as JSON but are not a row as MetricsLog.log writes it: a JSON object of a
 # whole-number step, 0 or more, and numbers. Each used to stop the resume with a TypeError.
 NOT_ROWS = {

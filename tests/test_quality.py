@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 from helpers import cli_here
+from PIL import Image
 from processes import BIN, REPO, run_bounded
 from torchvision.transforms.functional import gaussian_blur
 from torchvision.utils import save_image
@@ -110,6 +111,9 @@ def test_the_crossfade_is_of_exactly_the_pairs_and_mus_of_pegasus_json(judge, qu
     ("pegasus.json", b'{"rows": [{"horse": "a", "bird": "b", "mu": ["x"]}]}', "is not a grid layout"),
     ("pegasus.json", b'{"rows": [{"row": 0}]}', "is unreadable (KeyError: "),
     ("pegasus.png", b"\x89PNG\r\n\x1a\n" + bytes(64), "is unreadable ("),
+    ("pegasus.png", "grey", "is unreadable (L pixels, not the sampler's RGB)"),
+    ("pegasus.png", "folder", "is unreadable ("),
+    ("pegasus.json", "folder", "is unreadable ("),
 ])
 def test_a_damaged_grid_or_layout_is_one_line_naming_it(judge, quality_shards, tmp_path, name, damage, why):
     """`score` (and the end of a phase) reads grids written earlier: damage is refused by name."""
@@ -118,7 +122,13 @@ def test_a_damaged_grid_or_layout_is_one_line_naming_it(judge, quality_shards, t
     rows = [{"row": 0, "horse": keys[0], "bird": keys[1], "mu": [0.4, 0.5, 0.6]}]
     (tmp_path / "pegasus.json").write_text(json.dumps({"tile_size": 32, "padding": 2, "rows": rows,
                                                        "shard_set": str(quality_shards / "horse_bird")}))
-    (tmp_path / name).write_bytes(damage)
+    if damage == "grey":  # a whole PNG of the grid's size, of grey pixels
+        Image.open(tmp_path / name).convert("L").save(tmp_path / name)
+    elif damage == "folder":
+        (tmp_path / name).unlink()
+        (tmp_path / name).mkdir()
+    else:
+        (tmp_path / name).write_bytes(damage)
     with pytest.raises(DataError) as refused:
         score_samples(tmp_path, judge, quality_shards / "eval")
     assert str(refused.value).startswith(f"{tmp_path / name} ") and why in str(refused.value)

@@ -42,3 +42,23 @@ def test_damaged_files_cost_their_own_table_with_a_line_saying_why(tmp_path, cap
     assert page.count("left out of this report.") == 3
     assert f"{run / 'metrics.jsonl'}: left 1 damaged line(s) out of the curves" in caplog.text
     assert caplog.text.count("left out of the report") == 3
+
+
+def test_a_folder_in_place_of_a_file_is_left_out_with_a_line_not_in_silence(tmp_path):
+    run, _ = run_folder(tmp_path)
+    for name in ("quality.json", "pegasus.png"):
+        (run / "samples" / name).unlink()
+        (run / "samples" / name).mkdir()
+    page = write_report([run], tmp_path / "report.html").read_text()
+    for name in ("quality.json", "pegasus.png"):
+        assert f"{run / 'samples' / name} is unreadable (" in page
+
+
+def test_bytes_flipped_inside_a_curve_name_leave_the_line_out(tmp_path, caplog):
+    run, _ = run_folder(tmp_path)
+    lines = [json.dumps(row).encode() for row in ROWS]
+    lines[1] = lines[1].replace(b"recon", bytes(b ^ 0xFF for b in b"recon"))
+    (run / "metrics.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    with caplog.at_level(logging.WARNING, logger="pegasus_dist.evaluation.report"):
+        write_report([run], tmp_path / "report.html")
+    assert f"{run / 'metrics.jsonl'}: left 1 damaged line(s) out of the curves" in caplog.text

@@ -267,6 +267,10 @@ def test_verify_finds_each_kind_of_damage(tmp_path):
     assert any("sha256 differs" in p for p in problems)
     assert any("unreadable" in p for p in problems)
 
+    (tmp_path / "eval" / "manifest.json").unlink()  # verified and refused, not passed over
+    assert [p.name for p in find_shard_sets(tmp_path)] == ["eval", "horse_bird", "mix"]
+    assert verify_shard_set(tmp_path / "eval")[1]
+
 
 @pytest.mark.process  # a pool of worker processes
 def test_the_parallel_path_is_deterministic_too(tmp_path):

@@ -123,7 +123,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} does not exist; pass an existing --config file")
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, UnicodeDecodeError) as err:  # a damaged file: bytes of no text
         raise ConfigError(f"{path} is not valid YAML: {err}".replace("\n", " ")) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, not {type(data).__name__}")

@@ -104,7 +104,7 @@ def verified_decoded(manifest: Manifest) -> tuple[Decoded | None, str | None]:
                           f"{manifest.num_samples}")
         if _content_sha256(images, keys, labels) != index["sha256"]:
             return None, f"{array} or {index_path} changed after they were written (sha256 differs)"
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, EOFError) as err:  # np.load: EOFError when empty
         # A missing half, a truncated array, a damaged header or index: all rebuilt.
         return None, f"{array} or {index_path} is unreadable ({err})"
     return Decoded(images, keys, labels), None

@@ -21,7 +21,9 @@ def find_shard_sets(path: Path) -> list[Path]:
     """``path`` itself if it is a shard set, else the shard sets directly inside it."""
     if (path / FILENAME).is_file():
         return [path]
-    found = sorted(p.parent for p in path.glob(f"*/{FILENAME}"))
+    # A set folder of prepare's whose manifest is gone is verified too (and refused), not passed over.
+    found = sorted({p.parent for p in path.glob(f"*/{FILENAME}")} | {path / n for n in SHARD_SETS
+                                                                      if (path / n).is_dir()})
     if not found:
         raise DataError(f"no shard set ({FILENAME}) at or directly under {path}; "
                         "pass a folder written by `pegasus-dist prepare`")

@@ -75,6 +75,8 @@ def read_grid(path: str | Path, tile_size: int, padding: int = GRID_PADDING) -> 
     the all-black slots after the last tile of a partial last row are left out."""
     try:
         with Image.open(path) as image:
+            if image.mode != "RGB":  # the sampler writes RGB: grey or a palette is another picture
+                raise ValueError(f"{image.mode} pixels, not the sampler's RGB")
             pixels = torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
     except (OSError, ValueError) as err:  # a damaged PNG: PIL raises OSError or ValueError
         raise DataError(f"{path} is unreadable ({err}); {REWRITE}") from None
@@ -107,21 +109,21 @@ def score_samples(samples: str | Path, classifier: Classifier, held_out: str | P
     samples = Path(samples)
     real = real_features(classifier, held_out)
     layouts = {name: _layout(samples / f"{name}.json", crossfaded=name in INTERPOLATIONS)
-               for name in (*INTERPOLATIONS, "analogy") if (samples / f"{name}.json").is_file()}
+               for name in (*INTERPOLATIONS, "analogy") if (samples / f"{name}.json").exists()}
     layout = next(iter(layouts.values()), {})  # they agree on the tiles' size and padding
     size, padding = layout.get("tile_size", classifier.image_size), layout.get("padding", GRID_PADDING)
     grids: dict[str, dict] = {}
     for name in INTERPOLATIONS:
-        if (samples / f"{name}.png").is_file() and name in layouts:
+        if (samples / f"{name}.png").exists() and name in layouts:  # a folder there: unreadable
             tiles, _ = read_grid(samples / f"{name}.png", size, padding)
             baseline = crossfade(layouts[name]["rows"], _pair_images(layouts[name], size))
             grids[name] = {**tile_scores(classifier, tiles, real),
                            "crossfade": tile_scores(classifier, baseline, real)}
-    if (samples / "reconstructions.png").is_file():
+    if (samples / "reconstructions.png").exists():
         grids["reconstructions"] = _reconstruction_scores(
             classifier, *read_grid(samples / "reconstructions.png", size, padding), real)
     for name in OTHER_GRIDS:
-        if (samples / f"{name}.png").is_file():
+        if (samples / f"{name}.png").exists():
             grids[name] = tile_scores(classifier, read_grid(samples / f"{name}.png", size, padding)[0], real)
     if not grids:
         raise DataError(f"{samples} holds no sampler grid (pegasus.png, reconstructions.png, ...); {REWRITE}")

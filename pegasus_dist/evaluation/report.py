@@ -79,7 +79,7 @@ def write_report(paths: list[Path], out: Path) -> Path:
 def _rows(run: Path) -> list[dict]:
     """metrics.jsonl's rows; damaged lines are left out with one warning, as a resume cuts them."""
     path, rows = run / "metrics.jsonl", []
-    lines = [line for line in path.read_bytes().decode(errors="replace").splitlines() if line]
+    lines = [line for line in path.read_bytes().splitlines() if line]  # each decoded strictly
     for line in lines:
         try:
             row = json.loads(line)
@@ -128,7 +128,7 @@ def find_grids(run: Path) -> list[tuple[str, Path]]:
     folders = [(samples, "")] + [(folder, f" ({folder.name})")
                                  for folder in sorted(samples.glob("step_*")) if folder.is_dir()]
     return [(name + suffix, path) for folder, suffix in folders for name in GRIDS
-            if (path := folder / f"{name}.png").is_file()]
+            if (path := folder / f"{name}.png").exists()]
 
 
 def _chart(name: str, points: list[tuple[float, float]]) -> str:
@@ -165,7 +165,7 @@ def _left_out(why: str) -> str:
 
 def _from_file(path: Path | None, render: Callable[[Any], str]) -> str:
     """``render`` of ``path``'s JSON; "" when there is no such file."""
-    if path is None or not path.is_file():
+    if path is None or not path.exists():  # a folder in its place is damage, said on the page
         return ""
     try:
         return render(json.loads(path.read_bytes()))

@@ -92,6 +92,9 @@ def load_model_weights(model: torch.nn.Module, folder: Path, name: str = MODEL, 
             raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)} but the model expects "
                                   f"{tuple(expected[name].shape)}; the checkpoint comes from a model of "
                                   "another shape: use the model section of its config.yaml")
+        if name in expected and expected[name].dtype != tensor.dtype:  # load_state_dict would cast it
+            raise CheckpointError(f"{path}: {name} is {tensor.dtype}, not the {expected[name].dtype} saved; "
+                                  "it was changed after the run: use another checkpoint of the run")
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"{path} does not fit the model: missing {missing[:3]}, "

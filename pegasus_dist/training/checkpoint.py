@@ -137,7 +137,8 @@ def held_adversaries(folder: Path) -> set[str]:
         return set()
     try:  # safe_open checks that the file is as long as its header says
         with safe_open(path, framework="pt") as weights:
-            return {name.split(".", 1)[0] for name in weights.keys()}  # noqa: SIM118 (not a dict)
+            # Names of no adversary are left to the load, which refuses them naming the file.
+            return {name.split(".", 1)[0] for name in weights.keys()} & KINDS.keys()  # noqa: SIM118
     except (OSError, SafetensorError) as err:
         raise CheckpointError(f"{path}: {err}") from None
 
@@ -162,13 +163,16 @@ def _check_finite(path: Path) -> None:
                 bad = next((name for name in weights.keys()  # noqa: SIM118 (not a dict)
                             if _first_nonfinite(weights.get_tensor(name), name)), None)
         else:
-            bad = _first_nonfinite(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            bad = _first_nonfinite(state) if isinstance(state, dict) and state else ""
     except pickle.UnpicklingError as err:  # weights_only refuses anything but tensors and containers
         raise CheckpointError(f"{path}: refusing to load it ({_pickled(err)}); only tensors and plain "
                               "containers are accepted") from None
     except Exception as err:  # torch reports a malformed file in many types
         why = (str(err).splitlines() or [type(err).__name__])[0]
         raise CheckpointError(f"cannot read {path}: {why}") from None
+    if bad == "":  # what save_state writes there is a state_dict: a dict of fields
+        raise CheckpointError(f"{path} holds no saved state (a {type(state).__name__}, not the dict of one)")
     if bad is not None:
         raise CheckpointError(f"{path}: {bad} holds NaN or Inf values (saved after the run diverged, or "
                               "changed before its sha256 was written)")
@@ -269,8 +273,10 @@ def restore_checkpoint(accelerator: Accelerator, folder: Path, ema: AveragedMode
     except pickle.UnpicklingError as err:  # what weights_only raises for anything but tensors and containers
         raise CheckpointError(f"refusing to load a file of {folder}: {_pickled(err)}; only "
                               "tensors and plain containers are accepted") from None
-    except (OSError, RuntimeError) as err:  # a file missing or cut short, in a checkpoint named in run.resume
-        raise CheckpointError(f"cannot load {folder}: {str(err).splitlines()[0]}; {MOVE_ASIDE}") from None
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError) as err:  # a file missing or cut short
+        # in a checkpoint named in run.resume, or a state of other fields (load_state_dict's errors)
+        why = (str(err).splitlines() or [""])[0]
+        raise CheckpointError(f"cannot load {folder}: {type(err).__name__} {why}; {MOVE_ASIDE}") from None
     if ema is not None:
         restore_ema(ema, folder)
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pegasus_dist.config import Config, Phase, problem
 from pegasus_dist.errors import CheckpointError
-from pegasus_dist.model.saved import STATE
+from pegasus_dist.model.saved import NAME, STATE, checkpoint_name
 
 log = logging.getLogger("pegasus_dist.training.state")
 
@@ -70,10 +70,10 @@ def is_finished(run_dir: Path, checkpoint: Path) -> bool:
     checkpoint is complete, not finished, and a restart only does the end-of-run work."""
     path = run_dir / FINISHED
     try:
-        return json.loads(path.read_text()).get("checkpoint") == checkpoint.name
+        return json.loads(path.read_text())["checkpoint"] == checkpoint.name
     except FileNotFoundError:
         return False
-    except (OSError, ValueError, AttributeError) as err:  # damaged: the end-of-run work is redone
+    except (OSError, ValueError, LookupError, TypeError) as err:  # damaged: the end-of-run work is redone
         log.warning("%s is unreadable (%s): doing the end of the phase again (grids, held-out "
                     "evaluation)", path, str(err).splitlines()[0] if str(err) else type(err).__name__)
         return False
@@ -104,4 +104,7 @@ def parse_state(path: Path) -> TrainState:
             raise CheckpointError(f"{path} has no field {field}") from None
         reason = WORDS.get(error["type"]) or problem(error, TrainState)
         raise CheckpointError(f"{path}: field {field} {reason}, got {error['input']!r}") from None
+    if NAME.fullmatch(path.parent.name) and path.parent.name != checkpoint_name(state.step):
+        raise CheckpointError(f"{path}: field step is {state.step}, not its folder's: a state.json of "
+                              "another checkpoint")
     return TrainState.model_validate(state.model_dump(exclude=OLDER_FIELDS))

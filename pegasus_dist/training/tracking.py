@@ -182,7 +182,7 @@ class MetricsLog:
         if not self.path.is_file():
             return []
         kept = []
-        lines = self.path.read_bytes().decode(errors="replace").splitlines()
+        lines = self.path.read_bytes().splitlines()  # json.loads decodes each strictly: no U+FFFD names
         for number, line in enumerate(lines, 1):
             if (row := _metrics_row(line)) is None:
                 # Also a cut last line: a file cut short loses the rows after it, which only this says.
@@ -203,7 +203,7 @@ class MetricsLog:
         return self.accelerator.get_tracker("wandb", unwrap=True) if on else None
 
 
-def _metrics_row(line: str) -> dict[str, Any] | None:
+def _metrics_row(line: bytes) -> dict[str, Any] | None:
     """``line`` as :meth:`MetricsLog.log` writes it, or None: a JSON object of a whole-number ``step``,
     0 or more, and numbers (NaN included: a diverged loss). Anything else is damage, which a resume
     would compare with its step or replay to W&B."""
