@@ -130,16 +130,22 @@ def sample(
 @app.command(context_settings=EXTRA_ARGS)
 def classifier(
     config: Annotated[Path, typer.Option(help="YAML config: data.shards to train on, quality.* options")],
+    for_loss: Annotated[bool, typer.Option(
+        "--for-loss", help="train loss.perceptual_network, its seed and widths, not the judge")] = False,
     overrides: Overrides = None,
 ) -> None:
     """Train the sample-quality classifier on the mix's labelled images, into quality.classifier."""
     from pegasus_dist.evaluation.classifier import train_classifier
+    from pegasus_dist.training.perceptual import network_recipe
 
     cfg = load_config(config, overrides or [])
-    meta = train_classifier(cfg.data.shards, cfg.classifier_dir, cfg.quality)
+    if for_loss and not cfg.loss.perceptual_network:
+        raise ConfigError(f"--for-loss trains loss.perceptual_network, which {config} leaves empty: set it")
+    quality = network_recipe(cfg) if for_loss else cfg.quality
+    folder = Path(quality.classifier) if for_loss else cfg.classifier_dir
+    meta = train_classifier(cfg.data.shards, folder, quality)
     typer.echo(f"held-out accuracy {meta['held_out'].get('accuracy', 0):.3f} on "
-               f"{meta['held_out']['images']} images after {meta['training_seconds']:.0f} s "
-               f"-> {cfg.classifier_dir}")
+               f"{meta['held_out']['images']} images after {meta['training_seconds']:.0f} s -> {folder}")
 
 
 @app.command(context_settings=EXTRA_ARGS)

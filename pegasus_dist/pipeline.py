@@ -6,13 +6,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pegasus_dist.config import Config, PrepareConfig, load_config
+from pegasus_dist.config import Config, PrepareConfig, QualityConfig, load_config
 from pegasus_dist.data.manifest import SHARD_SETS, load_manifest
 from pegasus_dist.data.prepare import prepare
 from pegasus_dist.errors import ConfigError, DataError
 from pegasus_dist.evaluation.classifier import read_meta, train_classifier
 from pegasus_dist.evaluation.report import write_report
 from pegasus_dist.training.loop import train
+from pegasus_dist.training.perceptual import network_recipe
 
 log = logging.getLogger("pegasus_dist.pipeline")
 
@@ -29,7 +30,11 @@ def run_pipeline(sources: list[str], config_dir: Path, overrides: list[str],
     log.info("pipeline 1/5: shards at %s", shards.out)
     ensure_shards(shards, reprepare, command)
     log.info("pipeline 2/5: quality classifier at %s", pretrain_cfg.classifier_dir)
-    ensure_classifier(pretrain_cfg)
+    ensure_classifier(pretrain_cfg.data.shards, pretrain_cfg.classifier_dir, pretrain_cfg.quality)
+    if pretrain_cfg.loss.perceptual_weight:
+        recipe = network_recipe(pretrain_cfg)
+        log.info("pipeline 2/5: the perceptual loss's network at %s", recipe.classifier)
+        ensure_classifier(pretrain_cfg.data.shards, Path(recipe.classifier), recipe)
     for number, cfg in enumerate((pretrain_cfg, finetune_cfg), start=3):
         log.info("pipeline %d/5: %s -> %s", number, cfg.train.phase, cfg.run_dir)
         train(cfg)  # resumes from the newest checkpoint; returns at once when the phase is complete
@@ -58,19 +63,21 @@ def load_phases(config_dir: Path, overrides: list[str]) -> tuple[Config, Config]
     return pretrain_cfg, finetune_cfg
 
 
-def ensure_classifier(cfg: Config) -> None:
-    """Train the classifier at ``quality.classifier`` unless it was trained on these very shards."""
+def ensure_classifier(shards: str, folder: Path, quality: QualityConfig) -> None:
+    """Train the classifier at ``folder`` unless it was trained on these very shards as ``quality`` says."""
     try:
-        meta = read_meta(cfg.classifier_dir)
+        meta = read_meta(folder)
     except DataError as err:  # damaged: trained again, never reused
         log.warning("%s: training it again", err)
         meta = None
-    generation = load_manifest(Path(cfg.data.shards) / "mix").generation
-    if meta is not None and meta.get("generation") == generation:
-        log.info("reusing the classifier at %s: trained on these shards (generation %s), held-out "
-                 "accuracy %s", cfg.classifier_dir, generation, meta["held_out"].get("accuracy"))
+    wanted = {"generation": load_manifest(Path(shards) / "mix").generation,
+              "seed": quality.classifier_seed, "widths": quality.classifier_widths,
+              "epochs": quality.classifier_epochs, "batch_size": quality.classifier_batch_size}
+    if meta is not None and all(meta.get(key) == value for key, value in wanted.items()):
+        log.info("reusing the classifier at %s: trained on these shards (generation %s) as configured, "
+                 "held-out accuracy %s", folder, wanted["generation"], meta["held_out"].get("accuracy"))
         return
-    train_classifier(cfg.data.shards, cfg.classifier_dir, cfg.quality)
+    train_classifier(shards, folder, quality)
 
 
 def ensure_shards(cfg: PrepareConfig, reprepare: bool, command: str) -> None:

@@ -13,7 +13,7 @@ from processes import BIN, REPO, run_bounded
 from torchvision.transforms.functional import gaussian_blur
 from torchvision.utils import save_image
 
-from pegasus_dist.config import load_config
+from pegasus_dist.config import QualityConfig, load_config
 from pegasus_dist.data.shards import ShardSet
 from pegasus_dist.errors import ConfigError, DataError
 from pegasus_dist.evaluation.classifier import labelled_images, load_classifier, predict
@@ -27,6 +27,7 @@ from pegasus_dist.evaluation.quality import (
 )
 from pegasus_dist.evaluation.report import write_report
 from pegasus_dist.evaluation.sampler import load_images, load_trained_model, pick_horses_and_birds
+from pegasus_dist.pipeline import ensure_classifier
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +200,31 @@ def test_the_sample_command_scores_what_it_wrote(trained_run, perceptual_network
     assert second["classifier"]["path"] == str(perceptual_network)
     assert second["grids"]["pegasus"]["pegasus_score"] != scores["pegasus_score"]
     assert (tmp_path / "quality.json").read_bytes() == judged
+
+
+@pytest.mark.slow
+def test_the_pipeline_trains_a_classifier_again_only_when_its_recipe_changes(quality_shards, tmp_path):
+    folder = tmp_path / "net"
+    quality = QualityConfig(classifier=str(folder), classifier_epochs=1, classifier_batch_size=64,
+                            classifier_widths=[8])
+    ensure_classifier(str(quality_shards), folder, quality)
+    weights = folder / "classifier.safetensors"
+    trained = weights.stat().st_mtime_ns, weights.read_bytes()
+    ensure_classifier(str(quality_shards), folder, quality)  # same shards, same recipe: reused
+    assert (weights.stat().st_mtime_ns, weights.read_bytes()) == trained
+    for change in ({"classifier_seed": 1}, {"classifier_widths": [8, 8]}):
+        quality = quality.model_copy(update=change)
+        ensure_classifier(str(quality_shards), folder, quality)
+        meta = json.loads((folder / "classifier.json").read_text())
+        assert (meta["seed"], meta["widths"]) == (quality.classifier_seed, quality.classifier_widths)
+        assert weights.read_bytes() != trained[1]
+
+
+def test_classifier_for_the_loss_needs_the_loss_s_folder(capsys):
+    code, out = cli_here(capsys, "classifier", "--config", str(REPO / "configs/smoke/pretrain.yaml"),
+                         "--for-loss")
+    assert code == 2, out
+    assert "--for-loss trains loss.perceptual_network" in out and "Traceback" not in out
 
 
 @pytest.mark.parametrize(("override", "message"), [

@@ -152,8 +152,8 @@ def test_readme_real_data_blocks_run_in_sequence(tarball, tmp_path, capsys, monk
     blocks = [b for b in readme_blocks() if not any(argv[1] == "pipeline" for argv in b)]
     commands = [argv for block in blocks for argv in block]
     stages = [argv[1] for argv in commands]
-    assert stages[:5] == ["prepare", "classifier", "contact-sheet", "train", "train"]
-    assert stages[-1] == "report" and {"sample", "eval"} <= set(stages[5:])
+    assert stages[:6] == ["prepare", "classifier", "classifier", "contact-sheet", "train", "train"]
+    assert stages[-1] == "report" and {"sample", "eval"} <= set(stages[6:])
     root = clone(tmp_path / "clone")
     monkeypatch.chdir(root)  # the README's paths are relative to the clone's root
     printed: dict[str, str] = {}  # what the commands of each stage printed
@@ -172,8 +172,11 @@ def test_readme_real_data_blocks_run_in_sequence(tarball, tmp_path, capsys, monk
     assert {labels[k] for k in sheet["horse"]} == {"horse"}
     assert {labels[k] for k in sheet["bird"]} == {"bird"}
 
-    assert "held-out accuracy" in printed["classifier"]
-    assert json.loads((root / "runs/reference/classifier/classifier.json").read_text())["classes"]
+    assert printed["classifier"].count("held-out accuracy") == 2
+    judge, network = (json.loads((root / f"runs/reference/{name}/classifier.json").read_text())
+                      for name in ("classifier", "perceptual"))
+    assert (judge["seed"], network["seed"]) == (0, 1) and len(network["widths"]) > len(judge["widths"])
+    assert "perceptual loss in the features of runs/reference/perceptual" in printed["train"]
 
     pretrain, finetune = root / "runs/reference/pretrain", root / "runs/reference/finetune"
     final = f"step_{STEPS:08d}"
@@ -214,6 +217,8 @@ def test_pipeline_reaches_the_report_then_a_rerun_redoes_nothing(tarball, tmp_pa
     again = run_in(root, command)
     seconds = time.perf_counter() - started
     assert "reusing the shards at shards/cifar10-jpg" in again and "pegasus_dist.prepare" not in again
+    for network in ("classifier", "perceptual"):
+        assert f"reusing the classifier at runs/reference/{network}: trained on these shards" in again
     assert again.count("complete") >= 2 and "held-out:" not in again  # no phase ran again
     for run in runs:
         assert (checkpoint_times(run), (run / "metrics.jsonl").read_text()) == before[run]

@@ -160,9 +160,13 @@ class LossConfig(Section):
     # between an image's and its reconstruction's activations in every block of a frozen classifier
     # (training/perceptual.py); 0: off. Like feature_matching_weight, 3 x H x W is a per-pixel nat.
     perceptual_weight: float = Field(0.0, ge=0)
-    # The frozen classifier's folder, trained by `pegasus-dist classifier` with another seed and
-    # quality.classifier_widths than the judge's: the network that scores grids is never trained against.
+    # The frozen classifier's folder: the network that scores grids (quality.classifier) is never
+    # trained against, so this one is trained apart, with its own seed and widths below
+    # (`pegasus-dist classifier --for-loss`; `pipeline` trains it when missing).
     perceptual_network: str = ""
+    perceptual_seed: int = Field(1, ge=0)
+    perceptual_widths: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [32, 64, 128, 256], min_length=1, max_length=8)
 
     @model_validator(mode="after")
     def _discriminator_terms_need_the_discriminator(self) -> LossConfig:
@@ -172,8 +176,8 @@ class LossConfig(Section):
                                   "patch_gan_weight > 0: e.g. 300, or 0.8 with loss.patch_gan_adaptive)")
         if self.perceptual_weight and not self.perceptual_network:
             raise ConfigError("loss.perceptual_weight needs loss.perceptual_network: the folder of a "
-                              "classifier trained for it (`pegasus-dist classifier quality.classifier=DIR "
-                              "quality.classifier_seed=1 quality.classifier_widths=[32,64,128,256]`)")
+                              "classifier trained for it (`pegasus-dist classifier --for-loss` or "
+                              "`pipeline` trains it there)")
         return self
 
 
@@ -329,15 +333,23 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _classifiers_fit(self) -> Config:
-        if 2 ** len(self.quality.classifier_widths) > self.model.image_size:
-            raise ConfigError(f"quality.classifier_widths has {len(self.quality.classifier_widths)} blocks, "
-                              f"each halving the image: {self.model.image_size} px allows at most "
-                              f"{self.model.image_size.bit_length() - 1}")
+        for key, widths in (("quality.classifier_widths", self.quality.classifier_widths),
+                            ("loss.perceptual_widths", self.loss.perceptual_widths)):
+            if 2 ** len(widths) > self.model.image_size:
+                raise ConfigError(f"{key} has {len(widths)} blocks, each halving the image: "
+                                  f"{self.model.image_size} px allows at most "
+                                  f"{self.model.image_size.bit_length() - 1}")
+        if not self.loss.perceptual_weight:
+            return self
         network = self.loss.perceptual_network
-        if self.loss.perceptual_weight and Path(network).resolve() == self.classifier_dir.resolve():
+        if Path(network).resolve() == self.classifier_dir.resolve():
             raise ConfigError(f"loss.perceptual_network ({network}) is quality.classifier, the judge of the "
-                              "grids, which is never trained against: train another for the loss with "
-                              "`pegasus-dist classifier quality.classifier=DIR quality.classifier_seed=1`")
+                              "grids, which is never trained against: give the loss another folder")
+        # Issue 24: a network used in a loss is trained separately, another seed and architecture.
+        for key in ("seed", "widths"):
+            if getattr(self.loss, f"perceptual_{key}") == getattr(self.quality, f"classifier_{key}"):
+                raise ConfigError(f"loss.perceptual_{key} equals quality.classifier_{key}: the loss's "
+                                  "network must differ from the judge's in both seed and widths")
         return self
 
     def to_yaml(self) -> str:

@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from pegasus_dist.config import Config
+from pegasus_dist.config import Config, QualityConfig
 from pegasus_dist.errors import ConfigError
 from pegasus_dist.evaluation.classifier import Classifier, load_classifier, read_meta
 from pegasus_dist.model.adversaries import feature_matching_loss
@@ -27,22 +27,28 @@ def load_perceptual_network(cfg: Config, device: torch.device) -> Classifier | N
         return None
     folder = cfg.loss.perceptual_network
     if read_meta(folder) is None:
-        raise ConfigError(f"loss.perceptual_network={folder} holds no classifier; train one for the loss, "
-                          "another than the judge: `pegasus-dist classifier --config CONFIG "
-                          f"quality.classifier={folder} quality.classifier_seed=1 "
-                          "'quality.classifier_widths=[32,64,128,256]'`")
+        raise ConfigError(f"loss.perceptual_network={folder} holds no classifier; train it for the loss "
+                          "with `pegasus-dist classifier --config CONFIG --for-loss`")
     network = load_classifier(folder)
     judge = read_meta(cfg.classifier_dir)
     if judge is not None and judge["weights_sha256"] == network.meta["weights_sha256"]:
         raise ConfigError(f"loss.perceptual_network ({cfg.loss.perceptual_network}) holds the weights of "
                           f"quality.classifier ({cfg.classifier_dir}), the judge of the grids, which is "
-                          "never trained against: train another with `pegasus-dist classifier "
-                          "quality.classifier=DIR quality.classifier_seed=1`")
+                          "never trained against: train the loss's own with `pegasus-dist classifier "
+                          "--config CONFIG --for-loss`")
     log.info("perceptual loss in the features of %s (widths %s, seed %s, weights sha256 %s)",
              cfg.loss.perceptual_network, network.meta["widths"], network.meta.get("seed"),
              network.meta["weights_sha256"][:12])
     layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     return network.requires_grad_(False).to(device, memory_format=layout)
+
+
+def network_recipe(cfg: Config) -> QualityConfig:
+    """How loss.perceptual_network is trained (`classifier --for-loss`, `pipeline`): the judge's
+    epochs and batch size, the loss's own folder, seed and widths."""
+    return cfg.quality.model_copy(update={"classifier": cfg.loss.perceptual_network,
+                                          "classifier_seed": cfg.loss.perceptual_seed,
+                                          "classifier_widths": cfg.loss.perceptual_widths})
 
 
 def perceptual_loss(network: Classifier, x: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
