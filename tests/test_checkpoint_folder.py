@@ -23,6 +23,7 @@ from pegasus_dist.data.prepare import prepare
 from pegasus_dist.errors import CheckpointError, ConfigError
 from pegasus_dist.model.adversaries import Adversaries
 from pegasus_dist.model.saved import (
+    MODEL,
     latest_checkpoint,
     list_checkpoints,
     load_model_weights,
@@ -396,3 +397,31 @@ def test_a_damaged_finished_json_redoes_the_end_of_the_phase_and_says_so(tmp_pat
     caplog.clear()
     (tmp_path / FINISHED).unlink()  # a run that never finished: nothing to say
     assert not is_finished(tmp_path, tmp_path / "step_00000006") and not caplog.text
+
+
+def test_weights_that_do_not_fit_their_own_model_are_moved_aside_so_a_requeue_gets_further(checkpointed_run):
+    """Weights of another dtype, their checksums rewritten to match: every file reads, but none
+    loads into the model the checkpoint's config.yaml describes. A requeue must not fail the same way."""
+    checkpoints = checkpointed_run.pretrain / "checkpoints"
+    newest = checkpoints / "step_00000006"
+    save_file({k: v.half() for k, v in load_file(newest / MODEL).items()}, newest / MODEL)
+    write_sums(newest)
+    command = [str(BIN / "pegasus-dist"), "train", "--config", SMOKE, *checkpointed_run.overrides,
+               "train.max_steps=9"]
+
+    # Another model in this run's config is the user's change: refused, the checkpoint left in place.
+    changed = run_bounded([*command, "model.latent_dim=5"], timeout=300)
+    assert changed.returncode == 2 and "moved it" not in changed.stdout, changed.stdout[-3000:]
+    assert "Traceback" not in changed.stdout
+    assert newest.is_dir()
+
+    first = run_bounded(command, timeout=300)
+    errors = [line for line in first.stdout.splitlines() if line.startswith("error: ")]
+    assert first.returncode == 2 and len(errors) == 1, first.stdout[-3000:]
+    (aside,) = checkpoints.glob("damaged-step_00000006-*")
+    assert f"{newest}/{MODEL}: " in errors[0] and "is torch.float16" in errors[0]
+    assert f"moved it to {aside}: run the same command again" in errors[0]
+    second = run_bounded(command, timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:]
+    assert f"resumed from {checkpoints}/step_00000003" in second.stdout
+    assert [c.name for c in list_checkpoints(checkpoints)][-1] == "step_00000009"

@@ -63,13 +63,18 @@ def newest_intact_checkpoint(root: Path, move_damaged: bool) -> Path | None:
             found = folder
             break
         if move_damaged:
-            aside = root / f"{DAMAGED}{folder.name}-{time.strftime('%Y%m%dT%H%M%S')}"
-            folder.rename(aside)
-            moved.append(f"{folder} is damaged ({problem}), moved to {aside}")
+            moved.append(f"{folder} is damaged ({problem}), moved to {move_aside(folder)}")
     if moved:
         log.warning("%s; %s", "; ".join(moved), f"resuming from {found}" if found
                     else "no complete checkpoint is left: starting from the beginning")
     return found
+
+
+def move_aside(folder: Path) -> Path:
+    """Rename a damaged checkpoint ``damaged-step_N-<time>``, where neither a resume nor pruning looks."""
+    aside = folder.parent / f"{DAMAGED}{folder.name}-{time.strftime('%Y%m%dT%H%M%S')}"
+    folder.rename(aside)
+    return aside
 
 
 def find_damage(folder: Path) -> str | None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 
@@ -29,6 +30,7 @@ from pegasus_dist.training.checkpoint import (
     check_resumable,
     find_damage,
     held_adversaries,
+    move_aside,
     newest_intact_checkpoint,
     restore_checkpoint,
 )
@@ -97,7 +99,7 @@ def start_phase(cfg: Config, hooks: Hooks) -> Started:
     accelerator.wait_for_everyone()
     models = _prepare(accelerator, cfg, built)
     if resume_from is not None:  # after prepare: load_state fills what it prepared
-        stage("restore", lambda: restore_checkpoint(accelerator, resume_from, models.ema))
+        stage("restore", lambda: _restore(cfg, accelerator, resume_from, models))
         _continue_from(resume_from, cfg, accelerator, state, loader.num_samples, models, schedule)
     state.global_batch = schedule.global_batch  # what this run's checkpoints record
     start_tracking(accelerator, cfg, state, schedule.global_batch, schedule.peak)
@@ -194,6 +196,22 @@ def _check_and_build(cfg: Config, accelerator: Accelerator, schedule: LrSchedule
         models.adversary_optimizer = build_optimizer(adversaries.parameters(), schedule, accelerator.device)
     models.perceptual = load_perceptual_network(cfg, accelerator.device)
     return state, loader, models
+
+
+def _restore(cfg: Config, accelerator: Accelerator, folder: Path, models: Models) -> None:
+    """:func:`restore_checkpoint`. Under ``run.resume=auto`` a checkpoint whose files all read
+    (find_damage) but do not load into the model its own config.yaml describes is damaged, e.g.
+    weights swapped with their checksums rewritten: the main process moves it aside, so that a
+    requeue resumes from the one before instead of failing the same way forever."""
+    try:
+        restore_checkpoint(accelerator, folder, models.ema)
+    except CheckpointError as err:
+        saved = yaml.safe_load((folder / "config.yaml").read_text()).get("model")
+        if cfg.run.resume != "auto" or saved != cfg.model.model_dump():  # another model: the user's change
+            raise
+        where = move_aside(folder) if accelerator.is_main_process else "damaged-*"
+        raise CheckpointError(f"{err}; moved it to {where}: run the same command again to resume "
+                              "from the checkpoint before") from None
 
 
 def _resume_position(state: TrainState, num_samples: int, world_size: int, folder: Path) -> TrainState:
