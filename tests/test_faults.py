@@ -304,6 +304,14 @@ def test_a_run_folder_that_cannot_be_written_is_one_line(smoke_shards, tmp_path,
         "writable, or set run.output_dir to a folder that is"], out[-2000:]
     assert "Traceback" not in out
 
+    (tmp_path / "pretrain" / "config.yaml").mkdir(parents=True)  # the file the run saves its config to
+    code, out = cli_here(capsys, *train_cmd(smoke_shards, tmp_path, 5)[1:])
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert code == 2 and errors == [
+        f"error: cannot write {tmp_path}/pretrain/config.yaml: Is a directory; make it a writable file "
+        "(move away what is there), or set run.output_dir to another folder"], out[-2000:]
+    assert "Traceback" not in out
+
 
 def test_a_checkpoint_of_another_model_shape_exits_2(smoke_shards, tmp_path, checkpointed_run, capsys):
     code, out = cli_here(capsys, *train_cmd(smoke_shards, tmp_path, 2, "model.latent_dim=4",

@@ -93,10 +93,9 @@ def start_phase(cfg: Config, hooks: Hooks) -> Started:
         raise RunComplete(f"{cfg.train.phase} in {cfg.run_dir} is already complete at step {state.step} "
                           f"(train.epochs={cfg.train.epochs}, train.max_steps={cfg.train.max_steps}; "
                           f"checkpoint {resume_from}); raise train.epochs or train.max_steps to train on")
-    if accelerator.is_main_process:  # the lock stage created the run folder
-        (cfg.run_dir / "config.yaml").write_text(cfg.to_yaml())
+    stage("config", lambda: _save_config(cfg, accelerator))
+    if accelerator.is_main_process:
         warn_if_launcher_precision_differs(cfg)
-    accelerator.wait_for_everyone()
     models = _prepare(accelerator, cfg, built)
     if resume_from is not None:  # after prepare: load_state fills what it prepared
         stage("restore", lambda: _restore(cfg, accelerator, resume_from, models))
@@ -196,6 +195,17 @@ def _check_and_build(cfg: Config, accelerator: Accelerator, schedule: LrSchedule
         models.adversary_optimizer = build_optimizer(adversaries.parameters(), schedule, accelerator.device)
     models.perceptual = load_perceptual_network(cfg, accelerator.device)
     return state, loader, models
+
+
+def _save_config(cfg: Config, accelerator: Accelerator) -> None:
+    """The main process saves the run's config in its folder, which the lock stage created."""
+    path = cfg.run_dir / "config.yaml"
+    if accelerator.is_main_process:
+        try:
+            path.write_text(cfg.to_yaml())
+        except OSError as err:  # e.g. a folder of that name, or the run folder made read-only
+            raise ConfigError(f"cannot write {path}: {err.strerror or err}; make it a writable file "
+                              "(move away what is there), or set run.output_dir to another folder") from None
 
 
 def _restore(cfg: Config, accelerator: Accelerator, folder: Path, models: Models) -> None:
