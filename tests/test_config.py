@@ -195,6 +195,16 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(tmp_path / "bad.yaml")
 
 
+@pytest.mark.parametrize("text", ["", "\n\n", "# pretrain, batch 64\n", "null\n", "{}\n"])
+def test_a_config_file_with_no_settings_is_refused_not_read_as_the_defaults(tmp_path, text):
+    """Emptied or cut before its first key, it would train every default without a word."""
+    (tmp_path / "run.yaml").write_text(text)
+    (tmp_path / "child.yaml").write_text("base: run.yaml\ntrain:\n  epochs: 3\n")
+    for path in (tmp_path / "run.yaml", tmp_path / "child.yaml"):
+        with pytest.raises(ConfigError, match=f"^{tmp_path}/run.yaml holds no settings"):
+            load_config(path)
+
+
 def test_without_a_file_the_defaults_are_the_recipes_pretrain_model():
     cfg = load_config(None)
     assert (cfg.model.channels, cfg.model.fc_dims, cfg.model.latent_dim) == (

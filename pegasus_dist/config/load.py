@@ -122,9 +122,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass an existing --config file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as err:  # a damaged file: bytes of no text
         raise ConfigError(f"{path} is not valid YAML: {err}".replace("\n", " ")) from None
+    if data is None or data == {}:  # a file emptied or cut short would train every default, unnoticed
+        raise ConfigError(f"{path} holds no settings (empty, comments only, null or {{}}); give it its "
+                          "sections, e.g. `base: ../pretrain.yaml` and the keys that differ")
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, not {type(data).__name__}")
     return data
