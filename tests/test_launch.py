@@ -201,6 +201,23 @@ def test_pegasus_dist_train_stopped_by_a_signal_exits_75(smoke_shards, tmp_path,
 
 
 @pytest.mark.process
+@pytest.mark.parametrize("entry", [[str(BIN / "pegasus-dist"), "train"], [str(BIN / "python"), TRAIN]],
+                         ids=["pegasus-dist", "train.py"])
+def test_ctrl_c_while_torch_imports_is_one_line_and_exit_130(smoke_shards, tmp_path, entry):
+    """The seconds before any of the run's code: an interrupt there is the same line as later."""
+    proc = subprocess.Popen([*entry, "--config", SMOKE, *overrides(smoke_shards, tmp_path, 5)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    maps, deadline = Path(f"/proc/{proc.pid}/maps"), time.monotonic() + 60
+    while "libtorch" not in maps.read_text() and time.monotonic() < deadline:
+        time.sleep(0.005)  # until torch's libraries are mapped: inside its import
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in out, out[-3000:]
+    assert error_lines(out) == [
+        "error: interrupted (Ctrl-C); the same command resumes from the last checkpoint"]
+
+
+@pytest.mark.process
 def test_the_launchers_mixed_precision_is_named_when_the_config_differs(smoke_shards, tmp_path):
     warning = ("accelerate launch --mixed_precision bf16 is not used: this run trains with "
                "train.mixed_precision=no from its config; to train in bf16 pass "
