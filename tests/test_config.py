@@ -158,6 +158,10 @@ def test_resolved_config_round_trips():
          "quality.classifier_widths has 6 blocks, each halving the image: 32 px allows at most 5"),
         (["quality.classifier_widths=[8,0]"], "quality.classifier_widths[1] must be at least 1, got 0"),
         (["optim.lr=0"], "optim.lr must be positive, got 0"),
+        # Bounds pass an infinity, and NaN fails no comparison: both would train to NaN.
+        (["optim.lr=inf"], "optim.lr must be a finite number, got inf"),
+        (["loss.patch_gan_weight=.inf"], "loss.patch_gan_weight must be a finite number, got inf"),
+        (["optim.weight_decay=nan"], "optim.weight_decay must be a finite number, got nan"),
         (["optim.betas=[0.9]"], "optim.betas must be two numbers in [0, 1), got [0.9]"),
         (["data.batch_size=true"], "data.batch_size must be int, got True"),
         (["data.shard_set="], "data.shard_set must not be empty"),

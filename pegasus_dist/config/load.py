@@ -57,7 +57,8 @@ def _section_at(root: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseM
 
 
 TYPES = {"int_type": "int", "float_type": "float", "bool_type": "bool", "string_type": "str",
-         "list_type": "a list", "model_type": "a mapping of keys", "dict_type": "a mapping of keys"}
+         "list_type": "a list", "model_type": "a mapping of keys", "dict_type": "a mapping of keys",
+         "finite_number": "a finite number"}
 BOUNDS = {"greater_than_equal": ("ge", "at least"), "greater_than": ("gt", "more than"),
           "less_than_equal": ("le", "at most"), "less_than": ("lt", "less than"),
           "multiple_of": ("multiple_of", "a multiple of")}

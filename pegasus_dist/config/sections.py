@@ -58,9 +58,10 @@ ImageSide = Annotated[int, Field(ge=16, multiple_of=16)]  # 32, 64, 96: the side
 
 
 class Section(BaseModel):
-    """A section: strict types (``epochs: 1.5`` is refused, not rounded), no unknown keys."""
+    """A section: strict types (``epochs: 1.5`` is refused, not rounded), no unknown keys, and
+    finite numbers (an ``inf`` weight or ``nan`` decay would train to NaN, not fail)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
