@@ -13,7 +13,9 @@ import signal
 import time
 
 import pytest
+from processes import BIN, run_bounded
 
+from pegasus_dist.errors import REQUEUE_EXIT_CODE
 from pegasus_dist.training.faults import (
     ENDING_SIGNALS,
     SAME_REQUEST_S,
@@ -85,3 +87,29 @@ def test_a_warning_sent_again_while_stopping_or_exiting_ends_nothing(caplog):
         os.kill(os.getpid(), sent)
     assert signals.received == signal.SIGXCPU  # this process is alive, and still stopping
     assert caplog.messages == ["received SIGXCPU: stopping with a checkpoint within two steps"]
+
+
+SENT_AGAIN = """
+import os, signal, sys, time
+from pegasus_dist.training.faults import SAME_REQUEST_S, StopSignals
+signals = StopSignals()
+with signals.training():
+    os.kill(os.getpid(), signal.{first})
+    time.sleep(0.05)
+signals.checkpointed = True  # what the loop sets once the stop checkpoint is written
+signals.restore()  # the run is over; the process is ending (W&B, interpreter shutdown)
+time.sleep(SAME_REQUEST_S + 0.1)  # past the window in which a repeat is the same request
+os.kill(os.getpid(), signal.{again})
+time.sleep(30)
+sys.exit(0)
+"""
+
+
+@pytest.mark.process
+@pytest.mark.parametrize(("first", "again"), [("SIGUSR1", "SIGTERM"), ("SIGTERM", "SIGHUP")])
+def test_a_second_ending_signal_after_the_stop_checkpoint_still_exits_to_be_requeued(first, again):
+    """scancel, then the time limit's SIGTERM while the stopped run ends: the run it saved is requeued."""
+    done = run_bounded([str(BIN / "python"), "-c", SENT_AGAIN.format(first=first, again=again)], timeout=60)
+    assert done.returncode == REQUEUE_EXIT_CODE, done.stdout[-2000:]
+    assert f"received {again} again: exiting {REQUEUE_EXIT_CODE} at once, the stop checkpoint written" \
+        in done.stdout

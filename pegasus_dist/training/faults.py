@@ -28,7 +28,7 @@ from accelerate.utils import gather_object
 
 from pegasus_dist.config import Config
 from pegasus_dist.console import print_error
-from pegasus_dist.errors import PegasusError
+from pegasus_dist.errors import REQUEUE_EXIT_CODE, PegasusError
 from pegasus_dist.training.distributed import build_accelerator
 
 log = logging.getLogger("pegasus_dist.training.faults")
@@ -92,12 +92,15 @@ class StopSignals:
     """A stop signal (:data:`STOP_SIGNALS`) in the training loop: recorded, so that the ranks stop together.
 
     A second ending signal (SIGTERM, SIGHUP, SIGINT), or one outside :meth:`training`, ends the
-    process at once, as with no handler: no run outlives a second one. A warning never does: sent
-    again it changes nothing (SIGXCPU repeats while the checkpoint is written), and after the loop
-    neither, since the run is ending."""
+    process at once, as with no handler: no run outlives a second one. Once the stop checkpoint is
+    written (:attr:`checkpointed`), a second SIGTERM or SIGHUP exits with the requeue code instead,
+    so that a scheduler still requeues the run it saved. A warning never ends a run: sent again it
+    changes nothing (SIGXCPU repeats while the checkpoint is written), and after the loop neither,
+    since the run is ending."""
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self.checkpointed = False  # the stop checkpoint is written: the run is safe to requeue
         self._received_at = 0.0
         self._training = False
         self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
@@ -116,6 +119,10 @@ class StopSignals:
         if self.received is not None and now - self._received_at < SAME_REQUEST_S:
             return  # the same request, delivered again
         if signum in ENDING_SIGNALS and (self.received is not None or not self._training):
+            if self.checkpointed and signum != signal.SIGINT:
+                log.warning("received %s again: exiting %d at once, the stop checkpoint written",
+                            name, REQUEUE_EXIT_CODE)
+                os._exit(REQUEUE_EXIT_CODE)  # not SystemExit: that would run the teardown it interrupts
             why = "again" if self.received is not None else "outside the training loop"
             log.warning("received %s %s: exiting at once, without a checkpoint", name, why)
             if signum == signal.SIGINT:
@@ -130,8 +137,11 @@ class StopSignals:
 
     def restore(self) -> None:
         """The handlers from before the run; once a signal stopped it, the warnings stay ignored:
-        they come again while the process ends (SIGXCPU every CPU second), with nothing to ask."""
+        they come again while the process ends (SIGXCPU every CPU second), with nothing to ask;
+        and after the stop checkpoint SIGTERM and SIGHUP keep exiting with the requeue code."""
         for sig, handler in self._previous.items():
+            if self.checkpointed and sig in ENDING_SIGNALS and sig != signal.SIGINT:
+                continue  # until the process is gone, a second one still exits with the requeue code
             ignored = self.received is not None and sig in WARNING_SIGNALS
             signal.signal(sig, signal.SIG_IGN if ignored else handler)
 

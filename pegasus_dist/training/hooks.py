@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 FAULT_VARIABLE = "PEGASUS_FAULT"
 # The agreed stages of start-up, in order (pegasus_dist.training.start): each may fail on one rank.
-START_STAGES = ("batch", "lock", "checks", "restore")
+START_STAGES = ("batch", "lock", "checks", "config", "restore")
 STALLED = "stalled-save"  # the file in the run folder that says a save is stalled (stall-save)
 
 

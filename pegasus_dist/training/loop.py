@@ -213,6 +213,7 @@ class Trainer:
     def _stop_for_requeue(self) -> NoReturn:
         """Checkpoint on every rank, then leave with the code the SLURM scripts requeue on."""
         folder = self._save()
+        self.signals.checkpointed = True
         log.warning("stopped by signal at step %d; checkpoint %s; exit %d to be requeued",
                     self.state.step, folder, REQUEUE_EXIT_CODE)
         self.accelerator.end_training()
