@@ -68,6 +68,23 @@ def out_of_memory(err: Exception, where: str, batch: str, batch_size: int) -> Tr
                          "the global batch) or use train.mixed_precision=bf16")
 
 
+# What a collective raises on a surviving rank when another rank's process ended: gloo's TCP
+# transport reading or writing to it, NCCL's watchdog aborting the communicator.
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+             "NCCL communicator was aborted", "remote process exited")
+
+
+def peer_lost(err: Exception, where: str) -> TrainingError | None:
+    """One line for a collective whose peer process ended (that rank's own lines say why), instead
+    of the transport's traceback on every rank that outlived it; None for any other error."""
+    found = next((phrase for phrase in PEER_GONE if phrase in str(err)), None)
+    if found is None:
+        return None
+    return TrainingError(f"lost another rank at {where} ({found}): it ended first, and its own lines "
+                         "or the launcher's summary say how; the same command resumes from the last "
+                         "checkpoint")
+
+
 def run_folder_lost(err: OSError, run_dir: Path) -> TrainingError | None:
     """One line for a file of ``run_dir`` that cannot be written (the folder removed, made read-only
     or full under the run); None for an error elsewhere, which is no fault of the run folder's."""

@@ -28,6 +28,7 @@ from pegasus_dist.training.faults import (
     describe_position,
     fail_with_every_rank,
     out_of_memory,
+    peer_lost,
     run_folder_lost,
 )
 from pegasus_dist.training.finish import sample_and_evaluate
@@ -107,8 +108,9 @@ class Trainer:
                     self._run_epoch(progress)
             except (RuntimeError, MemoryError) as err:
                 where = f"step {self.state.step + 1} (epoch {self.state.epoch + 1})"
-                if oom := out_of_memory(err, where, self.batch_description, cfg.data.batch_size):
-                    raise oom from None
+                oom = out_of_memory(err, where, self.batch_description, cfg.data.batch_size)
+                if lost := oom or peer_lost(err, where):
+                    raise lost from None
                 raise
             if self.window.steps:
                 self._sync_point(log_metrics=True, checkpoint=False)
