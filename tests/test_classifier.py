@@ -156,3 +156,12 @@ def test_the_classifier_command_writes_where_quality_classifier_says(quality_sha
     assert meta["epochs"] == 1 and f"held-out accuracy {meta['held_out']['accuracy']:.3f}" in printed
     cfg = load_config(REPO / "configs/smoke/pretrain.yaml", ["run.output_dir=/x/y"])
     assert str(cfg.classifier_dir) == "/x/y/classifier"  # the default, shared by a pipeline's phases
+
+
+def test_a_folder_in_place_of_classifier_json_is_one_line_when_it_is_saved_again(small_classifier):
+    """The pipeline trains a damaged classifier again: its save into the folder's place was a traceback."""
+    folder, meta = small_classifier
+    (folder / "classifier.json").unlink()
+    (folder / "classifier.json").mkdir()
+    with pytest.raises(DataError, match=r"cannot write .*classifier.json \(Is a directory\); remove"):
+        save_classifier(Classifier(meta["classes"], (4, 8), 32), meta, folder)

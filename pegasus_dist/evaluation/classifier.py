@@ -192,7 +192,10 @@ def save_classifier(classifier: Classifier, meta: dict, folder: str | Path) -> d
     meta = {**meta, "weights_sha256": sha256_file(tmp)}
     os.replace(tmp, folder / WEIGHTS)
     (folder / f".{META}.tmp").write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(folder / f".{META}.tmp", folder / META)  # last: its presence means complete
+    try:  # a folder in its place (a full disk fails above, as for any write of a file)
+        os.replace(folder / f".{META}.tmp", folder / META)  # last: its presence means complete
+    except OSError as err:
+        raise DataError(f"cannot write {folder / META} ({err.strerror}); remove what is there") from None
     return meta
 
 
