@@ -109,8 +109,8 @@ class Trainer:
             except (RuntimeError, MemoryError) as err:
                 where = f"step {self.state.step + 1} (epoch {self.state.epoch + 1})"
                 oom = out_of_memory(err, where, self.batch_description, cfg.data.batch_size)
-                if lost := oom or peer_lost(err, where):
-                    raise lost from None
+                if known := oom or peer_lost(err, where):
+                    raise known from None
                 raise
             if self.window.steps:
                 self._sync_point(log_metrics=True, checkpoint=False)
