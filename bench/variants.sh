@@ -6,10 +6,12 @@
 #   pegasus-dist prepare --source folder:../shared/data/cifar10-jpg.tar.gz --out shards/cifar10-jpg
 #   pegasus-dist classifier --config configs/reference/pretrain.yaml
 #   # the perceptual variants' own network: another seed and depth than the judge above
-#   pegasus-dist classifier --config configs/reference/pretrain.yaml quality.classifier=runs/reference/perceptual \
-#       quality.classifier_seed=1 'quality.classifier_widths=[32,64,128,256]'
+#   pegasus-dist classifier --config configs/reference/pretrain.yaml --for-loss
 #   bench/variants.sh                 # every variant; or name some: bench/variants.sh vae acai
 #
+# Each variant is configs/reference's schedule (half-width model, batch 64, bf16) with every
+# loss and decoder option of the reference recipe off, then its own overrides: its name lists
+# all it adds (the reference recipe itself is acai-logistic-patch-gan-resize-perceptual).
 # Writes runs/variants/<name>/{pretrain,finetune}; each phase's grids are scored
 # when it ends (samples/quality.json); `seconds` holds the wall time of both phases.
 set -euo pipefail
@@ -19,6 +21,8 @@ FINETUNE_EPOCHS=${FINETUNE_EPOCHS:-10}
 OUT=${OUT:-runs/variants}
 BIN=${BIN:-.venv/bin}
 
+PLAIN=(loss.acai_weight=0 model.likelihood=bernoulli model.upsample=transpose loss.patch_gan_weight=0
+       loss.perceptual_weight=0)
 declare -A VARIANTS=(
   [vae]=""
   [free-bits]="loss.free_bits=0.25 loss.kl_warmup_steps=1000"
@@ -46,7 +50,7 @@ for name in "${@:-${ORDER[@]}}"; do
   [[ -v "VARIANTS[$name]" ]] || { echo "unknown variant $name; known: ${ORDER[*]}" >&2; exit 2; }
   # shellcheck disable=SC2206  # the overrides are words on purpose
   common=("run.output_dir=$OUT/$name" train.mixed_precision=bf16 wandb.mode=offline
-          quality.classifier=runs/reference/classifier ${VARIANTS[$name]})
+          quality.classifier=runs/reference/classifier "${PLAIN[@]}" ${VARIANTS[$name]})
   start=$(date +%s)
   "$BIN/pegasus-dist" train --config configs/reference/pretrain.yaml "train.epochs=$PRETRAIN_EPOCHS" "${common[@]}"
   "$BIN/pegasus-dist" train --config configs/reference/finetune.yaml "train.epochs=$FINETUNE_EPOCHS" \
