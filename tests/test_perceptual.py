@@ -54,5 +54,5 @@ def test_the_network_is_loaded_frozen_and_never_the_judge_copied_elsewhere(tmp_p
     with pytest.raises(ConfigError, match=r"holds the weights of quality.classifier .* judge of the grids"):
         load_perceptual_network(config("copy"), torch.device("cpu"))
     assert load_perceptual_network(load_config(None, []), torch.device("cpu")) is None
-    with pytest.raises(ConfigError, match=r"perceptual_network=.*/missing holds no classifier; train one"):
+    with pytest.raises(ConfigError, match=r"/missing holds no classifier; train it .* --for-loss"):
         load_perceptual_network(config("missing"), torch.device("cpu"))
