@@ -199,6 +199,18 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(tmp_path / "bad.yaml")
 
 
+@pytest.mark.parametrize(("text", "message"), [
+    ("train:\n  epochs: 3\nmodel:\n  latent_dim: 8\ntrain:\n  max_steps: 5\n",
+     "key 'train' is given twice, on lines 1 and 5; keep one"),
+    ("train:\n  epochs: 3\n  epochs: 30\n", "key 'epochs' is given twice, on lines 2 and 3; keep one"),
+])
+def test_a_key_given_twice_in_a_file_is_refused_naming_both_lines(tmp_path, text, message):
+    """YAML keeps the last silently: the first train section's epochs would be dropped unseen."""
+    (tmp_path / "run.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=f"^{tmp_path}/run.yaml: {message}$"):
+        load_config(tmp_path / "run.yaml")
+
+
 @pytest.mark.parametrize("text", ["", "\n\n", "# pretrain, batch 64\n", "null\n", "{}\n"])
 def test_a_config_file_with_no_settings_is_refused_not_read_as_the_defaults(tmp_path, text):
     """Emptied or cut before its first key, it would train every default without a word."""
