@@ -306,6 +306,13 @@ def test_a_run_folder_that_cannot_be_written_is_one_line(smoke_shards, tmp_path,
         "writable, or set run.output_dir to a folder that is"], out[-2000:]
     assert "Traceback" not in out
 
+    (tmp_path / "b" / "pretrain").mkdir(parents=True)
+    (tmp_path / "b" / "pretrain" / "checkpoints").write_text("")  # read as none: a run from scratch
+    code, out = cli_here(capsys, *train_cmd(smoke_shards, tmp_path / "b", 5)[1:])
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert code == 2 and errors == [f"error: {tmp_path}/b/pretrain/checkpoints is not a folder; move it away "
+                                    "so that the run can keep its checkpoints there"], out[-2000:]
+
     (tmp_path / "pretrain" / "config.yaml").mkdir(parents=True)  # the file the run saves its config to
     code, out = cli_here(capsys, *train_cmd(smoke_shards, tmp_path, 5)[1:])
     errors = [line for line in out.splitlines() if line.startswith("error: ")]

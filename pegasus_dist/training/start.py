@@ -146,11 +146,15 @@ def _lock_and_choose(cfg: Config, accelerator: Accelerator) -> list:
     except OSError as err:
         raise ConfigError(f"cannot write the run folder {cfg.run_dir}: {err.strerror or err}; make it "
                           "writable, or set run.output_dir to a folder that is") from None
+    checkpoints = cfg.run_dir / "checkpoints"
+    if checkpoints.exists() and not checkpoints.is_dir():  # else read as "none yet", and a run from scratch
+        raise ConfigError(f"{checkpoints} is not a folder; move it away so that the run can keep its "
+                          "checkpoints there")
     resume_from = None
     if cfg.run.resume == "auto":  # damaged checkpoints skipped (and moved aside)
-        resume_from = newest_intact_checkpoint(cfg.run_dir / "checkpoints", move_damaged=True)
+        resume_from = newest_intact_checkpoint(checkpoints, move_damaged=True)
     elif cfg.run.resume == "never":
-        if latest_checkpoint(cfg.run_dir / "checkpoints") is not None:
+        if latest_checkpoint(checkpoints) is not None:
             raise ConfigError(f"run.resume=never but {cfg.run_dir} already has checkpoints; choose another "
                               "run.name or use run.resume=auto")
     else:
