@@ -7,6 +7,7 @@ its hooks.
 
 from __future__ import annotations
 
+import fcntl
 import math
 import os
 import shutil
@@ -29,6 +30,7 @@ from pegasus_dist.errors import ConfigError
 from pegasus_dist.model.saved import latest_checkpoint, list_checkpoints
 from pegasus_dist.training.faults import TrainingError
 from pegasus_dist.training.hooks import STALLED, Hooks, fault_plan
+from pegasus_dist.training.lock import LOCK_FILE
 from pegasus_dist.training.loop import train
 
 pytestmark = pytest.mark.process
@@ -320,6 +322,9 @@ def test_a_run_folder_that_cannot_be_written_is_one_line(smoke_shards, tmp_path,
         f"error: cannot write {tmp_path}/pretrain/config.yaml: Is a directory; make it a writable file "
         "(move away what is there), or set run.output_dir to another folder"], out[-2000:]
     assert "Traceback" not in out
+    # A failed start leaves the folder to the next run, even in a process that goes on (a notebook).
+    with open(tmp_path / "pretrain" / LOCK_FILE) as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while a run holds it
 
 
 def test_a_checkpoint_of_another_model_shape_exits_2(smoke_shards, tmp_path, checkpointed_run, capsys):

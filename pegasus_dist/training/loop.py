@@ -53,9 +53,11 @@ def train(cfg: Config, hooks: Hooks | None = None) -> Path:
         fail_with_every_rank(err)
     try:
         trainer = Trainer(cfg, hooks)
-    except RunComplete as done:
-        log.info("%s", done)
+    except BaseException as err:  # complete, or a start-up error: no run holds the folder any more
         release_run_lock(cfg.run_dir)
+        if not isinstance(err, RunComplete):
+            raise
+        log.info("%s", err)
         return cfg.run_dir
     try:
         trainer.run_epochs()
