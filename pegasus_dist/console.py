@@ -50,5 +50,6 @@ def exit_on_user_error(fn: Callable[[], T]) -> T:
     except Preempted as stop:
         raise SystemExit(stop.exit_code) from None
     except KeyboardInterrupt:
-        print_error("interrupted (Ctrl-C); the same command resumes from the last checkpoint")
+        print_error("interrupted (Ctrl-C); run the same command again (training resumes from its last "
+                    "checkpoint)")
         raise SystemExit(INTERRUPTED_EXIT_CODE) from None

@@ -214,7 +214,8 @@ def test_ctrl_c_while_torch_imports_is_one_line_and_exit_130(smoke_shards, tmp_p
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in out, out[-3000:]
     assert error_lines(out) == [
-        "error: interrupted (Ctrl-C); the same command resumes from the last checkpoint"]
+        "error: interrupted (Ctrl-C); run the same command again (training resumes from its last "
+        "checkpoint)"]
 
 
 @pytest.mark.process

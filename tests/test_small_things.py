@@ -40,8 +40,8 @@ def test_ctrl_c_is_one_line_and_exit_130_not_a_traceback(capsys):
     with pytest.raises(SystemExit) as stopped:
         exit_on_user_error(interrupted)
     assert stopped.value.code == 130
-    assert capsys.readouterr().err == ("error: interrupted (Ctrl-C); the same command resumes from the "
-                                       "last checkpoint\n")
+    assert capsys.readouterr().err == ("error: interrupted (Ctrl-C); run the same command again (training "
+                                       "resumes from its last checkpoint)\n")
 
 
 @pytest.mark.process  # git
