@@ -162,21 +162,22 @@ def _check_zip(path: Path) -> None:
 def _check_finite(path: Path) -> None:
     """Raises naming the first NaN or Inf of ``path`` (weights, their average, an Adam, a loss scaler):
     resumed, it would stop the run again at its next step, and a requeued job would loop."""
+    torch_file = path.suffix != ".safetensors"  # safetensors hold named tensors by their format
     try:
-        if path.suffix == ".safetensors":
+        if torch_file:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            bad = _first_nonfinite(state)
+        else:
             with safe_open(path, framework="pt") as weights:
                 bad = next((name for name in weights.keys()  # noqa: SIM118 (not a dict)
                             if _first_nonfinite(weights.get_tensor(name), name)), None)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            bad = _first_nonfinite(state) if isinstance(state, dict) and state else ""
     except pickle.UnpicklingError as err:  # weights_only refuses anything but tensors and containers
         raise CheckpointError(f"{path}: refusing to load it ({_pickled(err)}); only tensors and plain "
                               "containers are accepted") from None
     except Exception as err:  # torch reports a malformed file in many types
         why = (str(err).splitlines() or [type(err).__name__])[0]
         raise CheckpointError(f"cannot read {path}: {why}") from None
-    if bad == "":  # what save_state writes there is a state_dict: a dict of fields
+    if torch_file and not (isinstance(state, dict) and state):  # save_state writes a dict of fields
         raise CheckpointError(f"{path} holds no saved state (a {type(state).__name__}, not the dict of one)")
     if bad is not None:
         raise CheckpointError(f"{path}: {bad} holds NaN or Inf values (saved after the run diverged, or "

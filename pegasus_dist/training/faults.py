@@ -42,6 +42,9 @@ T = TypeVar("T")
 WARNING_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGXCPU)
 ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 STOP_SIGNALS = WARNING_SIGNALS + ENDING_SIGNALS
+# A scheduler's, sent again once the stop checkpoint is written: still exit with the requeue code.
+# (Ctrl-C again stays Python's KeyboardInterrupt: a person at a terminal, not a scheduler.)
+REQUEUE_AGAIN = (signal.SIGTERM, signal.SIGHUP)
 # A SIGTERM this soon after the first is the same request: a launcher killed with
 # several threads sends its ranks the parent-death signal once per thread.
 SAME_REQUEST_S = 1.0
@@ -136,7 +139,7 @@ class StopSignals:
         if self.received is not None and now - self._received_at < SAME_REQUEST_S:
             return  # the same request, delivered again
         if signum in ENDING_SIGNALS and (self.received is not None or not self._training):
-            if self.checkpointed and signum != signal.SIGINT:
+            if self.checkpointed and signum in REQUEUE_AGAIN:
                 log.warning("received %s again: exiting %d at once, the stop checkpoint written",
                             name, REQUEUE_EXIT_CODE)
                 os._exit(REQUEUE_EXIT_CODE)  # not SystemExit: that would run the teardown it interrupts
@@ -157,7 +160,7 @@ class StopSignals:
         they come again while the process ends (SIGXCPU every CPU second), with nothing to ask;
         and after the stop checkpoint SIGTERM and SIGHUP keep exiting with the requeue code."""
         for sig, handler in self._previous.items():
-            if self.checkpointed and sig in ENDING_SIGNALS and sig != signal.SIGINT:
+            if self.checkpointed and sig in REQUEUE_AGAIN:
                 continue  # until the process is gone, a second one still exits with the requeue code
             ignored = self.received is not None and sig in WARNING_SIGNALS
             signal.signal(sig, signal.SIG_IGN if ignored else handler)
