@@ -4,8 +4,11 @@ The peak is cores x clock x bf16 FLOP per cycle and core:
 
 - cores: ``os.sched_getaffinity`` (the cores this process may run on);
 - clock: ``/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq`` where the
-  kernel exposes it; else measured, by timing a chain of dependent integer
-  adds (one a cycle) compiled with the C compiler torch.compile needs anyway;
+  kernel exposes it; else measured, by timing a chain of dependent
+  register-to-register adds (one a cycle) compiled with the C compiler
+  torch.compile needs anyway (adds of an immediate would not do: Intel's
+  Golden Cove cores and later fold them at rename, and the chain read 12 GHz
+  on a 4 GHz Xeon);
   else ``cpu MHz`` of ``/proc/cpuinfo``, which in a virtual machine is the
   nominal clock, not the boost the cores run at (2.6 against 3.66 GHz on the
   bench's 2-core AMD EPYC), and so understates the peak;
@@ -53,11 +56,11 @@ CLOCK_PROBE = r"""
 #include <stdio.h>
 #include <time.h>
 int main(void) {
-    long x = 0, n = 50000000L;
+    long x = 0, one = 1, n = 50000000L;
     struct timespec a, b;
     clock_gettime(CLOCK_MONOTONIC, &a);
     for (long i = 0; i < n; i++)
-        __asm__ volatile("add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0" : "+r"(x));
+        __asm__ volatile("add %1, %0\n\tadd %1, %0\n\tadd %1, %0\n\tadd %1, %0" : "+r"(x) : "r"(one));
     clock_gettime(CLOCK_MONOTONIC, &b);
     printf("%f\n", 4.0 * n / ((b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) * 1e-9) / 1e9);
     return x != 4 * n;

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from helpers import SMOKE, TINY_ARGS, training_rows
 
-from bench.efficiency import Peak, flop_per_cycle
+from bench.efficiency import Peak, _field, _measured_clock_ghz, flop_per_cycle
 from bench.harness import Row, format_table, run_bench
 from bench.profile_step import StepProfile, waits_us, with_device_work
 from bench.profile_step import main as profile_main
@@ -62,6 +63,18 @@ def test_the_peak_is_cores_times_clock_times_flop_per_cycle_and_says_so():
     peak = Peak(cores=2, ghz=3.5, clock_from="measured", flop_per_cycle=64, unit="AVX512_BF16")
     assert peak.tflops == pytest.approx(2 * 3.5e9 * 64 / 1e12)
     assert peak.describe() == "2 cores x 3.50 GHz (measured) x 64 FLOP/cycle (AVX512_BF16)"
+
+
+@pytest.mark.process
+def test_the_measured_clock_is_within_a_factor_of_two_of_the_nominal_one():
+    """A probe the core can shortcut (adds of an immediate, folded at rename on Intel's Golden Cove
+    and later) read 12 GHz on a 4 GHz Xeon, and so tripled the peak that every efficiency row is
+    measured against."""
+    nominal = float(_field(Path("/proc/cpuinfo").read_text(), "cpu MHz")) / 1e3
+    measured = _measured_clock_ghz()
+    if measured is None:
+        pytest.skip("no C compiler here to build the clock probe")
+    assert nominal / 2 < measured < 2 * nominal, (measured, nominal)
 
 
 @pytest.mark.process
