@@ -17,6 +17,8 @@
 # (the loss scale beside scaler_skipped_steps), also with VQGAN's adaptive weight (its gradients
 # taken under the loss scale), and with two GPUs or more a 2-process NCCL run.
 # It has not run on a GPU yet (docs/performance.md says so); without one it stops at once, in one line.
+# A step that fails is a row marked failed, naming its log, and the check goes on (exit 1 at the end);
+# each row is also written to $OUT/rows.md as it is measured.
 #
 # Environment: OUT [runs/gpu-check], BIN [.venv/bin], STEPS [300] steps a run,
 # SYNC_STEPS [20] steps of the sync-debug run before its resume (to twice as many).
