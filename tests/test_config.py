@@ -188,6 +188,14 @@ def test_sections_built_in_code_are_validated_too():
         Config(trian={})
 
 
+def test_a_folder_or_an_unreadable_file_as_the_config_is_named_as_what_it_is(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file .* is not a file; pass a YAML file \(e\.g"):
+        load_config(tmp_path)  # `--config configs/`: it exists, so "does not exist" would mislead
+    # /proc/self/mem is a file that reading from its start fails (EIO), even for root
+    with pytest.raises(ConfigError, match=r"config file /proc/\d+/mem cannot be read \(Input/output error\)"):
+        load_config(Path("/proc/self/mem"))
+
+
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")

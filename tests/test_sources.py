@@ -178,6 +178,17 @@ def test_source_specs(tmp_path):
         load_source("imagenet:x")
     with pytest.raises(DataError, match="cifar10 archive not found: .*nope.tar.gz"):
         load_source(f"cifar10:{tmp_path}/nope.tar.gz")
+    # the folder an archive was extracted into exists: "not found" would send the user looking
+    with pytest.raises(DataError, match=r"stl10 archive .* is not a file \(a folder\?\); pass the "
+                                        r"stl10_binary.tar.gz file itself"):
+        load_source(f"stl10:{tmp_path}")
+
+
+def test_a_file_that_is_no_archive_as_an_image_source_is_one_line(tmp_path):
+    (text := tmp_path / "notes.txt").write_text("not images\n")
+    with pytest.raises(DataError, match=r"notes.txt is not a readable tar archive \(.*gzip") as err:
+        load_source(f"folder:{text}")
+    assert "\n" not in str(err.value)  # tarfile's message lists each method it tried on a line
 
 
 @pytest.mark.slow

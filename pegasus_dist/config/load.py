@@ -138,8 +138,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass an existing --config file")
+    if not path.is_file():  # a folder (`--config configs/`) is no file either, but it exists
+        what = "is not a file" if path.exists() else "does not exist"
+        raise ConfigError(f"config file {path} {what}; pass a YAML file (e.g. configs/pretrain.yaml)")
     try:
         loader = _UniqueKeyLoader(path.read_text())
         loader.name = str(path)  # what its marks and errors call the text
@@ -149,6 +150,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
             loader.dispose()
     except (yaml.YAMLError, UnicodeDecodeError) as err:  # a damaged file: bytes of no text
         raise ConfigError(f"{path} is not valid YAML: {err}".replace("\n", " ")) from None
+    except OSError as err:  # no read permission for this user, an I/O error
+        raise ConfigError(f"config file {path} cannot be read ({err.strerror}); make it readable "
+                          "or pass another --config") from None
     if data is None or data == {}:  # a file emptied or cut short would train every default, unnoticed
         raise ConfigError(f"{path} holds no settings (empty, comments only, null or {{}}); give it its "
                           "sections, e.g. `base: ../pretrain.yaml` and the keys that differ")

@@ -60,7 +60,8 @@ def open_tar(path: Path) -> Iterator[tarfile.TarFile]:
         if isinstance(err, EOFError) or "unexpected end of data" in str(err):
             raise DataError(f"{path} is truncated ({err}); copy or download the whole file "
                             "again") from None
-        raise DataError(f"{path} is not a readable tar archive ({err})") from None
+        reason = " ".join(str(err).split())  # tarfile names each compression it tried on a line
+        raise DataError(f"{path} is not a readable tar archive ({reason})") from None
 
 
 def resize_all(images: np.ndarray, size: int) -> np.ndarray:

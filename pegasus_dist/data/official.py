@@ -149,9 +149,10 @@ def _class_names(ids: np.ndarray, count: int, names: tuple[str, ...] | list[str]
 
 def _archive(path: str | Path, name: str, meta: dict, verify_checksum: bool) -> Path:
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{name} archive not found: {path}; download {meta['filename']} from "
-                        f"{meta['page']} or use {name}:download")
+    if not path.is_file():  # a folder too, say the extracted one: the archive is read in place
+        found = f"not found: {path}" if not path.exists() else f"{path} is not a file (a folder?)"
+        raise DataError(f"{name} archive {found}; pass the {meta['filename']} file itself, download "
+                        f"it from {meta['page']} or use {name}:download")
     if verify_checksum and (digest := calculate_md5(path)) != meta["md5"]:
         raise DataError(f"{path}: md5 {digest} differs from the official {meta['md5']} of "
                         f"{meta['filename']}; pass --no-verify-checksums for a modified or fixture copy")
