@@ -8,6 +8,7 @@ its hooks.
 from __future__ import annotations
 
 import fcntl
+import logging
 import math
 import os
 import shutil
@@ -32,6 +33,7 @@ from pegasus_dist.training.faults import TrainingError
 from pegasus_dist.training.hooks import STALLED, Hooks, fault_plan
 from pegasus_dist.training.lock import LOCK_FILE
 from pegasus_dist.training.loop import train
+from pegasus_dist.training.start import _init_source
 
 pytestmark = pytest.mark.process
 TRAIN = str(REPO / "pegasus_dist/train.py")
@@ -296,6 +298,29 @@ def test_bad_configuration_exits_2_before_training(smoke_shards, tmp_path, extra
     errors = [line for line in out.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0], out[-2000:]
     assert not (tmp_path / "pretrain" / "checkpoints").exists()
+
+
+@pytest.mark.process  # the shared checkpointed run is made by a process
+def test_init_from_a_run_that_has_not_finished_warns_naming_the_checkpoint_it_starts_from(checkpointed_run,
+                                                                                          caplog):
+    """A finetune started while its pretraining still runs, or after it was killed, would otherwise
+    start from whatever checkpoint is newest, without a word."""
+    run = checkpointed_run.pretrain
+
+    def source(init_from: Path) -> Path:
+        return _init_source(load_config(SMOKE, [*checkpointed_run.overrides, f"train.init_from={init_from}"]),
+                            main=True)
+
+    with caplog.at_level(logging.WARNING, logger="pegasus_dist.training.start"):
+        assert source(run) == run / "checkpoints" / "step_00000006"
+        assert not caplog.records  # it finished: its grids and evaluation were written
+        (run / "finished.json").unlink()
+        assert source(run).name == "step_00000006"
+        assert f"train.init_from: {run} has not finished" in caplog.text, caplog.text
+        assert "(no finished.json for its newest checkpoint, step_00000006)" in caplog.text
+        caplog.clear()
+        assert source(run / "checkpoints" / "step_00000003").name == "step_00000003"
+        assert not caplog.records  # a checkpoint named is the user's choice
 
 
 def test_a_run_folder_that_cannot_be_written_is_one_line(smoke_shards, tmp_path, capsys):

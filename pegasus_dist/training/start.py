@@ -190,7 +190,8 @@ def _check_and_build(cfg: Config, accelerator: Accelerator, schedule: LrSchedule
     _check_batch_fits(cfg, accelerator, loader.num_samples, loader.path)
     state = _on_data(state, cfg, loader, resume_from)
     # A resumed run has its weights: train.init_from starts a new one only.
-    source = resolve_checkpoint(cfg.train.init_from) if resume_from is None and cfg.train.init_from else None
+    new_from = resume_from is None and cfg.train.init_from
+    source = _init_source(cfg, accelerator.is_main_process) if new_from else None
     model = _build_model(cfg, accelerator, source)
     models = Models(model, build_optimizer(model.parameters(), schedule, accelerator.device))
     adversaries = _build_adversaries(cfg, source)
@@ -199,6 +200,18 @@ def _check_and_build(cfg: Config, accelerator: Accelerator, schedule: LrSchedule
         models.adversary_optimizer = build_optimizer(adversaries.parameters(), schedule, accelerator.device)
     models.perceptual = load_perceptual_network(cfg, accelerator.device)
     return state, loader, models
+
+
+def _init_source(cfg: Config, main: bool) -> Path:
+    """train.init_from's checkpoint: a run folder's newest, with a warning where that run has not
+    finished (a finetune started while its pretraining still runs, or after it was killed)."""
+    named = Path(cfg.train.init_from)
+    source = resolve_checkpoint(named)
+    if main and source != named and not is_finished(named, source):
+        log.warning("train.init_from: %s has not finished (no finished.json for its newest checkpoint, "
+                    "%s): this phase starts from those weights; let that run end first, or name the "
+                    "checkpoint itself to start from it", named, source.name)
+    return source
 
 
 def _save_config(cfg: Config, accelerator: Accelerator) -> None:
