@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import shlex
 import sys
 from pathlib import Path
@@ -176,12 +177,15 @@ def evaluate(
     """Held-out negative ELBO (nats, bits/dim), its parts, PSNR and active latent units."""
     from pegasus_dist.evaluation.classifier import find_classifier
     from pegasus_dist.evaluation.heldout import evaluate as run_eval
-    from pegasus_dist.evaluation.heldout import write_eval
+    from pegasus_dist.evaluation.heldout import leak, write_eval
     from pegasus_dist.evaluation.sampler import load_trained_model
+    from pegasus_dist.training.state import read_state
 
     cfg, model, folder = load_trained_model(checkpoint, overrides or [])
-    metrics = run_eval(model, Path(cfg.data.shards) / cfg.eval.shard_set, cfg.eval.batch_size,
-                       cfg.eval.seed, find_classifier(cfg))
+    held_out = Path(cfg.data.shards) / cfg.eval.shard_set
+    if problem := leak(read_state(folder).shards, held_out):  # the user's choice: measured, and said
+        logging.getLogger("pegasus_dist.cli").warning("%s; read these metrics as not held out", problem)
+    metrics = run_eval(model, held_out, cfg.eval.batch_size, cfg.eval.seed, find_classifier(cfg))
     path = write_eval(metrics, out or folder.parent.parent / "eval" / f"{folder.name}.json")
     typer.echo(json.dumps(metrics, indent=2))
     typer.echo(f"wrote {path}")

@@ -25,9 +25,11 @@ from helpers import SMOKE, TINY_ARGS, cli_here, losses, overrides, start, traini
 from processes import BIN, REPO, run_bounded
 from safetensors.torch import load_file
 
-from pegasus_dist.config import load_config
+from pegasus_dist.config import PrepareConfig, load_config
 from pegasus_dist.data.manifest import load_manifest
+from pegasus_dist.data.prepare import prepare
 from pegasus_dist.errors import ConfigError
+from pegasus_dist.evaluation.heldout import leak
 from pegasus_dist.model.saved import latest_checkpoint, list_checkpoints
 from pegasus_dist.training.faults import TrainingError
 from pegasus_dist.training.hooks import STALLED, Hooks, fault_plan
@@ -445,3 +447,29 @@ def test_metrics_that_cannot_be_written_end_the_run_in_one_line(smoke_shards, tm
     assert str(stopped.value).startswith(f"cannot append step 2 to {path}: Is a directory (")
     assert str(stopped.value).endswith("MB free there); free space or make it writable, then run the same "
                                        "command to resume from the last checkpoint")
+
+
+def test_shards_prepared_again_while_a_phase_trains_are_not_taken_for_its_held_out_set(smoke_shards, tmp_path,
+                                                                                      caplog):
+    """A `prepare` into the folder while the phase trains (it keeps reading the set it opened) draws
+    another held-out split, which may hold images the phase trained on: the end of the phase says
+    so and writes no held-out metrics, and `leak` is what `pegasus-dist eval` warns with too."""
+    shards = tmp_path / "shards"
+    shutil.copytree(smoke_shards, shards, symlinks=True)
+    trained_on = f"mix@{load_manifest(shards / 'mix').generation}"
+    assert leak(trained_on, shards / "eval") is None
+
+    def prepare_again(trainer) -> None:
+        prepare(PrepareConfig(out=str(shards), sources=["synthetic:480"], shard_size=50, seed=1), "tests")
+
+    with caplog.at_level(logging.WARNING, logger="pegasus_dist.training.finish"):
+        train(load_config(SMOKE, tiny(shards, tmp_path / "runs", 4)), Hooks(after_start=[prepare_again]))
+    now = load_manifest(shards / "eval").generation
+    assert now != trained_on.partition("@")[2]
+    expected = (f"{shards / 'eval'} is of shard generation {now}, but the model trained on {trained_on}: "
+                "the shards were prepared again since, so held-out images may be ones it trained on; "
+                "skipping the held-out evaluation and the quality scores")
+    assert expected in caplog.text, caplog.text
+    run = tmp_path / "runs" / "pretrain"
+    assert (run / "samples" / "pegasus.png").is_file() and not (run / "eval").exists()
+    assert leak("", shards / "eval") is None  # a checkpoint of a version that recorded no generation

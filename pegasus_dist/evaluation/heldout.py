@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from pegasus_dist.data.loader import ShardLoader
+from pegasus_dist.data.manifest import load_manifest
 from pegasus_dist.evaluation.classifier import Classifier, predict
 from pegasus_dist.model.loss import kl_to_standard_normal, reconstruction_nll
 from pegasus_dist.model.vae import VAE, reparameterize
@@ -22,6 +23,17 @@ from pegasus_dist.model.vae import VAE, reparameterize
 ACTIVE_UNIT_THRESHOLD = 0.01
 DESCRIPTIVE = ("images", "latent_dim", "active_unit_threshold")  # they describe the evaluation, not the model
 SUBSETS = {"all": None, "horse_bird": ("horse", "bird")}
+
+
+def leak(trained_on: str, held_out: str | Path) -> str | None:
+    """Why ``held_out`` may hold images that a model trained on ``trained_on`` (``<set>@<generation>``,
+    its checkpoint's ``shards``) has seen, or None: a new ``prepare`` draws another held-out split."""
+    generation = trained_on.partition("@")[2]
+    now = load_manifest(held_out).generation
+    if not generation or not now or generation == now:
+        return None
+    return (f"{held_out} is of shard generation {now}, but the model trained on {trained_on}: the shards "
+            "were prepared again since, so held-out images may be ones it trained on")
 
 
 @torch.no_grad()

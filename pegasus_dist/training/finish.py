@@ -10,9 +10,10 @@ import torch
 from pegasus_dist.config import Config
 from pegasus_dist.errors import DataError
 from pegasus_dist.evaluation.classifier import Classifier, find_classifier
-from pegasus_dist.evaluation.heldout import DESCRIPTIVE, evaluate, write_eval
+from pegasus_dist.evaluation.heldout import DESCRIPTIVE, evaluate, leak, write_eval
 from pegasus_dist.evaluation.quality import flatten, score_run_samples, summary_line
 from pegasus_dist.evaluation.sampler import run_sampler
+from pegasus_dist.training.state import read_state
 from pegasus_dist.training.tracking import MetricsLog
 
 log = logging.getLogger("pegasus_dist.training.finish")
@@ -36,6 +37,11 @@ def _evaluate(cfg: Config, model: torch.nn.Module, metrics: MetricsLog, step: in
     held_out = Path(cfg.data.shards) / cfg.eval.shard_set
     if not (held_out / "manifest.json").is_file():
         log.warning("no held-out set at %s: skipping the evaluation", held_out)
+        return
+    if problem := leak(read_state(checkpoint).shards, held_out):  # a `prepare` while this phase trained
+        log.warning("%s; skipping the held-out evaluation and the quality scores: prepare the shards as they "
+                    "were (the same sources and seed), then run `pegasus-dist eval --checkpoint %s`",
+                    problem, checkpoint)
         return
     if classifier is not None:
         try:
