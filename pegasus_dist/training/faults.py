@@ -77,15 +77,23 @@ PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pi
              "NCCL communicator was aborted", "remote process exited")
 
 
+# What gloo and NCCL say when a peer is alive but silent past train.collective_timeout_s.
+PEER_SILENT = ("Timed out waiting", "Watchdog caught collective operation timeout")
+
+
 def peer_lost(err: Exception, where: str) -> TrainingError | None:
-    """One line for a collective whose peer process ended (that rank's own lines say why), instead
-    of the transport's traceback on every rank that outlived it; None for any other error."""
-    found = next((phrase for phrase in PEER_GONE if phrase in str(err)), None)
-    if found is None:
-        return None
-    return TrainingError(f"lost another rank at {where} ({found}): it ended first, and its own lines "
-                         "or the launcher's summary say how; the same command resumes from the last "
-                         "checkpoint")
+    """One line for a collective whose peer process ended (that rank's own lines say why) or went
+    silent, instead of the transport's traceback on every rank that outlived it; None for any other."""
+    if found := next((phrase for phrase in PEER_GONE if phrase in str(err)), None):
+        return TrainingError(f"lost another rank at {where} ({found}): it ended first, and its own lines "
+                             "or the launcher's summary say how; the same command resumes from the last "
+                             "checkpoint")
+    if any(phrase in str(err) for phrase in PEER_SILENT):
+        return TrainingError(f"another rank did not answer within train.collective_timeout_s at {where}: "
+                             "it is stalled (stopped, swapped out, waiting on a filesystem) or cut off from "
+                             "this one; the same command resumes from the last checkpoint (raise "
+                             "train.collective_timeout_s if the ranks are only slow)")
+    return None
 
 
 def run_folder_lost(err: OSError, run_dir: Path) -> TrainingError | None:
