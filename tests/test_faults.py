@@ -261,6 +261,19 @@ def test_a_rank_that_dies_or_stalls_brings_every_rank_down_quickly(smoke_shards,
     assert line in done.stdout, done.stdout[-4000:]
 
 
+def test_a_rank_stalled_in_the_final_save_is_one_line_on_the_rank_that_waits_for_it(smoke_shards, tmp_path):
+    """The same silence outside the training loop: the main process hangs in the final checkpoint, and
+    rank 1's broadcast there times out. (A timeout in start-up's collectives takes the same path in
+    loop.train; no fault plan stalls start-up, so it is not injected here.)"""
+    done, seconds = launch2("stall-save:step=6", [
+        "--config", SMOKE, *tiny(smoke_shards, tmp_path, 6, "train.collective_timeout_s=15")])
+    assert done.returncode != 0
+    assert seconds < 90, f"took {seconds:.0f}s"
+    assert ("error: another rank did not answer within train.collective_timeout_s at the end of the phase "
+            "(step 6)") in done.stdout, done.stdout[-4000:]
+    assert f'File "{REPO / "pegasus_dist"}' not in done.stdout, done.stdout[-4000:]
+
+
 def test_a_corrupt_shard_stops_training_naming_the_file(smoke_shards, tmp_path, capsys):
     """`pegasus-dist train` in this process (cli_here): the console script's exit code and lines."""
     shards = tmp_path / "shards"

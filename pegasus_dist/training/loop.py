@@ -55,6 +55,8 @@ def train(cfg: Config, hooks: Hooks | None = None) -> Path:
         trainer = Trainer(cfg, hooks)
     except BaseException as err:  # complete, or a start-up error: no run holds the folder any more
         release_run_lock(cfg.run_dir)
+        if isinstance(err, RuntimeError) and (lost := peer_lost(err, "start-up")):
+            raise lost from None
         if not isinstance(err, RunComplete):
             raise
         log.info("%s", err)
@@ -64,6 +66,10 @@ def train(cfg: Config, hooks: Hooks | None = None) -> Path:
         trainer.finish()
     except OSError as err:
         if (lost := run_folder_lost(err, cfg.run_dir)) is None:
+            raise
+        raise lost from None
+    except RuntimeError as err:  # a collective of the end of the phase (run_epochs names its steps)
+        if (lost := peer_lost(err, f"the end of the phase (step {trainer.state.step})")) is None:
             raise
         raise lost from None
     finally:
