@@ -40,7 +40,8 @@ def print_error(message: str) -> None:
 
 def exit_on_user_error(fn: Callable[[], T]) -> T:
     """Run ``fn``; a :class:`PegasusError` becomes ``error: ...`` on stderr and its exit code,
-    :class:`Preempted` exit 75 (whoever started it may requeue it), Ctrl-C exit 130."""
+    :class:`Preempted` exit 75 (whoever started it may requeue it), Ctrl-C exit 130, an
+    ``OSError`` that names a path one line naming it (exit 2)."""
     try:
         return fn()
     except PegasusError as err:
@@ -49,6 +50,12 @@ def exit_on_user_error(fn: Callable[[], T]) -> T:
         raise SystemExit(err.exit_code) from None
     except Preempted as stop:
         raise SystemExit(stop.exit_code) from None
+    except OSError as err:  # a path the user gave that cannot be read or written (--out /proc/x)
+        if err.filename is None:  # no path to name: the system's or a bug, with its traceback
+            raise
+        print_error(f"{err.filename}: {err.strerror or err}; check that path: a folder to write into must be "
+                    "writable (or creatable), a file to read must be there and readable")
+        raise SystemExit(2) from None
     except KeyboardInterrupt:
         print_error("interrupted (Ctrl-C); run the same command again (training resumes from its last "
                     "checkpoint)")

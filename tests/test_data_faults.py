@@ -352,3 +352,16 @@ def test_gif_and_webp_are_read_and_other_files_are_named_not_dropped(tmp_path, c
     (warning,) = [r.message for r in caplog.records if "skipping" in r.message]
     assert warning.startswith(f"{tmp_path / 'imgs'}: skipping 3 file(s) that are not ")
     assert warning.endswith("images (2 .heic, 1 .txt): horse/c.heic, horse/d.HEIC, horse/notes.txt")
+
+
+def test_an_output_path_that_cannot_be_written_is_one_line_naming_it(smoke_shards, tmp_path, capsys):
+    """`--out` under a folder no one can create (/proc), or below a file: the path and the fix in one
+    line, exit 2, for every command that writes one, not Python's traceback."""
+    (blocker := tmp_path / "a-file").write_text("")
+    for out, named in (("/proc/sheet.png", "/proc/sheet.png: No such file or directory"),
+                       (f"{blocker}/sheet.png", f"{blocker}: File exists")):
+        code, printed = cli_here(capsys, "contact-sheet", "--shard-set", str(smoke_shards / "horse_bird"),
+                                 "--out", out)
+        assert code == 2, printed[-3000:]
+        assert error_lines(printed) == [f"error: {named}; check that path: a folder to write into must be "
+                                        "writable (or creatable), a file to read must be there and readable"]
