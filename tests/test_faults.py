@@ -325,14 +325,15 @@ def test_bad_configuration_exits_2_before_training(smoke_shards, tmp_path, extra
 
 @pytest.mark.process  # the shared checkpointed run is made by a process
 def test_init_from_a_run_that_has_not_finished_warns_naming_the_checkpoint_it_starts_from(checkpointed_run,
-                                                                                          caplog):
+                                                                                          tmp_path, caplog):
     """A finetune started while its pretraining still runs, or after it was killed, would otherwise
-    start from whatever checkpoint is newest, without a word."""
+    start from whatever checkpoint is newest, without a word; and one on shards prepared again since,
+    whose held-out images its weights may have seen."""
     run = checkpointed_run.pretrain
 
-    def source(init_from: Path) -> Path:
-        return _init_source(load_config(SMOKE, [*checkpointed_run.overrides, f"train.init_from={init_from}"]),
-                            main=True)
+    def source(init_from: Path, *extra: str) -> Path:
+        return _init_source(load_config(SMOKE, [*checkpointed_run.overrides, f"train.init_from={init_from}",
+                                                *extra]), main=True)
 
     with caplog.at_level(logging.WARNING, logger="pegasus_dist.training.start"):
         assert source(run) == run / "checkpoints" / "step_00000006"
@@ -344,6 +345,13 @@ def test_init_from_a_run_that_has_not_finished_warns_naming_the_checkpoint_it_st
         caplog.clear()
         assert source(run / "checkpoints" / "step_00000003").name == "step_00000003"
         assert not caplog.records  # a checkpoint named is the user's choice
+        # Shards prepared again since that run trained: another held-out split, maybe of its images.
+        prepare(PrepareConfig(out=str(tmp_path / "new"), sources=["synthetic:480"], shard_size=50, seed=1),
+                "tests")
+        step_3 = run / "checkpoints" / "step_00000003"
+        source(step_3, f"data.shards={tmp_path / 'new'}")
+        assert f"train.init_from {step_3}: {tmp_path / 'new' / 'eval'} is of shard generation" in caplog.text
+        assert "this phase's held-out metrics may count them" in caplog.text, caplog.text
 
 
 def test_a_run_folder_that_cannot_be_written_is_one_line(smoke_shards, tmp_path, capsys):

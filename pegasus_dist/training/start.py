@@ -23,6 +23,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from pegasus_dist.config import Config
 from pegasus_dist.data.loader import MemoryLoader, ShardLoader, make_loader
 from pegasus_dist.errors import CheckpointError, ConfigError
+from pegasus_dist.evaluation.heldout import leak
 from pegasus_dist.model.adversaries import KINDS, Adversaries, enabled_adversaries
 from pegasus_dist.model.saved import ADVERSARIES, latest_checkpoint, load_model_weights, resolve_checkpoint
 from pegasus_dist.model.vae import VAE, num_parameters
@@ -204,13 +205,19 @@ def _check_and_build(cfg: Config, accelerator: Accelerator, schedule: LrSchedule
 
 def _init_source(cfg: Config, main: bool) -> Path:
     """train.init_from's checkpoint: a run folder's newest, with a warning where that run has not
-    finished (a finetune started while its pretraining still runs, or after it was killed)."""
+    finished (a finetune started while its pretraining still runs, or after it was killed), or
+    where it trained on shards prepared before these (their held-out split may hold its images)."""
     named = Path(cfg.train.init_from)
     source = resolve_checkpoint(named)
-    if main and source != named and not is_finished(named, source):
+    if not main:  # the warnings, once
+        return source
+    if source != named and not is_finished(named, source):
         log.warning("train.init_from: %s has not finished (no finished.json for its newest checkpoint, "
                     "%s): this phase starts from those weights; let that run end first, or name the "
                     "checkpoint itself to start from it", named, source.name)
+    held_out = Path(cfg.data.shards) / cfg.eval.shard_set
+    if (held_out / "manifest.json").is_file() and (problem := leak(read_state(source).shards, held_out)):
+        log.warning("train.init_from %s: %s; this phase's held-out metrics may count them", source, problem)
     return source
 
 
