@@ -27,10 +27,13 @@ SUBSETS = {"all": None, "horse_bird": ("horse", "bird")}
 
 def leak(trained_on: str, held_out: str | Path) -> str | None:
     """Why ``held_out`` may hold images that a model trained on ``trained_on`` (``<set>@<generation>``,
-    its checkpoint's ``shards``) has seen, or None: a new ``prepare`` draws another held-out split."""
+    its checkpoint's ``shards``) has seen, or None: a new ``prepare`` draws another held-out split.
+    No held-out set there (no manifest) is None too: its readers say so themselves."""
     generation = trained_on.partition("@")[2]
+    if not generation or not (Path(held_out) / "manifest.json").is_file():
+        return None
     now = load_manifest(held_out).generation
-    if not generation or not now or generation == now:
+    if not now or generation == now:
         return None
     return (f"{held_out} is of shard generation {now}, but the model trained on {trained_on}: the shards "
             "were prepared again since, so held-out images may be ones it trained on")

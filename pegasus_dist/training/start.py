@@ -215,8 +215,7 @@ def _init_source(cfg: Config, main: bool) -> Path:
         log.warning("train.init_from: %s has not finished (no finished.json for its newest checkpoint, "
                     "%s): this phase starts from those weights; let that run end first, or name the "
                     "checkpoint itself to start from it", named, source.name)
-    held_out = Path(cfg.data.shards) / cfg.eval.shard_set
-    if (held_out / "manifest.json").is_file() and (problem := leak(read_state(source).shards, held_out)):
+    if problem := leak(read_state(source).shards, Path(cfg.data.shards) / cfg.eval.shard_set):
         log.warning("train.init_from %s: %s; this phase's held-out metrics may count them", source, problem)
     return source
 
