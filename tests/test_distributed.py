@@ -1,9 +1,37 @@
-"""Real multi-process runs (gloo on the CPU), each bounded by a timeout."""
+"""Real multi-process runs (gloo on the CPU), each bounded by a timeout, and how a rank reads the
+errors its collectives raise when a peer fails."""
 
 import pytest
 import torch
+import torch.distributed as dist
 from helpers import SCRIPTS
 from processes import torchrun
+
+from pegasus_dist.training.faults import peer_lost
+
+
+# The wordings torch 2.14's transports and store use (the strings of libtorch_cpu.so); which one a
+# survivor sees depends on where the peer stopped: gloo's pair timer or its recv wait may fire first.
+@pytest.mark.parametrize(("err", "starts"), [
+    (RuntimeError("Application timeout caused pair closure"), "another rank did not answer"),
+    (RuntimeError("[../gloo/transport/tcp/pair.cc:534] Timed out waiting 20000ms for recv operation"),
+     "another rank did not answer"),
+    (dist.DistBackendError("Watchdog caught collective operation timeout: WorkNCCL(SeqNum=9)"),
+     "another rank did not answer"),
+    (dist.DistStoreError("Socket Timeout"), "another rank did not answer"),
+    (RuntimeError("[gloo/transport/tcp/pair.cc:598] Connection closed by peer [127.0.0.1]:29500"),
+     "lost another rank"),
+    (dist.DistNetworkError("failed to recv, got 0 bytes"), "a collective failed"),
+])
+def test_every_wording_of_a_failed_peer_is_one_line_naming_the_step(err, starts):
+    lost = peer_lost(err, "step 3 (epoch 1)")
+    assert lost is not None and str(lost).startswith(starts)
+    assert "at step 3 (epoch 1)" in str(lost) and "resumes from the last checkpoint" in str(lost)
+
+
+def test_an_error_that_is_no_peer_s_stays_a_traceback():
+    shapes = RuntimeError("mat1 and mat2 shapes cannot be multiplied (8x3 and 4x5)")
+    assert peer_lost(shapes, "step 3") is None
 
 
 @pytest.mark.process

@@ -77,8 +77,10 @@ PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pi
              "NCCL communicator was aborted", "remote process exited")
 
 
-# What gloo and NCCL say when a peer is alive but silent past train.collective_timeout_s.
-PEER_SILENT = ("Timed out waiting", "Watchdog caught collective operation timeout")
+# What gloo, NCCL and the store say, in their many wordings, when a peer is alive but silent past
+# train.collective_timeout_s: "Timed out waiting 20000ms for recv", "Application timeout caused pair
+# closure", "Watchdog caught collective operation timeout", "Socket Timeout". Matched without case.
+PEER_SILENT = ("timed out", "timeout")
 
 
 def peer_lost(err: Exception, where: str) -> TrainingError | None:
@@ -88,11 +90,15 @@ def peer_lost(err: Exception, where: str) -> TrainingError | None:
         return TrainingError(f"lost another rank at {where} ({found}): it ended first, and its own lines "
                              "or the launcher's summary say how; the same command resumes from the last "
                              "checkpoint")
-    if any(phrase in str(err) for phrase in PEER_SILENT):
+    if any(phrase in str(err).lower() for phrase in PEER_SILENT):
         return TrainingError(f"another rank did not answer within train.collective_timeout_s at {where}: "
                              "it is stalled (stopped, swapped out, waiting on a filesystem) or cut off from "
                              "this one; the same command resumes from the last checkpoint (raise "
                              "train.collective_timeout_s if the ranks are only slow)")
+    if isinstance(err, dist.DistError):  # any other failure of the transport or the store
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return TrainingError(f"a collective failed at {where} ({reason}): another rank ended or cannot be "
+                             "reached; the same command resumes from the last checkpoint")
     return None
 
 
