@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import PIPELINE_STEPS, TINY, TINY_ARGS, metrics, training_steps
+from helpers import PIPELINE_STEPS, TINY, TINY_ARGS, losses, metrics, training_steps
 from PIL import Image
 from processes import BIN, REPO, run_bounded
 
@@ -143,3 +143,23 @@ def test_a_run_killed_and_resumed_leaves_no_hole_in_the_wandb_history(smoke_shar
     assert "resumed from" in out and "this launch writes a folder of its own" in out
     folders = assert_the_newest_folder_holds_the_whole_history(run)
     assert len(folders) == 2 and sorted(folders[-1]) == list(range(1, 25))
+
+
+def test_a_wandb_service_killed_mid_run_costs_only_wandb(smoke_shards, tmp_path):
+    """W&B's service process killed before step 5 (an OOM killer, a crash of wandb-core): one
+    warning, and the phase trains to its end with the numbers and the grid of a run without W&B."""
+    def run(name: str, mode: str, fault: str = "") -> tuple[Path, str]:
+        cmd = [str(BIN / "pegasus-dist"), "train", *train_args("pretrain", smoke_shards, tmp_path / name, 12,
+                                                                "train.log_every=1", f"wandb.mode={mode}")]
+        done = run_bounded(cmd, timeout=300, env={**OFFLINE, "PEGASUS_FAULT": fault})
+        assert done.returncode == 0, done.stdout[-4000:]
+        return tmp_path / name / "pretrain", done.stdout
+
+    killed, out = run("killed", "offline", "kill-wandb:step=5")
+    warnings = [line for line in out.splitlines() if "W&B stopped at step " in line]
+    assert len(warnings) == 1 and "training goes on without it; metrics.jsonl in " in warnings[0], out[-4000:]
+    assert "Traceback" not in out
+    without, _ = run("without", "disabled")
+    assert training_steps(killed) == list(range(1, 13)) and metrics(killed)[-1]["step"] == 12  # + evaluation
+    assert losses(killed) == losses(without)
+    assert np.array_equal(pixels(killed / "samples/pegasus.png"), pixels(without / "samples/pegasus.png"))

@@ -14,6 +14,7 @@ separated by commas, each ``KIND:key=value:...``::
     PEGASUS_FAULT="crash:step=5"                 a crash in the training loop
     PEGASUS_FAULT="oom:step=5"                   step 5 runs out of device memory
     PEGASUS_FAULT="fill-disk:step=5"             before step 5, a file fills the run folder's disk
+    PEGASUS_FAULT="kill-wandb:step=5"            before step 5, W&B's service process is killed
 
 ``rank`` is the launcher's ``RANK``; without it every rank takes the fault. A faulted
 run computes the same numbers up to the fault. A new kind is a function and a line of :data:`KINDS`.
@@ -180,6 +181,20 @@ def _fill_disk(step: int) -> Hooks:
     return Hooks(before_micro_batch=[fill])
 
 
+def _kill_wandb(step: int) -> Hooks:
+    """Before ``step``, SIGKILL the W&B service (``wandb-core``) that this process started (Linux)."""
+    def kill(trainer: Trainer, _batch: Batch) -> None:
+        if trainer.state.step + 1 != step:
+            return
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError):  # a process that ended while the loop looked
+                text = stat.read_text()  # "pid (name) state ppid ..."; the name may hold spaces
+                name, fields = text[text.index("(") + 1:text.rindex(")")], text.rsplit(")", 1)[1].split()
+                if name == "wandb-core" and int(fields[1]) == os.getpid():
+                    os.kill(int(stat.parent.name), signal.SIGKILL)
+    return Hooks(before_micro_batch=[kill])
+
+
 def _fail(at: str) -> Hooks:
     """A start-up stage that fails as with a user's error (a PegasusError), reported like one."""
     def fail(stage: str) -> None:
@@ -210,4 +225,5 @@ KINDS: dict[str, tuple[Callable[..., Hooks], set[str], set[str]]] = {
     "crash": (_crash, set(), {"at", "step"}),
     "oom": (_oom, {"step"}, set()),
     "fill-disk": (_fill_disk, {"step"}, set()),
+    "kill-wandb": (_kill_wandb, {"step"}, set()),
 }

@@ -226,7 +226,7 @@ class Trainer:
         self.signals.checkpointed = True
         log.warning("stopped by signal at step %d; checkpoint %s; exit %d to be requeued",
                     self.state.step, folder, REQUEUE_EXIT_CODE)
-        self.accelerator.end_training()
+        self.metrics.close()
         raise Preempted(folder)
 
     def finish(self) -> None:
@@ -240,7 +240,7 @@ class Trainer:
             sample_and_evaluate(self.cfg, model, self.metrics, self.state.step, final)
             mark_finished(self.cfg.run_dir, final)
         self.accelerator.wait_for_everyone()
-        self.accelerator.end_training()
+        self.metrics.close()
 
 
 class _ArgumentParser(argparse.ArgumentParser):

@@ -6,11 +6,13 @@ and what a resumed run shows.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +138,7 @@ class MetricsLog:
 
     def log(self, values: dict[str, float], step: int) -> None:
         if step > self.wandb_holds_step:
-            self.accelerator.log(values, step=step)
+            self._to_wandb(step, lambda: self.accelerator.log(values, step=step))
         if self.accelerator.is_main_process:
             try:
                 with self.path.open("a") as f:
@@ -150,14 +152,22 @@ class MetricsLog:
     def summarize(self, values: dict[str, Any]) -> None:
         """Values that describe the run rather than a step: the W&B summary, not the history."""
         if (run := self._wandb_run()) is not None:
-            run.summary.update(values)
+            self._to_wandb(None, lambda: run.summary.update(values))
 
     def log_images(self, paths: dict[str, Path], captions: dict[str, str], step: int, prefix: str) -> None:
         """The PNG files of the sample grids as W&B images: exactly the pixels of ``samples/``."""
         if (run := self._wandb_run()) is None or step <= self.wandb_holds_step:
             return
-        run.log({f"{prefix}/{name}": wandb.Image(str(path), caption=captions[name])
-                 for name, path in paths.items()}, step=step)
+        images = {f"{prefix}/{name}": wandb.Image(str(path), caption=captions[name])
+                  for name, path in paths.items()}
+        self._to_wandb(step, lambda: run.log(images, step=step))
+
+    def close(self) -> None:
+        """Finish the W&B run, then Accelerate's end of training (which also ends the process group)."""
+        if (run := self._wandb_run()) is not None:
+            self._to_wandb(None, run.finish)
+            self.accelerator.trackers.clear()  # finished: end_training must not finish it again
+        self.accelerator.end_training()
 
     def resume(self, step: int) -> None:
         """Continue the logs of a run resumed at ``step``: the rows after it leave metrics.jsonl
@@ -170,7 +180,8 @@ class MetricsLog:
         self.wandb_holds_step = run.step - 1
         missing = [row for row in rows if row["step"] > self.wandb_holds_step]
         for row in missing:
-            run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+            self._to_wandb(row["step"], lambda row=row: run.log({k: v for k, v in row.items() if k != "step"},
+                                                                step=row["step"]))
         if run.offline:
             log.info("W&B run %s is offline: this launch writes a folder of its own, which starts "
                      "with the %d rows of %s up to step %d", run.id, len(missing), self.path, step)
@@ -196,6 +207,23 @@ class MetricsLog:
         tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
         tmp.replace(self.path)
         return kept
+
+    def _to_wandb(self, step: int | None, write: Callable[[], object]) -> None:
+        """``write`` to W&B; if W&B fails mid-run (its service killed, its folder's disk full), that
+        costs only W&B: one warning, and the rest of the run goes on without it."""
+        if not self.accelerator.trackers:  # W&B disabled, never started, or lost earlier in the run
+            return
+        try:
+            write()
+        except Exception as err:
+            folder = Path(self.accelerator.get_tracker("wandb", unwrap=True).dir).parent  # <folder>/files
+            with contextlib.suppress(Exception):  # the service is gone: its teardown fails the same way
+                wandb.teardown()
+            self.accelerator.trackers.clear()
+            at = f"at step {step}" if step is not None else "at the end of the phase"
+            log.warning("W&B stopped %s (%s: %s): training goes on without it; metrics.jsonl in %s keeps "
+                        "every row (W&B's folder %s may hold fewer)", at, type(err).__name__,
+                        _first_line(err), self.path.parent, folder)
 
     def _wandb_run(self) -> wandb.Run | None:
         """The W&B run on the main process; None on the others or with W&B disabled."""
