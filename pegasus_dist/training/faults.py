@@ -57,6 +57,12 @@ class TrainingError(PegasusError):
     exit_code = 3
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of ``err``'s message, for a one-line error (its type's name if it has none)."""
+    text = str(err).strip()
+    return text.splitlines()[0].rstrip(". ") if text else type(err).__name__
+
+
 def out_of_memory(err: Exception, where: str, batch: str, batch_size: int) -> TrainingError | None:
     """One line for a step (or its batch) that ran out of memory; None for any other error.
 
@@ -65,10 +71,19 @@ def out_of_memory(err: Exception, where: str, batch: str, batch_size: int) -> Tr
     if not (isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(err)):
         return None
     half = max(1, batch_size // 2)
-    reason = str(err).splitlines()[0].rstrip(". ") if str(err) else type(err).__name__
-    return TrainingError(f"out of memory at {where} ({reason}); {batch}; "
+    return TrainingError(f"out of memory at {where} ({first_line(err)}); {batch}; "
                          f"lower data.batch_size (data.batch_size={half} train.grad_accum_steps=2 keeps "
                          "the global batch) or use train.mixed_precision=bf16")
+
+
+def loader_worker_lost(err: Exception, where: str) -> TrainingError | None:
+    """One line for a loader worker process that died under the step (killed by a signal, or gone
+    without a word); None for any other error. torch raises it from its SIGCHLD handler, anywhere."""
+    if "DataLoader worker (pid" not in str(err):
+        return None
+    return TrainingError(f"a data loader process died at {where} ({first_line(err)}): the kernel's "
+                         "out-of-memory killer is the usual cause (`dmesg` names it); lower data.num_workers "
+                         "or data.batch_size, then the same command resumes from the last checkpoint")
 
 
 # What a collective raises on a surviving rank when another rank's process ended: gloo's TCP
@@ -96,9 +111,8 @@ def peer_lost(err: Exception, where: str) -> TrainingError | None:
                              "this one; the same command resumes from the last checkpoint (raise "
                              "train.collective_timeout_s if the ranks are only slow)")
     if isinstance(err, dist.DistError):  # any other failure of the transport or the store
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return TrainingError(f"a collective failed at {where} ({reason}): another rank ended or cannot be "
-                             "reached; the same command resumes from the last checkpoint")
+        return TrainingError(f"a collective failed at {where} ({first_line(err)}): another rank ended or "
+                             "cannot be reached; the same command resumes from the last checkpoint")
     return None
 
 

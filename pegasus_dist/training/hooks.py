@@ -15,6 +15,7 @@ separated by commas, each ``KIND:key=value:...``::
     PEGASUS_FAULT="oom:step=5"                   step 5 runs out of device memory
     PEGASUS_FAULT="fill-disk:step=5"             before step 5, a file fills the run folder's disk
     PEGASUS_FAULT="kill-wandb:step=5"            before step 5, W&B's service process is killed
+    PEGASUS_FAULT="kill-worker:step=5"           ... or the loader's worker processes are
 
 ``rank`` is the launcher's ``RANK``; without it every rank takes the fault. A faulted
 run computes the same numbers up to the fault. A new kind is a function and a line of :data:`KINDS`.
@@ -181,18 +182,24 @@ def _fill_disk(step: int) -> Hooks:
     return Hooks(before_micro_batch=[fill])
 
 
-def _kill_wandb(step: int) -> Hooks:
-    """Before ``step``, SIGKILL the W&B service (``wandb-core``) that this process started (Linux)."""
+def _kill_children(step: int, name: str) -> Hooks:
+    """Before ``step``, SIGKILL this process's children called ``name`` (Linux: read from /proc)."""
     def kill(trainer: Trainer, _batch: Batch) -> None:
-        if trainer.state.step + 1 != step:
-            return
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            with contextlib.suppress(OSError):  # a process that ended while the loop looked
-                text = stat.read_text()  # "pid (name) state ppid ..."; the name may hold spaces
-                name, fields = text[text.index("(") + 1:text.rindex(")")], text.rsplit(")", 1)[1].split()
-                if name == "wandb-core" and int(fields[1]) == os.getpid():
-                    os.kill(int(stat.parent.name), signal.SIGKILL)
+        if trainer.state.step + 1 == step:
+            for pid in [pid for pid, child in _children().items() if child == name]:
+                os.kill(pid, signal.SIGKILL)
     return Hooks(before_micro_batch=[kill])
+
+
+def _children() -> dict[int, str]:
+    """This process's children: pid -> name (``comm``)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):  # a process that ended while the loop looked
+            text = stat.read_text()  # "pid (name) state ppid ..."; the name may hold spaces
+            if int(text.rsplit(")", 1)[1].split()[1]) == os.getpid():
+                children[int(stat.parent.name)] = text[text.index("(") + 1:text.rindex(")")]
+    return children
 
 
 def _fail(at: str) -> Hooks:
@@ -225,5 +232,7 @@ KINDS: dict[str, tuple[Callable[..., Hooks], set[str], set[str]]] = {
     "crash": (_crash, set(), {"at", "step"}),
     "oom": (_oom, {"step"}, set()),
     "fill-disk": (_fill_disk, {"step"}, set()),
-    "kill-wandb": (_kill_wandb, {"step"}, set()),
+    # W&B's service process; torch's name for a loader worker process (data.mode=stream)
+    "kill-wandb": (partial(_kill_children, name="wandb-core"), {"step"}, set()),
+    "kill-worker": (partial(_kill_children, name="pt_data_worker"), {"step"}, set()),
 }

@@ -27,6 +27,7 @@ from pegasus_dist.training.faults import (
     agree,
     describe_position,
     fail_with_every_rank,
+    loader_worker_lost,
     out_of_memory,
     peer_lost,
     run_folder_lost,
@@ -117,7 +118,7 @@ class Trainer:
             except (RuntimeError, MemoryError) as err:
                 where = f"step {self.state.step + 1} (epoch {self.state.epoch + 1})"
                 oom = out_of_memory(err, where, self.batch_description, cfg.data.batch_size)
-                if known := oom or peer_lost(err, where):
+                if known := oom or loader_worker_lost(err, where) or peer_lost(err, where):
                     raise known from None
                 raise
             if self.window.steps:

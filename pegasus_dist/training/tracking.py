@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from pegasus_dist.config import Config
 from pegasus_dist.errors import ConfigError
 from pegasus_dist.model.saved import resolve_checkpoint
-from pegasus_dist.training.faults import TrainingError
+from pegasus_dist.training.faults import TrainingError, first_line
 from pegasus_dist.training.state import TrainState, read_state
 
 log = logging.getLogger("pegasus_dist.training.tracking")
@@ -81,7 +81,7 @@ def start_tracking(accelerator: Accelerator, cfg: Config, state: TrainState, glo
         wandb.teardown()
         accelerator.trackers.clear()
         log.warning("W&B could not start (%s: %s): training on without it; metrics.jsonl in %s keeps "
-                    "every row", type(err).__name__, _first_line(err), cfg.run_dir)
+                    "every row", type(err).__name__, first_line(err), cfg.run_dir)
 
 
 def _not_utf8(config: dict[str, Any], prefix: str = "") -> str | None:
@@ -120,11 +120,7 @@ def _start(accelerator: Accelerator, cfg: Config, state: TrainState, config: dic
         folder = Path(accelerator.get_tracker("wandb", unwrap=True).dir).parent  # <folder>/files
         log.warning("W&B could not start online (%s: %s); logging offline into %s instead: upload it "
                     "later with `wandb sync %s` (a slow link may need a larger wandb.init_timeout_s)",
-                    type(err).__name__, _first_line(err), folder, folder)
-
-
-def _first_line(err: Exception) -> str:
-    return str(err).splitlines()[0] if str(err) else type(err).__name__
+                    type(err).__name__, first_line(err), folder, folder)
 
 
 class MetricsLog:
@@ -223,7 +219,7 @@ class MetricsLog:
             at = f"at step {step}" if step is not None else "at the end of the phase"
             log.warning("W&B stopped %s (%s: %s): training goes on without it; metrics.jsonl in %s keeps "
                         "every row (W&B's folder %s may hold fewer)", at, type(err).__name__,
-                        _first_line(err), self.path.parent, folder)
+                        first_line(err), self.path.parent, folder)
 
     def _wandb_run(self) -> wandb.Run | None:
         """The W&B run on the main process; None on the others or with W&B disabled."""
