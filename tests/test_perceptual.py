@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pegasus_dist.config import load_config
-from pegasus_dist.errors import ConfigError
+from pegasus_dist.errors import ConfigError, DataError
 from pegasus_dist.evaluation.classifier import Classifier, save_classifier
 from pegasus_dist.training.perceptual import load_perceptual_network, perceptual_loss
 
@@ -56,3 +56,7 @@ def test_the_network_is_loaded_frozen_and_never_the_judge_copied_elsewhere(tmp_p
     assert load_perceptual_network(load_config(None, []), torch.device("cpu")) is None
     with pytest.raises(ConfigError, match=r"/missing holds no classifier; train it .* --for-loss"):
         load_perceptual_network(config("missing"), torch.device("cpu"))
+    (tmp_path / "other" / "classifier.safetensors").write_bytes(b"damaged")
+    with pytest.raises(DataError, match=r"does not match the sha256 .*; re-create it with `pegasus-dist "
+                                        r"classifier --config CONFIG --for-loss`$"):
+        load_perceptual_network(config("other"), torch.device("cpu"))

@@ -13,8 +13,8 @@ import logging
 import torch
 
 from pegasus_dist.config import Config, QualityConfig
-from pegasus_dist.errors import ConfigError
-from pegasus_dist.evaluation.classifier import Classifier, load_classifier, read_meta
+from pegasus_dist.errors import ConfigError, DataError
+from pegasus_dist.evaluation.classifier import RECREATE, Classifier, load_classifier, read_meta
 from pegasus_dist.model.adversaries import feature_matching_loss
 
 log = logging.getLogger("pegasus_dist.training.perceptual")
@@ -26,10 +26,14 @@ def load_perceptual_network(cfg: Config, device: torch.device) -> Classifier | N
     if not cfg.loss.perceptual_weight:
         return None
     folder = cfg.loss.perceptual_network
-    if read_meta(folder) is None:
-        raise ConfigError(f"loss.perceptual_network={folder} holds no classifier; train it for the loss "
-                          "with `pegasus-dist classifier --config CONFIG --for-loss`")
-    network = load_classifier(folder)
+    try:
+        if read_meta(folder) is None:
+            raise ConfigError(f"loss.perceptual_network={folder} holds no classifier; train it for the loss "
+                              "with `pegasus-dist classifier --config CONFIG --for-loss`")
+        network = load_classifier(folder)
+    except DataError as err:  # damaged: the judge's fix, but this network is trained for the loss
+        raise DataError(f"{str(err).removesuffix(RECREATE)}re-create it with `pegasus-dist classifier "
+                        "--config CONFIG --for-loss`") from None
     judge = read_meta(cfg.classifier_dir)
     if judge is not None and judge["weights_sha256"] == network.meta["weights_sha256"]:
         raise ConfigError(f"loss.perceptual_network ({cfg.loss.perceptual_network}) holds the weights of "
