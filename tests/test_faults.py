@@ -154,6 +154,7 @@ def test_nan_on_one_rank_stops_every_rank_naming_step_and_checkpoint(smoke_shard
                       ["--config", SMOKE, *tiny(smoke_shards, tmp_path, 10, "train.checkpoint_every=4")])
     assert done.returncode != 0
     assert "error: non-finite loss at step 6 (epoch 1, batch 6) on rank(s) [1]" in done.stdout
+    assert done.stdout.count("error: ") == 1  # every rank found it at once: the main process says it
     assert f"last good checkpoint: {tmp_path}/pretrain/checkpoints/step_00000004" in done.stdout
     assert latest_checkpoint(tmp_path / "pretrain" / "checkpoints").name == "step_00000004"
 

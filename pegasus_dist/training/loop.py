@@ -170,7 +170,7 @@ class Trainer:
         if log_metrics:
             self._log_window()
         if diverged:  # in the warm-up; before any checkpoint, after logging what diverged
-            raise diverged
+            raise self._agreed(diverged)
         if agreement.stop:
             self._stop_for_requeue()
         elif checkpoint or agreement.save:
@@ -187,12 +187,17 @@ class Trainer:
         if (step := agreement.first_bad_step) is not None:
             last = newest_intact_checkpoint(self.cfg.run_dir / "checkpoints", move_damaged=False)
             where = describe_position(step, *self.watch.positions[step], agreement.bad_ranks)
-            raise TrainingError(f"non-finite loss at {where} (found at step {self.state.step}); last "
-                                f"good checkpoint: {last or 'none yet'}; {self.schedule.describe()}; lower "
-                                "optim.lr (a resumed run applies it) or optim.grad_clip, or set "
-                                "train.on_nonfinite=skip to skip such steps")
+            raise self._agreed(TrainingError(
+                f"non-finite loss at {where} (found at step {self.state.step}); last good checkpoint: "
+                f"{last or 'none yet'}; {self.schedule.describe()}; lower optim.lr (a resumed run applies "
+                "it) or optim.grad_clip, or set train.on_nonfinite=skip to skip such steps"))
         self.watch.positions.clear()
         return agreement
+
+    def _agreed(self, err: TrainingError) -> TrainingError:
+        """``err``, which every rank found at the same sync point: the main process's line says it for all."""
+        err.reported = not self.accelerator.is_main_process
+        return err
 
     def _log_window(self) -> None:
         """Reduce the window's sums over all ranks (one all-reduce, one host read) and log per-image means."""
