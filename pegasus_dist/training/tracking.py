@@ -154,9 +154,11 @@ class MetricsLog:
         """The PNG files of the sample grids as W&B images: exactly the pixels of ``samples/``."""
         if (run := self._wandb_run()) is None or step <= self.wandb_holds_step:
             return
-        images = {f"{prefix}/{name}": wandb.Image(str(path), caption=captions[name])
-                  for name, path in paths.items()}
-        self._to_wandb(step, lambda: run.log(images, step=step))
+
+        def send() -> None:  # wandb.Image copies each file into the run: a failure of W&B's too
+            run.log({f"{prefix}/{name}": wandb.Image(str(path), caption=captions[name])
+                     for name, path in paths.items()}, step=step)
+        self._to_wandb(step, send)
 
     def close(self) -> None:
         """Finish the W&B run, then Accelerate's end of training (which also ends the process group)."""
