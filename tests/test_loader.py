@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import pytest
 
 from pegasus_dist.config import PrepareConfig
-from pegasus_dist.data.loader import ShardLoader, rank_batches
+from pegasus_dist.data.loader import LoaderWorkerLost, ShardLoader, rank_batches
 from pegasus_dist.data.prepare import prepare
 from pegasus_dist.errors import DataError
+from pegasus_dist.training.faults import loader_worker_lost
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -133,3 +136,20 @@ def test_memory_mode_holds_one_host_copy_of_the_set_at_its_peak(tmp_path):
     set_bytes, peak_growth = map(int, done.stdout.split())
     assert set_bytes == 5880 * 3 * 32 * 32
     assert peak_growth < 1.4 * set_bytes, (set_bytes, peak_growth)  # 2x before; keys, labels, buffers
+
+
+@pytest.mark.parametrize("err", [
+    LoaderWorkerLost("DataLoader worker (pid unknown) ended while handing over a batch "
+                     "(ConnectionResetError: [Errno 104] Connection reset by peer)"),  # ShardLoader's word
+    RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. "),  # torch's SIGCHLD handler
+    RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly"),  # torch's, when a batch is due
+])
+def test_every_word_for_a_dead_loader_worker_is_one_line_and_stops_torch_saying_it_again(err):
+    before = signal.signal(signal.SIGCHLD, lambda *_: None)  # as torch's handler, while workers run
+    try:
+        lost = loader_worker_lost(err, "step 6 (epoch 1)")
+        assert str(lost).startswith("a data loader process died at step 6 (epoch 1) (DataLoader worker (pid")
+        assert signal.getsignal(signal.SIGCHLD) == signal.SIG_DFL  # no second report mid-line
+    finally:
+        signal.signal(signal.SIGCHLD, before)
+    assert loader_worker_lost(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), "step 6") is None

@@ -31,6 +31,11 @@ from pegasus_dist.errors import DataError
 log = logging.getLogger("pegasus_dist.loader")
 
 
+class LoaderWorkerLost(RuntimeError):
+    """A loader worker process died while this process read a batch from it (the OOM killer, a
+    SIGKILL); torch's own word for the same death, from its SIGCHLD handler, is a RuntimeError too."""
+
+
 @dataclass
 class Batch:
     images: torch.Tensor  # uint8 (b, 3, H, W)
@@ -222,6 +227,9 @@ class ShardLoader:
         except DataError as err:
             # A worker's error arrives wrapped in its traceback; keep the one-line message.
             raise DataError(str(err).rstrip().rsplit("DataError: ", 1)[-1]) from None
+        except (ConnectionError, EOFError) as err:  # it died while this process fetched its batch's memory
+            raise LoaderWorkerLost(f"DataLoader worker (pid unknown) ended while handing over a batch "
+                                   f"({type(err).__name__}: {err})") from None
 
 
 def _decoded(shards: ShardSet, skip_bad: bool) -> Decoded | None:

@@ -28,6 +28,7 @@ from accelerate.utils import gather_object
 
 from pegasus_dist.config import Config
 from pegasus_dist.console import print_error
+from pegasus_dist.data.loader import LoaderWorkerLost
 from pegasus_dist.errors import REQUEUE_EXIT_CODE, PegasusError
 from pegasus_dist.training.distributed import build_accelerator
 
@@ -77,10 +78,14 @@ def out_of_memory(err: Exception, where: str, batch: str, batch_size: int) -> Tr
 
 
 def loader_worker_lost(err: Exception, where: str) -> TrainingError | None:
-    """One line for a loader worker process that died under the step (killed by a signal, or gone
-    without a word); None for any other error. torch raises it from its SIGCHLD handler, anywhere."""
-    if "DataLoader worker (pid" not in str(err):
+    """One line for a loader worker process that died under the step (killed by a signal, gone
+    without a word, or while handing over a batch); None for any other error.
+
+    torch raises it from its SIGCHLD handler, anywhere; once the death is known, that handler is
+    put back to the default, so that it cannot raise it again while the line is being reported."""
+    if not (isinstance(err, LoaderWorkerLost) or "DataLoader worker (pid" in str(err)):
         return None
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     return TrainingError(f"a data loader process died at {where} ({first_line(err)}): the kernel's "
                          "out-of-memory killer is the usual cause (`dmesg` names it); lower data.num_workers "
                          "or data.batch_size, then the same command resumes from the last checkpoint")
