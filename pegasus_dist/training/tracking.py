@@ -78,8 +78,7 @@ def start_tracking(accelerator: Accelerator, cfg: Config, state: TrainState, glo
     try:
         _start(accelerator, cfg, state, config, mode)
     except Exception as err:  # any other failure of W&B's start (a bad locale, a full disk) costs only W&B
-        wandb.teardown()
-        accelerator.trackers.clear()
+        _drop_wandb(accelerator)
         log.warning("W&B could not start (%s: %s): training on without it; metrics.jsonl in %s keeps "
                     "every row", type(err).__name__, first_line(err), cfg.run_dir)
 
@@ -114,8 +113,7 @@ def _start(accelerator: Accelerator, cfg: Config, state: TrainState, config: dic
             raise
         # init_trackers kept the failed WandBTracker (W&B is the only tracker: nothing else starts
         # twice), and wandb's service still holds the run id ("run ID is in use"): clear both.
-        wandb.teardown()
-        accelerator.trackers.clear()
+        _drop_wandb(accelerator)
         _start(accelerator, cfg, state, config, "offline")
         folder = Path(accelerator.get_tracker("wandb", unwrap=True).dir).parent  # <folder>/files
         log.warning("W&B could not start online (%s: %s); logging offline into %s instead: upload it "
@@ -215,9 +213,7 @@ class MetricsLog:
             write()
         except Exception as err:
             folder = Path(self.accelerator.get_tracker("wandb", unwrap=True).dir).parent  # <folder>/files
-            with contextlib.suppress(Exception):  # the service is gone: its teardown fails the same way
-                wandb.teardown()
-            self.accelerator.trackers.clear()
+            _drop_wandb(self.accelerator)
             at = f"at step {step}" if step is not None else "at the end of the phase"
             log.warning("W&B stopped %s (%s: %s): training goes on without it; metrics.jsonl in %s keeps "
                         "every row (W&B's folder %s may hold fewer)", at, type(err).__name__,
@@ -227,6 +223,13 @@ class MetricsLog:
         """The W&B run on the main process; None on the others or with W&B disabled."""
         on = self.accelerator.is_main_process and any(t.name == "wandb" for t in self.accelerator.trackers)
         return self.accelerator.get_tracker("wandb", unwrap=True) if on else None
+
+
+def _drop_wandb(accelerator: Accelerator) -> None:
+    """End W&B's service and forget its tracker, after W&B failed; the caller says why."""
+    with contextlib.suppress(Exception):  # a service already gone fails its teardown the same way
+        wandb.teardown()
+    accelerator.trackers.clear()
 
 
 def _metrics_row(line: bytes) -> dict[str, Any] | None:
