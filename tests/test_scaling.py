@@ -65,18 +65,36 @@ def test_a_log_variance_thrown_far_by_one_update_keeps_the_kl_finite():
     assert torch.isfinite(kl_to_standard_normal(mu, logvar)).all()
 
 
+def test_cosine_decay_follows_epochs_after_the_warm_up():
+    optim = OptimConfig(lr=1e-3, lr_scaling="none", warmup_steps=10, decay="cosine", min_lr_ratio=0.1)
+    schedule = LrSchedule(optim, global_batch=128, epochs=4)
+    assert schedule.at(4, epoch=0) == pytest.approx(1e-3 * 5 / 10)  # the warm-up, undecayed
+    assert [schedule.at(500, epoch) for epoch in range(4)] == pytest.approx(
+        [1e-3, 1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4))), 1e-3 * 0.55,
+         1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(3 * math.pi / 4)))])
+    # Per epoch, not per step: the same rates at another global batch's step counts.
+    assert LrSchedule(optim, global_batch=4096, epochs=4).at(20, epoch=3) == schedule.at(500, epoch=3)
+    assert "cosine decay to 0.1 x lr by epoch 4" in schedule.describe()
+
+
 @pytest.mark.slow
-def test_a_resumed_run_continues_the_warm_up(smoke_shards, tmp_path):
-    extra = ("optim.warmup_steps=8", "optim.lr_scaling=none")
-    train.train(load_config(SMOKE, overrides(smoke_shards, tmp_path / "whole", 6, *extra)))
-    train.train(load_config(SMOKE, overrides(smoke_shards, tmp_path / "cut", 3, *extra)))
-    train.train(load_config(SMOKE, overrides(smoke_shards, tmp_path / "cut", 6, *extra)))  # resumes
+@pytest.mark.parametrize("cut", [3, 4], ids=["mid-epoch", "epoch-end"])
+def test_a_resumed_run_continues_the_warm_up_and_the_decay(smoke_shards, tmp_path, cut, caplog):
+    # 4 steps of 128 an epoch: the cut falls in the warm-up, mid-epoch or where the decay steps down.
+    extra = ("optim.warmup_steps=6", "optim.lr_scaling=none", "data.batch_size=128",
+             "optim.decay=cosine", "optim.min_lr_ratio=0", "train.epochs=4")
+    train.train(load_config(SMOKE, overrides(smoke_shards, tmp_path / "whole", 8, *extra)))
+    train.train(load_config(SMOKE, overrides(smoke_shards, tmp_path / "cut", cut, *extra)))
+    with caplog.at_level(logging.WARNING):
+        train.train(load_config(SMOKE, overrides(smoke_shards, tmp_path / "cut", 8, *extra)))  # resumes
+    assert "this run's optimizer settings" not in caplog.text  # the restored rate is the schedule's
     whole, cut = rows(tmp_path / "whole"), rows(tmp_path / "cut")
-    assert [cut[s]["pretrain/lr"] for s in range(1, 7)] == pytest.approx(
-        [1e-3 * s / 8 for s in range(1, 7)])
-    assert [cut[s]["pretrain/lr"] for s in range(1, 7)] == [whole[s]["pretrain/lr"] for s in range(1, 7)]
-    assert [cut[s]["pretrain/loss"] for s in range(1, 7)] == [whole[s]["pretrain/loss"]
-                                                              for s in range(1, 7)]
+    decay = [1.0] * 4 + [0.5 * (1 + math.cos(math.pi / 4))] * 4
+    assert [cut[s]["pretrain/lr"] for s in range(1, 9)] == pytest.approx(
+        [1e-3 * min(1, s / 6) * d for s, d in zip(range(1, 9), decay, strict=True)])
+    assert [cut[s]["pretrain/lr"] for s in range(1, 9)] == [whole[s]["pretrain/lr"] for s in range(1, 9)]
+    assert [cut[s]["pretrain/loss"] for s in range(1, 9)] == [whole[s]["pretrain/loss"]
+                                                              for s in range(1, 9)]
 
 
 @pytest.fixture

@@ -194,6 +194,11 @@ class OptimConfig(Section):
     # Steps of linear warm-up from lr/warmup_steps to the scaled lr (Goyal et al. 2017); 0: off.
     # 200 is Goyal's 5 epochs at the SLURM scripts' largest global batch (4096 on the 173k mix).
     warmup_steps: int = Field(200, ge=0)
+    # cosine: after the warm-up the rate falls, epoch by epoch, along a half cosine to min_lr_ratio x
+    # itself in the last epoch (SGDR, Loshchilov & Hutter 2017; nanoGPT ends at a tenth, after
+    # Hoffmann et al. 2022); none: it stays. Per epoch, so the same on any process count.
+    decay: Literal["none", "cosine"] = "none"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
     betas: Annotated[list[float], AfterValidator(_betas)] = Field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
     # Max gradient norm; 0 disables clipping. About the norm of the paper model's

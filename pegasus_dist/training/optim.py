@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from accelerate import Accelerator
 
 from pegasus_dist.config import OptimConfig
 from pegasus_dist.training.faults import TrainingError
+from pegasus_dist.training.state import TrainState
 from pegasus_dist.training.window import Window, reduce_windows
 
 log = logging.getLogger("pegasus_dist.training.optim")
@@ -40,19 +42,26 @@ def scaled_lr(optim: OptimConfig, global_batch: int) -> float:
 
 @dataclass(frozen=True)
 class LrSchedule:
-    """The learning rate of every optimizer step: a linear warm-up to the scaled rate."""
+    """The learning rate of every optimizer step: a linear warm-up to the scaled rate, then
+    ``optim.decay`` over the phase's epochs."""
 
     optim: OptimConfig
     global_batch: int
+    epochs: int = 1  # of the phase
 
     @property
     def peak(self) -> float:
         return scaled_lr(self.optim, self.global_batch)
 
-    def at(self, step: int) -> float:
-        """The rate of the optimizer step taken after ``step`` steps (0 for the first)."""
+    def at(self, step: int, epoch: int = 0) -> float:
+        """The rate of the optimizer step taken after ``step`` steps (0 for the first), in ``epoch``
+        (from 0). The decay follows epochs, not steps, so that it is the same on any process count."""
         warmup = self.optim.warmup_steps
-        return self.peak * min(1.0, (step + 1) / warmup) if warmup else self.peak
+        rate = self.peak * min(1.0, (step + 1) / warmup) if warmup else self.peak
+        if self.optim.decay == "none":
+            return rate
+        floor = self.optim.min_lr_ratio
+        return rate * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * epoch / self.epochs)))
 
     def describe(self) -> str:
         """Where the rate comes from, e.g. ``lr 0.00283 = optim.lr 0.001 x sqrt(1024/128) ...``."""
@@ -61,8 +70,10 @@ class LrSchedule:
                   "sqrt": f" x sqrt({self.global_batch}/{o.base_batch_size})",
                   "none": ""}[o.lr_scaling]
         warmup = f"linear warm-up over {o.warmup_steps} steps" if o.warmup_steps else "no warm-up"
+        decay = (f", cosine decay to {o.min_lr_ratio:g} x lr by epoch {self.epochs}"
+                 if o.decay == "cosine" else "")
         return (f"lr {self.peak:.3g} = optim.lr {o.lr:.3g}{factor} (optim.lr_scaling={o.lr_scaling}, "
-                f"global batch {self.global_batch}), {warmup}")
+                f"global batch {self.global_batch}), {warmup}{decay}")
 
 
 def build_optimizer(parameters: Iterable[torch.nn.Parameter], schedule: LrSchedule,
@@ -107,7 +118,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def apply_on_resume(optimizer: torch.optim.Optimizer, schedule: LrSchedule, step: int,
+def apply_on_resume(optimizer: torch.optim.Optimizer, schedule: LrSchedule, state: TrainState,
                     checkpoint: Path) -> None:
     """Give an optimizer restored from ``checkpoint`` this run's hyperparameters, logging changes:
     else lowering ``optim.lr`` to get past a divergence would change the log but not the training."""
@@ -118,11 +129,14 @@ def apply_on_resume(optimizer: torch.optim.Optimizer, schedule: LrSchedule, step
     saved |= {"betas": list(group["betas"]), "weight_decay": group["weight_decay"]}
     changes = {f"optim.{key}": (saved[key], value) for key, value in vars(optim).items()
                if key in saved and not _same(saved[key], value)}
-    # The restored rate is the one of the checkpoint's last step: compare at that step.
-    if step and not _same(group["lr"], schedule.at(step - 1)):
-        changes[f"lr at step {step}"] = (f"{group['lr']:.3g}", f"{schedule.at(step - 1):.3g}")
+    # The restored rate is the one of the checkpoint's last step (of the epoch before, at an epoch's end).
+    step, epoch = state.step, state.epoch
+    last = schedule.at(step - 1, epoch - 1 if epoch and not state.samples_done else epoch)
+    if step and not _same(group["lr"], last):
+        changes[f"lr at step {step}"] = (f"{group['lr']:.3g}", f"{last:.3g}")
     for g in optimizer.param_groups:
-        g["lr"], g["betas"], g["weight_decay"] = schedule.at(step), tuple(optim.betas), optim.weight_decay
+        g["lr"], g["betas"] = schedule.at(step, epoch), tuple(optim.betas)
+        g["weight_decay"] = optim.weight_decay
     if described := [f"{name} {old} -> {new}" for name, (old, new) in changes.items()]:
         log.warning("resuming from %s with this run's optimizer settings, not the checkpoint's: %s",
                     checkpoint, "; ".join(described))
@@ -151,7 +165,7 @@ class DivergenceGuard:
         if self.first is None:
             self.first, self.first_step = copy.deepcopy(window), step  # its sums copied on the device
 
-    def check(self, accelerator: Accelerator, window: Window, step: int) -> TrainingError | None:
+    def check(self, accelerator: Accelerator, window: Window, step: int, epoch: int) -> TrainingError | None:
         """The error to stop with, or None; returned, so that the trainer logs the window first."""
         if self.first is None or self.checked_through >= self.until:
             return None
@@ -164,7 +178,7 @@ class DivergenceGuard:
         if loss > limit or kl > limit:
             return TrainingError(f"diverging: the loss went from {reference:.4g} at step {self.first_step} "
                                  f"to {loss:.4g} (KL {kl:.4g}) by step {step}, at lr "
-                                 f"{self.schedule.at(step - 1):.3g}; {self.schedule.describe()}; "
+                                 f"{self.schedule.at(step - 1, epoch):.3g}; {self.schedule.describe()}; "
                                  f"{self.batch_description}; use optim.lr_scaling=sqrt, a longer "
                                  "optim.warmup_steps or a lower optim.lr (a resumed run applies them)")
         return None

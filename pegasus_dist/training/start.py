@@ -86,7 +86,7 @@ def start_phase(cfg: Config, hooks: Hooks) -> Started:
     # resume and whether the phase finished; every rank takes its answer (ranks reading a shared
     # filesystem apart could split into "complete" and "training", and hang).
     resume_from, finished = broadcast_object_list(stage("lock", lambda: _lock_and_choose(cfg, accelerator)))
-    schedule = LrSchedule(cfg.optim, global_batch(cfg, accelerator))
+    schedule = LrSchedule(cfg.optim, global_batch(cfg, accelerator), cfg.train.epochs)
     state, loader, built = stage(
         "checks", lambda: _check_and_build(cfg, accelerator, schedule, resume_from, finished))
     if loader is None:
@@ -360,4 +360,4 @@ def _continue_from(folder: Path, cfg: Config, accelerator: Accelerator, state: T
                     "repeated or skipped", old, new, scaled_lr(cfg.optim, old), schedule.peak,
                     cfg.optim.lr_scaling, math.ceil(num_samples / old), math.ceil(num_samples / new),
                     state.epoch + 1, state.samples_done, num_samples)
-    apply_on_resume(models.optimizer, schedule, state.step, folder)
+    apply_on_resume(models.optimizer, schedule, state, folder)

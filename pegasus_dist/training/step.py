@@ -231,7 +231,7 @@ class TrainStep:
                         state.nonfinite_skipped_steps)
             self.skip_ranks = []
         else:
-            set_lr(m.optimizer, self.schedule.at(state.step))
+            set_lr(m.optimizer, self.schedule.at(state.step, state.epoch))
             if self.cfg.optim.grad_clip:
                 self.accelerator.clip_grad_norm_(m.model.parameters(), self.cfg.optim.grad_clip)
             if self.dropped is not None:
@@ -240,7 +240,7 @@ class TrainStep:
             if m.ema is not None:
                 m.ema.update_parameters(self.accelerator.unwrap_model(m.model, keep_torch_compile=False))
             if m.adversary_optimizer is not None:
-                set_lr(m.adversary_optimizer, self.schedule.at(state.step))
+                set_lr(m.adversary_optimizer, self.schedule.at(state.step, state.epoch))
                 if m.adversary_scaler is None:
                     m.adversary_optimizer.step()
                 else:
