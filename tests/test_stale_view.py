@@ -1,4 +1,5 @@
-"""Two machines that see the run folder differently: a shared filesystem whose view is stale.
+"""Two machines that see the run differently: a shared filesystem whose view is stale, or a config
+that differs.
 
 Issue 22 item 1. On NFS a rank on another node can see, for a while, a folder
 that is gone or miss one just written. Every decision that steers the ranks
@@ -6,6 +7,8 @@ that is gone or miss one just written. Every decision that steers the ranks
 is the main process's, shared with the others, so no view can split them
 between a barrier and none. Here rank 1 runs as machine 1 in a mount namespace
 of its own (``unshare -m``), where the run's checkpoint folder is a stale copy.
+A node started with other overrides (or its own copy of the YAML) is refused
+before any rank trains.
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ pytestmark = pytest.mark.process
 BOUND_S = 150  # the collectives time out after 30 s: a run that takes longer hung
 
 
-def two_machines(run: Trained, stale: Path, steps: int) -> list[str]:
-    """Machine 0 sees the real checkpoints; machine 1 sees ``stale`` in their place. Their outputs."""
+def two_machines(run: Trained, steps: int, stale: Path | None = None,
+                 rank1: tuple[str, ...] = ()) -> list[str]:
+    """Machine 0 sees the real checkpoints; machine 1 sees ``stale`` in their place, if given, and
+    adds the overrides ``rank1``. Their outputs."""
     probe = ["unshare", "-m", "true"]
-    if os.geteuid() != 0 or shutil.which("unshare") is None or subprocess.run(probe).returncode:
+    if stale and (os.geteuid() != 0 or shutil.which("unshare") is None or subprocess.run(probe).returncode):
         pytest.skip("a mount namespace per rank needs root, unshare and CAP_SYS_ADMIN (CI has them)")
     real, port = run.pretrain / "checkpoints", free_port()
     procs = []
@@ -39,8 +44,8 @@ def two_machines(run: Trained, stale: Path, steps: int) -> list[str]:
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2",
                "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         cmd = [sys.executable, str(REPO / "pegasus_dist/train.py"), "--config", SMOKE, *run.overrides,
-               f"train.max_steps={steps}", "train.collective_timeout_s=30"]
-        if rank == 1:
+               f"train.max_steps={steps}", "train.collective_timeout_s=30", *(rank1 if rank else ())]
+        if rank == 1 and stale:
             cmd = ["unshare", "-m", "sh", "-c", 'mount --bind "$1" "$2" && shift 2 && exec "$@"', "sh",
                    str(stale), str(real), *cmd]
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -61,7 +66,7 @@ def test_a_rank_that_sees_the_final_step_already_saved_follows_the_main_process(
     stale = tmp_path / "stale"
     shutil.copytree(checkpointed_run.pretrain / "checkpoints", stale)
     shutil.copytree(stale / "step_00000006", stale / "step_00000009")
-    main, other = two_machines(checkpointed_run, stale, steps=9)
+    main, other = two_machines(checkpointed_run, steps=9, stale=stale)
     assert main.startswith("exit 0") and other.startswith("exit 0"), main[-3000:] + other[-3000:]
     folders = list_checkpoints(checkpointed_run.pretrain / "checkpoints")
     assert [f.name for f in folders] == ["step_00000003", "step_00000006", "step_00000009"]
@@ -74,7 +79,7 @@ def test_a_rank_that_misses_the_newest_checkpoint_ends_the_run_with_one_line(che
     stale = tmp_path / "stale"
     shutil.copytree(checkpointed_run.pretrain / "checkpoints", stale)
     shutil.rmtree(stale / "step_00000006")
-    main, other = two_machines(checkpointed_run, stale, steps=9)
+    main, other = two_machines(checkpointed_run, steps=9, stale=stale)
     assert not main.startswith("exit 0") and not other.startswith("exit 0"), main[-3000:] + other[-3000:]
     errors = [line for line in (main + other).splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, main[-3000:] + other[-3000:]
@@ -82,3 +87,14 @@ def test_a_rank_that_misses_the_newest_checkpoint_ends_the_run_with_one_line(che
         "step_00000006, chosen by the main process, is not there on this node: run.output_dir ("
         f"{checkpointed_run.root}) must be one folder that every node mounts; a shared filesystem that "
         "lags (NFS) shows it seconds later: run the same command again"), errors[0]
+
+
+def test_a_node_started_with_another_config_is_refused_before_any_rank_trains(checkpointed_run):
+    before = list_checkpoints(checkpointed_run.pretrain / "checkpoints")
+    main, other = two_machines(checkpointed_run, steps=9, rank1=("optim.lr=0.002", "loss.beta=2"))
+    assert main.startswith("exit 2") and other.startswith("exit 2"), main[-3000:] + other[-3000:]
+    errors = [line for line in (main + other).splitlines() if line.startswith("error: ")]
+    assert errors == ["error: rank 1: this rank's config differs from rank 0's: loss.beta=2.0 (rank 0: 1.0); "
+                      "optim.lr=0.002 (rank 0: 0.001); launch every rank with the same config file and "
+                      "overrides (on a cluster: the same checkout of the repository on every node)"], errors
+    assert list_checkpoints(checkpointed_run.pretrain / "checkpoints") == before  # nothing trained

@@ -52,6 +52,20 @@ def build_accelerator(cfg: Config, log_with: list[str] | None = None) -> Acceler
     return accelerator
 
 
+def same_config_as_main(configs: list[dict], rank: int) -> None:
+    """Raise when ``configs[rank]`` (every rank's, gathered) differs from the main process's, naming
+    the keys: ranks started apart (a node with other overrides, or its own copy of the YAML or of
+    this package) would otherwise train different recipes in one group without a word."""
+    mine, main = configs[rank], configs[0]
+    differ = [f"{section}.{key}={mine[section].get(key)!r} (rank 0: {value!r})"
+              for section, values in main.items() for key, value in values.items()
+              if mine[section].get(key) != value]
+    if differ:
+        raise ConfigError(f"this rank's config differs from rank 0's: {'; '.join(differ)}; launch every "
+                          "rank with the same config file and overrides (on a cluster: the same checkout "
+                          "of the repository on every node)")
+
+
 def warn_if_launcher_precision_differs(cfg: Config) -> None:
     """Say so when ``accelerate launch --mixed_precision X`` asks for what the config does not use;
     "no" is what launch/ and slurm/ pass to leave the choice to the config."""

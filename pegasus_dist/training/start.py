@@ -18,7 +18,7 @@ from typing import TypeVar
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
 from pegasus_dist.config import Config
 from pegasus_dist.data.loader import MemoryLoader, ShardLoader, make_loader
@@ -38,6 +38,7 @@ from pegasus_dist.training.checkpoint import (
 from pegasus_dist.training.distributed import (
     build_accelerator,
     convert_sync_batchnorm,
+    same_config_as_main,
     warn_if_launcher_precision_differs,
 )
 from pegasus_dist.training.ema import build_ema
@@ -82,10 +83,16 @@ def start_phase(cfg: Config, hooks: Hooks) -> Started:
         return agree_on_start(accelerator, lambda: (hooks.run("at_start_up", name), check())[1])
 
     cfg = stage("batch", lambda: _with_batch(cfg, accelerator.num_processes))
+    configs = gather_object([cfg.model_dump()])  # every rank meets here: it passed the agreed stage
+
+    def lock() -> list:
+        same_config_as_main(configs, accelerator.process_index)
+        return _lock_and_choose(cfg, accelerator)
+
     # Before any rank reads the run folder. The main process alone chooses the checkpoint to
     # resume and whether the phase finished; every rank takes its answer (ranks reading a shared
     # filesystem apart could split into "complete" and "training", and hang).
-    resume_from, finished = broadcast_object_list(stage("lock", lambda: _lock_and_choose(cfg, accelerator)))
+    resume_from, finished = broadcast_object_list(stage("lock", lock))
     schedule = LrSchedule(cfg.optim, global_batch(cfg, accelerator), cfg.train.epochs)
     state, loader, built = stage(
         "checks", lambda: _check_and_build(cfg, accelerator, schedule, resume_from, finished))
