@@ -23,6 +23,8 @@ import pytest
 from helpers import SMOKE, Trained
 from processes import REPO, free_port
 
+from pegasus_dist.config import PrepareConfig
+from pegasus_dist.data.prepare import prepare
 from pegasus_dist.model.saved import list_checkpoints
 from pegasus_dist.training.state import read_state
 
@@ -30,14 +32,14 @@ pytestmark = pytest.mark.process
 BOUND_S = 150  # the collectives time out after 30 s: a run that takes longer hung
 
 
-def two_machines(run: Trained, steps: int, stale: Path | None = None,
+def two_machines(run: Trained, steps: int, stale: Path | None = None, real: Path | None = None,
                  rank1: tuple[str, ...] = ()) -> list[str]:
-    """Machine 0 sees the real checkpoints; machine 1 sees ``stale`` in their place, if given, and
-    adds the overrides ``rank1``. Their outputs."""
+    """Machine 0 sees the real folders; machine 1 sees ``stale`` in place of ``real`` (the run's
+    checkpoints unless given), if given, and adds the overrides ``rank1``. Their outputs."""
     probe = ["unshare", "-m", "true"]
     if stale and (os.geteuid() != 0 or shutil.which("unshare") is None or subprocess.run(probe).returncode):
         pytest.skip("a mount namespace per rank needs root, unshare and CAP_SYS_ADMIN (CI has them)")
-    real, port = run.pretrain / "checkpoints", free_port()
+    real, port = real or run.pretrain / "checkpoints", free_port()
     procs = []
     for rank in (0, 1):
         # What torchrun gives each rank of a 2-machine job, 1 process each (no launcher: less to import).
@@ -98,3 +100,22 @@ def test_a_node_started_with_another_config_is_refused_before_any_rank_trains(ch
                       "optim.lr=0.002 (rank 0: 0.001); launch every rank with the same config file and "
                       "overrides (on a cluster: the same checkout of the repository on every node)"], errors
     assert list_checkpoints(checkpointed_run.pretrain / "checkpoints") == before  # nothing trained
+
+
+def test_a_node_with_its_own_other_copy_of_the_shards_is_refused_before_any_rank_trains(checkpointed_run,
+                                                                                       tmp_path):
+    """Shards copied to each node's local disk, one copy made by another `prepare`: the same path, other
+    images. (A resumed run finds it too: the checkpoint names the shards it trained on.)"""
+    overrides = checkpointed_run.overrides
+    shards = Path(next(o.partition("=")[2] for o in overrides if o.startswith("data.shards=")))
+    prepare(PrepareConfig(out=str(tmp_path / "other"), sources=["synthetic:400"], shard_size=50), "tests")
+    fresh = Trained(tmp_path / "fresh", [*overrides, f"run.output_dir={tmp_path / 'fresh'}"], "")
+    main, other = two_machines(fresh, steps=9, stale=tmp_path / "other", real=shards)
+    assert main.startswith("exit 2") and other.startswith("exit 2"), main[-3000:] + other[-3000:]
+    errors = [line for line in (main + other).splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"error: rank 1: this rank's shard set {shards / 'mix'} differs from "
+                                "rank 0's: generation="), errors
+    assert "samples=392 (rank 0: 470); shard files=8 (rank 0: 10)" in errors[0] and errors[0].endswith(
+        "every node must read the same shards: one folder that all mount, or copies of one `prepare` run")
+    assert not (fresh.pretrain / "checkpoints").exists()  # nothing trained

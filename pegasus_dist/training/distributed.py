@@ -52,18 +52,14 @@ def build_accelerator(cfg: Config, log_with: list[str] | None = None) -> Acceler
     return accelerator
 
 
-def same_config_as_main(configs: list[dict], rank: int) -> None:
-    """Raise when ``configs[rank]`` (every rank's, gathered) differs from the main process's, naming
-    the keys: ranks started apart (a node with other overrides, or its own copy of the YAML or of
-    this package) would otherwise train different recipes in one group without a word."""
-    mine, main = configs[rank], configs[0]
-    differ = [f"{section}.{key}={mine[section].get(key)!r} (rank 0: {value!r})"
-              for section, values in main.items() for key, value in values.items()
-              if mine[section].get(key) != value]
-    if differ:
-        raise ConfigError(f"this rank's config differs from rank 0's: {'; '.join(differ)}; launch every "
-                          "rank with the same config file and overrides (on a cluster: the same checkout "
-                          "of the repository on every node)")
+def same_as_main(seen: list[dict[str, object]], rank: int, what: str, fix: str) -> None:
+    """Raise when ``seen[rank]`` (every rank's ``what``, gathered) differs from the main process's,
+    naming each key that differs: ranks started apart (a node with other overrides, or its own copy
+    of the YAML, the package or the shards) would otherwise train apart in one group without a word."""
+    mine, main = seen[rank], seen[0]
+    if differ := [f"{key}={mine.get(key)!r} (rank 0: {value!r})" for key, value in main.items()
+                  if mine.get(key) != value]:
+        raise ConfigError(f"this rank's {what} differs from rank 0's: {'; '.join(differ)}; {fix}")
 
 
 def warn_if_launcher_precision_differs(cfg: Config) -> None:

@@ -38,7 +38,7 @@ from pegasus_dist.training.checkpoint import (
 from pegasus_dist.training.distributed import (
     build_accelerator,
     convert_sync_batchnorm,
-    same_config_as_main,
+    same_as_main,
     warn_if_launcher_precision_differs,
 )
 from pegasus_dist.training.ema import build_ema
@@ -83,10 +83,11 @@ def start_phase(cfg: Config, hooks: Hooks) -> Started:
         return agree_on_start(accelerator, lambda: (hooks.run("at_start_up", name), check())[1])
 
     cfg = stage("batch", lambda: _with_batch(cfg, accelerator.num_processes))
-    configs = gather_object([cfg.model_dump()])  # every rank meets here: it passed the agreed stage
+    configs = gather_object([_flat(cfg.model_dump())])  # every rank meets here: it passed the agreed stage
 
     def lock() -> list:
-        same_config_as_main(configs, accelerator.process_index)
+        same_as_main(configs, accelerator.process_index, "config", "launch every rank with the same config "
+                     "file and overrides (on a cluster: the same checkout of the repository on every node)")
         return _lock_and_choose(cfg, accelerator)
 
     # Before any rank reads the run folder. The main process alone chooses the checkpoint to
@@ -101,7 +102,14 @@ def start_phase(cfg: Config, hooks: Hooks) -> Started:
         raise RunComplete(f"{cfg.train.phase} in {cfg.run_dir} is already complete at step {state.step} "
                           f"(train.epochs={cfg.train.epochs}, train.max_steps={cfg.train.max_steps}; "
                           f"checkpoint {resume_from}); raise train.epochs or train.max_steps to train on")
-    stage("config", lambda: _save_config(cfg, accelerator))
+    shard_sets = gather_object([_shard_view(loader)])
+
+    def config() -> None:
+        same_as_main(shard_sets, accelerator.process_index, f"shard set {loader.path}", "every node must "
+                     "read the same shards: one folder that all mount, or copies of one `prepare` run")
+        _save_config(cfg, accelerator)
+
+    stage("config", config)
     if accelerator.is_main_process:
         warn_if_launcher_precision_differs(cfg)
     models = _prepare(accelerator, cfg, built)
@@ -118,6 +126,16 @@ def start_phase(cfg: Config, hooks: Hooks) -> Started:
              accelerator.num_processes, batch_description(cfg, accelerator), len(loader), schedule.describe(),
              f"{cfg.optim.grad_clip:g}" if cfg.optim.grad_clip else "off")
     return Started(cfg, accelerator, models, loader, state, schedule, metrics)
+
+
+def _flat(config: dict) -> dict[str, object]:
+    return {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
+
+
+def _shard_view(loader: ShardLoader | MemoryLoader) -> dict[str, object]:
+    """What this rank's shard set is: ranks must agree on it, or their epochs would not line up."""
+    m = loader.manifest
+    return {"generation": m.generation, "samples": m.num_samples, "shard files": len(m.shards)}
 
 
 def global_batch(cfg: Config, accelerator: Accelerator) -> int:
