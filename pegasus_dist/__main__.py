@@ -1,15 +1,13 @@
-"""``pegasus-dist`` and ``python -m pegasus_dist``: the CLI, imported under its own Ctrl-C handling,
-since its imports (torch) take seconds: an interrupt then is one line and exit 130, as later."""
+"""``pegasus-dist`` and ``python -m pegasus_dist``: the CLI, imported under its own Ctrl-C handling
+(:func:`pegasus_dist.console.import_entry`), since its imports (torch) take seconds."""
 
 from __future__ import annotations
 
-import importlib
-
-from pegasus_dist.console import exit_on_user_error
+from pegasus_dist.console import import_entry
 
 
 def main() -> None:
-    exit_on_user_error(lambda: importlib.import_module("pegasus_dist.cli")).main()
+    import_entry("pegasus_dist.cli").main()
 
 
 if __name__ == "__main__":

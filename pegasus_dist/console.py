@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -36,6 +38,29 @@ def setup_logging() -> None:
 def print_error(message: str) -> None:
     """The one line that reports an error a person can act on."""
     print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def import_entry(module: str) -> object:
+    """Import ``module`` (torch comes with it: seconds) under :func:`exit_on_user_error`, so that a
+    Ctrl-C in those seconds is one line and exit 130, as later.
+
+    Ctrl-C is only noted until the import is done: torch's C++ side runs Python code while it
+    loads, and a KeyboardInterrupt raised there is cleared (numpy's import: the run went on as if
+    none came) or aborts the process (pybind11's error_already_set). It is raised once done."""
+    def load() -> object:
+        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            return importlib.import_module(module)  # e.g. ignored, as in a script's background job
+        came: list[int] = []
+        signal.signal(signal.SIGINT, lambda signum, _frame: came.append(signum))
+        try:
+            loaded = importlib.import_module(module)
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        if came:
+            raise KeyboardInterrupt
+        return loaded
+
+    return exit_on_user_error(load)
 
 
 def exit_on_user_error(fn: Callable[[], T]) -> T:

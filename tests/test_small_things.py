@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from itertools import pairwise
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from helpers import PIPELINE_STEPS, Trained, cli_here
 from PIL import Image, ImageDraw, ImageFont
 from processes import REPO
 
-from pegasus_dist.console import exit_on_user_error
+from pegasus_dist.console import exit_on_user_error, import_entry
 from pegasus_dist.data.shards import ShardSet
 from pegasus_dist.evaluation.contact_sheet import draw_sheet
 
@@ -39,6 +40,22 @@ def test_ctrl_c_is_one_line_and_exit_130_not_a_traceback(capsys):
 
     with pytest.raises(SystemExit) as stopped:
         exit_on_user_error(interrupted)
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err == ("error: interrupted (Ctrl-C); run the same command again (training "
+                                       "resumes from its last checkpoint)\n")
+
+
+def test_ctrl_c_that_the_entry_imports_swallow_still_ends_it_in_one_line(tmp_path, monkeypatch, capsys):
+    """What torch's C++ side does to a KeyboardInterrupt raised while it imports numpy: it clears it
+    (and elsewhere aborts on it), so the entry's imports hold Ctrl-C until they are done."""
+    (tmp_path / "swallows_ctrl_c.py").write_text(
+        "import os, signal, time\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "try:\n    time.sleep(0.05)\nexcept KeyboardInterrupt:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "swallows_ctrl_c", raising=False)
+    with pytest.raises(SystemExit) as stopped:
+        import_entry("swallows_ctrl_c")
     assert stopped.value.code == 130
     assert capsys.readouterr().err == ("error: interrupted (Ctrl-C); run the same command again (training "
                                        "resumes from its last checkpoint)\n")
