@@ -205,8 +205,10 @@ def test_pegasus_dist_train_stopped_by_a_signal_exits_75(smoke_shards, tmp_path,
                          ids=["pegasus-dist", "train.py"])
 def test_ctrl_c_while_torch_imports_is_one_line_and_exit_130(smoke_shards, tmp_path, entry):
     """The seconds before any of the run's code: an interrupt there is the same line as later."""
+    # Ctrl-C as at a terminal: a suite started in the background by a script inherits SIGINT ignored.
     proc = subprocess.Popen([*entry, "--config", SMOKE, *overrides(smoke_shards, tmp_path, 5)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     maps, deadline = Path(f"/proc/{proc.pid}/maps"), time.monotonic() + 60
     while "libtorch" not in maps.read_text() and time.monotonic() < deadline:
         time.sleep(0.005)  # until torch's libraries are mapped: inside its import
