@@ -166,8 +166,7 @@ class Trainer:
     def _sync_point(self, log_metrics: bool, checkpoint: bool) -> None:
         """Agree on faults, then log the window and checkpoint, or stop for a requeue."""
         agreement = self._agree()
-        # Before the window's reset.
-        diverged = self.guard.check(self.accelerator, self.window, self.state.step, self.state.epoch)
+        diverged = self.guard.check(self.accelerator, self.window, self.state)  # before the reset
         if log_metrics:
             self._log_window()
         if diverged:  # in the warm-up; before any checkpoint, after logging what diverged

@@ -129,9 +129,9 @@ def apply_on_resume(optimizer: torch.optim.Optimizer, schedule: LrSchedule, stat
     saved |= {"betas": list(group["betas"]), "weight_decay": group["weight_decay"]}
     changes = {f"optim.{key}": (saved[key], value) for key, value in vars(optim).items()
                if key in saved and not _same(saved[key], value)}
-    # The restored rate is the one of the checkpoint's last step (of the epoch before, at an epoch's end).
+    # The restored rate is the one of the checkpoint's last step.
     step, epoch = state.step, state.epoch
-    last = schedule.at(step - 1, epoch - 1 if epoch and not state.samples_done else epoch)
+    last = schedule.at(step - 1, state.last_step_epoch)
     if step and not _same(group["lr"], last):
         changes[f"lr at step {step}"] = (f"{group['lr']:.3g}", f"{last:.3g}")
     for g in optimizer.param_groups:
@@ -165,8 +165,9 @@ class DivergenceGuard:
         if self.first is None:
             self.first, self.first_step = copy.deepcopy(window), step  # its sums copied on the device
 
-    def check(self, accelerator: Accelerator, window: Window, step: int, epoch: int) -> TrainingError | None:
+    def check(self, accelerator: Accelerator, window: Window, state: TrainState) -> TrainingError | None:
         """The error to stop with, or None; returned, so that the trainer logs the window first."""
+        step, lr = state.step, self.schedule.at(state.step - 1, state.last_step_epoch)
         if self.first is None or self.checked_through >= self.until:
             return None
         self.checked_through = step
@@ -178,7 +179,7 @@ class DivergenceGuard:
         if loss > limit or kl > limit:
             return TrainingError(f"diverging: the loss went from {reference:.4g} at step {self.first_step} "
                                  f"to {loss:.4g} (KL {kl:.4g}) by step {step}, at lr "
-                                 f"{self.schedule.at(step - 1, epoch):.3g}; {self.schedule.describe()}; "
+                                 f"{lr:.3g}; {self.schedule.describe()}; "
                                  f"{self.batch_description}; use optim.lr_scaling=sqrt, a longer "
                                  "optim.warmup_steps or a lower optim.lr (a resumed run applies them)")
         return None

@@ -50,6 +50,11 @@ class TrainState(BaseModel):
     data_seed: int | None = None  # data.seed, which orders every epoch (None: not recorded)
     sums: bool = True  # written with a SHA256SUMS, so one missing is damage (absent: an older version)
 
+    @property
+    def last_step_epoch(self) -> int:
+        """The epoch of the last step taken: the one before ``epoch`` when that one has not begun."""
+        return self.epoch - 1 if self.epoch and not self.samples_done else self.epoch
+
 
 class _OlderStateFile(TrainState):
     batches_done: Count = 0
