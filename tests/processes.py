@@ -78,3 +78,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def machine_env(rank: int, world_size: int, port: int) -> dict[str, str]:
+    """What torchrun gives rank ``rank`` of a job of one-process machines: a rank started without a
+    launcher, so that a test can watch, stop or end each one."""
+    return {"RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from helpers import SMOKE, Trained
-from processes import REPO, free_port
+from processes import REPO, free_port, machine_env
 
 from pegasus_dist.config import PrepareConfig
 from pegasus_dist.data.prepare import prepare
@@ -42,9 +42,7 @@ def two_machines(run: Trained, steps: int, stale: Path | None = None, real: Path
     real, port = real or run.pretrain / "checkpoints", free_port()
     procs = []
     for rank in (0, 1):
-        # What torchrun gives each rank of a 2-machine job, 1 process each (no launcher: less to import).
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2",
-               "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        env = os.environ | machine_env(rank, 2, port)  # no launcher: less to import
         cmd = [sys.executable, str(REPO / "pegasus_dist/train.py"), "--config", SMOKE, *run.overrides,
                f"train.max_steps={steps}", "train.collective_timeout_s=30", *(rank1 if rank else ())]
         if rank == 1 and stale:
