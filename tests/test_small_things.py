@@ -6,6 +6,7 @@ import base64
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from itertools import pairwise
@@ -54,8 +55,13 @@ def test_ctrl_c_that_the_entry_imports_swallow_still_ends_it_in_one_line(tmp_pat
         "try:\n    time.sleep(0.05)\nexcept KeyboardInterrupt:\n    pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "swallows_ctrl_c", raising=False)
-    with pytest.raises(SystemExit) as stopped:
-        import_entry("swallows_ctrl_c")
+    # Ctrl-C at a terminal: a suite started in the background (`cmd &`) inherits SIGINT ignored.
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            import_entry("swallows_ctrl_c")
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert stopped.value.code == 130
     assert capsys.readouterr().err == ("error: interrupted (Ctrl-C); run the same command again (training "
                                        "resumes from its last checkpoint)\n")
