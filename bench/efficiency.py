@@ -147,12 +147,13 @@ def _field(cpuinfo: str, name: str) -> str:
     return match.group(1).strip() if match else ""
 
 
-def efficiency_rows(work: Path, steps: int, device: torch.device, compile_rows: bool) -> list[Row]:
+def efficiency_rows(work: Path, steps: int, device: torch.device, compile_rows: bool,
+                    rounds: int) -> list[Row]:
     """The bf16 trainer of the paper model eager, channels_last and (``compile_rows``) compiled,
     side by side; on the CPU also what each achieves of the CPU's bf16 peak, and why not more."""
     cfgs = {name: train_config(work / "shards", work / "runs", "bf16", device, **settings)
             for name, settings in VARIANTS.items() if compile_rows or not settings.get("compile")}
-    measured = in_own_process(_variant_rates, cfgs, steps, device)
+    measured = in_own_process(_variant_rates, cfgs, steps, device, rounds)
     flops = flops_per_image(cfgs["eager"])
     peak = cpu_bf16_peak() if device.type == "cpu" else None
     rows = []
@@ -177,12 +178,12 @@ def efficiency_rows(work: Path, steps: int, device: torch.device, compile_rows: 
 
 @dataclass(frozen=True)
 class _Variants:
-    rates: dict[str, float]  # images/s of each variant, the best of ROUNDS
+    rates: dict[str, float]  # images/s of each variant, the best of the rounds
     outside_gemm: float  # the share of an eager step's time outside convolution and matmul operators
     gemm_tflops: float  # the step's FLOPs over the time inside them
 
 
-def _variant_rates(cfgs: dict[str, Config], steps: int, device: torch.device) -> _Variants:
+def _variant_rates(cfgs: dict[str, Config], steps: int, device: torch.device, rounds: int) -> _Variants:
     """In its own process (:func:`in_own_process`): each variant's trainer, timed in turn.
 
     All in one process (one precision, bf16) and in alternating rounds, the best
@@ -193,7 +194,7 @@ def _variant_rates(cfgs: dict[str, Config], steps: int, device: torch.device) ->
     for trainer in trainers.values():
         trainer.run_epochs(until_step=WARMUP + 1)  # torch.compile: the forward, then the backward
     rates = dict.fromkeys(trainers, 0.0)
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         for name, trainer in trainers.items():
             rates[name] = max(rates[name], loop_rate(trainer, 0, steps, device))
     return _Variants(rates, *_gemm_profile(trainers["eager"], device))
@@ -215,7 +216,6 @@ def _gemm_profile(trainer: Trainer, device: torch.device, steps: int = 2) -> tup
 
 
 MATMUL_SIDE = 2048
-ROUNDS = 3
 # The operators that do a convolution's or a linear layer's arithmetic (forward and backward).
 GEMM = re.compile(r"conv|mm$|matmul|linear", re.IGNORECASE)
 WHY = ("see the matmul ceiling (what oneDNN's bf16 GEMM reaches here) and the share of a step "

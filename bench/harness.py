@@ -67,7 +67,6 @@ from pegasus_dist.training.loop import Trainer
 
 log = logging.getLogger("bench.harness")
 REPO = Path(__file__).resolve().parents[1]
-ROUNDS = 5  # the project's loop and the bare one, timed in turn this many times (best of each)
 # The paper's recipe: 100 epochs of CIFAR-10 (60,000 images) + STL-10 (113,000: train,
 # test and unlabeled), then 300 epochs of their labelled horses and birds (2 x 6,000
 # in CIFAR-10, 2 x 1,300 in STL-10).
@@ -76,14 +75,15 @@ SCALING_IMAGES = 2000
 
 
 def run_bench(images: int, steps: int, out: Path, sizes: list[int], images_from: str,
-              process_steps: int, compile_rows: bool = False) -> list[Row]:
+              process_steps: int, compile_rows: bool, rounds: int) -> list[Row]:
     """Measure every row, write ``out`` (JSON) and return the rows.
 
     ``images_from`` is ``auto`` (the real CIFAR-10 JPEGs beside the repository
     when present, else synthetic), ``synthetic`` or an image folder or
     tarball; ``sizes`` are the image sides of the scaling rows;
     ``process_steps`` the steps of each 1- and 2-process run; ``compile_rows``
-    adds the torch.compile variants to the efficiency rows (bench/efficiency.py).
+    adds the torch.compile variants to the efficiency rows (bench/efficiency.py); ``rounds``
+    is how often each comparison's loops are timed in turn (the best of each kept).
     """
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -94,8 +94,8 @@ def run_bench(images: int, steps: int, out: Path, sizes: list[int], images_from:
         log.info("bench images: %d from %s on %s", len(pixels), origin, device)
         rows += _prepare_rows(pixels, labels, work)
         rows += loader_rows(work, device)
-        rows += _trainer_rows(work, steps, device)
-        rows += efficiency_rows(work, steps, device, compile_rows)
+        rows += _trainer_rows(work, steps, device, rounds)
+        rows += efficiency_rows(work, steps, device, compile_rows, rounds)
         rows += _process_rows(work, process_steps)
         rows += _scaling_rows(pixels, labels, work, sizes, max(2, steps // 4), device)
     _write(rows, out, origin, device)
@@ -130,13 +130,13 @@ def _prepare_per_core(archive: Path, count: int, out: Path, image_size: int, sha
     return count / (time.perf_counter() - started) / (os.cpu_count() or 1)
 
 
-def _trainer_rows(work: Path, steps: int, device: torch.device) -> list[Row]:
+def _trainer_rows(work: Path, steps: int, device: torch.device, rounds: int) -> list[Row]:
     """The project's loop against a bare one in fp32 and bf16, and a whole bf16 epoch."""
     rows = []
     for precision in ("no", "bf16"):
         label = "fp32" if precision == "no" else precision
         cfg = train_config(work / "shards", work / "runs", precision, device)
-        rates = in_own_process(_loop_against_bare, cfg, steps, device, precision == "bf16")
+        rates = in_own_process(_loop_against_bare, cfg, steps, device, precision == "bf16", rounds)
         flops = flops_per_image(cfg)
         rows += [
             Row(f"trainer vs bare loop, paper model, {label}, batch {BATCH}", rates.project,
@@ -151,7 +151,7 @@ def _trainer_rows(work: Path, steps: int, device: torch.device) -> list[Row]:
 
 @dataclass(frozen=True)
 class _LoopRates:
-    """Images per second: the project's loop and the bare one (best of ROUNDS), a whole epoch."""
+    """Images per second: the project's loop and the bare one (best of the rounds), a whole epoch."""
 
     project: float
     bare: float
@@ -159,7 +159,8 @@ class _LoopRates:
     epoch_images: int
 
 
-def _loop_against_bare(cfg: Config, steps: int, device: torch.device, whole_epoch: bool) -> _LoopRates:
+def _loop_against_bare(cfg: Config, steps: int, device: torch.device, whole_epoch: bool,
+                       rounds: int) -> _LoopRates:
     """In its own process (:func:`in_own_process`): the trainer's phase for ``cfg`` against a bare loop."""
     trainer = Trainer(cfg)
     trainer.loader.set_epoch(0)
@@ -168,7 +169,7 @@ def _loop_against_bare(cfg: Config, steps: int, device: torch.device, whole_epoc
     # Rounds that alternate the two loops, and the best of each: a neighbour's
     # burst on a shared machine then slows both alike or neither.
     rounds = [(loop_rate(trainer, WARMUP, steps, device),
-               BATCH * steps_per_second(bare_step, batches, device)) for _ in range(ROUNDS)]
+               BATCH * steps_per_second(bare_step, batches, device)) for _ in range(rounds)]
     project, bare = (max(rates) for rates in zip(*rounds, strict=True))
     epoch = loop_rate(trainer, 0, len(trainer.loader), device) if whole_epoch else 0.0
     return _LoopRates(project, bare, epoch, trainer.loader.num_samples)

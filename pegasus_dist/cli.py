@@ -231,12 +231,15 @@ def bench(
     compile_rows: Annotated[bool, typer.Option(
         "--compile", help="also time train.compile=true, with and without channels_last "
                           "(inductor compiles for about a minute a variant on 2 cores)")] = False,
+    rounds: Annotated[int, typer.Option(
+        help="times each comparison's loops are timed in turn, the best of each kept (fewer: faster, "
+             "noisier)", min=1)] = 5,
     out: Annotated[Path, typer.Option(help="JSON to write")] = Path("bench/results/latest.json"),
 ) -> None:
     """Loader, trainer, prepare and process-count throughput, each against its baseline."""
     harness = _bench_module("harness")
     rows = harness.run_bench(images, steps, out, size or [32, 64, 96], images_from, process_steps,
-                             compile_rows)
+                             compile_rows, rounds)
     typer.echo(harness.format_table(rows))
     typer.echo(f"wrote {out}")
 
