@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -102,10 +104,15 @@ def test_real_cifar10_jpegs_prepare_train_and_sample(tmp_path, capsys):
     code, out = cli_here(capsys, "prepare", "--source", f"folder:{REAL_CIFAR}", "--out", str(shards),
                          "--shard-size", "10000")
     assert code == 0, out[-3000:]
+    # The image-folder source read all of CIFAR-10: 6,000 of each class (automobile as car),
+    # 50,000 training and 10,000 test images, held out or trained on, never both.
+    assert hashlib.sha256(REAL_CIFAR.read_bytes()).hexdigest().startswith("b4d6b534")
+    mix, held_out = (load_manifest(shards / name).counts for name in ("mix", "eval"))
+    assert Counter(mix["label"]) + Counter(held_out["label"]) == dict.fromkeys(
+        ["airplane", "bird", "car", "cat", "deer", "dog", "frog", "horse", "ship", "truck"], 6000)
+    assert Counter(mix["split"]) + Counter(held_out["split"]) == {"train": 50000, "test": 10000}
     counts = load_manifest(shards / "horse_bird").counts["label"]
-    assert counts == {"bird": counts["bird"], "horse": counts["horse"]}
-    held_out = load_manifest(shards / "eval").counts["label"]
-    assert counts["bird"] + counts["horse"] + held_out.get("horse", 0) + held_out.get("bird", 0) == 12000
+    assert counts == {"bird": mix["label"]["bird"], "horse": mix["label"]["horse"]}
     # `python pegasus_dist/train.py` as a plain script, then the finetune phase and the sampler
     runs = tmp_path / "runs"
     done = run_bounded([sys.executable, str(REPO / "pegasus_dist/train.py"), "--config", SMOKE,

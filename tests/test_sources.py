@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench.fixtures import REAL_CIFAR, write_cifar10_archive
+from bench.fixtures import write_cifar10_archive
 from pegasus_dist.data.folders import read_image_folder
 from pegasus_dist.data.images import canonical_class
 from pegasus_dist.data.official import read_cifar10, read_stl10
@@ -189,18 +189,6 @@ def test_a_file_that_is_no_archive_as_an_image_source_is_one_line(tmp_path):
     with pytest.raises(DataError, match=r"notes.txt is not a readable tar archive \(.*gzip") as err:
         load_source(f"folder:{text}")
     assert "\n" not in str(err.value)  # tarfile's message lists each method it tried on a line
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not REAL_CIFAR.is_file(), reason=f"real CIFAR-10 JPEGs not at {REAL_CIFAR}")
-def test_the_real_cifar10_jpegs_through_the_image_folder_source():
-    digest = hashlib.sha256(REAL_CIFAR.read_bytes()).hexdigest()
-    assert digest.startswith("b4d6b534")
-    src = read_image_folder(REAL_CIFAR)
-    assert src.images.shape == (60000, 32, 32, 3)
-    assert src.splits.count("train") == 50000 and src.splits.count("test") == 10000
-    assert src.labels.count("horse") == 6000 and src.labels.count("bird") == 6000
-    assert src.labels.count("car") == 6000  # CIFAR's "automobile"
 
 
 def _with_member(source: Path, out: Path, name: str, data: bytes | None) -> Path:
