@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from torchvision.datasets.utils import calculate_md5, download_url
 
 from pegasus_dist.data.images import SPLITS, SourceImages, canonical_class, open_tar, resize_all
 from pegasus_dist.errors import DataError
@@ -30,6 +29,8 @@ STL_CHUNK = 1000  # images resized per step while streaming STL-10's 2.7 GB unla
 
 def download_official(name: str, root: Path) -> Path:
     """Fetch an official archive through torchvision (md5 checked); needs the network."""
+    from torchvision.datasets.utils import download_url  # here: see _archive
+
     meta = CIFAR10 if name == "cifar10" else STL10
     try:
         download_url(meta["url"], str(root), meta["filename"], meta["md5"])
@@ -148,6 +149,9 @@ def _class_names(ids: np.ndarray, count: int, names: tuple[str, ...] | list[str]
 
 
 def _archive(path: str | Path, name: str, meta: dict, verify_checksum: bool) -> Path:
+    # Imported here: torchvision's import brings torch._dynamo, 1.5 s of every rank's start-up on 2 cores.
+    from torchvision.datasets.utils import calculate_md5
+
     path = Path(path)
     if not path.is_file():  # a folder too, say the extracted one: the archive is read in place
         found = f"not found: {path}" if not path.exists() else f"{path} is not a file (a folder?)"
