@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 import time
 
@@ -127,6 +128,10 @@ def test_damaged_shards_name_the_file(tmp_path):
     shard.unlink()
     with pytest.raises(DataError, match=f"{shard} listed in .* is missing"):
         load_manifest(tmp_path / "mix")
+    # Gone after start-up, under a streaming epoch: the reason in words, not errno 2.
+    gone = re.escape(f"shard {shard} is unreadable (No such file or directory); ")
+    with pytest.raises(DataError, match=gone):
+        list(iter_shard(shard))
 
 
 def test_wrong_size_image_damaged_image_and_missing_label(tmp_path):

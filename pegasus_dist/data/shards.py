@@ -72,8 +72,10 @@ def iter_shard(path: Path, sha256: str | None = None) -> Iterator[ShardSample]:
             while stream.read(1 << 20):  # the end-of-archive blocks, which tarfile leaves unread
                 pass
     except (tarfile.TarError, OSError, EOFError, ValueError) as err:
-        # webdataset appends the stream and URL to the message: keep the reason alone.
-        reason = str(err.args[0]).split(" @ ")[0] if err.args else type(err).__name__
+        # webdataset appends the stream and URL to the message: keep the reason alone. An OSError's
+        # first argument is its errno: say its words instead ("No such file or directory").
+        reason = (err.strerror if isinstance(err, OSError) and err.strerror
+                  else str(err.args[0]).split(" @ ")[0] if err.args else type(err).__name__)
         raise DataError(f"shard {path} is unreadable ({reason}); {REPREPARE} to rewrite it") from None
     if sha256 is not None and stream.digest.hexdigest() != sha256:
         raise DataError(changed_shard(path))
