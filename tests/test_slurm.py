@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import TINY_ARGS
 from processes import REPO, run_bounded
 
 pytestmark = [pytest.mark.slurm, pytest.mark.process]
@@ -24,7 +25,7 @@ FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
          "BOOT_FAIL", "DEADLINE")
 
 # The real trainer, 50 ms slower per step (its fault plan's hooks), so that a signal
-# lands mid-run on any machine (the smoke model trains ~100 steps/s). Same arithmetic,
+# lands mid-run on any machine (a step of the tiny model takes milliseconds). Same arithmetic,
 # same weights.
 SLOW_TRAINER = """\
 from pegasus_dist.training.hooks import fault_plan
@@ -54,7 +55,8 @@ def job_env(tmp_path: Path, shards: Path, steps: int = 3) -> dict[str, str]:
         "PEGASUS_FINETUNE_CONFIG": "configs/smoke/finetune.yaml",
         "PEGASUS_SHARDS": str(shards),
         "PEGASUS_RUNS": str(tmp_path / "runs"),
-        "PEGASUS_EXTRA_ARGS": f"train.max_steps={steps} wandb.mode=disabled data.batch_size=16",
+        "PEGASUS_EXTRA_ARGS": " ".join([f"train.max_steps={steps}", "wandb.mode=disabled",
+                                        "data.batch_size=16", *TINY_ARGS]),  # the tiny model
     }
 
 
@@ -183,7 +185,8 @@ def test_two_tasks_rendezvous_as_two_machines(cluster, smoke_shards, tmp_path):
 def test_usr1_preemption_requeues_and_resumes_to_the_same_weights(cluster, smoke_shards, tmp_path):
     """SIGUSR1 (what --signal=B:USR1@120 sends) -> checkpoint, requeue, resume, same result."""
     (tmp_path / "slow_train.py").write_text(SLOW_TRAINER)
-    extra = "train.max_steps=120 wandb.mode=disabled data.batch_size=16 train.log_every=1"
+    extra = " ".join(["train.max_steps=120", "wandb.mode=disabled", "data.batch_size=16", "train.log_every=1",
+                      *TINY_ARGS])
     jobs = {}
     for name in ("plain", "preempted"):
         env = {**job_env(tmp_path / name, smoke_shards), "PEGASUS_EXTRA_ARGS": extra}
