@@ -39,6 +39,7 @@ from pegasus_dist.training.distributed import (
     build_accelerator,
     convert_sync_batchnorm,
     same_as_main,
+    warn_if_bf16_is_slow_here,
     warn_if_launcher_precision_differs,
 )
 from pegasus_dist.training.ema import build_ema
@@ -112,6 +113,7 @@ def start_phase(cfg: Config, hooks: Hooks) -> Started:
     stage("config", config)
     if accelerator.is_main_process:
         warn_if_launcher_precision_differs(cfg)
+        warn_if_bf16_is_slow_here(cfg, accelerator.device)
     models = _prepare(accelerator, cfg, built)
     if resume_from is not None:  # after prepare: load_state fills what it prepared
         stage("restore", lambda: _restore(cfg, accelerator, resume_from, models))
