@@ -148,19 +148,20 @@ def _field(cpuinfo: str, name: str) -> str:
 
 
 def efficiency_rows(work: Path, steps: int, device: torch.device, compile_rows: bool,
-                    rounds: int) -> list[Row]:
+                    rounds: int, batch: int) -> list[Row]:
     """The bf16 trainer of the paper model eager, channels_last and (``compile_rows``) compiled,
     side by side; on the CPU also what each achieves of the CPU's bf16 peak, and why not more."""
-    cfgs = {name: train_config(work / "shards", work / "runs", "bf16", device, **settings)
+    cfgs = {name: train_config(work / "shards", work / "runs", "bf16", device, batch=batch, **settings)
             for name, settings in VARIANTS.items() if compile_rows or not settings.get("compile")}
     measured = in_own_process(_variant_rates, cfgs, steps, device, rounds)
     flops = flops_per_image(cfgs["eager"])
     peak = cpu_bf16_peak() if device.type == "cpu" else None
     rows = []
     if peak:
+        side, ceiling = _matmul_tflops()
         rows += [Row(f"CPU bf16 peak: {peak.describe()}", peak.tflops, "TFLOP/s"),
-                 Row(f"  bf16 matmul ceiling, {MATMUL_SIDE}^2, {torch.get_num_threads()} threads",
-                     _matmul_tflops(), "TFLOP/s", peak.tflops)]
+                 Row(f"  bf16 matmul ceiling, {side}^2, {torch.get_num_threads()} threads",
+                     ceiling, "TFLOP/s", peak.tflops)]
     eager = measured.rates["eager"]
     for name, rate in measured.rates.items():
         rows.append(Row(f"trainer, paper model, bf16, {name}", rate, "images/s",
@@ -215,19 +216,27 @@ def _gemm_profile(trainer: Trainer, device: torch.device, steps: int = 2) -> tup
     return max(0.0, 1 - gemm_us / wall_us), flops / gemm_us / 1e6
 
 
-MATMUL_SIDE = 2048
+MATMUL_SIDE = 2048  # the largest matmul of the ceiling; smaller where one takes over MATMUL_SECONDS
+MATMUL_SECONDS = 0.05
 # The operators that do a convolution's or a linear layer's arithmetic (forward and backward).
 GEMM = re.compile(r"conv|mm$|matmul|linear", re.IGNORECASE)
 WHY = ("see the matmul ceiling (what oneDNN's bf16 GEMM reaches here) and the share of a step "
        "outside convolutions and matmuls: elementwise, normalization, loss and Adam at memory speed")
 
 
-def _matmul_tflops(side: int = MATMUL_SIDE, repeats: int = 5) -> float:
-    """The best bf16 rate of a large matmul on all of torch's threads: what a GEMM can reach here."""
-    a, b = (torch.randn(side, side, dtype=torch.bfloat16) for _ in range(2))
-    best = 0.0
-    for _ in range(repeats):
-        started = time.perf_counter()
-        a @ b
-        best = max(best, 2 * side**3 / (time.perf_counter() - started) / 1e12)
-    return best
+def _matmul_tflops(repeats: int = 5) -> tuple[int, float]:
+    """The side and best bf16 rate of a large matmul on all of torch's threads: what a GEMM can
+    reach here. The side doubles from 256 to MATMUL_SIDE while one product takes under
+    MATMUL_SECONDS: where bf16 has no fast kernels (an AVX2 CPU) a 2048^2 product takes a minute."""
+    side, seconds = 256, 0.0
+    while True:
+        a, b = (torch.randn(side, side, dtype=torch.bfloat16) for _ in range(2))
+        best = 0.0
+        for _ in range(repeats):
+            started = time.perf_counter()
+            a @ b
+            seconds = time.perf_counter() - started
+            best = max(best, 2 * side**3 / seconds / 1e12)
+        if side >= MATMUL_SIDE or seconds > MATMUL_SECONDS:
+            return side, best
+        side *= 2

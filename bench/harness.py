@@ -75,7 +75,7 @@ SCALING_IMAGES = 2000
 
 
 def run_bench(images: int, steps: int, out: Path, sizes: list[int], images_from: str,
-              process_steps: int, compile_rows: bool, rounds: int) -> list[Row]:
+              process_steps: int, compile_rows: bool, rounds: int, batch: int) -> list[Row]:
     """Measure every row, write ``out`` (JSON) and return the rows.
 
     ``images_from`` is ``auto`` (the real CIFAR-10 JPEGs beside the repository
@@ -83,7 +83,8 @@ def run_bench(images: int, steps: int, out: Path, sizes: list[int], images_from:
     tarball; ``sizes`` are the image sides of the scaling rows;
     ``process_steps`` the steps of each 1- and 2-process run; ``compile_rows``
     adds the torch.compile variants to the efficiency rows (bench/efficiency.py); ``rounds``
-    is how often each comparison's loops are timed in turn (the best of each kept).
+    is how often each comparison's loops are timed in turn (the best of each kept); ``batch``
+    the per-process batch of the training rows (the loader rows decode batches of ``BATCH``).
     """
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -94,10 +95,10 @@ def run_bench(images: int, steps: int, out: Path, sizes: list[int], images_from:
         log.info("bench images: %d from %s on %s", len(pixels), origin, device)
         rows += _prepare_rows(pixels, labels, work)
         rows += loader_rows(work, device)
-        rows += _trainer_rows(work, steps, device, rounds)
-        rows += efficiency_rows(work, steps, device, compile_rows, rounds)
+        rows += _trainer_rows(work, steps, device, rounds, batch)
+        rows += efficiency_rows(work, steps, device, compile_rows, rounds, batch)
         rows += _process_rows(work, process_steps)
-        rows += _scaling_rows(pixels, labels, work, sizes, max(2, steps // 4), device)
+        rows += _scaling_rows(pixels, labels, work, sizes, max(2, steps // 4), device, batch)
     _write(rows, out, origin, device)
     return rows
 
@@ -130,16 +131,16 @@ def _prepare_per_core(archive: Path, count: int, out: Path, image_size: int, sha
     return count / (time.perf_counter() - started) / (os.cpu_count() or 1)
 
 
-def _trainer_rows(work: Path, steps: int, device: torch.device, rounds: int) -> list[Row]:
+def _trainer_rows(work: Path, steps: int, device: torch.device, rounds: int, batch: int) -> list[Row]:
     """The project's loop against a bare one in fp32 and bf16, and a whole bf16 epoch."""
     rows = []
     for precision in ("no", "bf16"):
         label = "fp32" if precision == "no" else precision
-        cfg = train_config(work / "shards", work / "runs", precision, device)
+        cfg = train_config(work / "shards", work / "runs", precision, device, batch=batch)
         rates = in_own_process(_loop_against_bare, cfg, steps, device, precision == "bf16", rounds)
         flops = flops_per_image(cfg)
         rows += [
-            Row(f"trainer vs bare loop, paper model, {label}, batch {BATCH}", rates.project,
+            Row(f"trainer vs bare loop, paper model, {label}, batch {batch}", rates.project,
                 "images/s", rates.bare, 0.95, "the loop's own work (noise, loss sums, progress "
                 "bar) shows beside the device's at this model size"),
             Row(f"  achieved, {label}", rates.project * flops / 1e12, "TFLOP/s"),
@@ -169,7 +170,7 @@ def _loop_against_bare(cfg: Config, steps: int, device: torch.device, whole_epoc
     # Rounds that alternate the two loops, and the best of each: a neighbour's
     # burst on a shared machine then slows both alike or neither.
     rounds = [(loop_rate(trainer, WARMUP, steps, device),
-               BATCH * steps_per_second(bare_step, batches, device)) for _ in range(rounds)]
+               cfg.data.batch_size * steps_per_second(bare_step, batches, device)) for _ in range(rounds)]
     project, bare = (max(rates) for rates in zip(*rounds, strict=True))
     epoch = loop_rate(trainer, 0, len(trainer.loader), device) if whole_epoch else 0.0
     return _LoopRates(project, bare, epoch, trainer.loader.num_samples)
@@ -245,7 +246,7 @@ def _process_rows(work: Path, steps: int) -> list[Row]:
 
 
 def _scaling_rows(pixels: np.ndarray, labels: list[int], work: Path, sizes: list[int],
-                  steps: int, device: torch.device) -> list[Row]:
+                  steps: int, device: torch.device, batch: int) -> list[Row]:
     """How each cost grows with the image side: the same images, upscaled by prepare."""
     count = min(len(pixels), SCALING_IMAGES)
     archive = write_cifar10_archive(pixels[:count], labels[:count], work / "scaling.tar.gz")
@@ -260,7 +261,7 @@ def _scaling_rows(pixels: np.ndarray, labels: list[int], work: Path, sizes: list
         memory = MemoryLoader(shards / "mix", BATCH, 0, 1, seed=0, image_size=size, device=device)
         rows.append(Row(f"image size {size}: device-resident start-up, per 100k images",
                         (time.perf_counter() - started) / memory.num_samples * 1e5, "s"))
-        cfg = train_config(shards, work / "runs", "bf16", device, image_size=size)
+        cfg = train_config(shards, work / "runs", "bf16", device, image_size=size, batch=batch)
         rate = in_own_process(loop_alone, cfg, steps, device)
         flops = flops_per_image(cfg)
         rows.append(Row(f"image size {size}: trainer, bf16, {flops / 1e9:.2f} GFLOP an image",

@@ -234,12 +234,13 @@ def bench(
     rounds: Annotated[int, typer.Option(
         help="times each comparison's loops are timed in turn, the best of each kept (fewer: faster, "
              "noisier)", min=1)] = 5,
+    batch: Annotated[int, typer.Option(help="per-process batch of the training rows", min=1)] = 128,
     out: Annotated[Path, typer.Option(help="JSON to write")] = Path("bench/results/latest.json"),
 ) -> None:
     """Loader, trainer, prepare and process-count throughput, each against its baseline."""
     harness = _bench_module("harness")
     rows = harness.run_bench(images, steps, out, size or [32, 64, 96], images_from, process_steps,
-                             compile_rows, rounds)
+                             compile_rows, rounds, batch)
     typer.echo(harness.format_table(rows))
     typer.echo(f"wrote {out}")
 
