@@ -1,5 +1,5 @@
 """fp16's loss scaling: the updates it drops are counted, whatever the optimizer; bf16 on a CPU
-without fast bf16 kernels is named before it trains.
+or a GPU without fast bf16 kernels is named before it trains.
 
 fp16 runs on GPUs only; here a CPU GradScaler stands in for the one Accelerate
 makes there, through the same AcceleratedOptimizer and ``accelerator.backward``.
@@ -12,7 +12,7 @@ import torch
 from accelerate import Accelerator
 
 from pegasus_dist.config import Config
-from pegasus_dist.training.distributed import slow_bf16_warning
+from pegasus_dist.training.distributed import Hardware, slow_bf16_warning
 from pegasus_dist.training.optim import DroppedUpdates
 
 OVERFLOWS = (1, 3)  # the steps whose gradients are infinite
@@ -44,20 +44,24 @@ def test_every_update_dropped_by_the_loss_scaler_is_counted(fused):
     assert skipped_flags == ([False] * 5 if fused else [step in OVERFLOWS for step in range(5)])
 
 
-@pytest.mark.parametrize(("machine", "capability", "device", "precision", "warned"), [
-    ("x86_64", "AVX2", "cpu", "bf16", True),  # an AVX2 EPYC or laptop: 18 times slower than fp32
-    ("AMD64", "DEFAULT", "cpu", "bf16", True),  # Windows' name, a CPU without AVX2
-    ("x86_64", "AVX512", "cpu", "bf16", False),  # oneDNN's bf16 kernels
-    ("x86_64", "AVX2", "cpu", "no", False),
-    ("x86_64", "AVX2", "cuda", "bf16", False),  # the GPU computes, not the CPU
-    ("aarch64", "DEFAULT", "cpu", "bf16", False),  # not measured: no claim
+@pytest.mark.parametrize(("machine", "capability", "native_gpu", "device", "precision", "fix"), [
+    ("x86_64", "AVX2", False, "cpu", "bf16", "no"),  # an AVX2 EPYC or laptop: 18 times slower than fp32
+    ("AMD64", "DEFAULT", False, "cpu", "bf16", "no"),  # Windows' name, a CPU without AVX2
+    ("x86_64", "AVX512", False, "cpu", "bf16", None),  # oneDNN's bf16 kernels
+    ("x86_64", "AVX2", False, "cpu", "no", None),
+    ("aarch64", "DEFAULT", False, "cpu", "bf16", None),  # not measured: no claim
+    ("x86_64", "AVX2", False, "cuda", "bf16", "fp16"),  # a V100 or T4: bf16 emulated
+    ("x86_64", "AVX2", True, "cuda", "bf16", None),  # an A100 or H100, whatever the host CPU
+    ("x86_64", "AVX2", False, "cuda", "fp16", None),
 ])
-def test_bf16_on_a_cpu_without_avx512_is_named_with_the_fix(machine, capability, device, precision, warned):
+def test_bf16_without_fast_kernels_is_named_with_its_fix(machine, capability, native_gpu, device, precision,
+                                                         fix):
     cfg = Config.model_validate({"train": {"mixed_precision": precision}})
-    warning = slow_bf16_warning(cfg, torch.device(device), machine, capability)
-    if warned:
-        assert warning.startswith("train.mixed_precision=bf16 on a CPU without AVX-512 "
-                                  f"(torch reports {capability})")
-        assert warning.endswith("pass train.mixed_precision=no")
-    else:
+    warning = slow_bf16_warning(cfg, torch.device(device), Hardware(machine, capability, native_gpu))
+    if fix is None:
         assert warning is None
+    else:
+        where = f"a CPU without AVX-512 (torch reports {capability})" if device == "cpu" else \
+            "a GPU without native bf16"
+        assert warning.startswith(f"train.mixed_precision=bf16 on {where}")
+        assert warning.endswith(f"pass train.mixed_precision={fix}")

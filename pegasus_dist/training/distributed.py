@@ -10,6 +10,7 @@ import logging
 import os
 import platform
 import typing
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -76,26 +77,49 @@ def warn_if_launcher_precision_differs(cfg: Config) -> None:
                 "train.mixed_precision=%s from its config; %s", launcher, cfg.train.mixed_precision, fix)
 
 
-def slow_bf16_warning(cfg: Config, device: torch.device, machine: str, capability: str) -> str | None:
-    """A warning for bf16 on an x86 CPU without AVX-512 (``capability`` is torch's
-    ``get_cpu_capability()``: AVX2 or less), where oneDNN has no bf16 convolution kernels and falls
-    back to slow reference code; None elsewhere. The ETA alone (hours where minutes were expected)
-    says neither why nor what to change. Measured on a 2-core AMD EPYC with AVX2
-    (docs/performance.md): configs/reference trains 8 images/s in bf16 against 147 in fp32. CPUs
-    with AVX-512 but no native bf16 are not flagged: oneDNN converts bf16 there with AVX-512
-    instructions, and no such CPU was measured."""
-    if device.type != "cpu" or cfg.train.mixed_precision != "bf16":
+@dataclass(frozen=True)
+class Hardware:
+    """What decides whether bf16 is fast here, as torch reports it."""
+
+    machine: str  # platform.machine(): x86_64, AMD64, aarch64
+    cpu_capability: str  # torch.backends.cpu.get_cpu_capability(): AVX2, AVX512, ...
+    gpu_native_bf16: bool  # a GPU of compute capability 8.0 or newer (Ampere, Hopper)
+
+    @classmethod
+    def here(cls, device: torch.device) -> Hardware:
+        native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        return cls(platform.machine(), torch.backends.cpu.get_cpu_capability(), native)
+
+
+def slow_bf16_warning(cfg: Config, device: torch.device, hardware: Hardware) -> str | None:
+    """A warning for bf16 where it has no fast kernels; None elsewhere. The ETA alone (hours where
+    minutes were expected) says neither why nor what to change.
+
+    - A GPU before Ampere: Volta's and Turing's tensor cores take fp16, not bf16 (NVIDIA's
+      whitepapers), so torch emulates bf16 there; fp16 is that GPU's fast precision.
+    - An x86 CPU without AVX-512 (torch reports AVX2 or less): oneDNN has no bf16 convolution
+      kernels and falls back to reference code. Measured on a 2-core AMD EPYC with AVX2
+      (docs/performance.md): configs/reference trains 8 images/s in bf16 against 147 in fp32.
+      CPUs with AVX-512 but no native bf16 are not flagged: oneDNN converts bf16 there with
+      AVX-512 instructions, and no such CPU was measured.
+    """
+    if cfg.train.mixed_precision != "bf16":
         return None
-    if machine.lower() not in ("x86_64", "amd64") or capability.startswith("AVX512"):
+    if device.type == "cuda":
+        return None if hardware.gpu_native_bf16 else (
+            "train.mixed_precision=bf16 on a GPU without native bf16 (compute capability below 8.0: its "
+            "tensor cores take fp16, not bf16), so torch emulates it; pass train.mixed_precision=fp16")
+    x86 = hardware.machine.lower() in ("x86_64", "amd64")
+    if device.type != "cpu" or not x86 or hardware.cpu_capability.startswith("AVX512"):
         return None
-    return (f"train.mixed_precision=bf16 on a CPU without AVX-512 (torch reports {capability}): bf16 has "
-            "no fast convolution kernels here, and a step takes many times longer than in fp32 (18 times "
-            "for configs/reference on an AVX2 EPYC); pass train.mixed_precision=no")
+    return (f"train.mixed_precision=bf16 on a CPU without AVX-512 (torch reports {hardware.cpu_capability}): "
+            "bf16 has no fast convolution kernels here, and a step takes many times longer than in fp32 "
+            "(18 times for configs/reference on an AVX2 EPYC); pass train.mixed_precision=no")
 
 
 def warn_if_bf16_is_slow_here(cfg: Config, device: torch.device) -> None:
     """Log :func:`slow_bf16_warning` for this machine, if any."""
-    if warning := slow_bf16_warning(cfg, device, platform.machine(), torch.backends.cpu.get_cpu_capability()):
+    if warning := slow_bf16_warning(cfg, device, Hardware.here(device)):
         log.warning(warning)
 
 
