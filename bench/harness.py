@@ -169,9 +169,9 @@ def _loop_against_bare(cfg: Config, steps: int, device: torch.device, whole_epoc
     bare_step = _bare_step(cfg, device)
     # Rounds that alternate the two loops, and the best of each: a neighbour's
     # burst on a shared machine then slows both alike or neither.
-    rounds = [(loop_rate(trainer, WARMUP, steps, device),
-               cfg.data.batch_size * steps_per_second(bare_step, batches, device)) for _ in range(rounds)]
-    project, bare = (max(rates) for rates in zip(*rounds, strict=True))
+    timed = [(loop_rate(trainer, WARMUP, steps, device),
+              cfg.data.batch_size * steps_per_second(bare_step, batches, device)) for _ in range(rounds)]
+    project, bare = (max(rates) for rates in zip(*timed, strict=True))
     epoch = loop_rate(trainer, 0, len(trainer.loader), device) if whole_epoch else 0.0
     return _LoopRates(project, bare, epoch, trainer.loader.num_samples)
 
