@@ -17,7 +17,7 @@ from pegasus_dist.model.vae import VAE
 from pegasus_dist.training.loop import Trainer
 
 T = TypeVar("T")
-BATCH = 128  # per process: every loader row's, and the training rows' unless `bench --batch` says
+BATCH = 128  # per process, in every loader row (the training rows take `bench --batch`)
 WARMUP = 2  # untimed steps first: allocator, kernels, autotuning
 
 
