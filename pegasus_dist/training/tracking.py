@@ -14,9 +14,8 @@ import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import wandb
 from accelerate import Accelerator
 
 from pegasus_dist.config import Config
@@ -24,6 +23,9 @@ from pegasus_dist.errors import ConfigError
 from pegasus_dist.model.saved import resolve_checkpoint
 from pegasus_dist.training.faults import TrainingError, first_line
 from pegasus_dist.training.state import TrainState, read_state
+
+if TYPE_CHECKING:
+    import wandb
 
 log = logging.getLogger("pegasus_dist.training.tracking")
 
@@ -100,6 +102,8 @@ def _not_utf8(config: dict[str, Any], prefix: str = "") -> str | None:
 def _start(accelerator: Accelerator, cfg: Config, state: TrainState, config: dict[str, Any],
            mode: str) -> None:
     """wandb.init through Accelerate (main process only); offline instead when an online start fails."""
+    import wandb  # here, not at the top: ranks that log nothing, and runs with W&B off, skip its 0.5 s
+
     try:
         accelerator.init_trackers(cfg.wandb.project, config=config, init_kwargs={"wandb": {
             "mode": mode, "dir": str(cfg.run_dir.resolve()), "id": state.wandb_run_id,
@@ -154,6 +158,8 @@ class MetricsLog:
             return
 
         def send() -> None:  # wandb.Image copies each file into the run: a failure of W&B's too
+            import wandb
+
             run.log({f"{prefix}/{name}": wandb.Image(str(path), caption=captions[name])
                      for name, path in paths.items()}, step=step)
         self._to_wandb(step, send)
@@ -227,6 +233,8 @@ class MetricsLog:
 
 def _drop_wandb(accelerator: Accelerator) -> None:
     """End W&B's service and forget its tracker, after W&B failed; the caller says why."""
+    import wandb
+
     with contextlib.suppress(Exception):  # a service already gone fails its teardown the same way
         wandb.teardown()
     accelerator.trackers.clear()
