@@ -1,6 +1,8 @@
-"""CPU efficiency: torch.compile and channels_last against the bf16 eager trainer, and the CPU's bf16 peak.
+"""CPU efficiency: torch.compile and channels_last against the eager trainer, and the CPU's peak.
 
-The peak is cores x clock x bf16 FLOP per cycle and core:
+The trainer runs in bf16, or in fp32 where bf16 has no fast kernels
+(:func:`bench.measure.fast_precision`: an AVX2 CPU, whose peak is then its
+fp32 FMAs). The peak is cores x clock x FLOP per cycle and core:
 
 - cores: ``os.sched_getaffinity`` (the cores this process may run on);
 - clock: ``/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq`` where the
@@ -38,14 +40,23 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.measure import WARMUP, Row, flops_per_image, in_own_process, loop_rate, synchronize, train_config
+from bench.measure import (
+    WARMUP,
+    Row,
+    flops_per_image,
+    in_own_process,
+    label,
+    loop_rate,
+    synchronize,
+    train_config,
+)
 from pegasus_dist.config import Config
 from pegasus_dist.training.loop import Trainer
 
 log = logging.getLogger("bench.efficiency")
 CPUINFO = Path("/proc/cpuinfo")
 MAX_FREQ = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
-TARGET = 0.60  # issue 23: achieved bf16 at least 60 % of the CPU's bf16 peak
+TARGET = 0.60  # issue 23: achieved at least 60 % of the CPU's peak
 # Each names both settings: "eager" is NCHW, whatever the config's defaults are.
 VARIANTS = {"eager": {"channels_last": False}, "channels_last": {"channels_last": True},
             "compile": {"compile": True, "channels_last": False},
@@ -70,7 +81,7 @@ int main(void) {
 
 @dataclass(frozen=True)
 class Peak:
-    """The CPU's bf16 peak and how it was computed."""
+    """The CPU's peak (bf16, or fp32 without a bf16 dot product) and how it was computed."""
 
     cores: int
     ghz: float
@@ -103,12 +114,12 @@ def flop_per_cycle(cpuinfo: str) -> tuple[int, str]:
     return 8, "no FMA: fp32 SSE, a 4-wide multiply and add a cycle"
 
 
-def cpu_bf16_peak() -> Peak | None:
-    """This machine's bf16 peak: its flags, its clock, the cores this process may use; None (and
-    why, logged) off x86 Linux, where /proc/cpuinfo has no flags or clock to compute it from."""
+def cpu_peak() -> Peak | None:
+    """This machine's peak (:func:`flop_per_cycle`): its flags, its clock, the cores this process may
+    use; None (and why, logged) off x86 Linux, where /proc/cpuinfo has no flags or clock for it."""
     cpuinfo = CPUINFO.read_text() if CPUINFO.is_file() else ""
     if not _field(cpuinfo, "flags") or platform.machine() not in ("x86_64", "AMD64"):
-        log.warning("no x86 flags in %s: the rows against the CPU's bf16 peak are left out", CPUINFO)
+        log.warning("no x86 flags in %s: the rows against the CPU's peak are left out", CPUINFO)
         return None
     per_cycle, unit = flop_per_cycle(cpuinfo)
     ghz, clock_from = _clock_ghz(cpuinfo)
@@ -148,28 +159,29 @@ def _field(cpuinfo: str, name: str) -> str:
 
 
 def efficiency_rows(work: Path, steps: int, device: torch.device, compile_rows: bool,
-                    rounds: int, batch: int) -> list[Row]:
-    """The bf16 trainer of the paper model eager, channels_last and (``compile_rows``) compiled,
-    side by side; on the CPU also what each achieves of the CPU's bf16 peak, and why not more."""
-    cfgs = {name: train_config(work / "shards", work / "runs", "bf16", device, batch=batch, **settings)
+                    rounds: int, batch: int, precision: str) -> list[Row]:
+    """The trainer of the paper model in ``precision`` eager, channels_last and (``compile_rows``)
+    compiled, side by side; on the CPU also what each achieves of the CPU's peak, and why not more."""
+    cfgs = {name: train_config(work / "shards", work / "runs", precision, device, batch=batch, **settings)
             for name, settings in VARIANTS.items() if compile_rows or not settings.get("compile")}
     measured = in_own_process(_variant_rates, cfgs, steps, device, rounds)
     flops = flops_per_image(cfgs["eager"])
-    peak = cpu_bf16_peak() if device.type == "cpu" else None
+    peak = cpu_peak() if device.type == "cpu" else None
+    name = label(precision)
     rows = []
     if peak:
-        side, ceiling = _matmul_tflops()
-        rows += [Row(f"CPU bf16 peak: {peak.describe()}", peak.tflops, "TFLOP/s"),
-                 Row(f"  bf16 matmul ceiling, {side}^2, {torch.get_num_threads()} threads",
+        side, ceiling = _matmul_tflops(torch.bfloat16 if precision == "bf16" else torch.float32)
+        rows += [Row(f"CPU {name} peak: {peak.describe()}", peak.tflops, "TFLOP/s"),
+                 Row(f"  {name} matmul ceiling, {side}^2, {torch.get_num_threads()} threads",
                      ceiling, "TFLOP/s", peak.tflops)]
     eager = measured.rates["eager"]
-    for name, rate in measured.rates.items():
-        rows.append(Row(f"trainer, paper model, bf16, {name}", rate, "images/s",
-                        None if name == "eager" else eager))
+    for variant, rate in measured.rates.items():
+        rows.append(Row(f"trainer, paper model, {name}, {variant}", rate, "images/s",
+                        None if variant == "eager" else eager))
         if peak:
-            rows.append(Row(f"  achieved bf16 of the CPU's peak, {name}", rate * flops / 1e12,
+            rows.append(Row(f"  achieved {name} of the CPU's peak, {variant}", rate * flops / 1e12,
                             "TFLOP/s", peak.tflops, TARGET, WHY))
-    rows.append(Row("  share of an eager bf16 step outside convolutions and matmuls (profiler)",
+    rows.append(Row(f"  share of an eager {name} step outside convolutions and matmuls (profiler)",
                     100 * measured.outside_gemm, "%"))
     if peak:
         rows.append(Row("  achieved inside the convolutions and matmuls alone, eager (profiler)",
@@ -187,7 +199,7 @@ class _Variants:
 def _variant_rates(cfgs: dict[str, Config], steps: int, device: torch.device, rounds: int) -> _Variants:
     """In its own process (:func:`in_own_process`): each variant's trainer, timed in turn.
 
-    All in one process (one precision, bf16) and in alternating rounds, the best
+    All in one process (one precision) and in alternating rounds, the best
     of each kept: a neighbour's burst on a shared machine then slows every
     variant alike or none. Compiling happens in the warm-up, before any timing.
     """
@@ -220,17 +232,17 @@ MATMUL_SIDE = 2048  # the largest matmul of the ceiling; smaller where one takes
 MATMUL_SECONDS = 0.05
 # The operators that do a convolution's or a linear layer's arithmetic (forward and backward).
 GEMM = re.compile(r"conv|mm$|matmul|linear", re.IGNORECASE)
-WHY = ("see the matmul ceiling (what oneDNN's bf16 GEMM reaches here) and the share of a step "
+WHY = ("see the matmul ceiling (what oneDNN's GEMM reaches here) and the share of a step "
        "outside convolutions and matmuls: elementwise, normalization, loss and Adam at memory speed")
 
 
-def _matmul_tflops(repeats: int = 5) -> tuple[int, float]:
-    """The side and best bf16 rate of a large matmul on all of torch's threads: what a GEMM can
-    reach here. The side doubles from 256 to MATMUL_SIDE while one product takes under
-    MATMUL_SECONDS: where bf16 has no fast kernels (an AVX2 CPU) a 2048^2 product takes a minute."""
+def _matmul_tflops(dtype: torch.dtype, repeats: int = 5) -> tuple[int, float]:
+    """The side and best rate of a large matmul in ``dtype`` on all of torch's threads: what a GEMM
+    can reach here. The side doubles from 256 to MATMUL_SIDE while one product takes under
+    MATMUL_SECONDS: where bf16 has no fast kernels (an AVX2 CPU) a bf16 2048^2 product takes a minute."""
     side = 256
     while True:
-        a, b = (torch.randn(side, side, dtype=torch.bfloat16) for _ in range(2))
+        a, b = (torch.randn(side, side, dtype=dtype) for _ in range(2))
         fastest = min(_product_seconds(a, b) for _ in range(repeats))
         if side >= MATMUL_SIDE or fastest > MATMUL_SECONDS:
             return side, 2 * side**3 / fastest / 1e12

@@ -13,11 +13,15 @@ is one:
   (same model, batch and precision, batches already in memory), in fp32 and
   bf16, the FLOPs it achieves, and the paper's whole recipe extrapolated
   from one measured epoch;
-- the bf16 trainer eager, with channels_last and (opt-in) torch.compile, and
-  on the CPU what each achieves of the CPU's bf16 peak (bench/efficiency.py);
+- the trainer eager, with channels_last and (opt-in) torch.compile, and
+  on the CPU what each achieves of the CPU's peak (bench/efficiency.py);
 - 1 process against 2 gloo processes through ``accelerate launch``;
 - how prepare, streaming, the device-resident start-up and training scale
   with the image side (32, 64, 96).
+
+The whole epoch, the efficiency rows and the scaling rows train in bf16, the
+recipe's precision, except where bf16 has no fast kernels (an AVX2 CPU,
+:func:`bench.measure.fast_precision`): there in fp32, as a user would.
 
 Each row with a target is reported as measured/target. The tests check that
 the harness runs and reports; no test asserts a speed.
@@ -48,8 +52,10 @@ from bench.measure import (
     BATCH,
     WARMUP,
     Row,
+    fast_precision,
     flops_per_image,
     in_own_process,
+    label,
     loop_alone,
     loop_rate,
     steps_per_second,
@@ -95,10 +101,11 @@ def run_bench(images: int, steps: int, out: Path, sizes: list[int], images_from:
         log.info("bench images: %d from %s on %s", len(pixels), origin, device)
         rows += _prepare_rows(pixels, labels, work)
         rows += loader_rows(work, device)
-        rows += _trainer_rows(work, steps, device, rounds, batch)
-        rows += efficiency_rows(work, steps, device, compile_rows, rounds, batch)
+        fast = fast_precision(device)
+        rows += _trainer_rows(work, steps, device, rounds, batch, fast)
+        rows += efficiency_rows(work, steps, device, compile_rows, rounds, batch, fast)
         rows += _process_rows(work, process_steps)
-        rows += _scaling_rows(pixels, labels, work, sizes, max(2, steps // 4), device, batch)
+        rows += _scaling_rows(pixels, labels, work, sizes, max(2, steps // 4), device, batch, fast)
     _write(rows, out, origin, device)
     return rows
 
@@ -131,22 +138,22 @@ def _prepare_per_core(archive: Path, count: int, out: Path, image_size: int, sha
     return count / (time.perf_counter() - started) / (os.cpu_count() or 1)
 
 
-def _trainer_rows(work: Path, steps: int, device: torch.device, rounds: int, batch: int) -> list[Row]:
-    """The project's loop against a bare one in fp32 and bf16, and a whole bf16 epoch."""
+def _trainer_rows(work: Path, steps: int, device: torch.device, rounds: int, batch: int,
+                  fast: str) -> list[Row]:
+    """The project's loop against a bare one in fp32 and bf16, and a whole epoch in ``fast``."""
     rows = []
     for precision in ("no", "bf16"):
-        label = "fp32" if precision == "no" else precision
         cfg = train_config(work / "shards", work / "runs", precision, device, batch=batch)
-        rates = in_own_process(_loop_against_bare, cfg, steps, device, precision == "bf16", rounds)
+        rates = in_own_process(_loop_against_bare, cfg, steps, device, precision == fast, rounds)
         flops = flops_per_image(cfg)
         rows += [
-            Row(f"trainer vs bare loop, paper model, {label}, batch {batch}", rates.project,
+            Row(f"trainer vs bare loop, paper model, {label(precision)}, batch {batch}", rates.project,
                 "images/s", rates.bare, 0.95, "the loop's own work (noise, loss sums, progress "
                 "bar) shows beside the device's at this model size"),
-            Row(f"  achieved, {label}", rates.project * flops / 1e12, "TFLOP/s"),
+            Row(f"  achieved, {label(precision)}", rates.project * flops / 1e12, "TFLOP/s"),
         ]
         if rates.epoch:
-            rows += _recipe_rows(rates.epoch, rates.epoch_images, device)
+            rows += _recipe_rows(rates.epoch, rates.epoch_images, device, label(precision))
     return rows + _adam_rows(device)
 
 
@@ -190,9 +197,9 @@ def _adam_rows(device: torch.device) -> list[Row]:
                 rates[False])]
 
 
-def _recipe_rows(rate: float, epoch_images: int, device: torch.device) -> list[Row]:
+def _recipe_rows(rate: float, epoch_images: int, device: torch.device, precision: str) -> list[Row]:
     """A whole epoch's rate, and the paper's recipe extrapolated from it."""
-    rows = [Row(f"  one whole epoch ({epoch_images:,} images), bf16", rate, "images/s"),
+    rows = [Row(f"  one whole epoch ({epoch_images:,} images), {precision}", rate, "images/s"),
             Row(f"  paper recipe ({PAPER_RECIPE_IMAGES / 1e6:.1f}M image-steps) at that rate",
                 PAPER_RECIPE_IMAGES / rate / 60, "minutes")]
     if device.type == "cuda":  # the issue's aim on one H100: the recipe in under 10 minutes
@@ -246,7 +253,7 @@ def _process_rows(work: Path, steps: int) -> list[Row]:
 
 
 def _scaling_rows(pixels: np.ndarray, labels: list[int], work: Path, sizes: list[int],
-                  steps: int, device: torch.device, batch: int) -> list[Row]:
+                  steps: int, device: torch.device, batch: int, fast: str) -> list[Row]:
     """How each cost grows with the image side: the same images, upscaled by prepare."""
     count = min(len(pixels), SCALING_IMAGES)
     archive = write_cifar10_archive(pixels[:count], labels[:count], work / "scaling.tar.gz")
@@ -261,10 +268,10 @@ def _scaling_rows(pixels: np.ndarray, labels: list[int], work: Path, sizes: list
         memory = MemoryLoader(shards / "mix", BATCH, 0, 1, seed=0, image_size=size, device=device)
         rows.append(Row(f"image size {size}: device-resident start-up, per 100k images",
                         (time.perf_counter() - started) / memory.num_samples * 1e5, "s"))
-        cfg = train_config(shards, work / "runs", "bf16", device, image_size=size, batch=batch)
+        cfg = train_config(shards, work / "runs", fast, device, image_size=size, batch=batch)
         rate = in_own_process(loop_alone, cfg, steps, device)
         flops = flops_per_image(cfg)
-        rows.append(Row(f"image size {size}: trainer, bf16, {flops / 1e9:.2f} GFLOP an image",
+        rows.append(Row(f"image size {size}: trainer, {label(fast)}, {flops / 1e9:.2f} GFLOP an image",
                         rate, "images/s"))
     return rows
 

@@ -14,6 +14,7 @@ import torch
 
 from pegasus_dist.config import Config, validated
 from pegasus_dist.model.vae import VAE
+from pegasus_dist.training.distributed import Hardware, slow_bf16_warning
 from pegasus_dist.training.loop import Trainer
 
 T = TypeVar("T")
@@ -46,6 +47,19 @@ def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work, so that a timing covers it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def fast_precision(device: torch.device) -> str:
+    """The precision of the rows that time how fast the recipe trains here: bf16, unless the trainer's
+    own check says bf16 has no fast kernels on this machine (an AVX2 CPU: 18 times fp32's step), where
+    a user trains in fp32 (``no``), as the trainer's warning tells them to."""
+    bf16 = validated(Config, {"train": {"mixed_precision": "bf16"}})
+    return "no" if slow_bf16_warning(bf16, device, Hardware.here(device)) else "bf16"
+
+
+def label(precision: str) -> str:
+    """How a row names ``train.mixed_precision``: fp32 for ``no``."""
+    return "fp32" if precision == "no" else precision
 
 
 def train_config(shards: Path, runs: Path, precision: str, device: torch.device,
