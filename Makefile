@@ -32,8 +32,11 @@ lint: $(STAMP)
 check: lint
 	$(VENV)/bin/pytest -m "$(FAST_TIER)" --durations=10
 
+# Three workers on two cores: a test's processes also wait (collective timeouts, SLURM's
+# scheduler, signals), and a third worker fills that time. On the 2-core AVX2 EPYC: two
+# workers kept 1.70 cores busy (688 s), three 1.83 (605-618 s), four 1.85 but 655 s.
 test: lint
-	$(VENV)/bin/pytest -n 2 --dist loadfile -rsP --durations=15  # -rsP: skip reasons, and what passing tests printed (SLURM job ids)
+	$(VENV)/bin/pytest -n 3 --dist loadfile -rsP --durations=15  # -rsP: skip reasons, and what passing tests printed (SLURM job ids)
 
 clean:
 	rm -rf runs shards/smoke wandb

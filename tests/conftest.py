@@ -9,7 +9,7 @@ Tiers (pyproject's markers; README "Tests"):
 - ``slurm``: it needs the one-node SLURM cluster.
 
 ``make check`` runs the tests with none of these marks; ``make test`` runs all.
-``make test`` runs the files on two pytest-xdist workers (``--dist loadfile``): the
+``make test`` runs the files on three pytest-xdist workers (``--dist loadfile``): the
 work every test shares (shard sets, the classifier, trained runs) is made once per
 pytest run, under a file lock, whichever worker asks first (:func:`_made_once`).
 
@@ -45,7 +45,7 @@ from pegasus_dist.data.prepare import prepare
 
 FULL_TIER = ("process", "slow", "slurm")
 
-# One thread per process: two workers share two cores, and threads that outnumber
+# One thread per process: three workers share two cores, and threads that outnumber
 # the cores spin in OpenMP's barriers (a tiny-model step 100x slower); the runs'
 # processes inherit it. The tiny model's steps are too small to split anyway.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
