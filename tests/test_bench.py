@@ -80,12 +80,12 @@ def test_the_measured_clock_is_within_a_factor_of_two_of_the_nominal_one():
 
 
 @pytest.mark.process
-@pytest.mark.timeout(600)  # about 1 minute on an AVX2 CPU, where bf16 is slowest (5x the margin)
+@pytest.mark.timeout(600)  # about 1 minute on an AVX2 CPU, where bf16 is slowest (6x the margin)
 def test_the_harness_measures_each_row_against_the_baseline_of_the_same_run(tmp_path):
     out = tmp_path / "bench.json"
-    # Batch 16: a bf16 step of the paper model costs 18 times fp32's on a CPU without AVX-512.
+    # Batch 8: a bf16 step of the paper model costs 18 times fp32's on a CPU without AVX-512.
     rows = run_bench(images=300, steps=1, out=out, sizes=[32], images_from="synthetic",
-                     process_steps=6, compile_rows=False, rounds=1, batch=16)
+                     process_steps=6, compile_rows=False, rounds=1, batch=8)
     # The epoch, efficiency and scaling rows train as a user here would: bf16 unless it is slow here.
     fast = label(fast_precision(torch.device("cpu")))
     saved = json.loads(out.read_text())
@@ -97,8 +97,8 @@ def test_the_harness_measures_each_row_against_the_baseline_of_the_same_run(tmp_
         "prepare from the CIFAR-10 archive, per core",
         "loader: stream, 1 worker(s)", "loader: stream, 2 worker(s)", "loader: device-resident",
         "device-resident start-up, per 100k images",
-        "trainer vs bare loop, paper model, fp32, batch 16",
-        "trainer vs bare loop, paper model, bf16, batch 16",
+        "trainer vs bare loop, paper model, fp32, batch 8",
+        "trainer vs bare loop, paper model, bf16, batch 8",
         f"  achieved {fast} of the CPU's peak, eager", f"  achieved {fast} of the CPU's peak, channels_last",
     ])
     # The efficiency rows: channels_last against eager of the same run; compile only with --compile.
@@ -117,7 +117,7 @@ def test_the_harness_measures_each_row_against_the_baseline_of_the_same_run(tmp_
         assert row["unit"] == "images/s" and row["value"] > 0 and row["baseline"] == baseline > 0
         assert row["measured"] == pytest.approx(row["value"] / baseline)  # the ratio the table prints
     # Both precisions were measured, each in its own process (accelerate allows one per process).
-    fp32, bf16 = (by_name[f"trainer vs bare loop, paper model, {p}, batch 16"] for p in ("fp32", "bf16"))
+    fp32, bf16 = (by_name[f"trainer vs bare loop, paper model, {p}, batch 8"] for p in ("fp32", "bf16"))
     assert fp32["baseline"] > 0 and bf16["baseline"] > 0
     assert any(name.startswith(f"image size 32: trainer, {fast}") for name in by_name)
     assert any(name.startswith("  one whole epoch (") and name.endswith(f"), {fast}") for name in by_name)
