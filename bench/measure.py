@@ -49,12 +49,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def fast_precision(device: torch.device) -> str:
-    """The precision of the rows that time how fast the recipe trains here: bf16, unless the trainer's
-    own check says bf16 has no fast kernels on this machine (an AVX2 CPU: 18 times fp32's step), where
-    a user trains in fp32 (``no``), as the trainer's warning tells them to."""
+def fast_precision(device: torch.device, hardware: Hardware | None = None) -> str:
+    """The precision of the rows that time how fast the recipe trains on ``hardware`` (this machine's
+    when None): bf16, unless the trainer's own check says bf16 has no fast kernels there (an AVX2 CPU:
+    18 times fp32's step), where a user trains in fp32 (``no``), as the trainer's warning says to."""
     bf16 = validated(Config, {"train": {"mixed_precision": "bf16"}})
-    return "no" if slow_bf16_warning(bf16, device, Hardware.here(device)) else "bf16"
+    return "no" if slow_bf16_warning(bf16, device, hardware or Hardware.here(device)) else "bf16"
 
 
 def label(precision: str) -> str:

@@ -18,6 +18,7 @@ from bench.measure import fast_precision, label
 from bench.profile_step import StepProfile, waits_us, with_device_work
 from bench.profile_step import main as profile_main
 from bench.sync_debug import main as sync_debug_main
+from pegasus_dist.training.distributed import Hardware
 
 ZEN4 = "vendor_id\t: AuthenticAMD\ncpu family\t: 25\nflags\t\t: fpu fma avx2 avx512f avx512_bf16\n"
 
@@ -51,6 +52,17 @@ def test_the_table_marks_a_missed_target_and_says_why():
         "- small: not met: GEMM",
         "- start-up: not met: hashing",
     ]
+
+
+@pytest.mark.parametrize(("device", "capability", "native_gpu", "precision"), [
+    ("cpu", "AVX2", False, "no"),  # bf16 18 times slower than fp32: the rows train as a user there would
+    ("cpu", "AVX512", False, "bf16"),  # oneDNN's bf16 kernels
+    ("cuda", "AVX2", True, "bf16"),  # an A100 or H100, whatever the host CPU
+    ("cuda", "AVX2", False, "no"),  # a V100 or T4: bf16 emulated
+])
+def test_the_timed_rows_train_in_bf16_only_where_it_is_fast(device, capability, native_gpu, precision):
+    assert fast_precision(torch.device(device), Hardware("x86_64", capability, native_gpu)) == precision
+    assert label(precision) == {"no": "fp32", "bf16": "bf16"}[precision]
 
 
 def test_the_bf16_peak_per_cycle_follows_the_flags_and_the_vendor():
