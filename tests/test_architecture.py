@@ -127,8 +127,9 @@ def test_the_checks_see_what_they_check():
 
 @pytest.mark.process
 def test_a_rank_starts_without_importing_torchvision_or_wandb():
-    """torchvision's import brings torch._dynamo: 2 s of every rank's and command's start-up on 2 cores
-    (the training loop's imports: 4.7 s with it, 2.7 s without). Only the grids' PNGs and the official
+    """torchvision's import brings torch._dynamo: 2 s of a command's start-up on 2 cores (the training
+    loop's imports: 4.7 s with it, 2.7 s without; a training rank loads torch._dynamo later all the
+    same, when torch's Optimizer takes its parameters). Only the grids' PNGs and the official
     archives' md5 use it, and import it where they do. wandb (0.5 s) is imported by the process that
     starts a W&B run, not by the other ranks or a run with W&B off."""
     code = ("import sys\n"
