@@ -153,7 +153,7 @@ def _trainer_rows(work: Path, steps: int, device: torch.device, rounds: int, bat
             Row(f"  achieved, {label(precision)}", rates.project * flops / 1e12, "TFLOP/s"),
         ]
         if rates.epoch:
-            rows += _recipe_rows(rates.epoch, rates.epoch_images, device, label(precision))
+            rows += _recipe_rows(rates.epoch, rates.epoch_images, device, precision)
     return rows + _adam_rows(device)
 
 
@@ -198,8 +198,9 @@ def _adam_rows(device: torch.device) -> list[Row]:
 
 
 def _recipe_rows(rate: float, epoch_images: int, device: torch.device, precision: str) -> list[Row]:
-    """A whole epoch's rate, and the paper's recipe extrapolated from it."""
-    rows = [Row(f"  one whole epoch ({epoch_images:,} images), {precision}", rate, "images/s"),
+    """A whole epoch's rate in ``precision`` (``train.mixed_precision``), and the paper's recipe
+    extrapolated from it."""
+    rows = [Row(f"  one whole epoch ({epoch_images:,} images), {label(precision)}", rate, "images/s"),
             Row(f"  paper recipe ({PAPER_RECIPE_IMAGES / 1e6:.1f}M image-steps) at that rate",
                 PAPER_RECIPE_IMAGES / rate / 60, "minutes")]
     if device.type == "cuda":  # the issue's aim on one H100: the recipe in under 10 minutes
