@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pegasus_dist.data.shards import ShardSet
 from pegasus_dist.errors import DataError
 
 HEADER = 20  # pixels of title above each label's section
@@ -29,6 +28,10 @@ def contact_sheet(shard_set: str | Path, out: str | Path, labels: tuple[str, ...
                   per_label: int = PER_LABEL, columns: int = 8, tile: int = 128,
                   seed: int = SEED) -> tuple[Path, Path]:
     """Write ``out`` (PNG) and ``out`` with .json: the chosen keys by label, in tile order."""
+    # Imported here: the shards' reader loads torch (3 s), and the CLI reads this module's
+    # defaults for every command's --help.
+    from pegasus_dist.data.shards import ShardSet
+
     shards = ShardSet(shard_set)
     rng = np.random.default_rng(seed)
     chosen = {}
