@@ -150,6 +150,28 @@ def test_image_folder_with_splits_from_a_directory_and_a_tarball(tmp_path):
     assert np.array_equal(from_tar.images, src.images) and from_tar.labels == src.labels
 
 
+def _png(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_an_archive_read_in_one_pass_keeps_each_image_to_the_byte(tmp_path):
+    """Images already at the size, in RGB, are taken as they are; a grey one is still made RGB; a
+    member added to the archive twice (``tar -r``) is one image, the copy added last."""
+    rgb, grey = cifar_image(7), np.arange(32 * 32, dtype=np.uint8).reshape(32, 32)
+    archive = tmp_path / "a.tar"
+    with tarfile.open(archive, "w") as tar:
+        add_member(tar, "horse/a.png", _png(np.zeros_like(rgb)))
+        add_member(tar, "horse/b.png", _png(grey))
+    with tarfile.open(archive, "a") as tar:
+        add_member(tar, "horse/a.png", _png(rgb))
+    src = read_image_folder(archive)
+    assert src.labels == ["horse", "horse"] and src.images.shape == (2, 32, 32, 3)
+    assert np.array_equal(src.images[0], rgb)  # the later copy, pixel for pixel
+    assert np.array_equal(src.images[1], np.repeat(grey[..., None], 3, axis=2))
+
+
 def test_image_folder_without_splits_and_its_errors(tmp_path):
     write_folder(tmp_path / "imgs", {"horse": [(40, 40)]})
     assert read_image_folder(tmp_path / "imgs").splits == ["train"]

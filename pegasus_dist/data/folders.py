@@ -13,6 +13,7 @@ import posixpath
 import re
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,14 +43,14 @@ def read_image_folder(path: str | Path, image_size: int = 32) -> SourceImages:
     if not path.exists():
         raise DataError(f"image folder {path} does not exist; expected {path}/<class>/*.png|jpg "
                         "or a .tar.gz with that layout")
-    every = _archive_files(path) if path.is_file() else _directory_files(path)
-    files = sorted(f for f in every if Path(f).suffix.lower() in IMAGE_SUFFIXES)
+    every, read = _archive_files(path) if path.is_file() else _directory_files(path)
+    files = sorted(f for f in every if _is_image(f))
     _warn_unread(path, sorted(set(every) - set(files)))
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {path}; expected "
                         f"{path}/<class>/*.png|jpg or {path}/<train|test>/<class>/*")
     splits, labels, names = zip(*_classify(files, path), strict=True)
-    images = np.stack([_load_image(data, where, image_size) for where, data in _read_files(path, names)])
+    images = np.stack([_load_image(data, where, image_size) for where, data in map(read, names)])
     stem = re.sub(r"\.(tar\.gz|tgz|tar)$", "", path.name)  # an archive's name without its suffix
     name = "folder_" + (re.sub(r"[^A-Za-z0-9]+", "_", stem).strip("_").lower() or "images")
     return SourceImages(name, images, list(labels), list(splits), str(path.resolve()))
@@ -66,22 +67,41 @@ def _warn_unread(root: Path, unread: list[str]) -> None:
                 "/".join(s.lstrip(".") for s in IMAGE_SUFFIXES), kinds, shown)
 
 
-def _directory_files(root: Path) -> list[str]:
-    return [p.relative_to(root).as_posix() for p in root.rglob("*")
-            if p.is_file() and not p.name.startswith(".")]
+# A folder's files, and how to read one of them by name: (where, bytes).
+Files = tuple[list[str], Callable[[str], tuple[str, bytes]]]
 
 
-def _archive_files(archive: Path) -> list[str]:
-    """The archive's files, less those named outside it (``../x.jpg``, ``/abs/x.jpg``: skipped
-    with one warning), which would also hide the top folder that wraps the real images."""
+def _directory_files(root: Path) -> Files:
+    names = [p.relative_to(root).as_posix() for p in root.rglob("*")
+             if p.is_file() and not p.name.startswith(".")]
+    return names, lambda name: (str(root / name), (root / name).read_bytes())
+
+
+def _is_image(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_SUFFIXES
+
+
+def _archive_files(archive: Path) -> Files:
+    """The archive's files and the bytes of its images, read in one pass (a .tar.gz is
+    decompressed once). Files named outside it (``../x.jpg``, ``/abs/x.jpg``) are skipped with
+    one warning: they would also hide the top folder that wraps the real images."""
+    names, contents = [], {}
     with open_tar(archive) as tar:
-        names = [m.name for m in tar if m.isfile() and not Path(m.name).name.startswith(".")]
+        for member in tar:
+            if member.isfile() and not Path(member.name).name.startswith("."):
+                names.append(member.name)
+                if _is_image(member.name):
+                    contents[member.name] = tar.extractfile(member).read()
+    names = list(dict.fromkeys(names))  # a member added twice (tar -r) is read once: its last copy
     outside = [n for n in names if n.startswith("/") or ".." in n.split("/")]
     if outside:
         shown = ", ".join(outside[:10]) + (f" and {len(outside) - 10} more" if len(outside) > 10 else "")
         log.warning("%s: skipping %d member(s) named outside the archive's folder: %s",
                     archive, len(outside), shown)
-    return [n for n in names if n not in outside]
+    skipped = set(outside)
+    inside = [n for n in names if n not in skipped]
+    # Each image's bytes are dropped once it is read: decoded, it takes their place.
+    return inside, lambda name: (f"{archive}:{name}", contents.pop(name))
 
 
 def _classify(files: list[str], root: Path) -> list[tuple[str, str, str]]:
@@ -105,16 +125,6 @@ def _classify(files: list[str], root: Path) -> list[tuple[str, str, str]]:
     return sorted(entries, key=lambda e: (SPLITS.index(e[0]), e[1], e[2]))
 
 
-def _read_files(root: Path, wanted: tuple[str, ...]) -> list[tuple[str, bytes]]:
-    """(where, bytes) of each file, in the order of ``wanted``; one pass over an archive."""
-    if root.is_dir():
-        return [(str(root / f), (root / f).read_bytes()) for f in wanted]
-    names = set(wanted)
-    with open_tar(root) as tar:
-        found = {m.name: tar.extractfile(m).read() for m in tar if m.isfile() and m.name in names}
-    return [(f"{root}:{name}", found[name]) for name in wanted]
-
-
 def _load_image(data: bytes, where: str, size: int) -> np.ndarray:
     """Decode, convert to RGB, resize the shorter side to ``size``, centre-crop a square."""
     too_big = (f"over the limit of {MAX_IMAGE_PIXELS:,} pixels for a source image; "
@@ -132,6 +142,8 @@ def _load_image(data: bytes, where: str, size: int) -> np.ndarray:
             if max(w, h) > MAX_ASPECT * min(w, h):
                 raise DataError(f"image {where} is {w}x{h}, longer than {MAX_ASPECT} times its width; "
                                 "crop it by hand or remove it")
+            if (w, h) == (size, size) and image.mode == "RGB":  # CIFAR-10's own: nothing to change
+                return np.asarray(image)
             # Crop first, then resize: no intermediate is larger than the image itself.
             side = min(w, h)
             left, top = (w - side) // 2, (h - side) // 2
