@@ -132,7 +132,7 @@ def test_a_rank_starts_without_importing_torchvision_or_wandb():
     same, when torch's Optimizer takes its parameters). Only the grids' PNGs and the official
     archives' md5 use it, and import it where they do. wandb (0.5 s) is imported by the process that
     starts a W&B run, not by the other ranks or a run with W&B off. The CLI loads torch only in a
-    command that needs it: `pegasus-dist --help` answered in 3.2 s with it, 0.5 s without."""
+    command that needs it: `pegasus-dist --help` answered in 3.2 s with it, 0.5-0.8 s without."""
     code = ("import sys\n"
             "def heavy(): return sorted(m for m in sys.modules if m in ('torch', 'torchvision', "
             "'torch._dynamo', 'wandb'))\n"
