@@ -39,6 +39,7 @@ import torch.distributed.distributed_c10d
 from filelock import FileLock
 from helpers import PIPELINE_STEPS, SMOKE, TINY_ARGS, Trained
 from processes import BIN, REPO, run_bounded
+from warm import WarmProcess
 
 from pegasus_dist.config import PrepareConfig, QualityConfig
 from pegasus_dist.data.prepare import prepare
@@ -94,6 +95,7 @@ _ENTRY_POINTS = [
     (os, "posix_spawn", "starts a process (os.posix_spawn)"),
     (os, "posix_spawnp", "starts a process (os.posix_spawnp)"),
     (os, "system", "starts a process (os.system)"),
+    (WarmProcess, "__init__", "starts a process (forked by the warm server of tests/warm.py)"),
     (multiprocessing.process.BaseProcess, "start",
      "starts a process (multiprocessing: a Pool, or DataLoader workers)"),
     (torch.distributed, "init_process_group", "creates a process group (init_process_group)"),

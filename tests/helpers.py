@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from processes import BIN, REPO, run_bounded
+from processes import BIN, REPO, popen, run_bounded
+from warm import WarmProcess
 
 from pegasus_dist.config import ModelConfig
 from pegasus_dist.data.shards import ShardSet
@@ -174,13 +175,12 @@ def launch(nproc: int, overrides: list[str], timeout: float = 300) -> str:
     return done.stdout
 
 
-def start(cmd: list[str]) -> subprocess.Popen:
+def start(cmd: list[str]) -> subprocess.Popen | WarmProcess:
     """``cmd`` running in its own process group (killable as a whole), output captured."""
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    return popen(cmd)
 
 
-def wait_until(condition: Callable[[], bool], proc: subprocess.Popen, timeout: float) -> None:
+def wait_until(condition: Callable[[], bool], proc: subprocess.Popen | WarmProcess, timeout: float) -> None:
     """Poll ``condition``; fail with ``proc``'s output if it ends first or time runs out."""
     deadline = time.monotonic() + timeout
     while not condition():

@@ -9,8 +9,26 @@ import subprocess
 import sys
 from pathlib import Path
 
+from warm import WarmProcess, warm_target
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+
+
+def popen(
+    cmd: list[str], env: dict[str, str] | None = None, cwd: Path = REPO
+) -> subprocess.Popen | WarmProcess:
+    """``cmd`` in a session of its own (killable as a whole), its stdout and stderr on one text pipe.
+
+    A Python script or a console script is forked from an interpreter that has imported torch
+    already (:mod:`warm`: seconds less per run); anything else starts as usual.
+    """
+    env = {**os.environ, **(env or {})}
+    argv = warm_target(cmd, cwd, env)
+    if argv is not None:
+        return WarmProcess(argv, cwd, env)
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
 
 
 def run_bounded(
@@ -21,10 +39,7 @@ def run_bounded(
     ``subprocess.run(timeout=...)`` kills only the direct child: the workers a
     launcher started would keep running (and keep a port) after a hang.
     """
-    proc = subprocess.Popen(
-        cmd, cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
+    proc = popen(cmd, env, cwd)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -33,7 +33,7 @@ from helpers import (
     training_steps,
     wait_until,
 )
-from processes import BIN, REPO, free_port, machine_env, run_bounded
+from processes import BIN, REPO, free_port, machine_env, popen, run_bounded
 from safetensors.torch import load_file
 
 from pegasus_dist.config import PrepareConfig, load_config
@@ -271,11 +271,10 @@ def test_a_rank_that_stalls_is_named_by_the_survivor_within_the_timeout(smoke_sh
     the stopped rank (SIGTERM, and SIGKILL 30 s later, a wait torch does not let a launch shorten)."""
     port, procs = free_port(), []
     for rank in (0, 1):
-        procs.append(subprocess.Popen(
+        procs.append(popen(
             [sys.executable, TRAIN, "--config", SMOKE,
              *tiny(smoke_shards, tmp_path, 50, "train.collective_timeout_s=20")],
-            env=os.environ | machine_env(rank, 2, port) | {"PEGASUS_FAULT": "kill:step=3:rank=1:signal=STOP"},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True))
+            env=machine_env(rank, 2, port) | {"PEGASUS_FAULT": "kill:step=3:rank=1:signal=STOP"}))
     started = time.monotonic()
     try:
         out, _ = procs[0].communicate(timeout=90)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from helpers import SMOKE, TINY_ARGS, error_lines, overrides
 from PIL import Image
-from processes import BIN, REPO, free_port, run_bounded
+from processes import BIN, REPO, free_port, popen, run_bounded
 
 from pegasus_dist.config import load_config
 from pegasus_dist.training.state import TrainState, is_complete
@@ -179,10 +179,8 @@ def cpu_limit_passed(pid: int) -> None:
     (lambda proc: cpu_limit_passed(proc.pid), "SIGXCPU"),  # then again, every CPU second
 ], ids=["SIGUSR1", "CPU-time limit"])
 def test_pegasus_dist_train_stopped_by_a_signal_exits_75(smoke_shards, tmp_path, stop, received):
-    proc = subprocess.Popen([str(BIN / "pegasus-dist"), "train", "--config", SMOKE,
-                             *overrides(smoke_shards, tmp_path, 100_000, "train.epochs=10000", *TINY_ARGS)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = popen([str(BIN / "pegasus-dist"), "train", "--config", SMOKE,
+                  *overrides(smoke_shards, tmp_path, 100_000, "train.epochs=10000", *TINY_ARGS)])
     metrics = tmp_path / "pretrain" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not metrics.exists() and proc.poll() is None and time.monotonic() < deadline:

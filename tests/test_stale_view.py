@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from helpers import SMOKE, Trained
-from processes import REPO, free_port, machine_env
+from processes import REPO, free_port, machine_env, popen
 
 from pegasus_dist.config import PrepareConfig
 from pegasus_dist.data.prepare import prepare
@@ -48,8 +48,7 @@ def two_machines(run: Trained, steps: int, stale: Path | None = None, real: Path
         if rank == 1 and stale:
             cmd = ["unshare", "-m", "sh", "-c", 'mount --bind "$1" "$2" && shift 2 && exec "$@"', "sh",
                    str(stale), str(real), *cmd]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True, start_new_session=True))
+        procs.append(popen(cmd, env=env))
     try:
         outputs = [proc.communicate(timeout=BOUND_S)[0] for proc in procs]
     finally:

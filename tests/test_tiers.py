@@ -5,10 +5,12 @@ from __future__ import annotations
 import multiprocessing
 import os
 import subprocess
+from pathlib import Path
 
 import conftest
 import pytest
 import torch.distributed
+from warm import WarmProcess
 
 
 class Item:
@@ -27,6 +29,7 @@ STARTS = {
     "subprocess": lambda: subprocess.run(["true"], check=True),
     "os.fork": lambda: os.fork(),
     "os.system": lambda: os.system("true"),
+    "warm server": lambda: WarmProcess(["script.py"], Path.cwd(), {}),
     "multiprocessing": lambda: multiprocessing.get_context("spawn").Process(target=print).start(),
     "init_process_group": lambda: torch.distributed.init_process_group("gloo", rank=0, world_size=1,
                                                                        init_method="tcp://127.0.0.1:1"),

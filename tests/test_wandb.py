@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 from helpers import PIPELINE_STEPS, TINY, TINY_ARGS, losses, metrics, training_steps
 from PIL import Image
-from processes import BIN, REPO, run_bounded
+from processes import BIN, REPO, popen, run_bounded
 
 pytestmark = pytest.mark.process  # real pegasus-dist runs, logging to W&B offline
 OFFLINE = {"WANDB_API_KEY": "", "WANDB_SILENT": "true"}
@@ -128,10 +127,8 @@ def test_a_run_killed_and_resumed_leaves_no_hole_in_the_wandb_history(smoke_shar
                       "train.checkpoint_every=8")
     run = tmp_path / "pretrain"
     # Slowed down (100 ms a step, same numbers) so that the kill lands mid-run, after step 13.
-    proc = subprocess.Popen([sys.executable, str(REPO / "pegasus_dist/train.py"), *args], cwd=REPO,
-                            env={**os.environ, **OFFLINE, "PEGASUS_FAULT": "slow:ms=100"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = popen([sys.executable, str(REPO / "pegasus_dist/train.py"), *args],
+                 env={**OFFLINE, "PEGASUS_FAULT": "slow:ms=100"})
     deadline = time.monotonic() + 120
     while not ((run / "metrics.jsonl").exists() and len(training_steps(run)) >= 13):
         assert proc.poll() is None, proc.stdout.read()[-4000:]

@@ -1,0 +1,73 @@
+"""The warm server's children behave as ``python SCRIPT ARGS`` does, in what the tests look at."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from processes import BIN, popen, run_bounded
+from warm import WarmProcess
+
+pytestmark = pytest.mark.process
+
+SCRIPT = """\
+import atexit, os, sys
+atexit.register(lambda: print("atexit ran", flush=True))
+print("argv", sys.argv[1:], "cwd", os.getcwd(), "env", os.environ.get("WARM_TEST"), flush=True)
+print("path0", sys.path[0] == os.path.dirname(os.path.abspath(__file__)), "main", __name__)
+if sys.argv[1] == "raise":
+    raise ValueError("from the script")
+if sys.argv[1] == "wait":
+    print("waiting", flush=True)
+    import time; time.sleep(60)
+sys.exit(int(sys.argv[1]))
+"""
+
+
+@pytest.fixture
+def script(tmp_path):
+    path = tmp_path / "script.py"
+    path.write_text(SCRIPT)
+    return path
+
+
+def test_a_warm_child_takes_argv_cwd_env_and_exits_as_python_would(script, tmp_path):
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    proc = popen([sys.executable, str(script), "3"], env={"WARM_TEST": "yes"}, cwd=cwd)
+    assert isinstance(proc, WarmProcess)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 3, out
+    assert out.splitlines() == [f"argv ['3'] cwd {cwd} env yes", "path0 True main __main__", "atexit ran"]
+
+    done = run_bounded([sys.executable, str(script), "raise"], timeout=60)
+    assert done.returncode == 1
+    assert done.stdout.splitlines()[-2:] == ["ValueError: from the script", "atexit ran"], done.stdout
+
+
+def test_a_warm_child_is_its_own_session_and_dies_by_the_signal_sent(script):
+    proc = popen([sys.executable, str(script), "wait"])
+    assert isinstance(proc, WarmProcess)
+    deadline = time.monotonic() + 60
+    while "waiting" not in proc.stdout.readline():
+        assert time.monotonic() < deadline
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait(timeout=0.2)
+    assert proc.poll() is None
+    assert os.getsid(proc.pid) == proc.pid  # killpg(proc.pid) ends it and all it started
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+
+
+def test_what_an_interpreter_reads_at_start_or_other_commands_start_fresh(script):
+    fresh = [popen([sys.executable, str(script), "0"], env={"OMP_NUM_THREADS": "2"}),
+             popen([sys.executable, "-c", "print('fresh')"])]
+    warm = popen([str(BIN / "pegasus-dist"), "--version"])
+    assert [type(proc) for proc in (*fresh, warm)] == [subprocess.Popen, subprocess.Popen, WarmProcess]
+    outputs = [proc.communicate(timeout=60)[0] for proc in (*fresh, warm)]
+    assert [proc.returncode for proc in (*fresh, warm)] == [0, 0, 0], outputs
+    assert outputs[2].startswith("pegasus-dist "), outputs[2]
