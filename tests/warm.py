@@ -113,7 +113,7 @@ def _become(request: dict, fds: list[int]) -> None:
 
 # --- the client, in the pytest worker --------------------------------------------------------------
 
-BIN = Path(sys.executable).parent
+BIN = Path(sys.executable).parent  # this environment's interpreter and console scripts
 
 
 def warm_target(cmd: list[str], cwd: Path, env: dict[str, str]) -> list[str] | None:
