@@ -32,6 +32,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -57,8 +58,7 @@ def _server_loop(path: str) -> tuple[dict, list[int]]:
     while os.getppid() == parent:
         if select.select([listener], [], [], 0.02)[0]:
             conn, _ = listener.accept()
-            message, ancillary, _, _ = conn.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(3 * 4))
-            fds = _fds_of(ancillary)
+            message, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST, 3)
             pid = os.fork()
             if pid == 0:
                 for other in (listener, conn, *waiting.values()):
@@ -70,12 +70,6 @@ def _server_loop(path: str) -> tuple[dict, list[int]]:
             waiting[pid] = conn
         _reap(waiting)
     raise SystemExit(0)
-
-
-def _fds_of(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
-    data = b"".join(data for level, kind, data in ancillary
-                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS)
-    return [int.from_bytes(data[i:i + 4], sys.byteorder, signed=True) for i in range(0, len(data), 4)]
 
 
 def _reap(waiting: dict[int, socket.socket]) -> None:
@@ -166,9 +160,7 @@ class WarmProcess:
             with open(os.devnull, "rb") as null:
                 self._conn.connect(str(_server()[0]))
                 request = json.dumps({"argv": argv, "cwd": str(cwd), "env": env}).encode()
-                fds = [null.fileno(), write, write]
-                self._conn.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds))])
+                socket.send_fds(self._conn, [request], [null.fileno(), write, write])
             self.pid = int(self._conn.recv(64))
             self._conn.settimeout(None)  # from here on select() bounds every wait
         finally:
@@ -219,7 +211,7 @@ class WarmProcess:
         self._conn.close()
 
 
-_LOG = Path(os.environ.get("TMPDIR", "/tmp")) / f"pegasus-warm-{os.getpid()}.log"
+_LOG = Path(tempfile.gettempdir()) / f"pegasus-warm-{os.getpid()}.log"
 
 
 @functools.cache
