@@ -9,10 +9,10 @@ streams, starts a session of its own and runs the script as ``python SCRIPT ARGS
 exception, death by signal). It is a real process: signals, process groups, ``/proc`` and the
 exit status are its own.
 
-What a fork cannot change is what the interpreter read at its start. Such runs
-(other interpreter flags, other ``PYTHON*``, OpenMP or loader variables) start fresh; so does
-every command that is not a Python script or a console script of this environment
-(:func:`warm_target`). ``PEGASUS_TESTS_FRESH=1`` starts every process fresh.
+What a fork cannot change is what the interpreter read at its start. Such runs (other
+interpreter flags, other ``PYTHON*``, OpenMP or loader variables) start fresh; so does every
+command that is not a Python script or ``pegasus-dist`` (:func:`warm_target`).
+``PEGASUS_TESTS_FRESH=1`` starts every process fresh.
 
 Run as ``python tests/warm.py SOCKET``: the server. Imported: the client, :class:`WarmProcess`.
 """
@@ -113,10 +113,10 @@ BIN = Path(sys.executable).parent  # this environment's interpreter and console 
 def warm_target(cmd: list[str], cwd: Path, env: dict[str, str]) -> list[str] | None:
     """``sys.argv`` of the script that ``cmd`` runs, if a warm fork can run it; else None.
 
-    Two shapes qualify: ``python SCRIPT.py ARGS`` (no interpreter flags) and a console script
-    of this environment (``.venv/bin/pegasus-dist ARGS``, ``.venv/bin/accelerate launch ...``;
-    the processes a launcher starts are its own, fresh), in an environment that agrees with
-    the server's on everything read at start-up.
+    Two shapes qualify: ``python SCRIPT.py ARGS`` (no interpreter flags) and the project's
+    console script (``.venv/bin/pegasus-dist ARGS``), in an environment that agrees with the
+    server's on everything read at start-up. Launchers (``accelerate launch``, torchrun) start
+    fresh: they supervise and signal the ranks, and forking them measured no faster.
     """
     if os.environ.get("PEGASUS_TESTS_FRESH") == "1":
         return None
@@ -128,16 +128,12 @@ def warm_target(cmd: list[str], cwd: Path, env: dict[str, str]) -> list[str] | N
 
 def _script_argv(cmd: list[str], cwd: Path) -> list[str] | None:
     program = Path(cmd[0])
-    if program.parent != BIN:
-        return None
-    if program.name.startswith("python"):
-        script = cwd / cmd[1] if len(cmd) > 1 else None
-        return cmd[1:] if script and script.suffix == ".py" and script.is_file() else None
-    if not program.is_file():
-        return None
-    with open(program, "rb") as head:  # a console script (pegasus-dist, accelerate) of this environment?
-        interpreter = Path(head.readline().removeprefix(b"#!").strip().decode(errors="replace"))
-    return list(cmd) if interpreter.parent == BIN and interpreter.name.startswith("python") else None
+    if program == BIN / "pegasus-dist":
+        return list(cmd)
+    if program.parent == BIN and program.name.startswith("python") and len(cmd) > 1:
+        script = cwd / cmd[1]
+        return cmd[1:] if script.suffix == ".py" and script.is_file() else None
+    return None
 
 
 def _differs_at_start(env: dict[str, str], server_env: dict[str, str]) -> bool:
