@@ -3,7 +3,6 @@ the device-resident start-up (one process, two at once, and decoding the tars)."
 
 from __future__ import annotations
 
-import multiprocessing
 import tarfile
 import time
 from collections.abc import Iterable
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from bench.measure import BATCH, Row, synchronize
+from bench.measure import BATCH, Row, new_processes, synchronize
 from pegasus_dist.data.loader import MemoryLoader, ShardLoader
 from pegasus_dist.data.official import CIFAR_CLASSES
 
@@ -42,9 +41,8 @@ def loader_rows(work: Path, device: torch.device) -> list[Row]:
 
 def _startup_rows(mix: Path, device: torch.device) -> list[Row]:
     """Device-resident start-up per 100k images: one process, two at once (the ranks of a node),
-    and decoding the tars as before the decoded array; each in fresh processes of one pool."""
-    context = multiprocessing.get_context("spawn")  # a fork would share this process's CUDA state
-    with ProcessPoolExecutor(max_workers=2, mp_context=context) as pool:
+    and decoding the tars as before the decoded array; each in new processes of one pool."""
+    with ProcessPoolExecutor(max_workers=2, mp_context=new_processes()) as pool:
         # Both processes started, with torch and this module imported, untimed.
         list(pool.map(_settle, [0.5, 0.5]))
         one = _startup_seconds(pool, mix, device, processes=1)
