@@ -84,9 +84,9 @@ def train_config(shards: Path, runs: Path, precision: str, device: torch.device,
 
 def new_processes() -> multiprocessing.context.BaseContext:
     """Where each measurement gets a process of its own: multiprocessing's forkserver, which imports
-    torch and the trainer once and forks every process from there, where "spawn" spent about 3 CPU
-    seconds on those imports in each. Not a fork of this process: that would share its CUDA state
-    and its threads; the server never touches CUDA."""
+    torch and the trainer once and forks every process from there, where "spawn" spent 2.4 CPU
+    seconds on those imports in each (2-core EPYC). Not a fork of this process: that would share
+    its CUDA state and its threads; the server never touches CUDA."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["torch", "pegasus_dist.training.loop"])  # before it starts
     return context
