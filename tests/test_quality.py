@@ -13,6 +13,7 @@ from processes import BIN, REPO, run_bounded
 from torchvision.transforms.functional import gaussian_blur
 from torchvision.utils import save_image
 
+from bench.heldout_agreement import agreement
 from pegasus_dist.config import QualityConfig, load_config
 from pegasus_dist.data.shards import ShardSet
 from pegasus_dist.errors import ConfigError, DataError
@@ -241,3 +242,17 @@ def test_every_quality_option_refuses_a_bad_value_in_one_line(override, message)
         load_config(None, [override])
     assert message in str(err.value) and "\n" not in str(err.value)
 
+
+
+@pytest.mark.process
+def test_the_heldout_agreement_reads_the_horses_as_eval_reads_them(trained_run, smoke_pipeline):
+    run, other = trained_run[0], smoke_pipeline.finetune  # the judge and held-out set: the first run's
+    found = agreement([run, other])
+    evaluated = json.loads(next((run / "eval").glob("*.json")).read_text())["horse_bird"]
+    counts = [found["runs"][str(r)]["horse"] for r in (run, other)]
+    assert all(sum(found["runs"][str(r)]["read_as"].values()) == found["horses"] > 0 for r in (run, other))
+    # The counts of `pegasus-dist eval`, from its fractions, for the originals and the reconstructions.
+    assert found["originals"] == round(evaluated["horse_as_horse"] * found["horses"])
+    assert counts[0] == round(evaluated["recon_horse_as_horse"] * found["horses"])
+    assert counts[1] > counts[0]  # the finetuned run reconstructs horses that 40 steps do not
+    assert found["every_run"] + found["some_run"] == sum(counts)  # |A and B| + |A or B| = |A| + |B|
