@@ -243,7 +243,6 @@ def test_every_quality_option_refuses_a_bad_value_in_one_line(override, message)
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-
 @pytest.mark.process
 def test_the_heldout_agreement_reads_the_horses_as_eval_reads_them(trained_run, smoke_pipeline):
     run, other = trained_run[0], smoke_pipeline.finetune  # the judge and held-out set: the first run's
