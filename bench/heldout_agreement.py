@@ -25,16 +25,18 @@ from pegasus_dist.evaluation.sampler import load_trained_model
 @torch.no_grad()
 def agreement(runs: list[Path]) -> dict:
     """Per run: horses read as horses, mean P(horse), the other classes; and across runs the overlap."""
-    cfg, _, _ = load_trained_model(runs[0], [])
+    models = {run: load_trained_model(run, [])[:2] for run in runs}
+    cfg = models[runs[0]][0]
     judge = load_classifier(cfg.classifier_dir)
     images, labels = labelled_images(Path(cfg.data.shards) / cfg.eval.shard_set, judge.image_size)
     horses = images[torch.tensor([label == "horse" for label in labels])].float().div(255)
     column = judge.index("horse")
     right, per_run = [], {}
-    for run in runs:
-        _, model, _ = load_trained_model(run, [])
+    for run, (_, model) in models.items():
         model.eval()
-        probabilities = predict(judge, model.decode(model.encode(horses)[0]).float())[0]
+        # As `pegasus-dist eval` does: the VAE on its device (a GPU where there is one), the judge on the CPU.
+        x = horses.to(next(model.parameters()).device)
+        probabilities = predict(judge, model.decode(model.encode(x)[0]).float().cpu())[0]
         seen = probabilities.argmax(dim=1)
         right.append(seen == column)
         per_run[str(run)] = {"horse": int(right[-1].sum()), "p_horse": probabilities[:, column].mean().item(),
