@@ -214,6 +214,33 @@ def test_a_damaged_shard_is_refused_even_with_a_good_array(shard_set, caplog):
     assert f"re-run `pegasus-dist prepare`; skipping all {len(changed)} of its samples" in caplog.text
 
 
+def test_lookups_by_label_and_key_read_the_array_as_they_read_the_tars(shard_set):
+    """The sampler's and the contact sheet's lookups read a verified array (a hash, no tar parsed):
+    the same keys and pixels as a scan of the tars, which a damaged array falls back to."""
+    def lookups() -> tuple[dict, dict]:
+        shards = ShardSet(shard_set)
+        by_label = shards.keys_by_label(["horse", "bird", "cat"])
+        wanted = {keys[i] for keys in by_label.values() for i in (0, -1)}
+        return by_label, shards.images(wanted | {"no-such-key"})
+
+    (shard_set / ARRAY).write_bytes(b"\0" * 64)  # no array that verifies: the tars are scanned
+    scanned_keys, scanned = lookups()
+    assert not (shard_set / ARRAY).read_bytes().strip(b"\0")  # looking up built nothing
+    ShardSet(shard_set).decoded()  # what a training run's loader builds
+    keys, images = lookups()
+    assert keys == scanned_keys and all(keys.values())
+    assert images.keys() == scanned.keys() and len(images) == 2 * len(keys)
+    for key, image in images.items():
+        np.testing.assert_array_equal(image, scanned[key])
+        assert image.flags.writeable and image.dtype == np.uint8 and image.shape == (32, 32, 3)
+    tar = shard_set / "shard-000001.tar"
+    data = bytearray(tar.read_bytes())
+    data[2000:2064] = bytes(64)
+    tar.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"shard-000001.tar does not match the sha256 of its manifest"):
+        lookups()
+
+
 BUILD = """
 import logging, sys
 from pegasus_dist.data.shards import ShardSet

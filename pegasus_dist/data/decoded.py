@@ -53,9 +53,7 @@ def open_decoded(manifest: Manifest, decode_all: Callable[[], Decoded]) -> Decod
     stale or damaged; None when it cannot be written here (a read-only folder, a full disk).
     A shard that differs from its manifest's sha256, or a set too large to build in memory,
     raises DataError naming it."""
-    for entry, path in zip(manifest.shards, manifest.shard_paths, strict=True):
-        if sha256_file(path) != entry.sha256:
-            raise DataError(changed_shard(path))
+    _check_shards(manifest)
     folder = manifest.path
     found, problem = verified_decoded(manifest)
     if found is not None:
@@ -82,6 +80,19 @@ def open_decoded(manifest: Manifest, decode_all: Callable[[], Decoded]) -> Decod
         raise DataError(f"{folder / ARRAY} does not verify right after it was written ({problem}); "
                         "check the disk, then delete it and run again")
     return found
+
+
+def built_decoded(manifest: Manifest) -> Decoded | None:
+    """The set's decoded array if a run built it and it still verifies; None otherwise (nothing is
+    built here). A shard that differs from its manifest's sha256 raises DataError naming it."""
+    _check_shards(manifest)
+    return verified_decoded(manifest)[0]
+
+
+def _check_shards(manifest: Manifest) -> None:
+    for entry, path in zip(manifest.shards, manifest.shard_paths, strict=True):
+        if sha256_file(path) != entry.sha256:
+            raise DataError(changed_shard(path))
 
 
 def verified_decoded(manifest: Manifest) -> tuple[Decoded | None, str | None]:
