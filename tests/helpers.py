@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from processes import BIN, REPO, popen, run_bounded
+from processes import BIN, REPO, Ranks, popen, run_bounded, run_ranks
 from warm import WarmProcess
 
 from pegasus_dist.config import ModelConfig
@@ -165,27 +165,27 @@ def cli_here(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
     return code, printed.out + printed.err
 
 
-def launch(nproc: int, overrides: list[str], timeout: float = 300) -> str:
-    """train.py with the smoke config on 1 or 2 CPU processes through ``accelerate launch``."""
-    config = "launch/cpu-2proc-gloo.yaml" if nproc == 2 else "launch/cpu-1proc.yaml"
-    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / config),
-           str(REPO / "pegasus_dist/train.py"), "--config", SMOKE, *overrides]
-    done = run_bounded(cmd, timeout)
+def train_ranks(nproc: int, overrides: list[str], timeout: float = 300) -> str:
+    """train.py with the smoke config on ``nproc`` CPU processes (:class:`processes.Ranks`); its output,
+    once it succeeded. ``accelerate launch`` itself is tested in test_launch.py and test_pipeline.py."""
+    done = run_ranks([str(REPO / "pegasus_dist/train.py"), "--config", SMOKE, *overrides], nproc, timeout)
     assert done.returncode == 0, done.stdout[-8000:]
     return done.stdout
 
 
-def start(cmd: list[str]) -> subprocess.Popen | WarmProcess:
-    """``cmd`` running in its own process group (killable as a whole), output captured."""
-    return popen(cmd)
+def start(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen | WarmProcess:
+    """``cmd`` running in its own process group (killable as a whole), output captured; ``env`` is
+    added to this process's environment."""
+    return popen(cmd, env)
 
 
-def wait_until(condition: Callable[[], bool], proc: subprocess.Popen | WarmProcess, timeout: float) -> None:
+def wait_until(condition: Callable[[], bool], proc: subprocess.Popen | WarmProcess | Ranks,
+               timeout: float) -> None:
     """Poll ``condition``; fail with ``proc``'s output if it ends first or time runs out."""
     deadline = time.monotonic() + timeout
     while not condition():
         if proc.poll() is not None:
-            raise AssertionError(f"process ended early:\n{proc.stdout.read()[-4000:]}")
+            raise AssertionError(f"process ended early:\n{proc.communicate(timeout=30)[0][-4000:]}")
         assert time.monotonic() < deadline, f"condition not reached in {timeout}s"
         time.sleep(0.05)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SMOKE, launch
+from helpers import SMOKE, train_ranks
 from processes import BIN, run_bounded
 from safetensors.torch import load_file
 
@@ -53,9 +53,9 @@ def test_the_critic_gives_one_number_per_image_independent_of_the_batch():
 def test_the_critic_learns_and_its_state_is_checkpointed(smoke_shards, tmp_path):
     # No lr warm-up (the critic's rate follows the autoencoder's schedule); lambda small,
     # so that the autoencoder hardly fights back and what is measured is the critic.
-    launch(1, [f"data.shards={smoke_shards}", f"run.output_dir={tmp_path}", "train.max_steps=240",
-               "train.epochs=100",
-               "optim.warmup_steps=0", *ACAI, "loss.acai_weight=1", "train.log_every=20"])
+    train_ranks(1, [f"data.shards={smoke_shards}", f"run.output_dir={tmp_path}", "train.max_steps=240",
+                    "train.epochs=100",
+                    "optim.warmup_steps=0", *ACAI, "loss.acai_weight=1", "train.log_every=20"])
     run = tmp_path / "pretrain"
     critic = rows(run, "pretrain/acai_critic")
     assert len(critic) == 12 and all(map(math.isfinite, critic))
@@ -99,16 +99,16 @@ def one_process(request, smoke_shards, perceptual_network, tmp_path_factory) -> 
     weighting = WEIGHTINGS[request.param]
     if weighting:
         weighting = [*weighting, f"loss.perceptual_network={perceptual_network}"]
-    launch(1, [f"data.shards={smoke_shards}", *BOTH_3_STEPS, *weighting, f"run.output_dir={root}",
-               "data.batch_size=16"])
+    train_ranks(1, [f"data.shards={smoke_shards}", *BOTH_3_STEPS, *weighting, f"run.output_dir={root}",
+                    "data.batch_size=16"])
     return OneProcess(root / "pretrain", weighting)
 
 
 @pytest.mark.process
 def test_two_processes_with_acai_and_the_patch_discriminator_train_like_one(smoke_shards, tmp_path,
                                                                               one_process):
-    launch(2, [f"data.shards={smoke_shards}", *BOTH_3_STEPS, *one_process.weighting,
-               f"run.output_dir={tmp_path}", "data.batch_size=8"])
+    train_ranks(2, [f"data.shards={smoke_shards}", *BOTH_3_STEPS, *one_process.weighting,
+                    f"run.output_dir={tmp_path}", "data.batch_size=8"])
     # The tolerance of tests/test_ddp.py: all but 1 in 10,000 values within 1e-5, none past steps x lr.
     for name in ("model.safetensors", "model_1.safetensors"):
         two, one = (load_file(run / "checkpoints/step_00000003" / name)
@@ -123,8 +123,8 @@ def test_two_processes_with_acai_and_the_patch_discriminator_train_like_one(smok
 
 @pytest.mark.process
 def test_acai_and_the_patch_discriminator_in_bf16_train_like_fp32(smoke_shards, tmp_path, one_process):
-    launch(1, [f"data.shards={smoke_shards}", *BOTH_3_STEPS, *one_process.weighting,
-               f"run.output_dir={tmp_path}", "data.batch_size=16", "train.mixed_precision=bf16"])
+    train_ranks(1, [f"data.shards={smoke_shards}", *BOTH_3_STEPS, *one_process.weighting,
+                    f"run.output_dir={tmp_path}", "data.batch_size=16", "train.mixed_precision=bf16"])
     # bf16 keeps 8 bits of mantissa: each logged loss within 2% of the fp32 run's (0.6% seen).
     for key in one_process.losses():
         bf16, fp32 = rows(tmp_path / "pretrain", key), rows(one_process.run, key)
@@ -146,11 +146,11 @@ def test_resuming_a_plain_checkpoint_with_acai_on_is_one_line(checkpointed_run):
 @pytest.mark.process
 def test_a_run_started_from_a_checkpoint_starts_from_its_adversaries(smoke_shards, tmp_path):
     common = [f"data.shards={smoke_shards}", f"run.output_dir={tmp_path}", "data.batch_size=16", *BOTH]
-    launch(1, [*common, "train.max_steps=2"])
+    train_ranks(1, [*common, "train.max_steps=2"])
     source = tmp_path / "pretrain/checkpoints/step_00000002"
     # A learning rate of 1e-12: one step leaves the critic it started from, to 1e-9.
-    out = launch(1, [*common, "run.name=next", "train.max_steps=1", f"train.init_from={source}",
-                     "optim.lr=1e-12"])
+    out = train_ranks(1, [*common, "run.name=next", "train.max_steps=1", f"train.init_from={source}",
+                          "optim.lr=1e-12"])
     assert f"initialised the ACAI critic from {source}" in out
     assert f"initialised the patch discriminator from {source}" in out
     before, after = (load_file(folder / "model_1.safetensors")

@@ -6,11 +6,9 @@ with a barrier and pruning) of a finetune on 8 GPUs, whose epochs are 15 steps.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from helpers import TINY_ARGS, Trained
-from processes import BIN, REPO, free_port, run_bounded
+from processes import REPO, run_ranks
 
 from pegasus_dist.config import load_config
 from pegasus_dist.model.saved import list_checkpoints
@@ -24,14 +22,12 @@ MINUTES = 0.02  # 1.2 s between timed checkpoints
 
 def finetune_on_four_ranks(pretrain: Trained, smoke_shards, runs, *extra: str) -> str:
     """A finetune of the tiny model on 4 gloo processes; horse_bird is 211 images, 4 steps an epoch."""
-    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "launch/cpu-2proc-gloo.yaml"),
-           "--num_processes", "4", "--main_process_port", str(free_port()),
-           str(REPO / "pegasus_dist/train.py"), "--config", FINETUNE, f"data.shards={smoke_shards}",
-           f"run.output_dir={runs}", f"train.init_from={pretrain.pretrain}", f"train.max_steps={STEPS}",
-           "data.batch_size=16", "train.log_every=1", "train.keep_checkpoints=100", "wandb.mode=disabled",
-           *TINY_ARGS, *extra]
+    argv = [str(REPO / "pegasus_dist/train.py"), "--config", FINETUNE, f"data.shards={smoke_shards}",
+            f"run.output_dir={runs}", f"train.init_from={pretrain.pretrain}", f"train.max_steps={STEPS}",
+            "data.batch_size=16", "train.log_every=1", "train.keep_checkpoints=100", "wandb.mode=disabled",
+            *TINY_ARGS, *extra]
     # Every micro-batch 40 ms slower: 40 steps take at least 1.6 s, however fast the machine.
-    done = run_bounded(cmd, timeout=240, env={**os.environ, "PEGASUS_FAULT": "slow:ms=40"})
+    done = run_ranks(argv, 4, timeout=240, env={"PEGASUS_FAULT": "slow:ms=40"})
     assert done.returncode == 0, done.stdout[-4000:]
     return done.stdout
 

@@ -7,13 +7,14 @@ import json
 import os
 import pickle
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from accelerate import Accelerator
 from helpers import SMOKE, TINY, Trained, cli_here, files_capped_at, written_before_checksums
-from processes import BIN, REPO, run_bounded
+from processes import BIN, REPO, run_bounded, run_ranks
 from safetensors.torch import load_file, save_file
 
 from pegasus_dist.checksums import write_sums
@@ -312,18 +313,18 @@ def test_a_negative_memory_limit_is_refused():
         load_config(SMOKE, ["data.memory_limit_mb=-5"])
 
 
-def launch_cmd(run: Trained, steps: int, *extra: str) -> list[str]:
-    """``run`` continued on 2 gloo processes of batch 8: its global batch of 16."""
-    return [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "launch/cpu-2proc-gloo.yaml"),
-            str(REPO / "pegasus_dist/train.py"), "--config", SMOKE, *run.overrides, "data.batch_size=8",
+def on_two_ranks(run: Trained, steps: int, *extra: str) -> subprocess.CompletedProcess:
+    """``run`` continued on 2 gloo processes of batch 8 (its global batch of 16), to its end."""
+    argv = [str(REPO / "pegasus_dist/train.py"), "--config", SMOKE, *run.overrides, "data.batch_size=8",
             f"train.max_steps={steps}", *extra]
+    return run_ranks(argv, 2, timeout=300)
 
 
 def test_a_requeue_gets_past_a_damaged_newest_checkpoint_on_every_rank(checkpointed_run):
     checkpoints = checkpointed_run.pretrain / "checkpoints"
     _flip(checkpoints / "step_00000006" / "model.safetensors")  # bit rot: every header still reads
 
-    again = run_bounded(launch_cmd(checkpointed_run, 9), timeout=300)
+    again = on_two_ranks(checkpointed_run, 9)
     assert again.returncode == 0, again.stdout[-3000:]
     (aside,) = checkpoints.glob("damaged-step_00000006-*")
     (warning,) = [line for line in again.stdout.splitlines() if "is damaged" in line]  # rank 0 says it
@@ -335,17 +336,16 @@ def test_a_requeue_gets_past_a_damaged_newest_checkpoint_on_every_rank(checkpoin
 
     # A requeue never loops: the same command after the next damage (config.yaml) gets further.
     (checkpoints / "step_00000009" / "config.yaml").write_bytes(b"\0" * 64)
-    third = run_bounded(launch_cmd(checkpointed_run, 12), timeout=300)
+    third = on_two_ranks(checkpointed_run, 12)
     assert third.returncode == 0, third.stdout[-3000:]
     assert f"resumed from {checkpoints}/step_00000006" in third.stdout
     assert [c.name for c in list_checkpoints(checkpoints)][-1] == "step_00000012"
 
     # A checkpoint named on the command line is the user's choice: its damage is an error, one line.
     (checkpoints / "step_00000012" / "state.json").write_text('{"phase": "pretrain", "step": "sixty"}')
-    named = run_bounded(launch_cmd(checkpointed_run, 15, f"run.resume={checkpoints}/step_00000012"),
-                        timeout=300)
+    named = on_two_ranks(checkpointed_run, 15, f"run.resume={checkpoints}/step_00000012")
     errors = [line for line in named.stdout.splitlines() if line.startswith("error: ")]
-    assert named.returncode != 0 and len(errors) == 1, named.stdout[-3000:]  # the launcher says 1
+    assert named.returncode != 0 and len(errors) == 1, named.stdout[-3000:]  # said once, by the main process
     named_folder = checkpoints / "step_00000012"
     assert (f"{named_folder}/state.json does not match its sha256 in {named_folder}/SHA256SUMS (changed "
             "after it was written)") in errors[0]

@@ -1,4 +1,4 @@
-"""Distributed for real: 2 gloo processes through `accelerate launch` and torchrun."""
+"""Distributed for real: 2 gloo processes, started as torchrun starts them (`processes.Ranks`)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import re
 
 import pytest
 import torch
-from helpers import SCRIPTS, launch, shard_keys
-from processes import torchrun
+from helpers import SCRIPTS, shard_keys, train_ranks
+from processes import on_ranks
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.process
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.process
 
 def test_each_rank_same_batches_and_each_sample_once_per_epoch(smoke_shards, tmp_path):
     shard_set = smoke_shards / "mix"  # 470-odd samples in shards of 50: nothing divides evenly
-    torchrun(SCRIPTS / "loader_ranks.py", str(shard_set), str(tmp_path), "16", "0", "2")
+    on_ranks(SCRIPTS / "loader_ranks.py", str(shard_set), str(tmp_path), "16", "0", "2")
     expected = sorted(shard_keys(shard_set))
     assert len(expected) % 32 != 0  # a deliberately uneven set: the last global batch is short
     seen_by = {}
@@ -39,9 +39,9 @@ def test_two_processes_of_batch_b_train_like_one_of_batch_2b(smoke_shards, tmp_p
     common = [f"data.shards={smoke_shards}", "wandb.mode=disabled", "train.max_steps=3",
               "model.sync_batchnorm=true", "optim.lr_scaling=none", "train.log_every=1"]
     # DDP's gradients as views of its buckets change no arithmetic: on here.
-    out2 = launch(2, [*common, f"run.output_dir={tmp_path / 'two'}", "data.batch_size=8",
-                      "train.ddp_bucket_view=true"])
-    out1 = launch(1, [*common, f"run.output_dir={tmp_path / 'one'}", "data.batch_size=16"])
+    out2 = train_ranks(2, [*common, f"run.output_dir={tmp_path / 'two'}", "data.batch_size=8",
+                           "train.ddp_bucket_view=true"])
+    out1 = train_ranks(1, [*common, f"run.output_dir={tmp_path / 'one'}", "data.batch_size=16"])
 
     assert "world_size=2" in out2 and "global batch 16" in out2
     assert "DDP bucket_view=True bf16_gradients=False" in out2

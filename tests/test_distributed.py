@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from helpers import SCRIPTS
-from processes import torchrun
+from processes import on_ranks
 
 from pegasus_dist.training.faults import peer_lost
 
@@ -36,7 +36,7 @@ def test_an_error_that_is_no_peer_s_stays_a_traceback():
 
 @pytest.mark.process
 def test_global_batchnorm_equals_one_process_on_the_whole_batch(tmp_path):
-    torchrun(SCRIPTS / "global_batchnorm.py", str(tmp_path))
+    on_ranks(SCRIPTS / "global_batchnorm.py", str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
     torch.manual_seed(0)

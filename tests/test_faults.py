@@ -33,7 +33,7 @@ from helpers import (
     training_steps,
     wait_until,
 )
-from processes import BIN, REPO, free_port, machine_env, popen, run_bounded
+from processes import BIN, REPO, Ranks, free_port, machine_env, popen, run_bounded, run_ranks
 from safetensors.torch import load_file
 
 from pegasus_dist.config import PrepareConfig, load_config
@@ -52,9 +52,9 @@ pytestmark = pytest.mark.process
 TRAIN = str(REPO / "pegasus_dist/train.py")
 
 
-def with_fault(plan: str, cmd: list[str]) -> list[str]:
-    """``cmd`` with the fault plan ``plan`` in its environment (PEGASUS_FAULT)."""
-    return ["env", f"PEGASUS_FAULT={plan}", *cmd]
+def fault(plan: str) -> dict[str, str]:
+    """The environment that gives a run the fault plan ``plan``."""
+    return {"PEGASUS_FAULT": plan}
 
 
 def tiny(shards: Path, runs: Path, steps: int, *extra: str) -> list[str]:
@@ -78,7 +78,7 @@ def test_sigkill_mid_epoch_then_resume_gives_bit_equal_losses(smoke_shards, perc
 
     cmd = train_cmd(smoke_shards, tmp_path / "cut", 24, "train.checkpoint_every=8", *extra)
     # The killed run is slowed down (100 ms a step, same numbers) so the kill lands mid-run.
-    proc = start(with_fault("slow:ms=100", cmd))
+    proc = start(cmd, fault("slow:ms=100"))
     run = tmp_path / "cut" / "pretrain"
     wait_until(lambda: (run / "metrics.jsonl").exists() and len(losses(run)) >= 13, proc, 120)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -101,21 +101,19 @@ def test_sigkill_mid_epoch_then_resume_gives_bit_equal_losses(smoke_shards, perc
 
 def test_two_process_resume_matches_an_uninterrupted_run(smoke_shards, tmp_path):
     """2 gloo ranks killed mid-epoch and resumed: stated tolerance 1e-6 relative on every loss."""
-    def launch_cmd(runs: Path) -> list[str]:
-        return [str(BIN / "accelerate"), "launch", "--config_file",
-                str(REPO / "launch/cpu-2proc-gloo.yaml"), TRAIN,
-                "--config", SMOKE, *tiny(smoke_shards, runs, 12, "train.checkpoint_every=4",
-                                              "data.batch_size=8")]
+    def two_ranks(runs: Path) -> list[str]:
+        return [TRAIN, "--config", SMOKE, *tiny(smoke_shards, runs, 12, "train.checkpoint_every=4",
+                                                 "data.batch_size=8")]
 
-    ref = run_bounded(launch_cmd(tmp_path / "ref"), timeout=300)
+    ref = run_ranks(two_ranks(tmp_path / "ref"), 2, timeout=300)
     assert ref.returncode == 0, ref.stdout[-3000:]
     run = tmp_path / "cut" / "pretrain"
     # The killed run is slowed down (200 ms a step, same numbers) so the kill lands mid-run.
-    proc = start(with_fault("slow:ms=200", launch_cmd(tmp_path / "cut")))
-    wait_until(lambda: (run / "metrics.jsonl").exists() and len(losses(run)) >= 6, proc, 180)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    resumed = run_bounded(launch_cmd(tmp_path / "cut"), timeout=300)
+    ranks = Ranks(two_ranks(tmp_path / "cut"), 2, fault("slow:ms=200"))
+    wait_until(lambda: (run / "metrics.jsonl").exists() and len(losses(run)) >= 6, ranks, 180)
+    ranks.kill()
+    ranks.wait()
+    resumed = run_ranks(two_ranks(tmp_path / "cut"), 2, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert "resumed from" in resumed.stdout
     got, expected = losses(run), losses(tmp_path / "ref" / "pretrain")
@@ -126,7 +124,7 @@ def test_two_process_resume_matches_an_uninterrupted_run(smoke_shards, tmp_path)
 def test_sigkill_during_a_save_keeps_the_previous_checkpoint(smoke_shards, tmp_path):
     cmd = [sys.executable, TRAIN, "--config", SMOKE,
            *tiny(smoke_shards, tmp_path, 10, "train.checkpoint_every=4")]
-    proc = start(with_fault("stall-save:step=8", cmd))
+    proc = start(cmd, fault("stall-save:step=8"))
     run = tmp_path / "pretrain"
     wait_until(lambda: (run / STALLED).exists(), proc, 120)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -141,17 +139,24 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint(smoke_shards, tmp_p
 
 
 def launch2(plan: str, args: list[str], timeout: float = 240) -> tuple[subprocess.CompletedProcess, float]:
-    """train.py on 2 gloo processes with the fault plan ``plan``; its outcome and its seconds."""
+    """train.py through ``accelerate launch`` on 2 gloo processes with the fault plan ``plan``: the
+    launcher ends the ranks a fault leaves behind. Its outcome and its seconds."""
     cmd = [str(BIN / "accelerate"), "launch", "--config_file",
            str(REPO / "launch/cpu-2proc-gloo.yaml"), TRAIN, *args]
     started = time.monotonic()
-    done = run_bounded(cmd, timeout, env={"PEGASUS_FAULT": plan})
+    done = run_bounded(cmd, timeout, env=fault(plan))
     return done, time.monotonic() - started
 
 
+def ranks2(plan: str, args: list[str]) -> subprocess.CompletedProcess:
+    """train.py on 2 ranks without a launcher (:class:`processes.Ranks`), with the fault plan ``plan``:
+    every rank must end by itself."""
+    return run_ranks([TRAIN, *args], 2, timeout=240, env=fault(plan))
+
+
 def test_nan_on_one_rank_stops_every_rank_naming_step_and_checkpoint(smoke_shards, tmp_path):
-    done, _ = launch2("nan:step=6:rank=1",
-                      ["--config", SMOKE, *tiny(smoke_shards, tmp_path, 10, "train.checkpoint_every=4")])
+    done = ranks2("nan:step=6:rank=1",
+                  ["--config", SMOKE, *tiny(smoke_shards, tmp_path, 10, "train.checkpoint_every=4")])
     assert done.returncode != 0
     assert "error: non-finite loss at step 6 (epoch 1, batch 6) on rank(s) [1]" in done.stdout
     assert done.stdout.count("error: ") == 1  # every rank found it at once: the main process says it
@@ -162,9 +167,9 @@ def test_nan_on_one_rank_stops_every_rank_naming_step_and_checkpoint(smoke_shard
 def test_nan_found_at_the_next_sync_point_is_never_checkpointed(smoke_shards, tmp_path):
     # Sync points: steps 4 (checkpoint), 5 (log), 8 (checkpoint). The NaN of step 6
     # is found at step 8, before its checkpoint is written.
-    done, _ = launch2("nan:step=6:rank=1", ["--config", SMOKE,
-                                            *tiny(smoke_shards, tmp_path, 12, "train.log_every=5",
-                                                       "train.checkpoint_every=4")])
+    done = ranks2("nan:step=6:rank=1", ["--config", SMOKE,
+                                        *tiny(smoke_shards, tmp_path, 12, "train.log_every=5",
+                                              "train.checkpoint_every=4")])
     assert done.returncode != 0
     assert ("error: non-finite loss at step 6 (epoch 1, batch 6) on rank(s) [1] "
             "(found at step 8)") in done.stdout, done.stdout[-3000:]
@@ -228,7 +233,7 @@ def test_a_malformed_fault_plan_is_one_line_naming_the_fix(monkeypatch, tmp_path
 def test_a_stop_signal_checkpoints_within_two_steps_and_exits_75(smoke_shards, tmp_path, sent):
     cmd = ["--config", SMOKE, *tiny(smoke_shards, tmp_path, 24, "train.log_every=5")]
     # Slowed down (100 ms a step, same numbers) so that the signal lands mid-run.
-    proc = start(with_fault("slow:ms=100", [sys.executable, TRAIN, *cmd]))
+    proc = start([sys.executable, TRAIN, *cmd], fault("slow:ms=100"))
     run = tmp_path / "pretrain"
     wait_until(lambda: (run / "metrics.jsonl").exists(), proc, 120)  # step 5 logged
     proc.send_signal(sent)  # after step 5: the stop need not wait for step 10's sync point
@@ -244,8 +249,8 @@ def test_a_stop_signal_checkpoints_within_two_steps_and_exits_75(smoke_shards, t
 
 
 def test_nan_skipped_and_counted_when_configured(smoke_shards, tmp_path):
-    done, _ = launch2("nan:step=3:rank=0", ["--config", SMOKE,
-                                            *tiny(smoke_shards, tmp_path, 6, "train.on_nonfinite=skip")])
+    done = ranks2("nan:step=3:rank=0", ["--config", SMOKE,
+                                        *tiny(smoke_shards, tmp_path, 6, "train.on_nonfinite=skip")])
     assert done.returncode == 0, done.stdout[-3000:]
     rows = training_rows(tmp_path / "pretrain")
     assert rows[-1]["pretrain/nonfinite_skipped_steps"] == 1

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers import launch
+from helpers import train_ranks
 from safetensors.torch import load_file
 
 from pegasus_dist.config import ModelConfig
@@ -106,10 +106,10 @@ def test_the_adaptive_weight_gives_the_hinge_term_the_likelihoods_pull_on_the_la
 @pytest.mark.process
 def test_the_discriminator_learns_and_is_checkpointed(smoke_shards, tmp_path):
     # A small weight, so that the autoencoder hardly fights back and what is measured is the discriminator.
-    launch(1, [f"data.shards={smoke_shards}", f"run.output_dir={tmp_path}", "train.max_steps=120",
-               "train.epochs=100", "optim.warmup_steps=0", "loss.patch_gan_weight=1",
-               "loss.feature_matching_weight=1",
-               "wandb.mode=disabled", "train.log_every=10"])
+    train_ranks(1, [f"data.shards={smoke_shards}", f"run.output_dir={tmp_path}", "train.max_steps=120",
+                    "train.epochs=100", "optim.warmup_steps=0", "loss.patch_gan_weight=1",
+                    "loss.feature_matching_weight=1",
+                    "wandb.mode=disabled", "train.log_every=10"])
     run = tmp_path / "pretrain"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     discriminator = [r["pretrain/patch_gan_discriminator"] for r in rows

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import SCRIPTS, SMOKE, error_lines, losses, shard_keys, start, wait_until
-from processes import BIN, REPO, descendants, free_port, run_bounded, running
+from processes import BIN, REPO, descendants, free_port, run_bounded, run_ranks, running
 
 from pegasus_dist.checksums import write_sums
 from pegasus_dist.model.saved import latest_checkpoint
@@ -41,10 +41,7 @@ def overrides(shards: Path, runs: Path, steps: int, *extra: str) -> list[str]:
 def train(nproc: int, out: Path, *args: str, script: Path = KEYS) -> subprocess.CompletedProcess:
     """The trainer on ``nproc`` processes (2: one gloo group), noting its samples into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    launch = ([sys.executable] if nproc == 1 else
-              [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "launch/cpu-2proc-gloo.yaml"),
-               "--main_process_port", str(free_port())])
-    done = run_bounded([*launch, str(script), str(out), "--config", SMOKE, *args], BOUND_S)
+    done = run_ranks([str(script), str(out), "--config", SMOKE, *args], nproc, BOUND_S)
     assert done.returncode == 0, done.stdout[-4000:]
     return done
 
@@ -273,10 +270,10 @@ def test_a_run_stuck_in_a_save_ends_at_once_on_sigterm(smoke_shards, tmp_path, w
     """A save that never ends (a hung filesystem): outside the loop one SIGTERM ends the run at once,
     inside it the first asks for a checkpoint and the second ends it."""
     steps, every = (6, "3") if where == "in the loop" else (2, "0")
-    stall = f"PEGASUS_FAULT=stall-save:step={3 if where == 'in the loop' else 2}"
-    proc = start(["env", stall, sys.executable, str(REPO / "pegasus_dist/train.py"),
+    stall = {"PEGASUS_FAULT": f"stall-save:step={3 if where == 'in the loop' else 2}"}
+    proc = start([sys.executable, str(REPO / "pegasus_dist/train.py"),
                   "--config", SMOKE, *overrides(smoke_shards, tmp_path, steps, "data.batch_size=16",
-                                                f"train.checkpoint_every={every}")])
+                                                f"train.checkpoint_every={every}")], stall)
     try:
         wait_until(lambda: (tmp_path / "pretrain" / STALLED).exists(), proc, BOUND_S)
         for _ in range(signals - 1):

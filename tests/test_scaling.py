@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import SCRIPTS, SMOKE, cli_here, overrides
-from processes import BIN, REPO, run_bounded
+from processes import BIN, REPO, run_bounded, run_ranks
 from safetensors.torch import load_file
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
@@ -151,9 +151,8 @@ def test_one_process_accumulating_trains_like_two_and_ddp_syncs_once_a_step(smok
     tolerance); batch-norm running statistics differ (DDP keeps rank 0's).
     """
     common = ["--config", SMOKE, *overrides(smoke_shards, tmp_path, 3, "data.batch_size=8")]
-    two = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "launch/cpu-2proc-gloo.yaml"),
-           str(SYNCS), str(tmp_path), *common, "run.name=two", "train.grad_accum_steps=2"]
-    done = run_bounded(two, timeout=240)
+    done = run_ranks([str(SYNCS), str(tmp_path), *common, "run.name=two", "train.grad_accum_steps=2"], 2,
+                     timeout=240)
     assert done.returncode == 0, done.stdout[-4000:]
     assert "global batch 32 = per-process batch 8 x 2 process(es) x 2 accumulation step(s)" in done.stdout
     # Gradients crossed between the ranks only in the last micro-batch of each step.

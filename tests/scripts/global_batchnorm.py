@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py under torchrun: GlobalBatchNorm2d on 2 gloo ranks.
+"""Run by tests/test_distributed.py on 2 ranks: GlobalBatchNorm2d on 2 gloo ranks.
 
 Each rank normalises its half of a fixed batch, backpropagates a fixed loss
 and saves its output, input gradient, weight gradient and running stats.

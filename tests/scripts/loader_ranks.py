@@ -1,4 +1,4 @@
-"""Run under torchrun by tests/test_ddp.py: each rank iterates its ShardLoader for 2 epochs.
+"""Run by tests/test_ddp.py on 2 ranks: each rank iterates its ShardLoader for 2 epochs.
 
 Once per number of loader workers given, writes per rank and epoch the keys
 of every batch in order, so the test can check equal batch counts and that
