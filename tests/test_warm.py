@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from processes import BIN, popen, run_bounded
+from processes import BIN, Ranks, popen, run_bounded, run_ranks
 from warm import WarmProcess
 
 pytestmark = pytest.mark.process
@@ -71,3 +71,35 @@ def test_what_an_interpreter_reads_at_start_or_other_commands_start_fresh(script
     outputs = [proc.communicate(timeout=60)[0] for proc in (*fresh, warm)]
     assert [proc.returncode for proc in (*fresh, warm)] == [0, 0, 0], outputs
     assert outputs[2].startswith("pegasus-dist "), outputs[2]
+
+
+RANK_SCRIPT = """\
+import os, sys, time
+keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR")
+print(" ".join(f"{key}={os.environ[key]}" for key in keys), "x" * 100_000, flush=True)  # past a pipe's 64 KiB
+if sys.argv[1] == "wait":
+    time.sleep(60)
+sys.exit(int(os.environ["RANK"]) * int(sys.argv[1]))
+"""
+
+
+def test_ranks_start_as_torchrun_starts_them_and_end_as_one(tmp_path):
+    """processes.Ranks, which the distributed tests start their ranks with: torchrun's variables,
+    every rank's output, the first failing rank's code, and one kill for all."""
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_SCRIPT)
+    done = run_ranks([str(script), "3"], 3, timeout=60)
+    assert done.returncode == 3  # rank 1's, the first that failed (rank 2 exits 6)
+    assert [line[:70] for line in done.stdout.splitlines()] == [
+        f"RANK={rank} LOCAL_RANK={rank} WORLD_SIZE=3 LOCAL_WORLD_SIZE=3 MASTER_ADDR=127.0.0.1 xxxx"[:70]
+        for rank in range(3)]
+    assert run_ranks([str(script), "0"], 2, timeout=60).returncode == 0
+
+    ranks = Ranks([str(script), "wait"], 2)
+    assert all(isinstance(proc, WarmProcess) for proc in ranks.procs)
+    with pytest.raises(subprocess.TimeoutExpired):
+        ranks.communicate(timeout=1)
+    assert ranks.poll() is None
+    ranks.kill()
+    out, _ = ranks.communicate(timeout=30)
+    assert ranks.returncode == -signal.SIGKILL and out.count(" WORLD_SIZE=2 ") == 2
