@@ -118,7 +118,6 @@ class Ranks:
         port = free_port()
         self.procs = [popen([sys.executable, *argv], env=(env or {}) | machine_env(rank, nproc, port, nproc))
                       for rank in range(nproc)]
-        self.pids = [proc.pid for proc in self.procs]
         self._open = {proc.stdout.fileno(): rank for rank, proc in enumerate(self.procs)}
         self._chunks: list[list[bytes]] = [[] for _ in self.procs]
 
