@@ -8,7 +8,9 @@ import logging
 import os
 import re
 import shutil
+import signal
 import tarfile
+import time
 import warnings
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from pegasus_dist.config import PrepareConfig
 from pegasus_dist.data.decoded import ARRAY, INDEX
 from pegasus_dist.data.folders import MAX_IMAGE_PIXELS, read_image_folder
 from pegasus_dist.data.manifest import load_manifest, write_manifest
-from pegasus_dist.data.prepare import prepare
+from pegasus_dist.data.prepare import prepare, shard_writers
 from pegasus_dist.data.shards import ShardSet, write_shard
 from pegasus_dist.data.verify import verify_shard_set
 from pegasus_dist.errors import DataError
@@ -143,6 +145,42 @@ def prepare_here(capsys: pytest.CaptureFixture, out: Path, seed: int) -> tuple[i
 
 def generations(out: Path) -> list[Path]:
     return sorted(out.glob(".generation-*"))
+
+
+def _check_in(folder: Path) -> None:
+    """Hold this worker until every worker of the pool has checked in: all have started."""
+    (folder / str(os.getpid())).touch()
+    deadline = time.monotonic() + 30
+    while len(list(folder.iterdir())) < os.cpu_count() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _busy_writing(started: Path) -> None:
+    started.touch()
+    time.sleep(20)
+    os._exit(0)  # had SIGTERM not ended it: the pool's join still returns, and the test fails
+
+
+@pytest.mark.process  # forks the pool's workers
+def test_a_pool_stopped_by_an_error_ends_its_busy_shard_writer_whatever_handler_its_caller_has(tmp_path):
+    """A pool stopped by an error ends its busy workers with SIGTERM. A worker that kept its caller's
+    handler (a "checkpoint and stop", in a notebook that trained a phase first) would live through
+    it, and prepare would wait for its shard instead of naming the error."""
+    started = tmp_path / "started"
+    (tmp_path / "workers").mkdir()
+    previous = signal.signal(signal.SIGTERM, lambda _signum, _frame: None)  # a caller's: it ends nothing
+    try:
+        with shard_writers() as pool:
+            pool.map(_check_in, [tmp_path / "workers"] * os.cpu_count(), chunksize=1)
+            pool.apply_async(_busy_writing, (started,))
+            deadline = time.monotonic() + 30
+            while not started.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            stopped = time.monotonic()  # leaving the block is the error's way out: terminate()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert started.exists()
+    assert time.monotonic() - stopped < 10, "the pool waited for its busy worker: SIGTERM did not end it"
 
 
 def test_an_out_folder_that_cannot_be_made_is_one_line_naming_it(tmp_path, capsys):

@@ -210,6 +210,20 @@ def test_steps_wait_for_the_device_only_at_sync_points(smoke_shards, tmp_path, m
     assert set(reductions) == {5, 10, 15, 20}
 
 
+def test_a_start_up_that_fails_leaves_the_callers_signal_handlers(smoke_shards, tmp_path):
+    """A failed start in a process that goes on (a notebook, this test):
+    a SIGTERM must do what it did before, not call a stopped trainer's "checkpoint and stop",
+    which processes forked later (prepare's shard writers) would inherit too."""
+    def fail(_trainer) -> None:
+        raise RuntimeError("start-up failed after the stop handlers were installed")
+
+    before = {sent: signal.getsignal(sent) for sent in signal.valid_signals()}
+    with pytest.raises(RuntimeError, match="start-up failed"):
+        train(load_config(SMOKE, tiny(smoke_shards, tmp_path, 5)), hooks=Hooks(after_start=[fail]))
+    changed = [signal.Signals(sent).name for sent, was in before.items() if signal.getsignal(sent) != was]
+    assert changed == [], f"a failed start left handlers for {changed}"
+
+
 def test_a_malformed_fault_plan_is_one_line_naming_the_fix(monkeypatch, tmp_path):
     monkeypatch.setenv("PEGASUS_FAULT", "nan:step=three")
     with pytest.raises(ConfigError, match="PEGASUS_FAULT: fault 'nan:step=three': step=three is not a whole"):

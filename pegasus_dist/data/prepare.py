@@ -13,8 +13,10 @@ import dataclasses
 import errno
 import logging
 import multiprocessing
+import multiprocessing.pool
 import os
 import shutil
+import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -181,8 +183,24 @@ def _write_shards(images: np.ndarray, metas: list[dict], tasks: list[ShardTask])
     _shared = (images, metas)
     if len(images) < POOL_THRESHOLD:
         return [_write_one(task) for task in tasks]
-    with multiprocessing.get_context("fork").Pool() as pool:
-        return pool.map(_write_one, tasks, chunksize=1)
+    with shard_writers() as pool:
+        entries = pool.map(_write_one, tasks, chunksize=1)
+        pool.close()  # the workers end on their own; the with block's terminate is for errors
+        pool.join()
+    return entries
+
+
+def shard_writers() -> multiprocessing.pool.Pool:
+    """One forked worker per core, with the default signal handlers: a handler inherited from
+    the caller (a "checkpoint and stop", in a notebook that trained first) would keep a worker alive
+    through the SIGTERM of a pool stopped by an error, and the pool's exit would wait for it."""
+    return multiprocessing.get_context("fork").Pool(initializer=_default_signal_handlers)
+
+
+def _default_signal_handlers() -> None:
+    for signum in signal.valid_signals():
+        if callable(signal.getsignal(signum)):
+            signal.signal(signum, signal.SIG_DFL)
 
 
 def _write_one(task: ShardTask) -> ShardEntry:

@@ -94,13 +94,17 @@ class Trainer:
                                     self.hooks)
         self.batch_description = batch_description(self.cfg, self.accelerator)  # for the errors
         self.guard = DivergenceGuard(self.schedule, self.batch_description)
-        self.signals = StopSignals()
-        self.stops = StopPoll(self.accelerator, self.signals, self.cfg.train.collective_timeout_s)
         self.plan = EpochPlan([], whole=0)  # of the epoch in progress
         self.window = Window(self.accelerator.device)  # the loss sums since the last log
         self.last_step = self.cfg.train.max_steps  # 0: none
         self.last_save = time.monotonic()  # train.checkpoint_minutes counts from here (main process)
-        self.hooks.run("after_start", self)
+        self.signals = StopSignals()
+        try:
+            self.stops = StopPoll(self.accelerator, self.signals, self.cfg.train.collective_timeout_s)
+            self.hooks.run("after_start", self)
+        except BaseException:  # no run to stop: the caller (a notebook, a test) keeps its own handlers
+            self.signals.restore()
+            raise
 
     def run_epochs(self, until_step: int | None = None) -> None:
         """Train to the end of the phase, or to ``until_step`` (the benchmark times the loop so)."""
