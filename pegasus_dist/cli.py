@@ -49,11 +49,8 @@ def _print_version(asked: bool) -> None:
 
 
 @app.callback()
-def _options(
-    version: Annotated[bool, typer.Option(
-        "--version", callback=_print_version, is_eager=True, help="print the version and exit",
-    )] = False,
-) -> None:
+def _options(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                   help="print the version and exit")] = False) -> None:
     pass
 
 
@@ -222,8 +219,7 @@ def bench(
     images: Annotated[int, typer.Option(help="images to benchmark with")] = 10000,
     steps: Annotated[int, typer.Option(help="timed training steps per precision")] = 8,
     size: Annotated[list[int] | None, typer.Option(
-        help="image side of the scaling rows; repeat for several", show_default="32, 64, 96",
-    )] = None,
+        help="image side of the scaling rows; repeat for several", show_default="32, 64, 96")] = None,
     images_from: Annotated[str, typer.Option(
         help="auto (the CIFAR-10 JPEGs in ../shared/data when present, else synthetic), "
              "synthetic, or an image folder or .tar.gz")] = "auto",
@@ -267,8 +263,7 @@ def pipeline(
     config_dir: Annotated[Path, typer.Option(
         help="folder holding pretrain.yaml and finetune.yaml")] = Path("configs/reference"),
     reprepare: Annotated[bool, typer.Option(help=REPREPARE_HELP)] = False,
-    overrides: Annotated[list[str] | None, typer.Argument(
-        help=OVERRIDES_HELP + " (both phases)")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help=OVERRIDES_HELP + " (both phases)")] = None,
 ) -> None:
     """Shards, pretrain, finetune, grids, held-out eval and HTML report; run again to resume."""
     _run_pipeline(source, config_dir, reprepare, overrides or [])

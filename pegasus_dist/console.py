@@ -25,9 +25,8 @@ def setup_logging() -> None:
     for name in ("stdout", "stderr"):
         if getattr(sys, name) is None:
             setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115 (the process's, open to its end)
-    for stream in (sys.stdout, sys.stderr):  # a path the locale cannot encode (LC_ALL=C): escaped
-        if isinstance(stream, io.TextIOWrapper):
-            stream.reconfigure(errors="backslashreplace")
+        if isinstance(stream := getattr(sys, name), io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")  # a path the locale cannot encode (LC_ALL=C)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, force=True,
                         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
     # Accelerate names every file of a checkpoint it writes or reads (temporary folder included).
@@ -41,12 +40,10 @@ def print_error(message: str) -> None:
 
 
 def import_entry(module: str) -> object:
-    """Import ``module`` (torch comes with it: seconds) under :func:`exit_on_user_error`, so that a
-    Ctrl-C in those seconds is one line and exit 130, as later.
-
-    Ctrl-C is only noted until the import is done: torch's C++ side runs Python code while it
-    loads, and a KeyboardInterrupt raised there is cleared (numpy's import: the run went on as if
-    none came) or aborts the process (pybind11's error_already_set). It is raised once done."""
+    """Import ``module`` (torch comes with it: seconds) under :func:`exit_on_user_error`: a Ctrl-C
+    then is one line and exit 130, as later. It is only noted until the import is done: torch's C++
+    side runs Python code while it loads, and a KeyboardInterrupt raised there is cleared (numpy's
+    import: the run went on as if none came) or aborts the process (pybind11's error_already_set)."""
     def load() -> object:
         if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
             return importlib.import_module(module)  # e.g. ignored, as in a script's background job

@@ -24,24 +24,23 @@ PATH_SOURCES = ("cifar10", "stl10", "folder")  # source kinds whose argument is 
 def run_pipeline(sources: list[str], config_dir: Path, overrides: list[str],
                  reprepare: bool = False, command: str = "") -> tuple[Path, Path]:
     """Run every stage that is not done yet; the finetuned model's Pegasus grid and the report."""
-    pretrain_cfg, finetune_cfg = load_phases(config_dir, overrides)
-    shards = PrepareConfig(sources=sources, out=pretrain_cfg.data.shards,
-                           image_size=pretrain_cfg.model.image_size)
+    pretrain, finetune = load_phases(config_dir, overrides)
+    shards = PrepareConfig(sources=sources, out=pretrain.data.shards, image_size=pretrain.model.image_size)
     log.info("pipeline 1/5: shards at %s", shards.out)
     ensure_shards(shards, reprepare, command)
-    log.info("pipeline 2/5: quality classifier at %s", pretrain_cfg.classifier_dir)
-    ensure_classifier(pretrain_cfg.data.shards, pretrain_cfg.classifier_dir, pretrain_cfg.quality)
-    if pretrain_cfg.loss.perceptual_weight:
-        recipe = network_recipe(pretrain_cfg)
+    log.info("pipeline 2/5: quality classifier at %s", pretrain.classifier_dir)
+    ensure_classifier(pretrain.data.shards, pretrain.classifier_dir, pretrain.quality)
+    if pretrain.loss.perceptual_weight:
+        recipe = network_recipe(pretrain)
         log.info("pipeline 2/5: the perceptual loss's network at %s", recipe.classifier)
-        ensure_classifier(pretrain_cfg.data.shards, Path(recipe.classifier), recipe)
-    for number, cfg in enumerate((pretrain_cfg, finetune_cfg), start=3):
+        ensure_classifier(pretrain.data.shards, Path(recipe.classifier), recipe)
+    for number, cfg in enumerate((pretrain, finetune), start=3):
         log.info("pipeline %d/5: %s -> %s", number, cfg.train.phase, cfg.run_dir)
         train(cfg)  # resumes from the newest checkpoint; returns at once when the phase is complete
-    out = Path(finetune_cfg.run.output_dir) / "report.html"
+    out = Path(finetune.run.output_dir) / "report.html"
     log.info("pipeline 5/5: report -> %s", out)
-    report = write_report([pretrain_cfg.run_dir, finetune_cfg.run_dir], out)
-    return finetune_cfg.run_dir / "samples" / "pegasus.png", report
+    report = write_report([pretrain.run_dir, finetune.run_dir], out)
+    return finetune.run_dir / "samples" / "pegasus.png", report
 
 
 def load_phases(config_dir: Path, overrides: list[str]) -> tuple[Config, Config]:
@@ -50,17 +49,16 @@ def load_phases(config_dir: Path, overrides: list[str]) -> tuple[Config, Config]
     if missing := [str(p) for p in paths if not p.is_file()]:
         raise ConfigError(f"--config-dir {config_dir} must hold {' and '.join(p.name for p in paths)}; "
                           f"missing {', '.join(missing)}")
-    pretrain_cfg = load_config(paths[0], overrides)
-    finetune_cfg = load_config(paths[1], [*overrides, f"train.init_from={pretrain_cfg.run_dir}"])
-    if (pretrain_cfg.train.phase, finetune_cfg.train.phase) != PHASES:
+    pretrain = load_config(paths[0], overrides)
+    finetune = load_config(paths[1], [*overrides, f"train.init_from={pretrain.run_dir}"])
+    if (pretrain.train.phase, finetune.train.phase) != PHASES:
         raise ConfigError(f"{paths[0]} and {paths[1]} must set train.phase to pretrain and finetune")
-    if pretrain_cfg.run_dir == finetune_cfg.run_dir:
-        raise ConfigError(f"both phases would write {pretrain_cfg.run_dir}; "
-                          "give them different run.name values")
-    if pretrain_cfg.data.shards != finetune_cfg.data.shards:
-        raise ConfigError(f"the phases read different shard folders ({pretrain_cfg.data.shards}, "
-                          f"{finetune_cfg.data.shards}); the pipeline prepares one: set data.shards")
-    return pretrain_cfg, finetune_cfg
+    if pretrain.run_dir == finetune.run_dir:
+        raise ConfigError(f"both phases would write {pretrain.run_dir}; give them different run.name values")
+    if pretrain.data.shards != finetune.data.shards:
+        raise ConfigError(f"the phases read different shard folders ({pretrain.data.shards}, "
+                          f"{finetune.data.shards}); the pipeline prepares one: set data.shards")
+    return pretrain, finetune
 
 
 def ensure_classifier(shards: str, folder: Path, quality: QualityConfig) -> None:
@@ -106,8 +104,7 @@ def _prepared_inputs(folder: Path) -> str | None:
                    [_source_identity(s["spec"], s["origin"]) for s in made.get("sources", [])])
 
 
-def _inputs(image_size: int, seed: int | None, eval_fraction: float | None,
-            sources: list[str]) -> str:
+def _inputs(image_size: int, seed: int | None, eval_fraction: float | None, sources: list[str]) -> str:
     """One line that says what a preparation read, and how; equal for the same inputs."""
     return f"{', '.join(sources)} at {image_size} px (seed {seed}, eval fraction {eval_fraction})"
 

@@ -55,6 +55,7 @@ def _folder_name(name: str) -> str:
 ConvWidths = _widths(4, "the paper's 4 convolutions")
 FcWidths = _widths(3, "4 fully connected layers per side")
 ImageSide = Annotated[int, Field(ge=16, multiple_of=16)]  # 32, 64, 96: the side halves 4 times
+ClassifierWidths = Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1, max_length=8)]
 
 
 class Section(BaseModel):
@@ -120,8 +121,8 @@ class ModelConfig(Section):
     """The paper's convolutional VAE (Section 1.1)."""
 
     image_size: ImageSide = 32
-    channels: ConvWidths = Field(default_factory=lambda: [64, 128, 256, 512])
-    fc_dims: FcWidths = Field(default_factory=lambda: [512, 512, 256])
+    channels: ConvWidths = [64, 128, 256, 512]
+    fc_dims: FcWidths = [512, 512, 256]
     latent_dim: int = Field(128, ge=1)
     leaky_slope: float = 0.2
     sync_batchnorm: bool = False  # batch norm over the global batch: N processes of B compute as 1 of N*B
@@ -161,13 +162,11 @@ class LossConfig(Section):
     # between an image's and its reconstruction's activations in every block of a frozen classifier
     # (training/perceptual.py); 0: off. Like feature_matching_weight, 3 x H x W is a per-pixel nat.
     perceptual_weight: float = Field(0.0, ge=0)
-    # The frozen classifier's folder: the network that scores grids (quality.classifier) is never
-    # trained against, so this one is trained apart, with its own seed and widths below
-    # (`pegasus-dist classifier --for-loss`; `pipeline` trains it when missing).
+    # The frozen classifier's folder: not the grids' judge (quality.classifier, never trained against) but
+    # one trained apart, with its own seed and widths, by `pegasus-dist classifier --for-loss` or `pipeline`.
     perceptual_network: str = ""
     perceptual_seed: int = Field(1, ge=0)
-    perceptual_widths: list[Annotated[int, Field(ge=1)]] = Field(
-        default_factory=lambda: [32, 64, 128, 256], min_length=1, max_length=8)
+    perceptual_widths: ClassifierWidths = [32, 64, 128, 256]
 
     @model_validator(mode="after")
     def _discriminator_terms_need_the_discriminator(self) -> LossConfig:
@@ -187,9 +186,8 @@ class OptimConfig(Section):
 
     lr: float = Field(1e-3, gt=0)  # the learning rate at a global batch of `base_batch_size`
     base_batch_size: int = Field(128, ge=1)
-    # How lr follows the global batch G: sqrt uses lr * sqrt(G / base_batch_size), the rule for
-    # Adam (Malladi et al. 2022); linear uses lr * G / base_batch_size (Goyal et al.'s rule for
-    # SGD: Adam diverges with it at G=1024); none keeps lr.
+    # lr at a global batch G: sqrt: lr * sqrt(G / base_batch_size), Adam's rule (Malladi et al. 2022); linear:
+    # lr * G / base_batch_size (Goyal et al.'s rule for SGD: Adam diverges with it at G=1024); none: lr.
     lr_scaling: Literal["linear", "sqrt", "none"] = "sqrt"
     # Steps of linear warm-up from lr/warmup_steps to the scaled lr (Goyal et al. 2017); 0: off.
     # 200 is Goyal's 5 epochs at the SLURM scripts' largest global batch (4096 on the 173k mix).
@@ -199,7 +197,7 @@ class OptimConfig(Section):
     # Hoffmann et al. 2022); none: it stays. Per epoch, so the same on any process count.
     decay: Literal["none", "cosine"] = "none"
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    betas: Annotated[list[float], AfterValidator(_betas)] = Field(default_factory=lambda: [0.9, 0.999])
+    betas: Annotated[list[float], AfterValidator(_betas)] = [0.9, 0.999]
     weight_decay: float = 0.0
     # Max gradient norm; 0 disables clipping. About the norm of the paper model's
     # first step on CIFAR-10 (1,035-1,065): 10x what it falls to after 10 steps (60-170).
@@ -217,8 +215,7 @@ class TrainConfig(Section):
     grad_accum_steps: int = Field(1, ge=1)
     mixed_precision: Precision = "no"
     seed: int = 0  # model initialisation and reparameterisation noise
-    # Decay of a moving average of the VAE's weights (ema.safetensors) that the grids, the
-    # evaluation and `pegasus-dist sample` use; 0: off.
+    # Decay of an EMA of the VAE's weights (ema.safetensors) for the grids, eval and `sample`; 0: off.
     ema_decay: float = Field(0.0, ge=0, lt=1)
     init_from: str = ""  # a checkpoint or run directory (its newest) whose weights start this phase
     # Steps between logged (rank-reduced) metrics, the sync points where the ranks check for
@@ -301,25 +298,21 @@ class QualityConfig(Section):
     classifier_seed: int = Field(0, ge=0)  # initialisation, epoch order and augmentation draws
     # Channels of its conv blocks (3 x 3 conv, batch norm, ReLU, 2 x 2 max-pool each), one block per
     # halving of the image: at most log2(model.image_size) of them.
-    classifier_widths: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [32, 64, 128],
-                                                                 min_length=1, max_length=8)
+    classifier_widths: ClassifierWidths = [32, 64, 128]
 
 
 class WandbConfig(Section):
     """Weights & Biases through Accelerate's tracker."""
 
-    # auto: WANDB_MODE if set, else online with WANDB_API_KEY, else offline; any other value
-    # wins over WANDB_MODE (README.md, "W&B").
+    # auto: WANDB_MODE, else online with WANDB_API_KEY, else offline; others win over it (README.md, "W&B").
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     # Seconds an online start waits for the server before falling back to offline (wandb's own
     # timeout: 90 s, then a crash); over WANDB_INIT_TIMEOUT. A slow link may need more.
     init_timeout_s: float = Field(30.0, gt=0)
     project: str = "pegasus-dist"
     entity: str = ""
-    # Empty: the group is run.output_dir's name, which both phases share (runs/smoke -> smoke),
-    # the name <group>/<run.name> (smoke/pretrain).
-    name: str = ""
-    group: str = ""
+    name: str = ""  # empty: <group>/<run.name> (smoke/pretrain)
+    group: str = ""  # empty: run.output_dir's name, which both phases share (runs/smoke -> smoke)
     tags: list[str] = Field(default_factory=list)
 
 
