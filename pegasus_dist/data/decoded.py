@@ -1,10 +1,7 @@
-"""The decoded fast path: a shard set's images as one memory-mapped uint8 array beside its tars.
-
-The tars stay the truth: ``decoded.json`` records the sha256 of every shard the array was
-decoded from and one over pixels, keys and labels, and a stale or damaged pair is rebuilt on
-first use, under a lock so that concurrent ranks build once. One array per set, not per shard:
-the memory loader maps the file itself as its CPU tensor, with no concatenating copy.
-"""
+"""The decoded fast path: a shard set's images as one memory-mapped uint8 array beside its tars. The
+tars stay the truth: ``decoded.json`` records the sha256 of every shard it was decoded from and one over
+pixels, keys and labels; a stale or damaged pair is rebuilt on first use, under a lock (concurrent ranks
+build once). One array per set: the memory loader maps the file as its CPU tensor, with no copy."""
 
 from __future__ import annotations
 
@@ -25,9 +22,7 @@ from pegasus_dist.errors import DataError
 
 log = logging.getLogger("pegasus_dist.decoded")
 
-ARRAY = "decoded.npy"
-INDEX = "decoded.json"
-LOCK = ".decoded.lock"
+ARRAY, INDEX, LOCK = "decoded.npy", "decoded.json", ".decoded.lock"
 FORMAT = 1
 
 
@@ -39,8 +34,8 @@ class Decoded:
 
 
 def write_decoded(folder: Path, shard_sums: list[str], decoded: Decoded) -> None:
-    """Write ``folder``'s array and index, decoded from the shards of ``shard_sums`` (sha256s);
-    the index goes last, so a crash between leaves a pair that does not verify and is rebuilt."""
+    """Write ``folder``'s array and index, decoded from the shards of ``shard_sums`` (sha256s); the
+    index goes last, so a crash between leaves a pair that does not verify and is rebuilt."""
     images, keys, labels = np.ascontiguousarray(decoded.images), decoded.keys, decoded.labels
     index = {"format": FORMAT, "shape": list(images.shape), "shards": shard_sums, "keys": keys,
              "labels": labels, "sha256": _content_sha256(images, keys, labels)}
@@ -49,15 +44,12 @@ def write_decoded(folder: Path, shard_sums: list[str], decoded: Decoded) -> None
 
 
 def open_decoded(manifest: Manifest, decode_all: Callable[[], Decoded]) -> Decoded | None:
-    """The set's verified decoded array, built with ``decode_all`` (from the tars) when missing,
-    stale or damaged; None when it cannot be written here (a read-only folder, a full disk).
-    A shard that differs from its manifest's sha256, or a set too large to build in memory,
-    raises DataError naming it."""
-    _check_shards(manifest)
-    folder = manifest.path
-    found, problem = verified_decoded(manifest)
-    if found is not None:
+    """The set's verified decoded array, built with ``decode_all`` (from the tars) when missing, stale
+    or damaged; None when it cannot be written here (a read-only folder, a full disk). A shard that
+    differs from its manifest's sha256, or a set too large to build in memory, raises DataError."""
+    if (found := built_decoded(manifest)) is not None:
         return found
+    folder = manifest.path
     try:
         with FileLock(folder / LOCK, thread_local=False, preserve_lock_file=True):
             found, problem = verified_decoded(manifest)  # another rank may have built it meanwhile
@@ -85,14 +77,10 @@ def open_decoded(manifest: Manifest, decode_all: Callable[[], Decoded]) -> Decod
 def built_decoded(manifest: Manifest) -> Decoded | None:
     """The set's decoded array if a run built it and it still verifies; None otherwise (nothing is
     built here). A shard that differs from its manifest's sha256 raises DataError naming it."""
-    _check_shards(manifest)
-    return verified_decoded(manifest)[0]
-
-
-def _check_shards(manifest: Manifest) -> None:
     for entry, path in zip(manifest.shards, manifest.shard_paths, strict=True):
         if sha256_file(path) != entry.sha256:
             raise DataError(changed_shard(path))
+    return verified_decoded(manifest)[0]
 
 
 def verified_decoded(manifest: Manifest) -> tuple[Decoded | None, str | None]:

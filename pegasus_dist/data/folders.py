@@ -1,9 +1,7 @@
-"""Image folders: ``PATH/<class>/*`` or ``PATH/<split>/<class>/*``, a directory or a tar archive.
-
-Images of any size are centre-cropped to a square, resized and converted to RGB (a GIF gives
-its first frame). An archive is read in place, never extracted. Files of other formats (HEIC,
-text) are named in one warning per source; oversized images are refused before decoding.
-"""
+"""Image folders: ``PATH/<class>/*`` or ``PATH/<split>/<class>/*``, a directory or a tar archive read in
+place. Images of any size are centre-cropped to a square, resized and converted to RGB (a GIF gives its
+first frame). Files of other formats (HEIC, text) are named in one warning per source; oversized images
+are refused before decoding."""
 
 from __future__ import annotations
 
@@ -26,12 +24,12 @@ log = logging.getLogger("pegasus_dist.data.folders")
 
 # The raster formats read (all through Pillow); any other file is counted and named, never read.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".gif", ".webp", ".bmp", ".tif", ".tiff")
-# Longer sides beyond this many times the shorter are refused: the square crop would keep
-# a sliver of the image (a 1,000,000 x 1 strip keeps one pixel).
+# Longer sides beyond this many times the shorter are refused: the square crop would keep a sliver
+# of the image (a 1,000,000 x 1 strip keeps one pixel).
 MAX_ASPECT = 10
-# The largest folder image accepted, in pixels: above any camera photo in common use
-# (24-45 megapixels), below Pillow's decompression-bomb warning (89 million). A bigger
-# one takes over 150 MB to decode, only to be shrunk to a few dozen pixels a side.
+# The largest folder image accepted, in pixels: above any camera photo in common use (24-45 megapixels),
+# below Pillow's decompression-bomb warning (89 million). A bigger one takes over 150 MB to decode, only
+# to be shrunk to a few dozen pixels a side.
 MAX_IMAGE_PIXELS = 50_000_000
 # Pillow's modes of 16-bit grey images ("I": how older Pillow versions open them).
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
@@ -62,9 +60,13 @@ def _warn_unread(root: Path, unread: list[str]) -> None:
         return
     suffixes = Counter(Path(f).suffix.lower() or "(none)" for f in unread)
     kinds = ", ".join(f"{count} {suffix}" for suffix, count in suffixes.most_common())
-    shown = ", ".join(unread[:5]) + (f" and {len(unread) - 5} more" if len(unread) > 5 else "")
     log.warning("%s: skipping %d file(s) that are not %s images (%s): %s", root, len(unread),
-                "/".join(s.lstrip(".") for s in IMAGE_SUFFIXES), kinds, shown)
+                "/".join(s.lstrip(".") for s in IMAGE_SUFFIXES), kinds, _first(unread, 5))
+
+
+def _first(names: list[str], shown: int) -> str:
+    """The first ``shown`` of ``names``, and how many more there are."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 # A folder's files, and how to read one of them by name: (where, bytes).
@@ -95,13 +97,10 @@ def _archive_files(archive: Path) -> Files:
     names = list(dict.fromkeys(names))  # a member added twice (tar -r) is read once: its last copy
     outside = [n for n in names if n.startswith("/") or ".." in n.split("/")]
     if outside:
-        shown = ", ".join(outside[:10]) + (f" and {len(outside) - 10} more" if len(outside) > 10 else "")
         log.warning("%s: skipping %d member(s) named outside the archive's folder: %s",
-                    archive, len(outside), shown)
-    skipped = set(outside)
-    inside = [n for n in names if n not in skipped]
+                    archive, len(outside), _first(outside, 10))
     # Each image's bytes are dropped once it is read: decoded, it takes their place.
-    return inside, lambda name: (f"{archive}:{name}", contents.pop(name))
+    return sorted(set(names) - set(outside)), lambda name: (f"{archive}:{name}", contents.pop(name))
 
 
 def _classify(files: list[str], root: Path) -> list[tuple[str, str, str]]:

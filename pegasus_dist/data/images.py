@@ -1,8 +1,5 @@
-"""What every image source gives, and the steps its readers share.
-
-A source is read into memory as :class:`SourceImages` at the target size. Class names map
-onto one vocabulary, so CIFAR's "automobile" and STL-10's "car" land in the same class.
-"""
+"""What every image source gives (:class:`SourceImages`, in memory at the target size), and the steps
+its readers share. Class names map onto one vocabulary: CIFAR's "automobile" is STL-10's "car"."""
 
 from __future__ import annotations
 
@@ -20,8 +17,7 @@ from PIL import Image
 
 from pegasus_dist.errors import DataError
 
-VOCABULARY = ("airplane", "bird", "car", "cat", "deer", "dog", "frog", "horse", "monkey",
-              "ship", "truck")
+VOCABULARY = ("airplane", "bird", "car", "cat", "deer", "dog", "frog", "horse", "monkey", "ship", "truck")
 SYNONYMS = {"automobile": "car", "aeroplane": "airplane", "plane": "airplane"}
 SPLITS = ("train", "test", "unlabeled")
 
@@ -50,26 +46,24 @@ def canonical_class(name: str) -> str:
 
 @contextmanager
 def open_tar(path: Path) -> Iterator[tarfile.TarFile]:
-    """The archive, open for reading, never extracted; a truncated or damaged one raises
-    DataError naming it (a gzip stream that ends early raises EOFError, which the command
-    line would turn into a bare "Aborted.")."""
+    """The archive, open for reading, never extracted; a truncated or damaged one raises DataError
+    naming it (a gzip stream cut short raises EOFError, which the command line shows as "Aborted.")."""
     try:
         with tarfile.open(path, "r:*") as tar:
             yield tar
     except (EOFError, tarfile.TarError, zlib.error, OSError) as err:
         if isinstance(err, EOFError) or "unexpected end of data" in str(err):
-            raise DataError(f"{path} is truncated ({err}); copy or download the whole file "
-                            "again") from None
+            raise DataError(f"{path} is truncated ({err}); copy or download the whole file again") from None
         reason = " ".join(str(err).split())  # tarfile names each compression it tried on a line
         raise DataError(f"{path} is not a readable tar archive ({reason})") from None
 
 
 def resize_all(images: np.ndarray, size: int) -> np.ndarray:
-    """Resize square images with an antialiasing filter (the paper shrank STL-10 to 32x32);
-    shrinking uses BOX: for 96 -> 32 a clean 3x3 mean, with no aliasing and no ringing."""
+    """Resize square images with an antialiasing filter (the paper shrank STL-10 to 32x32); shrinking
+    uses BOX: for 96 -> 32 a clean 3x3 mean, with no aliasing and no ringing. Upsampling (CIFAR-10 to
+    64 or 96) has nothing to alias: bicubic is smoother there."""
     if images.shape[1] == size:
         return images
-    # Upsampling (CIFAR-10 to 64 or 96) has nothing to alias: bicubic is smoother there.
     method = Image.Resampling.BOX if size < images.shape[1] else Image.Resampling.BICUBIC
     return np.stack([np.asarray(Image.fromarray(image).resize((size, size), method))
                      for image in images])

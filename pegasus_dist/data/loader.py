@@ -1,13 +1,10 @@
-"""The training data path: exact, seeded, distributed reading of a shard set.
-
-Each epoch is planned from the manifest alone, identically on every rank: a seeded order
-of the shards and of the samples inside each gives one global sequence S; S from position
-``start`` on (past a resumed epoch's trained samples) is cut into global batches of
-``world_size * batch_size``, of which rank r takes the r-th slice (the last, shorter one
-split evenly), and loader worker w of K the rank's batches j with j % K == w. So one process
-of batch 2B sees at each step what two of batch B see together, and a run may resume on
-another world size or batch size: it trains the rest of S, nothing twice and nothing skipped.
-"""
+"""The training data path: exact, seeded, distributed reading of a shard set. Each epoch is planned from the
+manifest alone, the same on every rank: a seeded order of the shards and of the samples in each gives one
+global sequence S; S from position ``start`` on (past a resumed epoch's trained samples) is cut into global
+batches of ``world_size * batch_size``; rank r takes the r-th slice of each (the last, shorter one split
+evenly), loader worker w of K the rank's batches j with j % K == w. So one process of batch 2B sees at each
+step what two of batch B see together, and a run may resume on another world size or batch size: it trains the
+rest of S, nothing twice, nothing skipped."""
 
 from __future__ import annotations
 
@@ -32,8 +29,8 @@ log = logging.getLogger("pegasus_dist.loader")
 
 
 class LoaderWorkerLost(RuntimeError):
-    """A loader worker process died while this process read a batch from it (the OOM killer, a
-    SIGKILL); torch's own word for the same death, from its SIGCHLD handler, is a RuntimeError too."""
+    """A loader worker process died while this process read a batch from it (the OOM killer, a SIGKILL);
+    torch's own word for the same death, from its SIGCHLD handler, is a RuntimeError too."""
 
 
 @dataclass
@@ -63,10 +60,9 @@ def global_sequence(manifest: Manifest, seed: int, epoch: int) -> np.ndarray:
                            for s in shard_order])
 
 
-def global_batch_sizes(num_samples: int, world_size: int, batch_size: int,
-                       start: int = 0) -> list[int]:
-    """Samples in each global batch of the epoch from position ``start`` on, in order; the last
-    holds what is left, at least one per rank (less is folded into the one before)."""
+def global_batch_sizes(num_samples: int, world_size: int, batch_size: int, start: int = 0) -> list[int]:
+    """Samples in each global batch of the epoch from position ``start`` on, in order; the last holds
+    what is left, at least one per rank (less is folded into the one before)."""
     left = num_samples - start
     if left < world_size:
         held = (f"the shard set holds {num_samples} samples" if not start else
@@ -155,8 +151,8 @@ class _ShardCache:
         return Batch(_nchw(np.stack(images)), list(keys), list(labels), offset, len(found) - len(good))
 
     def _item(self, row: int) -> tuple[str, np.ndarray, str | None] | None:
-        """(key, image, label) of ``row`` of the set's file order, or None for a bad sample (one
-        that does not decode, or was lost to a damaged shard) when bad ones are skipped."""
+        """(key, image, label) of ``row`` of the set's file order, or None for a bad sample (one that
+        does not decode, or was lost to a damaged shard) when bad ones are skipped."""
         shard = int(np.searchsorted(self.starts, row, side="right")) - 1
         if shard != self.index:
             self.samples, self.index = self._read(shard), shard
@@ -244,12 +240,10 @@ def _decoded(shards: ShardSet, skip_bad: bool) -> Decoded | None:
 
 
 class MemoryLoader:
-    """The device-resident mode: the whole shard set decoded once into one uint8 tensor.
-
-    Batches follow :class:`ShardLoader`'s plan; bad data stops this mode at load time. On
-    the CPU the tensor is the mapped decoded array itself, which a node's ranks share through
-    the page cache; a GPU gets one copy. A batch is NHWC rows seen as NCHW (channels-last).
-    """
+    """The device-resident mode: the whole shard set decoded once into one uint8 tensor. Batches follow
+    :class:`ShardLoader`'s plan; bad data stops this mode at load time. On the CPU the tensor is the
+    mapped decoded array itself, which a node's ranks share through the page cache; a GPU gets one copy.
+    A batch is NHWC rows seen as NCHW (channels-last)."""
 
     def __init__(self, shard_set: str | Path, batch_size: int, rank: int, world_size: int,
                  seed: int, image_size: int, device: torch.device | str = "cpu",

@@ -1,9 +1,7 @@
-"""``manifest.json``: what a shard set holds and how it was made.
-
-Image size, sample counts per source, label and split, every shard with its count and sha256
-(the loader plans epochs from them without scanning the tars), and the provenance. The sets
-of one ``prepare`` share a ``generation``, a hash of their provenance and shards.
-"""
+"""``manifest.json``: what a shard set holds and how it was made. Image size, sample counts per source,
+label and split, every shard with its count and sha256 (the loader plans epochs from them without
+scanning the tars), and the provenance. The sets of one ``prepare`` share a ``generation``, a hash of
+their provenance and shards."""
 
 from __future__ import annotations
 
@@ -28,12 +26,17 @@ PROVENANCE = ("seed", "eval_fraction", "command", "sources", "generation")
 Count = Annotated[int, Field(ge=0)]
 
 
-@dataclass
-class ShardEntry:
+class _Fields(BaseModel):
+    """The fields of ``manifest.json`` that are read, each of its type: strict, so "50" is no count."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class ShardEntry(_Fields):
     name: str
-    num_samples: int
+    num_samples: Count
     sha256: str
-    bytes: int
+    bytes: Count
 
 
 @dataclass
@@ -65,19 +68,6 @@ class Manifest:
         return self.provenance.get("generation")
 
 
-class _Fields(BaseModel):
-    """The fields of ``manifest.json`` that are read, each of its type: strict, so "50" is no count."""
-
-    model_config = ConfigDict(strict=True, extra="forbid")
-
-
-class _ShardFields(_Fields):
-    name: str
-    num_samples: Count
-    sha256: str
-    bytes: Count
-
-
 class _SourceFields(_Fields, extra="allow"):  # name, num_images: recorded, never read
     spec: str
     origin: str | None
@@ -88,7 +78,7 @@ class _ManifestFile(_Fields, extra="allow"):  # format, and fields a later versi
     image_size: Annotated[int, Field(gt=0)]
     num_samples: Count
     counts: dict[str, dict[str, Count]]
-    shards: list[_ShardFields]
+    shards: list[ShardEntry]
     seed: int | None = None  # the provenance, absent from the oldest manifests
     eval_fraction: float | None = None
     command: str = ""
@@ -113,7 +103,7 @@ def write_manifest(folder: Path, name: str, image_size: int, shards: list[ShardE
                    counts: dict[str, dict[str, int]], provenance: dict[str, Any]) -> None:
     """Write ``folder/manifest.json``; sorted keys, so identical inputs give identical bytes."""
     data = {"format": FORMAT, "name": name, "image_size": image_size, "counts": counts,
-            "num_samples": sum(s.num_samples for s in shards), "shards": [vars(s) for s in shards],
+            "num_samples": sum(s.num_samples for s in shards), "shards": [s.model_dump() for s in shards],
             **provenance}
     (folder / FILENAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
@@ -133,10 +123,8 @@ def load_manifest(folder: str | Path) -> Manifest:
         fields = _ManifestFile.model_validate(data)
     except ValidationError as err:
         raise DataError(f"{field_problem(path, err, _ManifestFile)}; {REPREPARE}") from None
-    manifest = Manifest(path=folder, name=fields.name, image_size=fields.image_size,
-                        num_samples=fields.num_samples, counts=fields.counts,
-                        shards=[ShardEntry(**entry.model_dump()) for entry in fields.shards],
-                        provenance={k: data[k] for k in PROVENANCE if k in data})
+    manifest = Manifest(folder, fields.name, fields.image_size, fields.num_samples, fields.shards,
+                        fields.counts, provenance={k: data[k] for k in PROVENANCE if k in data})
     if sum(manifest.shard_sizes) != manifest.num_samples:
         raise DataError(f"{path} says num_samples {manifest.num_samples} but its shards list "
                         f"{sum(manifest.shard_sizes)}; re-run `pegasus-dist prepare`")

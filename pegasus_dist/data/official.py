@@ -1,8 +1,6 @@
 """The official archives: CIFAR-10 python (Krizhevsky, 2009) and STL-10 binary (Coates et al., 2011).
-
-Each is checked against its published md5 unless turned off (a fixture or a modified copy).
-CIFAR-10's pickled batches go through an unpickler that accepts only the NumPy arrays they hold.
-"""
+Each is checked against its published md5 unless turned off (a fixture or a modified copy). CIFAR-10's
+pickled batches go through an unpickler that accepts only the NumPy arrays they hold."""
 
 from __future__ import annotations
 
@@ -65,8 +63,7 @@ def read_cifar10(path: str | Path, image_size: int = 32, verify_checksum: bool =
                for m in tar if m.isfile() and m.name.rsplit("/", 1)[-1] in members}
     for member in members:
         if member not in raw:
-            raise DataError(f"{path} has no cifar-10-batches-py/{member}: "
-                            "not the CIFAR-10 python archive")
+            raise DataError(f"{path} has no cifar-10-batches-py/{member}: not the CIFAR-10 python archive")
         where = f"{path}:{member}"
         batch = _unpickle(raw[member], where)
         if b"data" not in batch or b"labels" not in batch:
@@ -104,13 +101,12 @@ def read_stl10(path: str | Path, image_size: int = 32, verify_checksum: bool = T
                 parts[name] = np.concatenate(list(_stl_images(tar.extractfile(member), image_size, where)))
             elif name.endswith("_y.bin") or name == "class_names.txt":
                 parts[name] = tar.extractfile(member).read()
-    if "class_names.txt" not in parts:
-        raise DataError(f"{path} has no stl10_binary/class_names.txt: not the STL-10 binary archive")
+    needed = ["class_names.txt", *(f"{split}_{xy}.bin" for split in SPLITS for xy in "Xy"
+                                   if (split, xy) != ("unlabeled", "y"))]
+    if missing := [name for name in needed if name not in parts]:
+        raise DataError(f"{path} has no stl10_binary/{missing[0]}: not the STL-10 binary archive")
     names = parts["class_names.txt"].decode(errors="replace").split()
     for split in SPLITS:
-        for needed in [f"{split}_X.bin"] + ([f"{split}_y.bin"] if split != "unlabeled" else []):
-            if needed not in parts:
-                raise DataError(f"{path} has no stl10_binary/{needed}: not the STL-10 binary archive")
         x = parts[f"{split}_X.bin"]
         images.append(x)
         splits += [split] * len(x)
@@ -128,8 +124,7 @@ def _stl_images(stream: io.BufferedReader, image_size: int, where: str) -> Itera
 
 
 def _image_rows(flat: np.ndarray, shape: tuple[int, int, int], where: str) -> np.ndarray:
-    """The uint8 values ``flat`` as whole images of ``shape`` (a view): a member cut short or padded
-    is refused by name."""
+    """``flat`` as whole uint8 images of ``shape`` (a view); a member cut short or padded is refused."""
     if not flat.size or flat.size % int(np.prod(shape)):
         raise DataError(f"{where}: {flat.size:,} bytes are not whole {'x'.join(map(str, shape))} images "
                         "(a truncated or altered archive); download it again")

@@ -1,11 +1,8 @@
-"""`pegasus-dist prepare`: image sources -> the mix, horse_bird and eval shard sets.
-
-A seeded permutation of all sources sets aside ``eval_fraction`` as ``eval``; the rest is
-``mix`` (every image) and ``horse_bird`` (the labelled horses and birds), each with its
-decoded array beside the tars. Same inputs, same bytes. The three sets are published as one
-unit, through one ``.current`` link to a ``.generation-*`` folder (README.md, "Fault
-tolerance"), so that a held-out image of one run is never a training image of another.
-"""
+"""`pegasus-dist prepare`: image sources -> the mix, horse_bird and eval shard sets. A seeded permutation
+of all sources sets aside ``eval_fraction`` as ``eval``; the rest is ``mix`` (every image) and ``horse_bird``
+(labelled horses and birds), each with its decoded array. Same inputs, same bytes. The three sets are
+published as one unit, one ``.current`` link to a ``.generation-*`` folder (README.md, "Fault tolerance"):
+a held-out image of one run is never a training image of another."""
 
 from __future__ import annotations
 
@@ -40,8 +37,7 @@ from pegasus_dist.errors import DataError
 log = logging.getLogger("pegasus_dist.prepare")
 
 FINETUNE_CLASSES = ("horse", "bird")
-# Below this many images a worker pool costs more than it saves.
-POOL_THRESHOLD = 2000
+POOL_THRESHOLD = 2000  # below this many images a worker pool costs more than it saves
 CURRENT = ".current"  # the link to the published generation folder
 GENERATION = ".generation-"  # the prefix of generation folders
 LOCK = ".prepare.lock"  # held while a prepare writes into the folder (a flock: gone with its process)
@@ -49,8 +45,8 @@ TAR_OVERHEAD = 2048  # bytes a sample's tar takes beyond its pixels: 2 headers, 
 
 
 def prepare(cfg: PrepareConfig, command: str = "") -> dict[str, Path]:
-    """Write ``mix/``, ``horse_bird/`` and ``eval/`` under ``cfg.out``; return their folders.
-    The sources are read first; then one ``prepare`` at a time writes into ``--out``."""
+    """Write ``mix/``, ``horse_bird/`` and ``eval/`` under ``cfg.out``; return their folders. The sources
+    are read first; then one ``prepare`` at a time writes into ``--out``."""
     started = time.perf_counter()
     sources = _unique_names([_load(spec, cfg) for spec in cfg.sources])
     images = np.concatenate([s.images for s in sources])
@@ -59,13 +55,13 @@ def prepare(cfg: PrepareConfig, command: str = "") -> dict[str, Path]:
              for s in sources for i, (label, split) in enumerate(zip(s.labels, s.splits, strict=True))]
     sets = _split(metas, cfg)
     provenance = {"seed": cfg.seed, "eval_fraction": cfg.eval_fraction, "command": command,
-                  "sources": [{"spec": spec, "name": s.name, "origin": s.origin,
-                               "num_images": len(s.labels)}
+                  "sources": [{"spec": spec, "name": s.name, "origin": s.origin, "num_images": len(s.labels)}
                               for spec, s in zip(cfg.sources, sources, strict=True)]}
     out = Path(cfg.out)
-    with _writing(out, _bytes_needed(sets, cfg.image_size)) as generation:
-        tasks = {name: _shard_tasks(generation / name, idx, cfg.shard_size)
-                 for name, idx in sets.items()}
+    # About what the sets take on disk: each image in its tar and in the decoded array, and TAR_OVERHEAD.
+    needed = sum(map(len, sets.values())) * (2 * cfg.image_size**2 * 3 + TAR_OVERHEAD)
+    with _writing(out, needed) as generation:
+        tasks = {name: _shard_tasks(generation / name, idx, cfg.shard_size) for name, idx in sets.items()}
         entries = iter(_write_shards(images, metas, [t for ts in tasks.values() for t in ts]))
         shards = {name: [next(entries) for _ in set_tasks] for name, set_tasks in tasks.items()}
         provenance["generation"] = generation_id(provenance, shards)
@@ -87,9 +83,9 @@ def prepare(cfg: PrepareConfig, command: str = "") -> dict[str, Path]:
 
 @contextmanager
 def _writing(out: Path, needed: int) -> Iterator[Path]:
-    """Hold ``out``'s prepare lock, after removing what a crashed prepare left there, and give the
-    new generation's folder, removed again if the prepare fails before publishing it. A second
-    prepare, a full disk or a folder that cannot be written is one line naming the path."""
+    """Hold ``out``'s prepare lock, after removing what a crashed prepare left there, and give the new
+    generation's folder, removed again if the prepare fails before publishing it. A second prepare,
+    a full disk or a folder that cannot be written is one line naming the path."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         with FileLock(out / LOCK, thread_local=False, preserve_lock_file=True).acquire(blocking=False):
@@ -109,8 +105,8 @@ def _writing(out: Path, needed: int) -> Iterator[Path]:
 
 
 def _write_error(err: OSError, out: Path, needed: int) -> str:
-    """The line for a write under ``out`` that failed; when a file found no room (a full disk, a
-    quota, a file size limit), with the space left there and the space the sets take."""
+    """The line for a write under ``out`` that failed; when a file found no room (a full disk, a quota,
+    a file size limit), with the space left there and the space the sets take."""
     where = f"cannot write {err.filename or out}: {err.strerror or err}"
     if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return f"{where}; make {out} writable, or prepare into another --out"
@@ -121,12 +117,6 @@ def _write_error(err: OSError, out: Path, needed: int) -> str:
         free = ""
     return (f"{where} ({free}these sets take about {needed / 2**20:.1f} MB); free space, "
             "or prepare into another --out")
-
-
-def _bytes_needed(sets: dict[str, np.ndarray], image_size: int) -> int:
-    """About what the sets take on disk: each image in its tar and in the decoded array, plus
-    per sample its JSON member and the tar's two headers and padding."""
-    return sum(len(indices) for indices in sets.values()) * (2 * image_size**2 * 3 + TAR_OVERHEAD)
 
 
 def _split(metas: list[dict], cfg: PrepareConfig) -> dict[str, np.ndarray]:
@@ -206,8 +196,8 @@ def _default_signal_handlers() -> None:
 def _write_one(task: ShardTask) -> ShardEntry:
     images, metas = _shared
     write_shard(task.path, ((metas[i]["key"], images[i], metas[i]) for i in task.indices))
-    return ShardEntry(task.path.name, len(task.indices), sha256_file(task.path),
-                      task.path.stat().st_size)
+    return ShardEntry(name=task.path.name, num_samples=len(task.indices), sha256=sha256_file(task.path),
+                      bytes=task.path.stat().st_size)
 
 
 def _publish(out: Path, generation: Path, names: list[str]) -> None:

@@ -1,9 +1,7 @@
-"""WebDataset tar shards: written by webdataset, read through one :class:`ShardSet`.
-
-A sample is ``KEY.npy`` (the (H, W, 3) uint8 image) and ``KEY.json`` (``{"key", "source",
-"index", "label", "split"}``); keys hold no dots, since WebDataset splits a member name at its
-first dot. Why ``.npy`` and not PNG (still read): docs/performance.md ("Sample format").
-"""
+"""WebDataset tar shards: written by webdataset, read through one :class:`ShardSet`. A sample is ``KEY.npy``
+(the (H, W, 3) uint8 image) and ``KEY.json`` (``{"key", "source", "index", "label", "split"}``); keys hold no
+dots, since WebDataset splits a member name at its first dot. Why ``.npy`` and not PNG (still read):
+docs/performance.md ("Sample format")."""
 
 from __future__ import annotations
 
@@ -26,8 +24,8 @@ from pegasus_dist.data.manifest import REPREPARE, Manifest, changed_shard, load_
 from pegasus_dist.errors import DataError
 
 _PNG = imagehandler("rgb8")  # Pillow, to RGB
-# webdataset's decoders of what prepare writes, and of what shards before it held. Called
-# directly: its Decoder tries a chain of handlers per member, which triples the cost of a 32 px image.
+# webdataset's decoders of what prepare writes, and of what shards before it held. Called directly:
+# its Decoder tries a chain of handlers per member, which triples the cost of a 32 px image.
 _DECODERS = {"npy": npy_loads, "png": lambda data: _PNG(".png", data)}
 IMAGE_EXTENSIONS = tuple(_DECODERS)
 
@@ -53,17 +51,17 @@ class ShardSample:
 
 
 def write_shard(path: Path, samples: Iterable[tuple[str, np.ndarray, dict]]) -> None:
-    """Write (key, (H, W, 3) uint8 image, meta) samples, in order, into one tar file; every
-    member's owner, mode and time stamp are fixed, so the same samples give the same bytes."""
+    """Write (key, (H, W, 3) uint8 image, meta) samples, in order, into one tar file; every member's
+    owner, mode and time stamp are fixed, so the same samples give the same bytes."""
     with TarWriter(str(path), user="pegasus", group="pegasus", mode=0o444, mtime=0) as writer:
         for key, image, meta in samples:
             writer.write({"__key__": key, "npy": image, "json": meta})
 
 
 def iter_shard(path: Path, sha256: str | None = None) -> Iterator[ShardSample]:
-    """The samples of one shard, in file order; a damaged tar raises DataError after those before
-    it. With ``sha256`` (its manifest's), the file is hashed as it is read, and one that differs
-    raises DataError after its last sample: any byte changed since ``prepare`` is found."""
+    """The samples of one shard, in file order; a damaged tar raises DataError after those before it.
+    With ``sha256`` (its manifest's), the file is hashed as it is read, and one that differs raises
+    DataError after its last sample: any byte changed since ``prepare`` is found."""
     try:
         with open(path, "rb") as f:
             stream = _Hashed(f)
@@ -98,7 +96,7 @@ def _shard_sample(sample: dict, path: Path) -> ShardSample:
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
     if ext is None or "json" not in sample:
         raise DataError(f"shard {path}: sample {key} lacks its image ({' or '.join(IMAGE_EXTENSIONS)}) "
-                        "or json member; re-run `pegasus-dist prepare`")
+                        f"or json member; {REPREPARE}")
     return ShardSample(key, sample[ext], ext, sample["json"], path)
 
 
@@ -108,8 +106,7 @@ class ShardSet:
     def __init__(self, folder: str | Path, image_size: int | None = None) -> None:
         """``image_size``: what the reader expects (model.image_size); None takes the manifest's."""
         self.manifest: Manifest = load_manifest(folder)
-        self.path = self.manifest.path
-        self.image_size = self.manifest.image_size
+        self.path, self.image_size = self.manifest.path, self.manifest.image_size
         if image_size is not None and image_size != self.image_size:
             raise DataError(f"{self.path} holds {self.image_size}px images but model.image_size is "
                             f"{image_size}; set model.image_size={self.image_size} or prepare shards with "
@@ -121,8 +118,8 @@ class ShardSet:
             yield from self.read(index)
 
     def read(self, index: int, hashed: bool = True) -> Iterator[ShardSample]:
-        """The samples of shard ``index``; then DataError if they are not as many as the manifest says
-        (a tar cut short between members fails its sha256; the count, a manifest that disagrees).
+        """The samples of shard ``index``; then DataError if they are not as many as the manifest says (a
+        tar cut short between members fails its sha256; the count, a manifest that disagrees).
         ``hashed=False``: the caller checked the file's sha256 already; it is not hashed again."""
         entry, path = self.manifest.shards[index], self.manifest.shard_paths[index]
         count = 0
@@ -166,8 +163,7 @@ class ShardSet:
     def keys_by_label(self, labels: Iterable[str]) -> dict[str, list[str]]:
         """The keys of each of ``labels``, in file order."""
         found: dict[str, list[str]] = {label: [] for label in labels}
-        built = self._built
-        pairs = (zip(built.keys, built.labels, strict=True) if built is not None
+        pairs = (zip(self._built.keys, self._built.labels, strict=True) if self._built is not None
                  else ((s.key, s.meta["label"]) for s in self))
         for key, label in pairs:
             if label in found:
@@ -176,13 +172,12 @@ class ShardSet:
 
     def images(self, keys: Collection[str]) -> dict[str, np.ndarray]:
         """The (H, W, 3) uint8 images of ``keys`` found in the set, by key."""
-        built = self._built
-        if built is None:
+        if (built := self._built) is None:
             return {s.key: self.decode(s) for s in self if s.key in keys}
         return {key: np.array(built.images[row]) for row, key in enumerate(built.keys) if key in keys}
 
     @cached_property
     def _built(self) -> Decoded | None:
-        """The decoded array a training run built, when it verifies: a lookup there costs a hash of
-        the files, where a scan of the tars parses every member (seconds for a finetune's set)."""
+        """The decoded array a training run built, when it verifies: a lookup there costs a hash of the
+        files, where a scan of the tars parses every member (seconds for a finetune's set)."""
         return built_decoded(self.manifest)

@@ -1,9 +1,7 @@
-"""Image sources, read into memory at the target size, named by a spec string (:func:`load_source`).
-
-``cifar10:PATH|download`` and ``stl10:PATH|download`` (:mod:`.official`), ``folder:PATH``
-(``PATH/[<split>/]<class>/*``, a folder or a tar, :mod:`.folders`) and ``synthetic:N[:SEED]``
-(offline demos and tests). README.md, "1. Shards", lists what each holds.
-"""
+"""Image sources, read into memory at the target size, named by a spec string (:func:`load_source`):
+``cifar10:PATH|download`` and ``stl10:PATH|download`` (:mod:`.official`), ``folder:PATH`` (a folder or
+tar of ``[<split>/]<class>/*``, :mod:`.folders`) and ``synthetic:N[:SEED]`` (offline demos and tests).
+README.md, "1. Shards", lists what each holds."""
 
 from __future__ import annotations
 
@@ -42,9 +40,7 @@ def synthetic(num_images: int, image_size: int = 32, seed: int = 0) -> SourceIma
     kinds = rng.choice(["horse", "bird", "car", "ship", "cat", None], size=num_images,
                        p=[0.25, 0.25, 0.1, 0.1, 0.1, 0.2])
     yy, xx = np.mgrid[0:image_size, 0:image_size] / image_size
-    images = np.empty((num_images, image_size, image_size, 3), dtype=np.uint8)
-    for i, kind in enumerate(kinds):
-        images[i] = _draw(kind, yy, xx, rng)
+    images = np.stack([_draw(kind, yy, xx, rng) for kind in kinds])
     labels = [None if k is None else str(k) for k in kinds]
     splits = ["unlabeled" if k is None else ("test" if rng.random() < 1 / 6 else "train")
               for k in labels]

@@ -1,9 +1,7 @@
-"""`pegasus-dist verify`: check shard sets against their manifests, reporting every problem.
-
-Per shard: sha256 and sample count, every image decodes at the set's size and has its label,
-no key twice; the held-out set shares the training sets' generation and no key with them; the
-decoded array, when there is one, was decoded from these shards and is unchanged since.
-"""
+"""`pegasus-dist verify`: check shard sets against their manifests, reporting every problem. Per shard:
+sha256 and sample count, every image decodes at the set's size and has its label, no key twice; the
+held-out set shares the training sets' generation and no key with them; the decoded array, if any,
+was decoded from these shards and is unchanged since."""
 
 from __future__ import annotations
 
@@ -22,8 +20,8 @@ def find_shard_sets(path: Path) -> list[Path]:
     if (path / FILENAME).is_file():
         return [path]
     # A set folder of prepare's whose manifest is gone is verified too (and refused), not passed over.
-    found = sorted({p.parent for p in path.glob(f"*/{FILENAME}")} | {path / n for n in SHARD_SETS
-                                                                      if (path / n).is_dir()})
+    found = sorted({p.parent for p in path.glob(f"*/{FILENAME}")}
+                   | {path / n for n in SHARD_SETS if (path / n).is_dir()})
     if not found:
         raise DataError(f"no shard set ({FILENAME}) at or directly under {path}; "
                         "pass a folder written by `pegasus-dist prepare`")
@@ -45,10 +43,9 @@ def verify_shard_set(folder: Path) -> tuple[int, list[str]]:
         if sha256_file(path) != entry.sha256:
             problems.append(f"{path}: sha256 differs from {folder / FILENAME}")
         checked += _check_samples(shard_set, index, keys, labels, problems)
-    expected = manifest.counts.get("label", {})
-    if dict(sorted(labels.items())) != expected:
-        problems.append(f"{folder}: the samples' labels {dict(sorted(labels.items()))} differ "
-                        f"from the manifest's {expected}")
+    found, expected = dict(sorted(labels.items())), manifest.counts.get("label", {})
+    if found != expected:
+        problems.append(f"{folder}: the samples' labels {found} differ from the manifest's {expected}")
     if manifest.name == HELD_OUT:
         problems += _held_out_problems(shard_set, keys)
     if decoded := verified_decoded(manifest)[1]:
@@ -84,8 +81,8 @@ def _check_samples(shard_set: ShardSet, index: int, keys: set[str], labels: Coun
     """Decode every sample of one shard, recording keys, labels and problems; the count read."""
     count = 0
     try:
-        # Not hashed again: verify_shard_set checked the file's sha256, once a shard.
-        for sample in shard_set.read(index, hashed=False):  # then a count that differs from the manifest's
+        # Not hashed again: verify_shard_set checked the file's sha256. read() then checks the count.
+        for sample in shard_set.read(index, hashed=False):
             count += 1
             if sample.key in keys:
                 problems.append(f"{sample.shard}: key {sample.key} appears twice")
