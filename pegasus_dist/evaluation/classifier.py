@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import time
+from itertools import pairwise
 from pathlib import Path
 from typing import Annotated
 
@@ -42,7 +43,6 @@ class _HeldOut(BaseModel):
 
 class _MetaFields(BaseModel):
     """The fields of ``classifier.json`` that are read, each of its type: strict, so "32" is no size."""
-
     model_config = ConfigDict(strict=True, extra="allow")  # epochs, seed...: recorded, never read back
     classes: list[str] = Field(min_length=1)
     widths: list[Positive] = Field(min_length=1)
@@ -60,13 +60,10 @@ class Classifier(nn.Module):
         super().__init__()
         self.classes, self.widths, self.image_size = list(classes), tuple(widths), image_size
         self.meta: dict = {}  # classifier.json, once loaded
-        blocks, width_in = [], 3
-        for width in widths:
-            blocks += [nn.Conv2d(width_in, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
-            width_in = width
-        self.body = nn.Sequential(*blocks)
-        self.head = nn.Linear(width_in, len(classes))
+        self.body = nn.Sequential(*(layer for w_in, w_out in pairwise([3, *widths]) for layer in (
+            nn.Conv2d(w_in, w_out, 3, padding=1, bias=False), nn.BatchNorm2d(w_out), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2))))
+        self.head = nn.Linear(widths[-1], len(classes))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body((x - 0.5) / 0.25).mean(dim=(2, 3))
@@ -200,9 +197,8 @@ def save_classifier(classifier: Classifier, meta: dict, folder: str | Path) -> d
 
 
 def read_meta(folder: str | Path) -> dict | None:
-    """What ``classifier.json`` says, or None when the folder holds no classifier; a DataError
-    when it is damaged: the JSON unreadable, a field missing or of another type, no sha256 in
-    it, or the weights not those it lists."""
+    """What ``classifier.json`` says, or None when the folder holds no classifier; a DataError when it is
+    damaged: the JSON unreadable, a field missing or of another type, no sha256, or other weights."""
     folder = Path(folder)
     if not ((folder / META).is_file() and (folder / WEIGHTS).is_file()):
         return None
@@ -221,8 +217,8 @@ def read_meta(folder: str | Path) -> dict | None:
 
 
 def find_classifier(cfg: Config) -> Classifier | None:
-    """The classifier at ``quality.classifier``, or None and one line saying why and how to create
-    it: a damaged one costs only the quality scores, so the phase ends, never failing on a restart."""
+    """The classifier at ``quality.classifier``, or None and one line saying why and how to create it: a
+    damaged one costs only the quality scores, so the phase ends, never failing on a restart."""
     try:
         if read_meta(cfg.classifier_dir) is not None:
             return load_classifier(cfg.classifier_dir)

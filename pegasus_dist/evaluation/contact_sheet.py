@@ -1,8 +1,6 @@
-"""`pegasus-dist contact-sheet`: candidate horses and birds to choose by eye.
-
-A seeded selection of labelled images as one PNG, each tile captioned with its whole shard key, and a
-JSON of the keys for ``sampler.horse_keys`` and ``sampler.bird_keys``: the paper's author picked by hand.
-"""
+"""`pegasus-dist contact-sheet`: candidate horses and birds to choose by eye, as the paper's author picked by
+hand. A seeded selection of labelled images as one PNG, each tile captioned with its whole shard key, and a
+JSON of the keys for ``sampler.horse_keys`` and ``sampler.bird_keys``."""
 
 from __future__ import annotations
 
@@ -28,8 +26,7 @@ def contact_sheet(shard_set: str | Path, out: str | Path, labels: tuple[str, ...
                   per_label: int = PER_LABEL, columns: int = 8, tile: int = 128,
                   seed: int = SEED) -> tuple[Path, Path]:
     """Write ``out`` (PNG) and ``out`` with .json: the chosen keys by label, in tile order."""
-    # Imported here: the shards' reader loads torch (3 s), and the CLI reads this module's
-    # defaults for every command's --help.
+    # Imported here: the shards' reader loads torch (3 s); the CLI reads this module's defaults for --help.
     from pegasus_dist.data.shards import ShardSet
 
     shards = ShardSet(shard_set)
@@ -42,10 +39,9 @@ def contact_sheet(shard_set: str | Path, out: str | Path, labels: tuple[str, ...
         picks = sorted(rng.choice(len(keys), size=min(per_label, len(keys)), replace=False))
         chosen[label] = [keys[i] for i in picks]
     images = shards.images({k for ks in chosen.values() for k in ks})
-    sheet, _ = draw_sheet(chosen, images, columns, tile)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out)
+    draw_sheet(chosen, images, columns, tile)[0].save(out)
     listing = out.with_suffix(".json")
     listing.write_text(json.dumps({"shard_set": str(shards.path), "columns": columns,
                                    "tile": tile, "keys": chosen}, indent=2) + "\n")
@@ -55,7 +51,6 @@ def contact_sheet(shard_set: str | Path, out: str | Path, labels: tuple[str, ...
 @dataclass(frozen=True)
 class Caption:
     """Where one tile's key is written: its lines, each line's top-left, and the strip under the tile."""
-
     key: str
     lines: list[str]
     origins: list[tuple[int, int]]
@@ -64,9 +59,9 @@ class Caption:
 
 def caption_lines(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int,
                   breaks: tuple[str, ...] = BREAKS) -> list[str]:
-    """``text`` in lines no wider than ``width`` pixels, which joined give it back: broken after a
-    "-", else a "_", else anywhere, filled from the end so that the tail that tells keys apart
-    (``train-0004013``) stays on one line."""
+    """``text`` in lines no wider than ``width`` pixels, which joined give it back: broken after a "-", else
+    a "_", else anywhere, filled from the end so that the tail that tells keys apart (``train-0004013``)
+    stays on one line."""
     sep, finer = breaks[0], breaks[1:]
     cut = re.escape(sep)
     pieces = re.findall(rf"[^{cut}]*{cut}|[^{cut}]+$", text) if sep else list(text)
@@ -83,15 +78,14 @@ def caption_lines(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont,
 
 def draw_sheet(chosen: dict[str, list[str]], images: dict[str, np.ndarray], columns: int,
                tile: int) -> tuple[Image.Image, list[Caption]]:
-    """The sheet: per label a title, then its tiles in rows, each over its caption strip (as tall
-    as the longest key needs, so every caption fits under its own tile)."""
+    """The sheet: per label a title, then its tiles in rows, each over its caption strip (as tall as the
+    longest key needs, so every caption fits under its own tile)."""
     font = ImageFont.load_default()
     lines = {key: caption_lines(key, font, tile - 2 * MARGIN) for keys in chosen.values() for key in keys}
     line_height = font.getbbox("Ag_|")[3] + 1
     cell = tile + max(map(len, lines.values()), default=1) * line_height + 2 * MARGIN
     rows = {label: -(-len(keys) // columns) for label, keys in chosen.items()}
-    height = sum(HEADER + r * cell for r in rows.values())
-    sheet = Image.new("RGB", (columns * tile, height), "white")
+    sheet = Image.new("RGB", (columns * tile, sum(HEADER + r * cell for r in rows.values())), "white")
     draw = ImageDraw.Draw(sheet)
     captions, top = [], 0
     for label, keys in chosen.items():

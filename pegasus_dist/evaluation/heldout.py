@@ -1,9 +1,7 @@
-"""`pegasus-dist eval`: how well a checkpoint models the held-out images.
-
-Per image of the ``eval`` shard set: negative ELBO (nats, bits/dim), its parts, PSNR and active latent
-units, for all images and for the horses and birds (with the classifier, the fractions recognised as
-their label); README.md, "Beyond the paper", says how to read them.
-"""
+"""`pegasus-dist eval`: how well a checkpoint models the held-out images. Per image of the ``eval`` shard set:
+negative ELBO (nats, bits/dim), its parts, PSNR and active latent units, for all images and for the horses and
+birds (with the classifier, the fractions recognised as their label); README.md, "Beyond the paper", says how
+to read them."""
 
 from __future__ import annotations
 
@@ -26,14 +24,13 @@ SUBSETS = {"all": None, "horse_bird": ("horse", "bird")}
 
 
 def leak(trained_on: str, held_out: str | Path) -> str | None:
-    """Why ``held_out`` may hold images that a model trained on ``trained_on`` (``<set>@<generation>``,
-    its checkpoint's ``shards``) has seen, or None: a new ``prepare`` draws another held-out split.
-    No held-out set there (no manifest) is None too: its readers say so themselves."""
+    """Why ``held_out`` may hold images that a model trained on ``trained_on`` (``<set>@<generation>``, its
+    checkpoint's ``shards``) has seen, or None: a new ``prepare`` draws another held-out split. No held-out
+    set there (no manifest) is None too: its readers say so themselves."""
     generation = trained_on.partition("@")[2]
     if not generation or not (Path(held_out) / "manifest.json").is_file():
         return None
-    now = load_manifest(held_out).generation
-    if not now or generation == now:
+    if not (now := load_manifest(held_out).generation) or generation == now:
         return None
     return (f"{held_out} is of shard generation {now}, but the model trained on {trained_on}: the shards "
             "were prepared again since, so held-out images may be ones it trained on")

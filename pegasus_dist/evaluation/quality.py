@@ -61,12 +61,6 @@ def tile_scores(classifier: Classifier, tiles: torch.Tensor, real: torch.Tensor)
             "horse_bird_mass": (horse + bird).mean().item(), "frechet": frechet_distance(feats, real)}
 
 
-def classified_as(classifier: Classifier, tiles: torch.Tensor, label: str) -> float:
-    """The fraction of ``tiles`` whose most probable class is ``label``."""
-    probs, _ = predict(classifier, tiles)
-    return (probs.argmax(dim=1) == classifier.index(label)).float().mean().item()
-
-
 REWRITE = "write the grids again with `pegasus-dist sample --checkpoint RUN`"
 
 
@@ -103,9 +97,8 @@ def crossfade(rows: list[dict], images: dict[str, torch.Tensor]) -> torch.Tensor
 
 def score_samples(samples: str | Path, classifier: Classifier, held_out: str | Path,
                   out: Path | None = None) -> dict:
-    """Score every grid in the folder ``samples`` against the real horses and birds of ``held_out``
-    (the crossfade's from the sampler's ``shard_set``, as the grid's JSON names it) into ``out``
-    (default: the folder's quality.json)."""
+    """Score every grid in the folder ``samples`` against the real horses and birds of ``held_out`` (the
+    crossfade's from the grid JSON's ``shard_set``) into ``out`` (default: the folder's quality.json)."""
     samples = Path(samples)
     real = real_features(classifier, held_out)
     layouts = {name: _layout(samples / f"{name}.json", crossfaded=name in INTERPOLATIONS)
@@ -164,14 +157,17 @@ def _reconstruction_scores(classifier: Classifier, tiles: torch.Tensor, per_row:
     """Rows: horses, their reconstructions, birds, their reconstructions (sampler.reconstruction_grid)."""
     n, birds = per_row, (len(tiles) - 2 * per_row) // 2
     horses, horse_recon, bird_images, bird_recon = tiles.tensor_split([n, 2 * n, 2 * n + birds])
-    return {"tiles": len(horse_recon) + len(bird_recon),
-            "recon_horse_as_horse": classified_as(classifier, horse_recon, "horse"),
-            "recon_bird_as_bird": classified_as(classifier, bird_recon, "bird"),
-            "frechet": frechet_distance(predict(classifier, torch.cat([horse_recon, bird_recon]))[1], real),
-            "originals": {"horse_as_horse": classified_as(classifier, horses, "horse"),
-                          "bird_as_bird": classified_as(classifier, bird_images, "bird"),
-                          "frechet": frechet_distance(
-                              predict(classifier, torch.cat([horses, bird_images]))[1], real)}}
+
+    def scores(prefix: str, horse_tiles: torch.Tensor, bird_tiles: torch.Tensor) -> dict:
+        """The fractions of the horse and bird tiles read as their label, and their Fréchet distance."""
+        read = {f"{prefix}{label}_as_{label}": (predict(classifier, part)[0].argmax(dim=1)
+                                                == classifier.index(label)).float().mean().item()
+                for label, part in (("horse", horse_tiles), ("bird", bird_tiles))}
+        both = torch.cat([horse_tiles, bird_tiles])
+        return read | {"frechet": frechet_distance(predict(classifier, both)[1], real)}
+
+    return {"tiles": len(horse_recon) + len(bird_recon), **scores("recon_", horse_recon, bird_recon),
+            "originals": scores("", horses, bird_images)}
 
 
 def score_run_samples(cfg: Config, samples: str | Path, classifier: Classifier,

@@ -67,12 +67,10 @@ def write_report(paths: list[Path], out: Path) -> Path:
     """One page of the runs at or under ``paths``, in the order they train (pretrain first)."""
     histories = {run: _rows(run) for run in find_runs(paths)}
     order = sorted(histories, key=lambda run: _phase(histories[run], run) != "pretrain")
-    sections = [_run_section(run, histories[run]) for run in order]
-    page = ("<!doctype html><html><head><meta charset='utf-8'><title>pegasus-dist report</title>"
-            f"<style>{STYLE}</style></head><body><h1>pegasus-dist report</h1>" + "".join(sections)
-            + "</body></html>\n")
+    body = "".join(_run_section(run, histories[run]) for run in order)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page)
+    out.write_text("<!doctype html><html><head><meta charset='utf-8'><title>pegasus-dist report</title>"
+                   f"<style>{STYLE}</style></head><body><h1>pegasus-dist report</h1>{body}</body></html>\n")
     return out
 
 
@@ -102,7 +100,12 @@ def _run_section(run: Path, rows: list[dict]) -> str:
     charts = "".join(_chart(title, [(r["step"], r[key]) for r in rows
                                     if isinstance(r.get(key := f"{phase}/{name}"), (int, float))])
                      for name, title in CURVES.items())
-    grids = "".join(_figure(caption, path) for caption, path in find_grids(run))
+    # The phase's own grids in samples/, then `pegasus-dist sample`'s in samples/step_N/, captioned with
+    # their folder, e.g. "analogy (step_00000120)".
+    folders = [(run / "samples", "")] + [(folder, f" ({folder.name})") for folder in
+                                         sorted((run / "samples").glob("step_*")) if folder.is_dir()]
+    grids = "".join(_figure(name + suffix, path) for folder, suffix in folders for name in GRIDS
+                    if (path := folder / f"{name}.png").exists())
     newest = max((run / "eval").glob("*.json"), default=None)
     tables = (_from_file(newest, lambda metrics: _eval_html(newest, metrics))
               + _from_file(run / "samples" / "quality.json", _quality_html))
@@ -121,16 +124,6 @@ def _figure(caption: str, path: Path) -> str:
             "</figcaption></figure>")
 
 
-def find_grids(run: Path) -> list[tuple[str, Path]]:
-    """Each grid as (caption, PNG): the phase's own in samples/, then `pegasus-dist sample`'s in
-    samples/step_N/, captioned with their folder, e.g. "analogy (step_00000120)"."""
-    samples = run / "samples"
-    folders = [(samples, "")] + [(folder, f" ({folder.name})")
-                                 for folder in sorted(samples.glob("step_*")) if folder.is_dir()]
-    return [(name + suffix, path) for folder, suffix in folders for name in GRIDS
-            if (path := folder / f"{name}.png").exists()]
-
-
 def _chart(name: str, points: list[tuple[float, float]]) -> str:
     if len(points) < 2:
         return ""
@@ -143,11 +136,10 @@ def _chart(name: str, points: list[tuple[float, float]]) -> str:
         return f"{sx:.1f},{sy:.1f}"
 
     line = " ".join(scale(x, y) for x, y in points)
-    return (f"<svg width='{WIDTH}' height='{HEIGHT}'><text x='{PAD}' y='16'>{name}, nats per image"
-            f"</text><polyline fill='none' stroke='#2060c0' stroke-width='1.5' points='{line}'/>"
-            f"<text x='2' y='{PAD}' font-size='10'>{_axis(y1)}</text>"
-            f"<text x='2' y='{HEIGHT - PAD}' font-size='10'>{_axis(y0)}</text>"
-            f"<text x='{PAD}' y='{HEIGHT - 8}' font-size='10'>step {x0:g}</text>"
+    return (f"<svg width='{WIDTH}' height='{HEIGHT}'><text x='{PAD}' y='16'>{name}, nats per image</text>"
+            f"<polyline fill='none' stroke='#2060c0' stroke-width='1.5' points='{line}'/><text x='2' "
+            f"y='{PAD}' font-size='10'>{_axis(y1)}</text><text x='2' y='{HEIGHT - PAD}' font-size='10'>"
+            f"{_axis(y0)}</text><text x='{PAD}' y='{HEIGHT - 8}' font-size='10'>step {x0:g}</text>"
             f"<text x='{WIDTH - PAD - 40}' y='{HEIGHT - 8}' font-size='10'>{x1:g}</text></svg>")
 
 
@@ -157,8 +149,7 @@ def _axis(value: float) -> str:
 
 
 def _left_out(why: str) -> str:
-    """A damaged file is one line on the page and one warning, so that the rest of the report is
-    still written."""
+    """A damaged file is one line on the page and one warning, so that the rest of the report is written."""
     log.warning("%s: left out of the report", why)
     return f"<p>{html.escape(why)}: left out of this report.</p>"
 

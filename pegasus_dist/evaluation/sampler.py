@@ -1,10 +1,7 @@
-"""The paper's Pegasus sampler (Section 1.4) and the grids written after each phase.
-
-Pick 8 horses and 21 birds (seeded, or ``sampler.pick=confident``), pair each horse with a random bird,
-slerp between their latent means at 8 mu in [0.4, 0.7] and decode: an 8x8 grid, one row per horse; beside
-it the reconstructions and the prior. ``--method`` adds linear interpolation and the analogy (wing
-vector) sampler (README.md, "Beyond the paper").
-"""
+"""The paper's Pegasus sampler (Section 1.4) and the grids written after each phase: 8 horses and 21 birds
+(seeded, or ``sampler.pick=confident``), each horse paired with a random bird, slerp between their latent
+means at 8 mu in [0.4, 0.7], decoded: an 8x8 grid, a row per horse; beside it the reconstructions and the
+prior. ``--method`` adds lerp and the analogy (wing vector) sampler (README.md, "Beyond the paper")."""
 
 from __future__ import annotations
 
@@ -36,7 +33,6 @@ class LabelledImages:
 @dataclass
 class CheckpointSamples:
     """What `pegasus-dist sample` wrote, and with which config and classifier (None: none exists)."""
-
     cfg: Config
     folder: Path
     paths: dict[str, Path]
@@ -46,7 +42,6 @@ class CheckpointSamples:
 @dataclass
 class SampleOutputs:
     """What one sampler run wrote, by name: pegasus, reconstructions, prior."""
-
     paths: dict[str, Path]
     captions: dict[str, str]  # what each grid's rows and columns show, for W&B
 
@@ -113,8 +108,7 @@ def pegasus_grid(model: VAE, horses: LabelledImages, birds: LabelledImages, cfg:
     """(num_horses * num_mu) decoded interpolations, row-major, and each row's horse and bird."""
     rng = np.random.default_rng(cfg.seed + 1)  # the pairing draw is independent of the pick
     partners = rng.integers(0, len(birds.keys), size=len(horses.keys))
-    mu_h, _ = model.encode(_to_float(horses.images, model))
-    mu_b, _ = model.encode(_to_float(birds.images, model))
+    mu_h, mu_b = (model.encode(_to_float(chosen.images, model))[0] for chosen in (horses, birds))
     mus = torch.linspace(cfg.mu_start, cfg.mu_end, cfg.num_mu, device=mu_h.device)
     q1, q2, t = mu_h[:, None, :], mu_b[partners][:, None, :], mus[None, :, None]
     z = slerp(q1, q2, t) if method == "slerp" else torch.lerp(q1, q2, t)

@@ -1,14 +1,7 @@
-"""ACAI: the adversarial interpolation regulariser the paper wished for (its reference [11]).
-
-Berthelot et al., ICLR 2019 (arXiv:1807.07543), Section 3: a critic ``C`` learns ``a`` from
-decodes ``x_a = g(a z1 + (1 - a) z2)``, a in [0, 1/2]; the autoencoder learns to fool it:
-
-    L_critic = |C(x_a) - a|^2 + |C(gamma x + (1 - gamma) g(f(x)))|^2
-    L_ae    += lambda |C(x_a)|^2
-
-``z`` is the latent mean, pairs are global-batch neighbours (rows 2k, 2k + 1) and ``a`` comes
-from the step's generator (``TrainStep._noise``): the same on any number of processes.
-"""
+"""ACAI, the interpolation regulariser the paper wished for (its reference [11]; Berthelot et al., ICLR 2019,
+arXiv:1807.07543, Section 3): a critic C learns a in [0, 1/2] from decodes x_a = g(a z1 + (1 - a) z2) of the
+latent means of global-batch neighbours (rows 2k, 2k + 1), and the autoencoder learns to fool it; ``a`` comes
+from the step's generator (``TrainStep._noise``): the same on any number of processes."""
 
 from __future__ import annotations
 
@@ -60,12 +53,12 @@ def mix_latents(mu: torch.Tensor, partner: torch.Tensor, alpha: torch.Tensor) ->
 
 def critic_loss(predicted_mix: torch.Tensor, alpha: torch.Tensor, predicted_blend: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
-    """Per-image mean of |C(x_a) - a|^2 + |C(gamma x + (1 - gamma) x_hat)|^2, in float32."""
+    """L_critic, per-image mean of |C(x_a) - a|^2 + |C(gamma x + (1 - gamma) g(f(x)))|^2, in float32."""
     return ((predicted_mix.float() - alpha).pow(2) * mask + predicted_blend.float().pow(2)).mean()
 
 
 def fooling_loss(predicted_mix: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The autoencoder's term before lambda: per-image mean of |C(x_a)|^2."""
+    """The autoencoder's term, L_ae += lambda |C(x_a)|^2, before lambda: per-image mean of |C(x_a)|^2."""
     return (predicted_mix.float().pow(2) * mask).mean()
 
 

@@ -1,23 +1,7 @@
-"""The networks trained against the autoencoder: ACAI's critic and a patch discriminator.
-
-The patch discriminator: VAE-GAN's loss on decodes (arXiv:1512.09300) as pix2pix's PatchGAN
-(arXiv:1611.07004), with SAGAN's hinge losses (arXiv:1805.08318):
-
-    L_D = mean(relu(1 - D(x))) + mean(relu(1 + D(x_hat)))
-    L_G = -mean(D(x_hat))                  (in the autoencoder's loss, times loss.patch_gan_weight)
-
-Feature matching, VAE-GAN's learned similarity (Larsen et al. 2016, arXiv:1512.09300, Section 2.2)
-with pix2pixHD's L1 over every hidden layer (Wang et al. 2018, arXiv:1711.11585, Eq. 4):
-
-    L_FM = mean over layers l of mean |D_l(x) - D_l(x_hat)|    (times loss.feature_matching_weight)
-
-VQGAN's adaptive weight (Esser et al. 2021, arXiv:2012.09841, Eq. 7), with ``loss.patch_gan_adaptive``,
-puts L_G in the autoencoder's loss as loss.patch_gan_weight times
-
-    lambda = ||grad_L recon|| / (||grad_L L_G|| + 1e-4),  L the decoder's last layer, lambda <= 1e4
-
-Both live in :class:`Adversaries`: one prepared model, one Adam, one checkpoint file.
-"""
+"""The networks trained against the autoencoder, in one :class:`Adversaries` (one prepared model, one Adam,
+one checkpoint file): ACAI's critic and a patch discriminator, VAE-GAN's loss on decodes (arXiv:1512.09300)
+as pix2pix's PatchGAN (arXiv:1611.07004) with SAGAN's hinge losses (arXiv:1805.08318), its feature matching
+and VQGAN's adaptive weight (each loss's function gives its formula and source)."""
 
 from __future__ import annotations
 
@@ -57,26 +41,31 @@ class PatchDiscriminator(nn.Module):
 
 
 def discriminator_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-    """The discriminator's hinge loss over the patch scores of real images and decodes, in float32."""
+    """The discriminator's hinge loss L_D = mean(relu(1 - D(x))) + mean(relu(1 + D(x_hat))), in float32."""
     return F.relu(1 - real.float()).mean() + F.relu(1 + fake.float()).mean()
 
 
 def feature_matching_loss(hidden: list[torch.Tensor], count: int) -> torch.Tensor:
-    """L_FM of the first ``count`` rows (real images) against the rest (their decodes), in float32."""
+    """L_FM = mean over layers l of mean |D_l(x) - D_l(x_hat)| (times loss.feature_matching_weight), in
+    float32, of the first ``count`` rows (real images) against the rest (their decodes): VAE-GAN's learned
+    similarity (Larsen et al. 2016, Section 2.2) as pix2pixHD's L1 over every hidden layer (Wang et al.
+    2018, arXiv:1711.11585, Eq. 4)."""
     return torch.stack([(f[count:].float() - f[:count].float()).abs().mean() for f in hidden]).mean()
 
 
 def generator_loss(fake: torch.Tensor) -> torch.Tensor:
-    """The autoencoder's term before its weight: minus the mean patch score of its decodes."""
+    """L_G = -mean(D(x_hat)): the autoencoder's term before its weight, loss.patch_gan_weight."""
     return -fake.float().mean()
 
 
 def adaptive_weight(recon: torch.Tensor, generator: torch.Tensor, last_layer: torch.Tensor,
                     average: Callable[[torch.Tensor], torch.Tensor] = lambda grads: grads) -> torch.Tensor:
-    """VQGAN's lambda, detached: the gradient norms of ``recon`` and ``generator`` at ``last_layer``,
-    after ``average`` (in training, the mean over the ranks: one process's lambda for the same global
-    batch). The graph is kept for the backward of the whole loss. Gradients that overflowed (fp16,
-    a step its loss scaler drops) give 0, never NaN: a NaN here would stop the run as a NaN loss."""
+    """VQGAN's lambda = ||grad_L recon|| / (||grad_L L_G|| + 1e-4) <= 1e4, L the decoder's last layer
+    (Esser et al. 2021, arXiv:2012.09841, Eq. 7; with loss.patch_gan_adaptive, L_G's weight is
+    loss.patch_gan_weight times it), detached, of the gradients after ``average`` (in training, the mean
+    over the ranks: one process's lambda for the same global batch). The graph is kept for the backward
+    of the whole loss. Gradients that overflowed (fp16, a step its loss scaler drops) give 0, never NaN:
+    a NaN here would stop the run as a NaN loss."""
     grads = torch.stack([torch.autograd.grad(term, last_layer, retain_graph=True)[0].float().flatten()
                          for term in (recon, generator)])
     recon_norm, generator_norm = average(grads).norm(dim=1)

@@ -1,10 +1,7 @@
-"""The paper's loss, Equation (1): reconstruction negative log-likelihood plus KL, per image.
-
-Summed over pixels (latent dimensions), averaged over images: independent of batch size and process
-count. Options (README.md, "Beyond the paper"): a discretized logistic likelihood (PixelCNN++, Salimans
-et al. 2017; BCE is no likelihood of 8-bit images and pulls decodes to grey), KL warm-up (Bowman et al.
-2016) and free bits (Kingma et al. 2016, Section C.8), per image: independent of the batch's split.
-"""
+"""The paper's loss, Equation (1): reconstruction NLL plus KL, summed over pixels (latent dimensions),
+averaged over images: independent of batch size and process count. Options (README.md, "Beyond the paper"),
+per image: a discretized logistic likelihood (PixelCNN++, Salimans et al. 2017; BCE is no likelihood of 8-bit
+images, it pulls decodes to grey), KL warm-up (Bowman et al. 2016), free bits (Kingma et al. 2016, C.8)."""
 
 from __future__ import annotations
 
@@ -49,8 +46,7 @@ def reconstruction_nll(logits: torch.Tensor, target: torch.Tensor,
     logits, target = logits.float(), target.float()
     if log_scale is None:
         return F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).sum(dim=1)
-    log_s = log_scale.float().clamp_min(LOG_SCALE_MIN)[None, :, None, None]
-    inv_scale = torch.exp(-log_s)
+    inv_scale = torch.exp(-log_scale.float().clamp_min(LOG_SCALE_MIN)[None, :, None, None])
     centered, half_level = (target - torch.sigmoid(logits)) * inv_scale, HALF_BIN * inv_scale
     upper, lower = centered + half_level, centered - half_level
     log_cdf_upper = F.logsigmoid(upper)  # log P(X <= x + half a level): the first level's
@@ -68,8 +64,7 @@ def vae_loss(logits: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, logva
     """Per-image mean of pixel NLL + beta * KL, each KL dimension counting at least ``free_bits``
     nats in the total; float32 whatever the autocast: bf16 would round sums of thousands badly."""
     recon = reconstruction_nll(logits, target, log_scale).mean()
-    mu, logvar = mu.float(), logvar.float()
-    per_dim = kl_per_dimension(mu, logvar)
+    per_dim = kl_per_dimension(mu.float(), logvar.float())
     kl = per_dim.sum(dim=1).mean()
     charged = per_dim.clamp_min(free_bits).sum(dim=1).mean() if free_bits else kl
     return LossTerms(total=recon + beta * charged, recon=recon, kl=kl)

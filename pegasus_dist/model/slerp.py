@@ -1,9 +1,6 @@
-"""Spherical linear interpolation, the paper's Equation (3) (White, arXiv:1609.04468).
-
-    slerp(q1, q2; mu) = sin((1 - mu) theta) / sin(theta) * q1 + sin(mu theta) / sin(theta) * q2
-
-sin(theta) vanishes for parallel or antiparallel vectors: both are handled explicitly.
-"""
+"""Spherical linear interpolation, the paper's Equation (3) (White, arXiv:1609.04468):
+slerp(q1, q2; mu) = sin((1 - mu) theta) / sin(theta) * q1 + sin(mu theta) / sin(theta) * q2;
+sin(theta) vanishes for parallel or antiparallel vectors: both are handled explicitly."""
 
 from __future__ import annotations
 
@@ -39,8 +36,8 @@ def slerp(q1: torch.Tensor, q2: torch.Tensor, mu: torch.Tensor | float) -> torch
 
 
 def _orthogonal_to(u: torch.Tensor) -> torch.Tensor:
-    """A unit vector orthogonal to each unit row of ``u`` (Gram-Schmidt on a basis vector)."""
-    # Use the basis vector least aligned with u, so the projection cannot vanish.
+    """A unit vector orthogonal to each unit row of ``u``: Gram-Schmidt on the basis vector least
+    aligned with it, so that the projection cannot vanish."""
     basis = torch.zeros_like(u)
     basis.scatter_(-1, u.abs().argmin(dim=-1, keepdim=True), 1.0)
     v = basis - (basis * u).sum(dim=-1, keepdim=True) * u

@@ -1,29 +1,27 @@
-"""The paper's convolutional VAE (Section 1.1, Figure 1).
-
-4 stride-2 convolutions (batch norm, LeakyReLU) and 4 fully connected layers to the latent's mean and
-log-variance; the decoder mirrors it. The paper gives no kernels or widths: 4x4 kernels halve or double
-the side exactly, widths come from the config. The decoder returns logits (BCE with logits is finite in
-bf16/fp16), with ``model.likelihood=logistic`` a discretized logistic's mean (learned ``log_scale``).
-"""
+"""The paper's convolutional VAE (Section 1.1, Figure 1): 4 stride-2 convolutions (batch norm, LeakyReLU) and
+4 fully connected layers to the latent's mean and log-variance, mirrored by the decoder. The paper gives no
+kernels or widths: 4x4 kernels halve or double the side exactly, widths are the config's. Decodes are logits
+(BCE with logits is finite in bf16/fp16), with ``model.likelihood=logistic`` a discretized logistic's mean."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 from torch import nn
 
 from pegasus_dist.config import ModelConfig
 
-# The log-variance of q(z|x) is clamped, as in latent diffusion's VAE (Rombach et al. 2022): exp(logvar)
-# stays finite however far one bad update throws the encoder, so that optim.DivergenceGuard names a
-# diverging run instead of it overflowing to Inf. Healthy training stays far inside: a backstop.
+# The log-variance of q(z|x) is clamped, as in latent diffusion's VAE (Rombach et al. 2022): exp(logvar) stays
+# finite however far one bad update throws the encoder, so that optim.DivergenceGuard names a diverging run
+# instead of it overflowing to Inf. Healthy training stays far inside: a backstop.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
-# The logistic likelihood's initial log-scale per channel: a scale of 0.05 on [0, 1], about
-# the pixel error of a trained model here, since Adam moves a parameter by about the learning
-# rate per step (1e-3): from 0 it would take thousands of steps to get there.
+# The logistic likelihood's initial log-scale per channel: a scale of 0.05 on [0, 1], about the pixel error of
+# a trained model here, since Adam moves a parameter by about the learning rate per step (1e-3): from 0 it
+# would take thousands of steps to get there.
 LOG_SCALE_INIT = -3.0
 
 
@@ -50,12 +48,9 @@ def _upsample(c_in: int, c_out: int, how: str, bias: bool) -> nn.Module:
 
 
 def _mlp(widths: list[int], slope: float, last_activation: bool) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i, (w_in, w_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
-        layers.append(nn.Linear(w_in, w_out))
-        if last_activation or i < len(widths) - 2:
-            layers.append(nn.LeakyReLU(slope))
-    return nn.Sequential(*layers)
+    layers = [layer for w_in, w_out in pairwise(widths)
+              for layer in (nn.Linear(w_in, w_out), nn.LeakyReLU(slope))]
+    return nn.Sequential(*(layers if last_activation else layers[:-1]))
 
 
 class VAE(nn.Module):
@@ -65,17 +60,14 @@ class VAE(nn.Module):
         self.latent_dim, self.image_size = cfg.latent_dim, cfg.image_size
         self.bottom = cfg.image_size // 2 ** len(c)  # side length after the 4 convs
         flat = c[-1] * self.bottom**2
-
-        self.encoder_conv = nn.Sequential(
-            *(_block(nn.Conv2d(w_in, w_out, kernel_size=4, stride=2, padding=1, bias=False), w_out, slope)
-              for w_in, w_out in zip([3, *c[:-1]], c, strict=True))
-        )
+        self.encoder_conv = nn.Sequential(*(
+            _block(nn.Conv2d(w_in, w_out, kernel_size=4, stride=2, padding=1, bias=False), w_out, slope)
+            for w_in, w_out in pairwise([3, *c])))
         self.encoder_fc = _mlp([flat, *fc, 2 * cfg.latent_dim], slope, last_activation=False)
         self.decoder_fc = _mlp([cfg.latent_dim, *fc[::-1], flat], slope, last_activation=True)
         rc = c[::-1]
         self.decoder_conv = nn.Sequential(
-            *(_block(_upsample(a, b, cfg.upsample, bias=False), b, slope)
-              for a, b in zip(rc[:-1], rc[1:], strict=True)),
+            *(_block(_upsample(a, b, cfg.upsample, bias=False), b, slope) for a, b in pairwise(rc)),
             # the last upsampling maps to RGB logits: no norm, no activation
             _upsample(rc[-1], 3, cfg.upsample, bias=True),
         )
