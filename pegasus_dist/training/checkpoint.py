@@ -1,9 +1,8 @@
 """Atomic, safe checkpoints on Accelerate's ``save_state`` and ``load_state``.
 
-A checkpoint ``<run>/checkpoints/step_<N>/`` is what ``save_state`` writes, plus ``config.yaml``,
-``state.json`` and, last, ``SHA256SUMS`` of every other file (README.md), whatever the process
-count. One whose bytes changed is damaged, like one cut short: resume skips it and moves it
-aside. Why the parts around ``save_state``/``load_state`` stay ours: docs/performance.md.
+``<run>/checkpoints/step_<N>/`` is what ``save_state`` writes, plus ``config.yaml``, ``state.json`` and,
+last, ``SHA256SUMS`` of every other file (README.md), whatever the process count. One whose bytes changed is
+damaged, like one cut short: resume skips it and moves it aside. Why the rest stays ours: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -54,9 +53,8 @@ FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
 def newest_intact_checkpoint(root: Path, move_damaged: bool) -> Path | None:
-    """The newest checkpoint under ``root`` whose files all read (``run.resume=auto``), so that a requeue
-    gets past a damaged one: only the main process (``move_damaged``) renames it ``damaged-step_N-<time>``,
-    where pruning never looks; a rank checking it then finds it gone."""
+    """The newest checkpoint under ``root`` whose files all read (``run.resume=auto``): a damaged one is
+    moved aside (:func:`move_aside`, by the main process alone: ``move_damaged``), for a requeue to pass."""
     moved, found = [], None
     for folder in reversed(list_checkpoints(root)):
         if (problem := find_damage(folder)) is None:
@@ -125,14 +123,12 @@ def check_resumable(folder: Path, wanted: set[str]) -> None:
     """One line when a run training the adversaries ``wanted`` cannot resume ``folder`` (one side only)."""
     _refuse_older_layout(folder)
     held = held_adversaries(folder)
-    for kind in sorted(wanted ^ held):
+    for kind in sorted(wanted ^ held):  # the first raises
         what, key = KINDS[kind]
-        if kind in wanted:
-            raise CheckpointError(f"{folder} holds no {what} (its run had {key}=0); resume it with {key}=0, "
-                                  f"or start a new run with train.init_from={folder}")
-        article = "an" if what[0] in "AEIOU" else "a"
-        raise CheckpointError(f"{folder} holds {article} {what} (its run had {key} > 0); resume it with "
-                              f"{key} > 0, or start a new run with train.init_from={folder}")
+        article = "no" if kind in wanted else "an" if what[0] in "AEIOU" else "a"
+        had = f"{key}=0" if kind in wanted else f"{key} > 0"
+        raise CheckpointError(f"{folder} holds {article} {what} (its run had {had}); resume it with {had}, "
+                              f"or start a new run with train.init_from={folder}")
 
 
 def held_adversaries(folder: Path) -> set[str]:
@@ -271,7 +267,7 @@ def _unwrapped_weights(models: list[torch.nn.Module], weights: list[dict], outpu
 
 def restore_checkpoint(accelerator: Accelerator, folder: Path, ema: AveragedModel | None = None) -> None:
     """Load ``folder`` into what ``accelerator`` prepared, and ``ema`` (call :func:`check_resumable` first).
-    Every file but the weights is loaded weights-only, even where Accelerate asks for
+    All but the weights load weights-only, even where Accelerate asks for
     ``weights_only=False``: a pickled object is refused, never run."""
     try:
         with accelerator.register_load_state_pre_hook(_load_unwrapped_weights), _weights_only():

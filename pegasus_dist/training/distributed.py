@@ -64,17 +64,18 @@ def same_as_main(seen: list[dict[str, object]], rank: int, what: str, fix: str) 
         raise ConfigError(f"this rank's {what} differs from rank 0's: {'; '.join(differ)}; {fix}")
 
 
-def warn_if_launcher_precision_differs(cfg: Config) -> None:
-    """Say so when ``accelerate launch --mixed_precision X`` asks for what the config does not use;
-    "no" is what launch/ and slurm/ pass to leave the choice to the config."""
+def warn_about_precision(cfg: Config, device: torch.device) -> None:
+    """Say so when ``accelerate launch --mixed_precision X`` asks for what the config does not use ("no" is
+    what launch/ and slurm/ pass to leave the choice to the config), and :func:`slow_bf16_warning`."""
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if launcher in ("no", cfg.train.mixed_precision):
-        return
-    choices = typing.get_args(Precision)
-    fix = (f"to train in {launcher} pass train.mixed_precision={launcher}" if launcher in choices
-           else f"train.mixed_precision takes {', '.join(choices)}")
-    log.warning("accelerate launch --mixed_precision %s is not used: this run trains with "
-                "train.mixed_precision=%s from its config; %s", launcher, cfg.train.mixed_precision, fix)
+    if launcher not in ("no", cfg.train.mixed_precision):
+        choices = typing.get_args(Precision)
+        fix = (f"to train in {launcher} pass train.mixed_precision={launcher}" if launcher in choices
+               else f"train.mixed_precision takes {', '.join(choices)}")
+        log.warning("accelerate launch --mixed_precision %s is not used: this run trains with "
+                    "train.mixed_precision=%s from its config; %s", launcher, cfg.train.mixed_precision, fix)
+    if warning := slow_bf16_warning(cfg, device, Hardware.here(device)):
+        log.warning(warning)
 
 
 @dataclass(frozen=True)
@@ -92,16 +93,15 @@ class Hardware:
 
 
 def slow_bf16_warning(cfg: Config, device: torch.device, hardware: Hardware) -> str | None:
-    """A warning for bf16 where it has no fast kernels; None elsewhere. The ETA alone (hours where
-    minutes were expected) says neither why nor what to change.
+    """A warning for bf16 where it has no fast kernels, else None: the ETA alone (hours where minutes were
+    expected) says neither why nor what to change.
 
-    - A GPU before Ampere: Volta's and Turing's tensor cores take fp16, not bf16 (NVIDIA's
-      whitepapers), so torch emulates bf16 there; fp16 is that GPU's fast precision.
-    - An x86 CPU without AVX-512 (torch reports AVX2 or less): oneDNN has no bf16 convolution
-      kernels and falls back to reference code. Measured on a 2-core AMD EPYC with AVX2
-      (docs/performance.md): configs/reference trains 8 images/s in bf16 against 147 in fp32.
-      CPUs with AVX-512 but no native bf16 are not flagged: oneDNN converts bf16 there with
-      AVX-512 instructions, and no such CPU was measured.
+    - A GPU before Ampere: Volta's and Turing's tensor cores take fp16, not bf16 (NVIDIA's whitepapers), so
+      torch emulates bf16 there; fp16 is that GPU's fast precision.
+    - An x86 CPU without AVX-512 (torch reports AVX2 or less): oneDNN has no bf16 convolution kernels and
+      falls back to reference code. Measured on a 2-core AMD EPYC with AVX2 (docs/performance.md):
+      configs/reference trains 8 images/s in bf16 against 147 in fp32. CPUs with AVX-512 but no native bf16
+      are not flagged: oneDNN converts bf16 there with AVX-512 instructions, and no such CPU was measured.
     """
     if cfg.train.mixed_precision != "bf16":
         return None
@@ -117,17 +117,10 @@ def slow_bf16_warning(cfg: Config, device: torch.device, hardware: Hardware) -> 
             "(18 times for configs/reference on an AVX2 EPYC); pass train.mixed_precision=no")
 
 
-def warn_if_bf16_is_slow_here(cfg: Config, device: torch.device) -> None:
-    """Log :func:`slow_bf16_warning` for this machine, if any."""
-    if warning := slow_bf16_warning(cfg, device, Hardware.here(device)):
-        log.warning(warning)
-
-
 class GlobalBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics cover the batches of all ranks.
-
-    Sums of x and x^2 and the count are all-reduced differentiably: the result and
-    its gradient equal one process's holding the whole global batch. Any backend."""
+    """BatchNorm2d whose training statistics cover the batches of all ranks, on any backend: the sums of x
+    and x^2 and the count are all-reduced differentiably, so the output and its gradient equal one process's
+    holding the whole global batch."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
@@ -156,12 +149,10 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     """Swap every BatchNorm2d for a global-batch one: torch's on GPU, ours elsewhere."""
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    for name, child in model.named_children():
+    for name, child in list(model.named_modules(remove_duplicate=False)):
         if type(child) is nn.BatchNorm2d:
             sync = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum,
                                      child.affine, child.track_running_stats)
             sync.load_state_dict(child.state_dict())
-            setattr(model, name, sync)
-        else:
-            convert_sync_batchnorm(child, device)
+            model.set_submodule(name, sync)
     return model

@@ -1,8 +1,7 @@
-"""One run at a time in a run folder: an exclusive ``filelock`` on ``<run>/.lock``.
+"""One run at a time in a run folder (two would prune and resume from each other's checkpoints).
 
-Two trainings in one folder would prune and resume from each other's checkpoints. The kernel
-drops a ``flock`` when its process dies, SIGKILL included; the file is never deleted
-(``preserve_lock_file``), so two runs never lock two different files.
+An exclusive ``filelock`` on ``<run>/.lock``: the kernel drops a ``flock`` when its process dies, SIGKILL
+included; the file is never deleted (``preserve_lock_file``), so two runs never lock two different files.
 """
 
 from __future__ import annotations

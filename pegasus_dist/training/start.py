@@ -39,8 +39,7 @@ from pegasus_dist.training.distributed import (
     build_accelerator,
     convert_sync_batchnorm,
     same_as_main,
-    warn_if_bf16_is_slow_here,
-    warn_if_launcher_precision_differs,
+    warn_about_precision,
 )
 from pegasus_dist.training.ema import build_ema
 from pegasus_dist.training.faults import agree_on_start, fail_with_every_rank
@@ -112,8 +111,7 @@ def start_phase(cfg: Config, hooks: Hooks) -> Started:
 
     stage("config", config)
     if accelerator.is_main_process:
-        warn_if_launcher_precision_differs(cfg)
-        warn_if_bf16_is_slow_here(cfg, accelerator.device)
+        warn_about_precision(cfg, accelerator.device)
     models = _prepare(accelerator, cfg, built)
     if resume_from is not None:  # after prepare: load_state fills what it prepared
         stage("restore", lambda: _restore(cfg, accelerator, resume_from, models))
@@ -220,14 +218,7 @@ def _check_and_build(cfg: Config, accelerator: Accelerator, schedule: LrSchedule
     # A resumed run has its weights: train.init_from starts a new one only.
     new_from = resume_from is None and cfg.train.init_from
     source = _init_source(cfg, accelerator.is_main_process) if new_from else None
-    model = _build_model(cfg, accelerator, source)
-    models = Models(model, build_optimizer(model.parameters(), schedule, accelerator.device))
-    adversaries = _build_adversaries(cfg, source)
-    if adversaries is not None:
-        models.adversaries = adversaries
-        models.adversary_optimizer = build_optimizer(adversaries.parameters(), schedule, accelerator.device)
-    models.perceptual = load_perceptual_network(cfg, accelerator.device)
-    return state, loader, models
+    return state, loader, _build_models(cfg, accelerator, schedule, source)
 
 
 def _init_source(cfg: Config, main: bool) -> Path:
@@ -259,10 +250,9 @@ def _save_config(cfg: Config, accelerator: Accelerator) -> None:
 
 
 def _restore(cfg: Config, accelerator: Accelerator, folder: Path, models: Models) -> None:
-    """:func:`restore_checkpoint`. Under ``run.resume=auto`` a checkpoint whose files all read
-    (find_damage) but do not load into the model its own config.yaml describes is damaged, e.g.
-    weights swapped with their checksums rewritten: the main process moves it aside, so that a
-    requeue resumes from the one before instead of failing the same way forever."""
+    """:func:`restore_checkpoint`. Under ``run.resume=auto`` a checkpoint whose files all read (find_damage)
+    but do not load into the model its own config.yaml describes is damaged (e.g. weights swapped with their
+    checksums rewritten): the main process moves it aside, for a requeue to resume from the one before."""
     try:
         restore_checkpoint(accelerator, folder, models.ema)
     except CheckpointError as err:
@@ -314,8 +304,10 @@ def _on_data(state: TrainState, cfg: Config, loader: ShardLoader | MemoryLoader,
     return state.model_copy(update={"shards": shards, "data_seed": cfg.data.seed})
 
 
-def _build_model(cfg: Config, accelerator: Accelerator, source: Path | None) -> torch.nn.Module:
-    """The model (its weights from the checkpoint ``source`` of train.init_from, if any), not yet prepared."""
+def _build_models(cfg: Config, accelerator: Accelerator, schedule: LrSchedule, source: Path | None) -> Models:
+    """The models and their optimizers, not yet prepared, the weights from ``source`` (train.init_from's
+    checkpoint) if any. ACAI's critic and the patch discriminator, when on, are seeded apart, so that
+    turning them on leaves the model's initial weights as they were."""
     set_seed(cfg.train.seed)  # identical initial weights on every rank
     model = VAE(cfg.model)
     if source is not None:
@@ -325,22 +317,16 @@ def _build_model(cfg: Config, accelerator: Accelerator, source: Path | None) -> 
         model = convert_sync_batchnorm(model, accelerator.device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return model
-
-
-def _build_adversaries(cfg: Config, source: Path | None) -> Adversaries | None:
-    """ACAI's critic and the patch discriminator (None when both are off), not yet prepared;
-    seeded apart, so that turning them on leaves the model's initial weights as they were."""
-    wanted = enabled_adversaries(cfg)
-    if not wanted:
-        return None
-    set_seed(cfg.train.seed + 1)  # identical on every rank
-    adversaries = Adversaries(cfg)
-    if source is not None:
-        for kind in sorted(wanted & held_adversaries(source)):
+    models = Models(model, build_optimizer(model.parameters(), schedule, accelerator.device))
+    if wanted := enabled_adversaries(cfg):
+        set_seed(cfg.train.seed + 1)  # identical on every rank
+        models.adversaries = adversaries = Adversaries(cfg)
+        for kind in sorted(wanted & held_adversaries(source)) if source is not None else ():
             load_model_weights(getattr(adversaries, kind), source, ADVERSARIES, prefix=f"{kind}.")
             log.info("initialised the %s from %s", KINDS[kind][0], source)
-    return adversaries
+        models.adversary_optimizer = build_optimizer(adversaries.parameters(), schedule, accelerator.device)
+    models.perceptual = load_perceptual_network(cfg, accelerator.device)
+    return models
 
 
 def _prepare(accelerator: Accelerator, cfg: Config, built: Models) -> Models:

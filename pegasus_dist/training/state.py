@@ -1,7 +1,6 @@
 """Where a phase stands: ``state.json`` in each checkpoint, and ``finished.json`` in the run folder.
 
-``state.json`` is read before the models exist (to choose the checkpoint to resume) and
-validated by pydantic, as the config is.
+``state.json``, validated by pydantic as the config is, is read before the models exist (to choose one).
 """
 
 from __future__ import annotations
