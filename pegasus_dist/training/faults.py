@@ -1,10 +1,8 @@
 """Faults that stop a run cleanly, agreed by every rank: stop signals, NaN/Inf losses, start-up.
 
-A rank that checkpoints, skips or stops alone would leave the others waiting
-in a collective forever. Agreeing costs a collective and a host read, so the
-trainer agrees at sync points only, except for stop signals (:class:`StopPoll`,
-every step, on the host) and ``train.on_nonfinite=skip`` (:func:`nonfinite_ranks`).
-README.md, "Fault tolerance", has the guarantees and their tests.
+A rank that checkpoints, skips or stops alone would leave the others in a collective forever. Agreeing costs a
+collective and a host read: at sync points only, but every step for stop signals (:class:`StopPoll`, on the
+host) and ``train.on_nonfinite=skip`` (:func:`nonfinite_ranks`). README.md, "Fault tolerance": the guarantees.
 """
 
 from __future__ import annotations
@@ -35,19 +33,19 @@ from pegasus_dist.training.distributed import build_accelerator
 log = logging.getLogger("pegasus_dist.training.faults")
 T = TypeVar("T")
 
-# Warnings that an end is coming: SIGUSR1, the SLURM jobs' time-limit warning (--signal=B:USR1@120);
-# SIGUSR2, another site's --signal choice and LSF's run limit (bsub -W, SIGKILL 10 minutes later);
-# SIGXCPU, a soft CPU-time limit reached (ulimit -St, LSF's CPULIMIT), sent again every CPU second
-# until the hard limit's SIGKILL. Requests to end: SIGTERM; SIGHUP, a dropped ssh connection;
-# SIGINT, Ctrl-C. Every one of them, in the training loop, means "checkpoint and stop".
+# Warnings that an end is coming: SIGUSR1, the SLURM jobs' time-limit warning (--signal=B:USR1@120); SIGUSR2,
+# another site's --signal choice and LSF's run limit (bsub -W, SIGKILL 10 minutes later); SIGXCPU, a soft
+# CPU-time limit reached (ulimit -St, LSF's CPULIMIT), sent again every CPU second until the hard limit's
+# SIGKILL. Requests to end: SIGTERM; SIGHUP, a dropped ssh connection; SIGINT, Ctrl-C. Every one of them,
+# in the training loop, means "checkpoint and stop".
 WARNING_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGXCPU)
 ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 STOP_SIGNALS = WARNING_SIGNALS + ENDING_SIGNALS
 # A scheduler's, sent again once the stop checkpoint is written: still exit with the requeue code.
 # (Ctrl-C again stays Python's KeyboardInterrupt: a person at a terminal, not a scheduler.)
 REQUEUE_AGAIN = (signal.SIGTERM, signal.SIGHUP)
-# A SIGTERM this soon after the first is the same request: a launcher killed with
-# several threads sends its ranks the parent-death signal once per thread.
+# A SIGTERM this soon after the first is the same request: a launcher killed with several threads sends its
+# ranks the parent-death signal once per thread.
 SAME_REQUEST_S = 1.0
 NO_STEP = -1  # NonfiniteWatch.first_bad while every loss was finite
 
@@ -65,10 +63,8 @@ def first_line(err: BaseException) -> str:
 
 
 def out_of_memory(err: Exception, where: str, batch: str, batch_size: int) -> TrainingError | None:
-    """One line for a step (or its batch) that ran out of memory; None for any other error.
-
-    The CPU allocator raises a plain RuntimeError that says it "can't allocate memory"; NumPy
-    and Python, in the loader or the step, a MemoryError."""
+    """One line for a step (or its batch) that ran out of memory; None for any other error. The CPU allocator
+    raises a RuntimeError that "can't allocate memory"; NumPy and Python (loader or step) a MemoryError."""
     if not (isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(err)):
         return None
     half = max(1, batch_size // 2)
@@ -78,11 +74,9 @@ def out_of_memory(err: Exception, where: str, batch: str, batch_size: int) -> Tr
 
 
 def loader_worker_lost(err: Exception, where: str) -> TrainingError | None:
-    """One line for a loader worker process that died under the step (killed by a signal, gone
-    without a word, or while handing over a batch); None for any other error.
-
-    torch raises it from its SIGCHLD handler, anywhere; once the death is known, that handler is
-    put back to the default, so that it cannot raise it again while the line is being reported."""
+    """One line for a loader worker process that died under the step (killed by a signal, gone without a word,
+    or while handing over a batch); None for any other error. torch raises it from its SIGCHLD handler,
+    anywhere: once the death is known, that handler is reset lest it raise again as the line is reported."""
     if not (isinstance(err, LoaderWorkerLost) or "DataLoader worker (pid" in str(err)):
         return None
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -91,12 +85,10 @@ def loader_worker_lost(err: Exception, where: str) -> TrainingError | None:
                          "or data.batch_size, then the same command resumes from the last checkpoint")
 
 
-# What a collective raises on a surviving rank when another rank's process ended: gloo's TCP
-# transport reading or writing to it, NCCL's watchdog aborting the communicator.
+# What a collective raises on a surviving rank when another rank's process ended: gloo's TCP transport reading
+# or writing to it, NCCL's watchdog aborting the communicator.
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
              "NCCL communicator was aborted", "remote process exited")
-
-
 # What gloo, NCCL and the store say, in their many wordings, when a peer is alive but silent past
 # train.collective_timeout_s: "Timed out waiting 20000ms for recv", "Application timeout caused pair
 # closure", "Watchdog caught collective operation timeout", "Socket Timeout". Matched without case.
@@ -143,13 +135,11 @@ class StartupError(PegasusError):
 
 class StopSignals:
     """A stop signal (:data:`STOP_SIGNALS`) in the training loop: recorded, so that the ranks stop together.
-
-    A second ending signal (SIGTERM, SIGHUP, SIGINT), or one outside :meth:`training`, ends the
-    process at once, as with no handler: no run outlives a second one. Once the stop checkpoint is
-    written (:attr:`checkpointed`), a second SIGTERM or SIGHUP exits with the requeue code instead,
-    so that a scheduler still requeues the run it saved. A warning never ends a run: sent again it
-    changes nothing (SIGXCPU repeats while the checkpoint is written), and after the loop neither,
-    since the run is ending."""
+    A second ending signal (SIGTERM, SIGHUP, SIGINT), or one outside :meth:`training`, ends the process at
+    once, as with no handler: no run outlives a second one. Once the stop checkpoint is written
+    (:attr:`checkpointed`), a second SIGTERM or SIGHUP exits with the requeue code instead, so that a
+    scheduler still requeues the run it saved. A warning never ends a run: sent again (SIGXCPU repeats while
+    the checkpoint is written) or after the loop, it changes nothing."""
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -189,9 +179,9 @@ class StopSignals:
             self.received, self._received_at = signum, now
 
     def restore(self) -> None:
-        """The handlers from before the run; once a signal stopped it, the warnings stay ignored:
-        they come again while the process ends (SIGXCPU every CPU second), with nothing to ask;
-        and after the stop checkpoint SIGTERM and SIGHUP keep exiting with the requeue code."""
+        """The handlers from before the run; once a signal stopped it, the warnings stay ignored (they come
+        again while the process ends, SIGXCPU every CPU second), and after the stop checkpoint SIGTERM and
+        SIGHUP keep exiting with the requeue code."""
         for sig, handler in self._previous.items():
             if self.checkpointed and sig in REQUEUE_AGAIN:
                 continue  # until the process is gone, a second one still exits with the requeue code
@@ -200,10 +190,9 @@ class StopSignals:
 
 
 class StopPoll:
-    """Whether any rank received a stop signal, agreed every optimizer step without waiting.
-
-    Each step posts an async all-reduce (max) of its flag on a CPU gloo group and reads the one
-    posted a step before, which every rank has posted by then (DDP keeps them within a step)."""
+    """Whether any rank received a stop signal, agreed every optimizer step without waiting: each step posts
+    an async all-reduce (max) of its flag on a CPU gloo group and reads the one posted a step before, which
+    every rank has posted by then (DDP keeps them within a step)."""
 
     def __init__(self, accelerator: Accelerator, signals: StopSignals, timeout_s: int) -> None:
         self.signals = signals
@@ -276,18 +265,15 @@ def agree(accelerator: Accelerator, stop_requested: bool, watch: NonfiniteWatch,
 
 def nonfinite_ranks(accelerator: Accelerator, loss: torch.Tensor) -> list[int]:
     """The ranks whose ``loss`` is NaN/Inf, on every rank; waits for the device (one host read)."""
-    local = (~torch.isfinite(loss.detach())).float()
-    flags = accelerator.gather(local[None]).cpu()  # one flag per rank
-    return [int(r) for r in torch.nonzero(flags).flatten()]
+    flags = accelerator.gather((~torch.isfinite(loss.detach())).float()[None]).cpu()  # one flag per rank
+    return torch.nonzero(flags).flatten().tolist()
 
 
 def agree_on_start(accelerator: Accelerator, checks: Callable[[], T]) -> T:
-    """Run this rank's start-up ``checks``, then agree with every rank on how they went.
-
-    ``checks`` must hold no collective: a rank that fails early would meet the others' in the
-    wrong one. On a failure rank 0 prints one line naming the ranks and every rank raises
-    :class:`StartupError`; a crash (no :class:`PegasusError`) re-raises its own, for its traceback.
-    """
+    """Run this rank's start-up ``checks``, then agree with every rank on how they went. ``checks`` must hold
+    no collective: a rank that fails early would meet the others' in the wrong one. On a failure rank 0 prints
+    one line naming the ranks and every rank raises :class:`StartupError`; a crash (no :class:`PegasusError`)
+    re-raises its own, for its traceback."""
     try:
         result, failure = checks(), None
     except Exception as err:  # agreed on below, then raised again on this rank
@@ -310,12 +296,10 @@ def agree_on_start(accelerator: Accelerator, checks: Callable[[], T]) -> T:
 
 
 def fail_with_every_rank(err: PegasusError) -> NoReturn:
-    """Raise ``err``, found before the ranks formed a group, once agreed.
-
-    The others may wait in :func:`agree_on_start`: meet them there with the default config."""
+    """Raise ``err``, found before the ranks formed a group, once agreed: the others may wait in
+    :func:`agree_on_start`, so meet them there with the default config."""
     def fail() -> NoReturn:
         raise err
-
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         agree_on_start(build_accelerator(Config()), fail)
     raise err

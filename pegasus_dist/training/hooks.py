@@ -1,8 +1,7 @@
 """Explicit points where a test watches the trainer or injects a fault.
 
-:class:`Hooks`: callbacks at named points, passed to ``train`` or ``main``. Every run also
-reads a fault plan from ``PEGASUS_FAULT``, which reaches the real entry points: faults
-separated by commas, each ``KIND:key=value:...``::
+:class:`Hooks`: callbacks at named points, passed to ``train`` or ``main``. Every run (real entry points
+included) also reads a fault plan from ``PEGASUS_FAULT``: comma-separated faults, ``KIND:key=value:...``::
 
     PEGASUS_FAULT="nan:step=6:rank=1"            the loss of step 6 on rank 1 is NaN
     PEGASUS_FAULT="kill:step=3:rank=1"           rank 1 kills itself (SIGKILL) before step 3
@@ -17,8 +16,8 @@ separated by commas, each ``KIND:key=value:...``::
     PEGASUS_FAULT="kill-wandb:step=5"            before step 5, W&B's service process is killed
     PEGASUS_FAULT="kill-worker:step=5"           ... or the loader's worker processes are
 
-``rank`` is the launcher's ``RANK``; without it every rank takes the fault. A faulted
-run computes the same numbers up to the fault. A new kind is a function and a line of :data:`KINDS`.
+``rank`` is the launcher's ``RANK``; without it every rank takes the fault. A faulted run computes the same
+numbers up to the fault. A new kind is a function and a line of :data:`KINDS`.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
+from functools import partial, reduce
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -72,9 +71,7 @@ class Hooks:
             hook(*args)
 
     def loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
-        for hook in self.on_loss:
-            loss = hook(step, loss)
-        return loss
+        return reduce(lambda loss, hook: hook(step, loss), self.on_loss, loss)
 
 
 def with_fault_plan(hooks: Hooks | None) -> Hooks:
@@ -134,15 +131,18 @@ def _plan_error(fault: str, why: str) -> ConfigError:
     return ConfigError(f"{FAULT_VARIABLE}: fault {fault!r}: {why} (e.g. {FAULT_VARIABLE}=nan:step=3:rank=1)")
 
 
+def _before_step(step: int, action: Callable[[Trainer], object]) -> Hooks:
+    """``action(trainer)`` before each micro-batch of ``step`` (from 1)."""
+    return Hooks(before_micro_batch=[
+        lambda trainer, _batch: action(trainer) if trainer.state.step + 1 == step else None])
+
+
 def _nonfinite(value: float, step: int) -> Hooks:
     return Hooks(on_loss=[lambda now, loss: loss * value if now == step else loss])
 
 
 def _kill(step: int, signal: int = signal.SIGKILL) -> Hooks:
-    def send(trainer: Trainer, _batch: Batch) -> None:
-        if trainer.state.step + 1 == step:
-            os.kill(os.getpid(), signal)
-    return Hooks(before_micro_batch=[send])
+    return _before_step(step, lambda _trainer: os.kill(os.getpid(), signal))
 
 
 def _slow(ms: int) -> Hooks:
@@ -162,33 +162,29 @@ def _stall_save(step: int) -> Hooks:
 
 def _oom(step: int) -> Hooks:
     """What CUDA raises when a step's activations do not fit (torch.OutOfMemoryError)."""
-    def oom(trainer: Trainer, _batch: Batch) -> None:
-        if trainer.state.step + 1 == step:
-            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (an injected "
-                                         f"fault, {FAULT_VARIABLE})")
-    return Hooks(before_micro_batch=[oom])
+    def oom(_trainer: Trainer) -> None:
+        raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (an injected fault, "
+                                     f"{FAULT_VARIABLE})")
+    return _before_step(step, oom)
 
 
 def _fill_disk(step: int) -> Hooks:
     """Before ``step``, ``<run>/filler`` grows until the disk is full; kept, as another job's file."""
-    def fill(trainer: Trainer, _batch: Batch) -> None:
-        if trainer.state.step + 1 != step:
-            return
+    def fill(trainer: Trainer) -> None:
         with (trainer.cfg.run_dir / "filler").open("wb", buffering=0) as filler:
             for chunk in (bytes(2**20), bytes(4096)):  # megabytes, then the last blocks
                 with contextlib.suppress(OSError):  # ENOSPC: the disk is full, which is the fault
                     while True:
                         filler.write(chunk)
-    return Hooks(before_micro_batch=[fill])
+    return _before_step(step, fill)
 
 
 def _kill_children(step: int, name: str) -> Hooks:
     """Before ``step``, SIGKILL this process's children called ``name`` (Linux: read from /proc)."""
-    def kill(trainer: Trainer, _batch: Batch) -> None:
-        if trainer.state.step + 1 == step:
-            for pid in [pid for pid, child in _children().items() if child == name]:
-                os.kill(pid, signal.SIGKILL)
-    return Hooks(before_micro_batch=[kill])
+    def kill(_trainer: Trainer) -> None:
+        for pid in [pid for pid, child in _children().items() if child == name]:
+            os.kill(pid, signal.SIGKILL)
+    return _before_step(step, kill)
 
 
 def _children() -> dict[int, str]:
@@ -217,8 +213,7 @@ def _crash(at: str | None = None, step: int | None = None) -> Hooks:
         raise ValueError("it needs at= (a start-up stage) or step=, one of them")
     if at is not None:
         return Hooks(at_start_up=[lambda stage: crash(f"start-up stage {at}") if stage == at else None])
-    return Hooks(before_micro_batch=[
-        lambda trainer, _batch: crash(f"step {step}") if trainer.state.step + 1 == step else None])
+    return _before_step(step, lambda _trainer: crash(f"step {step}"))
 
 
 # kind -> (builder, required settings, optional settings besides rank)

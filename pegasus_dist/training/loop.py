@@ -1,7 +1,7 @@
 """The training loop: one phase (pretrain or finetune) of the paper's VAE.
 
-Every process runs it (README.md, "Running distributed"). A step never waits for the device:
-the ranks read the losses and agree on faults only at sync points (:meth:`Trainer._sync_point`).
+Every process runs it (README.md, "Running distributed"). A step never waits for the device: the ranks read
+the losses and agree on faults only at sync points (:meth:`Trainer._sync_point`).
 """
 
 from __future__ import annotations
@@ -17,21 +17,8 @@ from pegasus_dist.config import Config, load_config
 from pegasus_dist.console import exit_on_user_error, setup_logging
 from pegasus_dist.data.loader import global_batch_sizes
 from pegasus_dist.errors import REQUEUE_EXIT_CODE, ConfigError, Preempted
+from pegasus_dist.training import faults
 from pegasus_dist.training.checkpoint import newest_intact_checkpoint, save_checkpoint
-from pegasus_dist.training.faults import (
-    Agreement,
-    NonfiniteWatch,
-    StopPoll,
-    StopSignals,
-    TrainingError,
-    agree,
-    describe_position,
-    fail_with_every_rank,
-    loader_worker_lost,
-    out_of_memory,
-    peer_lost,
-    run_folder_lost,
-)
 from pegasus_dist.training.finish import sample_and_evaluate
 from pegasus_dist.training.hooks import Hooks, with_fault_plan
 from pegasus_dist.training.launcher_watch import end_with_launcher
@@ -51,12 +38,12 @@ def train(cfg: Config, hooks: Hooks | None = None) -> Path:
     try:
         hooks = with_fault_plan(hooks)
     except ConfigError as err:
-        fail_with_every_rank(err)
+        faults.fail_with_every_rank(err)
     try:
         trainer = Trainer(cfg, hooks)
     except BaseException as err:  # complete, or a start-up error: no run holds the folder any more
         release_run_lock(cfg.run_dir)
-        if isinstance(err, RuntimeError) and (lost := peer_lost(err, "start-up")):
+        if isinstance(err, RuntimeError) and (lost := faults.peer_lost(err, "start-up")):
             raise lost from None
         if not isinstance(err, RunComplete):
             raise
@@ -65,12 +52,11 @@ def train(cfg: Config, hooks: Hooks | None = None) -> Path:
     try:
         trainer.run_epochs()
         trainer.finish()
-    except OSError as err:
-        if (lost := run_folder_lost(err, cfg.run_dir)) is None:
-            raise
-        raise lost from None
-    except RuntimeError as err:  # a collective of the end of the phase (run_epochs names its steps)
-        if (lost := peer_lost(err, f"the end of the phase (step {trainer.state.step})")) is None:
+    except (OSError, RuntimeError) as err:  # a RuntimeError: a collective of the end of the phase
+        where = f"the end of the phase (step {trainer.state.step})"  # run_epochs names its steps
+        lost = (faults.run_folder_lost(err, cfg.run_dir) if isinstance(err, OSError)
+                else faults.peer_lost(err, where))
+        if lost is None:
             raise
         raise lost from None
     finally:
@@ -89,7 +75,7 @@ class Trainer:
         self.cfg, self.accelerator, self.models = started.cfg, started.accelerator, started.models
         self.loader, self.state, self.schedule = started.loader, started.state, started.schedule
         self.metrics = started.metrics
-        self.watch = NonfiniteWatch(self.accelerator.device)
+        self.watch = faults.NonfiniteWatch(self.accelerator.device)
         self.train_step = TrainStep(self.cfg, self.accelerator, self.models, self.schedule, self.watch,
                                     self.hooks)
         self.batch_description = batch_description(self.cfg, self.accelerator)  # for the errors
@@ -98,9 +84,9 @@ class Trainer:
         self.window = Window(self.accelerator.device)  # the loss sums since the last log
         self.last_step = self.cfg.train.max_steps  # 0: none
         self.last_save = time.monotonic()  # train.checkpoint_minutes counts from here (main process)
-        self.signals = StopSignals()
+        self.signals = faults.StopSignals()
         try:
-            self.stops = StopPoll(self.accelerator, self.signals, self.cfg.train.collective_timeout_s)
+            self.stops = faults.StopPoll(self.accelerator, self.signals, self.cfg.train.collective_timeout_s)
             self.hooks.run("after_start", self)
         except BaseException:  # no run to stop: the caller (a notebook, a test) keeps its own handlers
             self.signals.restore()
@@ -121,8 +107,8 @@ class Trainer:
                     self._run_epoch(progress)
             except (RuntimeError, MemoryError) as err:
                 where = f"step {self.state.step + 1} (epoch {self.state.epoch + 1})"
-                oom = out_of_memory(err, where, self.batch_description, cfg.data.batch_size)
-                if known := oom or loader_worker_lost(err, where) or peer_lost(err, where):
+                oom = faults.out_of_memory(err, where, self.batch_description, cfg.data.batch_size)
+                if known := oom or faults.loader_worker_lost(err, where) or faults.peer_lost(err, where):
                     raise known from None
                 raise
             if self.window.steps:
@@ -180,25 +166,24 @@ class Trainer:
         elif checkpoint or agreement.save:
             self._save()
 
-    def _agree(self) -> Agreement:
-        """Whether to stop or save; raises if a loss was NaN/Inf since the last sync point.
-
-        Called before every checkpoint, so that weights updated after a NaN/Inf are never saved."""
+    def _agree(self) -> faults.Agreement:
+        """Whether to stop or save; raises if a loss was NaN/Inf since the last sync point. Called before
+        every checkpoint, so that weights updated after a NaN/Inf are never saved."""
         minutes = self.cfg.train.checkpoint_minutes
         save_due = bool(minutes) and time.monotonic() - self.last_save >= 60 * minutes
-        agreement = agree(self.accelerator, self.signals.received is not None, self.watch, save_due)
+        agreement = faults.agree(self.accelerator, self.signals.received is not None, self.watch, save_due)
         self.state.scaler_skipped_steps += self.train_step.dropped_updates()
         if (step := agreement.first_bad_step) is not None:
             last = newest_intact_checkpoint(self.cfg.run_dir / "checkpoints", move_damaged=False)
-            where = describe_position(step, *self.watch.positions[step], agreement.bad_ranks)
-            raise self._agreed(TrainingError(
+            where = faults.describe_position(step, *self.watch.positions[step], agreement.bad_ranks)
+            raise self._agreed(faults.TrainingError(
                 f"non-finite loss at {where} (found at step {self.state.step}); last good checkpoint: "
                 f"{last or 'none yet'}; {self.schedule.describe()}; lower optim.lr (a resumed run applies "
                 "it) or optim.grad_clip, or set train.on_nonfinite=skip to skip such steps"))
         self.watch.positions.clear()
         return agreement
 
-    def _agreed(self, err: TrainingError) -> TrainingError:
+    def _agreed(self, err: faults.TrainingError) -> faults.TrainingError:
         """``err``, which every rank found at the same sync point: the main process's line says it for all."""
         err.reported = not self.accelerator.is_main_process
         return err
@@ -271,7 +256,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         args = parser.parse_args(argv)
         return load_config(args.config, args.overrides)
     except ConfigError as err:
-        fail_with_every_rank(err)
+        faults.fail_with_every_rank(err)
 
 
 def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> None:

@@ -1,9 +1,8 @@
 """The optimizer and what keeps it stable from one GPU to many nodes.
 
-The learning rate follows the global batch by ``optim.lr_scaling``: sqrt by default (Malladi et al.
-2022, for adaptive optimizers); linear (Goyal et al. 2017, for SGD) makes Adam diverge at a global
-batch of 1024 (docs/scaling.md). A linear warm-up leads to it; :class:`DivergenceGuard` stops a run
-whose loss explodes during the warm-up, before its first checkpoint.
+The learning rate follows the global batch by ``optim.lr_scaling``: sqrt by default (Malladi et al. 2022, for
+adaptive optimizers); linear (Goyal et al. 2017, for SGD) makes Adam diverge at a global batch of 1024
+(docs/scaling.md). :class:`DivergenceGuard` stops a run exploding in the warm-up, before its first checkpoint.
 """
 
 from __future__ import annotations
@@ -66,9 +65,8 @@ class LrSchedule:
     def describe(self) -> str:
         """Where the rate comes from, e.g. ``lr 0.00283 = optim.lr 0.001 x sqrt(1024/128) ...``."""
         o = self.optim
-        factor = {"linear": f" x {self.global_batch}/{o.base_batch_size}",
-                  "sqrt": f" x sqrt({self.global_batch}/{o.base_batch_size})",
-                  "none": ""}[o.lr_scaling]
+        ratio = f"{self.global_batch}/{o.base_batch_size}"
+        factor = {"linear": f" x {ratio}", "sqrt": f" x sqrt({ratio})", "none": ""}[o.lr_scaling]
         warmup = f"linear warm-up over {o.warmup_steps} steps" if o.warmup_steps else "no warm-up"
         decay = (f", cosine decay to {o.min_lr_ratio:g} x lr by epoch {self.epochs}"
                  if o.decay == "cosine" else "")
@@ -86,10 +84,9 @@ def build_optimizer(parameters: Iterable[torch.nn.Parameter], schedule: LrSchedu
 
 class DroppedUpdates:
     """Counts the updates fp16's GradScaler dropped after an overflow, without waiting for the device.
-
-    A fused optimizer is stepped even on an overflow (GradScaler hands it ``found_inf`` and the
-    kernel drops the update), so Accelerate's ``optimizer_step_was_skipped`` stays False; an
-    unfused one is not stepped. Both count as steps asked for minus updates made (on the device)."""
+    A fused optimizer is stepped even on an overflow (GradScaler hands it ``found_inf`` and the kernel drops
+    the update), so Accelerate's ``optimizer_step_was_skipped`` stays False; an unfused one is not stepped.
+    Both count as steps asked for minus updates made (on the device)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
         self.asked = 0
@@ -135,8 +132,7 @@ def apply_on_resume(optimizer: torch.optim.Optimizer, schedule: LrSchedule, stat
     if step and not _same(group["lr"], last):
         changes[f"lr at step {step}"] = (f"{group['lr']:.3g}", f"{last:.3g}")
     for g in optimizer.param_groups:
-        g["lr"], g["betas"] = schedule.at(step, epoch), tuple(optim.betas)
-        g["weight_decay"] = optim.weight_decay
+        g.update(lr=schedule.at(step, epoch), betas=tuple(optim.betas), weight_decay=optim.weight_decay)
     if described := [f"{name} {old} -> {new}" for name, (old, new) in changes.items()]:
         log.warning("resuming from %s with this run's optimizer settings, not the checkpoint's: %s",
                     checkpoint, "; ".join(described))
@@ -153,8 +149,7 @@ class DivergenceGuard:
     (at least GUARDED_STEPS), checked at sync points and reduced over the ranks."""
 
     def __init__(self, schedule: LrSchedule, batch_description: str) -> None:
-        self.schedule = schedule
-        self.batch_description = batch_description
+        self.schedule, self.batch_description = schedule, batch_description
         self.until = max(schedule.optim.warmup_steps, GUARDED_STEPS) + 1
         self.checked_through = 0
         self.first: Window | None = None  # the window after the first step: its sums on the device

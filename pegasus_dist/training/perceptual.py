@@ -1,9 +1,8 @@
 """The perceptual loss (loss.perceptual_weight): reconstructions judged in a frozen classifier's features.
 
-DFC-VAE (Hou et al. 2017, arXiv:1610.00291) replaces pixel distances by distances in a pretrained
-network's hidden layers, so that a decode is pulled towards what makes the image recognisable
-rather than towards the blur that minimises a per-pixel loss. Here the network is one of the
-project's own classifiers, trained separately from the one that judges the grids.
+DFC-VAE (Hou et al. 2017, arXiv:1610.00291) replaces pixel distances by distances in a pretrained network's
+hidden layers, pulling a decode towards what makes the image recognisable, not the blur that minimises a
+per-pixel loss. Here the network is one of the project's own classifiers, trained apart from the grids' judge.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ class Progress:
         self.clock, self.started = clock, clock()
         self.steps_done = 0  # batches trained by this process, for the ETA
         self.logged_step: int | None = None
-        self._reset_window()
+        self.window_started, self.window_images = self.clock(), 0
 
     @contextmanager
     def epoch(self, epoch: int, batches_done: int) -> Iterator[Progress]:
@@ -73,21 +73,13 @@ class Progress:
         elif self.clock() - self.window_started >= PLAIN_EVERY_S:
             self._log_line()
 
-    def _reset_window(self) -> None:
-        self.window_started = self.clock()
-        self.window_images = 0
-
     def _log_line(self) -> None:
         now = self.clock()
         rate = self.window_images / max(now - self.window_started, 1e-9)
+        # The ETA: at this process's mean pace so far (sync points and checkpoints included).
+        left = max(self.last_step - self.step, 0) * self.accum * (now - self.started) / self.steps_done
         log.info("%s: epoch %d/%d, batch %d/%d, step %d/%d, %s images/s, ETA %s",
                  self.phase, self.current_epoch + 1, self.epochs, self.batches_done, self.batches,
-                 self.step, self.last_step, f"{rate:,.0f}", self._eta(now))
+                 self.step, self.last_step, f"{rate:,.0f}", timedelta(seconds=round(left)))
         self.logged_step = self.step
-        self._reset_window()
-
-    def _eta(self, now: float) -> str:
-        """Time left at this process's mean pace so far (sync points and checkpoints included)."""
-        batches_left = max(self.last_step - self.step, 0) * self.accum
-        left = batches_left * (now - self.started) / self.steps_done
-        return str(timedelta(seconds=round(left)))
+        self.window_started, self.window_images = self.clock(), 0

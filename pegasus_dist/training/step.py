@@ -1,8 +1,7 @@
 """The training step: forward, loss, the adversaries, backward, and the optimizer step.
 
-:class:`TrainStep` trains one micro-batch of the :class:`EpochPlan`. Nothing here waits for the
-device, so the host queues the next step while this one runs; only ``train.on_nonfinite=skip``
-reads every loss.
+:class:`TrainStep` trains one micro-batch of the :class:`EpochPlan`. Nothing here waits for the device, so the
+host queues the next step while this one runs; only ``train.on_nonfinite=skip`` reads every loss.
 """
 
 from __future__ import annotations
@@ -19,13 +18,7 @@ from torch.optim.swa_utils import AveragedModel
 from pegasus_dist.config import Config
 from pegasus_dist.data.loader import Batch
 from pegasus_dist.evaluation.classifier import Classifier
-from pegasus_dist.model import acai
-from pegasus_dist.model.adversaries import (
-    adaptive_weight,
-    discriminator_loss,
-    feature_matching_loss,
-    generator_loss,
-)
+from pegasus_dist.model import acai, adversaries
 from pegasus_dist.model.loss import kl_weight, vae_loss
 from pegasus_dist.training.faults import NonfiniteWatch, describe_position, nonfinite_ranks
 from pegasus_dist.training.hooks import Hooks
@@ -73,9 +66,8 @@ class EpochPlan:
         return self.first + self.done + 1
 
     def micro_batch(self, accum: int) -> tuple[int, bool]:
-        """(index of the next micro-batch in its optimizer step, whether it ends the step).
-
-        The epoch's last batch always ends a step, so a checkpoint resumes at a step's start."""
+        """(index of the next micro-batch in its optimizer step, whether it ends the step); the epoch's
+        last batch always ends a step, so that a checkpoint resumes at a step's start."""
         return self.done % accum, (self.done + 1) % accum == 0 or self.done + 1 == len(self.sizes)
 
     def loss_weight(self, count: int, world_size: int, accum: int) -> float:
@@ -108,16 +100,15 @@ class TrainStep:
 
     def __call__(self, batch: Batch, state: TrainState, plan: EpochPlan) -> tuple[BatchLosses, int]:
         """Train ``batch``, the next micro-batch of ``plan``; its loss terms and images (0: skipped)."""
-        accum, world_size = self.cfg.train.grad_accum_steps, self.accelerator.num_processes
+        accum, images = self.cfg.train.grad_accum_steps, len(batch.images)
         index, ends_step = plan.micro_batch(accum)
         # The layout is chosen on the uint8 images, a quarter of the floats' bytes.
         layout = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
-        images = batch.images.to(self.accelerator.device, non_blocking=True).contiguous(memory_format=layout)
-        x = images.float().div_(255)
-        eps, alpha = self._noise(batch.offset, x.shape[0], index, state.step)
-        weight = plan.loss_weight(x.shape[0], world_size, accum)
+        x = batch.images.to(self.accelerator.device, non_blocking=True).contiguous(memory_format=layout)
+        x = x.float().div_(255)
+        eps, alpha = self._noise(batch.offset, images, index, state.step)
+        weight = plan.loss_weight(images, self.accelerator.num_processes, accum)
         losses = self._forward_backward(x, batch.offset, eps, alpha, weight, ends_step, state.step)
-        images = x.shape[0]
         if self.cfg.train.on_nonfinite == "skip":
             # The opt-in price: one host sync per micro-batch, so every rank skips the same step.
             if bad_ranks := nonfinite_ranks(self.accelerator, losses.total):
@@ -178,44 +169,43 @@ class TrainStep:
         average = functools.partial(self.accelerator.reduce, reduction="mean")
         scaler = self.accelerator.scaler  # fp16: both scaled, lest small gradients flush to zero
         terms = (recon, generator) if scaler is None else (scaler.scale(recon), scaler.scale(generator))
-        return loss.patch_gan_weight * adaptive_weight(*terms, model.last_layer(), average)
+        return loss.patch_gan_weight * adversaries.adaptive_weight(*terms, model.last_layer(), average)
 
     def _fooling_terms(self, x: torch.Tensor, mixed: torch.Tensor | None, decoded: torch.Tensor,
                        pairs: torch.Tensor | None, zero: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The autoencoder's terms against the critic, the discriminator and in its features (``zero``
         when off), through detached parameters outside DDP: gradients reach the decodes, not the
         adversaries. Feature matching sees the real images in the same forward, as its targets."""
-        adversaries = self.accelerator.unwrap_model(self.models.adversaries)
-        frozen = {name: value.detach() for name, value in adversaries.named_parameters()}
+        networks = self.accelerator.unwrap_model(self.models.adversaries)
+        frozen = {name: value.detach() for name, value in networks.named_parameters()}
         loss, n = self.cfg.loss, x.shape[0]
         judged = torch.cat([x, decoded]) if loss.feature_matching_weight else decoded
         with self.accelerator.autocast():
             predicted_mix, patches, hidden = torch.func.functional_call(
-                adversaries, frozen, (mixed, judged if loss.patch_gan_weight else None),
+                networks, frozen, (mixed, judged if loss.patch_gan_weight else None),
                 {"features": bool(loss.feature_matching_weight)})
         fooling = zero if pairs is None else acai.fooling_loss(predicted_mix, acai.interpolation_mask(pairs))
-        generator = zero if patches is None else generator_loss(patches[-n:])
-        return fooling, generator, feature_matching_loss(hidden, n) if hidden else zero
+        generator = zero if patches is None else adversaries.generator_loss(patches[-n:])
+        return fooling, generator, adversaries.feature_matching_loss(hidden, n) if hidden else zero
 
     def _adversaries_backward(self, x: torch.Tensor, mixed: torch.Tensor | None, decoded: torch.Tensor,
                               alpha: torch.Tensor | None, pairs: torch.Tensor | None, weight: float,
                               ends_step: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The critic's and discriminator's losses on detached decodes, backpropagated into them.
-
-        One forward of the prepared adversaries per micro-batch, so that DDP sees one use."""
-        adversaries, decoded = self.models.adversaries, decoded.detach()
+        """The critic's and discriminator's losses on detached decodes, backpropagated into them: one
+        forward of the prepared adversaries per micro-batch, so that DDP sees one use."""
+        networks, decoded = self.models.adversaries, decoded.detach()
         critic_input = (None if mixed is None else
                         torch.cat([mixed.detach(), acai.blend(x, decoded, self.cfg.loss.acai_gamma)]))
         discriminator_input = torch.cat([x, decoded]) if self.cfg.loss.patch_gan_weight else None
         critic = discriminator = torch.zeros((), device=x.device)
-        with contextlib.nullcontext() if ends_step else self.accelerator.no_sync(adversaries):
-            predicted, patches, _ = adversaries(critic_input, discriminator_input)
+        with contextlib.nullcontext() if ends_step else self.accelerator.no_sync(networks):
+            predicted, patches, _ = networks(critic_input, discriminator_input)
             if predicted is not None:
                 predicted_mix, predicted_blend = predicted.split(x.shape[0])
                 critic = acai.critic_loss(predicted_mix, alpha, predicted_blend,
                                           acai.interpolation_mask(pairs))
             if patches is not None:
-                discriminator = discriminator_loss(*patches.split(x.shape[0]))
+                discriminator = adversaries.discriminator_loss(*patches.split(x.shape[0]))
             loss = (critic + discriminator) * weight
             scaler = self.models.adversary_scaler
             (loss if scaler is None else scaler.scale(loss)).backward()
@@ -256,10 +246,9 @@ class TrainStep:
 
     def _noise(self, offset: int, size: int, index: int,
                step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The noise (and ACAI's mixing coefficients) of this rank's rows of micro-batch ``index``.
-
-        Drawn for the step's global batch from a generator seeded by the step, then sliced: an
-        image's noise depends on neither the process count nor accumulation, nor on a resume."""
+        """The noise (and ACAI's mixing coefficients) of this rank's rows of micro-batch ``index``, drawn for
+        the step's global batch from a generator seeded by the step, then sliced: an image's noise depends on
+        neither the process count nor accumulation, nor on a resume."""
         cfg, device = self.cfg, self.accelerator.device
         generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + step)
         # Covers a last batch of batch_size + 1 per rank, in a shape independent of the world size.

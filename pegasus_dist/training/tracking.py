@@ -1,7 +1,6 @@
 """Weights & Biases through Accelerate's tracker, and ``<run>/metrics.jsonl``, the complete history.
 
-README.md, "W&B", says where runs go (``wandb.mode``), the offline fallback
-and what a resumed run shows.
+README.md, "W&B", says where runs go (``wandb.mode``), the offline fallback and what a resumed run shows.
 """
 
 from __future__ import annotations
@@ -86,11 +85,9 @@ def start_tracking(accelerator: Accelerator, cfg: Config, state: TrainState, glo
 
 
 def _not_utf8(config: dict[str, Any], prefix: str = "") -> str | None:
-    """The first key of ``config`` whose value UTF-8 cannot hold.
-
-    Under a locale that is not UTF-8 (LC_ALL=C), Python keeps the undecodable bytes of a path or an
-    argument as surrogates (PEP 383): the files are right, but W&B can neither send nor log them.
-    """
+    """The first key of ``config`` whose value UTF-8 cannot hold: under a locale that is not UTF-8 (LC_ALL=C),
+    Python keeps the undecodable bytes of a path or an argument as surrogates (PEP 383): the files are right,
+    but W&B can neither send nor log them."""
     for key, value in config.items():
         try:
             json.dumps(value, ensure_ascii=False, default=str).encode()

@@ -1,7 +1,7 @@
 """The loss terms of a micro-batch, and their sums over a log window, by name.
 
-The terms stay on the device; at a sync point a window is reduced over the ranks with one
-all-reduce and one host read (:func:`reduce_windows`), in the order of :data:`SUMS`.
+The terms stay on the device; at a sync point a window is reduced over the ranks with one all-reduce and one
+host read (:func:`reduce_windows`), in the order of :data:`SUMS`.
 """
 
 from __future__ import annotations
@@ -33,8 +33,7 @@ class BatchLosses:
 
     @classmethod
     def zeros(cls, device: torch.device) -> BatchLosses:
-        zero = torch.zeros((), device=device)
-        return cls(*([zero] * len(TERMS)))
+        return cls(*[torch.zeros((), device=device)] * len(TERMS))  # one tensor, shared
 
 
 TERMS = tuple(f.name for f in fields(BatchLosses))
@@ -70,8 +69,7 @@ class Window:
 
     def reset(self) -> None:
         self.losses = torch.zeros(len(TERMS), device=self.device)  # image-weighted, in TERMS order
-        self.images = 0
-        self.bad_samples = 0
+        self.images = self.bad_samples = 0
         self.steps = 0  # micro-batches added
         self.started = time.perf_counter()  # for the window's images per second
 
