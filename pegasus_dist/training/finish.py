@@ -53,11 +53,13 @@ def _evaluate(cfg: Config, model: torch.nn.Module, metrics: MetricsLog, step: in
             log.info("%s", summary_line(quality))
     results = evaluate(model, held_out, cfg.eval.batch_size, cfg.eval.seed, classifier)
     path = write_eval(results, cfg.run_dir / "eval" / f"{checkpoint.name}.json")
-    keyed = [(name in DESCRIPTIVE, f"{cfg.train.phase}/eval/{subset}/{name}", value)
-             for subset, values in results.items() for name, value in values.items()]
-    metrics.log({key: value for described, key, value in keyed if not described}, step=step)
-    # Constants of the evaluation: W&B's summary, not its history.
-    metrics.summarize({key: value for described, key, value in keyed if described})
+    measured, described = {}, {}
+    for subset, values in results.items():
+        for name, value in values.items():
+            into = described if name in DESCRIPTIVE else measured
+            into[f"{cfg.train.phase}/eval/{subset}/{name}"] = value
+    metrics.log(measured, step=step)
+    metrics.summarize(described)  # constants of the evaluation: W&B's summary, not its history
     summary = results["all"]
     log.info("held-out: %.1f nats/image (%.4f bits/dim), PSNR %.2f dB, %s/%s active units -> %s",
              summary["neg_elbo_nats"], summary["bits_per_dim"], summary["psnr_db"],

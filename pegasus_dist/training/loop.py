@@ -52,11 +52,12 @@ def train(cfg: Config, hooks: Hooks | None = None) -> Path:
     try:
         trainer.run_epochs()
         trainer.finish()
-    except (OSError, RuntimeError) as err:  # a RuntimeError: a collective of the end of the phase
-        where = f"the end of the phase (step {trainer.state.step})"  # run_epochs names its steps
-        lost = (faults.run_folder_lost(err, cfg.run_dir) if isinstance(err, OSError)
-                else faults.peer_lost(err, where))
-        if lost is None:
+    except OSError as err:
+        if (lost := faults.run_folder_lost(err, cfg.run_dir)) is None:
+            raise
+        raise lost from None
+    except RuntimeError as err:  # a collective of the end of the phase (run_epochs names its steps)
+        if (lost := faults.peer_lost(err, f"the end of the phase (step {trainer.state.step})")) is None:
             raise
         raise lost from None
     finally:

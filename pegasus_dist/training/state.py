@@ -1,6 +1,7 @@
 """Where a phase stands: ``state.json`` in each checkpoint, and ``finished.json`` in the run folder.
 
-``state.json``, validated by pydantic as the config is, is read before the models exist (to choose one).
+``state.json`` is read before the models exist (to choose the checkpoint to resume) and validated by
+pydantic, as the config is.
 """
 
 from __future__ import annotations
